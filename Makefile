@@ -1,0 +1,26 @@
+# d365sync: PGXS build.  make PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+
+EXTENSION = d365sync
+EXTVERSION = 0.1
+
+MODULE_big = d365sync
+OBJS = d365sync.o src/http.o src/auth.o src/odata.o src/catalog.o \
+	src/jsonutil.o src/admin.o
+
+DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
+
+REGRESS = settings whoami http_faults
+REGRESS_OPTS = --load-extension=plpgsql
+
+PG_CPPFLAGS = -I$(srcdir)/src
+PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
+SHLIB_LINK = -lcurl -ljansson
+
+EXTRA_CLEAN = results regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+sql/$(EXTENSION)--$(EXTVERSION).sql: sql/$(EXTENSION).sql
+	cp $< $@

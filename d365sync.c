@@ -1,0 +1,79 @@
+/*-------------------------------------------------------------------------
+ *
+ * d365sync.c
+ *	  Module entry of d365sync: GUCs and library initialisation.
+ *
+ * d365sync keeps an application's contacts and activities in step with
+ * Microsoft Dynamics 365 Sales through the Dataverse Web API.  One pipeline
+ * serves every feature: select pending items with SQL, map rows to JSON,
+ * send them through the OData client (src/odata.c over src/http.c), record
+ * each outcome in ordinary tables.  See src/d365sync.h for the file map.
+ *
+ * GUCs (all prefixed d365sync., the prefix is reserved):
+ *	  connect_timeout_ms, request_timeout_ms	libcurl timeouts
+ *	  max_response_size		cap on one response body
+ *	  max_retries			attempts after the first, for 429/5xx/transport
+ *	  retry_max_wait		longest single wait (Retry-After or back-off)
+ *	  max_parallel			requests in flight (x-ms-dop-hint lowers it)
+ *	  ca_file				extra CA bundle (superuser only)
+ * Secrets are never GUCs: pg_db_role_setting is readable by everyone.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "fmgr.h"
+#include "utils/guc.h"
+
+#include "d365sync.h"
+#include "http.h"
+
+PG_MODULE_MAGIC;
+
+int			d365_connect_timeout_ms = 10000;
+int			d365_request_timeout_ms = 120000;
+int			d365_max_response_kb = 64 * 1024;
+int			d365_max_retries = 3;
+int			d365_retry_max_wait_ms = 60000;
+int			d365_max_parallel = 8;
+char	   *d365_ca_file = NULL;
+
+void		_PG_init(void);
+
+void
+_PG_init(void)
+{
+	DefineCustomIntVariable("d365sync.connect_timeout_ms",
+							"Time allowed to connect to Dynamics 365 or the token authority.",
+							NULL, &d365_connect_timeout_ms, 10000, 100, 600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.request_timeout_ms",
+							"Time allowed for one HTTP request, connection included.",
+							NULL, &d365_request_timeout_ms, 120000, 100, 3600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.max_response_size",
+							"Largest response body accepted from Dynamics 365.",
+							NULL, &d365_max_response_kb, 64 * 1024, 64, 1024 * 1024,
+							PGC_SUSET, GUC_UNIT_KB, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.max_retries",
+							"Times a request is sent again after a 429, a 5xx or a transport failure.",
+							NULL, &d365_max_retries, 3, 0, 100,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.retry_max_wait",
+							"Longest single wait before a retry; a longer Retry-After fails the request.",
+							NULL, &d365_retry_max_wait_ms, 60000, 0, 3600000,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.max_parallel",
+							"Most requests in flight at once (lowered by the server's x-ms-dop-hint).",
+							NULL, &d365_max_parallel, 8, 1, 52,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("d365sync.ca_file",
+							   "Extra CA bundle (PEM) trusted for Dynamics 365 and the token authority.",
+							   NULL, &d365_ca_file, NULL,
+							   PGC_SUSET, 0, NULL, NULL, NULL);
+	MarkGUCPrefixReserved("d365sync");
+
+	d365_http_init();
+	d365_json_init();
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine, as root:
+#   bash scripts/test.sh
+# Installs the packages, builds and installs d365sync, starts a throwaway
+# PostgreSQL cluster (pg_cron preloaded) and the Dataverse simulator, runs
+# the pg_regress suite and the shell test suites in test/, prints the
+# regression diffs on failure, stops everything it started and ends with
+# "N passed, N failed".  Exit status 0 only when nothing failed.
+set -uo pipefail
+. "$(dirname "$0")/lib.sh"
+trap d365_stop_all EXIT
+
+d365_install_packages || exit 1
+d365_build || exit 1
+d365_start_cluster contrib_regression || exit 1
+d365_start_sim || exit 1
+
+passed=0
+failed=0
+
+d365_log "running pg_regress"
+cd "$D365_REPO"
+rm -f regression.diffs regression.out
+make -s installcheck PG_CONFIG="$PG_CONFIG" with_llvm=no 2>&1 | tee "$D365_WORK/regress.log"
+p=$(grep -cE '\.\.\. ok|^ok ' "$D365_WORK/regress.log")
+f=$(grep -cE '\.\.\. FAILED|^not ok ' "$D365_WORK/regress.log")
+passed=$((passed + p))
+failed=$((failed + f))
+if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+    echo "pg_regress ran no test"; failed=$((failed + 1))
+fi
+if [ -s regression.diffs ]; then
+    echo "---------------- regression.diffs ----------------"
+    cat regression.diffs
+    echo "--------------------------------------------------"
+fi
+
+# Shell suites: each test/*.sh prints "ok NAME" / "not ok NAME" lines.
+for t in "$D365_REPO"/test/*.sh; do
+    [ -e "$t" ] || continue
+    d365_log "running $(basename "$t")"
+    bash "$t" 2>&1 | tee "$D365_WORK/shell.log"
+    p=$(grep -c '^ok ' "$D365_WORK/shell.log")
+    f=$(grep -c '^not ok ' "$D365_WORK/shell.log")
+    passed=$((passed + p))
+    failed=$((failed + f))
+done
+
+if [ "$failed" -gt 0 ]; then
+    echo "---------------- postgres.log (tail) ----------------"
+    tail -n 40 "$D365_WORK/postgres.log"
+    echo "---------------- simulator log (tail) ---------------"
+    tail -n 20 "$D365_WORK/sim.log"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,30 @@
+/*-------------------------------------------------------------------------
+ *
+ * catalog.h
+ *	  d365sync's own tables, read and written through SPI.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef D365_CATALOG_H
+#define D365_CATALOG_H
+
+/* The row of d365.settings, palloc'd in the caller's context. */
+typedef struct D365Settings
+{
+	char	   *org_url;		/* no trailing slash */
+	char	   *tenant_id;
+	char	   *client_id;
+	char	   *client_secret;
+	char	   *authority_url;	/* no trailing slash */
+	char	   *api_version;
+	bool		contact_sync_enabled;
+	int			min_score;
+	bool		activity_sync_enabled;
+	char	   *default_owner;	/* NULL when unset */
+	char	   *instance_id;
+} D365Settings;
+
+extern D365Settings *d365_settings_load(void);
+extern void d365_settings_require_connection(const D365Settings *s);
+
+#endif							/* D365_CATALOG_H */
