@@ -5,7 +5,7 @@ EXTVERSION = 0.1
 
 MODULE_big = d365sync
 OBJS = d365sync.o src/http.o src/auth.o src/odata.o src/catalog.o \
-	src/jsonutil.o src/admin.o
+	src/jsonutil.o src/admin.o src/pipeline.o src/contact_sync.o
 
 DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
 

@@ -15,6 +15,7 @@
  *	  max_retries			attempts after the first, for 429/5xx/transport
  *	  retry_max_wait		longest single wait (Retry-After or back-off)
  *	  max_parallel			requests in flight (x-ms-dop-hint lowers it)
+ *	  batch_size			items per pipeline chunk
  *	  ca_file				extra CA bundle (superuser only)
  * Secrets are never GUCs: pg_db_role_setting is readable by everyone.
  *
@@ -37,6 +38,7 @@ int			d365_max_response_kb = 64 * 1024;
 int			d365_max_retries = 3;
 int			d365_retry_max_wait_ms = 60000;
 int			d365_max_parallel = 8;
+int			d365_batch_size = 100;
 char	   *d365_ca_file = NULL;
 
 void		_PG_init(void);
@@ -67,6 +69,10 @@ _PG_init(void)
 	DefineCustomIntVariable("d365sync.max_parallel",
 							"Most requests in flight at once (lowered by the server's x-ms-dop-hint).",
 							NULL, &d365_max_parallel, 8, 1, 52,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.batch_size",
+							"Items sent and recorded together by a sync run.",
+							NULL, &d365_batch_size, 100, 1, 1000,
 							PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("d365sync.ca_file",
 							   "Extra CA bundle (PEM) trusted for Dynamics 365 and the token authority.",

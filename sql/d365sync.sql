@@ -168,6 +168,907 @@ COMMENT ON FUNCTION d365.d365_whoami() IS
     'Calls the Dataverse WhoAmI function: checks settings, credentials and connectivity';
 
 -- ---------------------------------------------------------------------------
+-- Run history
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE d365.sync_run (
+    id          bigserial PRIMARY KEY,
+    kind        text NOT NULL,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    created     integer NOT NULL DEFAULT 0,
+    updated     integer NOT NULL DEFAULT 0,
+    unchanged   integer NOT NULL DEFAULT 0,
+    failed      integer NOT NULL DEFAULT 0,
+    unlinked    integer NOT NULL DEFAULT 0,
+    requests    integer NOT NULL DEFAULT 0,
+    throttled   integer NOT NULL DEFAULT 0,
+    message     text
+);
+CREATE INDEX sync_run_kind_idx ON d365.sync_run (kind, id);
+COMMENT ON TABLE d365.sync_run IS
+    'One row per sync run: what it did, the HTTP requests it made, and why it stopped early if it did';
+
+-- ---------------------------------------------------------------------------
+-- Contacts: the attached table, the field map, per-contact sync state
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE d365.contact_source (
+    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    contact_table regclass NOT NULL,
+    key_column    name NOT NULL,
+    score_column  name NOT NULL
+);
+COMMENT ON TABLE d365.contact_source IS
+    'The application''s contact table, registered by d365_attach_contacts()';
+SELECT pg_catalog.pg_extension_config_dump('d365.contact_source', '');
+
+CREATE TABLE d365.field_map (
+    column_name    name PRIMARY KEY,
+    dynamics_field text NOT NULL
+);
+COMMENT ON TABLE d365.field_map IS
+    'Contact column -> Dynamics attribute; unmapped columns are never sent. A lookup maps a uuid column to <navigation property>@odata.bind';
+SELECT pg_catalog.pg_extension_config_dump('d365.field_map', '');
+
+/*
+ * Per-contact sync state.  A row exists for every contact of the attached
+ * table (the capture triggers keep it so).  change_seq counts local changes;
+ * synced_seq is the change_seq the last successful sync saw, so a change
+ * made while a run is in flight is never lost.  synced holds the mapped
+ * values as Dynamics last had them (sent by us or received from it): the
+ * next update sends exactly the fields that differ.
+ */
+CREATE TABLE d365.contact_state (
+    contact_key       text PRIMARY KEY,
+    change_seq        bigint NOT NULL DEFAULT 1,
+    synced_seq        bigint NOT NULL DEFAULT 0,
+    synced            jsonb,
+    generation        integer NOT NULL DEFAULT 0,
+    remote_deleted_at timestamptz,
+    attempts          integer NOT NULL DEFAULT 0,
+    next_attempt_at   timestamptz,
+    last_attempt_at   timestamptz,
+    last_status       integer,
+    last_error_code   text,
+    last_error        text
+);
+CREATE INDEX contact_state_failing_idx ON d365.contact_state (next_attempt_at)
+    WHERE attempts > 0;
+COMMENT ON TABLE d365.contact_state IS
+    'Sync state of each contact: pending changes, last synced values, failures and back-off';
+
+-- Contact capture trigger: count a change of anything but the link columns.
+CREATE FUNCTION d365._contact_capture()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM d365.contact_state
+         WHERE contact_key = to_jsonb(OLD) ->> TG_ARGV[0];
+        RETURN NULL;
+    END IF;
+    INSERT INTO d365.contact_state AS s (contact_key)
+    VALUES (to_jsonb(NEW) ->> TG_ARGV[0])
+    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1;
+    RETURN NULL;
+END;
+$$;
+
+/*
+ * The Dynamics id of a contact is chosen here, not by Dynamics: a name-based
+ * UUID (version 3) of this installation, the contact key and the number of
+ * times the contact was deleted in Dynamics.  Creating with an upsert on
+ * that id makes creation idempotent: a retry after a lost commit, a crash or
+ * a concurrent run reaches the same Dynamics record.
+ */
+CREATE FUNCTION d365._contact_guid(contact_key text, generation integer)
+RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT overlay(overlay(h PLACING '3' FROM 13 FOR 1)
+                   PLACING substr('89ab', (('x' || substr(h, 17, 1))::bit(4)::int & 3) + 1, 1)
+                   FROM 17 FOR 1)::uuid
+      FROM (SELECT md5(s.instance_id::text || '/' || contact_key || '/' || generation) AS h
+              FROM d365.settings s) x
+$$;
+
+/*
+ * The JSON expression of one mapped column, converted as SPEC section 2
+ * says; NULL when the column's type cannot be converted.  bind_set turns a
+ * uuid into a lookup bind path /<entity set>(<uuid>).
+ */
+CREATE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN bind_set IS NOT NULL AND base IN ('uuid'::regtype, 'text'::regtype, 'character varying'::regtype)
+            THEN format('to_jsonb(%L || (%s)::text || '')'')', '/' || bind_set || '(', expr)
+        WHEN bind_set IS NOT NULL THEN NULL
+        WHEN base IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
+                      'name'::regtype, 'smallint'::regtype, 'integer'::regtype,
+                      'bigint'::regtype, 'numeric'::regtype, 'real'::regtype,
+                      'double precision'::regtype, 'boolean'::regtype)
+            THEN format('to_jsonb(%s)', expr)
+        WHEN base = 'uuid'::regtype THEN format('to_jsonb((%s)::text)', expr)
+        WHEN base = 'date'::regtype
+            THEN format('to_jsonb(to_char(%s, ''YYYY-MM-DD''))', expr)
+        WHEN base IN ('timestamp with time zone'::regtype, 'timestamp without time zone'::regtype)
+            THEN format('to_jsonb(to_char((%s)::timestamptz AT TIME ZONE ''UTC'', ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN typtype = 'e'
+            THEN format('to_jsonb((%s)::text)', expr)
+        ELSE NULL
+    END
+    FROM (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype AS base,
+                 (SELECT b.typtype FROM pg_type b
+                   WHERE b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)) AS typtype
+            FROM pg_type t WHERE t.oid = typ) b
+$$;
+
+-- Field map validation: the column must exist and be mappable.
+CREATE FUNCTION d365._field_map_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    typ regtype;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The key column and the link columns are managed by d365sync.',
+                  HINT = 'Map one of the columns d365_contact_fields() lists.';
+    END IF;
+    SELECT a.atttypid::regtype INTO typ
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" does not exist in %', NEW.column_name, src.contact_table
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'd365_contact_fields() lists the columns that can be mapped.';
+    END IF;
+    IF NEW.dynamics_field !~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$' THEN
+        RAISE EXCEPTION 'invalid Dynamics field name "%"', NEW.dynamics_field
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Dynamics attributes are written by their lowercase logical name.',
+                  HINT = 'Use a logical name such as emailaddress1, or <lookup>_<target>@odata.bind for a lookup; d365_dynamics_fields() lists them.';
+    END IF;
+    IF d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
+        RAISE EXCEPTION 'column "%" of type % cannot be sent to Dynamics', NEW.column_name, typ
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
+                                THEN 'A lookup (@odata.bind) is written from a uuid column.'
+                                ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
+                  HINT = 'Map a column of a supported type, or a generated column that converts this one.';
+    END IF;
+    IF EXISTS (SELECT FROM d365.field_map f
+                WHERE f.dynamics_field = NEW.dynamics_field
+                  AND f.column_name <> NEW.column_name) THEN
+        RAISE EXCEPTION 'Dynamics field "%" is already mapped', NEW.dynamics_field
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'Each Dynamics field takes its value from one column.';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER field_map_check
+    BEFORE INSERT OR UPDATE ON d365.field_map
+    FOR EACH ROW EXECUTE FUNCTION d365._field_map_check();
+
+CREATE FUNCTION d365.d365_attach_contacts(
+    contact_table regclass,
+    key_column name DEFAULT 'id',
+    score_column name DEFAULT 'score')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old d365.contact_source;
+    col text;
+BEGIN
+    FOREACH col IN ARRAY ARRAY[key_column, score_column] LOOP
+        IF NOT EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = contact_table AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" does not exist in %', col, contact_table
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT FROM pg_index i
+                    WHERE i.indrelid = contact_table AND i.indisunique AND i.indnatts = 1
+                      AND i.indkey[0] = (SELECT attnum FROM pg_attribute
+                                          WHERE attrelid = contact_table AND attname = key_column)) THEN
+        RAISE EXCEPTION 'column "%" of % is not a unique key', key_column, contact_table
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The key column needs a PRIMARY KEY or UNIQUE constraint of its own.';
+    END IF;
+    IF (SELECT format_type(atttypid, NULL) FROM pg_attribute
+         WHERE attrelid = contact_table AND attname = score_column)
+       NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision') THEN
+        RAISE EXCEPTION 'score column "%" is not numeric', score_column
+            USING ERRCODE = 'datatype_mismatch';
+    END IF;
+
+    SELECT * INTO old FROM d365.contact_source;
+    IF FOUND AND old.contact_table <> contact_table THEN
+        RAISE EXCEPTION 'contact table % is already attached', old.contact_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A database syncs one contact table.',
+                  HINT = 'Call d365_detach_contacts() first.';
+    END IF;
+
+    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS dynamics365_related_id uuid,'
+                   ' ADD COLUMN IF NOT EXISTS dynamics365_synchronized_on timestamptz',
+                   contact_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture ON %s', contact_table);
+    EXECUTE format('CREATE TRIGGER d365_capture AFTER INSERT OR DELETE ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_capture(%L)',
+                   contact_table, key_column);
+    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture_update ON %s', contact_table);
+    EXECUTE format('CREATE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+                   ' WHEN ((to_jsonb(OLD) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[])'
+                   ' IS DISTINCT FROM (to_jsonb(NEW) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[]))'
+                   ' EXECUTE FUNCTION d365._contact_capture(%L)',
+                   contact_table, key_column);
+
+    INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
+    VALUES (contact_table, key_column, score_column)
+    ON CONFLICT (singleton) DO UPDATE
+       SET contact_table = EXCLUDED.contact_table, key_column = EXCLUDED.key_column,
+           score_column = EXCLUDED.score_column;
+
+    -- contacts that exist already get their state row
+    EXECUTE format('INSERT INTO d365.contact_state (contact_key)'
+                   ' SELECT %I::text FROM %s ON CONFLICT DO NOTHING', key_column, contact_table);
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_attach_contacts(regclass, name, name) IS
+    'Registers the contact table: adds the link columns, the change-capture triggers and the sync state';
+
+CREATE FUNCTION d365.d365_detach_contacts()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture ON %s', src.contact_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture_update ON %s', src.contact_table);
+    DELETE FROM d365.field_map;
+    DELETE FROM d365.contact_state;
+    DELETE FROM d365.contact_source;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_detach_contacts() IS
+    'Removes the capture triggers, the field map and the sync state; the link columns and their values stay';
+
+CREATE FUNCTION d365.d365_contact_fields(
+    OUT column_name name, OUT data_type text, OUT dynamics_field text, OUT convertible boolean)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod), f.dynamics_field,
+           d365._json_expr('x', a.atttypid::regtype) IS NOT NULL
+      FROM d365.contact_source s
+      JOIN pg_attribute a ON a.attrelid = s.contact_table
+      LEFT JOIN d365.field_map f ON f.column_name = a.attname
+     WHERE a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname NOT IN (s.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+     ORDER BY a.attnum
+$$;
+COMMENT ON FUNCTION d365.d365_contact_fields() IS
+    'Columns of the contact table that can be mapped, with their type and current mapping';
+
+-- ---------------------------------------------------------------------------
+-- Dynamics metadata, cached
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE d365.metadata_cache (
+    path       text PRIMARY KEY,
+    fetched_at timestamptz NOT NULL,
+    body       jsonb NOT NULL
+);
+COMMENT ON TABLE d365.metadata_cache IS
+    'Web API metadata responses, kept for an hour; DELETE FROM d365.metadata_cache to fetch them again';
+
+-- GET a Web API path (relative to the service root), following every
+-- @odata.nextLink; one row per element of "value" (or the body itself).
+CREATE FUNCTION d365._get_all(path text)
+RETURNS SETOF jsonb
+AS 'MODULE_PATHNAME', 'd365_get_all'
+LANGUAGE C VOLATILE STRICT;
+
+CREATE FUNCTION d365._get_cached(path text)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result jsonb;
+BEGIN
+    SELECT c.body INTO result FROM d365.metadata_cache c
+     WHERE c.path = _get_cached.path AND c.fetched_at > now() - interval '1 hour';
+    IF FOUND THEN
+        RETURN result;
+    END IF;
+    SELECT coalesce(jsonb_agg(r), '[]') INTO result FROM d365._get_all(path) r;
+    INSERT INTO d365.metadata_cache AS c (path, fetched_at, body)
+    VALUES (_get_cached.path, now(), result)
+    ON CONFLICT ON CONSTRAINT metadata_cache_pkey
+    DO UPDATE SET fetched_at = EXCLUDED.fetched_at, body = EXCLUDED.body;
+    RETURN result;
+END;
+$$;
+
+CREATE FUNCTION d365._metadata(entity text)
+RETURNS SETOF jsonb
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_array_elements(d365._get_cached(format(
+        'EntityDefinitions(LogicalName=''%s'')/Attributes?$select=LogicalName,AttributeType,IsValidForCreate,IsValidForUpdate,DisplayName',
+        replace(entity, '''', ''''''))))
+$$;
+
+CREATE FUNCTION d365._entity_set(entity text)
+RETURNS text
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e ->> 'EntitySetName'
+      FROM jsonb_array_elements(d365._get_cached(
+               'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
+     WHERE e ->> 'LogicalName' = entity
+$$;
+
+-- Lookup mappings: the entity set each <lookup>_<target>@odata.bind points
+-- to, from Dynamics metadata (fetched only when a lookup is mapped).
+CREATE FUNCTION d365._lookup_binds(OUT dynamics_field text, OUT entity_set text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    f record;
+    nav text;
+    target text;
+BEGIN
+    FOR f IN SELECT m.dynamics_field FROM d365.field_map m
+              WHERE m.dynamics_field LIKE '%@odata.bind' LOOP
+        nav := split_part(f.dynamics_field, '@', 1);
+        target := NULL;
+        SELECT t INTO target
+          FROM d365._metadata('contact') a,
+               LATERAL jsonb_array_elements_text(coalesce(a -> 'Targets', '[]')) t
+         WHERE nav = (a ->> 'LogicalName') || '_' || t
+            OR (nav = a ->> 'LogicalName' AND jsonb_array_length(a -> 'Targets') = 1)
+         LIMIT 1;
+        IF target IS NULL THEN
+            RAISE EXCEPTION 'Dynamics field "%" is not a lookup of contact', f.dynamics_field
+                USING ERRCODE = 'undefined_object',
+                      HINT = 'Use <lookup attribute>_<target entity>@odata.bind, e.g. parentcustomerid_account@odata.bind.';
+        END IF;
+        dynamics_field := f.dynamics_field;
+        entity_set := d365._entity_set(target);
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_dynamics_fields(
+    entity text DEFAULT 'contact',
+    OUT logical_name text, OUT display_name text, OUT attribute_type text,
+    OUT valid_for_create boolean, OUT valid_for_update boolean)
+RETURNS SETOF record
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a ->> 'LogicalName',
+           a #>> '{DisplayName,UserLocalizedLabel,Label}',
+           a ->> 'AttributeType',
+           (a ->> 'IsValidForCreate')::boolean,
+           (a ->> 'IsValidForUpdate')::boolean
+      FROM d365._metadata(entity) a
+     ORDER BY 1
+$$;
+COMMENT ON FUNCTION d365.d365_dynamics_fields(text) IS
+    'Attributes of a Dynamics entity, from Web API metadata (cached for an hour)';
+
+CREATE FUNCTION d365._type_problem(atype text, ctype text, is_bind boolean, name text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE
+        WHEN is_bind AND atype NOT IN ('Lookup', 'Customer', 'Owner')
+            THEN format('attribute %s is %s, not a lookup', name, atype)
+        WHEN is_bind AND ctype NOT IN ('uuid', 'text', 'character varying')
+            THEN format('a lookup takes a GUID but the column is %s', ctype)
+        WHEN is_bind THEN NULL
+        WHEN atype IN ('Lookup', 'Customer', 'Owner')
+            THEN format('attribute %s is a lookup: map it as %s_<target>@odata.bind', name, name)
+        WHEN atype IN ('Virtual', 'PartyList', 'EntityName', 'CalendarRules', 'ManagedProperty')
+            THEN format('attribute %s (%s) cannot be written', name, atype)
+        WHEN atype IN ('String', 'Memo')
+             AND ctype NOT IN ('text', 'character varying', 'character', 'name', 'uuid')
+             AND ctype NOT LIKE 'character%'
+            THEN format('attribute %s is text but the column is %s', name, ctype)
+        WHEN atype IN ('Integer', 'BigInt', 'Picklist', 'State', 'Status')
+             AND ctype NOT IN ('smallint', 'integer', 'bigint')
+            THEN format('attribute %s takes an integer but the column is %s', name, ctype)
+        WHEN atype IN ('Decimal', 'Double', 'Money')
+             AND ctype NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision')
+             AND ctype NOT LIKE 'numeric%'
+            THEN format('attribute %s takes a number but the column is %s', name, ctype)
+        WHEN atype = 'Boolean' AND ctype <> 'boolean'
+            THEN format('attribute %s takes a boolean but the column is %s', name, ctype)
+        WHEN atype = 'DateTime'
+             AND ctype NOT IN ('date', 'timestamp with time zone', 'timestamp without time zone')
+            THEN format('attribute %s takes a date or time but the column is %s', name, ctype)
+        WHEN atype = 'Uniqueidentifier' AND ctype NOT IN ('uuid', 'text')
+            THEN format('attribute %s takes a GUID but the column is %s', name, ctype)
+    END
+$$;
+
+CREATE FUNCTION d365.d365_validate_mapping(
+    OUT column_name name, OUT dynamics_field text, OUT problem text)
+RETURNS SETOF record
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH meta AS (SELECT a ->> 'LogicalName' AS name, a ->> 'AttributeType' AS atype,
+                         (a ->> 'IsValidForCreate')::boolean AS cre,
+                         (a ->> 'IsValidForUpdate')::boolean AS upd,
+                         coalesce(a -> 'Targets', '[]') AS targets
+                    FROM d365._metadata('contact') a),
+         maps AS (SELECT f.column_name, f.dynamics_field,
+                         split_part(f.dynamics_field, '@', 1) AS nav,
+                         f.dynamics_field LIKE '%@odata.bind' AS is_bind,
+                         format_type(a.atttypid, NULL) AS ctype
+                    FROM d365.field_map f
+                    CROSS JOIN d365.contact_source s
+                    LEFT JOIN pg_attribute a ON a.attrelid = s.contact_table
+                         AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped),
+         matched AS (SELECT m.*, x.name, x.atype, x.cre, x.upd
+                       FROM maps m
+                       LEFT JOIN LATERAL (
+                           SELECT meta.* FROM meta
+                            WHERE (NOT m.is_bind AND meta.name = m.nav)
+                               OR (m.is_bind AND (m.nav = meta.name
+                                   OR EXISTS (SELECT FROM jsonb_array_elements_text(meta.targets) t
+                                               WHERE m.nav = meta.name || '_' || t)))
+                            LIMIT 1) x ON true),
+         judged AS (SELECT column_name, dynamics_field,
+                           CASE
+                             WHEN ctype IS NULL THEN 'the column no longer exists'
+                             WHEN name IS NULL THEN 'no such attribute in Dynamics'
+                             WHEN NOT cre AND NOT upd THEN format('attribute %s is read-only in Dynamics', name)
+                             WHEN NOT upd THEN format('attribute %s can be set on create only, so changes would fail', name)
+                             WHEN NOT cre THEN format('attribute %s cannot be set on create', name)
+                             ELSE d365._type_problem(atype, ctype, is_bind, name)
+                           END AS problem
+                      FROM matched)
+    SELECT column_name, dynamics_field, problem FROM judged
+     WHERE problem IS NOT NULL
+     ORDER BY column_name
+$$;
+COMMENT ON FUNCTION d365.d365_validate_mapping() IS
+    'Mappings whose Dynamics field does not exist, is not writable, or does not fit the column''s type';
+
+CREATE FUNCTION d365.d365_owners(
+    OUT kind text, OUT id uuid, OUT name text, OUT email text, OUT bind text)
+RETURNS SETOF record
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM (
+        SELECT 'user' AS kind, (u ->> 'systemuserid')::uuid AS id, u ->> 'fullname' AS name,
+               u ->> 'internalemailaddress' AS email,
+               '/systemusers(' || (u ->> 'systemuserid') || ')' AS bind
+          FROM d365._get_all('systemusers?$select=systemuserid,fullname,internalemailaddress,accessmode,isdisabled') u
+         WHERE coalesce((u ->> 'accessmode')::int, 0) < 4
+           AND NOT coalesce((u ->> 'isdisabled')::boolean, false)
+        UNION ALL
+        SELECT 'team', (t ->> 'teamid')::uuid, t ->> 'name', NULL, '/teams(' || (t ->> 'teamid') || ')'
+          FROM d365._get_all('teams?$select=teamid,name,teamtype') t) o
+     ORDER BY kind DESC, name
+$$;
+COMMENT ON FUNCTION d365.d365_owners() IS
+    'Dynamics users (interactive ones) and teams that can own synced records, with the bind path for default_owner';
+
+-- ---------------------------------------------------------------------------
+-- Outgoing contact sync: the select and record stages (SQL), the send
+-- stage is the C pipeline (src/pipeline.c).
+-- ---------------------------------------------------------------------------
+
+/*
+ * The work query of a contact sync: one row per contact to consider, with
+ * the request to send (method NULL when none is needed) and a context that
+ * d365._contact_record() gets back.  The map stage is here: the mapped
+ * columns become one jsonb object converted as SPEC section 2 says, and for
+ * a linked contact the body is the part of it that differs from the synced
+ * snapshot (a NULL clears the Dynamics value).
+ *
+ * scheduled = true: the job's selection (qualifying unlinked contacts,
+ * linked contacts with pending changes, past their back-off).
+ * scheduled = false: the one contact whose key is $1, whatever its score.
+ */
+CREATE FUNCTION d365._contact_work_sql(scheduled boolean)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+    cur text := '''{}''::jsonb';
+    m record;
+    expr text;
+    sel text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+               FROM d365.field_map f
+               LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
+                    AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+              ORDER BY f.column_name
+    LOOP
+        IF m.typ IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" no longer exists in %', m.column_name, src.contact_table
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
+        END IF;
+        expr := d365._json_expr(format('c.%I', m.column_name), m.typ, m.entity_set);
+        IF expr IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'Change the column''s type or its mapping.';
+        END IF;
+        cur := cur || format(' || jsonb_build_object(%L, %s)', m.dynamics_field, expr);
+    END LOOP;
+
+    IF scheduled THEN
+        sel := format(
+            '((c.dynamics365_related_id IS NULL AND c.%1$I >= (SELECT min_score FROM d365.settings)'
+            '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq))'
+            ' OR (c.dynamics365_related_id IS NOT NULL'
+            '   AND (s.contact_key IS NULL OR s.change_seq > s.synced_seq)))'
+            ' AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())',
+            src.score_column);
+    ELSE
+        sel := format('c.%I = $1::%s', src.key_column, key_type);
+    END IF;
+
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.body IS NULL THEN NULL ELSE 'PATCH' END AS method,
+               'contacts(' || w.dynamics_id || ')' AS path,
+               w.body::text AS body,
+               CASE WHEN w.linked THEN 'If-Match: *' END AS headers,
+               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation, 'values', w.cur)::text AS context
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                                    FROM jsonb_each(v.cur) e
+                                   WHERE (v.synced IS NULL AND e.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%1$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._contact_guid(c.%1$I::text, coalesce(s.generation, 0))) AS dynamics_id,
+                               coalesce(s.change_seq, 0) AS change_seq,
+                               coalesce(s.generation, 0) AS generation,
+                               s.synced,
+                               %2$s AS cur
+                          FROM %3$s c
+                          LEFT JOIN d365.contact_state s ON s.contact_key = c.%1$I::text
+                         WHERE %4$s) v) w
+    $q$, src.key_column, cur, src.contact_table, sel);
+END;
+$$;
+
+/*
+ * The record stage of a contact sync: link columns, sync state, failures
+ * and back-off for a chunk of outcomes (one array element per item).
+ * Returns the chunk's counts.
+ */
+CREATE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+
+    CREATE TEMP TABLE IF NOT EXISTS d365_contact_outcome (
+        item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+        vals jsonb, status integer, error_code text, error_message text, ok boolean,
+        gone boolean
+    ) ON COMMIT DROP;
+    TRUNCATE d365_contact_outcome;
+    INSERT INTO d365_contact_outcome
+    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+           (x.c ->> 'generation')::integer, x.c -> 'values', o.st, o.code, o.msg,
+           (x.c ->> 'action') = 'unchanged' OR o.st BETWEEN 200 AND 299,
+           (x.c ->> 'action') = 'update' AND o.st = 404
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- created or updated: link and stamp the contact
+    EXECUTE format(
+        'UPDATE %s t SET dynamics365_related_id = o.dynamics_id,'
+        '               dynamics365_synchronized_on = now()'
+        '  FROM d365_contact_outcome o'
+        ' WHERE o.ok AND o.action IN (''create'', ''update'') AND t.%I = o.item_key::%s',
+        src.contact_table, src.key_column, key_type);
+
+    -- success (or nothing to send): remember what Dynamics now holds
+    INSERT INTO d365.contact_state AS s
+           (contact_key, change_seq, synced_seq, synced, generation, last_attempt_at, last_status)
+    SELECT o.item_key, o.seq, o.seq, o.vals, o.generation, now(), o.status
+      FROM d365_contact_outcome o WHERE o.ok
+    ON CONFLICT (contact_key) DO UPDATE
+       SET synced_seq = EXCLUDED.synced_seq, synced = EXCLUDED.synced, attempts = 0,
+           next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(EXCLUDED.last_status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL;
+
+    -- deleted in Dynamics: unlink and report; a re-creation gets a new id
+    EXECUTE format(
+        'UPDATE %s t SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+        '  FROM d365_contact_outcome o'
+        ' WHERE o.gone AND t.%I = o.item_key::%s AND t.dynamics365_related_id = o.dynamics_id',
+        src.contact_table, src.key_column, key_type);
+    UPDATE d365.contact_state s
+       SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
+           remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,
+           last_attempt_at = now(), last_status = o.status, last_error_code = o.error_code,
+           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
+      FROM d365_contact_outcome o
+     WHERE o.gone AND s.contact_key = o.item_key;
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a day
+    INSERT INTO d365.contact_state AS s
+           (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
+            last_error_code, last_error)
+    SELECT o.item_key, 1, now() + interval '5 minutes', now(), nullif(o.status, 0),
+           o.error_code, o.error_message
+      FROM d365_contact_outcome o
+     WHERE NOT o.ok AND NOT o.gone
+    ON CONFLICT (contact_key) DO UPDATE
+       SET attempts = s.attempts + 1,
+           next_attempt_at = now() + least(interval '5 minutes' * power(2, s.attempts),
+                                           interval '1 day'),
+           last_attempt_at = now(), last_status = EXCLUDED.last_status,
+           last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action = 'unchanged'),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM d365_contact_outcome;
+END;
+$$;
+
+CREATE FUNCTION d365._contact_link(contact_key text)
+RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    result uuid;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.contact_table, src.key_column)
+       INTO result USING contact_key;
+    RETURN result;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_sync_contact(contact_key anyelement)
+RETURNS uuid
+AS 'MODULE_PATHNAME', 'd365_sync_contact'
+LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION d365.d365_sync_contact(anyelement) IS
+    'Creates or updates one contact in Dynamics now, whatever its score and the enabled flag; returns its Dynamics id';
+
+CREATE FUNCTION d365.d365_sync_contacts(
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer, OUT requests integer)
+RETURNS record
+AS 'MODULE_PATHNAME', 'd365_sync_contacts'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365.d365_sync_contacts() IS
+    'The scheduled contact sync: creates qualifying contacts and sends the changed fields of linked ones';
+
+-- ---------------------------------------------------------------------------
+-- Status and scheduling
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    n bigint;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    s.contact_sync_enabled AND s.min_score > 0, s.contact_sync_enabled, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+
+    SELECT * INTO src FROM d365.contact_source;
+    item := 'contact table'; value := coalesce(src.contact_table::text, '(not attached)'); RETURN NEXT;
+    IF src.contact_table IS NOT NULL THEN
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                       ' WHERE c.dynamics365_related_id IS NULL AND c.%I >= $1'
+                       '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq)',
+                       src.contact_table, src.key_column, src.score_column)
+            INTO n USING s.min_score;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                       ' WHERE c.dynamics365_related_id IS NOT NULL AND s.change_seq > s.synced_seq',
+                       src.contact_table, src.key_column) INTO n;
+        item := 'contacts to update'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message IS NOT NULL AND sr.message NOT LIKE 'skipped%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_status() IS
+    'At a glance: what is enabled, backlog, failures, the last run of each job and the last error';
+
+CREATE FUNCTION d365.d365_schedule(
+    contacts text DEFAULT '0 * * * *',
+    activities text DEFAULT '0 * * * *',
+    pull text DEFAULT NULL)
+RETURNS TABLE (job_name text, schedule text, command text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    jobs text[][] := ARRAY[['d365-contact-sync', contacts, 'SELECT d365.d365_sync_contacts()', 'd365.d365_sync_contacts()'],
+                           ['d365-activity-sync', activities, 'SELECT d365.d365_sync_activities()', 'd365.d365_sync_activities()'],
+                           ['d365-pull-changes', pull, 'SELECT d365.d365_pull_changes()', 'd365.d365_pull_changes()']];
+    i integer;
+BEGIN
+    IF to_regproc('cron.schedule') IS NULL THEN
+        RAISE EXCEPTION 'pg_cron is not installed in this database'
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
+    END IF;
+    FOR i IN 1 .. array_length(jobs, 1) LOOP
+        IF jobs[i][2] IS NOT NULL AND to_regprocedure(jobs[i][4]) IS NOT NULL THEN
+            PERFORM cron.schedule(jobs[i][1], jobs[i][2], jobs[i][3]);
+        ELSE
+            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname = jobs[i][1];
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT j.jobname::text, j.schedule::text, j.command::text
+                   FROM cron.job j WHERE j.jobname LIKE 'd365-%' ORDER BY j.jobname;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_schedule(text, text, text) IS
+    'Creates or updates the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes';
+
+CREATE FUNCTION d365.d365_unschedule()
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer := 0;
+BEGIN
+    IF to_regclass('cron.job') IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT count(*) INTO n FROM cron.job j WHERE j.jobname LIKE 'd365-%';
+    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname LIKE 'd365-%';
+    RETURN n;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_unschedule() IS
+    'Removes the d365sync pg_cron jobs; returns how many there were';
+
+
+-- ---------------------------------------------------------------------------
 -- Privileges: nothing for PUBLIC.
 -- ---------------------------------------------------------------------------
 

@@ -61,9 +61,16 @@ RESET statement_timeout;
 -- ... and by d365sync.request_timeout_ms (curl's own timeout), with a hint
 \! "$D365_SIMCTL" fault '{"path_regex": "WhoAmI", "delay_ms": 3000, "times": 2}'
 SET d365sync.request_timeout_ms = 300;
-\set VERBOSITY terse
-SELECT user_id FROM d365_whoami();
-\set VERBOSITY default
+DO $$
+DECLARE m text; d text; h text;
+BEGIN
+    PERFORM d365.d365_whoami();
+EXCEPTION WHEN connection_failure THEN
+    GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT;
+    RAISE NOTICE 'message: %', m;
+    RAISE NOTICE 'detail says timed out: %', d ILIKE '%timed out%';
+    RAISE NOTICE 'hint: %', h;
+END $$;
 RESET d365sync.request_timeout_ms;
 
 -- the backend is still healthy and the connection reusable

@@ -11,6 +11,7 @@
 #include "access/htup_details.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "utils/jsonb.h"
 #include "utils/uuid.h"
 
 #include "odata.h"
@@ -81,4 +82,80 @@ d365_url_problem(PG_FUNCTION_ARGS)
 	if (problem == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(problem));
+}
+
+/*
+ * d365._get_all(path text) -> SETOF jsonb
+ *		GET a Web API path and every page after it (@odata.nextLink), one row
+ *		per element of "value"; a body without "value" is one row.  Raises
+ *		on any failure.  Internal: the metadata and owner functions are
+ *		written in SQL over it.
+ */
+PG_FUNCTION_INFO_V1(d365_get_all);
+
+Datum
+d365_get_all(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *path = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	D365Client *client;
+	MemoryContext page_cxt;
+	int			pages = 0;
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	client = d365_client_open();
+	page_cxt = AllocSetContextCreate(CurrentMemoryContext, "d365sync page",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	while (path != NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(page_cxt);
+		D365Op	   *op = d365_op_make("GET", path, NULL);
+		json_t	   *value;
+		const char *next;
+
+		op->headers = list_make1("Prefer: odata.maxpagesize=5000");
+		d365_client_execute(client, &op, 1);
+		if (!op->ok)
+			d365_op_report(op, ERROR);
+		if (!json_is_object(op->json))
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("Dynamics 365 returned no JSON object"),
+					 errcontext("Dynamics 365 request: GET %s%s", client->service_path, path)));
+
+		value = json_object_get(op->json, "value");
+		if (json_is_array(value))
+		{
+			size_t		i;
+			json_t	   *item;
+
+			json_array_foreach(value, i, item)
+			{
+				Datum		d = DirectFunctionCall1(jsonb_in,
+													CStringGetDatum(d365_json_dump(item)));
+				bool		isnull = false;
+
+				tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &d, &isnull);
+			}
+		}
+		else
+		{
+			Datum		d = DirectFunctionCall1(jsonb_in,
+												CStringGetDatum(d365_json_dump(op->json)));
+			bool		isnull = false;
+
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &d, &isnull);
+		}
+
+		next = d365_json_str(op->json, "@odata.nextLink");
+		MemoryContextSwitchTo(old);
+		path = next ? pstrdup(next) : NULL;
+		MemoryContextReset(page_cxt);
+		if (++pages > 10000)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("more than 10000 pages of results")));
+	}
+	return (Datum) 0;
 }

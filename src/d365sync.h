@@ -12,11 +12,17 @@
  *	  src/auth.c		OAuth 2.0 client-credentials token, cached per backend
  *	  src/odata.c		Dataverse Web API client: headers, errors, retries,
  *						token refresh, throttling
- *	  src/catalog.c		settings and bookkeeping tables, read through SPI
+ *	  src/catalog.c		the settings row, read through SPI as its owner
+ *	  src/pipeline.c	select -> map -> send -> record, and the run wrapper
+ *						(lock, error capture, d365.sync_run)
+ *	  src/contact_sync.c outgoing contacts: engine on the pipeline
  *	  src/jsonutil.c	jansson glued to memory contexts
- *	  src/admin.c		diagnostic SQL functions (d365_whoami)
+ *	  src/admin.c		d365_whoami and the generic paged GET
+ *	  sql/d365sync.sql	tables, the SQL stages of each engine (work
+ *						queries that select and map, record functions),
+ *						the SQL API
  *
- * src/include-free rule: jansson headers come only through d365_json.h.
+ * jansson is included only through d365_json.h.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,6 +36,7 @@ extern int	d365_max_response_kb;
 extern int	d365_max_retries;
 extern int	d365_retry_max_wait_ms;
 extern int	d365_max_parallel;
+extern int	d365_batch_size;
 extern char *d365_ca_file;
 
 #endif							/* D365SYNC_H */

@@ -367,12 +367,12 @@ finish_transfer(HttpTransfer *t, CURLcode result)
 	if (result != CURLE_OK)
 	{
 		if (t->body.overflow)
-			req->transport_message = psprintf("the response is larger than d365sync.max_response_size (%d kB)",
+			req->transport_message = psprintf("The response is larger than d365sync.max_response_size (%d kB).",
 											  d365_max_response_kb);
 		else if (t->body.oom || t->head.oom)
-			req->transport_message = pstrdup("out of memory while receiving the response");
+			req->transport_message = pstrdup("Out of memory while receiving the response.");
 		else if (t->head.overflow)
-			req->transport_message = pstrdup("the response headers are too large");
+			req->transport_message = pstrdup("The response headers are too large.");
 		else
 			req->transport_message = pstrdup(t->errbuf[0] ? t->errbuf : curl_easy_strerror(result));
 	}

@@ -1,0 +1,892 @@
+#!/usr/bin/python3
+"""Self-test of the Dataverse simulator (stdlib only).
+
+Starts sim/dataverse_sim.py on free ports (HTTP, and HTTPS when openssl is
+available), exercises the token endpoint, the Web API, $batch, bulk
+messages, change tracking, throttling, faults and the control API, and
+prints "N passed, N failed".  Exit status 1 when anything failed.
+
+  /usr/bin/python3 sim/selftest.py [--bench N] [--verbose]
+
+--bench N additionally times N $batch requests of 1000 upsert PATCH
+operations each (latency model 0) and prints the throughput.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from urllib.parse import urlsplit, quote
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIM = os.path.join(HERE, "dataverse_sim.py")
+SIMCTL = os.path.join(HERE, "simctl")
+TENANT = "11111111-1111-1111-1111-111111111111"
+CLIENT = "22222222-2222-2222-2222-222222222222"
+SECRET = "sim-secret"
+ACCOUNT = "acc00000-0000-4000-8000-000000000001"
+ALEX = "5e5e0000-0000-4000-8000-000000000002"
+TEAM = "7ea70000-0000-4000-8000-000000000001"
+API = "/api/data/v9.2/"
+
+passed = 0
+failed = 0
+VERBOSE = False
+
+
+def check(name, cond, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+        if VERBOSE:
+            print("ok   " + name)
+    else:
+        failed += 1
+        print("FAIL " + name + ((": " + str(detail)[:600]) if detail else ""))
+
+
+class Client:
+    """A keep-alive HTTP client for one origin."""
+
+    def __init__(self, host, port, https=False, cafile=None):
+        self.host, self.port, self.https, self.cafile = host, port, https, cafile
+        self.conn = None
+
+    def _connect(self):
+        if self.https:
+            ctx = ssl.create_default_context(cafile=self.cafile)
+            self.conn = http.client.HTTPSConnection(self.host, self.port, context=ctx, timeout=60)
+        else:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+
+    def req(self, method, path, body=None, headers=None, raw=False):
+        h = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            h.setdefault("Content-Type", "application/json")
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        for attempt in range(2):
+            if self.conn is None:
+                self._connect()
+            try:
+                self.conn.request(method, path, body=body, headers=h)
+                r = self.conn.getresponse()
+                data = r.read()
+                hd = {k.lower(): v for k, v in r.getheaders()}
+                if r.getheader("Connection", "").lower() == "close":
+                    self.conn.close()
+                    self.conn = None
+                return Resp(r.status, hd, data)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.CannotSendRequest) as e:
+                self.conn.close()
+                self.conn = None
+                if attempt == 1 or raw:
+                    raise
+        raise RuntimeError("unreachable")
+
+
+class Resp:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def code(self):
+        try:
+            return self.json()["error"]["code"]
+        except Exception:
+            return None
+
+    def msg(self):
+        try:
+            return self.json()["error"]["message"]
+        except Exception:
+            return self.body.decode("utf-8", "replace")
+
+    def __repr__(self):
+        return "<%d %s>" % (self.status, self.body[:400])
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Sim:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.cert = self.key = None
+        args = ["/usr/bin/python3", SIM, "--port", "0", "--port-file",
+                os.path.join(tmp, "ports")]
+        if shutil.which("openssl"):
+            self.cert, self.key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", self.key, "-out", self.cert, "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            args += ["--https-port", "0", "--cert", self.cert, "--key", self.key]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        pf = os.path.join(tmp, "ports")
+        deadline = time.time() + 10
+        while not os.path.exists(pf):
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("simulator did not start")
+            time.sleep(0.05)
+        self.port, self.https_port = (int(x) for x in open(pf).read().split())
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.c = Client("127.0.0.1", self.port)
+        self.ctl = Client("127.0.0.1", self.port)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    # control helpers
+    def control(self, method, path, body=None):
+        r = self.ctl.req(method, "/_sim/" + path, body)
+        return r.json() if r.body else None
+
+    def token(self, scope=None, port=None, **over):
+        form = {"client_id": CLIENT, "client_secret": SECRET,
+                "grant_type": "client_credentials",
+                "scope": scope or ("http://127.0.0.1:%d/.default" % (port or self.port))}
+        form.update(over)
+        body = "&".join("%s=%s" % (k, quote(v, safe="")) for k, v in form.items()
+                        if v is not None)
+        tenant = over.pop("_tenant", TENANT) if "_tenant" in over else TENANT
+        return self.c.req("POST", "/%s/oauth2/v2.0/token" % tenant, body,
+                          {"Content-Type": "application/x-www-form-urlencoded"})
+
+
+def token_form(**kw):
+    form = {"client_id": CLIENT, "client_secret": SECRET, "grant_type": "client_credentials"}
+    form.update(kw)
+    return "&".join("%s=%s" % (k, quote(v, safe="")) for k, v in form.items() if v is not None)
+
+
+def batch_body(boundary, parts, nl="\r\n"):
+    """parts: list of str (a request) or ('cs', csboundary, [requests])."""
+    out = []
+    for p in parts:
+        out.append("--" + boundary)
+        if isinstance(p, tuple):
+            out.append("Content-Type: multipart/mixed; boundary=" + p[1])
+            out.append("")
+            for i, r in enumerate(p[2]):
+                out.append("--" + p[1])
+                out.append("Content-Type: application/http")
+                out.append("Content-Transfer-Encoding: binary")
+                out.append("Content-ID: %d" % (i + 1))
+                out.append("")
+                out.append(r)
+            out.append("--" + p[1] + "--")
+        else:
+            out.append("Content-Type: application/http")
+            out.append("Content-Transfer-Encoding: binary")
+            out.append("")
+            out.append(p)
+    out.append("--" + boundary + "--")
+    out.append("")
+    return nl.join(out)
+
+
+def op(method, url, body=None, headers=None, nl="\r\n"):
+    lines = ["%s %s HTTP/1.1" % (method, url)]
+    if body is not None:
+        lines.append("Content-Type: application/json; type=entry")
+    for k, v in (headers or {}).items():
+        lines.append("%s: %s" % (k, v))
+    lines.append("")
+    lines.append(json.dumps(body) if body is not None else "")
+    return nl.join(lines)
+
+
+def parse_batch_response(r):
+    ct = r.headers.get("content-type", "")
+    b = ct.split("boundary=")[1]
+    text = r.body.decode("utf-8")
+    statuses = []
+    for line in text.split("\r\n"):
+        if line.startswith("HTTP/1.1 "):
+            statuses.append(int(line.split()[1]))
+    return statuses, text
+
+
+def main():
+    global VERBOSE
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true")
+    a = ap.parse_args()
+    VERBOSE = a.verbose
+    tmp = tempfile.mkdtemp(prefix="d365sim-")
+    sim = Sim(tmp)
+    try:
+        run(sim, a)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        check("no exception in the test driver", False)
+    finally:
+        sim.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("%d passed, %d failed" % (passed, failed))
+    sys.exit(1 if failed else 0)
+
+
+def run(sim, a):
+    c = sim.c
+    # ---------------------------------------------------------------- token
+    r = sim.token()
+    check("token 200", r.status == 200 and r.json()["token_type"] == "Bearer"
+          and r.json()["expires_in"] == 3599, r)
+    tok = r.json()["access_token"]
+    H = {"Authorization": "Bearer " + tok, "Accept": "application/json",
+         "OData-Version": "4.0", "OData-MaxVersion": "4.0"}
+
+    def tok_err(path_tenant, body, status, error, code):
+        r = c.req("POST", "/%s/oauth2/v2.0/token" % path_tenant, body,
+                  {"Content-Type": "application/x-www-form-urlencoded"})
+        j = r.json() if r.body else {}
+        ok = (r.status == status and j.get("error") == error and j.get("error_codes") == [code]
+              and j.get("error_description", "").startswith("AADSTS%d:" % code)
+              and "Trace ID:" in j.get("error_description", "")
+              and "Correlation ID:" in j["error_description"]
+              and j.get("trace_id") and j.get("correlation_id") and j.get("timestamp"))
+        check("token error %s %d" % (error, code), ok, r)
+        return j
+
+    scope = "http://127.0.0.1:%d/.default" % sim.port
+    tok_err("99999999-9999-9999-9999-999999999999", token_form(scope=scope), 400,
+            "invalid_request", 90002)
+    tok_err(TENANT, token_form(scope=scope, client_id="33333333-3333-3333-3333-333333333333"),
+            400, "unauthorized_client", 700016)
+    j = tok_err(TENANT, token_form(scope=scope, client_secret="nope"), 401, "invalid_client",
+                7000215)
+    check("7000215 text", "Invalid client secret provided. Ensure the secret being sent" in
+          j.get("error_description", "") and CLIENT in j.get("error_description", ""), j)
+    tok_err(TENANT, token_form(scope=scope, grant_type="password"), 400,
+            "unsupported_grant_type", 70003)
+    tok_err(TENANT, token_form(scope="http://127.0.0.1:%d" % sim.port), 400, "invalid_scope",
+            1002012)
+    tok_err(TENANT, token_form(scope="https://contoso.crm.dynamics.com/.default"), 400,
+            "invalid_resource", 500011)
+
+    # ---------------------------------------------------------------- WhoAmI
+    r = c.req("GET", API + "WhoAmI", headers=H)
+    check("WhoAmI 200", r.status == 200 and r.json().get("UserId") and
+          r.headers.get("x-ms-dop-hint") == "4" and r.headers.get("odata-version") == "4.0"
+          and "WhoAmIResponse" in r.json()["@odata.context"], r)
+    r = c.req("GET", API + "WhoAmI")
+    check("WhoAmI no token 401", r.status == 401 and r.body == b"" and
+          r.headers.get("www-authenticate", "").startswith("Bearer authorization_uri="), r)
+    r = c.req("GET", API + "WhoAmI", headers={"Authorization": "Bearer junk"})
+    check("WhoAmI bad token 401", r.status == 401, r)
+    r = c.req("GET", "/api/data/v9.1/WhoAmI", headers=H)
+    check("any v9.x accepted", r.status == 200, r)
+
+    # ---------------------------------------------------------------- contacts
+    r = c.req("POST", API + "contacts", {"firstname": "Ann", "lastname": "Lee",
+                                         "emailaddress1": "ann@example.com",
+                                         "parentcustomerid_account@odata.bind":
+                                         "/accounts(%s)" % ACCOUNT}, H)
+    eid = r.headers.get("odata-entityid", "")
+    check("POST contact 204 + OData-EntityId", r.status == 204 and "/contacts(" in eid, r)
+    cid = eid[eid.index("(") + 1:-1] if "(" in eid else None
+    r = c.req("GET", API + "contacts(%s)?$select=fullname,_parentcustomerid_value" % cid,
+              headers=H)
+    j = r.json() if r.status == 200 else {}
+    check("GET contact", r.status == 200 and j.get("fullname") == "Ann Lee" and
+          j.get("_parentcustomerid_value") == ACCOUNT and
+          j.get("_parentcustomerid_value@Microsoft.Dynamics.CRM.lookuplogicalname") == "account"
+          and j.get("contactid") == cid and j.get("@odata.etag", "").startswith('W/"')
+          and "firstname" not in j, r)
+    r = c.req("POST", API + "contacts", {"firstname": "Bo"},
+              dict(H, Prefer="return=representation"))
+    check("POST return=representation 201", r.status == 201 and r.json()["fullname"] == "Bo"
+          and r.json().get("@odata.etag"), r)
+    r = c.req("POST", API + "contacts", {"contactid": cid, "firstname": "Dup"}, H)
+    check("POST duplicate id 412", r.status == 412 and r.code() == "0x80040237", r)
+    new_id = str(uuid.uuid4())
+    r = c.req("PATCH", API + "contacts(%s)" % new_id, {"firstname": "Up"}, H)
+    check("PATCH upsert creates 204", r.status == 204 and new_id in r.headers.get(
+        "odata-entityid", ""), r)
+    r = c.req("PATCH", API + "contacts(%s)" % new_id, {"lastname": "Sert"},
+              dict(H, Prefer="return=representation"))
+    check("PATCH upsert update repr 200", r.status == 200 and r.json()["fullname"] == "Up Sert",
+          r)
+    r = c.req("PATCH", API + "contacts(%s)" % str(uuid.uuid4()), {"firstname": "X"},
+              dict(H, Prefer="return=representation"))
+    check("PATCH upsert create repr 201", r.status == 201, r)
+    missing = str(uuid.uuid4())
+    r = c.req("PATCH", API + "contacts(%s)" % missing, {"firstname": "X"},
+              dict(H, **{"If-Match": "*"}))
+    check("If-Match * missing 404", r.status == 404 and r.code() == "0x80040217" and
+          r.msg() == "contact With Id = %s Does Not Exist" % missing, r)
+    r = c.req("PATCH", API + "contacts(%s)" % cid, {"firstname": "X"},
+              dict(H, **{"If-None-Match": "*"}))
+    check("If-None-Match * existing 412", r.status == 412 and r.code() == "0x80040237" and
+          r.msg() == "A record with matching key values already exists.", r)
+    r = c.req("PATCH", API + "contacts(%s)" % cid, {"jobtitle": "CTO"},
+              dict(H, **{"If-Match": "*"}))
+    check("If-Match * existing 204", r.status == 204, r)
+    r = c.req("GET", API + "contacts(%s)?$select=firstname,nosuch" % cid, headers=H)
+    check("unknown $select 400", r.status == 400 and r.msg() ==
+          "Could not find a property named 'nosuch' on type 'Microsoft.Dynamics.CRM.contact'.", r)
+    r = c.req("GET", API + "nosuchset", headers=H)
+    check("unknown set 404", r.status == 404 and r.code() == "0x8006088a" and
+          r.msg() == "Resource not found for the segment 'nosuchset'.", r)
+    r = c.req("GET", API + "contacts(%s)" % missing, headers=H)
+    check("GET missing 404", r.status == 404 and r.code() == "0x80040217", r)
+
+    def bad(name, body, status, code, needle=None, method="POST", url="contacts"):
+        r = c.req(method, API + url, body, H)
+        ok = r.status == status and r.code() == code and (needle is None or needle in r.msg())
+        check(name, ok, r)
+
+    bad("invalid property", {"nosuch": 1}, 400, "0x80060888",
+        "Invalid property 'nosuch' was found in entity 'Microsoft.Dynamics.CRM.contact'.")
+    bad("read-only fullname", {"fullname": "x"}, 400, "0x80048d19", "fullname")
+    bad("read-only createdon", {"createdon": "2020-01-01T00:00:00Z"}, 400, "0x80048d19",
+        "createdon")
+    bad("contactid not valid for update", {"firstname": "a", "contactid": str(uuid.uuid4())},
+        400, "0x80040203", None, "PATCH", "contacts(%s)" % cid)
+    bad("string for Integer", {"numberofchildren": "3"}, 400, "0x80040203", "numberofchildren")
+    bad("number for String", {"firstname": 5}, 400, "0x80040203", "firstname")
+    bad("datetime for DateOnly", {"birthdate": "1990-01-02T00:00:00Z"}, 400, "0x80040203",
+        "birthdate")
+    bad("date without time for DateTime", {"lastusedincampaign": "2020-01-01"}, 400,
+        "0x80040203", "lastusedincampaign")
+    bad("datetime without offset", {"lastusedincampaign": "2020-01-01T10:00:00"}, 400,
+        "0x80040203", "lastusedincampaign")
+    bad("non-boolean", {"donotemail": "yes"}, 400, "0x80040203", "donotemail")
+    bad("bad picklist", {"gendercode": 7}, 400, "0x80040203", "gendercode")
+    bad("date before 1753", {"birthdate": "1700-01-01"}, 400, "0x80040203", "birthdate")
+    bad("firstname too long", {"firstname": "x" * 51}, 400, "0x80044331", "firstname")
+    bad("bind to missing account", {"parentcustomerid_account@odata.bind":
+                                    "/accounts(%s)" % missing}, 404, "0x80040217", missing)
+    bad("bind wrong set", {"parentcustomerid_account@odata.bind": "/contacts(%s)" % cid},
+        400, "0x80060888")
+    bad("unknown nav", {"foo_account@odata.bind": "/accounts(%s)" % ACCOUNT}, 400, "0x80060888")
+    bad("statecode not valid for create", {"statecode": 1}, 400, "0x80048d19", "statecode")
+    r = c.req("PATCH", API + "contacts(%s)" % cid,
+              {"firstname": "Ann", "lastname": "O'Bryan", "numberofchildren": 2,
+               "annualincome": 5000000, "donotemail": True, "birthdate": "1990-01-02",
+               "lastusedincampaign": "2023-04-07T23:59:01+02:00", "gendercode": 2,
+               "ownerid@odata.bind": "/teams(%s)" % TEAM, "description": None}, H)
+    check("PATCH typed values 204", r.status == 204, r)
+    r = c.req("GET", API + "contacts(%s)" % cid, headers=H)
+    j = r.json()
+    check("typed values stored", j["lastusedincampaign"] == "2023-04-07T21:59:01Z" and
+          j["birthdate"] == "1990-01-02" and j["annualincome"] == 5000000.0 and
+          j["_ownerid_value"] == TEAM and
+          j["_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] == "team" and
+          j["fullname"] == "Ann O'Bryan" and j["description"] is None, j)
+    r = c.req("PATCH", API + "contacts(%s)" % cid, {"jobtitle": None,
+                                                  "parentcustomerid_account@odata.bind": None}, H)
+    r = c.req("GET", API + "contacts(%s)?$select=jobtitle,_parentcustomerid_value" % cid,
+              headers=H)
+    check("null clears", r.json()["jobtitle"] is None and
+          r.json()["_parentcustomerid_value"] is None, r)
+    r = c.req("GET", API + "contacts?$select=fullname&$filter=" +
+              quote("lastname eq 'O''Bryan' and firstname ne null"), headers=H)
+    check("$filter doubled quote", r.status == 200 and len(r.json()["value"]) == 1 and
+          r.json()["value"][0]["contactid"] == cid, r)
+    r = c.req("GET", API + "systemusers?$select=fullname,accessmode&$filter=" +
+              quote("internalemailaddress eq 'alex@contoso.example'"), headers=H)
+    check("systemuser filter", r.status == 200 and r.json()["value"][0]["systemuserid"] == ALEX,
+          r)
+    r = c.req("GET", API + "contacts?$select=firstname&$orderby=" + quote("firstname desc") +
+              "&$filter=" + quote("startswith(lastname,'o''b') or (contains(firstname,'nn')"
+                                  " and numberofchildren ge 2)"), headers=H)
+    check("$filter functions/or/ge + $orderby", r.status == 200 and
+          [v["contactid"] for v in r.json()["value"]] == [cid], r)
+    r = c.req("GET", API + "contacts?$filter=" + quote("nosuch eq 1"), headers=H)
+    check("filter unknown property 400", r.status == 400, r)
+    # paging
+    r = c.req("GET", API + "contacts?$select=firstname", headers=dict(
+        H, Prefer="odata.maxpagesize=2"))
+    j = r.json()
+    pages = [j]
+    while "@odata.nextLink" in j and len(pages) < 20:
+        nl = urlsplit(j["@odata.nextLink"])
+        r = c.req("GET", nl.path + "?" + nl.query, headers=dict(H, Prefer="odata.maxpagesize=2"))
+        j = r.json()
+        pages.append(j)
+    ids = [v["contactid"] for p in pages for v in p["value"]]
+    r = c.req("GET", API + "contacts?$select=firstname&$count=true", headers=H)
+    check("paging with maxpagesize", len(pages) >= 2 and len(ids) == len(set(ids)) ==
+          len(r.json()["value"]) and r.json()["@odata.count"] == len(ids), (len(pages), ids))
+    check("Preference-Applied maxpagesize", "odata.maxpagesize=2" in
+          c.req("GET", API + "contacts", headers=dict(H, Prefer="odata.maxpagesize=2"))
+          .headers.get("preference-applied", ""))
+    r = c.req("GET", API + "contacts?$top=1", headers=H)
+    check("$top", r.status == 200 and len(r.json()["value"]) == 1, r)
+    r = c.req("DELETE", API + "contacts(%s)" % new_id, headers=H)
+    check("DELETE 204", r.status == 204, r)
+    r = c.req("DELETE", API + "contacts(%s)" % new_id, headers=H)
+    check("DELETE again 404", r.status == 404 and r.code() == "0x80040217", r)
+    # chunked request body
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=30)
+    conn.request("POST", API + "contacts", body=iter([b'{"firstname":', b'"Chunk"}']),
+                 headers=dict(H, **{"Content-Type": "application/json"}), encode_chunked=True)
+    rr = conn.getresponse()
+    rr.read()
+    check("chunked body", rr.status == 204, rr.status)
+    conn.close()
+
+    # ---------------------------------------------------------------- activities
+    r = c.req("POST", API + "phonecalls", {
+        "subject": "Call", "phonenumber": "+1 555", "directioncode": True,
+        "regardingobjectid_contact_phonecall@odata.bind": "/contacts(%s)" % cid,
+        "ownerid@odata.bind": "/systemusers(%s)" % ALEX,
+        "phonecall_activity_parties": [
+            {"partyid_contact@odata.bind": "/contacts(%s)" % cid, "participationtypemask": 2},
+            {"partyid_systemuser@odata.bind": "/systemusers(%s)" % ALEX,
+             "participationtypemask": 1}]}, H)
+    check("create phonecall", r.status == 204, r)
+    pc = r.headers.get("odata-entityid", "(x)").split("(")[1][:-1]
+    r = c.req("GET", API + "phonecalls(%s)?$select=subject,_regardingobjectid_value,statecode"
+              "&$expand=phonecall_activity_parties($select=participationtypemask)" % pc,
+              headers=H)
+    j = r.json()
+    parties = j.get("phonecall_activity_parties", [])
+    check("phonecall read with parties", r.status == 200 and
+          j["_regardingobjectid_value"] == cid and
+          j["_regardingobjectid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] == "contact"
+          and j["statecode"] == 0 and len(parties) == 2 and
+          {p["participationtypemask"] for p in parties} == {1, 2} and
+          parties[0]["_partyid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] == "contact", j)
+    r = c.req("POST", API + "tasks", {"subject": "T", "prioritycode": 2,
+                                      "regardingobjectid_contact@odata.bind":
+                                      "/contacts(%s)" % cid}, H)
+    check("create task (unsuffixed regarding)", r.status == 204, r)
+    bad("activity statecode on create", {"subject": "x", "statecode": 1}, 400, "0x80048d19",
+        "statecode", "POST", "phonecalls")
+    bad("subject too long", {"subject": "s" * 201}, 400, "0x80044331", "subject", "POST",
+        "phonecalls")
+    bad("party missing target", {"subject": "x", "phonecall_activity_parties": [
+        {"partyid_contact@odata.bind": "/contacts(%s)" % missing, "participationtypemask": 2}]},
+        400, "0x80040217", missing, "POST", "phonecalls")
+    bad("regarding wrong entity suffix", {"subject": "x",
+                                          "regardingobjectid_contact_task@odata.bind":
+                                          "/contacts(%s)" % cid}, 400, "0x80060888", None,
+        "POST", "phonecalls")
+    bad("invalid state pair", {"statecode": 1, "statuscode": 5}, 400, "0x80040203",
+        "is not a valid status code for state code", "PATCH", "phonecalls(%s)" % pc)
+    r = c.req("PATCH", API + "phonecalls(%s)" % pc, {"statecode": 1, "statuscode": 2}, H)
+    check("complete phonecall", r.status == 204, r)
+    bad("closed activity rejects edits", {"subject": "changed"}, 400, "0x80040215", None,
+        "PATCH", "phonecalls(%s)" % pc)
+    r = c.req("POST", API + "new_pageviews", {"subject": "Visit", "new_url": "https://x/y",
+                                              "regardingobjectid_contact_new_pageview"
+                                              "@odata.bind": "/contacts(%s)" % cid}, H)
+    check("custom activity new_pageview", r.status == 204, r)
+
+    # ---------------------------------------------------------------- metadata
+    r = c.req("GET", API + "EntityDefinitions(LogicalName='contact')/Attributes?$select="
+              "LogicalName,AttributeType,IsValidForCreate,IsValidForUpdate,DisplayName",
+              headers=H)
+    attrs = {x["LogicalName"]: x for x in r.json().get("value", [])} if r.status == 200 else {}
+    check("contact attributes metadata", r.status == 200 and
+          attrs["firstname"]["AttributeType"] == "String" and
+          attrs["firstname"]["DisplayName"]["UserLocalizedLabel"]["Label"] == "First Name" and
+          attrs["fullname"]["IsValidForCreate"] is False and
+          attrs["parentcustomerid"]["Targets"] == ["account", "contact"] and
+          attrs["contactid"]["IsValidForUpdate"] is False and "MaxLength" not in attrs["firstname"],
+          r)
+    r = c.req("GET", API + "EntityDefinitions?$select=LogicalName,EntitySetName&$filter=" +
+              quote("IsActivity eq true"), headers=H)
+    names = {x["LogicalName"]: x["EntitySetName"] for x in r.json()["value"]}
+    check("activity entities", names == {"phonecall": "phonecalls", "email": "emails",
+                                         "task": "tasks", "appointment": "appointments",
+                                         "new_pageview": "new_pageviews"}, names)
+    r = c.req("GET", API + "EntityDefinitions(LogicalName='contact')", headers=H)
+    check("entity definition", r.json().get("ChangeTrackingEnabled") is True and
+          r.json().get("PrimaryIdAttribute") == "contactid", r)
+    r = c.req("GET", API + "EntityDefinitions(LogicalName='nosuch')", headers=H)
+    check("unknown entity definition 404", r.status == 404, r)
+    r = c.req("GET", API + "EntityDefinitions(LogicalName='contact')/Attributes(LogicalName="
+              "'gendercode')/Microsoft.Dynamics.CRM.PicklistAttributeMetadata?$select="
+              "LogicalName&$expand=OptionSet", headers=H)
+    opts = r.json().get("OptionSet", {}).get("Options", [])
+    check("picklist options", [(o["Value"], o["Label"]["UserLocalizedLabel"]["Label"])
+                               for o in opts] == [(1, "Male"), (2, "Female")], r)
+    r = c.req("GET", API + "EntityDefinitions(LogicalName='phonecall')/Attributes(LogicalName="
+              "'statuscode')/Microsoft.Dynamics.CRM.StatusAttributeMetadata?$expand=OptionSet",
+              headers=H)
+    opts = r.json().get("OptionSet", {}).get("Options", [])
+    check("status options carry State", any(o["Value"] == 2 and o["State"] == 1 for o in opts),
+          r)
+    r = c.req("GET", API + "EntityDefinitions(LogicalName='task')/Attributes(LogicalName="
+              "'statecode')/Microsoft.Dynamics.CRM.StateAttributeMetadata?$expand=OptionSet",
+              headers=H)
+    opts = r.json().get("OptionSet", {}).get("Options", [])
+    check("state options", any(o["Value"] == 1 and o["DefaultStatus"] == 5 for o in opts), r)
+
+    # ---------------------------------------------------------------- $batch
+    B = "batch_" + uuid.uuid4().hex
+    ids3 = [str(uuid.uuid4()) for _ in range(3)]
+    body = batch_body(B, [op("PATCH", API + "contacts(%s)" % i, {"firstname": "B%d" % n})
+                          for n, i in enumerate(ids3)])
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed;boundary=" + B}))
+    st, text = parse_batch_response(r)
+    check("batch CRLF 3 upserts", r.status == 200 and st == [204, 204, 204] and
+          "OData-EntityId: http://127.0.0.1:%d/api/data/v9.2/contacts(%s)" % (sim.port, ids3[0])
+          in text and r.headers.get("content-type", "").startswith(
+              "multipart/mixed; boundary=batchresponse_"), r)
+    rows = {x["contactid"] for x in sim.control("GET", "rows/contact")["value"]}
+    check("batch rows stored", set(ids3) <= rows)
+    body_lf = batch_body(B, [op("PATCH", API + "contacts(%s)" % ids3[0], {"firstname": "L"},
+                                nl="\n")], nl="\n")
+    r = c.req("POST", API + "$batch", body_lf, dict(H, **{
+        "Content-Type": 'multipart/mixed; boundary="%s"' % B}))
+    check("batch LF 400", r.status == 400 and r.msg() == "Stream was not readable.", r)
+    # full URL, relative URL and GET
+    body = batch_body(B, [op("GET", "http://127.0.0.1:%d%scontacts(%s)?$select=firstname"
+                             % (sim.port, API, ids3[0])),
+                          op("GET", "contacts(%s)?$select=firstname" % ids3[1])])
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    st, text = parse_batch_response(r)
+    check("batch GET full & relative URL", st == [200, 200] and '"firstname":"B0"' in text and
+          '"firstname":"B1"' in text, r)
+    # change set with Content-ID reference
+    CS = "changeset_" + uuid.uuid4().hex
+    body = batch_body(B, [("cs", CS, [op("POST", API + "contacts", {"firstname": "CS1"}),
+                                      op("PATCH", "$1", {"lastname": "Ref"}),
+                                      op("POST", API + "tasks", {
+                                          "subject": "t",
+                                          "regardingobjectid_contact_task@odata.bind": "$1"})])])
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    st, text = parse_batch_response(r)
+    check("changeset with $1", st == [204, 204, 204] and "changesetresponse_" in text and
+          "Content-ID: 1" in text, r)
+    cs_rows = [x for x in sim.control("GET", "rows/contact")["value"] if x["firstname"] == "CS1"]
+    check("changeset $1 applied", len(cs_rows) == 1 and cs_rows[0]["lastname"] == "Ref", cs_rows)
+    # failing change set rolls back
+    fid = str(uuid.uuid4())
+    body = batch_body(B, [("cs", CS, [op("PATCH", API + "contacts(%s)" % fid, {"firstname": "RB"}),
+                                      op("PATCH", API + "contacts(%s)" % cid, {"nosuch": 1})])])
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    st, text = parse_batch_response(r)
+    rows = {x["contactid"] for x in sim.control("GET", "rows/contact")["value"]}
+    check("changeset failure atomic", st == [400] and fid not in rows and "0x80060888" in text,
+          (st, text[:300]))
+    # continue-on-error
+    parts = [op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()), {"firstname": "A"}),
+             op("PATCH", API + "contacts(%s)" % cid, {"nosuch": 1}),
+             op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()), {"firstname": "C"})]
+    body = batch_body(B, parts)
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    st, _ = parse_batch_response(r)
+    check("batch stops at first failure", st == [204, 400], st)
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B, "Prefer": "odata.continue-on-error"}))
+    st, _ = parse_batch_response(r)
+    check("batch continue-on-error", st == [204, 400, 204] and
+          r.headers.get("preference-applied") == "odata.continue-on-error", (st, r.headers))
+    body = batch_body(B, [("cs", CS, [op("GET", API + "contacts")])])
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    check("GET in changeset 400", r.status == 400, r)
+    body = batch_body(B, [op("GET", "WhoAmI")] * 1001)
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    check("1001 ops 400", r.status == 400, r)
+    # request log for batches
+    reqs = sim.control("GET", "requests?since=0")["requests"]
+    outer = [e for e in reqs if e["path"].endswith("$batch") and e["status"] == 200][-1]
+    inner = [e for e in reqs if e["batch"] == outer["seq"]]
+    check("batch inner ops logged", len(inner) == 3 and all(e["seq"] > outer["seq"]
+                                                            for e in inner) and
+          inner[1]["error_code"] == "0x80060888" and inner[0]["body"] == {"firstname": "A"},
+          inner)
+    check("auth redacted in log", outer["headers"]["authorization"] == "Bearer <token #1>",
+          outer["headers"])
+    tokreq = [e for e in reqs if e["kind"] == "token"][0]
+    check("token log secret hidden", tokreq["body"]["client_secret"] == "***", tokreq)
+
+    # ---------------------------------------------------------------- bulk
+    targets = [{"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": str(uuid.uuid4()),
+                "firstname": "U%d" % i, "emailaddress1": "u%d@example.com" % i}
+               for i in range(1000)]
+    t0 = time.time()
+    r = c.req("POST", API + "contacts/Microsoft.Dynamics.CRM.UpsertMultiple",
+              {"Targets": targets}, H)
+    dt = time.time() - t0
+    check("UpsertMultiple 1000", r.status == 200 and len(r.json()["Ids"]) == 1000 and
+          r.json()["Ids"][0] == targets[0]["contactid"], r)
+    n_before = sim.control("GET", "stats")["rows"]["contact"]
+    bad_t = [dict(t, contactid=str(uuid.uuid4())) for t in targets[:10]]
+    bad_t[5]["numberofchildren"] = "x"
+    r = c.req("POST", API + "contacts/Microsoft.Dynamics.CRM.UpsertMultiple",
+              {"Targets": bad_t}, H)
+    check("UpsertMultiple invalid target", r.status == 400 and "Targets[5]" in r.msg() and
+          sim.control("GET", "stats")["rows"]["contact"] == n_before, r)
+    bad_t = [dict(t, contactid=str(uuid.uuid4())) for t in targets[:10]]
+    bad_t[7]["contactid"] = cid   # existing -> CreateMultiple must fail atomically
+    r = c.req("POST", API + "contacts/Microsoft.Dynamics.CRM.CreateMultiple",
+              {"Targets": bad_t}, H)
+    check("CreateMultiple duplicate rolls back", r.status == 412 and "Targets[7]" in r.msg()
+          and sim.control("GET", "stats")["rows"]["contact"] == n_before, r)
+    r = c.req("POST", API + "contacts/Microsoft.Dynamics.CRM.CreateMultiple",
+              {"Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.contact",
+                            "firstname": "CM"}]}, H)
+    check("CreateMultiple", r.status == 200 and len(r.json()["Ids"]) == 1, r)
+    r = c.req("POST", API + "contacts/Microsoft.Dynamics.CRM.UpdateMultiple",
+              {"Targets": [dict(targets[0], lastname="UM")]}, H)
+    check("UpdateMultiple 204", r.status == 204, r)
+    r = c.req("POST", API + "contacts/Microsoft.Dynamics.CRM.UpsertMultiple",
+              {"Targets": targets + targets[:1]}, H)
+    check("bulk > 1000 400", r.status == 400, r)
+    r = c.req("POST", API + "phonecalls/Microsoft.Dynamics.CRM.CreateMultiple",
+              {"Targets": [{"@odata.type": "Microsoft.Dynamics.CRM.phonecall", "subject": "b"}]},
+              H)
+    check("CreateMultiple activity", r.status == 200, r)
+
+    # ---------------------------------------------------------------- change tracking
+    sim.control("POST", "reset")
+    r = sim.token()
+    tok = r.json()["access_token"]
+    H["Authorization"] = "Bearer " + tok
+    for i in range(5):
+        c.req("POST", API + "contacts", {"firstname": "CT%d" % i, "lastname": "L"}, H)
+    TH = dict(H, Prefer="odata.track-changes,odata.maxpagesize=2")
+    r = c.req("GET", API + "contacts?$select=firstname,lastname", headers=TH)
+    j = r.json()
+    allrows = list(j["value"])
+    check("tracking first page", r.status == 200 and "@odata.nextLink" in j and
+          "@odata.deltaLink" not in j and "odata.track-changes" in
+          r.headers.get("preference-applied", ""), r)
+    while "@odata.nextLink" in j:
+        nl = urlsplit(j["@odata.nextLink"])
+        r = c.req("GET", nl.path + "?" + nl.query, headers=TH)
+        j = r.json()
+        allrows += j["value"]
+    check("tracking baseline complete", len(allrows) == 5 and "@odata.deltaLink" in j and
+          "$deltatoken=" in j["@odata.deltaLink"] and
+          "$select=firstname,lastname" in j["@odata.deltaLink"], j)
+    dl = urlsplit(j["@odata.deltaLink"])
+    first_delta = dl.path + "?" + dl.query
+    ids = [x["contactid"] for x in allrows]
+    sim.control("POST", "rows/contact", {"op": "update", "id": ids[0],
+                                         "values": {"firstname": "Edited"}})
+    r = c.req("GET", first_delta, headers=dict(H, Prefer="odata.track-changes"))
+    j = r.json()
+    check("delta shows edit", r.status == 200 and len(j["value"]) == 1 and
+          j["value"][0]["firstname"] == "Edited" and j["value"][0]["contactid"] == ids[0] and
+          "@odata.deltaLink" in j and "@odata.etag" in j["value"][0], j)
+    dl = urlsplit(j["@odata.deltaLink"])
+    second = dl.path + "?" + dl.query
+    sim.control("POST", "rows/contact", {"op": "delete", "id": ids[1]})
+    created = sim.control("POST", "rows/contact", {"op": "create",
+                                                   "values": {"firstname": "Tmp"}})
+    sim.control("POST", "rows/contact", {"op": "delete", "id": created["contactid"]})
+    sim.control("POST", "rows/contact", {"op": "update", "id": ids[2],
+                                         "values": {"lastname": "Z"}})
+    r = c.req("GET", second, headers=dict(H, Prefer="odata.track-changes"))
+    j = r.json()
+    vals = j.get("value", [])
+    dels = [v for v in vals if v.get("reason") == "deleted"]
+    check("delta deletions", len(vals) == 3 and vals[0].get("contactid") == ids[2] and
+          {d["id"] for d in dels} == {ids[1], created["contactid"]} and
+          dels[0]["@odata.context"].endswith("/$metadata#contacts/$deletedEntity"), vals)
+    r = c.req("GET", API + "contacts?$select=firstname&$filter=firstname eq 'x'".replace(
+        " ", "%20"), headers=dict(H, Prefer="odata.track-changes"))
+    check("track-changes with $filter 400", r.status == 400, r)
+    sim.control("POST", "expire-delta-tokens")
+    r = c.req("GET", second, headers=dict(H, Prefer="odata.track-changes"))
+    check("expired delta token", r.status == 400 and r.code() == "0x80044352", r)
+    r = c.req("GET", API + "contacts?$select=firstname&$deltatoken=garbage",
+              headers=dict(H, Prefer="odata.track-changes"))
+    check("malformed delta token", r.status == 400 and r.code() == "0x80044352", r)
+
+    # ---------------------------------------------------------------- faults
+    sim.control("POST", "faults", {"method": "GET", "path_regex": "WhoAmI", "status": 503,
+                                   "json": {"error": {"code": "0x0", "message": "down"}},
+                                   "headers": {"Retry-After": "1"}, "times": 1, "skip": 1})
+    s1 = c.req("GET", API + "WhoAmI", headers=H).status
+    r2 = c.req("GET", API + "WhoAmI", headers=H)
+    s3 = c.req("GET", API + "WhoAmI", headers=H).status
+    check("fault skip/times", (s1, r2.status, s3) == (200, 503, 200) and
+          r2.headers.get("retry-after") == "1", (s1, r2, s3))
+    f = sim.control("GET", "faults")
+    check("faults listing", f["faults"] == [] and f["exhausted"][0]["fired"] == 1, f)
+    sim.control("POST", "faults", {"path_regex": "WhoAmI", "delay_ms": 300})
+    t0 = time.time()
+    r = c.req("GET", API + "WhoAmI", headers=H)
+    check("fault delay", r.status == 200 and time.time() - t0 >= 0.29, time.time() - t0)
+    sim.control("POST", "faults", {"path_regex": "contacts", "status": 200,
+                                   "body": '{"value": [', "content_type": "application/json"})
+    r = c.req("GET", API + "contacts", headers=H)
+    check("malformed JSON fault", r.status == 200 and r.body == b'{"value": [', r)
+    sim.control("POST", "faults", {"path_regex": "WhoAmI", "drop": True})
+    dropped = False
+    try:
+        c.req("GET", API + "WhoAmI", headers=H, raw=True)
+    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+        dropped = True
+    check("drop fault", dropped)
+    sim.control("POST", "faults", {"method": "PATCH", "path_regex": r"contacts\(",
+                                   "scope": "inner", "status": 500, "times": None})
+    body = batch_body(B, [op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()),
+                             {"firstname": "A"})])
+    r = c.req("POST", API + "$batch", body, dict(H, **{
+        "Content-Type": "multipart/mixed; boundary=" + B}))
+    st, _ = parse_batch_response(r)
+    check("inner fault", r.status == 200 and st == [500], (r, st))
+    sim.control("DELETE", "faults")
+    sim.control("POST", "faults", {"path_regex": "oauth2", "status": 500, "times": 1})
+    r = sim.token()
+    check("token fault", r.status == 500, r)
+    r = sim.token()
+    check("token after fault", r.status == 200, r)
+
+    # ---------------------------------------------------------------- throttling
+    sim.control("POST", "config", {"max_concurrent": 1, "latency_ms": 400})
+    results = []
+
+    def hit():
+        cl = Client("127.0.0.1", sim.port)
+        results.append(cl.req("GET", API + "WhoAmI", headers=H))
+    ts = [threading.Thread(target=hit) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    codes = sorted(x.status for x in results)
+    t429 = [x for x in results if x.status == 429]
+    check("max_concurrent 429", codes.count(200) >= 1 and len(t429) >= 1 and
+          t429[0].headers.get("retry-after") == "1" and t429[0].code() == "0x80072326", codes)
+    sim.control("POST", "config", {"max_concurrent": None, "latency_ms": 0,
+                                   "requests_per_window": 2, "window_s": 5})
+    sts = [c.req("GET", API + "WhoAmI", headers=H) for _ in range(3)]
+    check("requests_per_window 429", [x.status for x in sts] == [200, 200, 429] and
+          sts[2].code() == "0x80072322" and 1 <= int(sts[2].headers.get("retry-after", 0)) <= 5,
+          sts)
+    sim.control("POST", "config", {"requests_per_window": None})
+    sim.control("POST", "config", {"latency_ms": 200, "per_record_ms": 1})
+    t0 = time.time()
+    c.req("GET", API + "WhoAmI", headers=H)
+    check("latency model", time.time() - t0 >= 0.19)
+    sim.control("POST", "config", {"latency_ms": 0, "per_record_ms": 0})
+
+    # ---------------------------------------------------------------- tokens
+    sim.control("POST", "expire-tokens")
+    r = c.req("GET", API + "WhoAmI", headers=H)
+    check("expire-tokens -> 401", r.status == 401, r)
+    sim.control("POST", "config", {"token_lifetime": 1})
+    r = sim.token()
+    check("short token lifetime", r.json()["expires_in"] == 1, r)
+    H["Authorization"] = "Bearer " + r.json()["access_token"]
+    ok1 = c.req("GET", API + "WhoAmI", headers=H).status
+    time.sleep(1.1)
+    ok2 = c.req("GET", API + "WhoAmI", headers=H).status
+    check("token expires", (ok1, ok2) == (200, 401), (ok1, ok2))
+    sim.control("POST", "config", {"token_lifetime": 3599})
+    H["Authorization"] = "Bearer " + sim.token().json()["access_token"]
+    reqs = sim.control("GET", "requests?since=0")["requests"]
+    toks = {e["headers"].get("authorization") for e in reqs if e["kind"] == "api"}
+    check("distinct tokens countable", {"Bearer <token #1>", "Bearer <token #3>"} <= toks and
+          "Bearer <token #2>" not in toks, toks)
+
+    # ---------------------------------------------------------------- simctl --copy
+    c.req("POST", API + "contacts", {"firstname": "Back\\slash", "lastname": "Ünï \"q\"\ttab"},
+          H)
+    env = dict(os.environ, D365_SIM_URL=sim.url)
+    out = subprocess.run([SIMCTL, "requests", "--copy", "--kind", "api"], env=env,
+                         capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    ok = out.returncode == 0 and lines
+    parsed = []
+    for ln in lines:
+        # COPY text format: \\ -> \ ; everything else in ensure_ascii JSON is literal
+        parsed.append(json.loads(ln.replace("\\\\", "\\")))
+    last = parsed[-1] if parsed else {}
+    check("simctl requests --copy", ok and all(ord(ch) < 128 for ch in out.stdout) and
+          last.get("body", {}).get("firstname") == "Back\\slash" and
+          last["body"]["lastname"] == "Ünï \"q\"\ttab", out.stdout[-400:] + out.stderr)
+    out = subprocess.run([SIMCTL, "last-seq"], env=env, capture_output=True, text=True)
+    check("simctl last-seq", out.returncode == 0 and int(out.stdout) >= last.get("seq", 0), out)
+    out = subprocess.run([SIMCTL, "edit", "contact", '{"op":"update","id":"%s","values":{}}'
+                          % missing], env=env, capture_output=True, text=True)
+    check("simctl error exit", out.returncode != 0 and "404" in out.stderr, out)
+    out = subprocess.run([SIMCTL, "rows", "systemuser"], env=env, capture_output=True, text=True)
+    check("simctl rows", out.returncode == 0 and len(json.loads(out.stdout)["value"]) == 3, out)
+
+    # ---------------------------------------------------------------- https
+    if sim.https_port:
+        hc = Client("127.0.0.1", sim.https_port, https=True, cafile=sim.cert)
+        r = hc.req("POST", "/%s/oauth2/v2.0/token" % TENANT,
+                   token_form(scope="https://127.0.0.1:%d/.default" % sim.https_port),
+                   {"Content-Type": "application/x-www-form-urlencoded"})
+        check("https token", r.status == 200, r)
+        ht = r.json().get("access_token", "")
+        r = hc.req("GET", API + "WhoAmI", headers={"Authorization": "Bearer " + ht})
+        check("https WhoAmI", r.status == 200, r)
+        r = c.req("GET", API + "WhoAmI", headers={"Authorization": "Bearer " + ht})
+        check("token audience enforced (https token on http)", r.status == 401, r)
+        if shutil.which("curl"):
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                  "--cacert", sim.cert, "-H", "Authorization: Bearer " + ht,
+                                  "https://127.0.0.1:%d%sWhoAmI" % (sim.https_port, API)],
+                                 capture_output=True, text=True)
+            check("curl --cacert https", out.stdout == "200", out)
+        reqs = sim.control("GET", "requests?since=0")["requests"]
+        check("scheme logged", any(e["scheme"] == "https" for e in reqs))
+
+    # ---------------------------------------------------------------- reset
+    sim.control("POST", "reset")
+    st = sim.control("GET", "stats")
+    check("reset", st["rows"]["contact"] == 0 and st["rows"]["systemuser"] == 3 and
+          st["rows"]["account"] == 2 and st["rows"]["team"] == 2 and
+          sim.control("GET", "requests?since=0")["requests"] == [], st)
+
+    # ---------------------------------------------------------------- throughput
+    H["Authorization"] = "Bearer " + sim.token().json()["access_token"]
+    n = a.bench or 2
+    bodies = []
+    for b in range(n):
+        parts = [op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()),
+                    {"firstname": "F%d" % i, "lastname": "L%d" % b,
+                     "emailaddress1": "p%d.%d@example.com" % (b, i), "numberofchildren": i % 5,
+                     "birthdate": "1980-01-01"}) for i in range(1000)]
+        bodies.append(batch_body(B, parts).encode())
+    t0 = time.time()
+    okb = True
+    for body in bodies:
+        r = c.req("POST", API + "$batch", body, dict(H, **{
+            "Content-Type": "multipart/mixed; boundary=" + B}))
+        okb = okb and r.status == 200 and r.body.count(b"HTTP/1.1 204") == 1000
+    dt = time.time() - t0
+    check("batch of 1000 upserts x%d" % n, okb and
+          sim.control("GET", "stats")["rows"]["contact"] == n * 1000)
+    print("throughput: %d upserts in %d $batch requests: %.2f s, %.0f ops/s" % (
+        n * 1000, n, dt, n * 1000 / dt))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+/*-------------------------------------------------------------------------
+ *
+ * contact_sync.c
+ *	  Outgoing contact sync: a thin engine on the pipeline.
+ *
+ * The select and map stages are d365._contact_work_sql() (the mapped
+ * columns become the JSON body; a linked contact sends only what differs
+ * from the synced snapshot), the record stage is d365._contact_record()
+ * (link columns, state, back-off), both in sql/d365sync.sql.  This file
+ * wires them to the pipeline and exposes the SQL functions:
+ *
+ *	 d365_sync_contacts()		the scheduled job (skips when disabled or
+ *								when another run holds the job's lock)
+ *	 d365_sync_contact(key)		"Import to Dynamics 365": one contact, now,
+ *								whatever its score; raises on failure
+ *
+ * Creation is an upsert (PATCH contacts(<id>) without If-Match) on an id
+ * derived from the installation and the key, so no failure or retry can
+ * make a second Dynamics contact; updates carry If-Match: * so they never
+ * re-create a contact deleted in Dynamics (404: unlinked and reported).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/lsyscache.h"
+#include "utils/uuid.h"
+
+#include "pipeline.h"
+
+PG_FUNCTION_INFO_V1(d365_sync_contacts);
+PG_FUNCTION_INFO_V1(d365_sync_contact);
+
+/*
+ * contacts_body
+ *		The scheduled run: nothing when contact sync is disabled, else every
+ *		qualifying or changed contact through the pipeline.
+ */
+static void
+contacts_body(D365Run *run, void *arg)
+{
+	D365Settings *settings = d365_settings_load();
+	char	   *work_sql;
+
+	if (!settings->contact_sync_enabled || settings->min_score <= 0)
+	{
+		run->message = psprintf("contact sync is disabled (contact_sync_enabled = %s, min_score = %d)",
+								settings->contact_sync_enabled ? "true" : "false",
+								settings->min_score);
+		return;
+	}
+	work_sql = d365_sql_text("SELECT d365._contact_work_sql(true)", 0, NULL, NULL);
+	d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._contact_record");
+}
+
+/*
+ * d365_sync_contacts() -> (created, updated, unchanged, failed, unlinked,
+ *							requests)
+ */
+Datum
+d365_sync_contacts(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	D365Run		run;
+	Datum		values[6];
+	bool		nulls[6] = {false};
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	d365_run_init(&run, "contacts");
+	(void) d365_run_execute(&run, "d365-contact-sync", contacts_body, NULL);
+
+	values[0] = Int32GetDatum((int32) run.counts.created);
+	values[1] = Int32GetDatum((int32) run.counts.updated);
+	values[2] = Int32GetDatum((int32) run.counts.unchanged);
+	values[3] = Int32GetDatum((int32) run.counts.failed);
+	values[4] = Int32GetDatum((int32) run.counts.unlinked);
+	values[5] = Int32GetDatum(run.client ? (int32) run.client->requests : 0);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+}
+
+/*
+ * d365_sync_contact(contact_key anyelement) -> uuid
+ *		Create or update one contact now.  The key may be of any type whose
+ *		text form equals the key column's.  Raises the Dynamics error when
+ *		the request fails (the contact stays pending for the scheduled job);
+ *		when the contact turns out to be deleted in Dynamics it is unlinked,
+ *		a WARNING says so and NULL is returned.
+ */
+Datum
+d365_sync_contact(PG_FUNCTION_ARGS)
+{
+	Oid			argtype = get_fn_expr_argtype(fcinfo->flinfo, 0);
+	Oid			outfunc;
+	bool		isvarlena;
+	char	   *key;
+	D365Run		run;
+	char	   *work_sql;
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+	char	   *linked;
+	Datum		result;
+
+	if (!OidIsValid(argtype))
+		elog(ERROR, "could not determine the type of the contact key");
+	getTypeOutputInfo(argtype, &outfunc, &isvarlena);
+	key = OidOutputFunctionCall(outfunc, PG_GETARG_DATUM(0));
+	args[0] = CStringGetTextDatum(key);
+
+	d365_run_init(&run, "contact");
+	SPI_connect();
+	work_sql = d365_sql_text("SELECT d365._contact_work_sql(false)", 0, NULL, NULL);
+	d365_pipeline_process(&run, work_sql, 1, types, args, "d365._contact_record");
+
+	if (run.items == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("contact %s does not exist", key),
+				 errhint("The key is looked up in the table registered by d365_attach_contacts().")));
+	if (run.counts.unlinked > 0)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_WARNING),
+				 errmsg("contact %s was deleted in Dynamics 365 and has been unlinked", key),
+				 errhint("Call d365_sync_contact() again to create it anew.")));
+		SPI_finish();
+		PG_RETURN_NULL();
+	}
+	if (run.counts.failed > 0 && run.first_failure != NULL)
+		d365_op_report(run.first_failure->op, ERROR);
+
+	linked = d365_sql_text("SELECT d365._contact_link($1)", 1, types, args);
+	SPI_finish();
+	if (linked == NULL)
+		PG_RETURN_NULL();
+	result = DirectFunctionCall1(uuid_in, CStringGetDatum(linked));
+	PG_RETURN_DATUM(result);
+}

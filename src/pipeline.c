@@ -1,0 +1,423 @@
+/*-------------------------------------------------------------------------
+ *
+ * pipeline.c
+ *	  select -> map -> send -> record: the loop every sync engine runs.
+ *
+ * An engine supplies two pieces of SQL:
+ *
+ *	 work query	  one row per item: (item_key text, method text, path text,
+ *				  body text, headers text, context text).  Mapping happens
+ *				  in the query: body is the JSON to send, built from the
+ *				  item's row.  method NULL means "nothing to send".
+ *				  headers holds extra header lines separated by newlines.
+ *				  context is handed back to the record function untouched.
+ *
+ *	 record function  fn(item_keys text[], contexts text[], statuses int[],
+ *				  error_codes text[], error_messages text[]) returning
+ *				  (created, updated, unchanged, failed, unlinked) for the
+ *				  chunk; it writes link columns, state, errors, back-off.
+ *
+ * d365_pipeline_process() streams the work query through a cursor in chunks
+ * of d365sync.batch_size rows, sends each chunk's requests with
+ * d365_client_execute() (parallel, retried, throttled there), then records
+ * the chunk with one call of the record function.  Memory is reset per
+ * chunk, so it does not grow with the number of items.
+ *
+ * d365_run_execute() wraps an engine's body for the scheduled jobs: it
+ * takes a transaction-level advisory lock (a second run of the same job
+ * skips instead of duplicating work), runs the body in a subtransaction so
+ * that a failure (no token, a dropped mapping) is recorded in d365.sync_run
+ * and reported as a WARNING instead of being lost with the transaction, and
+ * re-throws cancels and timeouts so they keep their SQLSTATE.  Remote
+ * effects of a rolled-back run are harmless: creates are upserts on ids
+ * chosen locally, and the items simply stay pending.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+
+#include "d365sync.h"
+#include "pipeline.h"
+
+/*
+ * d365_run_init
+ *		Start a run of the given kind (d365.sync_run.kind).
+ */
+void
+d365_run_init(D365Run *run, const char *kind)
+{
+	memset(run, 0, sizeof(D365Run));
+	run->kind = kind;
+	run->started = GetCurrentTimestamp();
+	run->cxt = CurrentMemoryContext;
+}
+
+/*
+ * d365_run_client
+ *		The run's OData client, opened on first use so that a run with
+ *		nothing to send needs neither credentials nor a token.
+ */
+D365Client *
+d365_run_client(D365Run *run)
+{
+	if (run->client == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(run->cxt);
+
+		run->client = d365_client_open();
+		MemoryContextSwitchTo(old);
+	}
+	return run->client;
+}
+
+/*
+ * d365_sql_text
+ *		Run a query returning one text value (NULL allowed); the result is
+ *		palloc'd in the caller's context.  Requires an SPI connection.
+ */
+char *
+d365_sql_text(const char *query, int nargs, Oid *argtypes, Datum *args)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	int			rc;
+	char	   *v;
+
+	rc = SPI_execute_with_args(query, nargs, argtypes, args, NULL, false, 1);
+	if (rc < 0 || SPI_processed != 1)
+		elog(ERROR, "query did not return one row: %s", query);
+	v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	return v ? MemoryContextStrdup(caller, v) : NULL;
+}
+
+static Datum
+text_array(char **values, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	bool	   *nulls = palloc(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = (values[i] == NULL);
+		elems[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum(values[i]);
+	}
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs,
+											  TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+static Datum
+int_array(int *values, bool *isnull, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	int			i;
+
+	for (i = 0; i < n; i++)
+		elems[i] = Int32GetDatum(values[i]);
+	return PointerGetDatum(construct_md_array(elems, isnull, 1, dims, lbs,
+											  INT4OID, 4, true, TYPALIGN_INT));
+}
+
+/*
+ * remember_failure
+ *		Keep the run's first failed request, copied into the run's context.
+ */
+static void
+remember_failure(D365Run *run, const char *item_key, D365Op *op)
+{
+	MemoryContext old;
+	D365Op	   *copy;
+
+	if (run->first_failure != NULL)
+		return;
+	old = MemoryContextSwitchTo(run->cxt);
+	copy = palloc0(sizeof(D365Op));
+	copy->method = pstrdup(op->method);
+	copy->path = op->http ? pstrdup(op->http->url) : pstrdup(op->path);
+	copy->status = op->status;
+	copy->transport_failure = op->transport_failure;
+	copy->error_code = op->error_code ? pstrdup(op->error_code) : NULL;
+	copy->error_message = op->error_message ? pstrdup(op->error_message) : NULL;
+	run->first_failure = palloc0(sizeof(D365Failure));
+	run->first_failure->item_key = pstrdup(item_key);
+	run->first_failure->op = copy;
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * d365_pipeline_process
+ *		Stream work_sql (with its arguments) in chunks; send and record each
+ *		chunk as described at the top of this file.  Adds to run->counts.
+ *		Requires an SPI connection.  Raises only for interrupts and
+ *		failures that are not an item's own (token, SQL errors).
+ */
+void
+d365_pipeline_process(D365Run *run, const char *work_sql,
+					  int nargs, Oid *argtypes, Datum *args,
+					  const char *record_fn)
+{
+	Portal		portal;
+	MemoryContext chunk_cxt;
+	MemoryContext old;
+	char	   *record_sql;
+
+	record_sql = psprintf("SELECT created, updated, unchanged, failed, unlinked"
+						  " FROM %s($1, $2, $3, $4, $5)", record_fn);
+	portal = SPI_cursor_open_with_args(NULL, work_sql, nargs, argtypes, args,
+									   NULL, false, CURSOR_OPT_NO_SCROLL);
+	chunk_cxt = AllocSetContextCreate(CurrentMemoryContext, "d365sync pipeline chunk",
+									  ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		SPITupleTable *work;
+		int			n;
+		int			nops = 0;
+		D365Op	  **ops;
+		int		   *op_item;
+		char	  **keys;
+		char	  **contexts;
+		int		   *statuses;
+		bool	   *status_null;
+		char	  **codes;
+		char	  **messages;
+		Datum		rargs[5];
+		Oid			rtypes[5] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+		TEXTARRAYOID, TEXTARRAYOID};
+		int			i;
+		int			rc;
+
+		CHECK_FOR_INTERRUPTS();
+		SPI_cursor_fetch(portal, true, d365_batch_size);
+		if (SPI_processed == 0)
+			break;
+		work = SPI_tuptable;
+		n = (int) SPI_processed;
+		run->items += n;
+
+		old = MemoryContextSwitchTo(chunk_cxt);
+		ops = palloc(sizeof(D365Op *) * n);
+		op_item = palloc(sizeof(int) * n);
+		keys = palloc0(sizeof(char *) * n);
+		contexts = palloc0(sizeof(char *) * n);
+		statuses = palloc0(sizeof(int) * n);
+		status_null = palloc(sizeof(bool) * n);
+		codes = palloc0(sizeof(char *) * n);
+		messages = palloc0(sizeof(char *) * n);
+
+		/* build the requests */
+		for (i = 0; i < n; i++)
+		{
+			HeapTuple	tup = work->vals[i];
+			TupleDesc	desc = work->tupdesc;
+			char	   *method = SPI_getvalue(tup, desc, 2);
+			char	   *headers;
+
+			keys[i] = SPI_getvalue(tup, desc, 1);
+			contexts[i] = SPI_getvalue(tup, desc, 6);
+			status_null[i] = true;
+			if (method == NULL)
+				continue;
+			ops[nops] = d365_op_make(method, SPI_getvalue(tup, desc, 3),
+									 SPI_getvalue(tup, desc, 4));
+			headers = SPI_getvalue(tup, desc, 5);
+			if (headers != NULL)
+			{
+				char	   *line;
+				char	   *save = NULL;
+
+				for (line = strtok_r(headers, "\n", &save); line != NULL;
+					 line = strtok_r(NULL, "\n", &save))
+					ops[nops]->headers = lappend(ops[nops]->headers, line);
+			}
+			op_item[nops++] = i;
+		}
+
+		/* send them */
+		if (nops > 0)
+			d365_client_execute(d365_run_client(run), ops, nops);
+
+		for (i = 0; i < nops; i++)
+		{
+			D365Op	   *op = ops[i];
+			int			k = op_item[i];
+
+			statuses[k] = op->status;
+			status_null[k] = false;
+			if (!op->ok)
+			{
+				codes[k] = op->error_code;
+				messages[k] = op->transport_failure
+					? psprintf("could not reach Dynamics 365: %s", op->error_message)
+					: op->error_message;
+				remember_failure(run, keys[k], op);
+			}
+		}
+
+		/* record the outcomes */
+		rargs[0] = text_array(keys, n);
+		rargs[1] = text_array(contexts, n);
+		rargs[2] = int_array(statuses, status_null, n);
+		rargs[3] = text_array(codes, n);
+		rargs[4] = text_array(messages, n);
+		rc = SPI_execute_with_args(record_sql, 5, rtypes, rargs, NULL, false, 1);
+		if (rc != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "%s did not return its counts", record_fn);
+		else
+		{
+			HeapTuple	tup = SPI_tuptable->vals[0];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			int64	   *dest[5] = {&run->counts.created, &run->counts.updated,
+				&run->counts.unchanged, &run->counts.failed,
+			&run->counts.unlinked};
+			int			c;
+
+			for (c = 0; c < 5; c++)
+			{
+				bool		isnull;
+				Datum		d = SPI_getbinval(tup, desc, c + 1, &isnull);
+
+				if (!isnull)
+					*dest[c] += DatumGetInt32(d);
+			}
+		}
+		SPI_freetuptable(SPI_tuptable);
+		SPI_freetuptable(work);
+
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(chunk_cxt);
+	}
+
+	SPI_cursor_close(portal);
+	MemoryContextDelete(chunk_cxt);
+}
+
+/*
+ * d365_run_record
+ *		Insert the run into d365.sync_run.  Requires an SPI connection.
+ */
+void
+d365_run_record(D365Run *run)
+{
+	Oid			types[10] = {TEXTOID, TIMESTAMPTZOID, INT4OID, INT4OID, INT4OID,
+	INT4OID, INT4OID, INT4OID, INT4OID, TEXTOID};
+	Datum		values[10];
+	char		nulls[11] = "          ";
+	D365Client *c = run->client;
+
+	values[0] = CStringGetTextDatum(run->kind);
+	values[1] = TimestampTzGetDatum(run->started);
+	values[2] = Int32GetDatum((int32) run->counts.created);
+	values[3] = Int32GetDatum((int32) run->counts.updated);
+	values[4] = Int32GetDatum((int32) run->counts.unchanged);
+	values[5] = Int32GetDatum((int32) run->counts.failed);
+	values[6] = Int32GetDatum((int32) run->counts.unlinked);
+	values[7] = Int32GetDatum(c ? (int32) c->requests : 0);
+	values[8] = Int32GetDatum(c ? (int32) c->throttled : 0);
+	if (run->message)
+		values[9] = CStringGetTextDatum(run->message);
+	else
+		nulls[9] = 'n';
+
+	if (SPI_execute_with_args("INSERT INTO d365.sync_run (kind, started_at, created, updated,"
+							  " unchanged, failed, unlinked, requests, throttled, message)"
+							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+							  10, types, values, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not record the run in d365.sync_run");
+}
+
+static bool
+is_interrupt(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_QUERY_CANCELED ||
+		sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
+		sqlerrcode == ERRCODE_CRASH_SHUTDOWN ||
+		sqlerrcode == ERRCODE_IDLE_IN_TRANSACTION_SESSION_TIMEOUT;
+}
+
+/*
+ * d365_run_execute
+ *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
+ *		NULL and another transaction holds that job's lock, the run is
+ *		skipped (recorded with a message) and false is returned.  An error
+ *		in the body rolls back the body's work, is reported as a WARNING and
+ *		recorded in the run's message; cancels and timeouts are re-thrown.
+ *		The run is recorded in d365.sync_run.  Connects to SPI itself.
+ */
+bool
+d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *arg)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool completed = true;
+
+	SPI_connect();
+
+	if (lock_name != NULL)
+	{
+		Oid			argtypes[1] = {TEXTOID};
+		Datum		args[1] = {CStringGetTextDatum(lock_name)};
+		char	   *got;
+
+		got = d365_sql_text("SELECT pg_try_advisory_xact_lock(2143281613, hashtext($1))",
+							1, argtypes, args);
+		if (strcmp(got, "t") != 0)
+		{
+			run->message = psprintf("skipped: another %s run is in progress", run->kind);
+			d365_run_record(run);
+			SPI_finish();
+			return false;
+		}
+	}
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		body(run, arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+
+		if (is_interrupt(edata->sqlerrcode))
+			ReThrowError(edata);
+
+		/* the body's recorded outcomes were rolled back with it */
+		memset(&run->counts, 0, sizeof(run->counts));
+		run->message = psprintf("failed: %s", edata->message);
+		completed = false;
+
+		/* report the error as it was, at WARNING */
+		edata->elevel = WARNING;
+		ThrowErrorData(edata);
+	}
+	PG_END_TRY();
+
+	d365_run_record(run);
+	SPI_finish();
+	return completed;
+}
