@@ -413,15 +413,18 @@ BEGIN
                   HINT = 'Call d365_detach_contacts() first.';
     END IF;
 
-    EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS dynamics365_related_id uuid,'
-                   ' ADD COLUMN IF NOT EXISTS dynamics365_synchronized_on timestamptz',
-                   contact_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture ON %s', contact_table);
-    EXECUTE format('CREATE TRIGGER d365_capture AFTER INSERT OR DELETE ON %s'
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_related_id' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_related_id uuid', contact_table);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
+    END IF;
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture AFTER INSERT OR DELETE ON %s'
                    ' FOR EACH ROW EXECUTE FUNCTION d365._contact_capture(%L)',
                    contact_table, key_column);
-    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture_update ON %s', contact_table);
-    EXECUTE format('CREATE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
                    ' WHEN ((to_jsonb(OLD) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[])'
                    ' IS DISTINCT FROM (to_jsonb(NEW) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[]))'
                    ' EXECUTE FUNCTION d365._contact_capture(%L)',
@@ -954,7 +957,8 @@ BEGIN
     item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
     item := 'contact sync enabled';
     value := format('%s (contact_sync_enabled = %s, min_score = %s)',
-                    s.contact_sync_enabled AND s.min_score > 0, s.contact_sync_enabled, s.min_score);
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
     RETURN NEXT;
     item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
     item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
@@ -1003,7 +1007,7 @@ BEGIN
         RETURN NEXT;
     END IF;
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
-     WHERE sr.message IS NOT NULL AND sr.message NOT LIKE 'skipped%'
+     WHERE sr.message LIKE 'failed:%'
      ORDER BY sr.id DESC LIMIT 1;
     IF FOUND THEN
         item := 'last run error';
@@ -1029,7 +1033,7 @@ DECLARE
                            ['d365-pull-changes', pull, 'SELECT d365.d365_pull_changes()', 'd365.d365_pull_changes()']];
     i integer;
 BEGIN
-    IF to_regproc('cron.schedule') IS NULL THEN
+    IF to_regclass('cron.job') IS NULL THEN
         RAISE EXCEPTION 'pg_cron is not installed in this database'
             USING ERRCODE = 'undefined_object',
                   HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
