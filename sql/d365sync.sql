@@ -707,8 +707,10 @@ COMMENT ON FUNCTION d365.d365_owners() IS
 
 /*
  * The work query of a contact sync: one row per contact to consider, with
- * the request to send (method NULL when none is needed) and a context that
- * d365._contact_record() gets back.  The map stage is here: the mapped
+ * the request to send (none when nothing changed) and a context that
+ * d365._contact_record() gets back.  A create is an upsert on the id the
+ * contact will have (no If-Match); an update carries If-Match: * so that it
+ * never re-creates a contact deleted in Dynamics.  The map stage is here: the mapped
  * columns become one jsonb object converted as SPEC section 2 says, and for
  * a linked contact the body is the part of it that differs from the synced
  * snapshot (a NULL clears the Dynamics value).
@@ -774,10 +776,14 @@ BEGIN
 
     RETURN format($q$
         SELECT w.item_key,
-               CASE WHEN w.body IS NULL THEN NULL ELSE 'PATCH' END AS method,
-               'contacts(' || w.dynamics_id || ')' AS path,
-               w.body::text AS body,
-               CASE WHEN w.linked THEN 'If-Match: *' END AS headers,
+               CASE WHEN w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
                jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,

@@ -5,15 +5,19 @@
  *
  * An engine supplies two pieces of SQL:
  *
- *	 work query	  one row per item: (item_key text, method text, path text,
- *				  body text, headers text, context text).  Mapping happens
- *				  in the query: body is the JSON to send, built from the
- *				  item's row.  method NULL means "nothing to send".
- *				  headers holds extra header lines separated by newlines.
- *				  context is handed back to the record function untouched.
+ *	 work query	  one row per item: (item_key text, requests text, context
+ *				  text).  Mapping happens in the query: requests is a JSON
+ *				  array of the requests the item needs, in order, each
+ *				  {"method", "path", "body" (JSON text), "headers": [...],
+ *				  "ok": [extra statuses that count as success]}; an empty
+ *				  array means "nothing to send".  A request is sent only
+ *				  when the one before it succeeded.  context is handed
+ *				  back to the record function untouched.
  *
  *	 record function  fn(item_keys text[], contexts text[], statuses int[],
- *				  error_codes text[], error_messages text[]) returning
+ *				  error_codes text[], error_messages text[]) -- the status
+ *				  of each item's last request (NULL when it sent none) and
+ *				  the failure, if one stopped it -- returning
  *				  (created, updated, unchanged, failed, unlinked) for the
  *				  chunk; it writes link columns, state, errors, back-off.
  *
@@ -157,6 +161,116 @@ remember_failure(D365Run *run, const char *item_key, D365Op *op)
 	MemoryContextSwitchTo(old);
 }
 
+/* One item of a chunk while its requests are sent. */
+typedef struct PipelineItem
+{
+	char	   *key;
+	char	   *context;
+	json_t	   *requests;		/* JSON array of request objects */
+	size_t		step;			/* next request to send */
+	bool		failed;
+	bool		sent;			/* at least one request was sent */
+	int			status;			/* of the last request sent */
+	char	   *error_code;
+	char	   *error_message;
+} PipelineItem;
+
+/*
+ * op_from_request
+ *		An operation from one element of an item's "requests" array:
+ *		{"method", "path", "body" (JSON text or null), "headers": [...],
+ *		 "ok": [statuses that count as success besides 2xx]}.
+ */
+static D365Op *
+op_from_request(json_t *req, const char *key)
+{
+	const char *method = d365_json_str(req, "method");
+	const char *path = d365_json_str(req, "path");
+	json_t	   *headers = json_object_get(req, "headers");
+	D365Op	   *op;
+	size_t		i;
+	json_t	   *h;
+
+	if (method == NULL || path == NULL)
+		elog(ERROR, "work query gave item %s a request without method or path", key);
+	op = d365_op_make(method, path, d365_json_str(req, "body"));
+	json_array_foreach(headers, i, h)
+	{
+		if (json_is_string(h))
+			op->headers = lappend(op->headers, pstrdup(json_string_value(h)));
+	}
+	return op;
+}
+
+static bool
+status_accepted(json_t *req, int status)
+{
+	json_t	   *ok = json_object_get(req, "ok");
+	size_t		i;
+	json_t	   *v;
+
+	json_array_foreach(ok, i, v)
+	{
+		if (json_is_integer(v) && json_integer_value(v) == status)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * send_items
+ *		Send every item's requests in order: step k+1 of an item goes only
+ *		after step k succeeded (2xx, or a status its "ok" list accepts).
+ *		Each round sends the next step of every item still going, together.
+ */
+static void
+send_items(D365Run *run, PipelineItem *items, int n)
+{
+	D365Op	  **ops = palloc(sizeof(D365Op *) * n);
+	int		   *owner = palloc(sizeof(int) * n);
+
+	for (;;)
+	{
+		int			nops = 0;
+		int			i;
+
+		for (i = 0; i < n; i++)
+		{
+			PipelineItem *it = &items[i];
+
+			if (it->failed || it->step >= json_array_size(it->requests))
+				continue;
+			ops[nops] = op_from_request(json_array_get(it->requests, it->step), it->key);
+			owner[nops++] = i;
+		}
+		if (nops == 0)
+			break;
+
+		d365_client_execute(d365_run_client(run), ops, nops);
+
+		for (i = 0; i < nops; i++)
+		{
+			D365Op	   *op = ops[i];
+			PipelineItem *it = &items[owner[i]];
+			json_t	   *req = json_array_get(it->requests, it->step);
+
+			it->sent = true;
+			it->status = op->status;
+			if (op->ok || (!op->transport_failure && status_accepted(req, op->status)))
+			{
+				it->step++;
+				continue;
+			}
+			it->failed = true;
+			it->error_code = op->error_code;
+			it->error_message = op->transport_failure
+				? psprintf("could not reach Dynamics 365: %s", op->error_message)
+				: op->error_message;
+			remember_failure(run, it->key, op);
+		}
+	}
+}
+
 /*
  * d365_pipeline_process
  *		Stream work_sql (with its arguments) in chunks; send and record each
@@ -185,9 +299,7 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 	{
 		SPITupleTable *work;
 		int			n;
-		int			nops = 0;
-		D365Op	  **ops;
-		int		   *op_item;
+		PipelineItem *items;
 		char	  **keys;
 		char	  **contexts;
 		int		   *statuses;
@@ -209,65 +321,44 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 		run->items += n;
 
 		old = MemoryContextSwitchTo(chunk_cxt);
-		ops = palloc(sizeof(D365Op *) * n);
-		op_item = palloc(sizeof(int) * n);
-		keys = palloc0(sizeof(char *) * n);
-		contexts = palloc0(sizeof(char *) * n);
-		statuses = palloc0(sizeof(int) * n);
-		status_null = palloc(sizeof(bool) * n);
-		codes = palloc0(sizeof(char *) * n);
-		messages = palloc0(sizeof(char *) * n);
 
-		/* build the requests */
+		/* map: the work query built each item's requests */
+		items = palloc0(sizeof(PipelineItem) * n);
 		for (i = 0; i < n; i++)
 		{
 			HeapTuple	tup = work->vals[i];
 			TupleDesc	desc = work->tupdesc;
-			char	   *method = SPI_getvalue(tup, desc, 2);
-			char	   *headers;
+			char	   *requests = SPI_getvalue(tup, desc, 2);
 
-			keys[i] = SPI_getvalue(tup, desc, 1);
-			contexts[i] = SPI_getvalue(tup, desc, 6);
-			status_null[i] = true;
-			if (method == NULL)
-				continue;
-			ops[nops] = d365_op_make(method, SPI_getvalue(tup, desc, 3),
-									 SPI_getvalue(tup, desc, 4));
-			headers = SPI_getvalue(tup, desc, 5);
-			if (headers != NULL)
-			{
-				char	   *line;
-				char	   *save = NULL;
-
-				for (line = strtok_r(headers, "\n", &save); line != NULL;
-					 line = strtok_r(NULL, "\n", &save))
-					ops[nops]->headers = lappend(ops[nops]->headers, line);
-			}
-			op_item[nops++] = i;
+			items[i].key = SPI_getvalue(tup, desc, 1);
+			items[i].context = SPI_getvalue(tup, desc, 3);
+			items[i].requests = d365_json_parse(requests ? requests : "[]",
+												requests ? strlen(requests) : 2,
+												"work query requests");
+			if (!json_is_array(items[i].requests))
+				elog(ERROR, "work query gave item %s requests that are not an array",
+					 items[i].key);
 		}
 
-		/* send them */
-		if (nops > 0)
-			d365_client_execute(d365_run_client(run), ops, nops);
+		/* send */
+		send_items(run, items, n);
 
-		for (i = 0; i < nops; i++)
+		/* record */
+		keys = palloc(sizeof(char *) * n);
+		contexts = palloc(sizeof(char *) * n);
+		statuses = palloc0(sizeof(int) * n);
+		status_null = palloc(sizeof(bool) * n);
+		codes = palloc(sizeof(char *) * n);
+		messages = palloc(sizeof(char *) * n);
+		for (i = 0; i < n; i++)
 		{
-			D365Op	   *op = ops[i];
-			int			k = op_item[i];
-
-			statuses[k] = op->status;
-			status_null[k] = false;
-			if (!op->ok)
-			{
-				codes[k] = op->error_code;
-				messages[k] = op->transport_failure
-					? psprintf("could not reach Dynamics 365: %s", op->error_message)
-					: op->error_message;
-				remember_failure(run, keys[k], op);
-			}
+			keys[i] = items[i].key;
+			contexts[i] = items[i].context;
+			statuses[i] = items[i].status;
+			status_null[i] = !items[i].sent;
+			codes[i] = items[i].error_code;
+			messages[i] = items[i].error_message;
 		}
-
-		/* record the outcomes */
 		rargs[0] = text_array(keys, n);
 		rargs[1] = text_array(contexts, n);
 		rargs[2] = int_array(statuses, status_null, n);
