@@ -32,6 +32,7 @@
 #include "utils/lsyscache.h"
 #include "utils/uuid.h"
 
+#include "activity_sync.h"
 #include "pipeline.h"
 
 PG_FUNCTION_INFO_V1(d365_sync_contacts);
@@ -57,6 +58,10 @@ contacts_body(D365Run *run, void *arg)
 	}
 	work_sql = d365_sql_text("SELECT d365._contact_work_sql(true)", 0, NULL, NULL);
 	d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._contact_record");
+
+	/* SPEC 3: a new contact's pending activities go right after it */
+	if (settings->activity_sync_enabled && run->counts.created > 0)
+		d365_activities_after_contacts();
 }
 
 /*
@@ -135,6 +140,10 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	}
 	if (run.counts.failed > 0 && run.first_failure != NULL)
 		d365_op_report(run.first_failure->op, ERROR);
+
+	/* like the scheduled run: a new contact's pending activities follow it */
+	if (run.counts.created > 0 && d365_settings_load()->activity_sync_enabled)
+		d365_activities_after_contacts();
 
 	linked = d365_sql_text("SELECT d365._contact_link($1)", 1, types, args);
 	SPI_finish();

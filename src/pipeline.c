@@ -86,8 +86,9 @@ d365_run_client(D365Run *run)
 
 /*
  * d365_sql_text
- *		Run a query returning one text value (NULL allowed); the result is
- *		palloc'd in the caller's context.  Requires an SPI connection.
+ *		Run a query and return the first column of its first row as text,
+ *		palloc'd in the caller's context; NULL for no row or a NULL value.
+ *		Requires an SPI connection.
  */
 char *
 d365_sql_text(const char *query, int nargs, Oid *argtypes, Datum *args)
@@ -97,8 +98,10 @@ d365_sql_text(const char *query, int nargs, Oid *argtypes, Datum *args)
 	char	   *v;
 
 	rc = SPI_execute_with_args(query, nargs, argtypes, args, NULL, false, 1);
-	if (rc < 0 || SPI_processed != 1)
-		elog(ERROR, "query did not return one row: %s", query);
+	if (rc < 0)
+		elog(ERROR, "query failed: %s", query);
+	if (SPI_processed == 0)
+		return NULL;
 	v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	return v ? MemoryContextStrdup(caller, v) : NULL;
 }
@@ -508,7 +511,8 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 	}
 	PG_END_TRY();
 
-	d365_run_record(run);
+	if (!run->no_record)
+		d365_run_record(run);
 	SPI_finish();
 	return completed;
 }

@@ -40,6 +40,7 @@ typedef struct D365Run
 	char	   *message;		/* why the run stopped early, or NULL */
 	D365Failure *first_failure;
 	MemoryContext cxt;			/* lives as long as the run */
+	bool		no_record;		/* d365_run_execute: no d365.sync_run row */
 } D365Run;
 
 typedef void (*D365RunBody) (D365Run *run, void *arg);

@@ -1,0 +1,172 @@
+/*-------------------------------------------------------------------------
+ *
+ * activity_sync.c
+ *	  Activities: a thin engine on the pipeline.
+ *
+ * The select and map stages are d365._activity_work_sql() (pending
+ * activities of linked contacts; type -> entity from d365.activity_type_map
+ * and Dynamics metadata, entity set names from metadata; the built-in body
+ * of d365._activity_body() with the custom mapper merged over it), the
+ * record stage is d365._activity_record(); both live in sql/d365sync.sql.
+ * Every activity is created with a create-only upsert on the id chosen when
+ * it was logged, so no retry creates it twice; phone calls and emails are
+ * then completed with a second request.  This file wires them up:
+ *
+ *	 d365_sync_activities()		the scheduled job
+ *	 d365._send_activity(id, strict)	one activity now (d365_log_activity,
+ *								d365_create_task, d365_create_appointment)
+ *	 d365_activities_after_contacts()	pending activities of the contacts a
+ *								contact run just created or updated
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/uuid.h"
+
+#include "activity_sync.h"
+#include "pipeline.h"
+
+PG_FUNCTION_INFO_V1(d365_sync_activities);
+PG_FUNCTION_INFO_V1(d365_send_activity);
+
+static void
+run_activities(D365Run *run, const char *mode, int64 one_id)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(one_id)};
+	char	   *work_sql;
+
+	work_sql = d365_sql_text("SELECT d365._activity_work_sql($1::text, $2)", 2,
+							 (Oid[]) {TEXTOID, INT8OID},
+							 (Datum[]) {CStringGetTextDatum(mode), Int64GetDatum(one_id)});
+	d365_pipeline_process(run, work_sql, strcmp(mode, "one") == 0 ? 1 : 0,
+						  types, args, "d365._activity_record");
+}
+
+static void
+activities_body(D365Run *run, void *arg)
+{
+	D365Settings *settings = d365_settings_load();
+
+	if (!settings->activity_sync_enabled)
+	{
+		run->message = pstrdup("activity sync is disabled (activity_sync_enabled = false)");
+		return;
+	}
+	run_activities(run, "scheduled", 0);
+}
+
+/*
+ * d365_sync_activities() -> (created, failed, requests)
+ */
+Datum
+d365_sync_activities(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	D365Run		run;
+	Datum		values[3];
+	bool		nulls[3] = {false};
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	d365_run_init(&run, "activities");
+	(void) d365_run_execute(&run, "d365-activity-sync", activities_body, NULL);
+
+	values[0] = Int32GetDatum((int32) run.counts.created);
+	values[1] = Int32GetDatum((int32) run.counts.failed);
+	values[2] = Int32GetDatum(run.client ? (int32) run.client->requests : 0);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+}
+
+/*
+ * d365_activities_after_contacts
+ *		Send the pending activities of the contacts the current transaction
+ *		synced, as a run of its own (recorded as kind "activities").
+ *		Requires an SPI connection; called by the contact engine.
+ */
+void
+d365_activities_after_contacts(void)
+{
+	D365Run		run;
+
+	d365_run_init(&run, "activities");
+	run_activities(&run, "recent", 0);
+	if (run.items > 0)
+		d365_run_record(&run);
+}
+
+static void
+one_body(D365Run *run, void *arg)
+{
+	run_activities(run, "one", *(int64 *) arg);
+}
+
+/*
+ * d365._send_activity(activity_id bigint, strict boolean) -> uuid
+ *		Send one logged activity now.  strict: a failure is an ERROR (the
+ *		caller's insert rolls back with it).  Not strict: a failure, even of
+ *		the connection or the token, becomes a WARNING and the activity stays
+ *		pending for the scheduled sync.  Returns the Dynamics id once the
+ *		activity exists there, else NULL.
+ */
+Datum
+d365_send_activity(PG_FUNCTION_ARGS)
+{
+	int64		id = PG_GETARG_INT64(0);
+	bool		strict = PG_GETARG_BOOL(1);
+	D365Run		run;
+	char	   *synced;
+	char	   *error;
+	Oid			types[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(id)};
+
+	d365_run_init(&run, "activity");
+	if (strict)
+	{
+		SPI_connect();
+		run_activities(&run, "one", id);
+		if (run.counts.failed > 0 && run.first_failure != NULL)
+			d365_op_report(run.first_failure->op, ERROR);
+	}
+	else
+	{
+		run.no_record = true;
+		if (!d365_run_execute(&run, NULL, one_body, &id))
+			ereport(WARNING,
+					(errcode(ERRCODE_WARNING),
+					 errmsg("activity %lld stays pending: Dynamics 365 could not be reached",
+							(long long) id),
+					 errhint("d365_sync_activities() will send it.")));
+		SPI_connect();
+	}
+
+	synced = d365_sql_text("SELECT dynamics_activity_id::text FROM d365.activity"
+						   " WHERE id = $1 AND synced_at IS NOT NULL", 1, types, args);
+	if (synced == NULL)
+	{
+		error = d365_sql_text("SELECT coalesce(last_error, 'the contact is not linked or activity sync is off')"
+							  " FROM d365.activity WHERE id = $1", 1, types, args);
+		if (strict)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("activity %lld was not created in Dynamics 365", (long long) id),
+					 errdetail_internal("%s", error)));
+		else if (run.counts.failed > 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_WARNING),
+					 errmsg("activity %lld stays pending: %s", (long long) id, error),
+					 errhint("d365_sync_activities() will retry it.")));
+		SPI_finish();
+		PG_RETURN_NULL();
+	}
+	SPI_finish();
+	PG_RETURN_DATUM(DirectFunctionCall1(uuid_in, CStringGetDatum(synced)));
+}
