@@ -6,11 +6,11 @@ EXTVERSION = 0.1
 MODULE_big = d365sync
 OBJS = d365sync.o src/http.o src/auth.o src/odata.o src/catalog.o \
 	src/jsonutil.o src/admin.o src/pipeline.o src/contact_sync.o \
-	src/activity_sync.o
+	src/activity_sync.o src/incoming.o
 
 DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src

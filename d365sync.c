@@ -16,6 +16,7 @@
  *	  retry_max_wait		longest single wait (Retry-After or back-off)
  *	  max_parallel			requests in flight (x-ms-dop-hint lowers it)
  *	  batch_size			items per pipeline chunk
+ *	  page_size				rows per page when reading from Dynamics
  *	  ca_file				extra CA bundle (superuser only)
  * Secrets are never GUCs: pg_db_role_setting is readable by everyone.
  *
@@ -39,6 +40,7 @@ int			d365_max_retries = 3;
 int			d365_retry_max_wait_ms = 60000;
 int			d365_max_parallel = 8;
 int			d365_batch_size = 100;
+int			d365_page_size = 5000;
 char	   *d365_ca_file = NULL;
 
 void		_PG_init(void);
@@ -73,6 +75,10 @@ _PG_init(void)
 	DefineCustomIntVariable("d365sync.batch_size",
 							"Items sent and recorded together by a sync run.",
 							NULL, &d365_batch_size, 100, 1, 1000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.page_size",
+							"Rows per page asked of Dynamics 365 when reading (Prefer: odata.maxpagesize).",
+							NULL, &d365_page_size, 5000, 1, 5000,
 							PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("d365sync.ca_file",
 							   "Extra CA bundle (PEM) trusted for Dynamics 365 and the token authority.",

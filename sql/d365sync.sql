@@ -24,6 +24,7 @@ CREATE TABLE d365.settings (
     min_score             integer NOT NULL DEFAULT 0,
     activity_sync_enabled boolean NOT NULL DEFAULT false,
     default_owner         text,
+    incoming_mapper       regprocedure,
     instance_id           uuid NOT NULL DEFAULT gen_random_uuid()
 );
 
@@ -49,6 +50,8 @@ COMMENT ON COLUMN d365.settings.activity_sync_enabled IS
     'Whether activities are sent to Dynamics';
 COMMENT ON COLUMN d365.settings.default_owner IS
     'Owner of created activities: /systemusers(<guid>) or /teams(<guid>), as d365_owners() returns it';
+COMMENT ON COLUMN d365.settings.incoming_mapper IS
+    'Optional function (dynamics jsonb, local jsonb, mapping jsonb) returning {column: value}; replaces the changed-column computation of incoming changes';
 COMMENT ON COLUMN d365.settings.instance_id IS
     'Random id of this installation; Dynamics ids of new contacts are derived from it';
 
@@ -125,6 +128,17 @@ BEGIN
                   HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
     END IF;
 
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
     IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
         -- The table holds exactly one row.  An INSERT (pg_dump's restore of
         -- the configuration among them) replaces its values.
@@ -136,6 +150,7 @@ BEGIN
                min_score = NEW.min_score,
                activity_sync_enabled = NEW.activity_sync_enabled,
                default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
                instance_id = NEW.instance_id;
         RETURN NULL;
     END IF;
@@ -548,7 +563,7 @@ $$;
 
 -- Lookup mappings: the entity set each <lookup>_<target>@odata.bind points
 -- to, from Dynamics metadata (fetched only when a lookup is mapped).
-CREATE FUNCTION d365._lookup_binds(OUT dynamics_field text, OUT entity_set text)
+CREATE FUNCTION d365._lookup_binds(OUT dynamics_field text, OUT entity_set text, OUT attribute text)
 RETURNS SETOF record
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -562,7 +577,7 @@ BEGIN
               WHERE m.dynamics_field LIKE '%@odata.bind' LOOP
         nav := split_part(f.dynamics_field, '@', 1);
         target := NULL;
-        SELECT t INTO target
+        SELECT t, a ->> 'LogicalName' INTO target, attribute
           FROM d365._metadata('contact') a,
                LATERAL jsonb_array_elements_text(coalesce(a -> 'Targets', '[]')) t
          WHERE nav = (a ->> 'LogicalName') || '_' || t
@@ -706,6 +721,48 @@ COMMENT ON FUNCTION d365.d365_owners() IS
 -- ---------------------------------------------------------------------------
 
 /*
+ * The map stage of contacts, outgoing: one jsonb expression over the contact
+ * row "c" that yields {dynamics_field: value} for every mapped column,
+ * converted as SPEC section 2 says.  Raises when a mapped column is gone or
+ * cannot be converted.
+ */
+CREATE FUNCTION d365._contact_values_expr()
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    cur text := '''{}''::jsonb';
+    m record;
+    expr text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+               FROM d365.field_map f
+               LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
+                    AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+              ORDER BY f.column_name
+    LOOP
+        IF m.typ IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" no longer exists in %', m.column_name, src.contact_table
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
+        END IF;
+        expr := d365._json_expr(format('c.%I', m.column_name), m.typ, m.entity_set);
+        IF expr IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'Change the column''s type or its mapping.';
+        END IF;
+        cur := cur || format(' || jsonb_build_object(%L, %s)', m.dynamics_field, expr);
+    END LOOP;
+    RETURN cur;
+END;
+$$;
+
+/*
  * The work query of a contact sync: one row per contact to consider, with
  * the request to send (none when nothing changed) and a context that
  * d365._contact_record() gets back.  A create is an upsert on the id the
@@ -727,9 +784,7 @@ AS $$
 DECLARE
     src d365.contact_source;
     key_type text;
-    cur text := '''{}''::jsonb';
-    m record;
-    expr text;
+    cur text;
     sel text;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
@@ -740,27 +795,7 @@ BEGIN
     END IF;
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
-
-    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
-               FROM d365.field_map f
-               LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
-                    AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
-               LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
-              ORDER BY f.column_name
-    LOOP
-        IF m.typ IS NULL THEN
-            RAISE EXCEPTION 'mapped column "%" no longer exists in %', m.column_name, src.contact_table
-                USING ERRCODE = 'undefined_column',
-                      HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
-        END IF;
-        expr := d365._json_expr(format('c.%I', m.column_name), m.typ, m.entity_set);
-        IF expr IS NULL THEN
-            RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
-                USING ERRCODE = 'datatype_mismatch',
-                      HINT = 'Change the column''s type or its mapping.';
-        END IF;
-        cur := cur || format(' || jsonb_build_object(%L, %s)', m.dynamics_field, expr);
-    END LOOP;
+    cur := d365._contact_values_expr();
 
     IF scheduled THEN
         sel := format(
@@ -1475,6 +1510,326 @@ AS 'MODULE_PATHNAME', 'd365_sync_activities'
 LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION d365.d365_sync_activities() IS
     'The scheduled activity sync: creates every pending activity of a linked contact';
+
+-- ---------------------------------------------------------------------------
+-- Incoming changes: Dynamics rows mapped back onto contacts (push payloads
+-- and the change-tracking pull), without echo.
+-- ---------------------------------------------------------------------------
+
+/*
+ * The mapped fields as Dynamics returns them on read: a plain attribute
+ * under its logical name, a lookup as _<attribute>_value.
+ */
+CREATE FUNCTION d365._incoming_fields(
+    OUT column_name name, OUT dynamics_field text, OUT read_name text,
+    OUT typ regtype, OUT is_bind boolean)
+RETURNS SETOF record
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT f.column_name, f.dynamics_field,
+           CASE WHEN b.attribute IS NOT NULL THEN '_' || b.attribute || '_value'
+                ELSE f.dynamics_field END,
+           a.atttypid::regtype, b.attribute IS NOT NULL
+      FROM d365.field_map f
+      JOIN d365.contact_source s ON true
+      JOIN pg_attribute a ON a.attrelid = s.contact_table AND a.attname = f.column_name
+                         AND a.attnum > 0 AND NOT a.attisdropped
+      LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+     ORDER BY f.column_name
+$$;
+
+/*
+ * A Dynamics JSON value converted to a column's type and back to jsonb, so
+ * that values compare equal whatever their spelling ("2024-03-01T09:00:00Z"
+ * and "2024-03-01T10:00:00+01:00", 5000000.0000 and 5000000).  Accepts the
+ * webhook date form /Date(ms)/ and, for a lookup, a bind path.  Raises
+ * 22P02 naming the field when the value does not fit.
+ */
+CREATE FUNCTION d365._typed_jsonb(val jsonb, typ regtype, field text, column_name name)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    txt text;
+    result jsonb;
+    base regtype := (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype FROM pg_type t WHERE t.oid = typ);
+BEGIN
+    IF val IS NULL OR jsonb_typeof(val) = 'null' THEN
+        RETURN 'null'::jsonb;
+    END IF;
+    IF jsonb_typeof(val) IN ('object', 'array') THEN
+        RAISE EXCEPTION 'Dynamics field "%" holds a JSON %, not a value for column "%"',
+                        field, jsonb_typeof(val), column_name
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    txt := val #>> '{}';
+    IF txt ~ '^/Date\(-?\d+([+-]\d{4})?\)/$' THEN
+        txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
+    END IF;
+    IF txt ~ '^/[A-Za-z_]+\([0-9a-fA-F-]{36}\)$' THEN
+        txt := substring(txt FROM '\(([0-9a-fA-F-]{36})\)');
+    END IF;
+    IF base = 'date'::regtype AND txt ~ '^\d{4}-\d\d-\d\dT' THEN
+        txt := to_char(txt::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD');
+    END IF;
+    BEGIN
+        EXECUTE format('SELECT to_jsonb(%L::%s)', txt, typ) INTO result;
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'value of Dynamics field "%" does not fit column "%" of type %', field, column_name, typ
+            USING ERRCODE = 'invalid_text_representation',
+                  DETAIL = format('The value was %s: %s', val, SQLERRM),
+                  HINT = 'Fix the value in Dynamics, or the mapping in d365.field_map.';
+    END;
+    RETURN result;
+END;
+$$;
+
+/*
+ * The map stage of contacts, incoming, for one Dynamics row: finds the
+ * linked contact, computes what to change and applies it.  A column changes
+ * when the row has its field, the value differs from the local one, and
+ * Dynamics changed it since the last sync (the value differs from the
+ * synced snapshot) -- so a local edit not yet sent is not overwritten by the
+ * old Dynamics value.  A null clears the column.  d365.settings.incoming_mapper
+ * replaces the computation.  The new values are then recorded as synced, so
+ * the next outgoing run does not send them back.
+ *
+ * Returns {column: new value}, '{}' when nothing differed, NULL when no
+ * contact is linked to the row.  caller: when not NULL, the role that must
+ * be allowed to UPDATE each column changed (d365_update_contact() runs this
+ * as the extension owner and passes the role that called it).
+ */
+CREATE FUNCTION d365._incoming_apply(payload jsonb, caller oid)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    cid uuid;
+    k text;
+    local jsonb;
+    snap jsonb;
+    mapper regprocedure := (SELECT incoming_mapper FROM d365.settings);
+    mapping jsonb := '{}';
+    incoming jsonb := '{}';
+    settled text[] := '{}';
+    changes jsonb := '{}';
+    f record;
+    dval jsonb;
+    col text;
+    cur jsonb;
+BEGIN
+    IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'the payload is not a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the Dynamics contact row, e.g. the body of Power Automate''s "When a row is added, modified or deleted" trigger.';
+    END IF;
+    IF NOT payload ? 'contactid' OR jsonb_typeof(payload -> 'contactid') <> 'string' THEN
+        RAISE EXCEPTION 'the payload has no contactid'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A Dynamics contact row always carries its contactid.',
+                  HINT = 'Pass the whole contact row as Dynamics sends it.';
+    END IF;
+    BEGIN
+        cid := payload ->> 'contactid';
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+
+    IF caller IS NOT NULL AND NOT has_any_column_privilege(caller, src.contact_table, 'UPDATE') THEN
+        RAISE EXCEPTION 'permission denied for table %', src.contact_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365_update_contact() changes contacts, so its caller needs UPDATE on the contact table.',
+                  HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, caller::regrole);
+    END IF;
+
+    EXECUTE format('SELECT c.%I::text, to_jsonb(c) FROM %s c WHERE c.dynamics365_related_id = $1',
+                   src.key_column, src.contact_table)
+       INTO k, local USING cid;
+    IF k IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT s.synced INTO snap FROM d365.contact_state s WHERE s.contact_key = k;
+
+    FOR f IN SELECT * FROM d365._incoming_fields() LOOP
+        mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
+        IF NOT payload ? f.read_name THEN
+            CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        dval := d365._typed_jsonb(payload -> f.read_name, f.typ, f.read_name, f.column_name);
+        incoming := incoming || jsonb_build_object(f.dynamics_field,
+                                                   jsonb_build_array(f.column_name, dval));
+        IF snap ? f.dynamics_field AND
+           d365._typed_jsonb(snap -> f.dynamics_field, f.typ, f.dynamics_field, f.column_name) = dval THEN
+            CONTINUE;       -- Dynamics still has what was last synced
+        END IF;
+        IF dval IS DISTINCT FROM coalesce(local -> f.column_name, 'null'::jsonb) THEN
+            changes := changes || jsonb_build_object(f.column_name, dval);
+        END IF;
+    END LOOP;
+
+    IF mapper IS NOT NULL THEN
+        EXECUTE format('SELECT %s($1, $2, $3)', mapper::oid::regproc)
+           INTO changes USING payload, local, mapping;
+        IF changes IS NULL OR jsonb_typeof(changes) <> 'object' THEN
+            changes := '{}';
+        END IF;
+        FOR col IN SELECT jsonb_object_keys(changes) LOOP
+            IF NOT local ? col OR col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
+                RAISE EXCEPTION 'incoming mapper % returned column "%", which cannot be updated', mapper, col
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+    END IF;
+
+    IF changes <> '{}' THEN
+        IF caller IS NOT NULL THEN
+            FOR col IN SELECT jsonb_object_keys(changes) LOOP
+                IF NOT has_column_privilege(caller, src.contact_table, col, 'UPDATE') THEN
+                    RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
+                        USING ERRCODE = 'insufficient_privilege',
+                              DETAIL = 'd365_update_contact() changes contacts with the rights of its caller.',
+                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, caller::regrole);
+                END IF;
+            END LOOP;
+        END IF;
+        EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1) r)'
+                       ' WHERE t.%4$I::text = $2',
+                       src.contact_table,
+                       (SELECT string_agg(format('%I', c), ', ') FROM jsonb_object_keys(changes) c),
+                       (SELECT string_agg(format('r.%I', c), ', ') FROM jsonb_object_keys(changes) c),
+                       src.key_column)
+          USING changes, k;
+    END IF;
+
+    -- Echo suppression: a field whose local value is now the one Dynamics
+    -- sent (or that the mapper set from it) is recorded as synced, so the
+    -- next outgoing run does not send it back.  Other fields keep their
+    -- snapshot: a local change not yet sent still goes out.
+    IF incoming <> '{}' THEN
+        EXECUTE format('SELECT to_jsonb(c), %s FROM %s c WHERE c.%I::text = $1',
+                       d365._contact_values_expr(), src.contact_table, src.key_column)
+           INTO local, cur USING k;
+        SELECT coalesce(array_agg(e.key), '{}') INTO settled
+          FROM jsonb_each(incoming) e
+         WHERE (mapper IS NOT NULL AND changes ? (e.value ->> 0))
+            OR coalesce(local -> (e.value ->> 0), 'null'::jsonb) = e.value -> 1;
+        IF settled <> '{}' THEN
+            INSERT INTO d365.contact_state AS s (contact_key, synced, synced_seq)
+            VALUES (k, (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(cur) e
+                         WHERE e.key = ANY (settled)), 0)
+            ON CONFLICT (contact_key) DO UPDATE
+               SET synced = coalesce(s.synced, '{}') || EXCLUDED.synced;
+        END IF;
+    END IF;
+    RETURN changes;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_update_contact(payload jsonb)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'd365_update_contact'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365.d365_update_contact(jsonb) IS
+    'Applies a Dynamics contact row (a Power Automate payload) to the linked local contact; returns {column: new value}';
+
+-- Change tracking state of the pull (one row per entity).
+CREATE TABLE d365.pull_state (
+    entity       text PRIMARY KEY,
+    delta_link   text,
+    baseline_at  timestamptz,
+    last_pull_at timestamptz
+);
+COMMENT ON TABLE d365.pull_state IS
+    'Dataverse change tracking: the delta link the next d365_pull_changes() continues from';
+SELECT pg_catalog.pg_extension_config_dump('d365.pull_state', '');
+
+-- The first request of a full read with change tracking.
+CREATE FUNCTION d365._pull_start_path()
+RETURNS text
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'contacts?$select=' ||
+           string_agg(DISTINCT read_name, ',' ORDER BY read_name) FILTER (WHERE read_name IS NOT NULL) ||
+           CASE WHEN count(read_name) > 0 THEN ',' ELSE '' END || 'contactid'
+      FROM d365._incoming_fields()
+$$;
+
+/*
+ * The record stage of a pull: one page of change-tracking rows.  Changed
+ * rows of linked contacts are applied as d365_update_contact() would; a
+ * $deletedEntity entry unlinks its contact (reported, re-created only if it
+ * qualifies again).  A row whose values do not fit is skipped with a
+ * WARNING and counted as failed; it does not stop the pull.
+ */
+CREATE FUNCTION d365._pull_record(page jsonb,
+    OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := (SELECT s FROM d365.contact_source s);
+    r jsonb;
+    changed jsonb;
+    k text;
+BEGIN
+    updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    FOR r IN SELECT jsonb_array_elements(page) LOOP
+        IF r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            EXECUTE format('UPDATE %s SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+                           ' WHERE dynamics365_related_id = $1 RETURNING %I::text',
+                           src.contact_table, src.key_column)
+               INTO k USING (r ->> 'id')::uuid;
+            IF k IS NOT NULL THEN
+                UPDATE d365.contact_state
+                   SET synced = NULL, generation = generation + 1, remote_deleted_at = now(),
+                       synced_seq = change_seq, last_attempt_at = now(),
+                       last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
+                 WHERE contact_key = k;
+                unlinked := unlinked + 1;
+            END IF;
+            CONTINUE;
+        END IF;
+        BEGIN
+            changed := d365._incoming_apply(r, NULL);
+        EXCEPTION WHEN invalid_text_representation OR invalid_parameter_value THEN
+            RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', SQLERRM;
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        IF changed IS NULL THEN
+            CONTINUE;       -- not linked here
+        ELSIF changed = '{}' THEN
+            unchanged := unchanged + 1;
+        ELSE
+            updated := updated + 1;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_pull_changes(
+    OUT updated integer, OUT unchanged integer, OUT failed integer,
+    OUT unlinked integer, OUT requests integer)
+RETURNS record
+AS 'MODULE_PATHNAME', 'd365_pull_changes'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365.d365_pull_changes() IS
+    'Pulls contact changes from Dynamics with change tracking (delta links) and applies them; needs no inbound port';
 
 -- ---------------------------------------------------------------------------
 -- Status and scheduling

@@ -14,6 +14,7 @@
 #include "utils/jsonb.h"
 #include "utils/uuid.h"
 
+#include "d365sync.h"
 #include "odata.h"
 
 PG_FUNCTION_INFO_V1(d365_whoami);
@@ -114,7 +115,7 @@ d365_get_all(PG_FUNCTION_ARGS)
 		json_t	   *value;
 		const char *next;
 
-		op->headers = list_make1("Prefer: odata.maxpagesize=5000");
+		op->headers = list_make1(psprintf("Prefer: odata.maxpagesize=%d", d365_page_size));
 		d365_client_execute(client, &op, 1);
 		if (!op->ok)
 			d365_op_report(op, ERROR);

@@ -44,11 +44,11 @@ spi_bool(HeapTuple tup, TupleDesc desc, const char *col)
 }
 
 /*
- * table_owner
+ * d365_table_owner
  *		Owner of the relation d365.relname; ERROR when it is missing.
  */
-static Oid
-table_owner(const char *relname)
+Oid
+d365_table_owner(const char *relname)
 {
 	Oid			relid;
 	HeapTuple	tup;
@@ -88,7 +88,7 @@ d365_settings_load(void)
 	TupleDesc	desc;
 	int			rc;
 
-	owner = table_owner("settings");
+	owner = d365_table_owner("settings");
 
 	SPI_connect();
 	GetUserIdAndSecContext(&save_userid, &save_sec);

@@ -25,6 +25,7 @@ typedef struct D365Settings
 } D365Settings;
 
 extern D365Settings *d365_settings_load(void);
+extern Oid	d365_table_owner(const char *relname);
 extern void d365_settings_require_connection(const D365Settings *s);
 
 #endif							/* D365_CATALOG_H */

@@ -16,6 +16,9 @@
  *	  src/pipeline.c	select -> map -> send -> record, and the run wrapper
  *						(lock, error capture, d365.sync_run)
  *	  src/contact_sync.c outgoing contacts: engine on the pipeline
+ *	  src/activity_sync.c activities: engine on the pipeline
+ *	  src/incoming.c	incoming changes: push payloads and the change-
+ *						tracking pull
  *	  src/jsonutil.c	jansson glued to memory contexts
  *	  src/admin.c		d365_whoami and the generic paged GET
  *	  sql/d365sync.sql	tables, the SQL stages of each engine (work
@@ -37,6 +40,7 @@ extern int	d365_max_retries;
 extern int	d365_retry_max_wait_ms;
 extern int	d365_max_parallel;
 extern int	d365_batch_size;
+extern int	d365_page_size;
 extern char *d365_ca_file;
 
 #endif							/* D365SYNC_H */
