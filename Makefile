@@ -23,5 +23,8 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# every object depends on every header (PGXS tracks no header dependencies)
+$(OBJS): $(wildcard $(srcdir)/src/*.h)
+
 sql/$(EXTENSION)--$(EXTVERSION).sql: sql/$(EXTENSION).sql
 	cp $< $@

@@ -96,7 +96,12 @@ SELECT c.id, j->>'firstname' AS firstname, j->>'emailaddress1' AS email,
   FROM sim_contact s JOIN app_contact c ON c.dynamics365_related_id = (s.j->>'contactid')::uuid
  ORDER BY c.id;
 \copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
-SELECT j->>'method' AS method, j->'headers'->>'if-match' AS if_match,
+-- both creates travelled in one $batch request
+SELECT o.j->>'method' AS method, o.j->>'path' AS path, o.j->>'status' AS status,
+       o.j->'headers'->>'prefer' AS prefer,
+       (SELECT count(*) FROM sim_req i WHERE i.j->>'batch' = o.j->>'seq') AS parts
+  FROM sim_req o WHERE o.j->>'batch' IS NULL ORDER BY (o.j->>'seq')::int;
+SELECT j->>'method' AS method, j->'headers'->>'if-match' AS if_match, j->>'status' AS status,
        (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(j->'body') k) AS fields
   FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY (j->>'seq')::int;
 

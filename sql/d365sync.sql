@@ -869,12 +869,15 @@ BEGIN
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
 
-    CREATE TEMP TABLE IF NOT EXISTS d365_contact_outcome (
-        item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
-        vals jsonb, status integer, error_code text, error_message text, ok boolean,
-        gone boolean
-    ) ON COMMIT DROP;
-    TRUNCATE d365_contact_outcome;
+    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
+        CREATE TEMP TABLE d365_contact_outcome (
+            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+            vals jsonb, status integer, error_code text, error_message text, ok boolean,
+            gone boolean
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_contact_outcome;
+    END IF;
     INSERT INTO d365_contact_outcome
     SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
            (x.c ->> 'generation')::integer, x.c -> 'values', o.st, o.code, o.msg,

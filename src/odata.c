@@ -18,7 +18,11 @@
  *	 - anything else is final and is described in the operation: HTTP status,
  *	   Dynamics error code and message, or what was wrong with the response
  *	   (not JSON, malformed, too large);
- *	 - x-ms-dop-hint bounds the requests in flight (with d365sync.max_parallel).
+ *	 - several operations travel in $batch requests (d365sync.batch_size
+ *	   parts each, Prefer: odata.continue-on-error so each part has its own
+ *	   outcome); a part's 429/5xx is retried like a request's;
+ *	 - x-ms-dop-hint bounds the requests in flight (with d365sync.max_parallel);
+ *	   a 429 halves them, each round without one adds one back.
  *
  * Waits are interruptible (d365_http_sleep).  The number of attempts is
  * bounded by d365sync.max_retries and a single wait by
@@ -61,6 +65,7 @@ d365_client_open(void)
 	client->service_root = psprintf("%s%s", client->settings->org_url,
 									client->service_path);
 	client->max_parallel = d365_max_parallel;
+	client->dop_limit = d365_max_parallel;
 	return client;
 }
 
@@ -252,10 +257,11 @@ note_dop_hint(D365Client *client, D365HttpRequest *h)
 	{
 		int			v = atoi(hint);
 
-		if (v > 0)
+		if (v > 0 && v != client->dop_hint)
 		{
 			client->dop_hint = v;
-			client->max_parallel = Max(1, Min(v, d365_max_parallel));
+			client->dop_limit = Max(1, Min(v, d365_max_parallel));
+			client->max_parallel = Min(client->max_parallel, client->dop_limit);
 		}
 	}
 }
@@ -296,18 +302,237 @@ build_http(D365Client *client, D365Op *op)
 }
 
 /*
+ * classify
+ *		Decide what to do with one operation's exchange: true to send it
+ *		again (raising *wait to the back-off it needs), false when the
+ *		outcome is final.  Counts throttled responses and slows the client
+ *		down on them.
+ */
+static bool
+classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
+		 bool refreshed, long *wait, bool *unauthorized)
+{
+	bool		can_retry = *attempts <= d365_max_retries;
+
+	if (h->transport_error != 0 || h->status == 0)
+	{
+		if (can_retry && !h->too_large &&
+			transport_error_is_transient(h->transport_error))
+		{
+			*wait = Max(*wait, backoff_ms(*attempts));
+			return true;
+		}
+		return false;
+	}
+	if (h->status == 401 && !op->anonymous && !refreshed)
+	{
+		*unauthorized = true;
+		(*attempts)--;			/* a token refresh is not a failed attempt */
+		return true;
+	}
+	if (h->status == 429)
+	{
+		char	   *ra = d365_http_header(h, "Retry-After");
+		long		ms = ra ? atol(ra) * 1000L : backoff_ms(*attempts);
+
+		if (can_retry && ms <= d365_retry_max_wait_ms)
+		{
+			*wait = Max(*wait, ms);
+			return true;
+		}
+		return false;
+	}
+	if (h->status == 500 || h->status == 502 || h->status == 503 || h->status == 504)
+	{
+		if (can_retry)
+		{
+			*wait = Max(*wait, backoff_ms(*attempts));
+			return true;
+		}
+	}
+	return false;
+}
+
+/*
+ * batchable
+ *		Whether an operation may travel inside a $batch: Web API requests
+ *		addressed relative to the service root.
+ */
+static bool
+batchable(const D365Op *op)
+{
+	return !op->anonymous && !is_absolute(op->path);
+}
+
+/*
+ * build_batch
+ *		One $batch request carrying ops[idx[0..k-1]] as independent parts,
+ *		with Prefer: odata.continue-on-error so that each part gets its own
+ *		outcome (reference section 6: CRLF line ends, parts in order).
+ */
+static D365HttpRequest *
+build_batch(D365Client *client, D365Op **ops, const int *idx, int k)
+{
+	D365HttpRequest *h = palloc0(sizeof(D365HttpRequest));
+	StringInfoData body;
+	char	   *boundary;
+	int			i;
+
+	boundary = psprintf("batch_%08x%08x",
+						(unsigned) pg_prng_uint32(&pg_global_prng_state),
+						(unsigned) pg_prng_uint32(&pg_global_prng_state));
+	initStringInfo(&body);
+	for (i = 0; i < k; i++)
+	{
+		D365Op	   *op = ops[idx[i]];
+		ListCell   *lc;
+
+		appendStringInfo(&body,
+						 "--%s\r\nContent-Type: application/http\r\n"
+						 "Content-Transfer-Encoding: binary\r\n\r\n"
+						 "%s %s%s HTTP/1.1\r\n",
+						 boundary, op->method, client->service_path, op->path);
+		foreach(lc, op->headers)
+			appendStringInfo(&body, "%s\r\n", (char *) lfirst(lc));
+		if (op->body != NULL)
+			appendStringInfo(&body, "Content-Type: application/json; charset=utf-8\r\n\r\n%s\r\n",
+							 op->body);
+		else
+			appendStringInfoString(&body, "\r\n");
+	}
+	appendStringInfo(&body, "--%s--\r\n", boundary);
+
+	h->method = "POST";
+	h->url = psprintf("%s$batch", client->service_root);
+	h->body = body.data;
+	h->body_len = body.len;
+	h->headers = list_make5(psprintf("Authorization: Bearer %s", d365_auth_token(client, false)),
+							"OData-MaxVersion: 4.0",
+							"OData-Version: 4.0",
+							"Accept: application/json",
+							psprintf("Content-Type: multipart/mixed; boundary=%s", boundary));
+	h->headers = lappend(h->headers, "Prefer: odata.continue-on-error");
+	return h;
+}
+
+/* The next line of buf at *pos (without its CR LF); NULL at the end. */
+static char *
+next_line(const char *buf, size_t len, size_t *pos)
+{
+	size_t		start = *pos;
+	size_t		end;
+
+	if (start >= len)
+		return NULL;
+	end = start;
+	while (end < len && buf[end] != '\n')
+		end++;
+	*pos = end < len ? end + 1 : end;
+	if (end > start && buf[end - 1] == '\r')
+		end--;
+	return pnstrdup(buf + start, end - start);
+}
+
+/*
+ * parse_batch_response
+ *		Split a $batch response into the exchanges of its parts, in order:
+ *		each becomes a D365HttpRequest with the part's status, headers and
+ *		body (method and URL copied from its operation, for error context).
+ *		Returns how many parts were found; a malformed response yields 0.
+ */
+static int
+parse_batch_response(D365Client *client, D365HttpRequest *outer, D365Op **ops,
+					 const int *idx, int k, D365HttpRequest **parts)
+{
+	char	   *ct = d365_http_header(outer, "Content-Type");
+	char	   *b;
+	char	   *delim;
+	size_t		dlen;
+	const char *buf = outer->response;
+	size_t		len = outer->response_len;
+	size_t		pos = 0;
+	int			found = 0;
+	char	   *line;
+
+	if (ct == NULL || (b = strstr(ct, "boundary=")) == NULL)
+		return 0;
+	b += 9;
+	if (*b == '"')
+		b++;
+	b = pnstrdup(b, strcspn(b, "\";, "));
+	delim = psprintf("--%s", b);
+	dlen = strlen(delim);
+
+	/* skip the preamble up to the first delimiter */
+	while ((line = next_line(buf, len, &pos)) != NULL && strncmp(line, delim, dlen) != 0)
+		;
+	while (line != NULL && found < k)
+	{
+		D365HttpRequest *p;
+		StringInfoData headers;
+		size_t		body_start;
+		size_t		body_end;
+		size_t		scan;
+
+		if (strcmp(line + dlen, "--") == 0)
+			break;				/* the closing delimiter */
+
+		/* MIME headers of the part, up to a blank line */
+		while ((line = next_line(buf, len, &pos)) != NULL && line[0] != '\0')
+			;
+		/* the HTTP status line */
+		line = next_line(buf, len, &pos);
+		if (line == NULL || strncmp(line, "HTTP/", 5) != 0)
+			return found;
+		p = palloc0(sizeof(D365HttpRequest));
+		p->method = ops[idx[found]]->method;
+		p->url = psprintf("%s%s", client->service_root, ops[idx[found]]->path);
+		p->status = strtol(strchr(line, ' ') ? strchr(line, ' ') + 1 : "0", NULL, 10);
+		/* the part's HTTP headers */
+		initStringInfo(&headers);
+		while ((line = next_line(buf, len, &pos)) != NULL && line[0] != '\0')
+			appendStringInfo(&headers, "%s\r\n", line);
+		p->response_headers = headers.data;
+		p->response_headers_len = headers.len;
+		/* the body runs to the next delimiter */
+		body_start = body_end = pos;
+		scan = pos;
+		line = NULL;
+		while (scan < len)
+		{
+			line = next_line(buf, len, &scan);
+			if (strncmp(line, delim, dlen) == 0)
+				break;			/* line is the next delimiter */
+			body_end = scan;
+			line = NULL;
+		}
+		while (body_end > body_start &&
+			   (buf[body_end - 1] == '\n' || buf[body_end - 1] == '\r'))
+			body_end--;
+		p->response = pnstrdup(buf + body_start, body_end - body_start);
+		p->response_len = body_end - body_start;
+		pos = scan;
+		parts[found++] = p;
+	}
+	return found;
+}
+
+/*
  * d365_client_execute
- *		Send n operations (in parallel, up to the client's bound) and judge
- *		each outcome, retrying what the policy above says to retry.  Every
- *		operation ends with ok set, or with status/error_* describing the
- *		failure.  Raises only for interrupts, token failures and internal
- *		errors.
+ *		Send n operations and judge each outcome, retrying what the policy
+ *		above says to retry.  Operations travel in $batch requests of up to
+ *		d365sync.batch_size parts when there are several of them, else one
+ *		request each; up to client->max_parallel requests are in flight.
+ *		Every operation ends with ok set, or with status/error_* describing
+ *		the failure.  Raises only for interrupts, token failures and
+ *		internal errors.
  */
 void
 d365_client_execute(D365Client *client, D365Op **ops, int n)
 {
 	int		   *attempts = palloc0(sizeof(int) * n);
 	int		   *pending = palloc(sizeof(int) * n);
+	int		   *retry_list = palloc(sizeof(int) * n);
 	int			npending = n;
 	bool		refreshed = false;
 	int			i;
@@ -317,74 +542,93 @@ d365_client_execute(D365Client *client, D365Op **ops, int n)
 
 	while (npending > 0)
 	{
-		D365HttpRequest **reqs = palloc(sizeof(D365HttpRequest *) * npending);
+		bool		batching = d365_batch_size > 1 && npending > 1;
+		int			per;
+		int			nex;
+		D365HttpRequest **reqs;
 		int			nretry = 0;
 		long		wait = 0;
 		bool		unauthorized = false;
+		bool		throttled = false;
+		int			e;
 
-		for (i = 0; i < npending; i++)
+		for (i = 0; batching && i < npending; i++)
+			batching = batchable(ops[pending[i]]);
+		per = batching ? d365_batch_size : 1;
+		nex = (npending + per - 1) / per;
+
+		/* one exchange per group of "per" pending operations */
+		reqs = palloc(sizeof(D365HttpRequest *) * nex);
+		for (e = 0; e < nex; e++)
 		{
-			D365Op	   *op = ops[pending[i]];
+			int			first = e * per;
+			int			k = Min(per, npending - first);
 
-			op->http = reqs[i] = build_http(client, op);
-			attempts[pending[i]]++;
+			for (i = first; i < first + k; i++)
+				attempts[pending[i]]++;
+			if (batching && k > 1)
+				reqs[e] = build_batch(client, ops, pending + first, k);
+			else
+				reqs[e] = build_http(client, ops[pending[first]]);
 		}
-		d365_http_execute(reqs, npending, client->max_parallel);
-		client->requests += npending;
+		d365_http_execute(reqs, nex, client->max_parallel);
+		client->requests += nex;
 
-		for (i = 0; i < npending; i++)
+		for (e = 0; e < nex; e++)
 		{
-			int			k = pending[i];
-			D365Op	   *op = ops[k];
-			D365HttpRequest *h = op->http;
-			bool		retry = false;
-			bool		can_retry = attempts[k] <= d365_max_retries;
+			int			first = e * per;
+			int			k = Min(per, npending - first);
+			D365HttpRequest *h = reqs[e];
+			D365HttpRequest **parts = NULL;
+			int			nparts = 0;
 
 			note_dop_hint(client, h);
-
-			if (h->transport_error != 0 || h->status == 0)
+			if (h->status == 429)
 			{
-				if (can_retry && !h->too_large &&
-					transport_error_is_transient(h->transport_error))
-				{
-					retry = true;
-					wait = Max(wait, backoff_ms(attempts[k]));
-				}
-			}
-			else if (h->status == 401 && !op->anonymous && !refreshed)
-			{
-				retry = true;
-				unauthorized = true;
-				attempts[k]--;	/* a token refresh is not a failed attempt */
-			}
-			else if (h->status == 429)
-			{
-				char	   *ra = d365_http_header(h, "Retry-After");
-				long		ms = ra ? atol(ra) * 1000L : backoff_ms(attempts[k]);
-
 				client->throttled++;
-				client->max_parallel = Max(1, client->max_parallel / 2);
-				if (can_retry && ms <= d365_retry_max_wait_ms)
-				{
-					retry = true;
-					wait = Max(wait, ms);
-				}
+				throttled = true;
 			}
-			else if (h->status == 500 || h->status == 502 ||
-					 h->status == 503 || h->status == 504)
+			if (batching && k > 1 && h->status == 200 && h->transport_error == 0)
 			{
-				if (can_retry)
-				{
-					retry = true;
-					wait = Max(wait, backoff_ms(attempts[k]));
-				}
+				parts = palloc0(sizeof(D365HttpRequest *) * k);
+				nparts = parse_batch_response(client, h, ops, pending + first, k, parts);
 			}
 
-			if (retry)
-				pending[nretry++] = k;
-			else
-				judge_final(op);
+			for (i = first; i < first + k; i++)
+			{
+				int			o = pending[i];
+				D365Op	   *op = ops[o];
+
+				if (parts == NULL)
+					op->http = h;	/* the request itself, or a batch that failed whole */
+				else if (i - first < nparts)
+					op->http = parts[i - first];
+				else
+				{
+					/* the batch answered without this part: send it again */
+					op->http = palloc0(sizeof(D365HttpRequest));
+					op->http->method = op->method;
+					op->http->url = h->url;
+					op->http->transport_error = CURLE_GOT_NOTHING;
+					op->http->transport_message = pstrdup("The $batch response has no part for this operation.");
+				}
+				if (parts != NULL && op->http->status == 429)
+				{
+					client->throttled++;
+					throttled = true;
+				}
+				if (classify(client, op, op->http, &attempts[o], refreshed, &wait, &unauthorized))
+					retry_list[nretry++] = o;
+				else
+					judge_final(op);
+			}
 		}
+
+		/* the throttling governor: halve on 429, creep back up otherwise */
+		if (throttled)
+			client->max_parallel = Max(1, client->max_parallel / 2);
+		else if (client->max_parallel < client->dop_limit)
+			client->max_parallel++;
 
 		if (unauthorized)
 		{
@@ -397,6 +641,7 @@ d365_client_execute(D365Client *client, D365Op **ops, int n)
 			if (wait > 0)
 				d365_http_sleep(wait);
 		}
+		memcpy(pending, retry_list, sizeof(int) * nretry);
 		npending = nretry;
 	}
 }

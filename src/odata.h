@@ -21,7 +21,8 @@ typedef struct D365Client
 	D365Settings *settings;
 	char	   *service_root;	/* {org_url}/api/data/{version}/ */
 	char	   *service_path;	/* /api/data/{version}/ */
-	int			max_parallel;	/* requests in flight, follows x-ms-dop-hint */
+	int			max_parallel;	/* requests in flight now (the governor's) */
+	int			dop_limit;		/* upper bound: x-ms-dop-hint and the GUC */
 	int			dop_hint;		/* last x-ms-dop-hint seen, 0 if none */
 
 	/* counters for d365.sync_run */

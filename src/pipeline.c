@@ -22,7 +22,8 @@
  *				  chunk; it writes link columns, state, errors, back-off.
  *
  * d365_pipeline_process() streams the work query through a cursor in chunks
- * of d365sync.batch_size rows, sends each chunk's requests with
+ * of d365sync.batch_size x d365sync.max_parallel rows, sends each chunk's
+ * requests with
  * d365_client_execute() (parallel, retried, throttled there), then records
  * the chunk with one call of the record function.  Memory is reset per
  * chunk, so it does not grow with the number of items.
@@ -290,7 +291,10 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 	MemoryContext chunk_cxt;
 	MemoryContext old;
 	char	   *record_sql;
+	int			chunk_size;
 
+	/* enough items to fill every request in flight with a full batch */
+	chunk_size = Min(d365_batch_size * d365_max_parallel, 10000);
 	record_sql = psprintf("SELECT created, updated, unchanged, failed, unlinked"
 						  " FROM %s($1, $2, $3, $4, $5)", record_fn);
 	portal = SPI_cursor_open_with_args(NULL, work_sql, nargs, argtypes, args,
@@ -316,7 +320,7 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 		int			rc;
 
 		CHECK_FOR_INTERRUPTS();
-		SPI_cursor_fetch(portal, true, d365_batch_size);
+		SPI_cursor_fetch(portal, true, chunk_size);
 		if (SPI_processed == 0)
 			break;
 		work = SPI_tuptable;
