@@ -17,12 +17,16 @@
  *	  max_parallel			requests in flight (x-ms-dop-hint lowers it)
  *	  batch_size			items per pipeline chunk
  *	  page_size				rows per page when reading from Dynamics
+ *	  max_run_time			time budget of one sync run
  *	  ca_file				extra CA bundle (superuser only)
  * Secrets are never GUCs: pg_db_role_setting is readable by everyone.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <limits.h>
+
 #include "d365_json.h"
 
 #include "fmgr.h"
@@ -41,6 +45,7 @@ int			d365_retry_max_wait_ms = 60000;
 int			d365_max_parallel = 8;
 int			d365_batch_size = 100;
 int			d365_page_size = 5000;
+int			d365_max_run_time_ms = 55 * 60 * 1000;
 char	   *d365_ca_file = NULL;
 
 void		_PG_init(void);
@@ -80,6 +85,10 @@ _PG_init(void)
 							"Rows per page asked of Dynamics 365 when reading (Prefer: odata.maxpagesize).",
 							NULL, &d365_page_size, 5000, 1, 5000,
 							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.max_run_time",
+							"Time budget of one sync run; what is left then stays pending for the next run (0: no limit).",
+							NULL, &d365_max_run_time_ms, 55 * 60 * 1000, 0, INT_MAX,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomStringVariable("d365sync.ca_file",
 							   "Extra CA bundle (PEM) trusted for Dynamics 365 and the token authority.",
 							   NULL, &d365_ca_file, NULL,

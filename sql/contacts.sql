@@ -212,6 +212,21 @@ SELECT * FROM d365_sync_contacts();
 SELECT dynamics365_related_id IS NOT NULL AND dynamics365_related_id <> :'cy_id' AS new_link
   FROM app_contact WHERE id = 3;
 
+-- a run past its time budget stops between chunks; the rest stays pending
+INSERT INTO app_contact (id, first_name, last_name, email, score) VALUES
+    (9, 'Ivy', 'Budget', 'ivy@example.com', 30), (10, 'Jo', 'Budget', 'jo@example.com', 30);
+SET d365sync.batch_size = 1;
+SET d365sync.max_parallel = 1;
+SET d365sync.max_run_time = 200;
+\! "$D365_SIMCTL" fault '{"method": "PATCH", "delay_ms": 300, "times": 1}'
+SELECT created, failed FROM d365_sync_contacts();
+SELECT message FROM d365.sync_run ORDER BY id DESC LIMIT 1;
+RESET d365sync.max_run_time;
+SELECT created, failed FROM d365_sync_contacts();
+RESET d365sync.batch_size;
+RESET d365sync.max_parallel;
+SELECT count(*) AS budget_contacts_linked FROM app_contact WHERE last_name = 'Budget' AND dynamics365_related_id IS NOT NULL;
+
 -- the run history and the status overview
 SELECT kind, created, updated, unchanged, failed, unlinked, requests, message
   FROM d365.sync_run ORDER BY id;

@@ -41,6 +41,7 @@ extern int	d365_retry_max_wait_ms;
 extern int	d365_max_parallel;
 extern int	d365_batch_size;
 extern int	d365_page_size;
+extern int	d365_max_run_time_ms;
 extern char *d365_ca_file;
 
 #endif							/* D365SYNC_H */

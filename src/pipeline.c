@@ -26,7 +26,9 @@
  * requests with
  * d365_client_execute() (parallel, retried, throttled there), then records
  * the chunk with one call of the record function.  Memory is reset per
- * chunk, so it does not grow with the number of items.
+ * chunk, so it does not grow with the number of items.  A run past its time
+ * budget (d365sync.max_run_time) stops between chunks; the rest stays
+ * pending for the next run.
  *
  * d365_run_execute() wraps an engine's body for the scheduled jobs: it
  * takes a transaction-level advisory lock (a second run of the same job
@@ -320,6 +322,17 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 		int			rc;
 
 		CHECK_FOR_INTERRUPTS();
+		if (d365_max_run_time_ms > 0 &&
+			TimestampDifferenceExceeds(run->started, GetCurrentTimestamp(),
+									   d365_max_run_time_ms))
+		{
+			MemoryContext m = MemoryContextSwitchTo(run->cxt);
+
+			run->message = psprintf("stopped after %lld items at the time budget (d365sync.max_run_time = %d ms); the rest stays pending",
+									(long long) run->items, d365_max_run_time_ms);
+			MemoryContextSwitchTo(m);
+			break;
+		}
 		SPI_cursor_fetch(portal, true, chunk_size);
 		if (SPI_processed == 0)
 			break;
