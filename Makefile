@@ -10,7 +10,7 @@ OBJS = d365sync.o src/http.o src/auth.o src/odata.o src/catalog.o \
 
 DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src

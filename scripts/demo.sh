@@ -200,21 +200,25 @@ UPDATE crm_person SET score = 80, notes = 'came to the webinar' WHERE id = 6;
 SELECT * FROM d365_sync_contacts();
 \set ECHO none
 \echo
-\echo '-- what the simulator received during that run (Web API requests only):'
+\echo '-- what the simulator received during that run (Web API requests only;'
+\echo '-- operations that travelled inside a $batch request are indented):'
 \echo '-- Tom: one PATCH of the one changed field, If-Match: * (update, never create);'
 \echo '-- Sofia: created with an upsert on an id d365sync chose, then her pending call'
 \echo '-- created (If-None-Match: *) and completed.'
 CREATE TEMP TABLE sim_req (j jsonb);
 \copy sim_req(j) from program '"$D365_SIMCTL" requests --kind api --copy'
 SELECT j->>'method' AS method,
+       CASE WHEN j->>'batch' IS NOT NULL THEN '  ' ELSE '' END ||
        regexp_replace(regexp_replace(j->>'path', '^/api/data/v[0-9.]+/', ''),
                       '\(([0-9a-f]{8})-[0-9a-f-]{27}\)', '(\1...)') AS path,
        coalesce('If-Match: ' || (j->'headers'->>'if-match'),
                 'If-None-Match: ' || (j->'headers'->>'if-none-match'), '') AS precondition,
        j->>'status' AS status,
-       CASE WHEN length(j->>'body') > 64 THEN left(j->>'body', 61) || '...'
+       CASE WHEN j->>'path' LIKE '%$batch'
+            THEN (SELECT count(*) FROM sim_req p WHERE p.j->>'batch' = r.j->>'seq') || ' operations'
+            WHEN length(j->>'body') > 64 THEN left(j->>'body', 61) || '...'
             ELSE j->>'body' END AS body
-  FROM sim_req ORDER BY (j->>'seq')::bigint;
+  FROM sim_req r ORDER BY (j->>'seq')::bigint;
 SQL
 
 # ---------------------------------------------------------------------------

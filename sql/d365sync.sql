@@ -485,6 +485,7 @@ CREATE FUNCTION d365.d365_contact_fields(
     OUT column_name name, OUT data_type text, OUT dynamics_field text, OUT convertible boolean)
 RETURNS SETOF record
 LANGUAGE sql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT a.attname, format_type(a.atttypid, a.atttypmod), f.dynamics_field,
@@ -601,6 +602,7 @@ CREATE FUNCTION d365.d365_dynamics_fields(
     OUT valid_for_create boolean, OUT valid_for_update boolean)
 RETURNS SETOF record
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT a ->> 'LogicalName',
@@ -653,6 +655,7 @@ CREATE FUNCTION d365.d365_validate_mapping(
     OUT column_name name, OUT dynamics_field text, OUT problem text)
 RETURNS SETOF record
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH meta AS (SELECT a ->> 'LogicalName' AS name, a ->> 'AttributeType' AS atype,
@@ -698,6 +701,7 @@ CREATE FUNCTION d365.d365_owners(
     OUT kind text, OUT id uuid, OUT name text, OUT email text, OUT bind text)
 RETURNS SETOF record
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT * FROM (
@@ -1407,6 +1411,7 @@ CREATE FUNCTION d365.d365_log_activity(
     occurred_at timestamptz DEFAULT now())
 RETURNS bigint
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1434,6 +1439,7 @@ CREATE FUNCTION d365.d365_create_task(
     duration_minutes integer DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1469,6 +1475,7 @@ CREATE FUNCTION d365.d365_create_appointment(
     optional_attendees text[] DEFAULT '{}')
 RETURNS uuid
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1841,6 +1848,7 @@ COMMENT ON FUNCTION d365.d365_pull_changes() IS
 CREATE FUNCTION d365.d365_status(OUT item text, OUT value text)
 RETURNS SETOF record
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

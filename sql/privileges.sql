@@ -1,0 +1,58 @@
+-- Roles: what an application role, an operator and a monitor can do.
+SET search_path = public, d365;
+UPDATE d365.settings SET activity_sync_enabled = true;
+
+-- an application role that only logs activities and pushes Dynamics edits
+CREATE ROLE regress_app;
+GRANT USAGE ON SCHEMA d365 TO regress_app;
+GRANT EXECUTE ON FUNCTION d365.d365_log_activity(anyelement, text, text, jsonb, timestamptz),
+                          d365.d365_update_contact(jsonb) TO regress_app;
+GRANT UPDATE ON person TO regress_app;
+SELECT dynamics365_related_id AS ada FROM person WHERE id = 1 \gset
+SET ROLE regress_app;
+SELECT d365.d365_log_activity(1, 'phonecall', 'Logged by the app') > 0 AS logged;
+SELECT d365.d365_update_contact(jsonb_build_object('contactid', :'ada', 'firstname', 'Ada Augusta'));
+-- ... and nothing else
+SELECT count(*) FROM d365.activity;
+SELECT client_secret FROM d365.settings;
+SELECT * FROM d365.d365_sync_contacts();
+SELECT d365.d365_sync_contact(1);
+RESET ROLE;
+SELECT subject, synced_at IS NOT NULL AS synced FROM d365.activity ORDER BY id DESC LIMIT 1;
+
+-- an operator: runs and watches the sync, never sees the secret
+CREATE ROLE regress_operator;
+GRANT USAGE ON SCHEMA d365 TO regress_operator;
+GRANT SELECT (org_url, tenant_id, client_id, authority_url, api_version, contact_sync_enabled,
+              min_score, activity_sync_enabled, default_owner, incoming_mapper, instance_id)
+      ON d365.settings TO regress_operator;
+GRANT SELECT ON d365.contact_source, d365.field_map, d365.activity_type_map,
+                d365.activity_mapper TO regress_operator;
+GRANT SELECT, INSERT, UPDATE, DELETE ON d365.contact_state, d365.activity, d365.sync_run,
+                d365.metadata_cache, d365.pull_state TO regress_operator;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA d365 TO regress_operator;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA d365 TO regress_operator;
+GRANT SELECT, UPDATE ON person TO regress_operator;
+SET ROLE regress_operator;
+UPDATE person SET email = 'ada@operator.example' WHERE id = 1;
+SELECT created, updated, failed FROM d365.d365_sync_contacts();
+SELECT item, value FROM d365.d365_status() WHERE item IN ('configured', 'contacts to update', 'contacts failing');
+SELECT client_secret FROM d365.settings;
+RESET ROLE;
+
+-- a monitor sees the status and nothing else
+CREATE ROLE regress_monitor;
+GRANT USAGE ON SCHEMA d365 TO regress_monitor;
+GRANT EXECUTE ON FUNCTION d365.d365_status() TO regress_monitor;
+SET ROLE regress_monitor;
+SELECT count(*) > 10 AS status_rows FROM d365.d365_status();
+SELECT count(*) FROM d365.sync_run;
+RESET ROLE;
+
+-- the secret and the token appear in no message, view or table
+SELECT count(*) AS secret_in_run_messages FROM d365.sync_run WHERE message LIKE '%sim-secret%';
+SELECT count(*) AS secret_in_errors FROM d365.contact_state WHERE last_error LIKE '%sim-secret%';
+SELECT count(*) AS secret_in_cache FROM d365.metadata_cache WHERE body::text LIKE '%sim-secret%';
+
+DROP OWNED BY regress_app, regress_operator, regress_monitor;
+DROP ROLE regress_app, regress_operator, regress_monitor;
