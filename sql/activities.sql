@@ -1,4 +1,5 @@
 -- Activities: the log, sync, built-in bodies, mapping, tasks, appointments.
+\set SHOW_CONTEXT never
 SET search_path = public, d365;
 \getenv sim_url D365_SIM_URL
 \! "$D365_SIMCTL" clear-requests

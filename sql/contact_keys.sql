@@ -1,4 +1,5 @@
 -- Contact tables keyed by uuid and by text; detach and re-attach.
+\set SHOW_CONTEXT never
 SET search_path = public, d365;
 \! "$D365_SIMCTL" reset
 CREATE TEMP TABLE sim_contact (j jsonb);

@@ -1,4 +1,5 @@
 -- Outgoing contact sync: attach, mapping, create, partial update, failures.
+\set SHOW_CONTEXT never
 SET search_path = public, d365;
 \getenv sim_url D365_SIM_URL
 \! "$D365_SIMCTL" reset

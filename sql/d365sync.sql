@@ -325,6 +325,31 @@ AS $$
             FROM pg_type t WHERE t.oid = typ) b
 $$;
 
+-- The attached contact table, or a clear error when there is none.
+CREATE FUNCTION d365._contact_source()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    RETURN src;
+END;
+$$;
+
+-- When a failed item is tried again: 5 minutes, 10, 20, ... at most a day.
+CREATE FUNCTION d365._next_attempt(failures integer)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$ SELECT now() + least(interval '5 minutes' * power(2, greatest(failures - 1, 0)), interval '1 day') $$;
+
 -- Field map validation: the column must exist and be mappable.
 CREATE FUNCTION d365._field_map_check()
 RETURNS trigger
@@ -335,12 +360,7 @@ DECLARE
     src d365.contact_source;
     typ regtype;
 BEGIN
-    SELECT * INTO src FROM d365.contact_source;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no contact table is attached'
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
-    END IF;
+    src := d365._contact_source();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
         RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
             USING ERRCODE = 'invalid_parameter_value',
@@ -791,12 +811,7 @@ DECLARE
     cur text;
     sel text;
 BEGIN
-    SELECT * INTO src FROM d365.contact_source;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no contact table is attached'
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
-    END IF;
+    src := d365._contact_source();
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
@@ -928,14 +943,13 @@ BEGIN
     INSERT INTO d365.contact_state AS s
            (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
             last_error_code, last_error)
-    SELECT o.item_key, 1, now() + interval '5 minutes', now(), nullif(o.status, 0),
+    SELECT o.item_key, 1, d365._next_attempt(1), now(), nullif(o.status, 0),
            o.error_code, o.error_message
       FROM d365_contact_outcome o
      WHERE NOT o.ok AND NOT o.gone
     ON CONFLICT (contact_key) DO UPDATE
        SET attempts = s.attempts + 1,
-           next_attempt_at = now() + least(interval '5 minutes' * power(2, s.attempts),
-                                           interval '1 day'),
+           next_attempt_at = d365._next_attempt(s.attempts + 1),
            last_attempt_at = now(), last_status = EXCLUDED.last_status,
            last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
 
@@ -1242,12 +1256,7 @@ DECLARE
     sel text;
     pending boolean;
 BEGIN
-    SELECT * INTO src FROM d365.contact_source;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no contact table is attached'
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
-    END IF;
+    src := d365._contact_source();
 
     sel := CASE mode
         WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
@@ -1347,8 +1356,7 @@ BEGIN
     bad AS (
         UPDATE d365.activity a
            SET attempts = a.attempts + 1,
-               next_attempt_at = now() + least(interval '5 minutes' * power(2, a.attempts),
-                                               interval '1 day'),
+               next_attempt_at = d365._next_attempt(a.attempts + 1),
                dynamics_entity = o.entity, last_status = nullif(o.st, 0),
                last_error_code = o.code, last_error = o.err
           FROM o
@@ -1379,12 +1387,7 @@ DECLARE
     found_key text;
     link uuid;
 BEGIN
-    SELECT * INTO src FROM d365.contact_source;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no contact table is attached'
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
-    END IF;
+    src := d365._contact_source();
     EXECUTE format('SELECT %I::text, dynamics365_related_id FROM %s WHERE %I::text = $1',
                    src.key_column, src.contact_table, src.key_column)
        INTO found_key, link USING contact_key;
@@ -1650,12 +1653,7 @@ BEGIN
         RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
             USING ERRCODE = 'invalid_parameter_value';
     END;
-    SELECT * INTO src FROM d365.contact_source;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no contact table is attached'
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
-    END IF;
+    src := d365._contact_source();
 
     IF caller IS NOT NULL AND NOT has_any_column_privilege(caller, src.contact_table, 'UPDATE') THEN
         RAISE EXCEPTION 'permission denied for table %', src.contact_table

@@ -1,5 +1,6 @@
 -- Incoming changes: push payloads (d365_update_contact) and the
 -- change-tracking pull (d365_pull_changes), without echo.
+\set SHOW_CONTEXT never
 SET search_path = public, d365;
 \getenv sim_url D365_SIM_URL
 \! "$D365_SIMCTL" reset

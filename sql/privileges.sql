@@ -1,4 +1,5 @@
 -- Roles: what an application role, an operator and a monitor can do.
+\set SHOW_CONTEXT never
 SET search_path = public, d365;
 UPDATE d365.settings SET activity_sync_enabled = true;
 

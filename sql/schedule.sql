@@ -1,4 +1,5 @@
 -- pg_cron jobs, and two runs at once.
+\set SHOW_CONTEXT never
 SET search_path = public, d365;
 \! "$D365_SIMCTL" reset
 CREATE TEMP TABLE sim_contact (j jsonb);

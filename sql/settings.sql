@@ -1,4 +1,5 @@
 -- Settings: defaults, write-time validation, privileges, GUCs.
+\set SHOW_CONTEXT never
 CREATE EXTENSION d365sync;
 SET search_path = d365, public;
 
