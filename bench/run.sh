@@ -87,7 +87,8 @@ sim_reset() {
 }
 
 # setup_contacts N: a fresh extension and an N-contact table, attached,
-# mapped (8 kinds of fields) and enabled, every contact with a score >= 1.
+# mapped (9 columns: first and last name, email, phone, city, a date, a
+# timestamptz, an integer, a boolean) and enabled, every score >= 1.
 setup_contacts() {
     local n=$1
     sim_reset || return 1

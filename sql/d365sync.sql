@@ -900,7 +900,7 @@ BEGIN
     INSERT INTO d365_contact_outcome
     SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
            (x.c ->> 'generation')::integer, x.c -> 'values', o.st, o.code, o.msg,
-           (x.c ->> 'action') = 'unchanged' OR o.st BETWEEN 200 AND 299,
+           (x.c ->> 'action') = 'unchanged' OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL),
            (x.c ->> 'action') = 'update' AND o.st = 404
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
                AS o(k, ctx, st, code, msg),
