@@ -13,11 +13,11 @@
  *	  connect_timeout_ms, request_timeout_ms	libcurl timeouts
  *	  max_response_size		cap on one response body
  *	  max_retries			attempts after the first, for 429/5xx/transport
- *	  retry_max_wait		longest single wait (Retry-After or back-off)
+ *	  retry_max_wait_ms	longest single wait (Retry-After or back-off)
  *	  max_parallel			requests in flight (x-ms-dop-hint lowers it)
  *	  batch_size			items per pipeline chunk
  *	  page_size				rows per page when reading from Dynamics
- *	  max_run_time			time budget of one sync run
+ *	  max_run_time_ms		time budget of one sync run
  *	  ca_file				extra CA bundle (superuser only)
  * Secrets are never GUCs: pg_db_role_setting is readable by everyone.
  *
@@ -69,7 +69,7 @@ _PG_init(void)
 							"Times a request is sent again after a 429, a 5xx or a transport failure.",
 							NULL, &d365_max_retries, 3, 0, 100,
 							PGC_USERSET, 0, NULL, NULL, NULL);
-	DefineCustomIntVariable("d365sync.retry_max_wait",
+	DefineCustomIntVariable("d365sync.retry_max_wait_ms",
 							"Longest single wait before a retry; a longer Retry-After fails the request.",
 							NULL, &d365_retry_max_wait_ms, 60000, 0, 3600000,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
@@ -85,7 +85,7 @@ _PG_init(void)
 							"Rows per page asked of Dynamics 365 when reading (Prefer: odata.maxpagesize).",
 							NULL, &d365_page_size, 5000, 1, 5000,
 							PGC_USERSET, 0, NULL, NULL, NULL);
-	DefineCustomIntVariable("d365sync.max_run_time",
+	DefineCustomIntVariable("d365sync.max_run_time_ms",
 							"Time budget of one sync run; what is left then stays pending for the next run (0: no limit).",
 							NULL, &d365_max_run_time_ms, 55 * 60 * 1000, 0, INT_MAX,
 							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);

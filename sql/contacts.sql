@@ -218,11 +218,11 @@ INSERT INTO app_contact (id, first_name, last_name, email, score) VALUES
     (9, 'Ivy', 'Budget', 'ivy@example.com', 30), (10, 'Jo', 'Budget', 'jo@example.com', 30);
 SET d365sync.batch_size = 1;
 SET d365sync.max_parallel = 1;
-SET d365sync.max_run_time = 200;
+SET d365sync.max_run_time_ms = 200;
 \! "$D365_SIMCTL" fault '{"method": "PATCH", "delay_ms": 300, "times": 1}'
 SELECT created, failed FROM d365_sync_contacts();
 SELECT message FROM d365.sync_run ORDER BY id DESC LIMIT 1;
-RESET d365sync.max_run_time;
+RESET d365sync.max_run_time_ms;
 SELECT created, failed FROM d365_sync_contacts();
 RESET d365sync.batch_size;
 RESET d365sync.max_parallel;

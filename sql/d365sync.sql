@@ -201,6 +201,8 @@ CREATE TABLE d365.sync_run (
     message     text
 );
 CREATE INDEX sync_run_kind_idx ON d365.sync_run (kind, id);
+SELECT pg_catalog.pg_extension_config_dump('d365.sync_run', '');
+SELECT pg_catalog.pg_extension_config_dump('d365.sync_run_id_seq', '');
 COMMENT ON TABLE d365.sync_run IS
     'One row per sync run: what it did, the HTTP requests it made, and why it stopped early if it did';
 
@@ -250,13 +252,19 @@ CREATE TABLE d365.contact_state (
 );
 CREATE INDEX contact_state_failing_idx ON d365.contact_state (next_attempt_at)
     WHERE attempts > 0;
+-- dumped with the configuration: without it a restored database would send
+-- every linked contact's mapped values once more
+SELECT pg_catalog.pg_extension_config_dump('d365.contact_state', '');
 COMMENT ON TABLE d365.contact_state IS
     'Sync state of each contact: pending changes, last synced values, failures and back-off';
 
 -- Contact capture trigger: count a change of anything but the link columns.
+-- It runs as the extension owner, so whoever may write the contact table
+-- needs no rights on d365's tables.
 CREATE FUNCTION d365._contact_capture()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

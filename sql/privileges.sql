@@ -21,6 +21,17 @@ SELECT d365.d365_sync_contact(1);
 RESET ROLE;
 SELECT subject, synced_at IS NOT NULL AS synced FROM d365.activity ORDER BY id DESC LIMIT 1;
 
+-- a role that only writes the contact table needs no rights in d365
+CREATE ROLE regress_writer;
+GRANT SELECT, INSERT, UPDATE, DELETE ON person TO regress_writer;
+SET ROLE regress_writer;
+INSERT INTO person (id, first_name, email, score) VALUES (4, 'Dot', 'dot@example.com', 60);
+UPDATE person SET first_name = 'Dorothy' WHERE id = 4;
+DELETE FROM person WHERE id = 4;
+UPDATE person SET first_name = 'Ada' WHERE id = 1;
+RESET ROLE;
+SELECT contact_key, change_seq > synced_seq AS pending FROM d365.contact_state WHERE contact_key IN ('1', '4');
+
 -- an operator: runs and watches the sync, never sees the secret
 CREATE ROLE regress_operator;
 GRANT USAGE ON SCHEMA d365 TO regress_operator;
@@ -55,5 +66,5 @@ SELECT count(*) AS secret_in_run_messages FROM d365.sync_run WHERE message LIKE 
 SELECT count(*) AS secret_in_errors FROM d365.contact_state WHERE last_error LIKE '%sim-secret%';
 SELECT count(*) AS secret_in_cache FROM d365.metadata_cache WHERE body::text LIKE '%sim-secret%';
 
-DROP OWNED BY regress_app, regress_operator, regress_monitor;
-DROP ROLE regress_app, regress_operator, regress_monitor;
+DROP OWNED BY regress_app, regress_writer, regress_operator, regress_monitor;
+DROP ROLE regress_app, regress_writer, regress_operator, regress_monitor;

@@ -139,10 +139,11 @@ d365_send_activity(PG_FUNCTION_ARGS)
 	else
 	{
 		run.no_record = true;
+		/* a failure was reported as a WARNING by d365_run_execute */
 		if (!d365_run_execute(&run, NULL, one_body, &id))
 			ereport(WARNING,
 					(errcode(ERRCODE_WARNING),
-					 errmsg("activity %lld stays pending: Dynamics 365 could not be reached",
+					 errmsg("activity %lld was not sent to Dynamics 365 and stays pending",
 							(long long) id),
 					 errhint("d365_sync_activities() will send it.")));
 		SPI_connect();

@@ -26,7 +26,7 @@
  *
  * Waits are interruptible (d365_http_sleep).  The number of attempts is
  * bounded by d365sync.max_retries and a single wait by
- * d365sync.retry_max_wait; an operation that would need more stays failed
+ * d365sync.retry_max_wait_ms; an operation that would need more stays failed
  * and its item stays pending for the next run.
  *
  * d365_op_report() turns a failed operation into an ereport in

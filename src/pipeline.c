@@ -27,7 +27,7 @@
  * d365_client_execute() (parallel, retried, throttled there), then records
  * the chunk with one call of the record function.  Memory is reset per
  * chunk, so it does not grow with the number of items.  A run past its time
- * budget (d365sync.max_run_time) stops between chunks; the rest stays
+ * budget (d365sync.max_run_time_ms) stops between chunks; the rest stays
  * pending for the next run.
  *
  * d365_run_execute() wraps an engine's body for the scheduled jobs: it
@@ -328,7 +328,7 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 		{
 			MemoryContext m = MemoryContextSwitchTo(run->cxt);
 
-			run->message = psprintf("stopped after %lld items at the time budget (d365sync.max_run_time = %d ms); the rest stays pending",
+			run->message = psprintf("stopped after %lld items at the time budget (d365sync.max_run_time_ms = %d ms); the rest stays pending",
 									(long long) run->items, d365_max_run_time_ms);
 			MemoryContextSwitchTo(m);
 			break;
