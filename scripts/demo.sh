@@ -267,9 +267,40 @@ SQL
 
 # ---------------------------------------------------------------------------
 # demo_incoming: changes made in Dynamics flowing back into crm_person.
-# Placeholder: the incoming-change steps are added here.
 demo_incoming() {
-    :
+    d365_log "incoming, pull: a baseline, then edits made by a sales person in Dynamics"
+    demo_sql <<'SQL'
+\set ECHO all
+-- the first pull takes a baseline with Dataverse change tracking
+SELECT * FROM d365_pull_changes();
+SQL
+    # A sales person edits Maria in Dynamics: a new phone number and a cleared
+    # birthdate, plus a job title, which is not mapped.
+    psql -X -q -At -d "$DEMO_DB" -c "SELECT json_build_object('op', 'update',
+            'id', dynamics365_related_id,
+            'values', json_build_object('telephone1', '+44 20 7946 0999',
+                                        'birthdate', NULL, 'jobtitle', 'CTO'))
+            FROM crm_person WHERE id = 1" | "$D365_SIMCTL" edit contact - || exit 1
+    demo_sql <<'SQL'
+\set ECHO all
+-- the next pull brings only what changed since the baseline
+SELECT * FROM d365_pull_changes();
+SELECT id, first_name, phone, birthday FROM crm_person WHERE id = 1;
+-- and the next outgoing sync does not send it back: no request at all
+\! "$D365_SIMCTL" clear-requests
+SELECT * FROM d365_sync_contacts();
+SQL
+    d365_log "incoming, push: what a Power Automate flow posts"
+    demo_sql <<'SQL'
+\set ECHO all
+SELECT d365_update_contact(jsonb_build_object(
+           'contactid', dynamics365_related_id,
+           'city', 'ignored: not a Dynamics field name',
+           'address1_city', 'Aarhus',
+           'SdkMessage', 'Update'))
+  FROM crm_person WHERE id = 4;
+SELECT id, first_name, city FROM crm_person WHERE id = 4;
+SQL
 }
 demo_incoming
 

@@ -3,8 +3,9 @@
 #   bash scripts/test.sh
 # Installs the packages, builds and installs d365sync, starts a throwaway
 # PostgreSQL cluster (pg_cron preloaded) and the Dataverse simulator, runs
-# the pg_regress suite and the shell test suites in test/, prints the
-# regression diffs on failure, stops everything it started and ends with
+# the pg_regress suites, the simulator's self-test and the shell test suites
+# in test/, prints the regression diffs on failure, stops everything it
+# started and ends with
 # "N passed, N failed".  Exit status 0 only when nothing failed.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -33,6 +34,16 @@ if [ -s regression.diffs ]; then
     echo "---------------- regression.diffs ----------------"
     cat regression.diffs
     echo "--------------------------------------------------"
+fi
+
+# The simulator's own self-test (it starts a simulator of its own).
+d365_log "running the simulator self-test"
+/usr/bin/python3 "$D365_REPO/sim/selftest.py" 2>&1 | tee "$D365_WORK/selftest.log" | grep -E "FAIL|passed, "
+if line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$D365_WORK/selftest.log" | tail -n 1); then
+    passed=$((passed + $(echo "$line" | cut -d' ' -f1)))
+    failed=$((failed + $(echo "$line" | cut -d' ' -f3)))
+else
+    echo "the simulator self-test did not report"; failed=$((failed + 1))
 fi
 
 # Shell suites: each test/*.sh prints "ok NAME" / "not ok NAME" lines.

@@ -869,7 +869,8 @@ BEGIN
                                %2$s AS cur
                           FROM %3$s c
                           LEFT JOIN d365.contact_state s ON s.contact_key = c.%1$I::text
-                         WHERE %4$s) v) w
+                         WHERE %4$s
+                        OFFSET 0) v) w
     $q$, src.key_column, cur, src.contact_table, sel);
 END;
 $$;
