@@ -1892,7 +1892,7 @@ BEGIN
         EXECUTE format('SELECT count(*) FROM %s c JOIN d365.contact_state s ON s.contact_key = c.%I::text'
                        ' WHERE c.dynamics365_related_id IS NOT NULL AND s.change_seq > s.synced_seq',
                        src.contact_table, src.key_column) INTO n;
-        item := 'contacts to update'; value := n::text; RETURN NEXT;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;
         item := 'contacts linked'; value := n::text; RETURN NEXT;

@@ -48,7 +48,7 @@ GRANT SELECT, UPDATE ON person TO regress_operator;
 SET ROLE regress_operator;
 UPDATE person SET email = 'ada@operator.example' WHERE id = 1;
 SELECT created, updated, failed FROM d365.d365_sync_contacts();
-SELECT item, value FROM d365.d365_status() WHERE item IN ('configured', 'contacts to update', 'contacts failing');
+SELECT item, value FROM d365.d365_status() WHERE item IN ('configured', 'contacts with pending changes', 'contacts failing');
 SELECT client_secret FROM d365.settings;
 RESET ROLE;
 
