@@ -41,6 +41,7 @@ import datetime
 import hashlib
 import hmac
 import http
+import itertools
 import json
 import math
 import os
@@ -1141,7 +1142,7 @@ class Fault:
 class LogEntry:
     __slots__ = ("seq", "time", "method", "path", "scheme", "headers", "raw",
                  "btype", "status", "error_code", "batch", "changeset", "kind",
-                 "content_id", "rolled_back")
+                 "content_id", "rolled_back", "conn")
 
     def to_json(self):
         body = None
@@ -1165,7 +1166,7 @@ class LogEntry:
              "method": self.method, "path": self.path, "scheme": self.scheme,
              "headers": self.headers, "body": body, "status": self.status,
              "error_code": self.error_code, "batch": self.batch,
-             "changeset": self.changeset}
+             "changeset": self.changeset, "conn": self.conn}
         if self.content_id is not None:
             d["content_id"] = self.content_id
         if self.rolled_back:
@@ -1465,8 +1466,9 @@ class State:
 
     # -- request log -------------------------------------------------------------
     def log_start(self, kind, method, path, scheme, headers, raw, btype,
-                  batch=None, changeset=None, content_id=None):
+                  batch=None, changeset=None, content_id=None, conn=None):
         e = LogEntry()
+        e.conn = conn
         e.time = now_iso_ms()
         e.kind = kind
         e.method = method
@@ -2519,7 +2521,12 @@ class Handler(BaseHTTPRequestHandler):
     def version_string(self):
         return self.server_version
 
+    _conn_ids = itertools.count(1)
+
     def setup(self):
+        # every TCP connection gets a number, logged with its requests, so
+        # tests can see connections being reused
+        self.conn_id = next(Handler._conn_ids)
         BaseHTTPRequestHandler.setup(self)
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.settimeout(30)
@@ -2615,7 +2622,8 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "api" and path.rstrip("/").endswith("/$batch"):
             btype = "text"
         entry = S.log_start(kind, self.command, raw_path, self.server.scheme,
-                            S.redact_headers(hdrs), body, btype)
+                            S.redact_headers(hdrs), body, btype,
+                            conn=getattr(self, "conn_id", None))
         nrec = 0
         inflight = False
         try:
@@ -2986,7 +2994,7 @@ class Handler(BaseHTTPRequestHandler):
         e = S.log_start("api", op.method, url, self.server.scheme, S.redact_headers(op.headers),
                         op.body, "json" if ("json" in ct or (op.body[:1] in (b"{", b"[")))
                         else "text", batch=entry.seq, changeset=op.changeset,
-                        content_id=op.content_id)
+                        content_id=op.content_id, conn=entry.conn)
         if logged is not None:
             logged.append(e)
         fault = S.match_fault(op.method, url, op.body, True)

@@ -97,7 +97,9 @@ SELECT c.id, j->>'firstname' AS firstname, j->>'emailaddress1' AS email,
   FROM sim_contact s JOIN app_contact c ON c.dynamics365_related_id = (s.j->>'contactid')::uuid
  ORDER BY c.id;
 \copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
--- both creates travelled in one $batch request
+-- both creates travelled in one $batch request, on the connection the
+-- metadata request had opened
+SELECT count(DISTINCT j->>'conn') AS connections FROM sim_req;
 SELECT o.j->>'method' AS method, o.j->>'path' AS path, o.j->>'status' AS status,
        o.j->'headers'->>'prefer' AS prefer,
        (SELECT count(*) FROM sim_req i WHERE i.j->>'batch' = o.j->>'seq') AS parts

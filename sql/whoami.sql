@@ -29,6 +29,9 @@ SELECT j->>'kind' AS kind, j->>'method' AS method,
        j->>'status' AS status, j->'headers'->>'authorization' AS authorization
   FROM sim_req ORDER BY (j->>'seq')::int;
 
+-- one connection carried them all: it is kept alive between calls
+SELECT count(DISTINCT j->>'conn') AS connections FROM sim_req;
+
 -- what the token request carried (the secret is masked by the simulator)
 SELECT j->'body'->>'grant_type' AS grant_type,
        j->'body'->>'client_id' AS client_id,
