@@ -13,6 +13,9 @@
  * - d365_http_execute() runs a list of requests with up to max_parallel of
  *	 them in flight.  A single request is the list of one.  Easy handles are
  *	 made per request (cheap; connections live in the multi's cache).
+ *	 d365_http_start() and d365_http_wait() split it in two, so a caller can
+ *	 do database work while the server answers; calls in flight at once
+ *	 share the multi handle, and each transfer knows its call.
  *
  * - The wait loop is ours: curl_multi_poll() for at most 100 ms, then
  *	 CHECK_FOR_INTERRUPTS().  So statement_timeout and pg_cancel_backend()
@@ -24,8 +27,9 @@
  * - Ownership: the easy handles and header lists of a call belong to a
  *	 memory context made for that call, through a reset callback.  When an
  *	 ERROR (a cancel, say) unwinds, the context goes and the callback detaches
- *	 the handles from the multi handle and frees them.  If a call's context
- *	 is somehow not reset, the next call releases it first.
+ *	 the handles from the multi handle and frees them.  (The call's context
+ *	 is a child of the caller's, so it goes before the response buffers
+ *	 the transfers write into.)
  *
  * - Policy, enforced for every request: http and https only, no redirects,
  *	 TLS peer and host always verified (d365sync.ca_file adds a CA bundle),
@@ -67,8 +71,11 @@ typedef struct HttpBuffer
 } HttpBuffer;
 
 /* What one transfer needs while it runs. */
+typedef struct HttpCall HttpCall;
+
 typedef struct HttpTransfer
 {
+	HttpCall   *call;
 	D365HttpRequest *req;
 	CURL	   *easy;
 	struct curl_slist *headers;
@@ -79,17 +86,21 @@ typedef struct HttpTransfer
 	char		errbuf[CURL_ERROR_SIZE];
 } HttpTransfer;
 
-/* One call of d365_http_execute. */
-typedef struct HttpCall
+/* One call: requests started together and waited for together. */
+struct HttpCall
 {
 	MemoryContext resp_cxt;		/* the caller's context: response buffers */
+	MemoryContext cxt;			/* the call's own bookkeeping */
 	HttpTransfer *transfers;
 	int			n;
+	int			next;			/* first transfer not started yet */
+	int			running;
+	int			done;
+	int			max_parallel;
 	MemoryContextCallback cb;
-} HttpCall;
+};
 
 static CURLM *multi_handle = NULL;
-static HttpCall *active_call = NULL;
 
 /*
  * d365_http_init
@@ -193,8 +204,6 @@ release_call(void *arg)
 			t->headers = NULL;
 		}
 	}
-	if (active_call == call)
-		active_call = NULL;
 }
 
 /*
@@ -337,6 +346,7 @@ start_transfer(HttpCall *call, int i)
 			SETOPT(t->easy, CURLOPT_CUSTOMREQUEST, req->method);
 	}
 
+	t->call = call;
 	INSTR_TIME_SET_CURRENT(t->started);
 	mrc = curl_multi_add_handle(multi_handle, t->easy);
 	if (mrc != CURLM_OK)
@@ -389,34 +399,82 @@ finish_transfer(HttpTransfer *t, CURLcode result)
 	t->headers = NULL;
 }
 
+/* Start transfers of a call up to its bound on requests in flight. */
+static void
+fill(HttpCall *call)
+{
+	while (call->running < call->max_parallel && call->next < call->n)
+	{
+		start_transfer(call, call->next++);
+		call->running++;
+	}
+}
+
 /*
- * d365_http_execute
- *		Perform n requests, at most max_parallel at a time, and fill in each
- *		one's outcome.  Transport failures (refused connection, TLS failure,
- *		timeout, oversized response) do not raise: they come back in the
- *		request (status 0 or transport_error set) for the caller to judge.
- *		Raises on interrupts (query cancel, statement_timeout), on a URL the
- *		policy refuses, and on out-of-memory.  Response buffers are allocated
- *		in the caller's memory context.
+ * pump
+ *		Let libcurl move every transfer of every call along, without
+ *		waiting, and finish those that are done (whichever call they
+ *		belong to).
  */
-void
-d365_http_execute(D365HttpRequest **reqs, int n, int max_parallel)
+static void
+pump(void)
+{
+	int			still_running;
+	CURLMsg    *msg;
+	int			queued;
+	CURLMcode	mrc;
+
+	mrc = curl_multi_perform(multi_handle, &still_running);
+	if (mrc != CURLM_OK)
+		elog(ERROR, "curl_multi_perform failed: %s", curl_multi_strerror(mrc));
+
+	while ((msg = curl_multi_info_read(multi_handle, &queued)) != NULL)
+	{
+		HttpTransfer *t = NULL;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
+		if (t == NULL || t->easy != msg->easy_handle)
+			continue;			/* cannot happen */
+		finish_transfer(t, msg->data.result);
+		t->call->running--;
+		t->call->done++;
+	}
+}
+
+/* Whether a started transfer has handed its whole request to the kernel. */
+static bool
+transfer_sent(HttpTransfer *t)
+{
+	curl_off_t	uploaded = 0;
+	long		header_bytes = 0;
+
+	if (t->easy == NULL)
+		return true;			/* finished already */
+	curl_easy_getinfo(t->easy, CURLINFO_REQUEST_SIZE, &header_bytes);
+	curl_easy_getinfo(t->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
+	return header_bytes > 0 &&
+		(t->req->body == NULL || (size_t) uploaded >= t->req->body_len);
+}
+
+/*
+ * d365_http_start
+ *		Start n requests, at most max_parallel at a time, and return at once
+ *		(after pushing the requests out, for up to 50 ms), so the caller can
+ *		do other work while the server answers.  d365_http_wait() completes
+ *		the call.  Several calls may be in flight; they share the backend's
+ *		connections.  The call belongs to CurrentMemoryContext: if that goes
+ *		(an ERROR), its transfers are cancelled and freed.  Response buffers
+ *		are allocated in that context too.
+ */
+D365HttpCall *
+d365_http_start(D365HttpRequest **reqs, int n, int max_parallel)
 {
 	HttpCall   *call;
 	MemoryContext cxt;
-	int			next = 0;
-	int			running = 0;
-	int			done = 0;
 	int			i;
-
-	if (n <= 0)
-		return;
-	if (max_parallel < 1)
-		max_parallel = 1;
-
-	/* A call abandoned by an ERROR that did not reset its context. */
-	if (active_call != NULL)
-		release_call(active_call);
+	int			spins;
 
 	if (multi_handle == NULL)
 	{
@@ -436,8 +494,10 @@ d365_http_execute(D365HttpRequest **reqs, int n, int max_parallel)
 								ALLOCSET_SMALL_SIZES);
 	call = MemoryContextAllocZero(cxt, sizeof(HttpCall));
 	call->resp_cxt = CurrentMemoryContext;
+	call->cxt = cxt;
 	call->n = n;
-	call->transfers = MemoryContextAllocZero(cxt, sizeof(HttpTransfer) * n);
+	call->max_parallel = Max(max_parallel, 1);
+	call->transfers = MemoryContextAllocZero(cxt, sizeof(HttpTransfer) * Max(n, 1));
 	for (i = 0; i < n; i++)
 	{
 		call->transfers[i].req = reqs[i];
@@ -449,50 +509,64 @@ d365_http_execute(D365HttpRequest **reqs, int n, int max_parallel)
 	call->cb.func = release_call;
 	call->cb.arg = call;
 	MemoryContextRegisterResetCallback(cxt, &call->cb);
-	active_call = call;
 
-	while (done < n)
+	/* send what can be sent now: the server starts on it while we wait */
+	fill(call);
+	for (spins = 0; spins < 50 && call->done < n; spins++)
 	{
-		int			still_running;
-		CURLMsg    *msg;
-		int			queued;
-		CURLMcode	mrc;
+		bool		all_sent = true;
 
+		pump();
+		for (i = 0; i < call->next && all_sent; i++)
+			all_sent = transfer_sent(&call->transfers[i]);
+		if (all_sent)
+			break;
+		if (curl_multi_poll(multi_handle, NULL, 0, 1, NULL) != CURLM_OK)
+			break;
+	}
+	return (D365HttpCall *) call;
+}
+
+/*
+ * d365_http_wait
+ *		Complete a call from d365_http_start: every request ends with its
+ *		outcome filled in.  Transport failures (refused connection, TLS
+ *		failure, timeout, oversized response) do not raise: they come back
+ *		in the request (status 0 or transport_error set) for the caller to
+ *		judge.  Raises on interrupts (query cancel, statement_timeout), on a
+ *		URL the policy refuses, and on out-of-memory.
+ */
+void
+d365_http_wait(D365HttpCall *handle)
+{
+	HttpCall   *call = (HttpCall *) handle;
+
+	while (call->done < call->n)
+	{
 		CHECK_FOR_INTERRUPTS();
-
-		while (running < max_parallel && next < n)
+		fill(call);
+		pump();
+		if (call->done < call->n)
 		{
-			start_transfer(call, next++);
-			running++;
-		}
+			CURLMcode	mrc = curl_multi_poll(multi_handle, NULL, 0, 100, NULL);
 
-		mrc = curl_multi_perform(multi_handle, &still_running);
-		if (mrc != CURLM_OK)
-			elog(ERROR, "curl_multi_perform failed: %s", curl_multi_strerror(mrc));
-
-		while ((msg = curl_multi_info_read(multi_handle, &queued)) != NULL)
-		{
-			HttpTransfer *t = NULL;
-
-			if (msg->msg != CURLMSG_DONE)
-				continue;
-			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
-			if (t == NULL || t < call->transfers || t >= call->transfers + n)
-				continue;		/* not ours: cannot happen */
-			finish_transfer(t, msg->data.result);
-			running--;
-			done++;
-		}
-
-		if (done < n && running > 0)
-		{
-			mrc = curl_multi_poll(multi_handle, NULL, 0, 100, NULL);
 			if (mrc != CURLM_OK)
 				elog(ERROR, "curl_multi_poll failed: %s", curl_multi_strerror(mrc));
 		}
 	}
+	MemoryContextDelete(call->cxt);
+}
 
-	MemoryContextDelete(cxt);
+/*
+ * d365_http_execute
+ *		Perform n requests, at most max_parallel at a time, and fill in each
+ *		one's outcome (see d365_http_wait).
+ */
+void
+d365_http_execute(D365HttpRequest **reqs, int n, int max_parallel)
+{
+	if (n > 0)
+		d365_http_wait(d365_http_start(reqs, n, max_parallel));
 }
 
 /*

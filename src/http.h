@@ -35,7 +35,12 @@ typedef struct D365HttpRequest
 	double		elapsed_ms;
 } D365HttpRequest;
 
+/* a call started by d365_http_start, completed by d365_http_wait */
+typedef struct D365HttpCall D365HttpCall;
+
 extern void d365_http_execute(D365HttpRequest **reqs, int n, int max_parallel);
+extern D365HttpCall *d365_http_start(D365HttpRequest **reqs, int n, int max_parallel);
+extern void d365_http_wait(D365HttpCall *call);
 extern char *d365_http_header(const D365HttpRequest *req, const char *name);
 extern char *d365_http_url_problem(const char *url);
 extern void d365_http_sleep(long ms);
