@@ -518,132 +518,207 @@ parse_batch_response(D365Client *client, D365HttpRequest *outer, D365Op **ops,
 }
 
 /*
- * d365_client_execute
- *		Send n operations and judge each outcome, retrying what the policy
- *		above says to retry.  Operations travel in $batch requests of up to
- *		d365sync.batch_size parts when there are several of them, else one
- *		request each; up to client->max_parallel requests are in flight.
- *		Every operation ends with ok set, or with status/error_* describing
- *		the failure.  Raises only for interrupts, token failures and
- *		internal errors.
+ * The state of one d365_client_execute, kept between its rounds: a round
+ * sends every operation still pending (in $batches when there are several),
+ * then judges what came back; retries go into the next round.
  */
-void
-d365_client_execute(D365Client *client, D365Op **ops, int n)
+struct D365Sending
 {
-	int		   *attempts = palloc0(sizeof(int) * n);
-	int		   *pending = palloc(sizeof(int) * n);
-	int		   *retry_list = palloc(sizeof(int) * n);
-	int			npending = n;
-	bool		refreshed = false;
+	D365Client *client;
+	D365Op	  **ops;
+	int			n;
+	int		   *attempts;
+	int		   *pending;
+	int		   *retry_list;
+	int			npending;
+	bool		refreshed;
+
+	/* the round in flight */
+	bool		batching;
+	int			per;			/* operations per exchange */
+	int			nex;			/* exchanges */
+	D365HttpRequest **reqs;
+	D365HttpCall *call;
+};
+
+/* Build and start one round: an exchange per group of pending operations. */
+static void
+round_start(D365Sending *st)
+{
+	D365Op	  **ops = st->ops;
+	int			i;
+	int			e;
+
+	st->batching = d365_batch_size > 1 && st->npending > 1;
+	for (i = 0; st->batching && i < st->npending; i++)
+		st->batching = batchable(ops[st->pending[i]]);
+	st->per = st->batching ? d365_batch_size : 1;
+	st->nex = (st->npending + st->per - 1) / st->per;
+
+	st->reqs = palloc(sizeof(D365HttpRequest *) * st->nex);
+	for (e = 0; e < st->nex; e++)
+	{
+		int			first = e * st->per;
+		int			k = Min(st->per, st->npending - first);
+
+		for (i = first; i < first + k; i++)
+			st->attempts[st->pending[i]]++;
+		if (st->batching && k > 1)
+			st->reqs[e] = build_batch(st->client, ops, st->pending + first, k);
+		else
+			st->reqs[e] = build_http(st->client, ops[st->pending[first]]);
+	}
+	st->call = d365_http_start(st->reqs, st->nex, st->client->max_parallel);
+	st->client->requests += st->nex;
+}
+
+/*
+ * Wait for the round in flight and judge it: every operation either gets
+ * its final outcome or goes into the next round.  Sleeps the back-off the
+ * retries need.  Returns true when another round is needed.
+ */
+static bool
+round_finish(D365Sending *st)
+{
+	D365Client *client = st->client;
+	D365Op	  **ops = st->ops;
+	int			nretry = 0;
+	long		wait = 0;
+	bool		unauthorized = false;
+	bool		throttled = false;
+	int			e;
 	int			i;
 
-	for (i = 0; i < n; i++)
-		pending[i] = i;
+	d365_http_wait(st->call);
+	st->call = NULL;
 
-	while (npending > 0)
+	for (e = 0; e < st->nex; e++)
 	{
-		bool		batching = d365_batch_size > 1 && npending > 1;
-		int			per;
-		int			nex;
-		D365HttpRequest **reqs;
-		int			nretry = 0;
-		long		wait = 0;
-		bool		unauthorized = false;
-		bool		throttled = false;
-		int			e;
+		int			first = e * st->per;
+		int			k = Min(st->per, st->npending - first);
+		D365HttpRequest *h = st->reqs[e];
+		D365HttpRequest **parts = NULL;
+		int			nparts = 0;
 
-		for (i = 0; batching && i < npending; i++)
-			batching = batchable(ops[pending[i]]);
-		per = batching ? d365_batch_size : 1;
-		nex = (npending + per - 1) / per;
-
-		/* one exchange per group of "per" pending operations */
-		reqs = palloc(sizeof(D365HttpRequest *) * nex);
-		for (e = 0; e < nex; e++)
+		note_dop_hint(client, h);
+		if (h->status == 429)
 		{
-			int			first = e * per;
-			int			k = Min(per, npending - first);
-
-			for (i = first; i < first + k; i++)
-				attempts[pending[i]]++;
-			if (batching && k > 1)
-				reqs[e] = build_batch(client, ops, pending + first, k);
-			else
-				reqs[e] = build_http(client, ops[pending[first]]);
+			client->throttled++;
+			throttled = true;
 		}
-		d365_http_execute(reqs, nex, client->max_parallel);
-		client->requests += nex;
-
-		for (e = 0; e < nex; e++)
+		if (st->batching && k > 1 && h->status == 200 && h->transport_error == 0)
 		{
-			int			first = e * per;
-			int			k = Min(per, npending - first);
-			D365HttpRequest *h = reqs[e];
-			D365HttpRequest **parts = NULL;
-			int			nparts = 0;
+			parts = palloc0(sizeof(D365HttpRequest *) * k);
+			nparts = parse_batch_response(client, h, ops, st->pending + first, k, parts);
+		}
 
-			note_dop_hint(client, h);
-			if (h->status == 429)
+		for (i = first; i < first + k; i++)
+		{
+			int			o = st->pending[i];
+			D365Op	   *op = ops[o];
+
+			if (parts == NULL)
+				op->http = h;	/* the request itself, or a batch that failed whole */
+			else if (i - first < nparts)
+				op->http = parts[i - first];
+			else
+			{
+				/* the batch answered without this part: send it again */
+				op->http = palloc0(sizeof(D365HttpRequest));
+				op->http->method = op->method;
+				op->http->url = h->url;
+				op->http->transport_error = CURLE_GOT_NOTHING;
+				op->http->transport_message = pstrdup("The $batch response has no part for this operation.");
+			}
+			if (parts != NULL && op->http->status == 429)
 			{
 				client->throttled++;
 				throttled = true;
 			}
-			if (batching && k > 1 && h->status == 200 && h->transport_error == 0)
-			{
-				parts = palloc0(sizeof(D365HttpRequest *) * k);
-				nparts = parse_batch_response(client, h, ops, pending + first, k, parts);
-			}
-
-			for (i = first; i < first + k; i++)
-			{
-				int			o = pending[i];
-				D365Op	   *op = ops[o];
-
-				if (parts == NULL)
-					op->http = h;	/* the request itself, or a batch that failed whole */
-				else if (i - first < nparts)
-					op->http = parts[i - first];
-				else
-				{
-					/* the batch answered without this part: send it again */
-					op->http = palloc0(sizeof(D365HttpRequest));
-					op->http->method = op->method;
-					op->http->url = h->url;
-					op->http->transport_error = CURLE_GOT_NOTHING;
-					op->http->transport_message = pstrdup("The $batch response has no part for this operation.");
-				}
-				if (parts != NULL && op->http->status == 429)
-				{
-					client->throttled++;
-					throttled = true;
-				}
-				if (classify(client, op, op->http, &attempts[o], refreshed, &wait, &unauthorized))
-					retry_list[nretry++] = o;
-				else
-					judge_final(op);
-			}
+			if (classify(client, op, op->http, &st->attempts[o], st->refreshed,
+						 &wait, &unauthorized))
+				st->retry_list[nretry++] = o;
+			else
+				judge_final(op);
 		}
-
-		/* the throttling governor: halve on 429, creep back up otherwise */
-		if (throttled)
-			client->max_parallel = Max(1, client->max_parallel / 2);
-		else if (client->max_parallel < client->dop_limit)
-			client->max_parallel++;
-
-		if (unauthorized)
-		{
-			(void) d365_auth_token(client, true);
-			refreshed = true;
-		}
-		if (nretry > 0)
-		{
-			client->retries += nretry;
-			if (wait > 0)
-				d365_http_sleep(wait);
-		}
-		memcpy(pending, retry_list, sizeof(int) * nretry);
-		npending = nretry;
 	}
+
+	/* the throttling governor: halve on 429, creep back up otherwise */
+	if (throttled)
+		client->max_parallel = Max(1, client->max_parallel / 2);
+	else if (client->max_parallel < client->dop_limit)
+		client->max_parallel++;
+
+	if (unauthorized)
+	{
+		(void) d365_auth_token(client, true);
+		st->refreshed = true;
+	}
+	if (nretry > 0)
+	{
+		client->retries += nretry;
+		if (wait > 0)
+			d365_http_sleep(wait);
+	}
+	memcpy(st->pending, st->retry_list, sizeof(int) * nretry);
+	st->npending = nretry;
+	return nretry > 0;
+}
+
+/*
+ * d365_client_start
+ *		Send the first round of n operations and return without waiting for
+ *		the answers, so the caller can do database work meanwhile; finish
+ *		with d365_client_finish().  The operations and the returned state
+ *		belong to CurrentMemoryContext.
+ */
+D365Sending *
+d365_client_start(D365Client *client, D365Op **ops, int n)
+{
+	D365Sending *st = palloc0(sizeof(D365Sending));
+	int			i;
+
+	st->client = client;
+	st->ops = ops;
+	st->n = n;
+	st->attempts = palloc0(sizeof(int) * Max(n, 1));
+	st->pending = palloc(sizeof(int) * Max(n, 1));
+	st->retry_list = palloc(sizeof(int) * Max(n, 1));
+	for (i = 0; i < n; i++)
+		st->pending[i] = i;
+	st->npending = n;
+	if (n > 0)
+		round_start(st);
+	return st;
+}
+
+/*
+ * d365_client_finish
+ *		Wait for the operations of d365_client_start and judge each outcome,
+ *		retrying what the policy above says to retry.  Every operation ends
+ *		with ok set, or with status/error_* describing the failure.  Raises
+ *		only for interrupts, token failures and internal errors.
+ */
+void
+d365_client_finish(D365Sending *st)
+{
+	if (st->n == 0)
+		return;
+	while (round_finish(st))
+		round_start(st);
+}
+
+/*
+ * d365_client_execute
+ *		Send n operations and judge each outcome (d365_client_start and
+ *		d365_client_finish in one).  Operations travel in $batch requests of
+ *		up to d365sync.batch_size parts when there are several of them, else
+ *		one request each; up to client->max_parallel requests are in flight.
+ */
+void
+d365_client_execute(D365Client *client, D365Op **ops, int n)
+{
+	d365_client_finish(d365_client_start(client, ops, n));
 }
 
 /*

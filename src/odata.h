@@ -59,7 +59,12 @@ typedef struct D365Op
 
 extern D365Client *d365_client_open(void);
 extern D365Op *d365_op_make(const char *method, const char *path, const char *body);
+/* the first round of d365_client_execute in flight (see d365_client_start) */
+typedef struct D365Sending D365Sending;
+
 extern void d365_client_execute(D365Client *client, D365Op **ops, int n);
+extern D365Sending *d365_client_start(D365Client *client, D365Op **ops, int n);
+extern void d365_client_finish(D365Sending *sending);
 extern json_t *d365_client_call(D365Client *client, const char *method,
 								const char *path, const char *body);
 extern void d365_op_report(D365Op *op, int elevel);
