@@ -23,12 +23,20 @@
  *
  * d365_pipeline_process() streams the work query through a cursor in chunks
  * of d365sync.batch_size x d365sync.max_parallel rows, sends each chunk's
- * requests with
- * d365_client_execute() (parallel, retried, throttled there), then records
- * the chunk with one call of the record function.  Memory is reset per
- * chunk, so it does not grow with the number of items.  A run past its time
- * budget (d365sync.max_run_time_ms) stops between chunks; the rest stays
- * pending for the next run.
+ * requests through the OData client (batched, parallel, retried and
+ * throttled there), then records the chunk with one call of the record
+ * function.  Two chunks are on the way at once, so that database work and
+ * the server's answers overlap:
+ *
+ *	   fetch+map chunk 1, start sending it
+ *	   loop: fetch+map chunk k+1     while chunk k's requests are answered
+ *			 finish chunk k (its later steps and retries)
+ *			 start sending chunk k+1
+ *			 record chunk k          while chunk k+1's requests are answered
+ *
+ * Memory is reset per chunk, so it does not grow with the number of items.
+ * A run past its time budget (d365sync.max_run_time_ms) sends no further
+ * chunk; the rest stays pending for the next run.
  *
  * d365_run_execute() wraps an engine's body for the scheduled jobs: it
  * takes a transaction-level advisory lock (a second run of the same job
@@ -224,65 +232,208 @@ status_accepted(json_t *req, int status)
 }
 
 /*
- * send_items
- *		Send every item's requests in order: step k+1 of an item goes only
- *		after step k succeeded (2xx, or a status its "ok" list accepts).
- *		Each round sends the next step of every item still going, together.
+ * A chunk of items on its way through the pipeline: fetched and mapped,
+ * then sent step by step (step k+1 of an item goes only after step k
+ * succeeded: 2xx, or a status its "ok" list accepts), then recorded.
+ */
+typedef struct Chunk
+{
+	MemoryContext cxt;			/* everything of the chunk; reset after record */
+	PipelineItem *items;
+	int			n;
+	/* the step in flight */
+	D365Op	  **ops;
+	int		   *owner;			/* ops[i] belongs to items[owner[i]] */
+	int			nops;
+	D365Sending *sending;
+} Chunk;
+
+/*
+ * fetch_chunk
+ *		The next rows of the work query, mapped into items (allocated in the
+ *		chunk's context).  false when the query is exhausted.
+ */
+static bool
+fetch_chunk(D365Run *run, Portal portal, int chunk_size, Chunk *c)
+{
+	MemoryContext old;
+	SPITupleTable *work;
+	int			i;
+
+	SPI_cursor_fetch(portal, true, chunk_size);
+	if (SPI_processed == 0)
+	{
+		SPI_freetuptable(SPI_tuptable);
+		return false;
+	}
+	work = SPI_tuptable;
+	c->n = (int) SPI_processed;
+	run->items += c->n;
+
+	old = MemoryContextSwitchTo(c->cxt);
+	c->items = palloc0(sizeof(PipelineItem) * c->n);
+	for (i = 0; i < c->n; i++)
+	{
+		HeapTuple	tup = work->vals[i];
+		TupleDesc	desc = work->tupdesc;
+		char	   *requests = SPI_getvalue(tup, desc, 2);
+		PipelineItem *it = &c->items[i];
+
+		it->key = SPI_getvalue(tup, desc, 1);
+		it->context = SPI_getvalue(tup, desc, 3);
+		it->requests = d365_json_parse(requests ? requests : "[]",
+									   requests ? strlen(requests) : 2,
+									   "work query requests");
+		if (!json_is_array(it->requests))
+			elog(ERROR, "work query gave item %s requests that are not an array", it->key);
+	}
+	c->ops = palloc(sizeof(D365Op *) * c->n);
+	c->owner = palloc(sizeof(int) * c->n);
+	c->sending = NULL;
+	MemoryContextSwitchTo(old);
+	SPI_freetuptable(work);
+	return true;
+}
+
+/*
+ * step_start
+ *		Send the next request of every item that has one, without waiting.
+ *		false when no item has a request left.
+ */
+static bool
+step_start(D365Run *run, Chunk *c)
+{
+	MemoryContext old = MemoryContextSwitchTo(c->cxt);
+	int			i;
+
+	c->nops = 0;
+	for (i = 0; i < c->n; i++)
+	{
+		PipelineItem *it = &c->items[i];
+
+		if (it->failed || it->step >= json_array_size(it->requests))
+			continue;
+		c->ops[c->nops] = op_from_request(json_array_get(it->requests, it->step), it->key);
+		c->owner[c->nops++] = i;
+	}
+	c->sending = c->nops > 0 ? d365_client_start(d365_run_client(run), c->ops, c->nops) : NULL;
+	MemoryContextSwitchTo(old);
+	return c->sending != NULL;
+}
+
+/*
+ * step_finish
+ *		Wait for the step in flight and move each item on, or mark it failed.
  */
 static void
-send_items(D365Run *run, PipelineItem *items, int n)
+step_finish(D365Run *run, Chunk *c)
 {
-	D365Op	  **ops = palloc(sizeof(D365Op *) * n);
-	int		   *owner = palloc(sizeof(int) * n);
+	MemoryContext old = MemoryContextSwitchTo(c->cxt);
+	int			i;
 
-	for (;;)
+	d365_client_finish(c->sending);
+	c->sending = NULL;
+	for (i = 0; i < c->nops; i++)
 	{
-		int			nops = 0;
-		int			i;
+		D365Op	   *op = c->ops[i];
+		PipelineItem *it = &c->items[c->owner[i]];
+		json_t	   *req = json_array_get(it->requests, it->step);
 
-		for (i = 0; i < n; i++)
+		it->sent = true;
+		it->status = op->status;
+		if (op->ok || (!op->transport_failure && status_accepted(req, op->status)))
 		{
-			PipelineItem *it = &items[i];
-
-			if (it->failed || it->step >= json_array_size(it->requests))
-				continue;
-			ops[nops] = op_from_request(json_array_get(it->requests, it->step), it->key);
-			owner[nops++] = i;
+			it->step++;
+			continue;
 		}
-		if (nops == 0)
-			break;
-
-		d365_client_execute(d365_run_client(run), ops, nops);
-
-		for (i = 0; i < nops; i++)
-		{
-			D365Op	   *op = ops[i];
-			PipelineItem *it = &items[owner[i]];
-			json_t	   *req = json_array_get(it->requests, it->step);
-
-			it->sent = true;
-			it->status = op->status;
-			if (op->ok || (!op->transport_failure && status_accepted(req, op->status)))
-			{
-				it->step++;
-				continue;
-			}
-			it->failed = true;
-			it->error_code = op->error_code;
-			it->error_message = op->transport_failure
-				? psprintf("could not reach Dynamics 365: %s", op->error_message)
-				: op->error_message;
-			remember_failure(run, it->key, op);
-		}
+		it->failed = true;
+		it->error_code = op->error_code;
+		it->error_message = op->transport_failure
+			? psprintf("could not reach Dynamics 365: %s", op->error_message)
+			: op->error_message;
+		remember_failure(run, it->key, op);
 	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * record_chunk
+ *		One call of the record function for the whole chunk; adds its
+ *		counts to the run.
+ */
+static void
+record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_fn)
+{
+	MemoryContext old = MemoryContextSwitchTo(c->cxt);
+	char	  **keys = palloc(sizeof(char *) * c->n);
+	char	  **contexts = palloc(sizeof(char *) * c->n);
+	int		   *statuses = palloc0(sizeof(int) * c->n);
+	bool	   *status_null = palloc(sizeof(bool) * c->n);
+	char	  **codes = palloc(sizeof(char *) * c->n);
+	char	  **messages = palloc(sizeof(char *) * c->n);
+	Datum		rargs[5];
+	Oid			rtypes[5] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID};
+	int64	   *dest[5] = {&run->counts.created, &run->counts.updated,
+		&run->counts.unchanged, &run->counts.failed,
+	&run->counts.unlinked};
+	int			i;
+
+	for (i = 0; i < c->n; i++)
+	{
+		keys[i] = c->items[i].key;
+		contexts[i] = c->items[i].context;
+		statuses[i] = c->items[i].status;
+		status_null[i] = !c->items[i].sent;
+		codes[i] = c->items[i].error_code;
+		messages[i] = c->items[i].error_message;
+	}
+	rargs[0] = text_array(keys, c->n);
+	rargs[1] = text_array(contexts, c->n);
+	rargs[2] = int_array(statuses, status_null, c->n);
+	rargs[3] = text_array(codes, c->n);
+	rargs[4] = text_array(messages, c->n);
+	if (SPI_execute_with_args(record_sql, 5, rtypes, rargs, NULL, false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "%s did not return its counts", record_fn);
+	for (i = 0; i < 5; i++)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+									  i + 1, &isnull);
+
+		if (!isnull)
+			*dest[i] += DatumGetInt32(d);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	MemoryContextSwitchTo(old);
+}
+
+static bool
+over_budget(D365Run *run, int not_sent)
+{
+	MemoryContext m;
+
+	if (d365_max_run_time_ms <= 0 ||
+		!TimestampDifferenceExceeds(run->started, GetCurrentTimestamp(),
+									d365_max_run_time_ms))
+		return false;
+	m = MemoryContextSwitchTo(run->cxt);
+	run->message = psprintf("stopped after %lld items at the time budget (d365sync.max_run_time_ms = %d ms); the rest stays pending",
+							(long long) (run->items - not_sent), d365_max_run_time_ms);
+	MemoryContextSwitchTo(m);
+	return true;
 }
 
 /*
  * d365_pipeline_process
  *		Stream work_sql (with its arguments) in chunks; send and record each
- *		chunk as described at the top of this file.  Adds to run->counts.
- *		Requires an SPI connection.  Raises only for interrupts and
- *		failures that are not an item's own (token, SQL errors).
+ *		chunk as described at the top of this file.  While one chunk's first
+ *		requests are in flight, the next chunk is fetched and mapped, and
+ *		the chunk before is recorded, so database work and the server's
+ *		answer overlap.  Adds to run->counts.  Requires an SPI connection.
+ *		Raises only for interrupts and failures that are not an item's own
+ *		(token, SQL errors).
  */
 void
 d365_pipeline_process(D365Run *run, const char *work_sql,
@@ -290,10 +441,12 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 					  const char *record_fn)
 {
 	Portal		portal;
-	MemoryContext chunk_cxt;
-	MemoryContext old;
 	char	   *record_sql;
 	int			chunk_size;
+	Chunk		chunks[2];
+	Chunk	   *cur = &chunks[0];
+	Chunk	   *next = &chunks[1];
+	bool		have;
 
 	/* enough items to fill every request in flight with a full batch */
 	chunk_size = Min(d365_batch_size * d365_max_parallel, 10000);
@@ -301,119 +454,52 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 						  " FROM %s($1, $2, $3, $4, $5)", record_fn);
 	portal = SPI_cursor_open_with_args(NULL, work_sql, nargs, argtypes, args,
 									   NULL, false, CURSOR_OPT_NO_SCROLL);
-	chunk_cxt = AllocSetContextCreate(CurrentMemoryContext, "d365sync pipeline chunk",
-									  ALLOCSET_DEFAULT_SIZES);
+	memset(chunks, 0, sizeof(chunks));
+	chunks[0].cxt = AllocSetContextCreate(CurrentMemoryContext, "d365sync pipeline chunk",
+										  ALLOCSET_DEFAULT_SIZES);
+	chunks[1].cxt = AllocSetContextCreate(CurrentMemoryContext, "d365sync pipeline chunk",
+										  ALLOCSET_DEFAULT_SIZES);
 
-	for (;;)
+	have = fetch_chunk(run, portal, chunk_size, cur);
+	if (have)
+		(void) step_start(run, cur);
+	while (have)
 	{
-		SPITupleTable *work;
-		int			n;
-		PipelineItem *items;
-		char	  **keys;
-		char	  **contexts;
-		int		   *statuses;
-		bool	   *status_null;
-		char	  **codes;
-		char	  **messages;
-		Datum		rargs[5];
-		Oid			rtypes[5] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
-		TEXTARRAYOID, TEXTARRAYOID};
-		int			i;
-		int			rc;
+		bool		more;
+		Chunk	   *t;
 
 		CHECK_FOR_INTERRUPTS();
-		if (d365_max_run_time_ms > 0 &&
-			TimestampDifferenceExceeds(run->started, GetCurrentTimestamp(),
-									   d365_max_run_time_ms))
+		/* map the next chunk while this one's requests are answered */
+		more = fetch_chunk(run, portal, chunk_size, next);
+
+		if (cur->sending != NULL)
+			step_finish(run, cur);
+		while (step_start(run, cur))
+			step_finish(run, cur);
+
+		/* past the time budget, the next chunk is not sent: it stays pending */
+		if (more && over_budget(run, next->n))
 		{
-			MemoryContext m = MemoryContextSwitchTo(run->cxt);
-
-			run->message = psprintf("stopped after %lld items at the time budget (d365sync.max_run_time_ms = %d ms); the rest stays pending",
-									(long long) run->items, d365_max_run_time_ms);
-			MemoryContextSwitchTo(m);
-			break;
-		}
-		SPI_cursor_fetch(portal, true, chunk_size);
-		if (SPI_processed == 0)
-			break;
-		work = SPI_tuptable;
-		n = (int) SPI_processed;
-		run->items += n;
-
-		old = MemoryContextSwitchTo(chunk_cxt);
-
-		/* map: the work query built each item's requests */
-		items = palloc0(sizeof(PipelineItem) * n);
-		for (i = 0; i < n; i++)
-		{
-			HeapTuple	tup = work->vals[i];
-			TupleDesc	desc = work->tupdesc;
-			char	   *requests = SPI_getvalue(tup, desc, 2);
-
-			items[i].key = SPI_getvalue(tup, desc, 1);
-			items[i].context = SPI_getvalue(tup, desc, 3);
-			items[i].requests = d365_json_parse(requests ? requests : "[]",
-												requests ? strlen(requests) : 2,
-												"work query requests");
-			if (!json_is_array(items[i].requests))
-				elog(ERROR, "work query gave item %s requests that are not an array",
-					 items[i].key);
+			run->items -= next->n;
+			MemoryContextReset(next->cxt);
+			more = false;
 		}
 
-		/* send */
-		send_items(run, items, n);
+		/* send the next chunk, and record this one while it is answered */
+		if (more)
+			(void) step_start(run, next);
+		record_chunk(run, cur, record_sql, record_fn);
 
-		/* record */
-		keys = palloc(sizeof(char *) * n);
-		contexts = palloc(sizeof(char *) * n);
-		statuses = palloc0(sizeof(int) * n);
-		status_null = palloc(sizeof(bool) * n);
-		codes = palloc(sizeof(char *) * n);
-		messages = palloc(sizeof(char *) * n);
-		for (i = 0; i < n; i++)
-		{
-			keys[i] = items[i].key;
-			contexts[i] = items[i].context;
-			statuses[i] = items[i].status;
-			status_null[i] = !items[i].sent;
-			codes[i] = items[i].error_code;
-			messages[i] = items[i].error_message;
-		}
-		rargs[0] = text_array(keys, n);
-		rargs[1] = text_array(contexts, n);
-		rargs[2] = int_array(statuses, status_null, n);
-		rargs[3] = text_array(codes, n);
-		rargs[4] = text_array(messages, n);
-		rc = SPI_execute_with_args(record_sql, 5, rtypes, rargs, NULL, false, 1);
-		if (rc != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "%s did not return its counts", record_fn);
-		else
-		{
-			HeapTuple	tup = SPI_tuptable->vals[0];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			int64	   *dest[5] = {&run->counts.created, &run->counts.updated,
-				&run->counts.unchanged, &run->counts.failed,
-			&run->counts.unlinked};
-			int			c;
-
-			for (c = 0; c < 5; c++)
-			{
-				bool		isnull;
-				Datum		d = SPI_getbinval(tup, desc, c + 1, &isnull);
-
-				if (!isnull)
-					*dest[c] += DatumGetInt32(d);
-			}
-		}
-		SPI_freetuptable(SPI_tuptable);
-		SPI_freetuptable(work);
-
-		MemoryContextSwitchTo(old);
-		MemoryContextReset(chunk_cxt);
+		MemoryContextReset(cur->cxt);
+		t = cur;
+		cur = next;
+		next = t;
+		have = more;
 	}
 
 	SPI_cursor_close(portal);
-	MemoryContextDelete(chunk_cxt);
+	MemoryContextDelete(chunks[0].cxt);
+	MemoryContextDelete(chunks[1].cxt);
 }
 
 /*
