@@ -215,6 +215,17 @@ SELECT * FROM d365_sync_contacts();
 SELECT dynamics365_related_id IS NOT NULL AND dynamics365_related_id <> :'cy_id' AS new_link
   FROM app_contact WHERE id = 3;
 
+-- a newly mapped column is sent for the linked contacts that have a value
+UPDATE app_contact SET note = 'prefers mornings' WHERE id = 1;
+\! "$D365_SIMCTL" clear-requests
+INSERT INTO d365.field_map VALUES ('note', 'description');
+SELECT created, updated, unchanged, failed FROM d365_sync_contacts();
+TRUNCATE sim_req;
+\copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
+SELECT j->'body' AS body FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY 1;
+DELETE FROM d365.field_map WHERE column_name = 'note';
+SELECT created, updated, unchanged, failed, requests FROM d365_sync_contacts();
+
 -- a run past its time budget stops between chunks; the rest stays pending
 INSERT INTO app_contact (id, first_name, last_name, email, score) VALUES
     (9, 'Ivy', 'Budget', 'ivy@example.com', 30), (10, 'Jo', 'Budget', 'jo@example.com', 30);

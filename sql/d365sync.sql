@@ -413,6 +413,24 @@ CREATE TRIGGER field_map_check
     BEFORE INSERT OR UPDATE ON d365.field_map
     FOR EACH ROW EXECUTE FUNCTION d365._field_map_check();
 
+-- A changed map applies to contacts already linked: the next run compares
+-- every linked contact with its snapshot again, so a newly mapped field is
+-- sent (once, where it has a value) and nothing else is.
+CREATE FUNCTION d365._field_map_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE d365.contact_state SET change_seq = change_seq + 1
+     WHERE synced IS NOT NULL AND change_seq = synced_seq;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER field_map_changed
+    AFTER INSERT OR UPDATE OR DELETE ON d365.field_map
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._field_map_changed();
+
 CREATE FUNCTION d365.d365_attach_contacts(
     contact_table regclass,
     key_column name DEFAULT 'id',
