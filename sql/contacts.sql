@@ -247,6 +247,8 @@ SELECT kind, created, updated, unchanged, failed, unlinked, requests, message
 SELECT item, regexp_replace(value, '\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+( \(\d+ ms\))?', '<time>', 'g') AS value
   FROM d365_status() WHERE item <> 'organization';
 
--- deleting a local contact drops its state, and the remote contact stays
+-- deleting a local contact leaves the remote one, and a tombstone: a new
+-- contact with the same key will get a Dynamics id of its own
+SELECT generation AS generation_before FROM d365.contact_state WHERE contact_key = '6';
 DELETE FROM app_contact WHERE id = 6;
-SELECT count(*) FROM d365.contact_state WHERE contact_key = '6';
+SELECT generation AS generation_after, synced IS NULL AS forgotten FROM d365.contact_state WHERE contact_key = '6';

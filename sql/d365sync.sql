@@ -269,7 +269,12 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        DELETE FROM d365.contact_state
+        -- keep a tombstone: a contact inserted later under the same key gets
+        -- a new Dynamics id, never the deleted contact's record
+        UPDATE d365.contact_state
+           SET generation = generation + 1, synced = NULL, synced_seq = change_seq,
+               remote_deleted_at = NULL, attempts = 0, next_attempt_at = NULL,
+               last_error = NULL, last_error_code = NULL
          WHERE contact_key = to_jsonb(OLD) ->> TG_ARGV[0];
         RETURN NULL;
     END IF;
@@ -333,10 +338,55 @@ AS $$
             FROM pg_type t WHERE t.oid = typ) b
 $$;
 
+/*
+ * Contact keys are smallint, integer, bigint, text, varchar or uuid: their
+ * text form is stable (no padding, no DateStyle) and their conversions are
+ * built in, so code running as the extension owner never runs a cast or an
+ * output function a user wrote.
+ */
+CREATE FUNCTION d365._check_key_type(tbl regclass, key_column name)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    typ regtype := (SELECT a.atttypid FROM pg_attribute a
+                     WHERE a.attrelid = tbl AND a.attname = key_column
+                       AND a.attnum > 0 AND NOT a.attisdropped);
+BEGIN
+    IF typ IS NULL OR typ NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                  'text'::regtype, 'character varying'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION 'key column "%" of % has type %, which d365sync does not support',
+                        key_column, tbl, coalesce(typ::text, 'none')
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid.';
+    END IF;
+END;
+$$;
+
+-- A contact key passed by the application, as text; only the key types
+-- above are accepted (see _check_key_type).
+CREATE FUNCTION d365._key_text(contact_key anyelement)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_typeof(contact_key) NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                      'text'::regtype, 'character varying'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION 'a contact key of type % is not supported', pg_typeof(contact_key)
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Pass the key as smallint, integer, bigint, text, varchar or uuid.';
+    END IF;
+    RETURN contact_key::text;
+END;
+$$;
+
 -- The attached contact table, or a clear error when there is none.
 CREATE FUNCTION d365._contact_source()
 RETURNS d365.contact_source
 LANGUAGE plpgsql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -348,6 +398,7 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
+    PERFORM d365._check_key_type(src.contact_table, src.key_column);
     RETURN src;
 END;
 $$;
@@ -459,6 +510,7 @@ BEGIN
             USING ERRCODE = 'invalid_table_definition',
                   HINT = 'The key column needs a PRIMARY KEY or UNIQUE constraint of its own.';
     END IF;
+    PERFORM d365._check_key_type(contact_table, key_column);
     IF (SELECT format_type(atttypid, NULL) FROM pg_attribute
          WHERE attrelid = contact_table AND attname = score_column)
        NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision') THEN
@@ -520,12 +572,11 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS d365_capture ON %s', src.contact_table);
     EXECUTE format('DROP TRIGGER IF EXISTS d365_capture_update ON %s', src.contact_table);
     DELETE FROM d365.field_map;
-    DELETE FROM d365.contact_state;
     DELETE FROM d365.contact_source;
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_detach_contacts() IS
-    'Removes the capture triggers, the field map and the sync state; the link columns and their values stay';
+    'Removes the capture triggers and the field map; the link columns, their values and the sync state stay';
 
 CREATE FUNCTION d365.d365_contact_fields(
     OUT column_name name, OUT data_type text, OUT dynamics_field text, OUT convertible boolean)
@@ -589,12 +640,19 @@ $$;
 
 CREATE FUNCTION d365._metadata(entity text)
 RETURNS SETOF jsonb
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT jsonb_array_elements(d365._get_cached(format(
+BEGIN
+    IF entity IS NULL OR entity !~ '^[a-z][a-z0-9_]*$' THEN
+        RAISE EXCEPTION 'invalid entity logical name %', coalesce(quote_literal(entity), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Entities are named by their lowercase logical name, e.g. contact or new_pageview.';
+    END IF;
+    RETURN QUERY SELECT jsonb_array_elements(d365._get_cached(format(
         'EntityDefinitions(LogicalName=''%s'')/Attributes?$select=LogicalName,AttributeType,IsValidForCreate,IsValidForUpdate,DisplayName',
-        replace(entity, '''', ''''''))))
+        entity)));
+END;
 $$;
 
 CREATE FUNCTION d365._entity_set(entity text)
@@ -606,6 +664,7 @@ AS $$
       FROM jsonb_array_elements(d365._get_cached(
                'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
      WHERE e ->> 'LogicalName' = entity
+       AND e ->> 'EntitySetName' ~ '^[A-Za-z0-9_]+$'
 $$;
 
 -- Lookup mappings: the entity set each <lookup>_<target>@odata.bind points
@@ -779,6 +838,7 @@ COMMENT ON FUNCTION d365.d365_owners() IS
 CREATE FUNCTION d365._contact_values_expr()
 RETURNS text
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -868,7 +928,8 @@ BEGIN
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,
                                   'id', w.dynamics_id, 'seq', w.change_seq,
-                                  'generation', w.generation, 'values', w.cur)::text AS context
+                                  'generation', w.generation, 'values', w.cur,
+                                  'sent', w.body)::text AS context
           FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(e.key, e.value)
@@ -896,6 +957,10 @@ $$;
 /*
  * The record stage of a contact sync: link columns, sync state, failures
  * and back-off for a chunk of outcomes (one array element per item).
+ * No SET search_path here, nor on the incoming functions: they run with
+ * their caller's rights and update the application's table, whose own
+ * triggers expect the session's search_path (every name below is qualified,
+ * and pg_catalog is searched first anyway).
  * Returns the chunk's counts.
  */
 CREATE FUNCTION d365._contact_record(
@@ -905,7 +970,6 @@ CREATE FUNCTION d365._contact_record(
     OUT failed integer, OUT unlinked integer)
 RETURNS record
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source;
@@ -918,15 +982,16 @@ BEGIN
     IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
         CREATE TEMP TABLE d365_contact_outcome (
             item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
-            vals jsonb, status integer, error_code text, error_message text, ok boolean,
-            gone boolean
+            vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+            ok boolean, gone boolean
         ) ON COMMIT DROP;
     ELSE
         TRUNCATE d365_contact_outcome;
     END IF;
     INSERT INTO d365_contact_outcome
     SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
-           (x.c ->> 'generation')::integer, x.c -> 'values', o.st, o.code, o.msg,
+           (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, o.code, o.msg,
            (x.c ->> 'action') = 'unchanged' OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL),
            (x.c ->> 'action') = 'update' AND o.st = 404
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
@@ -941,16 +1006,21 @@ BEGIN
         ' WHERE o.ok AND o.action IN (''create'', ''update'') AND t.%I = o.item_key::%s',
         src.contact_table, src.key_column, key_type);
 
-    -- success (or nothing to send): remember what Dynamics now holds
-    INSERT INTO d365.contact_state AS s
-           (contact_key, change_seq, synced_seq, synced, generation, last_attempt_at, last_status)
-    SELECT o.item_key, o.seq, o.seq, o.vals, o.generation, now(), o.status
-      FROM d365_contact_outcome o WHERE o.ok
-    ON CONFLICT (contact_key) DO UPDATE
-       SET synced_seq = EXCLUDED.synced_seq, synced = EXCLUDED.synced, attempts = 0,
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR s.synced IS NULL THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           synced_seq = o.seq, generation = o.generation, attempts = 0,
            next_attempt_at = NULL, last_attempt_at = now(),
-           last_status = coalesce(EXCLUDED.last_status, s.last_status),
-           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL;
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM d365_contact_outcome o
+     WHERE o.ok AND s.contact_key = o.item_key;
 
     -- deleted in Dynamics: unlink and report; a re-creation gets a new id
     EXECUTE format(
@@ -1246,6 +1316,10 @@ BEGIN
         NULL;   -- any other activity entity: the generic body
     END CASE;
     RETURN jsonb_strip_nulls(b);
+EXCEPTION WHEN data_exception THEN
+    -- a details value that does not fit (a date, a number) fails this
+    -- activity alone, with the reason
+    RETURN jsonb_build_object('__error', 'the activity''s details do not fit: ' || SQLERRM);
 END;
 $$;
 
@@ -1316,7 +1390,8 @@ BEGIN
             SELECT e ->> 'LogicalName' AS name, e ->> 'EntitySetName' AS entity_set
               FROM jsonb_array_elements(d365._get_cached(
                        'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
-             WHERE (e ->> 'IsActivity')::boolean)
+             WHERE (e ->> 'IsActivity')::boolean
+               AND e ->> 'EntitySetName' ~ '^[A-Za-z0-9_]+$')
         SELECT a.id::text AS item_key,
                CASE WHEN x.err IS NOT NULL THEN '[]'
                     ELSE (jsonb_build_array(jsonb_build_object(
@@ -1445,11 +1520,11 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    link uuid := d365._contact_for_activity(contact_key::text, false);
+    link uuid := d365._contact_for_activity(d365._key_text(contact_key), false);
     new_id bigint;
 BEGIN
     INSERT INTO d365.activity (contact_key, activity_type, subject, details, occurred_at)
-    VALUES (contact_key::text, activity_type, subject, coalesce(details, '{}'), coalesce(occurred_at, now()))
+    VALUES (d365._key_text(contact_key), activity_type, subject, coalesce(details, '{}'), coalesce(occurred_at, now()))
     RETURNING id INTO new_id;
     IF link IS NOT NULL AND (SELECT activity_sync_enabled FROM d365.settings) THEN
         PERFORM d365._send_activity(new_id, false);
@@ -1475,14 +1550,14 @@ AS $$
 DECLARE
     new_id bigint;
 BEGIN
-    PERFORM d365._contact_for_activity(contact_key::text, true);
+    PERFORM d365._contact_for_activity(d365._key_text(contact_key), true);
     IF priority IS NOT NULL AND priority NOT IN (0, 1, 2) THEN
         RAISE EXCEPTION 'invalid task priority %', priority
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Dynamics task priorities are 0 (low), 1 (normal) and 2 (high).';
     END IF;
     INSERT INTO d365.activity (contact_key, activity_type, subject, details)
-    VALUES (contact_key::text, 'task', subject,
+    VALUES (d365._key_text(contact_key), 'task', subject,
             jsonb_strip_nulls(jsonb_build_object('description', description, 'due', due,
                                                  'priority', priority,
                                                  'duration_minutes', duration_minutes)))
@@ -1512,7 +1587,7 @@ DECLARE
     new_id bigint;
     who text;
 BEGIN
-    PERFORM d365._contact_for_activity(contact_key::text, true);
+    PERFORM d365._contact_for_activity(d365._key_text(contact_key), true);
     IF starts_at IS NULL THEN
         RAISE EXCEPTION 'an appointment needs a start time'
             USING ERRCODE = 'null_value_not_allowed';
@@ -1530,7 +1605,7 @@ BEGIN
         END IF;
     END LOOP;
     INSERT INTO d365.activity (contact_key, activity_type, subject, occurred_at, details)
-    VALUES (contact_key::text, 'appointment', subject, starts_at,
+    VALUES (d365._key_text(contact_key), 'appointment', subject, starts_at,
             jsonb_strip_nulls(jsonb_build_object(
                 'ends_at', ends_at, 'all_day', coalesce(all_day, false), 'location', location,
                 'description', description,
@@ -1565,6 +1640,7 @@ CREATE FUNCTION d365._incoming_fields(
     OUT typ regtype, OUT is_bind boolean)
 RETURNS SETOF record
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT f.column_name, f.dynamics_field,
@@ -1579,6 +1655,25 @@ AS $$
      ORDER BY f.column_name
 $$;
 
+-- The incoming mapper of the settings (the caller cannot read the settings).
+CREATE FUNCTION d365._incoming_mapper()
+RETURNS regprocedure
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT incoming_mapper FROM d365.settings $$;
+
+/*
+ * The synced snapshot of one contact: returned when settle is NULL, else
+ * settle's fields are recorded as synced.  A gate for callers without
+ * rights on d365's tables: it requires the right to update the attached
+ * contact table, then reads or writes d365.contact_state as its owner.
+ */
+CREATE FUNCTION d365._contact_snapshot(contact_key text, settle jsonb)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'd365_contact_snapshot'
+LANGUAGE C VOLATILE;
+
 /*
  * A Dynamics JSON value converted to a column's type and back to jsonb, so
  * that values compare equal whatever their spelling ("2024-03-01T09:00:00Z"
@@ -1589,7 +1684,6 @@ $$;
 CREATE FUNCTION d365._typed_jsonb(val jsonb, typ regtype, field text, column_name name)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     txt text;
@@ -1638,14 +1732,16 @@ $$;
  * the next outgoing run does not send them back.
  *
  * Returns {column: new value}, '{}' when nothing differed, NULL when no
- * contact is linked to the row.  caller: when not NULL, the role that must
- * be allowed to UPDATE each column changed (d365_update_contact() runs this
- * as the extension owner and passes the role that called it).
+ * contact is linked to the row.  It runs with its caller's rights: reading
+ * and changing the contact table, the type conversions and the mapper are
+ * the caller's own doing; d365's tables are reached only through owner-run
+ * helpers that run no user code (and the snapshot gate checks that the
+ * caller may update contacts).  check_privileges: explain a missing right
+ * before trying.
  */
-CREATE FUNCTION d365._incoming_apply(payload jsonb, caller oid)
+CREATE FUNCTION d365._incoming_apply(payload jsonb, check_privileges boolean)
 RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source;
@@ -1653,7 +1749,7 @@ DECLARE
     k text;
     local jsonb;
     snap jsonb;
-    mapper regprocedure := (SELECT incoming_mapper FROM d365.settings);
+    mapper regprocedure := d365._incoming_mapper();
     mapping jsonb := '{}';
     incoming jsonb := '{}';
     settled text[] := '{}';
@@ -1682,11 +1778,12 @@ BEGIN
     END;
     src := d365._contact_source();
 
-    IF caller IS NOT NULL AND NOT has_any_column_privilege(caller, src.contact_table, 'UPDATE') THEN
+    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
         RAISE EXCEPTION 'permission denied for table %', src.contact_table
             USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'd365_update_contact() changes contacts, so its caller needs UPDATE on the contact table.',
-                  HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, caller::regrole);
+                  DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
     END IF;
 
     EXECUTE format('SELECT c.%I::text, to_jsonb(c) FROM %s c WHERE c.dynamics365_related_id = $1',
@@ -1695,7 +1792,7 @@ BEGIN
     IF k IS NULL THEN
         RETURN NULL;
     END IF;
-    SELECT s.synced INTO snap FROM d365.contact_state s WHERE s.contact_key = k;
+    snap := d365._contact_snapshot(k, NULL);
 
     FOR f IN SELECT * FROM d365._incoming_fields() LOOP
         mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
@@ -1730,13 +1827,13 @@ BEGIN
     END IF;
 
     IF changes <> '{}' THEN
-        IF caller IS NOT NULL THEN
+        IF check_privileges THEN
             FOR col IN SELECT jsonb_object_keys(changes) LOOP
-                IF NOT has_column_privilege(caller, src.contact_table, col, 'UPDATE') THEN
+                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
                     RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
                         USING ERRCODE = 'insufficient_privilege',
-                              DETAIL = 'd365_update_contact() changes contacts with the rights of its caller.',
-                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, caller::regrole);
+                              DETAIL = 'd365_update_contact() changes contacts with its caller''s rights.',
+                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
                 END IF;
             END LOOP;
         END IF;
@@ -1762,11 +1859,9 @@ BEGIN
          WHERE (mapper IS NOT NULL AND changes ? (e.value ->> 0))
             OR coalesce(local -> (e.value ->> 0), 'null'::jsonb) = e.value -> 1;
         IF settled <> '{}' THEN
-            INSERT INTO d365.contact_state AS s (contact_key, synced, synced_seq)
-            VALUES (k, (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(cur) e
-                         WHERE e.key = ANY (settled)), 0)
-            ON CONFLICT (contact_key) DO UPDATE
-               SET synced = coalesce(s.synced, '{}') || EXCLUDED.synced;
+            PERFORM d365._contact_snapshot(k, (SELECT jsonb_object_agg(e.key, e.value)
+                                                 FROM jsonb_each(cur) e
+                                                WHERE e.key = ANY (settled)));
         END IF;
     END IF;
     RETURN changes;
@@ -1775,8 +1870,8 @@ $$;
 
 CREATE FUNCTION d365.d365_update_contact(payload jsonb)
 RETURNS jsonb
-AS 'MODULE_PATHNAME', 'd365_update_contact'
-LANGUAGE C VOLATILE;
+LANGUAGE sql
+AS $$ SELECT d365._incoming_apply(payload, true) $$;
 COMMENT ON FUNCTION d365.d365_update_contact(jsonb) IS
     'Applies a Dynamics contact row (a Power Automate payload) to the linked local contact; returns {column: new value}';
 
@@ -1814,7 +1909,6 @@ CREATE FUNCTION d365._pull_record(page jsonb,
     OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
 RETURNS record
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source := (SELECT s FROM d365.contact_source s);
@@ -1840,7 +1934,7 @@ BEGIN
             CONTINUE;
         END IF;
         BEGIN
-            changed := d365._incoming_apply(r, NULL);
+            changed := d365._incoming_apply(r, false);
         EXCEPTION WHEN invalid_text_representation OR invalid_parameter_value THEN
             RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', SQLERRM;
             failed := failed + 1;
@@ -1899,6 +1993,7 @@ BEGIN
     SELECT * INTO src FROM d365.contact_source;
     item := 'contact table'; value := coalesce(src.contact_table::text, '(not attached)'); RETURN NEXT;
     IF src.contact_table IS NOT NULL THEN
+        PERFORM d365._check_key_type(src.contact_table, src.key_column);
         item := 'mapped fields';
         SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
@@ -2024,3 +2119,12 @@ COMMENT ON FUNCTION d365.d365_unschedule() IS
 
 REVOKE ALL ON ALL TABLES IN SCHEMA d365 FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
+
+-- The internals of d365_update_contact(), which runs with its caller's
+-- rights.  Safe for anyone: they run as the caller, or run no user code,
+-- or check the caller's right to update contacts (_contact_snapshot).
+-- Without EXECUTE on d365_update_contact and USAGE on schema d365 a role
+-- cannot reach them anyway.
+GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean), d365._typed_jsonb(jsonb, regtype, text, name),
+      d365._contact_source(), d365._incoming_fields(), d365._contact_values_expr(),
+      d365._incoming_mapper(), d365._contact_snapshot(text, jsonb) TO PUBLIC;

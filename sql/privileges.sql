@@ -4,11 +4,12 @@ SET search_path = public, d365;
 UPDATE d365.settings SET activity_sync_enabled = true;
 
 -- an application role that only logs activities and pushes Dynamics edits
+-- (d365_update_contact reads and updates the contact table as its caller)
 CREATE ROLE regress_app;
 GRANT USAGE ON SCHEMA d365 TO regress_app;
 GRANT EXECUTE ON FUNCTION d365.d365_log_activity(anyelement, text, text, jsonb, timestamptz),
                           d365.d365_update_contact(jsonb) TO regress_app;
-GRANT UPDATE ON person TO regress_app;
+GRANT SELECT, UPDATE ON person TO regress_app;
 SELECT dynamics365_related_id AS ada FROM person WHERE id = 1 \gset
 SET ROLE regress_app;
 SELECT d365.d365_log_activity(1, 'phonecall', 'Logged by the app') > 0 AS logged;
@@ -68,3 +69,41 @@ SELECT count(*) AS secret_in_cache FROM d365.metadata_cache WHERE body::text LIK
 
 DROP OWNED BY regress_app, regress_writer, regress_operator, regress_monitor;
 DROP ROLE regress_app, regress_writer, regress_operator, regress_monitor;
+
+-- Running as the extension owner never runs the caller's code:
+-- a contact key of a type of the caller's making is refused ...
+CREATE TYPE regress_key AS (v integer);
+SELECT d365.d365_log_activity(row(1)::regress_key, 'phonecall');
+DROP TYPE regress_key;
+-- ... and d365_update_contact changes contacts as its caller: the table's
+-- own triggers see the caller, not the extension's owner
+CREATE TABLE regress_seen (who name);
+CREATE FUNCTION regress_note_user() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO regress_seen VALUES (current_user); RETURN NEW; END $$;  -- unqualified, on purpose
+CREATE TRIGGER regress_note_user BEFORE UPDATE ON person FOR EACH ROW EXECUTE FUNCTION regress_note_user();
+CREATE ROLE regress_hook2;
+GRANT USAGE ON SCHEMA d365 TO regress_hook2;
+GRANT EXECUTE ON FUNCTION d365.d365_update_contact(jsonb) TO regress_hook2;
+GRANT SELECT, UPDATE ON person TO regress_hook2;
+GRANT INSERT ON regress_seen TO regress_hook2;
+SET ROLE regress_hook2;
+SELECT d365.d365_update_contact(jsonb_build_object('contactid', :'ada', 'firstname', 'Ada Byron'));
+RESET ROLE;
+SELECT who FROM regress_seen;
+DROP TRIGGER regress_note_user ON person;
+DROP TABLE regress_seen;
+DROP FUNCTION regress_note_user();
+DROP OWNED BY regress_hook2;
+DROP ROLE regress_hook2;
+
+-- the access token goes only to the organization's Web API
+UPDATE d365.pull_state SET delta_link = 'http://127.0.0.1:9/api/data/v9.2/contacts?$deltatoken=1';
+\set VERBOSITY terse
+SELECT * FROM d365_pull_changes();
+\set VERBOSITY default
+SELECT regexp_replace(message, '127\.0\.0\.1:\d+', '<sim>') AS message FROM d365.sync_run ORDER BY id DESC LIMIT 1;
+DELETE FROM d365.pull_state;
+
+-- an activity whose details do not fit fails alone, with the reason
+SELECT d365_log_activity(1, 'task', 'Bad duration', '{"duration_minutes": "ten"}') AS bad_id \gset
+SELECT synced_at IS NULL AS pending, last_error FROM d365.activity WHERE id = :bad_id;

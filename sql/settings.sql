@@ -49,12 +49,15 @@ SELECT org_url, tenant_id, min_score, default_owner, api_version FROM d365.setti
 INSERT INTO d365.settings (org_url, min_score) VALUES ('https://fabrikam.crm.dynamics.com', 7);
 SELECT count(*), min(org_url), min(min_score) FROM d365.settings;
 
--- privileges: nothing for PUBLIC
-SELECT count(*) AS functions_public_may_execute
+-- privileges: nothing for PUBLIC but the internals of d365_update_contact(),
+-- which runs with its caller's rights (they run as the caller, run no user
+-- code, or check the caller's right to update contacts)
+SELECT p.oid::regprocedure AS public_may_execute
   FROM pg_proc p
  WHERE p.pronamespace = 'd365'::regnamespace
    AND (p.proacl IS NULL OR EXISTS (SELECT FROM aclexplode(p.proacl) a
-                                     WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'));
+                                     WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))
+ ORDER BY 1::text;
 SELECT count(*) AS tables_public_may_read
   FROM pg_class c
  WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'v')

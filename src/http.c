@@ -365,12 +365,19 @@ finish_transfer(HttpTransfer *t, CURLcode result)
 	D365HttpRequest *req = t->req;
 	long		status = 0;
 	instr_time	now;
+	MemoryContext old;
 
 	curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
 	INSTR_TIME_SET_CURRENT(now);
 	INSTR_TIME_SUBTRACT(now, t->started);
 	req->elapsed_ms = INSTR_TIME_GET_MILLISEC(now);
 
+	/*
+	 * Everything written into the request goes to its call's response
+	 * context: pump() may finish this transfer while another call is being
+	 * waited for, in whatever context that caller has current.
+	 */
+	old = MemoryContextSwitchTo(t->call->resp_cxt);
 	req->status = status;
 	req->transport_error = (int) result;
 	req->too_large = t->body.overflow;
@@ -390,6 +397,7 @@ finish_transfer(HttpTransfer *t, CURLcode result)
 	req->response_len = t->body.len;
 	req->response_headers = t->head.data ? t->head.data : pstrdup("");
 	req->response_headers_len = t->head.len;
+	MemoryContextSwitchTo(old);
 
 	curl_multi_remove_handle(multi_handle, t->easy);
 	t->attached = false;

@@ -10,10 +10,12 @@
  * send them back (echo suppression).
  *
  *	 d365_update_contact(payload)  push: what a Power Automate flow posts.
- *		Runs d365._incoming_apply() as the owner of d365's tables (the
- *		caller needs no rights on them) and passes the calling role, whose
- *		UPDATE right on each changed column is checked: the same rule as the
- *		Xperience endpoint's "user allowed to modify contacts".
+ *		SQL over d365._incoming_apply(), with the caller's rights: the
+ *		caller reads and updates the contact table itself (the Xperience
+ *		endpoint's "user allowed to modify contacts"), so its triggers,
+ *		row security and column privileges apply as usual.  d365's own
+ *		tables are reached through owner-run helpers that run no user code;
+ *		the snapshot gate here checks the caller may update contacts.
  *
  *	 d365_pull_changes()  pull, no inbound port: Dataverse change tracking.
  *		The first call reads every contact with Prefer: odata.track-changes
@@ -36,45 +38,72 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/jsonb.h"
+#include "utils/acl.h"
 #include "utils/memutils.h"
 
 #include "d365sync.h"
 #include "pipeline.h"
 
-PG_FUNCTION_INFO_V1(d365_update_contact);
+PG_FUNCTION_INFO_V1(d365_contact_snapshot);
 PG_FUNCTION_INFO_V1(d365_pull_changes);
 
 /*
- * d365_update_contact(payload jsonb) -> jsonb
+ * d365._contact_snapshot(contact_key text, settle jsonb) -> jsonb
+ *		The gate through which d365_update_contact(), running with its
+ *		caller's rights, reads and writes a contact's synced snapshot.  The
+ *		caller must be allowed to update the attached contact table (any
+ *		column); then d365.contact_state is read (settle NULL: returns the
+ *		snapshot) or settle's fields are recorded as synced, as the owner of
+ *		d365's tables, in a restricted operation that runs no user code.
  */
 Datum
-d365_update_contact(PG_FUNCTION_ARGS)
+d365_contact_snapshot(PG_FUNCTION_ARGS)
 {
 	Oid			caller = GetUserId();
-	Oid			owner;
+	Oid			owner = d365_table_owner("settings");
 	Oid			save_userid;
 	int			save_sec;
-	Oid			types[2] = {JSONBOID, OIDOID};
-	Datum		args[2];
-	char		nulls[3] = "  ";
+	char	   *relid_text;
+	Oid			relid;
 	char	   *result;
 	MemoryContext callercxt = CurrentMemoryContext;
 
 	if (PG_ARGISNULL(0))
-		nulls[0] = 'n';
-	args[0] = PG_ARGISNULL(0) ? (Datum) 0 : PG_GETARG_DATUM(0);
-	args[1] = ObjectIdGetDatum(caller);
+		PG_RETURN_NULL();
 
-	owner = d365_table_owner("settings");
 	SPI_connect();
 	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	if (SPI_execute_with_args("SELECT d365._incoming_apply($1, $2)::text", 2, types, args,
-							  nulls, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "d365._incoming_apply failed");
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	relid_text = d365_sql_text("SELECT contact_table::oid::text FROM d365.contact_source",
+							   0, NULL, NULL);
 	SetUserIdAndSecContext(save_userid, save_sec);
+	if (relid_text == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("no contact table is attached")));
+	relid = (Oid) strtoul(relid_text, NULL, 10);
 
-	result = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (pg_class_aclcheck(relid, caller, ACL_UPDATE) != ACLCHECK_OK &&
+		pg_attribute_aclcheck_all(relid, caller, ACL_UPDATE, ACLMASK_ANY) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for the sync state of contacts"),
+				 errdetail("Only a role that may update the contact table may read or settle its sync state.")));
+
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	if (PG_ARGISNULL(1))
+		result = d365_sql_text("SELECT synced::text FROM d365.contact_state WHERE contact_key = $1",
+							   1, (Oid[]) {TEXTOID}, (Datum[]) {PG_GETARG_DATUM(0)});
+	else
+		result = d365_sql_text("INSERT INTO d365.contact_state AS s (contact_key, synced, synced_seq)"
+							   " VALUES ($1, $2, 0) ON CONFLICT (contact_key) DO UPDATE"
+							   " SET synced = coalesce(s.synced, '{}') || EXCLUDED.synced"
+							   " RETURNING synced::text",
+							   2, (Oid[]) {TEXTOID, JSONBOID},
+							   (Datum[]) {PG_GETARG_DATUM(0), PG_GETARG_DATUM(1)});
+	SetUserIdAndSecContext(save_userid, save_sec);
 	if (result != NULL)
 		result = MemoryContextStrdup(callercxt, result);
 	SPI_finish();

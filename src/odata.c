@@ -280,6 +280,19 @@ build_http(D365Client *client, D365Op *op)
 	h->url = is_absolute(op->path) ? op->path
 		: psprintf("%s%s", client->service_root, op->path);
 
+	/*
+	 * An absolute URL (a next or delta link the server gave) gets the token
+	 * only when it points into the organization's Web API: the token must
+	 * not go wherever a stored link says.
+	 */
+	if (!op->anonymous && is_absolute(op->path) &&
+		pg_strncasecmp(op->path, client->service_root, strlen(client->service_root)) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("refusing to send the access token outside the organization's Web API"),
+				 errdetail("A request URL does not start with %s.", client->service_root),
+				 errhint("Check d365.pull_state.delta_link, or DELETE FROM d365.pull_state to take a new baseline.")));
+
 	if (!op->anonymous)
 	{
 		headers = lappend(headers, psprintf("Authorization: Bearer %s",
