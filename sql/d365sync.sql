@@ -1714,7 +1714,7 @@ BEGIN
     EXCEPTION WHEN data_exception THEN
         RAISE EXCEPTION 'value of Dynamics field "%" does not fit column "%" of type %', field, column_name, typ
             USING ERRCODE = 'invalid_text_representation',
-                  DETAIL = format('The value was %s: %s', val, SQLERRM),
+                  DETAIL = format('The value was %s: %s.', val, SQLERRM),
                   HINT = 'Fix the value in Dynamics, or the mapping in d365.field_map.';
     END;
     RETURN result;
@@ -1936,7 +1936,8 @@ BEGIN
         BEGIN
             changed := d365._incoming_apply(r, false);
         EXCEPTION WHEN invalid_text_representation OR invalid_parameter_value THEN
-            RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', SQLERRM;
+            RAISE WARNING 'Dynamics contact % was not applied', r ->> 'contactid'
+                USING ERRCODE = 'warning', DETAIL = SQLERRM;
             failed := failed + 1;
             CONTINUE;
         END;

@@ -199,7 +199,9 @@ d365_send_activity(PG_FUNCTION_ARGS)
 		else if (run.counts.failed > 0)
 			ereport(WARNING,
 					(errcode(ERRCODE_WARNING),
-					 errmsg("activity %lld stays pending: %s", (long long) id, error),
+					 errmsg("activity %lld was not created in Dynamics 365 and stays pending",
+							(long long) id),
+					 errdetail_internal("%s", error),
 					 errhint("d365_sync_activities() will retry it.")));
 		SPI_finish();
 		PG_RETURN_NULL();

@@ -346,7 +346,13 @@ classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
 	if (h->status == 429)
 	{
 		char	   *ra = d365_http_header(h, "Retry-After");
-		long		ms = ra ? atol(ra) * 1000L : backoff_ms(*attempts);
+		long		ms;
+
+		/* delta-seconds; an HTTP-date or anything else means back off */
+		if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
+			ms = Min(atol(ra), 86400L) * 1000L;
+		else
+			ms = backoff_ms(*attempts);
 
 		if (can_retry && ms <= d365_retry_max_wait_ms)
 		{
