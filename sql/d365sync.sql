@@ -970,6 +970,10 @@ CREATE FUNCTION d365._contact_record(
     OUT failed integer, OUT unlinked integer)
 RETURNS record
 LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
     src d365.contact_source;
@@ -1439,6 +1443,10 @@ CREATE FUNCTION d365._activity_record(
     OUT failed integer, OUT unlinked integer)
 RETURNS record
 LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
