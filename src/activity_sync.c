@@ -24,12 +24,10 @@
 #include "d365_json.h"
 
 #include "access/htup_details.h"
-#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
-#include "utils/resowner.h"
 #include "utils/uuid.h"
 
 #include "activity_sync.h"
@@ -94,49 +92,25 @@ d365_sync_activities(PG_FUNCTION_ARGS)
  *		synced, as a run of its own (recorded as kind "activities").
  *		Requires an SPI connection; called by the contact engine.
  */
+static void
+recent_body(D365Run *run, void *arg)
+{
+	run_activities(run, "recent", 0);
+}
+
 void
 d365_activities_after_contacts(void)
 {
-	D365Run    *run = palloc(sizeof(D365Run));	/* not a local: survives longjmp */
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-
-	d365_run_init(run, "activities");
+	D365Run		run;
 
 	/*
-	 * In a subtransaction of its own: a failure here must not undo the
-	 * contacts just recorded.  The activities stay pending for their job.
+	 * Guarded: a failure here must not undo the contacts just recorded.
+	 * The activities stay pending for their own job.
 	 */
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		run_activities(run, "recent", 0);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			ReThrowError(edata);
-		memset(&run->counts, 0, sizeof(run->counts));
-		run->message = psprintf("failed: %s", edata->message);
-		edata->elevel = WARNING;
-		ThrowErrorData(edata);
-	}
-	PG_END_TRY();
-
-	if (run->items > 0 || run->message != NULL)
-		d365_run_record(run);
+	d365_run_init(&run, "activities");
+	(void) d365_run_guarded(&run, recent_body, NULL);
+	if (run.items > 0 || run.message != NULL)
+		d365_run_record(&run);
 }
 
 static void

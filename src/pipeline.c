@@ -546,39 +546,20 @@ is_interrupt(int sqlerrcode)
 }
 
 /*
- * d365_run_execute
- *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
- *		NULL and another transaction holds that job's lock, the run is
- *		skipped (recorded with a message) and false is returned.  An error
- *		in the body rolls back the body's work, is reported as a WARNING and
- *		recorded in the run's message; cancels and timeouts are re-thrown.
- *		The run is recorded in d365.sync_run.  Connects to SPI itself.
+ * d365_run_guarded
+ *		Run body(run, arg) in a subtransaction.  An error rolls back what the
+ *		body did (its remote effects are idempotent, its items stay
+ *		pending), is reported as a WARNING as it was, and is kept in
+ *		run->message; cancels and shutdowns are re-thrown with their
+ *		SQLSTATE.  Returns whether the body completed.  Requires an SPI
+ *		connection.
  */
 bool
-d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *arg)
+d365_run_guarded(D365Run *run, D365RunBody body, void *arg)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 	volatile bool completed = true;
-
-	SPI_connect();
-
-	if (lock_name != NULL)
-	{
-		Oid			argtypes[1] = {TEXTOID};
-		Datum		args[1] = {CStringGetTextDatum(lock_name)};
-		char	   *got;
-
-		got = d365_sql_text("SELECT pg_try_advisory_xact_lock(2143281613, hashtext($1))",
-							1, argtypes, args);
-		if (strcmp(got, "t") != 0)
-		{
-			run->message = psprintf("skipped: another %s run is in progress", run->kind);
-			d365_run_record(run);
-			SPI_finish();
-			return false;
-		}
-	}
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -613,6 +594,42 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 		ThrowErrorData(edata);
 	}
 	PG_END_TRY();
+	return completed;
+}
+
+/*
+ * d365_run_execute
+ *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
+ *		NULL and another transaction holds that job's lock, the run is
+ *		skipped (recorded with a message) and false is returned.  The body
+ *		runs guarded (d365_run_guarded).  The run is recorded in
+ *		d365.sync_run unless run->no_record.  Connects to SPI itself.
+ */
+bool
+d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *arg)
+{
+	bool		completed;
+
+	SPI_connect();
+
+	if (lock_name != NULL)
+	{
+		Oid			argtypes[1] = {TEXTOID};
+		Datum		args[1] = {CStringGetTextDatum(lock_name)};
+		char	   *got;
+
+		got = d365_sql_text("SELECT pg_try_advisory_xact_lock(2143281613, hashtext($1))",
+							1, argtypes, args);
+		if (strcmp(got, "t") != 0)
+		{
+			run->message = psprintf("skipped: another %s run is in progress", run->kind);
+			d365_run_record(run);
+			SPI_finish();
+			return false;
+		}
+	}
+
+	completed = d365_run_guarded(run, body, arg);
 
 	if (!run->no_record)
 		d365_run_record(run);

@@ -49,6 +49,7 @@ extern void d365_run_init(D365Run *run, const char *kind);
 extern D365Client *d365_run_client(D365Run *run);
 extern bool d365_run_execute(D365Run *run, const char *lock_name,
 							 D365RunBody body, void *arg);
+extern bool d365_run_guarded(D365Run *run, D365RunBody body, void *arg);
 extern void d365_run_record(D365Run *run);
 extern char *d365_sql_text(const char *query, int nargs, Oid *argtypes,
 						   Datum *args);
