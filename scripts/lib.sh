@@ -8,9 +8,13 @@
 #   d365_start_cluster DB   throwaway cluster, pg_cron preloaded for DB
 #   d365_start_sim [args]   the Dataverse simulator on 127.0.0.1 (http+https)
 #   d365_stop_all           stop the simulator and the cluster, remove files
+#
+# D365_PG_BIN (optional) names another PostgreSQL 15 bin directory, such as a
+# private copy made by scripts/pg-sandbox.sh, so that several checkouts can
+# build, install and test at once without sharing one installation.
 
 D365_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${D365_PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_CONFIG=$PG_BIN/pg_config
 export PG_CONFIG
 D365_PACKAGES="postgresql-15 postgresql-server-dev-15 postgresql-15-cron libcurl4-openssl-dev libjansson-dev libipc-run-perl"
