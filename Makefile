@@ -1,14 +1,19 @@
 # d365sync: PGXS build.  make PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 
 EXTENSION = d365sync
-EXTVERSION = 0.1
+EXTVERSION = 0.2
 
 MODULE_big = d365sync
 OBJS = d365sync.o src/http.o src/auth.o src/odata.o src/catalog.o \
 	src/jsonutil.o src/admin.o src/pipeline.o src/contact_sync.o \
 	src/activity_sync.o src/incoming.o
 
+# The install script of the current version is built from the parts in
+# sql/install/ (one per subsystem, in file-name order).  Released scripts and
+# upgrade scripts are shipped as they are: a released script is never edited.
 DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
+DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
+INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
 REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges
 REGRESS_OPTS = --load-extension=plpgsql
@@ -26,5 +31,5 @@ include $(PGXS)
 # every object depends on every header (PGXS tracks no header dependencies)
 $(OBJS): $(wildcard $(srcdir)/src/*.h)
 
-sql/$(EXTENSION)--$(EXTVERSION).sql: sql/$(EXTENSION).sql
-	cp $< $@
+sql/$(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_PARTS)
+	cat $^ > $@

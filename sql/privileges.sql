@@ -76,10 +76,12 @@ CREATE TYPE regress_key AS (v integer);
 SELECT d365.d365_log_activity(row(1)::regress_key, 'phonecall');
 DROP TYPE regress_key;
 -- ... and d365_update_contact changes contacts as its caller: the table's
--- own triggers see the caller, not the extension's owner
+-- own triggers see the caller, not the extension's owner (they run under
+-- d365's pinned search_path, as under PostgreSQL's maintenance commands, so
+-- they name their tables with the schema)
 CREATE TABLE regress_seen (who name);
 CREATE FUNCTION regress_note_user() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO regress_seen VALUES (current_user); RETURN NEW; END $$;  -- unqualified, on purpose
+BEGIN INSERT INTO public.regress_seen VALUES (current_user); RETURN NEW; END $$;
 CREATE TRIGGER regress_note_user BEFORE UPDATE ON person FOR EACH ROW EXECUTE FUNCTION regress_note_user();
 CREATE ROLE regress_hook2;
 GRANT USAGE ON SCHEMA d365 TO regress_hook2;

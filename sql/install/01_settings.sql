@@ -1,0 +1,177 @@
+-- ---------------------------------------------------------------------------
+-- Settings
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE d365.settings (
+    singleton             boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    org_url               text,
+    tenant_id             text,
+    client_id             uuid,
+    client_secret         text,
+    authority_url         text NOT NULL DEFAULT 'https://login.microsoftonline.com',
+    api_version           text NOT NULL DEFAULT 'v9.2',
+    contact_sync_enabled  boolean NOT NULL DEFAULT false,
+    min_score             integer NOT NULL DEFAULT 0,
+    activity_sync_enabled boolean NOT NULL DEFAULT false,
+    default_owner         text,
+    incoming_mapper       regprocedure,
+    instance_id           uuid NOT NULL DEFAULT gen_random_uuid()
+);
+
+COMMENT ON TABLE d365.settings IS
+    'd365sync settings: one row, changed with UPDATE; client_secret is readable only by the table owner';
+COMMENT ON COLUMN d365.settings.org_url IS
+    'Dynamics 365 organization URL, e.g. https://contoso.crm4.dynamics.com (http:// only for loopback hosts)';
+COMMENT ON COLUMN d365.settings.tenant_id IS
+    'Microsoft Entra tenant: directory (tenant) id or a verified domain name';
+COMMENT ON COLUMN d365.settings.client_id IS
+    'Application (client) id of the app registration';
+COMMENT ON COLUMN d365.settings.client_secret IS
+    'Client secret value of the app registration (never shown in messages)';
+COMMENT ON COLUMN d365.settings.authority_url IS
+    'Token authority; tokens come from {authority_url}/{tenant_id}/oauth2/v2.0/token';
+COMMENT ON COLUMN d365.settings.api_version IS
+    'Web API version, e.g. v9.2';
+COMMENT ON COLUMN d365.settings.contact_sync_enabled IS
+    'Scheduled contact sync runs only when this is true and min_score > 0';
+COMMENT ON COLUMN d365.settings.min_score IS
+    'Score an unlinked contact must reach to be created in Dynamics';
+COMMENT ON COLUMN d365.settings.activity_sync_enabled IS
+    'Whether activities are sent to Dynamics';
+COMMENT ON COLUMN d365.settings.default_owner IS
+    'Owner of created activities: /systemusers(<guid>) or /teams(<guid>), as d365_owners() returns it';
+COMMENT ON COLUMN d365.settings.incoming_mapper IS
+    'Optional function (dynamics jsonb, local jsonb, mapping jsonb) returning {column: value}; replaces the changed-column computation of incoming changes';
+COMMENT ON COLUMN d365.settings.instance_id IS
+    'Random id of this installation; Dynamics ids of new contacts are derived from it';
+
+/*
+ * Reports why a URL may not be used for Dynamics 365 requests, or NULL when
+ * it may.  The HTTP layer applies the same rule to every request.
+ */
+CREATE FUNCTION d365._url_problem(url text)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_url_problem'
+LANGUAGE C STABLE STRICT;
+
+CREATE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND
+       NEW.tenant_id !~ '^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+)$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NEW.default_owner !~ '^/(systemusers|teams)\([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\)$' THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER settings_check
+    BEFORE INSERT OR UPDATE OR DELETE ON d365.settings
+    FOR EACH ROW EXECUTE FUNCTION d365._settings_check();
+
+INSERT INTO d365.settings DEFAULT VALUES;
+
+SELECT pg_catalog.pg_extension_config_dump('d365.settings', '');
+
+-- ---------------------------------------------------------------------------
+-- Diagnostics
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION d365.d365_whoami(
+    OUT user_id uuid,
+    OUT business_unit_id uuid,
+    OUT organization_id uuid,
+    OUT dop_hint integer)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_whoami'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION d365.d365_whoami() IS
+    'Calls the Dataverse WhoAmI function: checks settings, credentials and connectivity';
+
+-- ---------------------------------------------------------------------------

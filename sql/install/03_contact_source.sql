@@ -1,0 +1,392 @@
+-- Contacts: the attached table, the field map, per-contact sync state
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE d365.contact_source (
+    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    contact_table regclass NOT NULL,
+    key_column    name NOT NULL,
+    score_column  name NOT NULL
+);
+COMMENT ON TABLE d365.contact_source IS
+    'The application''s contact table, registered by d365_attach_contacts()';
+SELECT pg_catalog.pg_extension_config_dump('d365.contact_source', '');
+
+CREATE TABLE d365.field_map (
+    column_name    name PRIMARY KEY,
+    dynamics_field text NOT NULL
+);
+COMMENT ON TABLE d365.field_map IS
+    'Contact column -> Dynamics attribute; unmapped columns are never sent. A lookup maps a uuid column to <navigation property>@odata.bind';
+SELECT pg_catalog.pg_extension_config_dump('d365.field_map', '');
+
+/*
+ * Per-contact sync state.  A row exists for every contact of the attached
+ * table (the capture triggers keep it so).  change_seq counts local changes;
+ * synced_seq is the change_seq the last successful sync saw, so a change
+ * made while a run is in flight is never lost.  synced holds the mapped
+ * values as Dynamics last had them (sent by us or received from it): the
+ * next update sends exactly the fields that differ.
+ */
+CREATE TABLE d365.contact_state (
+    contact_key       text PRIMARY KEY,
+    change_seq        bigint NOT NULL DEFAULT 1,
+    synced_seq        bigint NOT NULL DEFAULT 0,
+    synced            jsonb,
+    generation        integer NOT NULL DEFAULT 0,
+    remote_deleted_at timestamptz,
+    attempts          integer NOT NULL DEFAULT 0,
+    next_attempt_at   timestamptz,
+    last_attempt_at   timestamptz,
+    last_status       integer,
+    last_error_code   text,
+    last_error        text
+);
+CREATE INDEX contact_state_failing_idx ON d365.contact_state (next_attempt_at)
+    WHERE attempts > 0;
+-- dumped with the configuration: without it a restored database would send
+-- every linked contact's mapped values once more
+SELECT pg_catalog.pg_extension_config_dump('d365.contact_state', '');
+COMMENT ON TABLE d365.contact_state IS
+    'Sync state of each contact: pending changes, last synced values, failures and back-off';
+
+-- Contact capture trigger: count a change of anything but the link columns.
+-- It runs as the extension owner, so whoever may write the contact table
+-- needs no rights on d365's tables.
+CREATE FUNCTION d365._contact_capture()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        -- keep a tombstone: a contact inserted later under the same key gets
+        -- a new Dynamics id, never the deleted contact's record
+        UPDATE d365.contact_state
+           SET generation = generation + 1, synced = NULL, synced_seq = change_seq,
+               remote_deleted_at = NULL, attempts = 0, next_attempt_at = NULL,
+               last_error = NULL, last_error_code = NULL
+         WHERE contact_key = to_jsonb(OLD) ->> TG_ARGV[0];
+        RETURN NULL;
+    END IF;
+    INSERT INTO d365.contact_state AS s (contact_key)
+    VALUES (to_jsonb(NEW) ->> TG_ARGV[0])
+    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1;
+    RETURN NULL;
+END;
+$$;
+
+/*
+ * The Dynamics id of a contact is chosen here, not by Dynamics: a name-based
+ * UUID (version 3) of this installation, the contact key and the number of
+ * times the contact was deleted in Dynamics.  Creating with an upsert on
+ * that id makes creation idempotent: a retry after a lost commit, a crash or
+ * a concurrent run reaches the same Dynamics record.
+ */
+CREATE FUNCTION d365._contact_guid(contact_key text, generation integer)
+RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT overlay(overlay(h PLACING '3' FROM 13 FOR 1)
+                   PLACING substr('89ab', (('x' || substr(h, 17, 1))::bit(4)::int & 3) + 1, 1)
+                   FROM 17 FOR 1)::uuid
+      FROM (SELECT md5(s.instance_id::text || '/' || contact_key || '/' || generation) AS h
+              FROM d365.settings s) x
+$$;
+
+/*
+ * The JSON expression of one mapped column, converted as SPEC section 2
+ * says; NULL when the column's type cannot be converted.  bind_set turns a
+ * uuid into a lookup bind path /<entity set>(<uuid>).
+ */
+CREATE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN bind_set IS NOT NULL AND base IN ('uuid'::regtype, 'text'::regtype, 'character varying'::regtype)
+            THEN format('to_jsonb(%L || (%s)::text || '')'')', '/' || bind_set || '(', expr)
+        WHEN bind_set IS NOT NULL THEN NULL
+        WHEN base IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
+                      'name'::regtype, 'smallint'::regtype, 'integer'::regtype,
+                      'bigint'::regtype, 'numeric'::regtype, 'real'::regtype,
+                      'double precision'::regtype, 'boolean'::regtype)
+            THEN format('to_jsonb(%s)', expr)
+        WHEN base = 'uuid'::regtype THEN format('to_jsonb((%s)::text)', expr)
+        WHEN base = 'date'::regtype
+            THEN format('to_jsonb(to_char(%s, ''YYYY-MM-DD''))', expr)
+        WHEN base IN ('timestamp with time zone'::regtype, 'timestamp without time zone'::regtype)
+            THEN format('to_jsonb(to_char((%s)::timestamptz AT TIME ZONE ''UTC'', ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN typtype = 'e'
+            THEN format('to_jsonb((%s)::text)', expr)
+        ELSE NULL
+    END
+    FROM (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype AS base,
+                 (SELECT b.typtype FROM pg_type b
+                   WHERE b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)) AS typtype
+            FROM pg_type t WHERE t.oid = typ) b
+$$;
+
+/*
+ * Contact keys are smallint, integer, bigint, text, varchar or uuid: their
+ * text form is stable (no padding, no DateStyle) and their conversions are
+ * built in, so code running as the extension owner never runs a cast or an
+ * output function a user wrote.
+ */
+CREATE FUNCTION d365._check_key_type(tbl regclass, key_column name)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    typ regtype := (SELECT a.atttypid FROM pg_attribute a
+                     WHERE a.attrelid = tbl AND a.attname = key_column
+                       AND a.attnum > 0 AND NOT a.attisdropped);
+BEGIN
+    IF typ IS NULL OR typ NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                  'text'::regtype, 'character varying'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION 'key column "%" of % has type %, which d365sync does not support',
+                        key_column, tbl, coalesce(typ::text, 'none')
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid.';
+    END IF;
+END;
+$$;
+
+-- A contact key passed by the application, as text; only the key types
+-- above are accepted (see _check_key_type).
+CREATE FUNCTION d365._key_text(contact_key anyelement)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_typeof(contact_key) NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                      'text'::regtype, 'character varying'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION 'a contact key of type % is not supported', pg_typeof(contact_key)
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Pass the key as smallint, integer, bigint, text, varchar or uuid.';
+    END IF;
+    RETURN contact_key::text;
+END;
+$$;
+
+-- The attached contact table, or a clear error when there is none.
+CREATE FUNCTION d365._contact_source()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    PERFORM d365._check_key_type(src.contact_table, src.key_column);
+    RETURN src;
+END;
+$$;
+
+-- When a failed item is tried again: 5 minutes, 10, 20, ... at most a day.
+CREATE FUNCTION d365._next_attempt(failures integer)
+RETURNS timestamptz
+SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE
+AS $$ SELECT now() + least(interval '5 minutes' * power(2, greatest(failures - 1, 0)), interval '1 day') $$;
+
+-- Field map validation: the column must exist and be mappable.
+CREATE FUNCTION d365._field_map_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    typ regtype;
+BEGIN
+    src := d365._contact_source();
+    IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The key column and the link columns are managed by d365sync.',
+                  HINT = 'Map one of the columns d365_contact_fields() lists.';
+    END IF;
+    SELECT a.atttypid::regtype INTO typ
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" does not exist in %', NEW.column_name, src.contact_table
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'd365_contact_fields() lists the columns that can be mapped.';
+    END IF;
+    IF NEW.dynamics_field !~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$' THEN
+        RAISE EXCEPTION 'invalid Dynamics field name "%"', NEW.dynamics_field
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Dynamics attributes are written by their lowercase logical name.',
+                  HINT = 'Use a logical name such as emailaddress1, or <lookup>_<target>@odata.bind for a lookup; d365_dynamics_fields() lists them.';
+    END IF;
+    IF d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
+        RAISE EXCEPTION 'column "%" of type % cannot be sent to Dynamics', NEW.column_name, typ
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
+                                THEN 'A lookup (@odata.bind) is written from a uuid column.'
+                                ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
+                  HINT = 'Map a column of a supported type, or a generated column that converts this one.';
+    END IF;
+    IF EXISTS (SELECT FROM d365.field_map f
+                WHERE f.dynamics_field = NEW.dynamics_field
+                  AND f.column_name <> NEW.column_name) THEN
+        RAISE EXCEPTION 'Dynamics field "%" is already mapped', NEW.dynamics_field
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'Each Dynamics field takes its value from one column.';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER field_map_check
+    BEFORE INSERT OR UPDATE ON d365.field_map
+    FOR EACH ROW EXECUTE FUNCTION d365._field_map_check();
+
+-- A changed map applies to contacts already linked: the next run compares
+-- every linked contact with its snapshot again, so a newly mapped field is
+-- sent (once, where it has a value) and nothing else is.
+CREATE FUNCTION d365._field_map_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE d365.contact_state SET change_seq = change_seq + 1
+     WHERE synced IS NOT NULL AND change_seq = synced_seq;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER field_map_changed
+    AFTER INSERT OR UPDATE OR DELETE ON d365.field_map
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._field_map_changed();
+
+CREATE FUNCTION d365.d365_attach_contacts(
+    contact_table regclass,
+    key_column name DEFAULT 'id',
+    score_column name DEFAULT 'score')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old d365.contact_source;
+    col text;
+BEGIN
+    FOREACH col IN ARRAY ARRAY[key_column, score_column] LOOP
+        IF NOT EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = contact_table AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" does not exist in %', col, contact_table
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT FROM pg_index i
+                    WHERE i.indrelid = contact_table AND i.indisunique AND i.indnatts = 1
+                      AND i.indkey[0] = (SELECT attnum FROM pg_attribute
+                                          WHERE attrelid = contact_table AND attname = key_column)) THEN
+        RAISE EXCEPTION 'column "%" of % is not a unique key', key_column, contact_table
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The key column needs a PRIMARY KEY or UNIQUE constraint of its own.';
+    END IF;
+    PERFORM d365._check_key_type(contact_table, key_column);
+    IF (SELECT format_type(atttypid, NULL) FROM pg_attribute
+         WHERE attrelid = contact_table AND attname = score_column)
+       NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision') THEN
+        RAISE EXCEPTION 'score column "%" is not numeric', score_column
+            USING ERRCODE = 'datatype_mismatch';
+    END IF;
+
+    SELECT * INTO old FROM d365.contact_source;
+    IF FOUND AND old.contact_table <> contact_table THEN
+        RAISE EXCEPTION 'contact table % is already attached', old.contact_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A database syncs one contact table.',
+                  HINT = 'Call d365_detach_contacts() first.';
+    END IF;
+
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_related_id' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_related_id uuid', contact_table);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
+    END IF;
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture AFTER INSERT OR DELETE ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_capture(%L)',
+                   contact_table, key_column);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+                   ' WHEN ((to_jsonb(OLD) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[])'
+                   ' IS DISTINCT FROM (to_jsonb(NEW) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[]))'
+                   ' EXECUTE FUNCTION d365._contact_capture(%L)',
+                   contact_table, key_column);
+
+    INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
+    VALUES (contact_table, key_column, score_column)
+    ON CONFLICT (singleton) DO UPDATE
+       SET contact_table = EXCLUDED.contact_table, key_column = EXCLUDED.key_column,
+           score_column = EXCLUDED.score_column;
+
+    -- contacts that exist already get their state row
+    EXECUTE format('INSERT INTO d365.contact_state (contact_key)'
+                   ' SELECT %I::text FROM %s ON CONFLICT DO NOTHING', key_column, contact_table);
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_attach_contacts(regclass, name, name) IS
+    'Registers the contact table: adds the link columns, the change-capture triggers and the sync state';
+
+CREATE FUNCTION d365.d365_detach_contacts()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture ON %s', src.contact_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture_update ON %s', src.contact_table);
+    DELETE FROM d365.field_map;
+    DELETE FROM d365.contact_source;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_detach_contacts() IS
+    'Removes the capture triggers and the field map; the link columns, their values and the sync state stay';
+
+CREATE FUNCTION d365.d365_contact_fields(
+    OUT column_name name, OUT data_type text, OUT dynamics_field text, OUT convertible boolean)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod), f.dynamics_field,
+           d365._json_expr('x', a.atttypid::regtype) IS NOT NULL
+      FROM d365.contact_source s
+      JOIN pg_attribute a ON a.attrelid = s.contact_table
+      LEFT JOIN d365.field_map f ON f.column_name = a.attname
+     WHERE a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname NOT IN (s.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+     ORDER BY a.attnum
+$$;
+COMMENT ON FUNCTION d365.d365_contact_fields() IS
+    'Columns of the contact table that can be mapped, with their type and current mapping';
+
+-- ---------------------------------------------------------------------------

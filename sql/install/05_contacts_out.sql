@@ -1,0 +1,275 @@
+-- Outgoing contact sync: the select and record stages (SQL), the send
+-- stage is the C pipeline (src/pipeline.c).
+-- ---------------------------------------------------------------------------
+
+/*
+ * The map stage of contacts, outgoing: one jsonb expression over the contact
+ * row "c" that yields {dynamics_field: value} for every mapped column,
+ * converted as SPEC section 2 says.  Raises when a mapped column is gone or
+ * cannot be converted.
+ */
+CREATE FUNCTION d365._contact_values_expr()
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    cur text := '''{}''::jsonb';
+    m record;
+    expr text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+               FROM d365.field_map f
+               LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
+                    AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+              ORDER BY f.column_name
+    LOOP
+        IF m.typ IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" no longer exists in %', m.column_name, src.contact_table
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
+        END IF;
+        expr := d365._json_expr(format('c.%I', m.column_name), m.typ, m.entity_set);
+        IF expr IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'Change the column''s type or its mapping.';
+        END IF;
+        cur := cur || format(' || jsonb_build_object(%L, %s)', m.dynamics_field, expr);
+    END LOOP;
+    RETURN cur;
+END;
+$$;
+
+/*
+ * The work query of a contact sync: one row per contact to consider, with
+ * the request to send (none when nothing changed) and a context that
+ * d365._contact_record() gets back.  A create is an upsert on the id the
+ * contact will have (no If-Match); an update carries If-Match: * so that it
+ * never re-creates a contact deleted in Dynamics.  The map stage is here: the mapped
+ * columns become one jsonb object converted as SPEC section 2 says, and for
+ * a linked contact the body is the part of it that differs from the synced
+ * snapshot (a NULL clears the Dynamics value).
+ *
+ * scheduled = true: the job's selection (qualifying unlinked contacts,
+ * linked contacts with pending changes, past their back-off).
+ * scheduled = false: the one contact whose key is $1, whatever its score.
+ */
+CREATE FUNCTION d365._contact_work_sql(scheduled boolean)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+    cur text;
+    sel text;
+BEGIN
+    src := d365._contact_source();
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+    cur := d365._contact_values_expr();
+
+    IF scheduled THEN
+        sel := format(
+            '((c.dynamics365_related_id IS NULL AND c.%1$I >= (SELECT min_score FROM d365.settings)'
+            '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq))'
+            ' OR (c.dynamics365_related_id IS NOT NULL'
+            '   AND (s.contact_key IS NULL OR s.change_seq > s.synced_seq)))'
+            ' AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())',
+            src.score_column);
+    ELSE
+        sel := format('c.%I = $1::%s', src.key_column, key_type);
+    END IF;
+
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
+               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation, 'values', w.cur,
+                                  'sent', w.body)::text AS context
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                                    FROM jsonb_each(v.cur) e
+                                   WHERE (v.synced IS NULL AND e.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%1$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._contact_guid(c.%1$I::text, coalesce(s.generation, 0))) AS dynamics_id,
+                               coalesce(s.change_seq, 0) AS change_seq,
+                               coalesce(s.generation, 0) AS generation,
+                               s.synced,
+                               %2$s AS cur
+                          FROM %3$s c
+                          LEFT JOIN d365.contact_state s ON s.contact_key = c.%1$I::text
+                         WHERE %4$s
+                        OFFSET 0) v) w
+    $q$, src.key_column, cur, src.contact_table, sel);
+END;
+$$;
+
+/*
+ * The record stage of a contact sync: link columns, sync state, failures
+ * and back-off for a chunk of outcomes (one array element per item).
+ * Like every function of d365 it pins its search_path: the application
+ * table's own triggers, fired by the link-column update, run under it too
+ * (as under PostgreSQL's maintenance commands) and must qualify names.
+ * Returns the chunk's counts.
+ */
+CREATE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+
+    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
+        CREATE TEMP TABLE d365_contact_outcome (
+            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+            vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+            ok boolean, gone boolean
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_contact_outcome;
+    END IF;
+    INSERT INTO d365_contact_outcome
+    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+           (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, o.code, o.msg,
+           (x.c ->> 'action') = 'unchanged' OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL),
+           (x.c ->> 'action') = 'update' AND o.st = 404
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- created or updated: link and stamp the contact
+    EXECUTE format(
+        'UPDATE %s t SET dynamics365_related_id = o.dynamics_id,'
+        '               dynamics365_synchronized_on = now()'
+        '  FROM d365_contact_outcome o'
+        ' WHERE o.ok AND o.action IN (''create'', ''update'') AND t.%I = o.item_key::%s',
+        src.contact_table, src.key_column, key_type);
+
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR s.synced IS NULL THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           synced_seq = o.seq, generation = o.generation, attempts = 0,
+           next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM d365_contact_outcome o
+     WHERE o.ok AND s.contact_key = o.item_key;
+
+    -- deleted in Dynamics: unlink and report; a re-creation gets a new id
+    EXECUTE format(
+        'UPDATE %s t SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+        '  FROM d365_contact_outcome o'
+        ' WHERE o.gone AND t.%I = o.item_key::%s AND t.dynamics365_related_id = o.dynamics_id',
+        src.contact_table, src.key_column, key_type);
+    UPDATE d365.contact_state s
+       SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
+           remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,
+           last_attempt_at = now(), last_status = o.status, last_error_code = o.error_code,
+           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
+      FROM d365_contact_outcome o
+     WHERE o.gone AND s.contact_key = o.item_key;
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a day
+    INSERT INTO d365.contact_state AS s
+           (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
+            last_error_code, last_error)
+    SELECT o.item_key, 1, d365._next_attempt(1), now(), nullif(o.status, 0),
+           o.error_code, o.error_message
+      FROM d365_contact_outcome o
+     WHERE NOT o.ok AND NOT o.gone
+    ON CONFLICT (contact_key) DO UPDATE
+       SET attempts = s.attempts + 1,
+           next_attempt_at = d365._next_attempt(s.attempts + 1),
+           last_attempt_at = now(), last_status = EXCLUDED.last_status,
+           last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action = 'unchanged'),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM d365_contact_outcome;
+END;
+$$;
+
+CREATE FUNCTION d365._contact_link(contact_key text)
+RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    result uuid;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.contact_table, src.key_column)
+       INTO result USING contact_key;
+    RETURN result;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_sync_contact(contact_key anyelement)
+RETURNS uuid
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_sync_contact'
+LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION d365.d365_sync_contact(anyelement) IS
+    'Creates or updates one contact in Dynamics now, whatever its score and the enabled flag; returns its Dynamics id';
+
+CREATE FUNCTION d365.d365_sync_contacts(
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer, OUT requests integer)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_sync_contacts'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365.d365_sync_contacts() IS
+    'The scheduled contact sync: creates qualifying contacts and sends the changed fields of linked ones';
+
+-- ---------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+-- Status and scheduling
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    n bigint;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+
+    SELECT * INTO src FROM d365.contact_source;
+    item := 'contact table'; value := coalesce(src.contact_table::text, '(not attached)'); RETURN NEXT;
+    IF src.contact_table IS NOT NULL THEN
+        PERFORM d365._check_key_type(src.contact_table, src.key_column);
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                       ' WHERE c.dynamics365_related_id IS NULL AND c.%I >= $1'
+                       '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq)',
+                       src.contact_table, src.key_column, src.score_column)
+            INTO n USING s.min_score;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                       ' WHERE c.dynamics365_related_id IS NOT NULL AND s.change_seq > s.synced_seq',
+                       src.contact_table, src.key_column) INTO n;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_status() IS
+    'At a glance: what is enabled, backlog, failures, the last run of each job and the last error';
+
+CREATE FUNCTION d365.d365_schedule(
+    contacts text DEFAULT '0 * * * *',
+    activities text DEFAULT '0 * * * *',
+    pull text DEFAULT NULL)
+RETURNS TABLE (job_name text, schedule text, command text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    jobs text[][] := ARRAY[['d365-contact-sync', contacts, 'SELECT d365.d365_sync_contacts()', 'd365.d365_sync_contacts()'],
+                           ['d365-activity-sync', activities, 'SELECT d365.d365_sync_activities()', 'd365.d365_sync_activities()'],
+                           ['d365-pull-changes', pull, 'SELECT d365.d365_pull_changes()', 'd365.d365_pull_changes()']];
+    i integer;
+BEGIN
+    IF to_regclass('cron.job') IS NULL THEN
+        RAISE EXCEPTION 'pg_cron is not installed in this database'
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
+    END IF;
+    FOR i IN 1 .. array_length(jobs, 1) LOOP
+        IF jobs[i][2] IS NOT NULL AND to_regprocedure(jobs[i][4]) IS NOT NULL THEN
+            PERFORM cron.schedule(jobs[i][1], jobs[i][2], jobs[i][3]);
+        ELSE
+            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname = jobs[i][1];
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT j.jobname::text, j.schedule::text, j.command::text
+                   FROM cron.job j WHERE j.jobname LIKE 'd365-%' ORDER BY j.jobname;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_schedule(text, text, text) IS
+    'Creates or updates the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes';
+
+CREATE FUNCTION d365.d365_unschedule()
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer := 0;
+BEGIN
+    IF to_regclass('cron.job') IS NULL THEN
+        RETURN 0;
+    END IF;
+    SELECT count(*) INTO n FROM cron.job j WHERE j.jobname LIKE 'd365-%';
+    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname LIKE 'd365-%';
+    RETURN n;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_unschedule() IS
+    'Removes the d365sync pg_cron jobs; returns how many there were';
+
+
+-- ---------------------------------------------------------------------------

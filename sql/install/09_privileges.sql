@@ -1,0 +1,14 @@
+-- Privileges: nothing for PUBLIC.
+-- ---------------------------------------------------------------------------
+
+REVOKE ALL ON ALL TABLES IN SCHEMA d365 FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
+
+-- The internals of d365_update_contact(), which runs with its caller's
+-- rights.  Safe for anyone: they run as the caller, or run no user code,
+-- or check the caller's right to update contacts (_contact_snapshot).
+-- Without EXECUTE on d365_update_contact and USAGE on schema d365 a role
+-- cannot reach them anyway.
+GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean), d365._typed_jsonb(jsonb, regtype, text, name),
+      d365._contact_source(), d365._incoming_fields(), d365._contact_values_expr(),
+      d365._incoming_mapper(), d365._contact_snapshot(text, jsonb) TO PUBLIC;

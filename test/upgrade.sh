@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# test/upgrade.sh: ALTER EXTENSION d365sync UPDATE from every earlier release
+# yields the same objects as a fresh install and keeps the user's data.
+#
+# scripts/test.sh runs it with the cluster and simulator it started (PGHOST,
+# PGPORT, PGUSER, D365_SIM_URL, D365_SIMCTL exported).  For 0.1 it:
+#   1. installs 0.1 in a database, configures it against the simulator,
+#      attaches and maps a contact table, syncs, logs activities;
+#   2. saves every user row of d365's tables (the columns 0.1 had);
+#   3. runs ALTER EXTENSION d365sync UPDATE;
+#   4. compares the catalog of schema d365 (test/catalog.sql: functions with
+#      volatility, SECURITY DEFINER, SET clauses and bodies; columns, types,
+#      defaults; indexes; constraints; triggers, those on the attached table
+#      included) with a fresh install that attached the same table;
+#   5. checks the saved rows are unchanged and the next sync sends nothing,
+#      and that the updated installation still creates a new contact.
+# Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+TMPD=$(mktemp -d /tmp/d365upgrade.XXXXXX)
+OLD=d365upgrade_old
+NEW=d365upgrade_new
+trap 'rm -rf "$TMPD"' EXIT
+if [ -z "${D365_SIM_URL:-}" ]; then
+    echo "# test/upgrade.sh needs the simulator and a cluster: run it through scripts/test.sh"
+    echo "not ok 1 - set-up: no simulator (D365_SIM_URL is not set)"
+    exit 0
+fi
+
+n=0
+ok() { n=$((n + 1)); echo "ok $n - $*"; }
+notok() { n=$((n + 1)); echo "not ok $n - $*"; }
+psql_db() { psql -X -v ON_ERROR_STOP=1 -q -d "$@"; }
+
+setup_table() {
+    cat <<SQL
+CREATE TABLE person (id integer PRIMARY KEY, email text, first_name text,
+                     last_name text, score integer);
+SELECT d365.d365_attach_contacts('person');
+INSERT INTO d365.field_map (column_name, dynamics_field)
+VALUES ('email', 'emailaddress1'), ('first_name', 'firstname'), ('last_name', 'lastname');
+SQL
+}
+
+# -- 1. a 0.1 installation in use
+"$D365_SIMCTL" reset >/dev/null
+for db in $OLD $NEW; do
+    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+done
+if ! psql_db $OLD >"$TMPD/old.log" 2>&1 <<SQL
+CREATE EXTENSION d365sync VERSION '0.1';
+UPDATE d365.settings
+   SET org_url = '$D365_SIM_URL', authority_url = '$D365_SIM_URL',
+       tenant_id = '11111111-1111-1111-1111-111111111111',
+       client_id = '22222222-2222-2222-2222-222222222222',
+       client_secret = 'sim-secret',
+       contact_sync_enabled = true, min_score = 10, activity_sync_enabled = true;
+$(setup_table)
+INSERT INTO person VALUES (1, 'ada@example.com', 'Ada', 'Lovelace', 50),
+                          (2, 'alan@example.com', 'Alan', 'Turing', 40),
+                          (3, 'grace@example.com', 'Grace', 'Hopper', 5);
+SELECT * FROM d365.d365_sync_contacts();
+UPDATE person SET last_name = 'King' WHERE id = 1;
+SELECT * FROM d365.d365_sync_contacts();
+SELECT d365.d365_log_activity(1, 'phonecall', 'Called Ada', '{"direction": "outgoing"}');
+SELECT d365.d365_log_activity(2, 'task', 'Send the paper');
+SELECT d365.d365_log_activity(3, 'task', 'Not linked yet: stays pending');
+SELECT * FROM d365.d365_sync_activities();
+SQL
+then
+    notok "a 0.1 installation syncs contacts and activities"
+    sed 's/^/# /' "$TMPD/old.log"
+    exit 0
+fi
+ok "a 0.1 installation syncs contacts and activities"
+
+# -- 2. the user's rows, in the columns 0.1 had
+dump_rows() {
+    local db=$1 t cols
+    for t in settings field_map contact_source contact_state activity activity_type_map \
+             activity_mapper sync_run pull_state metadata_cache; do
+        cols=$(cat "$TMPD/cols.$t")
+        echo "== $t"
+        psql_db "$db" -At -c "SELECT $cols FROM d365.$t ORDER BY 1::text" 2>&1
+    done
+    echo "== person"
+    psql_db "$db" -At -c "SELECT * FROM person ORDER BY id"
+}
+for t in settings field_map contact_source contact_state activity activity_type_map \
+         activity_mapper sync_run pull_state metadata_cache; do
+    psql_db $OLD -At -c "SELECT string_agg(CASE WHEN atttypid = 'timestamptz'::regtype
+                                     THEN format('%I::text', attname) ELSE quote_ident(attname) END, ', ' ORDER BY attnum)
+                           FROM pg_attribute WHERE attrelid = 'd365.$t'::regclass
+                            AND attnum > 0 AND NOT attisdropped" >"$TMPD/cols.$t"
+done
+dump_rows $OLD >"$TMPD/rows.before"
+
+# -- 3. the update
+if psql_db $OLD -c "ALTER EXTENSION d365sync UPDATE" >"$TMPD/update.log" 2>&1 &&
+   [ "$(psql_db $OLD -At -c "SELECT extversion FROM pg_extension WHERE extname = 'd365sync'")" = \
+     "$(psql_db $NEW -At -c "SELECT default_version FROM pg_available_extensions WHERE name = 'd365sync'")" ]; then
+    ok "ALTER EXTENSION d365sync UPDATE reaches the default version"
+else
+    notok "ALTER EXTENSION d365sync UPDATE reaches the default version"
+    sed 's/^/# /' "$TMPD/update.log"
+fi
+
+# -- 4. the same objects as a fresh install
+psql_db $NEW >"$TMPD/new.log" 2>&1 <<SQL
+CREATE EXTENSION d365sync;
+$(setup_table)
+SQL
+psql_db $OLD -f "$REPO/test/catalog.sql" >"$TMPD/catalog.old" 2>&1
+psql_db $NEW -f "$REPO/test/catalog.sql" >"$TMPD/catalog.new" 2>&1
+if [ -s "$TMPD/catalog.new" ] && diff -u "$TMPD/catalog.new" "$TMPD/catalog.old" >"$TMPD/catalog.diff"; then
+    ok "the updated catalog equals a fresh install's ($(wc -l <"$TMPD/catalog.new") objects and attributes)"
+else
+    notok "the updated catalog equals a fresh install's (diff: fresh -> updated)"
+    sed 's/^/# /' "$TMPD/catalog.diff" "$TMPD/new.log" | head -80
+fi
+
+# -- 5. the data is kept, the next sync sends nothing, new work still flows
+dump_rows $OLD >"$TMPD/rows.after"
+if diff -u "$TMPD/rows.before" "$TMPD/rows.after" >"$TMPD/rows.diff"; then
+    ok "settings, field map, links, sync state, activity log and run history are kept ($(wc -l <"$TMPD/rows.before") lines)"
+else
+    notok "settings, field map, links, sync state, activity log and run history are kept"
+    sed 's/^/# /' "$TMPD/rows.diff" | head -60
+fi
+
+"$D365_SIMCTL" clear-requests >/dev/null
+counts=$(psql_db $OLD -At -F' ' -c "SELECT created, updated, failed FROM d365.d365_sync_contacts()" \
+                                -c "SELECT created, failed FROM d365.d365_sync_activities()" 2>&1)
+api=$("$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; print(len(json.load(sys.stdin)["requests"]))')
+if [ "$counts" = "$(printf '0 0 0\n0 0')" ] && [ "$api" = 0 ]; then
+    ok "after the update the next sync sends nothing"
+else
+    notok "after the update the next sync sends nothing"
+    echo "# counts: $(echo $counts); API requests: $api"
+    "$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; [print("#", r.get("method"), r.get("path")) for r in json.load(sys.stdin)["requests"]]'
+
+fi
+
+out=$(psql_db $OLD -At -F' ' -c "INSERT INTO person VALUES (4, 'kat@example.com', 'Katherine', 'Johnson', 60)" \
+          -c "SELECT created, failed FROM d365.d365_sync_contacts()" \
+          -c "SELECT count(*) FROM person WHERE dynamics365_related_id IS NOT NULL" 2>&1)
+if [ "$out" = "$(printf '1 0\n3')" ]; then
+    ok "the updated installation creates a new contact"
+else
+    notok "the updated installation creates a new contact"
+    echo "# $(echo $out)"
+fi
+
+for db in $OLD $NEW; do
+    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+done
