@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * auth.c
- *	  OAuth 2.0 client-credentials tokens from Microsoft Entra ID (v2).
+ *	  OAuth 2.0 client-credentials tokens from Microsoft Entra ID (v2), and
+ *	  the authenticated client every feature opens.
  *
  * POST {authority_url}/{tenant_id}/oauth2/v2.0/token with client_id,
  * client_secret, scope={org_url}/.default and grant_type=client_credentials.
@@ -12,8 +13,13 @@
  * the old token is dropped.
  *
  * The token request goes through d365_client_execute() like any other, so
- * it is retried on 5xx and transport failures by the same policy.  A
- * refusal from Entra is an ERROR carrying the AADSTS code and description
+ * it is retried on 5xx and transport failures by the same policy.  It is an
+ * anonymous operation (op->anonymous): the client sends it without asking
+ * its token source, which is d365_auth_token itself.  That rule, enforced
+ * in odata.c (client_token), is all that keeps d365_auth_token from
+ * calling itself; the dependency runs one way, auth.c -> odata.c, and
+ * odata.c reaches this file only through the function pointer that
+ * d365_client_open installs.  A refusal from Entra is an ERROR carrying the AADSTS code and description
  * (which never contains the secret) and a hint for the common codes.
  *
  *-------------------------------------------------------------------------
@@ -27,7 +33,7 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#include "odata.h"
+#include "auth.h"
 
 /* Renew this long before the token expires. */
 #define TOKEN_MARGIN_SECS 300
@@ -114,6 +120,21 @@ aadsts_hint(const char *message)
 }
 
 /*
+ * d365_client_open
+ *		Load the settings (as the settings table's owner), check that a
+ *		connection is configured, and prepare a client for this SQL call
+ *		whose token source is d365_auth_token.  No request is made here.
+ */
+D365Client *
+d365_client_open(void)
+{
+	D365Settings *settings = d365_settings_load();
+
+	d365_settings_require_connection(settings);
+	return d365_client_init(settings, d365_auth_token);
+}
+
+/*
  * d365_auth_token
  *		A valid access token for the client's organization: the cached one,
  *		or a new one when refresh is true, the cache is stale or the
@@ -153,6 +174,7 @@ d365_auth_token(D365Client *client, bool refresh)
 							   d365_uri_escape(s->tenant_id)),
 					  NULL);
 	op->body = form.data;
+	/* anonymous: the client must not ask us for a token to send this */
 	op->anonymous = true;
 	op->content_type = "application/x-www-form-urlencoded";
 

@@ -4,26 +4,45 @@
  *	  Declarations shared by every d365sync module: the GUC variables that
  *	  d365sync.c defines and the module-wide conventions.
  *
- * Layout of the extension (the file names are the architecture):
+ * Layout of the extension.  The file names are the architecture: read
+ * from the bottom (transport) up to the rooms, each of which has its SQL
+ * beside it in sql/install/NN_<room>.sql.  Dependencies point down only.
  *
- *	  d365sync.c		module entry, GUCs, library initialisation
- *	  src/http.c		libcurl transport: parallel requests, timeouts, TLS,
- *						interrupts, size caps
- *	  src/auth.c		OAuth 2.0 client-credentials token, cached per backend
- *	  src/odata.c		Dataverse Web API client: headers, errors, retries,
- *						token refresh, throttling
- *	  src/catalog.c		the settings row, read through SPI as its owner
- *	  src/pipeline.c	select -> map -> send -> record, and the run wrapper
- *						(lock, error capture, d365.sync_run)
- *	  src/contact_sync.c outgoing contacts: engine on the pipeline
- *	  src/activity_sync.c activities: engine on the pipeline
- *	  src/incoming.c	incoming changes: push payloads and the change-
- *						tracking pull
- *	  src/jsonutil.c	jansson glued to memory contexts
- *	  src/admin.c		d365_whoami and the generic paged GET
- *	  sql/d365sync.sql	tables, the SQL stages of each engine (work
- *						queries that select and map, record functions),
- *						the SQL API
+ *	  d365sync.c			module entry, GUCs, library initialisation
+ *
+ *	  The wire (how a request reaches Dynamics 365)
+ *	  src/http.c			libcurl transport: parallel requests, timeouts, TLS,
+ *							interrupts, size caps
+ *	  src/odata.c			Dataverse Web API client: headers, errors, retries,
+ *							$batch, throttling; asks its token source for tokens
+ *	  src/odata_pages.c		the paged GET (@odata.nextLink) over the client
+ *	  src/auth.c			OAuth 2.0 client-credentials token, cached per
+ *							backend; d365_client_open() (settings + token)
+ *	  src/jsonutil.c		jansson glued to memory contexts
+ *
+ *	  The house rules (how C reads d365's tables)
+ *	  src/spi_util.c		typed single-value queries; running as the owner
+ *							of d365's tables
+ *	  src/runs.c			a run: client, counts, lock, error capture,
+ *							d365.sync_run, the SQL result row
+ *	  src/pipeline.c		select -> map -> send -> record, chunk by chunk
+ *
+ *	  The rooms (C beside sql/install/NN_<room>.sql)
+ *	  src/settings.c		01_settings: the settings row, the URL rule
+ *	  src/whoami.c			01_settings: d365_whoami(), the connection check
+ *	  src/runs.c			02_runs
+ *	  src/contact_source.c	03_contact_source: the contact-state privilege gate
+ *	  src/metadata.c		04_metadata: d365._get_all() under the metadata SQL
+ *	  src/contacts_out.c	05_contacts_out: the outgoing contact engine
+ *	  src/activities.c		06_activities: the activity engine
+ *	  src/incoming.c		07_incoming: the change-tracking pull
+ *	  (08_status_schedule and 09_privileges are SQL only)
+ *
+ * One contact's way out: its capture trigger marks it pending; the engine
+ * (contacts_out.c) runs the work query of 05_contacts_out, which selects
+ * and maps it to requests; pipeline.c sends them through odata.c and hands
+ * the outcomes to the record function of 05_contacts_out.  See
+ * docs/architecture.md for the contract between C and SQL.
  *
  * jansson is included only through d365_json.h.
  *

@@ -49,24 +49,39 @@
 #include "odata.h"
 
 /*
- * d365_client_open
- *		Load the settings (as the settings table's owner), check that a
- *		connection is configured, and prepare a client for this SQL call.
- *		No request is made here.
+ * d365_client_init
+ *		A client for this SQL call on the given settings, taking its bearer
+ *		tokens from token (see D365TokenSource).  No request is made here.
+ *		Callers open clients with d365_client_open() (auth.h).
  */
 D365Client *
-d365_client_open(void)
+d365_client_init(D365Settings *settings, D365TokenSource token)
 {
 	D365Client *client = palloc0(sizeof(D365Client));
 
-	client->settings = d365_settings_load();
-	d365_settings_require_connection(client->settings);
-	client->service_path = psprintf("/api/data/%s/", client->settings->api_version);
-	client->service_root = psprintf("%s%s", client->settings->org_url,
-									client->service_path);
+	client->settings = settings;
+	client->token = token;
+	client->service_path = psprintf("/api/data/%s/", settings->api_version);
+	client->service_root = psprintf("%s%s", settings->org_url, client->service_path);
 	client->max_parallel = d365_max_parallel;
 	client->dop_limit = d365_max_parallel;
 	return client;
+}
+
+/*
+ * client_token
+ *		The bearer token for an operation that is not anonymous.  Anonymous
+ *		operations never get here: build_http gives them no Authorization
+ *		header, batchable() keeps them out of $batch, and a 401 on one does
+ *		not refresh.  That rule is what lets the token source send its own
+ *		(anonymous) request through this client without recursion.
+ */
+static const char *
+client_token(D365Client *client, bool refresh)
+{
+	if (client->token == NULL)
+		elog(ERROR, "the Dynamics 365 client has no token source");
+	return client->token(client, refresh);
 }
 
 /*
@@ -293,10 +308,11 @@ build_http(D365Client *client, D365Op *op)
 				 errdetail("A request URL does not start with %s.", client->service_root),
 				 errhint("Check d365.pull_state.delta_link, or DELETE FROM d365.pull_state to take a new baseline.")));
 
+	/* an anonymous operation (a token request) never asks for a token */
 	if (!op->anonymous)
 	{
 		headers = lappend(headers, psprintf("Authorization: Bearer %s",
-											d365_auth_token(client, false)));
+											client_token(client, false)));
 		headers = lappend(headers, "OData-MaxVersion: 4.0");
 		headers = lappend(headers, "OData-Version: 4.0");
 	}
@@ -375,7 +391,8 @@ classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
 /*
  * batchable
  *		Whether an operation may travel inside a $batch: Web API requests
- *		addressed relative to the service root.
+ *		addressed relative to the service root.  Never an anonymous one: a
+ *		$batch carries the token.
  */
 static bool
 batchable(const D365Op *op)
@@ -387,7 +404,10 @@ batchable(const D365Op *op)
  * build_batch
  *		One $batch request carrying ops[idx[0..k-1]] as independent parts,
  *		with Prefer: odata.continue-on-error so that each part gets its own
- *		outcome (reference section 6: CRLF line ends, parts in order).
+ *		outcome.  The body is multipart/mixed with CRLF line ends; each part
+ *		is an application/http request line (method, path under the service
+ *		path), its headers, a blank line and its body.  The response holds
+ *		one part per request, in the same order (parse_batch_response).
  */
 static D365HttpRequest *
 build_batch(D365Client *client, D365Op **ops, const int *idx, int k)
@@ -425,7 +445,7 @@ build_batch(D365Client *client, D365Op **ops, const int *idx, int k)
 	h->url = psprintf("%s$batch", client->service_root);
 	h->body = body.data;
 	h->body_len = body.len;
-	h->headers = list_make5(psprintf("Authorization: Bearer %s", d365_auth_token(client, false)),
+	h->headers = list_make5(psprintf("Authorization: Bearer %s", client_token(client, false)),
 							"OData-MaxVersion: 4.0",
 							"OData-Version: 4.0",
 							"Accept: application/json",
@@ -670,7 +690,7 @@ round_finish(D365Sending *st)
 
 	if (unauthorized)
 	{
-		(void) d365_auth_token(client, true);
+		(void) client_token(client, true);
 		st->refreshed = true;
 	}
 	if (nretry > 0)

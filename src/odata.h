@@ -12,13 +12,29 @@
 #define D365_ODATA_H
 
 #include "d365_json.h"
-#include "catalog.h"
 #include "http.h"
+#include "settings.h"
 
-/* A connection to one organization for the length of one SQL call. */
-typedef struct D365Client
+typedef struct D365Client D365Client;
+
+/*
+ * Where the client's bearer token comes from: a valid token, a new one when
+ * refresh is true.  The client calls it for every operation that is not
+ * anonymous and never for an anonymous one, so a token source may itself
+ * send anonymous operations through the client (auth.c does) without
+ * recursion.
+ */
+typedef const char *(*D365TokenSource) (D365Client *client, bool refresh);
+
+/*
+ * A connection to one organization for the length of one SQL call, opened
+ * by d365_client_open() (auth.h), which sets the settings and the token
+ * source.
+ */
+struct D365Client
 {
 	D365Settings *settings;
+	D365TokenSource token;		/* see D365TokenSource */
 	char	   *service_root;	/* {org_url}/api/data/{version}/ */
 	char	   *service_path;	/* /api/data/{version}/ */
 	int			max_parallel;	/* requests in flight now (the governor's) */
@@ -29,7 +45,7 @@ typedef struct D365Client
 	int64		requests;		/* HTTP exchanges, token requests included */
 	int64		throttled;		/* 429 responses */
 	int64		retries;		/* requests sent again */
-} D365Client;
+};
 
 /*
  * One Web API operation.  The caller sets method, path (relative to the
@@ -43,7 +59,8 @@ typedef struct D365Op
 	char	   *path;
 	char	   *body;			/* JSON text, or NULL */
 	List	   *headers;		/* extra "Name: value" lines */
-	bool		anonymous;		/* no Authorization header (token requests) */
+	bool		anonymous;		/* no token asked, no Authorization header:
+								 * token requests (see D365TokenSource) */
 	const char *content_type;	/* default application/json */
 
 	/* outcome */
@@ -57,7 +74,8 @@ typedef struct D365Op
 	D365HttpRequest *http;		/* the last exchange */
 } D365Op;
 
-extern D365Client *d365_client_open(void);
+extern D365Client *d365_client_init(D365Settings *settings,
+									D365TokenSource token);
 extern D365Op *d365_op_make(const char *method, const char *path, const char *body);
 /* the first round of d365_client_execute in flight (see d365_client_start) */
 typedef struct D365Sending D365Sending;
@@ -71,8 +89,30 @@ extern void d365_op_report(D365Op *op, int elevel);
 extern char *d365_op_summary(const D365Op *op);
 extern char *d365_uri_escape(const char *s);
 
-/* auth.c */
-extern const char *d365_auth_token(D365Client *client, bool refresh);
-extern void d365_auth_forget(void);
+/*
+ * odata_pages.c: GET a path and every page after it (@odata.nextLink).
+ * d365_pages_next() sends the next GET and returns its operation, judged
+ * like any other (the caller reports a failure or restarts); NULL once a
+ * page had no next link.  Each page lives in cxt, which is reset when the
+ * next page is fetched: do per-page work in it, copy out what must stay.
+ */
+typedef struct D365Pages
+{
+	D365Client *client;
+	const char *prefer;			/* Prefer: preferences before maxpagesize */
+	int			max_pages;		/* ERROR past this many pages; 0: no limit */
+	int			pages;			/* pages fetched so far */
+	char	   *path;			/* the current page's path (in cxt) */
+	char	   *next;			/* the next page's path, or NULL */
+	D365Op	   *op;				/* the current page (in cxt), or NULL */
+	MemoryContext cxt;			/* the current page's memory */
+	MemoryContext owner_cxt;	/* where next lives */
+} D365Pages;
+
+extern D365Pages *d365_pages_open(D365Client *client, const char *path,
+								  const char *prefer, int max_pages);
+extern D365Op *d365_pages_next(D365Pages *pages);
+extern void d365_pages_restart(D365Pages *pages, const char *path);
+extern void d365_pages_close(D365Pages *pages);
 
 #endif							/* D365_ODATA_H */

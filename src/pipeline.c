@@ -36,86 +36,27 @@
  *
  * Memory is reset per chunk, so it does not grow with the number of items.
  * A run past its time budget (d365sync.max_run_time_ms) sends no further
- * chunk; the rest stays pending for the next run.
+ * chunk; the rest stays pending for the next run.  The run itself (client,
+ * counts, lock, error capture, d365.sync_run) is runs.c's.
  *
- * d365_run_execute() wraps an engine's body for the scheduled jobs: it
- * takes a transaction-level advisory lock (a second run of the same job
- * skips instead of duplicating work), runs the body in a subtransaction so
- * that a failure (no token, a dropped mapping) is recorded in d365.sync_run
- * and reported as a WARNING instead of being lost with the transaction, and
- * re-throws cancels and timeouts so they keep their SQLSTATE.  Remote
- * effects of a rolled-back run are harmless: creates are upserts on ids
- * chosen locally, and the items simply stay pending.
+ * The full contract between this loop and the SQL of each engine is
+ * written out in docs/architecture.md.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 #include "d365_json.h"
 
-#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "d365sync.h"
 #include "pipeline.h"
-
-/*
- * d365_run_init
- *		Start a run of the given kind (d365.sync_run.kind).
- */
-void
-d365_run_init(D365Run *run, const char *kind)
-{
-	memset(run, 0, sizeof(D365Run));
-	run->kind = kind;
-	run->started = GetCurrentTimestamp();
-	run->cxt = CurrentMemoryContext;
-}
-
-/*
- * d365_run_client
- *		The run's OData client, opened on first use so that a run with
- *		nothing to send needs neither credentials nor a token.
- */
-D365Client *
-d365_run_client(D365Run *run)
-{
-	if (run->client == NULL)
-	{
-		MemoryContext old = MemoryContextSwitchTo(run->cxt);
-
-		run->client = d365_client_open();
-		MemoryContextSwitchTo(old);
-	}
-	return run->client;
-}
-
-/*
- * d365_sql_text
- *		Run a query and return the first column of its first row as text,
- *		palloc'd in the caller's context; NULL for no row or a NULL value.
- *		Requires an SPI connection.
- */
-char *
-d365_sql_text(const char *query, int nargs, Oid *argtypes, Datum *args)
-{
-	MemoryContext caller = CurrentMemoryContext;
-	int			rc;
-	char	   *v;
-
-	rc = SPI_execute_with_args(query, nargs, argtypes, args, NULL, false, 1);
-	if (rc < 0)
-		elog(ERROR, "query failed: %s", query);
-	if (SPI_processed == 0)
-		return NULL;
-	v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	return v ? MemoryContextStrdup(caller, v) : NULL;
-}
+#include "runs.h"
 
 static Datum
 text_array(char **values, int n)
@@ -374,9 +315,6 @@ record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_
 	Datum		rargs[5];
 	Oid			rtypes[5] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
 	TEXTARRAYOID, TEXTARRAYOID};
-	int64	   *dest[5] = {&run->counts.created, &run->counts.updated,
-		&run->counts.unchanged, &run->counts.failed,
-	&run->counts.unlinked};
 	int			i;
 
 	for (i = 0; i < c->n; i++)
@@ -393,19 +331,9 @@ record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_
 	rargs[2] = int_array(statuses, status_null, c->n);
 	rargs[3] = text_array(codes, c->n);
 	rargs[4] = text_array(messages, c->n);
-	if (SPI_execute_with_args(record_sql, 5, rtypes, rargs, NULL, false, 1) != SPI_OK_SELECT ||
-		SPI_processed != 1)
-		elog(ERROR, "%s did not return its counts", record_fn);
-	for (i = 0; i < 5; i++)
-	{
-		bool		isnull;
-		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-									  i + 1, &isnull);
-
-		if (!isnull)
-			*dest[i] += DatumGetInt32(d);
-	}
-	SPI_freetuptable(SPI_tuptable);
+	d365_run_add_counts(run, SPI_execute_with_args(record_sql, 5, rtypes, rargs,
+												   NULL, false, 1),
+						record_fn);
 	MemoryContextSwitchTo(old);
 }
 
@@ -500,139 +428,4 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 	SPI_cursor_close(portal);
 	MemoryContextDelete(chunks[0].cxt);
 	MemoryContextDelete(chunks[1].cxt);
-}
-
-/*
- * d365_run_record
- *		Insert the run into d365.sync_run.  Requires an SPI connection.
- */
-void
-d365_run_record(D365Run *run)
-{
-	Oid			types[10] = {TEXTOID, TIMESTAMPTZOID, INT4OID, INT4OID, INT4OID,
-	INT4OID, INT4OID, INT4OID, INT4OID, TEXTOID};
-	Datum		values[10];
-	char		nulls[11] = "          ";
-	D365Client *c = run->client;
-
-	values[0] = CStringGetTextDatum(run->kind);
-	values[1] = TimestampTzGetDatum(run->started);
-	values[2] = Int32GetDatum((int32) run->counts.created);
-	values[3] = Int32GetDatum((int32) run->counts.updated);
-	values[4] = Int32GetDatum((int32) run->counts.unchanged);
-	values[5] = Int32GetDatum((int32) run->counts.failed);
-	values[6] = Int32GetDatum((int32) run->counts.unlinked);
-	values[7] = Int32GetDatum(c ? (int32) c->requests : 0);
-	values[8] = Int32GetDatum(c ? (int32) c->throttled : 0);
-	if (run->message)
-		values[9] = CStringGetTextDatum(run->message);
-	else
-		nulls[9] = 'n';
-
-	if (SPI_execute_with_args("INSERT INTO d365.sync_run (kind, started_at, created, updated,"
-							  " unchanged, failed, unlinked, requests, throttled, message)"
-							  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-							  10, types, values, nulls, false, 0) != SPI_OK_INSERT)
-		elog(ERROR, "could not record the run in d365.sync_run");
-}
-
-static bool
-is_interrupt(int sqlerrcode)
-{
-	return sqlerrcode == ERRCODE_QUERY_CANCELED ||
-		sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
-		sqlerrcode == ERRCODE_CRASH_SHUTDOWN ||
-		sqlerrcode == ERRCODE_IDLE_IN_TRANSACTION_SESSION_TIMEOUT;
-}
-
-/*
- * d365_run_guarded
- *		Run body(run, arg) in a subtransaction.  An error rolls back what the
- *		body did (its remote effects are idempotent, its items stay
- *		pending), is reported as a WARNING as it was, and is kept in
- *		run->message; cancels and shutdowns are re-thrown with their
- *		SQLSTATE.  Returns whether the body completed.  Requires an SPI
- *		connection.
- */
-bool
-d365_run_guarded(D365Run *run, D365RunBody body, void *arg)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool completed = true;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		body(run, arg);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-
-		if (is_interrupt(edata->sqlerrcode))
-			ReThrowError(edata);
-
-		/* the body's recorded outcomes were rolled back with it */
-		memset(&run->counts, 0, sizeof(run->counts));
-		run->message = psprintf("failed: %s", edata->message);
-		completed = false;
-
-		/* report the error as it was, at WARNING */
-		edata->elevel = WARNING;
-		ThrowErrorData(edata);
-	}
-	PG_END_TRY();
-	return completed;
-}
-
-/*
- * d365_run_execute
- *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
- *		NULL and another transaction holds that job's lock, the run is
- *		skipped (recorded with a message) and false is returned.  The body
- *		runs guarded (d365_run_guarded).  The run is recorded in
- *		d365.sync_run unless run->no_record.  Connects to SPI itself.
- */
-bool
-d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *arg)
-{
-	bool		completed;
-
-	SPI_connect();
-
-	if (lock_name != NULL)
-	{
-		Oid			argtypes[1] = {TEXTOID};
-		Datum		args[1] = {CStringGetTextDatum(lock_name)};
-		char	   *got;
-
-		got = d365_sql_text("SELECT pg_try_advisory_xact_lock(2143281613, hashtext($1))",
-							1, argtypes, args);
-		if (strcmp(got, "t") != 0)
-		{
-			run->message = psprintf("skipped: another %s run is in progress", run->kind);
-			d365_run_record(run);
-			SPI_finish();
-			return false;
-		}
-	}
-
-	completed = d365_run_guarded(run, body, arg);
-
-	if (!run->no_record)
-		d365_run_record(run);
-	SPI_finish();
-	return completed;
 }

@@ -1,12 +1,12 @@
 /*-------------------------------------------------------------------------
  *
- * catalog.h
- *	  d365sync's own tables, read and written through SPI.
+ * settings.h
+ *	  The settings row (d365.settings) and the rules it must satisfy.
  *
  *-------------------------------------------------------------------------
  */
-#ifndef D365_CATALOG_H
-#define D365_CATALOG_H
+#ifndef D365_SETTINGS_H
+#define D365_SETTINGS_H
 
 /* The row of d365.settings, palloc'd in the caller's context. */
 typedef struct D365Settings
@@ -25,7 +25,6 @@ typedef struct D365Settings
 } D365Settings;
 
 extern D365Settings *d365_settings_load(void);
-extern Oid	d365_table_owner(const char *relname);
 extern void d365_settings_require_connection(const D365Settings *s);
 
-#endif							/* D365_CATALOG_H */
+#endif							/* D365_SETTINGS_H */

@@ -1,13 +1,14 @@
 /*-------------------------------------------------------------------------
  *
- * activity_sync.c
+ * activities.c
  *	  Activities: a thin engine on the pipeline.
  *
  * The select and map stages are d365._activity_work_sql() (pending
  * activities of linked contacts; type -> entity from d365.activity_type_map
  * and Dynamics metadata, entity set names from metadata; the built-in body
  * of d365._activity_body() with the custom mapper merged over it), the
- * record stage is d365._activity_record(); both live in sql/d365sync.sql.
+ * record stage is d365._activity_record(); both live in
+ * sql/install/06_activities.sql.
  * Every activity is created with a create-only upsert on the id chosen when
  * it was logged, so no retry creates it twice; phone calls and emails are
  * then completed with a second request.  This file wires them up:
@@ -23,15 +24,14 @@
 #include "postgres.h"
 #include "d365_json.h"
 
-#include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
-#include "funcapi.h"
-#include "utils/uuid.h"
 
-#include "activity_sync.h"
+#include "activities.h"
 #include "pipeline.h"
+#include "settings.h"
+#include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_sync_activities);
 PG_FUNCTION_INFO_V1(d365_send_activity);
@@ -69,21 +69,11 @@ activities_body(D365Run *run, void *arg)
 Datum
 d365_sync_activities(PG_FUNCTION_ARGS)
 {
-	TupleDesc	desc;
 	D365Run		run;
-	Datum		values[3];
-	bool		nulls[3] = {false};
-
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
 
 	d365_run_init(&run, "activities");
 	(void) d365_run_execute(&run, "d365-activity-sync", activities_body, NULL);
-
-	values[0] = Int32GetDatum((int32) run.counts.created);
-	values[1] = Int32GetDatum((int32) run.counts.failed);
-	values[2] = Int32GetDatum(run.client ? (int32) run.client->requests : 0);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 
 /*
@@ -130,10 +120,13 @@ one_body(D365Run *run, void *arg)
 Datum
 d365_send_activity(PG_FUNCTION_ARGS)
 {
+	MemoryContext fncxt = CurrentMemoryContext;
+	MemoryContext spicxt;
 	int64		id = PG_GETARG_INT64(0);
 	bool		strict = PG_GETARG_BOOL(1);
 	D365Run		run;
-	char	   *synced;
+	Datum		synced;
+	bool		pending;
 	char	   *error;
 	Oid			types[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(id)};
@@ -159,9 +152,13 @@ d365_send_activity(PG_FUNCTION_ARGS)
 		SPI_connect();
 	}
 
-	synced = d365_sql_text("SELECT dynamics_activity_id::text FROM d365.activity"
-						   " WHERE id = $1 AND synced_at IS NOT NULL", 1, types, args);
-	if (synced == NULL)
+	/* the id outlives the SPI connection */
+	spicxt = MemoryContextSwitchTo(fncxt);
+	synced = d365_sql_datum("SELECT dynamics_activity_id FROM d365.activity"
+							" WHERE id = $1 AND synced_at IS NOT NULL", 1, types, args,
+							UUIDOID, &pending);
+	MemoryContextSwitchTo(spicxt);
+	if (pending)
 	{
 		error = d365_sql_text("SELECT coalesce(last_error, 'the contact is not linked or activity sync is off')"
 							  " FROM d365.activity WHERE id = $1", 1, types, args);
@@ -181,5 +178,5 @@ d365_send_activity(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	}
 	SPI_finish();
-	PG_RETURN_DATUM(DirectFunctionCall1(uuid_in, CStringGetDatum(synced)));
+	PG_RETURN_DATUM(synced);
 }

@@ -1,12 +1,12 @@
 /*-------------------------------------------------------------------------
  *
- * contact_sync.c
- *	  Outgoing contact sync: a thin engine on the pipeline.
+ * contacts_out.c
+ *	  Outgoing contacts: a thin engine on the pipeline.
  *
  * The select and map stages are d365._contact_work_sql() (the mapped
  * columns become the JSON body; a linked contact sends only what differs
  * from the synced snapshot), the record stage is d365._contact_record()
- * (link columns, state, back-off), both in sql/d365sync.sql.  This file
+ * (link columns, state, back-off), both in sql/install/05_contacts_out.sql.  This file
  * wires them to the pipeline and exposes the SQL functions:
  *
  *	 d365_sync_contacts()		the scheduled job (skips when disabled or
@@ -24,16 +24,15 @@
 #include "postgres.h"
 #include "d365_json.h"
 
-#include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
-#include "funcapi.h"
 #include "utils/lsyscache.h"
-#include "utils/uuid.h"
 
-#include "activity_sync.h"
+#include "activities.h"
 #include "pipeline.h"
+#include "settings.h"
+#include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_sync_contacts);
 PG_FUNCTION_INFO_V1(d365_sync_contact);
@@ -59,7 +58,10 @@ contacts_body(D365Run *run, void *arg)
 	work_sql = d365_sql_text("SELECT d365._contact_work_sql(true)", 0, NULL, NULL);
 	d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._contact_record");
 
-	/* SPEC 3: a new contact's pending activities go right after it */
+	/*
+	 * A new contact's pending activities (logged while it was not linked)
+	 * go right after it instead of waiting for the activity job.
+	 */
 	if (settings->activity_sync_enabled && run->counts.created > 0)
 		d365_activities_after_contacts();
 }
@@ -71,24 +73,11 @@ contacts_body(D365Run *run, void *arg)
 Datum
 d365_sync_contacts(PG_FUNCTION_ARGS)
 {
-	TupleDesc	desc;
 	D365Run		run;
-	Datum		values[6];
-	bool		nulls[6] = {false};
-
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
 
 	d365_run_init(&run, "contacts");
 	(void) d365_run_execute(&run, "d365-contact-sync", contacts_body, NULL);
-
-	values[0] = Int32GetDatum((int32) run.counts.created);
-	values[1] = Int32GetDatum((int32) run.counts.updated);
-	values[2] = Int32GetDatum((int32) run.counts.unchanged);
-	values[3] = Int32GetDatum((int32) run.counts.failed);
-	values[4] = Int32GetDatum((int32) run.counts.unlinked);
-	values[5] = Int32GetDatum(run.client ? (int32) run.client->requests : 0);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 
 /*
@@ -102,6 +91,7 @@ d365_sync_contacts(PG_FUNCTION_ARGS)
 Datum
 d365_sync_contact(PG_FUNCTION_ARGS)
 {
+	MemoryContext fncxt = CurrentMemoryContext;
 	Oid			argtype = get_fn_expr_argtype(fcinfo->flinfo, 0);
 	Oid			outfunc;
 	bool		isvarlena;
@@ -110,8 +100,9 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	char	   *work_sql;
 	Oid			types[1] = {TEXTOID};
 	Datum		args[1];
-	char	   *linked;
-	Datum		result;
+	MemoryContext spicxt;
+	Datum		linked;
+	bool		unlinked;
 
 	if (!OidIsValid(argtype))
 		elog(ERROR, "could not determine the type of the contact key");
@@ -145,10 +136,13 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	if (run.counts.created > 0 && d365_settings_load()->activity_sync_enabled)
 		d365_activities_after_contacts();
 
-	linked = d365_sql_text("SELECT d365._contact_link($1)", 1, types, args);
+	/* the id outlives the SPI connection */
+	spicxt = MemoryContextSwitchTo(fncxt);
+	linked = d365_sql_datum("SELECT d365._contact_link($1)", 1, types, args,
+							UUIDOID, &unlinked);
+	MemoryContextSwitchTo(spicxt);
 	SPI_finish();
-	if (linked == NULL)
+	if (unlinked)
 		PG_RETURN_NULL();
-	result = DirectFunctionCall1(uuid_in, CStringGetDatum(linked));
-	PG_RETURN_DATUM(result);
+	PG_RETURN_DATUM(linked);
 }

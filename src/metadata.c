@@ -1,0 +1,85 @@
+/*-------------------------------------------------------------------------
+ *
+ * metadata.c
+ *	  Reading lists from Dynamics 365 for the metadata and owner functions.
+ *
+ * d365._get_all(path) is the C part of the metadata room: the functions
+ * that list entities, attributes, option sets and owners are written in
+ * SQL over it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/jsonb.h"
+
+#include "auth.h"
+
+PG_FUNCTION_INFO_V1(d365_get_all);
+
+/* Pages past this many are an error: a runaway list, not a real one. */
+#define GET_ALL_MAX_PAGES 10000
+
+/* Append one JSON value to the result as a jsonb row. */
+static void
+put_row(ReturnSetInfo *rsinfo, json_t *value)
+{
+	Datum		d = DirectFunctionCall1(jsonb_in, CStringGetDatum(d365_json_dump(value)));
+	bool		isnull = false;
+
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &d, &isnull);
+}
+
+/*
+ * d365._get_all(path text) -> SETOF jsonb
+ *		GET a Web API path and every page after it (@odata.nextLink), one row
+ *		per element of "value"; a body without "value" is one row.  Raises
+ *		on any failure.
+ */
+Datum
+d365_get_all(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *path = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	D365Client *client;
+	D365Pages  *pages;
+	D365Op	   *op;
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	client = d365_client_open();
+	pages = d365_pages_open(client, path, NULL, GET_ALL_MAX_PAGES);
+
+	while ((op = d365_pages_next(pages)) != NULL)
+	{
+		MemoryContext old;
+		json_t	   *value;
+
+		if (!op->ok)
+			d365_op_report(op, ERROR);
+		if (!json_is_object(op->json))
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("Dynamics 365 returned no JSON object"),
+					 errcontext("Dynamics 365 request: GET %s%s", client->service_path,
+								pages->path)));
+
+		old = MemoryContextSwitchTo(pages->cxt);
+		value = json_object_get(op->json, "value");
+		if (json_is_array(value))
+		{
+			size_t		i;
+			json_t	   *item;
+
+			json_array_foreach(value, i, item)
+				put_row(rsinfo, item);
+		}
+		else
+			put_row(rsinfo, op->json);
+		MemoryContextSwitchTo(old);
+	}
+	d365_pages_close(pages);
+	return (Datum) 0;
+}
