@@ -34,3 +34,13 @@ $(OBJS): $(wildcard $(srcdir)/src/*.h)
 
 sql/$(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_PARTS)
 	cat $^ > $@
+
+# The regression suites talk to the bundled Dataverse simulator.  Without it
+# say what to start instead of failing every suite.
+installcheck: d365-require-simulator
+.PHONY: d365-require-simulator
+d365-require-simulator:
+	@if [ -z "$$D365_SIM_URL" ] || [ -z "$$D365_SIMCTL" ]; then \
+		echo "make installcheck needs the Dataverse simulator: run 'bash scripts/test.sh' (starts a cluster and the simulator), or start sim/dataverse_sim.py and export D365_SIM_URL, D365_SIM_HTTPS_URL, D365_SIM_CA and D365_SIMCTL as scripts/lib.sh does (d365_start_sim)."; \
+		exit 1; \
+	fi

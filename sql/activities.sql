@@ -1,7 +1,8 @@
 -- Activities: the log, sync, built-in bodies, mapping, tasks, appointments.
 \set SHOW_CONTEXT never
+\ir sql/include/app_contact.sql
+\set ECHO all
 SET search_path = public, d365;
-\getenv sim_url D365_SIM_URL
 \! "$D365_SIMCTL" clear-requests
 CREATE TEMP TABLE sim_req (j jsonb);
 CREATE TEMP TABLE sim_row (j jsonb);
@@ -140,7 +141,7 @@ SELECT j->>'subject' AS subject, j->>'description' AS description, j->>'schedule
   FROM sim_row WHERE j->>'activityid' = :'task_id';
 \set VERBOSITY default
 SELECT d365_create_task(42, 'Nobody');
-SELECT d365_create_task(6, 'Deleted contact');
+SELECT d365_create_task(66, 'Deleted contact');
 INSERT INTO app_contact (id, first_name, score) VALUES (8, 'Hal', 0);
 SELECT d365_create_task(8, 'Unlinked');
 SELECT d365_create_task(1, 'Urgent', priority => 9);

@@ -1,7 +1,11 @@
 -- Contact tables keyed by uuid and by text; detach and re-attach.
 \set SHOW_CONTEXT never
+\ir sql/include/app_contact.sql
+\set ECHO all
 SET search_path = public, d365;
-\! "$D365_SIMCTL" reset
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS lead_u, "Lead T";
+RESET client_min_messages;
 CREATE TEMP TABLE sim_contact (j jsonb);
 
 -- one contact table per database

@@ -1,8 +1,11 @@
 -- Outgoing contact sync: attach, mapping, create, partial update, failures.
 \set SHOW_CONTEXT never
+\ir sql/include/fresh.sql
+\set ECHO all
 SET search_path = public, d365;
-\getenv sim_url D365_SIM_URL
-\! "$D365_SIMCTL" reset
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS app_contact CASCADE;
+RESET client_min_messages;
 UPDATE d365.settings
    SET org_url = :'sim_url', authority_url = :'sim_url',
        tenant_id = '11111111-1111-1111-1111-111111111111',

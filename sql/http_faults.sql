@@ -1,7 +1,7 @@
 -- The HTTP layer under faults: retries, throttling, timeouts, bad bodies.
+\ir sql/include/fresh.sql
+\set ECHO all
 SET search_path = d365, public;
-\getenv sim_url D365_SIM_URL
-\! "$D365_SIMCTL" reset
 UPDATE d365.settings
    SET org_url = :'sim_url', authority_url = :'sim_url',
        tenant_id = '11111111-1111-1111-1111-111111111111',

@@ -1,5 +1,7 @@
 -- Roles: what an application role, an operator and a monitor can do.
 \set SHOW_CONTEXT never
+\ir sql/include/person.sql
+\set ECHO all
 SET search_path = public, d365;
 UPDATE d365.settings SET activity_sync_enabled = true;
 
@@ -99,6 +101,7 @@ DROP OWNED BY regress_hook2;
 DROP ROLE regress_hook2;
 
 -- the access token goes only to the organization's Web API
+SELECT updated, failed FROM d365_pull_changes();
 UPDATE d365.pull_state SET delta_link = 'http://127.0.0.1:9/api/data/v9.2/contacts?$deltatoken=1';
 \set VERBOSITY terse
 SELECT * FROM d365_pull_changes();

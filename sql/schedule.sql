@@ -1,7 +1,12 @@
 -- pg_cron jobs, and two runs at once.
 \set SHOW_CONTEXT never
+\ir sql/include/app_contact.sql
+\set ECHO all
 SET search_path = public, d365;
-\! "$D365_SIMCTL" reset
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS pg_cron;
+DROP EXTENSION IF EXISTS dblink;
+RESET client_min_messages;
 CREATE TEMP TABLE sim_contact (j jsonb);
 
 -- without pg_cron: a clear error

@@ -1,6 +1,7 @@
 -- Settings: defaults, write-time validation, privileges, GUCs.
 \set SHOW_CONTEXT never
-CREATE EXTENSION d365sync;
+\ir sql/include/fresh.sql
+\set ECHO all
 SET search_path = d365, public;
 
 -- the single row and its defaults

@@ -1,9 +1,9 @@
 -- The first end-to-end call: token, WhoAmI, over http and https.
+\ir sql/include/fresh.sql
+\set ECHO all
 SET search_path = d365, public;
-\getenv sim_url D365_SIM_URL
 \getenv sim_https D365_SIM_HTTPS_URL
 \getenv sim_ca D365_SIM_CA
-\! "$D365_SIMCTL" reset
 CREATE TEMP TABLE sim_req (j jsonb);
 
 \set VERBOSITY default

@@ -55,7 +55,7 @@
 #include "storage/latch.h"
 #include "utils/memutils.h"
 
-#define D365_USER_AGENT "d365sync/0.1"
+#define D365_USER_AGENT "d365sync/0.2"
 #define MAX_RESPONSE_HEADERS (256 * 1024)
 
 /* A growable byte buffer that never throws (used from libcurl callbacks). */
