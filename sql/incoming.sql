@@ -141,6 +141,9 @@ SELECT regexp_replace(message, '\(HTTP.*\)', '(...)') AS message FROM d365.sync_
 SELECT last_name FROM person WHERE id = 1;
 SELECT * FROM d365_pull_changes();
 
--- scheduling the pull
+-- scheduling the pull (pg_cron lives in this database)
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS pg_cron;
+RESET client_min_messages;
 SELECT * FROM d365_schedule(pull => '*/5 * * * *');
 SELECT d365_unschedule();
