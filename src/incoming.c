@@ -69,6 +69,24 @@ delta_link_refused(const D365Op *op)
 		op->status != 401 && op->status != 403 && op->status != 429;
 }
 
+/*
+ * start_path
+ *		The first request of a full read (d365._pull_start_path()); raises
+ *		when there is nothing to read because no contact field is mapped.
+ */
+static char *
+start_path(void)
+{
+	char	   *path = d365_sql_text("SELECT d365._pull_start_path()", 0, NULL, NULL);
+
+	if (path == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("no contact field is mapped for incoming changes"),
+				 errhint("Attach the contact table with d365_attach_contacts() and map its fields in d365.field_map.")));
+	return path;
+}
+
 static void
 pull_body(D365Run *run, void *arg)
 {
@@ -85,7 +103,7 @@ pull_body(D365Run *run, void *arg)
 						 0, NULL, NULL);
 	full = (path == NULL);
 	if (full)
-		path = d365_sql_text("SELECT d365._pull_start_path()", 0, NULL, NULL);
+		path = start_path();
 
 	pages = d365_pages_open(d365_run_client(run), path, "odata.track-changes", 0);
 	while ((op = d365_pages_next(pages)) != NULL)
@@ -96,7 +114,7 @@ pull_body(D365Run *run, void *arg)
 			old = MemoryContextSwitchTo(run->cxt);
 			run->message = psprintf("the delta link was refused (%s); took a new baseline",
 									d365_op_summary(op));
-			path = d365_sql_text("SELECT d365._pull_start_path()", 0, NULL, NULL);
+			path = start_path();
 			full = true;
 			MemoryContextSwitchTo(old);
 			d365_pages_restart(pages, path);

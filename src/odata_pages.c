@@ -35,8 +35,11 @@ D365Pages *
 d365_pages_open(D365Client *client, const char *path, const char *prefer,
 				int max_pages)
 {
-	D365Pages  *p = palloc0(sizeof(D365Pages));
+	D365Pages  *p;
 
+	if (path == NULL)
+		elog(ERROR, "d365_pages_open needs a path");
+	p = palloc0(sizeof(D365Pages));
 	p->client = client;
 	p->prefer = prefer ? pstrdup(prefer) : NULL;
 	p->max_pages = max_pages;

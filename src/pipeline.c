@@ -376,6 +376,9 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 	Chunk	   *next = &chunks[1];
 	bool		have;
 
+	if (work_sql == NULL)
+		elog(ERROR, "%s: the engine gave no work query", record_fn);
+
 	/* enough items to fill every request in flight with a full batch */
 	chunk_size = Min(d365_batch_size * d365_max_parallel, 10000);
 	record_sql = psprintf("SELECT created, updated, unchanged, failed, unlinked"
