@@ -27,3 +27,794 @@ ALTER FUNCTION d365.d365_sync_contact(anyelement) SET search_path = pg_catalog, 
 ALTER FUNCTION d365.d365_sync_contacts() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION d365.d365_update_contact(jsonb) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION d365.d365_whoami() SET search_path = pg_catalog, pg_temp;
+
+-- >>> Safe on a shared database: no escalation through the application's table, no
+-- secret in constraint errors, values converted without user code.
+DROP FUNCTION d365._typed_jsonb(jsonb, regtype, text, name);
+CREATE OR REPLACE FUNCTION d365._check_row_quietly(r anyelement, rel regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c record;
+    ok boolean;
+    vals jsonb := to_jsonb(r);
+BEGIN
+    FOR c IN SELECT a.attname FROM pg_attribute a
+              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
+              ORDER BY a.attnum LOOP
+        IF vals -> c.attname IS NULL OR vals -> c.attname = 'null'::jsonb THEN
+            RAISE EXCEPTION 'null value in column "%" of relation "%" violates not-null constraint',
+                            c.attname, (SELECT relname FROM pg_class WHERE oid = rel)
+                USING ERRCODE = 'not_null_violation',
+                      HINT = 'Set the column to a value, or to DEFAULT.';
+        END IF;
+    END LOOP;
+    FOR c IN SELECT k.conname, pg_get_expr(k.conbin, k.conrelid) AS expr FROM pg_constraint k
+              WHERE k.conrelid = rel AND k.contype = 'c' ORDER BY k.conname LOOP
+        EXECUTE format('SELECT (%s) IS NOT FALSE FROM (SELECT ($1).*) t', c.expr) INTO ok USING r;
+        IF NOT ok THEN
+            RAISE EXCEPTION 'new row for relation "%" violates check constraint "%"',
+                            (SELECT relname FROM pg_class WHERE oid = rel), c.conname
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND
+       NEW.tenant_id !~ '^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+)$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NEW.default_owner !~ '^/(systemusers|teams)\([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\)$' THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_set_secret_from_file(path text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    secret text;
+BEGIN
+    IF path IS NULL OR path = '' THEN
+        RAISE EXCEPTION 'no file name given'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the absolute path of a file the database server can read.';
+    END IF;
+    secret := btrim(pg_read_file(path), E' \t\r\n');
+    IF secret IS NULL OR secret = '' THEN
+        RAISE EXCEPTION 'file "%" holds no client secret', path
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Write the secret''s value (not its ID) into the file, on one line.';
+    END IF;
+    UPDATE d365.settings SET client_secret = secret;
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_set_secret_from_file(text) IS
+    'Sets d365.settings.client_secret from a file on the database server, keeping the value out of statement logs';
+
+CREATE OR REPLACE FUNCTION d365._row_key(r anyelement, key_column name)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    k text;
+    ok boolean;
+BEGIN
+    EXECUTE format('SELECT pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[]),'
+                   '       CASE WHEN pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[])'
+                   '            THEN ($1).%1$I::pg_catalog.text END',
+                   key_column, '{smallint,integer,bigint,text,character varying,uuid}')
+       INTO ok, k USING r;
+    IF NOT ok THEN
+        RAISE EXCEPTION 'key column "%" has a type d365sync does not support', key_column
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid, or detach the table.';
+    END IF;
+    RETURN k;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_capture()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        -- keep a tombstone: a contact inserted later under the same key gets
+        -- a new Dynamics id, never the deleted contact's record
+        UPDATE d365.contact_state
+           SET generation = generation + 1, synced = NULL, synced_seq = change_seq,
+               remote_deleted_at = NULL, attempts = 0, next_attempt_at = NULL,
+               last_error = NULL, last_error_code = NULL
+         WHERE contact_key = d365._row_key(OLD, TG_ARGV[0]);
+        RETURN NULL;
+    END IF;
+    INSERT INTO d365.contact_state AS s (contact_key)
+    VALUES (d365._row_key(NEW, TG_ARGV[0]))
+    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN bind_set IS NOT NULL AND base IN ('uuid'::regtype, 'text'::regtype, 'character varying'::regtype)
+            THEN format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) (%s)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                        '/' || bind_set || '(', expr)
+        WHEN bind_set IS NOT NULL THEN NULL
+        WHEN base IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
+                      'name'::regtype, 'smallint'::regtype, 'integer'::regtype,
+                      'bigint'::regtype, 'numeric'::regtype, 'real'::regtype,
+                      'double precision'::regtype, 'boolean'::regtype)
+            THEN format('pg_catalog.to_jsonb(%s)', expr)
+        WHEN base = 'uuid'::regtype THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
+        WHEN base = 'date'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD''))', expr)
+        WHEN base = 'timestamp without time zone'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN base = 'timestamp with time zone'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(pg_catalog.timezone(''UTC'', %s), ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN typtype = 'e'
+            THEN format('pg_catalog.to_jsonb(pg_catalog.textin(pg_catalog.enum_out(%s)))', expr)
+        ELSE NULL
+    END
+    FROM (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype AS base,
+                 (SELECT b.typtype FROM pg_type b
+                   WHERE b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)) AS typtype
+            FROM pg_type t WHERE t.oid = typ) b
+$$;
+
+CREATE OR REPLACE FUNCTION d365._owner_sql(op text, only_columns name[],
+    OUT sql text, OUT tbl regclass, OUT columns name[])
+RETURNS record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    key_type text;
+    col name;
+BEGIN
+    tbl := src.contact_table;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = src.key_column;
+    IF op IN ('convert', 'apply') THEN
+        columns := coalesce(only_columns, '{}');
+        IF columns = '{}' THEN
+            RAISE EXCEPTION 'no column to write'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOREACH col IN ARRAY columns LOOP
+            IF col IS NULL OR col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = tbl AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of % cannot be written by d365sync', col, tbl
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Incoming changes write the columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+    END IF;
+    CASE op
+    WHEN 'links' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = u.id,'
+                      '       dynamics365_synchronized_on = CASE WHEN u.id IS NULL THEN NULL'
+                      '                                         ELSE pg_catalog.now() END'
+                      '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),'
+                      '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
+                      '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
+                      ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
+                      '   AND (u.expect IS NULL OR t.dynamics365_related_id OPERATOR(pg_catalog.=) u.expect)'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.array_agg(k) FROM u',
+                      tbl, src.key_column, key_type);
+    WHEN 'unlink' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+                      ' WHERE t.dynamics365_related_id OPERATOR(pg_catalog.=) $1'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.min(k) FROM u',
+                      tbl, src.key_column);
+    WHEN 'convert' THEN
+        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
+                      d365._values_expr('r', columns), tbl);
+    WHEN 'apply' THEN
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      src.key_column, key_type);
+    WHEN 'map' THEN
+        columns := NULL;
+        IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
+            RAISE EXCEPTION 'no incoming mapper is set'
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        sql := format('SELECT %1$s($1, pg_catalog.to_jsonb(c), $2) FROM %2$s c'
+                      ' WHERE c.%3$I OPERATOR(pg_catalog.=) $3::%4$s',
+                      (SELECT incoming_mapper::oid::regproc FROM d365.settings),
+                      tbl, src.key_column, key_type);
+    ELSE
+        RAISE EXCEPTION 'unknown table-owner operation "%"', op
+            USING ERRCODE = 'invalid_parameter_value';
+    END CASE;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_set_links(keys text[], ids uuid[], expect uuid[])
+RETURNS text[]
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_set_links'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_unlink(dynamics_id uuid)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_unlink'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_convert(vals jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_convert'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_apply(vals jsonb, contact_key text)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_apply'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_map(payload jsonb, mapping jsonb, contact_key text)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_map'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._values_expr(row_alias text, only_columns name[])
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    cur text := '''{}''::pg_catalog.jsonb';
+    m record;
+    expr text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+               FROM d365.field_map f
+               LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
+                    AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+              WHERE only_columns IS NULL OR f.column_name = ANY (only_columns)
+              ORDER BY f.column_name
+    LOOP
+        IF m.typ IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" no longer exists in %', m.column_name, src.contact_table
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
+        END IF;
+        expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
+        IF expr IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'Change the column''s type or its mapping.';
+        END IF;
+        cur := cur || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)',
+                             m.dynamics_field, expr);
+    END LOOP;
+    RETURN cur;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_values_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT d365._values_expr('c', NULL) $$;
+
+CREATE OR REPLACE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
+        CREATE TEMP TABLE d365_contact_outcome (
+            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+            vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+            ok boolean, gone boolean
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_contact_outcome;
+    END IF;
+    INSERT INTO d365_contact_outcome
+    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+           (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, o.code, o.msg,
+           (x.c ->> 'action') = 'unchanged' OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL),
+           (x.c ->> 'action') = 'update' AND o.st = 404
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- created or updated: link and stamp the contact (as the table's owner:
+    -- its triggers and index expressions never run with the caller's rights)
+    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id), NULL)
+       FROM d365_contact_outcome o
+      WHERE o.ok AND o.action IN ('create', 'update');
+
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR s.synced IS NULL THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           synced_seq = o.seq, generation = o.generation, attempts = 0,
+           next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM d365_contact_outcome o
+     WHERE o.ok AND s.contact_key = o.item_key;
+
+    -- deleted in Dynamics: unlink and report; a re-creation gets a new id
+    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+       FROM d365_contact_outcome o
+      WHERE o.gone;
+    UPDATE d365.contact_state s
+       SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
+           remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,
+           last_attempt_at = now(), last_status = o.status, last_error_code = o.error_code,
+           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
+      FROM d365_contact_outcome o
+     WHERE o.gone AND s.contact_key = o.item_key;
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a day
+    INSERT INTO d365.contact_state AS s
+           (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
+            last_error_code, last_error)
+    SELECT o.item_key, 1, d365._next_attempt(1), now(), nullif(o.status, 0),
+           o.error_code, o.error_message
+      FROM d365_contact_outcome o
+     WHERE NOT o.ok AND NOT o.gone
+    ON CONFLICT (contact_key) DO UPDATE
+       SET attempts = s.attempts + 1,
+           next_attempt_at = d365._next_attempt(s.attempts + 1),
+           last_attempt_at = now(), last_status = EXCLUDED.last_status,
+           last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action = 'unchanged'),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM d365_contact_outcome;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_value(val jsonb, typ regtype, field text, column_name name)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    txt text;
+    base regtype := (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype FROM pg_type t WHERE t.oid = typ);
+BEGIN
+    IF val IS NULL OR jsonb_typeof(val) = 'null' THEN
+        RETURN 'null'::jsonb;
+    END IF;
+    IF jsonb_typeof(val) IN ('object', 'array') THEN
+        RAISE EXCEPTION 'Dynamics field "%" holds a JSON %, not a value for column "%"',
+                        field, jsonb_typeof(val), column_name
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    IF jsonb_typeof(val) <> 'string' THEN
+        RETURN val;
+    END IF;
+    txt := val #>> '{}';
+    IF txt ~ '^/Date\(-?\d+([+-]\d{4})?\)/$' THEN
+        txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
+    END IF;
+    IF txt ~ '^/[A-Za-z_]+\([0-9a-fA-F-]{36}\)$' THEN
+        txt := substring(txt FROM '\(([0-9a-fA-F-]{36})\)');
+    END IF;
+    IF base IN ('date'::regtype, 'timestamp without time zone'::regtype)
+       AND txt ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d(:?\d\d)?)$' THEN
+        BEGIN
+            txt := to_char(timezone('UTC', txt::timestamptz),
+                           CASE WHEN base = 'date'::regtype THEN 'YYYY-MM-DD'
+                                ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US' END);
+        EXCEPTION WHEN data_exception THEN
+            NULL;           -- left as it is: the column's input function says why
+        END;
+    END IF;
+    RETURN to_jsonb(txt);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_convert(vals jsonb, names jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    col text;
+    code text;
+    msg text;
+BEGIN
+    RETURN d365._contact_convert(vals);
+EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+    -- find the value that does not fit
+    FOR col IN SELECT jsonb_object_keys(vals) ORDER BY 1 LOOP
+        BEGIN
+            PERFORM d365._contact_convert(jsonb_build_object(col, vals -> col));
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'value of Dynamics field "%" does not fit column "%" of type %',
+                            names -> col ->> 0, col, names -> col ->> 1
+                USING ERRCODE = code,
+                      DETAIL = format('The value was %s: %s.', vals -> col, msg),
+                      HINT = 'Fix the value in Dynamics, or the column or its mapping in d365.field_map.';
+        END;
+    END LOOP;
+    RAISE;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_apply(payload jsonb, check_privileges boolean)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source;
+    cid uuid;
+    k text;
+    cur jsonb;
+    snap jsonb;
+    mapper regprocedure := d365._incoming_mapper();
+    mapping jsonb := '{}';
+    vals jsonb := '{}';
+    names jsonb := '{}';
+    fields jsonb := '{}';
+    conv jsonb := '{}';
+    settled text[] := '{}';
+    changes jsonb := '{}';
+    f record;
+    col text;
+    code text;
+    msg text;
+BEGIN
+    IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'the payload is not a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the Dynamics contact row, e.g. the body of Power Automate''s "When a row is added, modified or deleted" trigger.';
+    END IF;
+    IF NOT payload ? 'contactid' OR jsonb_typeof(payload -> 'contactid') <> 'string' THEN
+        RAISE EXCEPTION 'the payload has no contactid'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A Dynamics contact row always carries its contactid.',
+                  HINT = 'Pass the whole contact row as Dynamics sends it.';
+    END IF;
+    BEGIN
+        cid := payload ->> 'contactid';
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    src := d365._contact_source();
+
+    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied for table %', src.contact_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
+    END IF;
+
+    EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                   src.key_column, d365._contact_values_expr(), src.contact_table)
+       INTO k, cur USING cid;
+    IF k IS NULL THEN
+        RETURN NULL;
+    END IF;
+    snap := d365._contact_snapshot(k, NULL);
+
+    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated
+               FROM d365._incoming_fields() i
+               JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name LOOP
+        mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
+        IF NOT payload ? f.read_name THEN
+            CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        IF f.generated AND mapper IS NULL THEN
+            RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"', f.read_name, f.column_name
+                USING ERRCODE = 'generated_always',
+                      DETAIL = format('Column "%s" is a generated column.', f.column_name),
+                      HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+        END IF;
+        vals := vals || jsonb_build_object(f.column_name,
+                    d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
+        names := names || jsonb_build_object(f.column_name, jsonb_build_array(f.read_name, f.typ::text));
+        fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
+    END LOOP;
+    IF vals <> '{}' THEN
+        conv := d365._incoming_convert(vals, names);
+    END IF;
+
+    IF mapper IS NULL THEN
+        FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
+            IF snap ? f.field AND snap -> f.field = conv -> f.field THEN
+                CONTINUE;   -- Dynamics still has what was last synced
+            END IF;
+            IF (conv -> f.field) IS DISTINCT FROM coalesce(cur -> f.field, 'null'::jsonb) THEN
+                changes := changes || jsonb_build_object(f.col, vals -> f.col);
+            END IF;
+        END LOOP;
+    ELSE
+        changes := d365._contact_map(payload, mapping, k);
+        IF changes IS NULL OR jsonb_typeof(changes) <> 'object' THEN
+            changes := '{}';
+        END IF;
+        FOR col IN SELECT jsonb_object_keys(changes) LOOP
+            IF col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = src.contact_table AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'incoming mapper % returned column "%", which cannot be updated', mapper, col
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+    END IF;
+
+    IF changes <> '{}' THEN
+        IF check_privileges THEN
+            FOR col IN SELECT jsonb_object_keys(changes) LOOP
+                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
+                    RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
+                        USING ERRCODE = 'insufficient_privilege',
+                              DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
+                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
+                END IF;
+            END LOOP;
+        END IF;
+        BEGIN
+            PERFORM d365._contact_apply(changes, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
+                            (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
+                USING ERRCODE = code,
+                      DETAIL = format('%s.', msg),
+                      HINT = 'A constraint, trigger or generated column of the contact table refused the value.';
+        END;
+    END IF;
+
+    -- Echo suppression: a field whose column now holds the value Dynamics
+    -- sent (as the column holds it) or that the mapper set is recorded as
+    -- synced with the column's value, so the next outgoing run does not
+    -- send it back.  Other fields keep their snapshot: a local change not
+    -- yet sent still goes out.
+    IF fields <> '{}' THEN
+        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
+                       d365._contact_values_expr(), src.contact_table, src.key_column)
+           INTO cur USING k;
+        SELECT coalesce(array_agg(e.key), '{}') INTO settled
+          FROM jsonb_each(fields) e
+         WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))
+            OR coalesce(cur -> e.key, 'null'::jsonb) = coalesce(conv -> e.key, 'null'::jsonb);
+        IF settled <> '{}' THEN
+            PERFORM d365._contact_snapshot(k, (SELECT jsonb_object_agg(e.key, e.value)
+                                                 FROM jsonb_each(cur) e
+                                                WHERE e.key = ANY (settled)));
+        END IF;
+    END IF;
+    RETURN changes;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._pull_record(page jsonb,
+    OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    r jsonb;
+    changed jsonb;
+    k text;
+    code text;
+    msg text;
+    detail text;
+BEGIN
+    updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a change-tracking page is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR r IN SELECT jsonb_array_elements(page) LOOP
+        IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            k := NULL;
+            IF r ->> 'id' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+                k := d365._contact_unlink((r ->> 'id')::uuid);
+            END IF;
+            IF k IS NOT NULL THEN
+                UPDATE d365.contact_state
+                   SET synced = NULL, generation = generation + 1, remote_deleted_at = now(),
+                       synced_seq = change_seq, last_attempt_at = now(),
+                       last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
+                 WHERE contact_key = k;
+                unlinked := unlinked + 1;
+            END IF;
+            CONTINUE;
+        END IF;
+        BEGIN
+            changed := d365._incoming_apply(r, false);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
+                       OR raise_exception OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+            RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', msg
+                USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
+            BEGIN
+                EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
+                               src.key_column, src.contact_table)
+                   INTO k USING (r ->> 'contactid')::uuid;
+            EXCEPTION WHEN data_exception THEN
+                k := NULL;
+            END;
+            IF k IS NOT NULL THEN
+                UPDATE d365.contact_state
+                   SET last_attempt_at = now(), last_error_code = code,
+                       last_error = left('incoming change not applied: ' || msg
+                                         || coalesce(' ' || detail, ''), 2000)
+                 WHERE contact_key = k;
+            END IF;
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        IF changed IS NULL THEN
+            CONTINUE;       -- not linked here
+        ELSIF changed = '{}' THEN
+            unchanged := unchanged + 1;
+        ELSE
+            updated := updated + 1;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._check_row_quietly(anyelement, regclass), d365._row_key(anyelement, name), d365.d365_set_secret_from_file(text),
+       d365._owner_sql(text, name[]), d365._contact_set_links(text[], uuid[], uuid[]),
+       d365._contact_unlink(uuid), d365._contact_convert(jsonb), d365._contact_apply(jsonb, text),
+       d365._contact_map(jsonb, jsonb, text), d365._values_expr(text, name[]),
+       d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb),
+      d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
+      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
+-- <<< Safe on a shared database

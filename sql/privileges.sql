@@ -77,10 +77,12 @@ DROP ROLE regress_app, regress_writer, regress_operator, regress_monitor;
 CREATE TYPE regress_key AS (v integer);
 SELECT d365.d365_log_activity(row(1)::regress_key, 'phonecall');
 DROP TYPE regress_key;
--- ... and d365_update_contact changes contacts as its caller: the table's
--- own triggers see the caller, not the extension's owner (they run under
--- d365's pinned search_path, as under PostgreSQL's maintenance commands, so
--- they name their tables with the schema)
+-- ... and d365_update_contact checks its caller's rights, then changes the
+-- contact as the table's owner: the table's own triggers see its owner (here
+-- the test's superuser), never the caller or the extension's owner, in a
+-- security-restricted operation under search_path = pg_catalog, pg_temp (as
+-- under PostgreSQL's maintenance commands), so they name their tables with
+-- the schema
 CREATE TABLE regress_seen (who name);
 CREATE FUNCTION regress_note_user() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO public.regress_seen VALUES (current_user); RETURN NEW; END $$;

@@ -55,6 +55,45 @@ SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'd365_url_problem'
 LANGUAGE C STABLE STRICT;
 
+/*
+ * Tests a row of a d365 table holding a secret against the table's NOT NULL
+ * and CHECK constraints, raising errors that name the column or constraint
+ * only.  PostgreSQL's own constraint errors carry "Failing row contains
+ * (...)" with every value, the secret included, to the client and to the
+ * server log; a BEFORE trigger that calls this first never lets them happen.
+ */
+CREATE FUNCTION d365._check_row_quietly(r anyelement, rel regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c record;
+    ok boolean;
+    vals jsonb := to_jsonb(r);
+BEGIN
+    FOR c IN SELECT a.attname FROM pg_attribute a
+              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
+              ORDER BY a.attnum LOOP
+        IF vals -> c.attname IS NULL OR vals -> c.attname = 'null'::jsonb THEN
+            RAISE EXCEPTION 'null value in column "%" of relation "%" violates not-null constraint',
+                            c.attname, (SELECT relname FROM pg_class WHERE oid = rel)
+                USING ERRCODE = 'not_null_violation',
+                      HINT = 'Set the column to a value, or to DEFAULT.';
+        END IF;
+    END LOOP;
+    FOR c IN SELECT k.conname, pg_get_expr(k.conbin, k.conrelid) AS expr FROM pg_constraint k
+              WHERE k.conrelid = rel AND k.contype = 'c' ORDER BY k.conname LOOP
+        EXECUTE format('SELECT (%s) IS NOT FALSE FROM (SELECT ($1).*) t', c.expr) INTO ok USING r;
+        IF NOT ok THEN
+            RAISE EXCEPTION 'new row for relation "%" violates check constraint "%"',
+                            (SELECT relname FROM pg_class WHERE oid = rel), c.conname
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END LOOP;
+END;
+$$;
+
 CREATE FUNCTION d365._settings_check()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -130,6 +169,10 @@ BEGIN
                   HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
     END IF;
 
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+
     IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
         -- The table holds exactly one row.  An INSERT (pg_dump's restore of
         -- the configuration among them) replaces its values.
@@ -156,6 +199,39 @@ CREATE TRIGGER settings_check
 INSERT INTO d365.settings DEFAULT VALUES;
 
 SELECT pg_catalog.pg_extension_config_dump('d365.settings', '');
+
+/*
+ * Sets the client secret from a file on the database server, so that the
+ * value never appears in a statement text (log_statement = all logs only
+ * the file name).  Reading server files needs superuser or a role in
+ * pg_read_server_files (pg_read_file's own check, made for the caller);
+ * updating the secret needs UPDATE on d365.settings.  Surrounding white
+ * space and line breaks are dropped.
+ */
+CREATE FUNCTION d365.d365_set_secret_from_file(path text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    secret text;
+BEGIN
+    IF path IS NULL OR path = '' THEN
+        RAISE EXCEPTION 'no file name given'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the absolute path of a file the database server can read.';
+    END IF;
+    secret := btrim(pg_read_file(path), E' \t\r\n');
+    IF secret IS NULL OR secret = '' THEN
+        RAISE EXCEPTION 'file "%" holds no client secret', path
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Write the secret''s value (not its ID) into the file, on one line.';
+    END IF;
+    UPDATE d365.settings SET client_secret = secret;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_set_secret_from_file(text) IS
+    'Sets d365.settings.client_secret from a file on the database server, keeping the value out of statement logs';
 
 -- ---------------------------------------------------------------------------
 -- Diagnostics

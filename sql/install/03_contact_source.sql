@@ -49,9 +49,36 @@ SELECT pg_catalog.pg_extension_config_dump('d365.contact_state', '');
 COMMENT ON TABLE d365.contact_state IS
     'Sync state of each contact: pending changes, last synced values, failures and back-off';
 
+-- The key of a contact row as text.  The key's type is one of the built-in
+-- types d365._check_key_type accepts, so no code of the table owner's runs.
+CREATE FUNCTION d365._row_key(r anyelement, key_column name)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    k text;
+    ok boolean;
+BEGIN
+    EXECUTE format('SELECT pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[]),'
+                   '       CASE WHEN pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[])'
+                   '            THEN ($1).%1$I::pg_catalog.text END',
+                   key_column, '{smallint,integer,bigint,text,character varying,uuid}')
+       INTO ok, k USING r;
+    IF NOT ok THEN
+        RAISE EXCEPTION 'key column "%" has a type d365sync does not support', key_column
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid, or detach the table.';
+    END IF;
+    RETURN k;
+END;
+$$;
+
 -- Contact capture trigger: count a change of anything but the link columns.
 -- It runs as the extension owner, so whoever may write the contact table
--- needs no rights on d365's tables.
+-- needs no rights on d365's tables; it reads only the key of the row (a
+-- built-in type), never the whole row: to_jsonb(NEW) would run a cast to
+-- json that the table's owner defined for a column's type, as us.
 CREATE FUNCTION d365._contact_capture()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -66,11 +93,11 @@ BEGIN
            SET generation = generation + 1, synced = NULL, synced_seq = change_seq,
                remote_deleted_at = NULL, attempts = 0, next_attempt_at = NULL,
                last_error = NULL, last_error_code = NULL
-         WHERE contact_key = to_jsonb(OLD) ->> TG_ARGV[0];
+         WHERE contact_key = d365._row_key(OLD, TG_ARGV[0]);
         RETURN NULL;
     END IF;
     INSERT INTO d365.contact_state AS s (contact_key)
-    VALUES (to_jsonb(NEW) ->> TG_ARGV[0])
+    VALUES (d365._row_key(NEW, TG_ARGV[0]))
     ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1;
     RETURN NULL;
 END;
@@ -96,9 +123,16 @@ AS $$
 $$;
 
 /*
- * The JSON expression of one mapped column, converted as SPEC section 2
- * says; NULL when the column's type cannot be converted.  bind_set turns a
- * uuid into a lookup bind path /<entity set>(<uuid>).
+ * The JSON expression of one mapped column, as Dynamics takes the value;
+ * NULL when the column's type cannot be converted.  bind_set turns a uuid
+ * into a lookup bind path /<entity set>(<uuid>).
+ *
+ * The expression runs no code a user wrote, whoever evaluates it: built-in
+ * types go through to_jsonb (which looks for a user's cast to json only for
+ * types of the user's making), an enum through its output function
+ * (enum_out, never a cast the application defined), a domain as its base
+ * type.  A timestamp without time zone is read as UTC, whatever the
+ * session's TimeZone.
  */
 CREATE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
 RETURNS text
@@ -107,20 +141,23 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
         WHEN bind_set IS NOT NULL AND base IN ('uuid'::regtype, 'text'::regtype, 'character varying'::regtype)
-            THEN format('to_jsonb(%L || (%s)::text || '')'')', '/' || bind_set || '(', expr)
+            THEN format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) (%s)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                        '/' || bind_set || '(', expr)
         WHEN bind_set IS NOT NULL THEN NULL
         WHEN base IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
                       'name'::regtype, 'smallint'::regtype, 'integer'::regtype,
                       'bigint'::regtype, 'numeric'::regtype, 'real'::regtype,
                       'double precision'::regtype, 'boolean'::regtype)
-            THEN format('to_jsonb(%s)', expr)
-        WHEN base = 'uuid'::regtype THEN format('to_jsonb((%s)::text)', expr)
+            THEN format('pg_catalog.to_jsonb(%s)', expr)
+        WHEN base = 'uuid'::regtype THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
         WHEN base = 'date'::regtype
-            THEN format('to_jsonb(to_char(%s, ''YYYY-MM-DD''))', expr)
-        WHEN base IN ('timestamp with time zone'::regtype, 'timestamp without time zone'::regtype)
-            THEN format('to_jsonb(to_char((%s)::timestamptz AT TIME ZONE ''UTC'', ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD''))', expr)
+        WHEN base = 'timestamp without time zone'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN base = 'timestamp with time zone'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(pg_catalog.timezone(''UTC'', %s), ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
         WHEN typtype = 'e'
-            THEN format('to_jsonb((%s)::text)', expr)
+            THEN format('pg_catalog.to_jsonb(pg_catalog.textin(pg_catalog.enum_out(%s)))', expr)
         ELSE NULL
     END
     FROM (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype AS base,
@@ -193,6 +230,145 @@ BEGIN
     RETURN src;
 END;
 $$;
+
+/*
+ * The statements that d365sync runs on the attached contact table as the
+ * table's owner, in a security-restricted operation (see src/table_owner.c
+ * and docs/security.md): the code the table's owner controls -- triggers,
+ * index expressions, defaults, domain checks, casts, row security, the
+ * incoming mapper -- then runs with the owner's rights, never with ours or
+ * a superuser caller's.  The statements take their data as parameters (the
+ * table's owner has no rights on d365's tables) and name every object with
+ * its schema.  columns: the columns the statement writes (or converts),
+ * whose UPDATE right the caller must hold.
+ *
+ *   links    $1 text[] keys, $2 uuid[] ids, $3 uuid[] expected current ids
+ *            (NULL: any): sets the link columns; returns the keys changed
+ *   unlink   $1 uuid: unlinks the contact linked to that Dynamics id;
+ *            returns its key
+ *   convert  $1 jsonb {column: JSON value}: each value as its column holds
+ *            it, as {dynamics_field: value} (d365._json_expr's form)
+ *   apply    $1 jsonb {column: JSON value}, $2 text key: the update
+ *   map      $1 jsonb Dynamics row, $2 jsonb mapping, $3 text key: the
+ *            incoming mapper's {column: value} for the contact
+ */
+CREATE FUNCTION d365._owner_sql(op text, only_columns name[],
+    OUT sql text, OUT tbl regclass, OUT columns name[])
+RETURNS record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    key_type text;
+    col name;
+BEGIN
+    tbl := src.contact_table;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = src.key_column;
+    IF op IN ('convert', 'apply') THEN
+        columns := coalesce(only_columns, '{}');
+        IF columns = '{}' THEN
+            RAISE EXCEPTION 'no column to write'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOREACH col IN ARRAY columns LOOP
+            IF col IS NULL OR col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = tbl AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of % cannot be written by d365sync', col, tbl
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Incoming changes write the columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+    END IF;
+    CASE op
+    WHEN 'links' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = u.id,'
+                      '       dynamics365_synchronized_on = CASE WHEN u.id IS NULL THEN NULL'
+                      '                                         ELSE pg_catalog.now() END'
+                      '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),'
+                      '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
+                      '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
+                      ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
+                      '   AND (u.expect IS NULL OR t.dynamics365_related_id OPERATOR(pg_catalog.=) u.expect)'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.array_agg(k) FROM u',
+                      tbl, src.key_column, key_type);
+    WHEN 'unlink' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+                      ' WHERE t.dynamics365_related_id OPERATOR(pg_catalog.=) $1'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.min(k) FROM u',
+                      tbl, src.key_column);
+    WHEN 'convert' THEN
+        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
+                      d365._values_expr('r', columns), tbl);
+    WHEN 'apply' THEN
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      src.key_column, key_type);
+    WHEN 'map' THEN
+        columns := NULL;
+        IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
+            RAISE EXCEPTION 'no incoming mapper is set'
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        sql := format('SELECT %1$s($1, pg_catalog.to_jsonb(c), $2) FROM %2$s c'
+                      ' WHERE c.%3$I OPERATOR(pg_catalog.=) $3::%4$s',
+                      (SELECT incoming_mapper::oid::regproc FROM d365.settings),
+                      tbl, src.key_column, key_type);
+    ELSE
+        RAISE EXCEPTION 'unknown table-owner operation "%"', op
+            USING ERRCODE = 'invalid_parameter_value';
+    END CASE;
+END;
+$$;
+
+/*
+ * The statements above, run as the contact table's owner (src/table_owner.c).
+ * Each checks first that its caller holds the UPDATE right on the columns it
+ * writes (the mapper: SELECT on the table), so that nobody does through them
+ * what they could not do themselves.
+ */
+CREATE FUNCTION d365._contact_set_links(keys text[], ids uuid[], expect uuid[])
+RETURNS text[]
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_set_links'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365._contact_unlink(dynamics_id uuid)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_unlink'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365._contact_convert(vals jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_convert'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365._contact_apply(vals jsonb, contact_key text)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_apply'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365._contact_map(payload jsonb, mapping jsonb, contact_key text)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_map'
+LANGUAGE C VOLATILE;
 
 -- When a failed item is tried again: 5 minutes, 10, 20, ... at most a day.
 CREATE FUNCTION d365._next_attempt(failures integer)

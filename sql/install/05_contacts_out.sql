@@ -3,20 +3,20 @@
 -- ---------------------------------------------------------------------------
 
 /*
- * The map stage of contacts, outgoing: one jsonb expression over the contact
- * row "c" that yields {dynamics_field: value} for every mapped column,
- * converted as SPEC section 2 says.  Raises when a mapped column is gone or
- * cannot be converted.
+ * The map stage of contacts as one jsonb expression over the row alias
+ * row_alias: {dynamics_field: value} for the mapped columns named in
+ * only_columns (all when NULL), each converted by d365._json_expr (no code
+ * of the application's making runs).  Raises when a mapped column is gone
+ * or cannot be converted.
  */
-CREATE FUNCTION d365._contact_values_expr()
+CREATE FUNCTION d365._values_expr(row_alias text, only_columns name[])
 RETURNS text
-LANGUAGE plpgsql
-SECURITY DEFINER
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source;
-    cur text := '''{}''::jsonb';
+    cur text := '''{}''::pg_catalog.jsonb';
     m record;
     expr text;
 BEGIN
@@ -26,6 +26,7 @@ BEGIN
                LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
                     AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
                LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+              WHERE only_columns IS NULL OR f.column_name = ANY (only_columns)
               ORDER BY f.column_name
     LOOP
         IF m.typ IS NULL THEN
@@ -33,17 +34,26 @@ BEGIN
                 USING ERRCODE = 'undefined_column',
                       HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
         END IF;
-        expr := d365._json_expr(format('c.%I', m.column_name), m.typ, m.entity_set);
+        expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
         IF expr IS NULL THEN
             RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
                 USING ERRCODE = 'datatype_mismatch',
                       HINT = 'Change the column''s type or its mapping.';
         END IF;
-        cur := cur || format(' || jsonb_build_object(%L, %s)', m.dynamics_field, expr);
+        cur := cur || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)',
+                             m.dynamics_field, expr);
     END LOOP;
     RETURN cur;
 END;
 $$;
+
+/* The map stage over the contact row "c", every mapped column. */
+CREATE FUNCTION d365._contact_values_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT d365._values_expr('c', NULL) $$;
 
 /*
  * The work query of a contact sync: one row per contact to consider, with
@@ -130,10 +140,11 @@ $$;
 /*
  * The record stage of a contact sync: link columns, sync state, failures
  * and back-off for a chunk of outcomes (one array element per item).
- * Like every function of d365 it pins its search_path: the application
- * table's own triggers, fired by the link-column update, run under it too
- * (as under PostgreSQL's maintenance commands) and must qualify names.
- * Returns the chunk's counts.
+ * The link columns are written as the table's owner in a security-restricted
+ * operation (d365._contact_set_links): the application table's own
+ * triggers, fired by that update, run with its owner's rights under
+ * search_path = pg_catalog, pg_temp (as under PostgreSQL's maintenance
+ * commands) and must qualify names.  Returns the chunk's counts.
  */
 CREATE FUNCTION d365._contact_record(
     item_keys text[], contexts text[], statuses integer[],
@@ -148,14 +159,7 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    src d365.contact_source;
-    key_type text;
 BEGIN
-    SELECT * INTO src FROM d365.contact_source;
-    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
-      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
-
     IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
         CREATE TEMP TABLE d365_contact_outcome (
             item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
@@ -175,13 +179,11 @@ BEGIN
                AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
 
-    -- created or updated: link and stamp the contact
-    EXECUTE format(
-        'UPDATE %s t SET dynamics365_related_id = o.dynamics_id,'
-        '               dynamics365_synchronized_on = now()'
-        '  FROM d365_contact_outcome o'
-        ' WHERE o.ok AND o.action IN (''create'', ''update'') AND t.%I = o.item_key::%s',
-        src.contact_table, src.key_column, key_type);
+    -- created or updated: link and stamp the contact (as the table's owner:
+    -- its triggers and index expressions never run with the caller's rights)
+    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id), NULL)
+       FROM d365_contact_outcome o
+      WHERE o.ok AND o.action IN ('create', 'update');
 
     -- success (or nothing to send): remember what Dynamics now holds.  A
     -- create sent every value; an update only the fields it carried, merged
@@ -200,11 +202,9 @@ BEGIN
      WHERE o.ok AND s.contact_key = o.item_key;
 
     -- deleted in Dynamics: unlink and report; a re-creation gets a new id
-    EXECUTE format(
-        'UPDATE %s t SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
-        '  FROM d365_contact_outcome o'
-        ' WHERE o.gone AND t.%I = o.item_key::%s AND t.dynamics365_related_id = o.dynamics_id',
-        src.contact_table, src.key_column, key_type);
+    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+       FROM d365_contact_outcome o
+      WHERE o.gone;
     UPDATE d365.contact_state s
        SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
            remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,

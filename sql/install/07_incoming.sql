@@ -47,20 +47,19 @@ AS 'MODULE_PATHNAME', 'd365_contact_snapshot'
 LANGUAGE C VOLATILE;
 
 /*
- * A Dynamics JSON value converted to a column's type and back to jsonb, so
- * that values compare equal whatever their spelling ("2024-03-01T09:00:00Z"
- * and "2024-03-01T10:00:00+01:00", 5000000.0000 and 5000000).  Accepts the
- * webhook date form /Date(ms)/ and, for a lookup, a bind path.  Raises
- * 22P02 naming the field when the value does not fit.
+ * A Dynamics JSON value made ready for its column's input function: the
+ * webhook date form /Date(ms)/ and a timestamp with a zone become UTC, a
+ * lookup bind path its uuid, a date-time for a date column its UTC date.
+ * No type conversion happens here (d365._contact_convert does it as the
+ * table's owner); raises 22P02 naming the field for a JSON object or array.
  */
-CREATE FUNCTION d365._typed_jsonb(val jsonb, typ regtype, field text, column_name name)
+CREATE FUNCTION d365._incoming_value(val jsonb, typ regtype, field text, column_name name)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     txt text;
-    result jsonb;
     base regtype := (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype FROM pg_type t WHERE t.oid = typ);
 BEGIN
     IF val IS NULL OR jsonb_typeof(val) = 'null' THEN
@@ -71,6 +70,9 @@ BEGIN
                         field, jsonb_typeof(val), column_name
             USING ERRCODE = 'invalid_text_representation';
     END IF;
+    IF jsonb_typeof(val) <> 'string' THEN
+        RETURN val;
+    END IF;
     txt := val #>> '{}';
     IF txt ~ '^/Date\(-?\d+([+-]\d{4})?\)/$' THEN
         txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
@@ -79,38 +81,76 @@ BEGIN
     IF txt ~ '^/[A-Za-z_]+\([0-9a-fA-F-]{36}\)$' THEN
         txt := substring(txt FROM '\(([0-9a-fA-F-]{36})\)');
     END IF;
-    IF base = 'date'::regtype AND txt ~ '^\d{4}-\d\d-\d\dT' THEN
-        txt := to_char(txt::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD');
+    IF base IN ('date'::regtype, 'timestamp without time zone'::regtype)
+       AND txt ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d(:?\d\d)?)$' THEN
+        BEGIN
+            txt := to_char(timezone('UTC', txt::timestamptz),
+                           CASE WHEN base = 'date'::regtype THEN 'YYYY-MM-DD'
+                                ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US' END);
+        EXCEPTION WHEN data_exception THEN
+            NULL;           -- left as it is: the column's input function says why
+        END;
     END IF;
-    BEGIN
-        EXECUTE format('SELECT to_jsonb(%L::%s)', txt, typ) INTO result;
-    EXCEPTION WHEN data_exception THEN
-        RAISE EXCEPTION 'value of Dynamics field "%" does not fit column "%" of type %', field, column_name, typ
-            USING ERRCODE = 'invalid_text_representation',
-                  DETAIL = format('The value was %s: %s.', val, SQLERRM),
-                  HINT = 'Fix the value in Dynamics, or the mapping in d365.field_map.';
-    END;
-    RETURN result;
+    RETURN to_jsonb(txt);
+END;
+$$;
+
+/*
+ * Incoming values {column: JSON value} as their columns would hold them,
+ * {dynamics_field: value} (d365._contact_convert, as the table's owner).
+ * A value that does not fit fails with an error naming the Dynamics field
+ * and the column, with the SQLSTATE of the conversion.  names holds
+ * {column: [dynamics field, type]}.
+ */
+CREATE FUNCTION d365._incoming_convert(vals jsonb, names jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    col text;
+    code text;
+    msg text;
+BEGIN
+    RETURN d365._contact_convert(vals);
+EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+    -- find the value that does not fit
+    FOR col IN SELECT jsonb_object_keys(vals) ORDER BY 1 LOOP
+        BEGIN
+            PERFORM d365._contact_convert(jsonb_build_object(col, vals -> col));
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'value of Dynamics field "%" does not fit column "%" of type %',
+                            names -> col ->> 0, col, names -> col ->> 1
+                USING ERRCODE = code,
+                      DETAIL = format('The value was %s: %s.', vals -> col, msg),
+                      HINT = 'Fix the value in Dynamics, or the column or its mapping in d365.field_map.';
+        END;
+    END LOOP;
+    RAISE;
 END;
 $$;
 
 /*
  * The map stage of contacts, incoming, for one Dynamics row: finds the
  * linked contact, computes what to change and applies it.  A column changes
- * when the row has its field, the value differs from the local one, and
- * Dynamics changed it since the last sync (the value differs from the
- * synced snapshot) -- so a local edit not yet sent is not overwritten by the
- * old Dynamics value.  A null clears the column.  d365.settings.incoming_mapper
- * replaces the computation.  The new values are then recorded as synced, so
- * the next outgoing run does not send them back.
+ * when the row has its field, the value (as the column would hold it)
+ * differs from the local one, and Dynamics changed it since the last sync
+ * (the value differs from the synced snapshot) -- so a local edit not yet
+ * sent is not overwritten by the old Dynamics value.  A null clears the
+ * column.  d365.settings.incoming_mapper replaces the computation.  The new
+ * values are then recorded as synced, as the columns hold them (a value the
+ * column rounded is not sent back).
  *
  * Returns {column: new value}, '{}' when nothing differed, NULL when no
- * contact is linked to the row.  It runs with its caller's rights: reading
- * and changing the contact table, the type conversions and the mapper are
- * the caller's own doing; d365's tables are reached only through owner-run
- * helpers that run no user code (and the snapshot gate checks that the
- * caller may update contacts).  check_privileges: explain a missing right
- * before trying.
+ * contact is linked to the row.  It runs with its caller's rights and reads
+ * the contact table with built-in conversions only; the conversions into the
+ * columns' types, the incoming mapper and the update run as the table's
+ * owner in a security-restricted operation (d365._contact_convert,
+ * _contact_map, _contact_apply), which first check that the caller may
+ * update the columns.  d365's tables are reached through owner-run helpers
+ * that run no user code.  check_privileges: explain a missing right before
+ * trying.
  */
 CREATE FUNCTION d365._incoming_apply(payload jsonb, check_privileges boolean)
 RETURNS jsonb
@@ -121,17 +161,20 @@ DECLARE
     src d365.contact_source;
     cid uuid;
     k text;
-    local jsonb;
+    cur jsonb;
     snap jsonb;
     mapper regprocedure := d365._incoming_mapper();
     mapping jsonb := '{}';
-    incoming jsonb := '{}';
+    vals jsonb := '{}';
+    names jsonb := '{}';
+    fields jsonb := '{}';
+    conv jsonb := '{}';
     settled text[] := '{}';
     changes jsonb := '{}';
     f record;
-    dval jsonb;
     col text;
-    cur jsonb;
+    code text;
+    msg text;
 BEGIN
     IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
         RAISE EXCEPTION 'the payload is not a JSON object'
@@ -160,39 +203,55 @@ BEGIN
                   HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
     END IF;
 
-    EXECUTE format('SELECT c.%I::text, to_jsonb(c) FROM %s c WHERE c.dynamics365_related_id = $1',
-                   src.key_column, src.contact_table)
-       INTO k, local USING cid;
+    EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                   src.key_column, d365._contact_values_expr(), src.contact_table)
+       INTO k, cur USING cid;
     IF k IS NULL THEN
         RETURN NULL;
     END IF;
     snap := d365._contact_snapshot(k, NULL);
 
-    FOR f IN SELECT * FROM d365._incoming_fields() LOOP
+    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated
+               FROM d365._incoming_fields() i
+               JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name LOOP
         mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
         IF NOT payload ? f.read_name THEN
             CONTINUE;       -- not in the row: not changed, not cleared
         END IF;
-        dval := d365._typed_jsonb(payload -> f.read_name, f.typ, f.read_name, f.column_name);
-        incoming := incoming || jsonb_build_object(f.dynamics_field,
-                                                   jsonb_build_array(f.column_name, dval));
-        IF snap ? f.dynamics_field AND
-           d365._typed_jsonb(snap -> f.dynamics_field, f.typ, f.dynamics_field, f.column_name) = dval THEN
-            CONTINUE;       -- Dynamics still has what was last synced
+        IF f.generated AND mapper IS NULL THEN
+            RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"', f.read_name, f.column_name
+                USING ERRCODE = 'generated_always',
+                      DETAIL = format('Column "%s" is a generated column.', f.column_name),
+                      HINT = 'A generated column can only be sent to Dynamics, never written from it.';
         END IF;
-        IF dval IS DISTINCT FROM coalesce(local -> f.column_name, 'null'::jsonb) THEN
-            changes := changes || jsonb_build_object(f.column_name, dval);
-        END IF;
+        vals := vals || jsonb_build_object(f.column_name,
+                    d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
+        names := names || jsonb_build_object(f.column_name, jsonb_build_array(f.read_name, f.typ::text));
+        fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
     END LOOP;
+    IF vals <> '{}' THEN
+        conv := d365._incoming_convert(vals, names);
+    END IF;
 
-    IF mapper IS NOT NULL THEN
-        EXECUTE format('SELECT %s($1, $2, $3)', mapper::oid::regproc)
-           INTO changes USING payload, local, mapping;
+    IF mapper IS NULL THEN
+        FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
+            IF snap ? f.field AND snap -> f.field = conv -> f.field THEN
+                CONTINUE;   -- Dynamics still has what was last synced
+            END IF;
+            IF (conv -> f.field) IS DISTINCT FROM coalesce(cur -> f.field, 'null'::jsonb) THEN
+                changes := changes || jsonb_build_object(f.col, vals -> f.col);
+            END IF;
+        END LOOP;
+    ELSE
+        changes := d365._contact_map(payload, mapping, k);
         IF changes IS NULL OR jsonb_typeof(changes) <> 'object' THEN
             changes := '{}';
         END IF;
         FOR col IN SELECT jsonb_object_keys(changes) LOOP
-            IF NOT local ? col OR col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
+            IF col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = src.contact_table AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
                 RAISE EXCEPTION 'incoming mapper % returned column "%", which cannot be updated', mapper, col
                     USING ERRCODE = 'invalid_parameter_value',
                           HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
@@ -206,32 +265,36 @@ BEGIN
                 IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
                     RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
                         USING ERRCODE = 'insufficient_privilege',
-                              DETAIL = 'd365_update_contact() changes contacts with its caller''s rights.',
+                              DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
                               HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
                 END IF;
             END LOOP;
         END IF;
-        EXECUTE format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1) r)'
-                       ' WHERE t.%4$I::text = $2',
-                       src.contact_table,
-                       (SELECT string_agg(format('%I', c), ', ') FROM jsonb_object_keys(changes) c),
-                       (SELECT string_agg(format('r.%I', c), ', ') FROM jsonb_object_keys(changes) c),
-                       src.key_column)
-          USING changes, k;
+        BEGIN
+            PERFORM d365._contact_apply(changes, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
+                            (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
+                USING ERRCODE = code,
+                      DETAIL = format('%s.', msg),
+                      HINT = 'A constraint, trigger or generated column of the contact table refused the value.';
+        END;
     END IF;
 
-    -- Echo suppression: a field whose local value is now the one Dynamics
-    -- sent (or that the mapper set from it) is recorded as synced, so the
-    -- next outgoing run does not send it back.  Other fields keep their
-    -- snapshot: a local change not yet sent still goes out.
-    IF incoming <> '{}' THEN
-        EXECUTE format('SELECT to_jsonb(c), %s FROM %s c WHERE c.%I::text = $1',
+    -- Echo suppression: a field whose column now holds the value Dynamics
+    -- sent (as the column holds it) or that the mapper set is recorded as
+    -- synced with the column's value, so the next outgoing run does not
+    -- send it back.  Other fields keep their snapshot: a local change not
+    -- yet sent still goes out.
+    IF fields <> '{}' THEN
+        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
                        d365._contact_values_expr(), src.contact_table, src.key_column)
-           INTO local, cur USING k;
+           INTO cur USING k;
         SELECT coalesce(array_agg(e.key), '{}') INTO settled
-          FROM jsonb_each(incoming) e
-         WHERE (mapper IS NOT NULL AND changes ? (e.value ->> 0))
-            OR coalesce(local -> (e.value ->> 0), 'null'::jsonb) = e.value -> 1;
+          FROM jsonb_each(fields) e
+         WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))
+            OR coalesce(cur -> e.key, 'null'::jsonb) = coalesce(conv -> e.key, 'null'::jsonb);
         IF settled <> '{}' THEN
             PERFORM d365._contact_snapshot(k, (SELECT jsonb_object_agg(e.key, e.value)
                                                  FROM jsonb_each(cur) e
@@ -277,8 +340,12 @@ $$;
  * The record stage of a pull: one page of change-tracking rows.  Changed
  * rows of linked contacts are applied as d365_update_contact() would; a
  * $deletedEntity entry unlinks its contact (reported, re-created only if it
- * qualifies again).  A row whose values do not fit is skipped with a
- * WARNING and counted as failed; it does not stop the pull.
+ * qualifies again).  A row that does not fit -- a value its column cannot
+ * hold, a constraint, trigger or generated column of the contact table
+ * refusing it -- fails alone: a WARNING names the field and column, the
+ * contact's d365.contact_state.last_error keeps the reason, it is counted as
+ * failed, and the rest of the page (and the pull) goes on.  Other errors
+ * (rights, a missing table) stop the pull.
  */
 CREATE FUNCTION d365._pull_record(page jsonb,
     OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
@@ -287,18 +354,25 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    src d365.contact_source := (SELECT s FROM d365.contact_source s);
+    src d365.contact_source := d365._contact_source();
     r jsonb;
     changed jsonb;
     k text;
+    code text;
+    msg text;
+    detail text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a change-tracking page is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     FOR r IN SELECT jsonb_array_elements(page) LOOP
-        IF r ->> '@odata.context' LIKE '%$deletedEntity' THEN
-            EXECUTE format('UPDATE %s SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
-                           ' WHERE dynamics365_related_id = $1 RETURNING %I::text',
-                           src.contact_table, src.key_column)
-               INTO k USING (r ->> 'id')::uuid;
+        IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            k := NULL;
+            IF r ->> 'id' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+                k := d365._contact_unlink((r ->> 'id')::uuid);
+            END IF;
             IF k IS NOT NULL THEN
                 UPDATE d365.contact_state
                    SET synced = NULL, generation = generation + 1, remote_deleted_at = now(),
@@ -311,9 +385,25 @@ BEGIN
         END IF;
         BEGIN
             changed := d365._incoming_apply(r, false);
-        EXCEPTION WHEN invalid_text_representation OR invalid_parameter_value THEN
-            RAISE WARNING 'Dynamics contact % was not applied', r ->> 'contactid'
-                USING ERRCODE = 'warning', DETAIL = SQLERRM;
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
+                       OR raise_exception OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+            RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', msg
+                USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
+            BEGIN
+                EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
+                               src.key_column, src.contact_table)
+                   INTO k USING (r ->> 'contactid')::uuid;
+            EXCEPTION WHEN data_exception THEN
+                k := NULL;
+            END;
+            IF k IS NOT NULL THEN
+                UPDATE d365.contact_state
+                   SET last_attempt_at = now(), last_error_code = code,
+                       last_error = left('incoming change not applied: ' || msg
+                                         || coalesce(' ' || detail, ''), 2000)
+                 WHERE contact_key = k;
+            END IF;
             failed := failed + 1;
             CONTINUE;
         END;

@@ -1,0 +1,380 @@
+/*-------------------------------------------------------------------------
+ *
+ * table_owner.c
+ *	  Writing (and converting values for) the application's contact table
+ *	  as the table's owner, in a security-restricted operation.
+ *
+ * The contact table belongs to the application: its owner controls the
+ * triggers, index expressions, defaults, domain checks, casts and row
+ * security that run when the table is written.  d365sync writes it (the
+ * link columns, incoming changes) from functions that a superuser, a
+ * pg_cron job or the extension's owner may be running.  Were those writes
+ * made with the caller's rights, the table's owner could plant code that
+ * runs as a superuser.  So every write, and every conversion of an incoming
+ * value into a column's type (domain checks are the owner's code too), is
+ * made the way PostgreSQL makes REFRESH MATERIALIZED VIEW: as the table's
+ * owner, with SECURITY_RESTRICTED_OPERATION (no SET ROLE, no temporary
+ * objects that outlive it), under a new GUC nest level with a safe
+ * search_path.  The owner has no rights on d365's tables, so the
+ * statements take all their data as parameters.
+ *
+ * The statements come from d365._owner_sql(op, columns), never from the
+ * caller, and the caller must hold the right the statement exercises: the
+ * UPDATE right on each column it writes (SELECT on the table for the
+ * incoming mapper, which reads the whole row).  Nobody does through these
+ * functions what they could not do with their own rights; they only keep
+ * the table owner's code from running with theirs.
+ *
+ * Reads of the contact table (the work query of a sync, the local values
+ * an incoming change is compared with) run no user code at all: values are
+ * converted by d365._json_expr with built-in functions only.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
+
+PG_FUNCTION_INFO_V1(d365_contact_set_links);
+PG_FUNCTION_INFO_V1(d365_contact_unlink);
+PG_FUNCTION_INFO_V1(d365_contact_convert);
+PG_FUNCTION_INFO_V1(d365_contact_apply);
+PG_FUNCTION_INFO_V1(d365_contact_map);
+
+/* One statement to run as the owner of the contact table. */
+typedef struct OwnerCall
+{
+	const char *op;				/* d365._owner_sql operation */
+	Datum		columns;		/* name[] for convert/apply, else 0 */
+	int			nargs;
+	Oid		   *types;
+	Datum	   *values;
+	char	   *nulls;
+	Oid			restype;		/* InvalidOid: no result */
+	Datum		result;
+	bool		result_null;
+} OwnerCall;
+
+/* A relation's name, schema-qualified and quoted. */
+static char *
+relation_name(Oid relid)
+{
+	return quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+									  get_rel_name(relid));
+}
+
+/*
+ * check_caller_rights
+ *		The caller must hold UPDATE on every column in columns (a name[]),
+ *		or SELECT on the table when columns is NULL.
+ */
+static void
+check_caller_rights(Oid relid, Datum columns, bool columns_null)
+{
+	Oid			caller = GetUserId();
+	Datum	   *names;
+	bool	   *nulls;
+	int			n;
+	int			i;
+
+	if (columns_null)
+	{
+		if (pg_class_aclcheck(relid, caller, ACL_SELECT) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied for table %s", relation_name(relid)),
+					 errdetail("The incoming mapper reads the whole contact row.")));
+		return;
+	}
+	if (pg_class_aclcheck(relid, caller, ACL_UPDATE) == ACLCHECK_OK)
+		return;
+	deconstruct_array(DatumGetArrayTypeP(columns), NAMEOID, NAMEDATALEN, false,
+					  TYPALIGN_CHAR, &names, &nulls, &n);
+	for (i = 0; i < n; i++)
+	{
+		const char *col = NameStr(*DatumGetName(names[i]));
+		AttrNumber	attnum = get_attnum(relid, col);
+
+		if (attnum == InvalidAttrNumber ||
+			pg_attribute_aclcheck(relid, attnum, caller, ACL_UPDATE) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to update column \"%s\" of %s",
+							col, relation_name(relid)),
+					 errdetail("d365sync writes the contact table only where the role that runs it may."),
+					 errhint("GRANT UPDATE ON %s TO %s;", relation_name(relid),
+							 quote_identifier(GetUserNameFromId(caller, false)))));
+	}
+}
+
+/* Owner of a relation; ERROR when it is gone. */
+static Oid
+relation_owner(Oid relid)
+{
+	HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	Oid			owner;
+
+	if (!HeapTupleIsValid(tup))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("the attached contact table no longer exists"),
+				 errhint("Call d365_detach_contacts(), then attach the table again.")));
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+	return owner;
+}
+
+/*
+ * run_as_owner
+ *		Get the statement of call->op from d365._owner_sql (as the caller:
+ *		that function is SECURITY DEFINER and runs no user code), check the
+ *		caller's rights, then run the statement as the table's owner in a
+ *		security-restricted operation with search_path = pg_catalog, pg_temp.
+ *		The first column of the first row, if call->restype is set, is
+ *		copied into the caller's memory context.  Any ERROR comes back with
+ *		the caller's user and security context restored; the GUC nest level
+ *		is popped by the (sub)transaction abort, as for REFRESH MATERIALIZED
+ *		VIEW.
+ */
+static void
+run_as_owner(OwnerCall *call)
+{
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Datum		bargs[2];
+	char		bnulls[2] = {' ', call->columns ? ' ' : 'n'};
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	char	   *sql;
+	Oid			relid;
+	Datum		columns;
+	bool		columns_null;
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec;
+	int			save_nestlevel;
+	int			rc;
+
+	bargs[0] = CStringGetTextDatum(call->op);
+	bargs[1] = call->columns;
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT sql, tbl::pg_catalog.oid, columns FROM d365._owner_sql($1, $2)",
+							  2, (Oid[]) {TEXTOID, NAMEARRAYOID}, bargs, bnulls,
+							  true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "d365._owner_sql returned no statement");
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	sql = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
+	relid = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
+	columns = SPI_getbinval(tup, desc, 3, &columns_null);
+
+	check_caller_rights(relid, columns, columns_null);
+	owner = relation_owner(relid);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+	PG_TRY();
+	{
+		rc = SPI_execute_with_args(sql, call->nargs, call->types, call->values,
+								   call->nulls, false, 0);
+		if (rc < 0)
+			elog(ERROR, "table-owner statement \"%s\" failed: %s",
+				 call->op, SPI_result_code_string(rc));
+	}
+	PG_CATCH();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	AtEOXact_GUC(false, save_nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec);
+
+	call->result_null = true;
+	if (OidIsValid(call->restype) && SPI_tuptable != NULL && SPI_processed > 0)
+	{
+		if (SPI_gettypeid(SPI_tuptable->tupdesc, 1) != call->restype)
+			elog(ERROR, "table-owner statement \"%s\" returned the wrong type", call->op);
+		call->result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+									 &call->result_null);
+		if (!call->result_null)
+		{
+			MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+
+			call->result = datumCopy(call->result, false, -1);
+			MemoryContextSwitchTo(old);
+		}
+	}
+	SPI_finish();
+}
+
+/* The column names of a jsonb object, as name[]; ERROR when not an object. */
+static Datum
+object_columns(Datum vals)
+{
+	Datum		d;
+	int			rc;
+	bool		isnull;
+
+	SPI_connect();
+	rc = SPI_execute_with_args("SELECT pg_catalog.array_agg(k::pg_catalog.name ORDER BY k)"
+							   " FROM pg_catalog.jsonb_object_keys($1) k",
+							   1, (Oid[]) {JSONBOID}, &vals, NULL, true, 1);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not list the columns of an incoming change");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	d = isnull ? (Datum) 0 : SPI_datumTransfer(d, false, -1);
+	SPI_finish();
+	return d;
+}
+
+/*
+ * d365._contact_set_links(keys text[], ids uuid[], expect uuid[]) -> text[]
+ *		Sets the link columns of the contacts with these keys (an id NULL
+ *		unlinks, stamp and all), only where the current id is expect (when
+ *		not NULL).  Returns the keys changed.
+ */
+Datum
+d365_contact_set_links(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+	char		nulls[3];
+	int			i;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	for (i = 0; i < 3; i++)
+		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+	call.op = "links";
+	call.nargs = 3;
+	call.types = (Oid[]) {TEXTARRAYOID, UUIDARRAYOID, UUIDARRAYOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(0),
+		PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1),
+	PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2)};
+	call.nulls = nulls;
+	call.restype = TEXTARRAYOID;
+	run_as_owner(&call);
+	if (call.result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(call.result);
+}
+
+/*
+ * d365._contact_unlink(dynamics_id uuid) -> text
+ *		Unlinks the contact linked to a Dynamics id; its key, or NULL.
+ */
+Datum
+d365_contact_unlink(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	call.op = "unlink";
+	call.nargs = 1;
+	call.types = (Oid[]) {UUIDOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(0)};
+	call.restype = TEXTOID;
+	run_as_owner(&call);
+	if (call.result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(call.result);
+}
+
+/*
+ * d365._contact_convert(vals jsonb) -> jsonb
+ *		{column: JSON value} converted into the columns' types (input
+ *		functions with the columns' type modifiers, domain checks) and back
+ *		as {dynamics_field: value}, the value as the column would hold it.
+ *		Raises what the conversion raises.
+ */
+Datum
+d365_contact_convert(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	call.columns = object_columns(PG_GETARG_DATUM(0));
+	if (call.columns == (Datum) 0)
+		PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	call.op = "convert";
+	call.nargs = 1;
+	call.types = (Oid[]) {JSONBOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(0)};
+	call.restype = JSONBOID;
+	run_as_owner(&call);
+	if (call.result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(call.result);
+}
+
+/*
+ * d365._contact_apply(vals jsonb, contact_key text) -> void
+ *		Updates the columns named in vals of the contact with that key.
+ */
+Datum
+d365_contact_apply(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_VOID();
+	call.columns = object_columns(PG_GETARG_DATUM(0));
+	if (call.columns == (Datum) 0)
+		PG_RETURN_VOID();
+	call.op = "apply";
+	call.nargs = 2;
+	call.types = (Oid[]) {JSONBOID, TEXTOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(0), PG_GETARG_DATUM(1)};
+	run_as_owner(&call);
+	PG_RETURN_VOID();
+}
+
+/*
+ * d365._contact_map(payload jsonb, mapping jsonb, contact_key text) -> jsonb
+ *		The incoming mapper of the settings, called with the Dynamics row,
+ *		the contact's row and the field map, as the table's owner.
+ */
+Datum
+d365_contact_map(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+	char		nulls[3];
+	int			i;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(2))
+		PG_RETURN_NULL();
+	for (i = 0; i < 3; i++)
+		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+	call.op = "map";
+	call.nargs = 3;
+	call.types = (Oid[]) {JSONBOID, JSONBOID, TEXTOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(0),
+		PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1),
+	PG_GETARG_DATUM(2)};
+	call.nulls = nulls;
+	call.restype = JSONBOID;
+	run_as_owner(&call);
+	if (call.result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(call.result);
+}
