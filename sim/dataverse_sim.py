@@ -685,7 +685,8 @@ def coerce(ent, a, v):
 
 # ---------------------------------------------------------------------------
 # $filter parsing (subset of OData: eq ne gt ge lt le, and or not,
-# parentheses, contains/startswith/endswith)
+# parentheses, contains/startswith/endswith, and Dataverse's query functions
+# Microsoft.Dynamics.CRM.In / NotIn(PropertyName='x',PropertyValues=[...]))
 # ---------------------------------------------------------------------------
 
 _TOKEN_RE = re.compile(r"""\s*(?:
@@ -694,7 +695,7 @@ _TOKEN_RE = re.compile(r"""\s*(?:
   |(?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?![\w-])
   |(?P<dt>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)(?![\w:.])
   |(?P<num>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)[mMdDfFlL]?(?![\w])
-  |(?P<punc>[(),])
+  |(?P<punc>[(),=\[\]])
   |(?P<ident>[A-Za-z_$@][\w.@/]*)
 )""", re.X)
 
@@ -779,6 +780,28 @@ def _cmp(op, a, b):
         return False
 
 
+def _in_list(value, values):
+    """Dataverse's In: the property equals one of the values (given as
+    strings); strings compare case-insensitively, numbers as numbers."""
+    if value is None:
+        return False
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(value, bool):
+            if str(v).lower() == str(value).lower():
+                return True
+        elif isinstance(value, (int, float)):
+            try:
+                if float(v) == float(value):
+                    return True
+            except (TypeError, ValueError):
+                pass
+        elif _norm(str(value)) == _norm(str(v)):
+            return True
+    return False
+
+
 def compile_filter(text, resolve):
     """Compile an OData $filter into a predicate f(row) -> bool.
 
@@ -843,6 +866,9 @@ def compile_filter(text, resolve):
         if t[0] == "id":
             take()
             name = t[1]
+            if peek()[0] == "(" and name.lower() in ("microsoft.dynamics.crm.in",
+                                                      "microsoft.dynamics.crm.notin"):
+                return parse_query_function(name)
             if peek()[0] == "(":
                 take()
                 args = [parse_or()]
@@ -868,6 +894,43 @@ def compile_filter(text, resolve):
                 raise FilterError("Unknown function '%s' in $filter." % name)
             return resolve(name)
         raise FilterError("Syntax error in $filter '%s'." % text)
+
+    def parse_query_function(name):
+        # Name(Param='value',Param=['a','b'],...): named parameters whose
+        # values are literals or bracketed lists of literals
+        take("(")
+        params = {}
+        while True:
+            pname = take("id")[1]
+            take("=")
+            if peek()[0] == "[":
+                take()
+                vals = []
+                while peek()[0] != "]":
+                    vals.append(take("lit")[1])
+                    if peek()[0] == ",":
+                        take()
+                    elif peek()[0] != "]":
+                        raise FilterError("Syntax error in $filter '%s'." % text)
+                take("]")
+                params[pname] = vals
+            else:
+                params[pname] = take("lit")[1]
+            if peek()[0] == ",":
+                take()
+                continue
+            take(")")
+            break
+        prop = params.get("PropertyName")
+        vals = params.get("PropertyValues")
+        if not isinstance(prop, str) or not isinstance(vals, list):
+            raise FilterError("Function '%s' needs the parameters PropertyName and "
+                              "PropertyValues." % name)
+        if not vals:
+            raise FilterError("PropertyValues of '%s' must not be empty." % name)
+        g = resolve(prop)
+        negate = name.lower().endswith("notin")
+        return lambda row: _in_list(g(row), vals) != negate
 
     if not toks:
         raise FilterError("Empty $filter.")

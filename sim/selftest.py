@@ -421,6 +421,46 @@ def run(sim, a):
           [v["contactid"] for v in r.json()["value"]] == [cid], r)
     r = c.req("GET", API + "contacts?$filter=" + quote("nosuch eq 1"), headers=H)
     check("filter unknown property 400", r.status == 400, r)
+    # Dataverse's In / NotIn query functions, as look-ups by a match field use them
+    inids = []
+    for em, kids in (("In.One@Example.com", 1), ("in.two@example.com", 2), ("in.three@example.com", 3)):
+        r = c.req("POST", API + "contacts", {"lastname": "InTest", "emailaddress1": em,
+                                             "numberofchildren": kids}, H)
+        inids.append(r.headers.get("odata-entityid", "")[-37:-1])
+    r = c.req("GET", API + "contacts?$select=emailaddress1&$filter=" + quote(
+        "Microsoft.Dynamics.CRM.In(PropertyName='emailaddress1',"
+        "PropertyValues=['in.one@example.com','IN.TWO@example.com','nobody@example.com'])"), headers=H)
+    check("$filter In, strings compared case-insensitively", r.status == 200 and
+          sorted(v["contactid"] for v in r.json()["value"]) == sorted(inids[:2]) and
+          all(set(v) >= {"emailaddress1", "contactid"} and "lastname" not in v
+              for v in r.json()["value"]), r)
+    r = c.req("GET", API + "contacts?$select=lastname&$top=1&$filter=" + quote(
+        "(Microsoft.Dynamics.CRM.In(PropertyName='numberofchildren',PropertyValues=['2','3']))"
+        " and lastname eq 'intest' and statecode eq 0"), headers=H)
+    check("$filter In on a number, with and + $top", r.status == 200 and
+          len(r.json()["value"]) == 1 and r.json()["value"][0]["contactid"] in inids[1:], r)
+    r = c.req("GET", API + "contacts?$select=lastname&$filter=" + quote(
+        "Microsoft.Dynamics.CRM.NotIn(PropertyName='numberofchildren',PropertyValues=['2','3'])"
+        " and lastname eq 'InTest'"), headers=H)
+    check("$filter NotIn", r.status == 200 and
+          [v["contactid"] for v in r.json()["value"]] == [inids[0]], r)
+    r = c.req("GET", API + "contacts?$select=lastname&$filter=" + quote(
+        "(emailaddress1 eq 'IN.ONE@example.com' and numberofchildren eq 1) or "
+        "(emailaddress1 eq 'in.three@example.com' and numberofchildren eq 2)"), headers=H)
+    check("$filter or chain of and groups", r.status == 200 and
+          [v["contactid"] for v in r.json()["value"]] == [inids[0]], r)
+    r = c.req("GET", API + "contacts?$filter=" + quote(
+        "Microsoft.Dynamics.CRM.In(PropertyName='nosuch',PropertyValues=['x'])"), headers=H)
+    check("$filter In unknown property 400", r.status == 400, r)
+    r = c.req("GET", API + "contacts?$filter=" + quote(
+        "Microsoft.Dynamics.CRM.In(PropertyName='emailaddress1')"), headers=H)
+    check("$filter In without values 400", r.status == 400, r)
+    B = "batch_in"
+    r = c.req("POST", API + "$batch", batch_body(B, [op("GET", API + "contacts?$select=emailaddress1&$filter=" + quote(
+        "Microsoft.Dynamics.CRM.In(PropertyName='emailaddress1',PropertyValues=['in.three@example.com'])"))]),
+        dict(H, **{"Content-Type": "multipart/mixed; boundary=" + B}))
+    st, text = parse_batch_response(r)
+    check("GET with In inside $batch", r.status == 200 and st == [200] and inids[2] in text, text[:300])
     # paging
     r = c.req("GET", API + "contacts?$select=firstname", headers=dict(
         H, Prefer="odata.maxpagesize=2"))
