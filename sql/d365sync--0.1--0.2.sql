@@ -818,3 +818,773 @@ GRANT EXECUTE ON FUNCTION d365._incoming_value(jsonb, regtype, text, name), d365
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
       d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
 -- <<< Safe on a shared database
+
+-- >>> matching and field direction
+-- d365.field_map gains match and direction (added at the end, as a fresh
+-- install has them).
+ALTER TABLE d365.field_map
+    ADD COLUMN match boolean NOT NULL DEFAULT false,
+    ADD COLUMN direction text NOT NULL DEFAULT 'both'
+        CONSTRAINT field_map_direction_check CHECK (direction IN ('both', 'out', 'in'));
+COMMENT ON COLUMN d365.field_map.match IS
+    'Before an unlinked contact is created, Dynamics is searched for a contact whose match fields all equal its values; one hit is linked instead of creating a duplicate';
+COMMENT ON COLUMN d365.field_map.direction IS
+    'both: sent and received; out: only sent (incoming changes never write it); in: only received (never sent)';
+
+CREATE OR REPLACE FUNCTION d365._match_type(typ regtype)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN b.typtype = 'e' THEN 'text'
+        WHEN b.oid IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
+                       'name'::regtype) THEN 'text'
+        WHEN b.oid IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                       'numeric'::regtype) THEN 'number'
+        WHEN b.oid = 'boolean'::regtype THEN 'boolean'
+        WHEN b.oid = 'uuid'::regtype THEN 'guid'
+        WHEN b.oid = 'date'::regtype THEN 'date'
+    END
+      FROM pg_type t
+      JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)
+     WHERE t.oid = typ
+$$;
+
+CREATE OR REPLACE FUNCTION d365._field_map_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    typ regtype;
+    generated boolean;
+BEGIN
+    src := d365._contact_source();
+    IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The key column and the link columns are managed by d365sync.',
+                  HINT = 'Map one of the columns d365_contact_fields() lists.';
+    END IF;
+    SELECT a.atttypid::regtype, a.attgenerated <> '' INTO typ, generated
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'column "%" does not exist in %', NEW.column_name, src.contact_table
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'd365_contact_fields() lists the columns that can be mapped.';
+    END IF;
+    IF generated AND NEW.direction <> 'out' THEN
+        RAISE EXCEPTION 'generated column "%" can only be mapped with direction ''out''', NEW.column_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'PostgreSQL computes a generated column, so incoming changes cannot write it.',
+                  HINT = format('INSERT INTO d365.field_map (column_name, dynamics_field, direction) VALUES (%L, %L, ''out'');',
+                                NEW.column_name, NEW.dynamics_field);
+    END IF;
+    IF NEW.dynamics_field !~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$' THEN
+        RAISE EXCEPTION 'invalid Dynamics field name "%"', NEW.dynamics_field
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Dynamics attributes are written by their lowercase logical name.',
+                  HINT = 'Use a logical name such as emailaddress1, or <lookup>_<target>@odata.bind for a lookup; d365_dynamics_fields() lists them.';
+    END IF;
+    IF d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
+        RAISE EXCEPTION 'column "%" of type % cannot be sent to Dynamics', NEW.column_name, typ
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
+                                THEN 'A lookup (@odata.bind) is written from a uuid column.'
+                                ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
+                  HINT = 'Map a column of a supported type, or a generated column (direction ''out'') that converts this one.';
+    END IF;
+    IF NEW.match AND (NEW.dynamics_field LIKE '%@odata.bind' OR d365._match_type(typ) IS NULL) THEN
+        RAISE EXCEPTION 'column "%" of type % cannot be a match field', NEW.column_name, typ
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = 'Match fields are compared in a Dynamics query: text, varchar, char, integers, numeric, boolean, uuid, date and enums can be, lookups and timestamps cannot.',
+                  HINT = 'Mark a column such as the email address as the match field.';
+    END IF;
+    IF EXISTS (SELECT FROM d365.field_map f
+                WHERE f.dynamics_field = NEW.dynamics_field
+                  AND f.column_name <> NEW.column_name) THEN
+        RAISE EXCEPTION 'Dynamics field "%" is already mapped', NEW.dynamics_field
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'Each Dynamics field takes its value from one column.';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_values_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d365._values_expr('c', (SELECT coalesce(array_agg(f.column_name), '{}')
+                                     FROM d365.field_map f WHERE f.direction <> 'in'))
+$$;
+
+CREATE OR REPLACE FUNCTION d365._match_fields(
+    OUT column_name name, OUT dynamics_field text, OUT kind text, OUT typ regtype)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT f.column_name, f.dynamics_field, d365._match_type(a.atttypid::regtype),
+           a.atttypid::regtype
+      FROM d365.field_map f
+      JOIN d365.contact_source s ON true
+      JOIN pg_attribute a ON a.attrelid = s.contact_table AND a.attname = f.column_name
+                         AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE f.match
+     ORDER BY f.dynamics_field
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_match_expr()
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    expr text;
+BEGIN
+    SELECT string_agg(format('jsonb_build_object(%L, %s)', m.dynamics_field,
+                             d365._json_expr(format('c.%I', m.column_name), m.typ)), ' || ')
+      INTO expr
+      FROM d365._match_fields() m;
+    RETURN coalesce(expr, 'NULL::jsonb');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._uri_escape(s text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(CASE WHEN b BETWEEN 48 AND 57 OR b BETWEEN 65 AND 90
+                                         OR b BETWEEN 97 AND 122 OR b IN (45, 46, 95, 126)
+                                    THEN chr(b) ELSE '%' || upper(lpad(to_hex(b), 2, '0')) END,
+                               '' ORDER BY i), '')
+      FROM (SELECT i, get_byte(convert_to(s, 'UTF8'), i) AS b
+              FROM generate_series(0, octet_length(convert_to(s, 'UTF8')) - 1) i) x
+$$;
+
+CREATE OR REPLACE FUNCTION d365._odata_literal(val jsonb, kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN kind = 'text' THEN '''' || replace(val #>> '{}', '''', '''''') || ''''
+                ELSE val #>> '{}' END
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_lookup_path(lookups text[])
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fields record;
+    cond text;
+    sel text;
+BEGIN
+    SELECT count(*) AS n, min(dynamics_field) AS first_field, min(kind) AS first_kind
+      INTO fields FROM d365._match_fields();
+    IF fields.n = 0 OR lookups IS NULL OR cardinality(lookups) = 0 THEN
+        RETURN NULL;
+    END IF;
+    IF fields.n = 1 THEN
+        SELECT format('Microsoft.Dynamics.CRM.In(PropertyName=%L,PropertyValues=[%s])',
+                      fields.first_field,
+                      string_agg(DISTINCT d365._odata_literal(to_jsonb(l::jsonb ->> fields.first_field), 'text'), ','))
+          INTO cond
+          FROM unnest(lookups) l
+         WHERE l IS NOT NULL;
+    ELSE
+        SELECT string_agg(DISTINCT g, ' or ')
+          INTO cond
+          FROM (SELECT '(' || string_agg(format('%s eq %s', m.dynamics_field,
+                                                d365._odata_literal(l::jsonb -> m.dynamics_field, m.kind)),
+                                         ' and ' ORDER BY m.dynamics_field) || ')' AS g
+                  FROM unnest(lookups) WITH ORDINALITY u(l, i)
+                  CROSS JOIN d365._match_fields() m
+                 WHERE l IS NOT NULL
+                 GROUP BY i) x;
+    END IF;
+    IF cond IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT string_agg(DISTINCT r, ',') INTO sel
+      FROM (SELECT CASE WHEN b.attribute IS NOT NULL THEN '_' || b.attribute || '_value'
+                        ELSE f.dynamics_field END AS r
+              FROM d365.field_map f
+              LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field) x;
+    RETURN 'contacts?$select=contactid' || coalesce(',' || sel, '') ||
+           '&$filter=' || d365._uri_escape('(' || cond || ') and statecode eq 0');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._same_value(local jsonb, remote jsonb, fold boolean)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l text := local #>> '{}';
+    r text := remote #>> '{}';
+BEGIN
+    IF local IS NULL OR jsonb_typeof(local) = 'null' THEN
+        RETURN remote IS NULL OR jsonb_typeof(remote) = 'null';
+    ELSIF remote IS NULL OR jsonb_typeof(remote) = 'null' THEN
+        RETURN false;
+    ELSIF jsonb_typeof(local) = 'number' AND jsonb_typeof(remote) = 'number' THEN
+        RETURN l::numeric = r::numeric;
+    ELSIF jsonb_typeof(local) <> 'string' OR jsonb_typeof(remote) <> 'string' THEN
+        RETURN local = remote;
+    ELSIF l ~ '^/[A-Za-z0-9_]+\([0-9a-fA-F-]{36}\)$' THEN
+        RETURN lower(substring(l FROM '\(([0-9a-fA-F-]{36})\)')) = lower(r);
+    ELSIF l ~ '^\d{4}-\d\d-\d\dT' AND r ~ '^\d{4}-\d\d-\d\dT' THEN
+        BEGIN
+            RETURN l::timestamptz = r::timestamptz;
+        EXCEPTION WHEN data_exception THEN
+            RETURN l = r;
+        END;
+    ELSIF fold THEN
+        RETURN lower(l) = lower(r);
+    END IF;
+    RETURN l = r;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
+    contexts text[], answers text[],
+    OUT item_key text, OUT requests text, OUT context text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    it record;
+    taken jsonb := '{}';
+    body jsonb;
+    ctx jsonb;
+    hit jsonb;
+    reason text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
+        CREATE TEMP TABLE d365_lookup_hits (
+            i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
+            ids text[]
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_lookup_hits;
+    END IF;
+    INSERT INTO d365_lookup_hits
+    SELECT u.i, u.k, u.c::jsonb, u.l::jsonb, count(h.v), coalesce(u.f::jsonb ? '@odata.nextLink', false),
+           (array_agg(h.v))[1], array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid')
+      FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
+      LEFT JOIN LATERAL (
+          SELECT v FROM jsonb_array_elements(coalesce(u.f::jsonb -> 'value', '[]')) v
+           WHERE NOT EXISTS (SELECT FROM jsonb_each(u.l::jsonb) m
+                              WHERE NOT d365._same_value(m.value, v -> m.key, true))) h ON true
+     GROUP BY u.i, u.k, u.c, u.l, u.f;
+
+    -- hits that are someone else's already: linked locally, or the only
+    -- hit of more than one contact of this run
+    IF EXISTS (SELECT FROM d365_lookup_hits h WHERE h.n = 1) THEN
+        EXECUTE format('SELECT coalesce(jsonb_object_agg(t.dynamics365_related_id, t.%I::text), ''{}'')'
+                       '  FROM %s t WHERE t.dynamics365_related_id = ANY ($1)',
+                       src.key_column, src.contact_table)
+           INTO taken
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+        SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
+          FROM (SELECT h.first_hit ->> 'contactid' AS id,
+                       string_agg(h.k, ', ' ORDER BY h.i) AS keys
+                  FROM d365_lookup_hits h WHERE h.n = 1
+                 GROUP BY 1 HAVING count(*) > 1) d
+         WHERE NOT taken ? d.id;
+    END IF;
+
+    FOR it IN SELECT * FROM d365_lookup_hits h ORDER BY h.i LOOP
+        item_key := it.k;
+        ctx := it.c;
+        requests := NULL;
+        context := NULL;
+        reason := NULL;
+        IF it.n > 1 THEN
+            reason := format('matches %s Dynamics 365 contacts (%s%s)', it.n,
+                             array_to_string(it.ids[1:10], ', '),
+                             CASE WHEN it.n > 10 THEN format(' and %s more', it.n - 10) ELSE '' END);
+        ELSIF it.more AND it.n <= 1 THEN
+            reason := 'matches more Dynamics 365 contacts than one page of the look-up holds';
+        ELSIF it.n = 1 AND taken ? (it.first_hit ->> 'contactid') THEN
+            reason := format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
+                             it.first_hit ->> 'contactid', taken ->> (it.first_hit ->> 'contactid'));
+        END IF;
+        IF reason IS NOT NULL THEN
+            requests := '[]';
+            context := (ctx || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
+                                                  'error_code', 'd365sync.match',
+                                                  'error', reason || '; not created'))::text;
+        ELSIF it.n = 1 THEN
+            hit := it.first_hit;
+            SELECT jsonb_object_agg(e.key, e.value) INTO body
+              FROM jsonb_each(ctx -> 'values') e
+              LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = e.key
+             WHERE e.value <> 'null'::jsonb
+               AND NOT d365._same_value(e.value,
+                                        hit -> coalesce('_' || b.attribute || '_value', e.key),
+                                        it.look ? e.key);
+            ctx := ctx || jsonb_build_object('id', hit ->> 'contactid', 'matched', true,
+                                             'sent', body,
+                                             'action', CASE WHEN body IS NULL THEN 'link' ELSE 'update' END);
+            context := ctx::text;
+            requests := CASE WHEN body IS NULL THEN '[]'
+                             ELSE jsonb_build_array(jsonb_build_object(
+                                      'method', 'PATCH',
+                                      'path', 'contacts(' || (hit ->> 'contactid') || ')',
+                                      'body', body::text,
+                                      'headers', '["If-Match: *"]'::jsonb))::text END;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_work_sql(scheduled boolean)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+    cur text;
+    sel text;
+    match text;
+BEGIN
+    src := d365._contact_source();
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+    cur := d365._contact_values_expr();
+    match := d365._contact_match_expr();
+
+    IF scheduled THEN
+        sel := format(
+            '((c.dynamics365_related_id IS NULL AND c.%1$I >= (SELECT min_score FROM d365.settings)'
+            '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq))'
+            ' OR (c.dynamics365_related_id IS NOT NULL'
+            '   AND (s.contact_key IS NULL OR s.change_seq > s.synced_seq)))'
+            ' AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())',
+            src.score_column);
+    ELSE
+        sel := format('c.%I = $1::%s', src.key_column, key_type);
+    END IF;
+
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
+               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation, 'values', w.cur,
+                                  'sent', w.body)::text AS context,
+               CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
+                         AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
+                                          WHERE e.value IN ('null'::jsonb, '""'::jsonb))
+                    THEN w.match_values::text END AS lookup
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                                    FROM jsonb_each(v.cur) e
+                                   WHERE (v.synced IS NULL AND e.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%1$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._contact_guid(c.%1$I::text, coalesce(s.generation, 0))) AS dynamics_id,
+                               coalesce(s.change_seq, 0) AS change_seq,
+                               coalesce(s.generation, 0) AS generation,
+                               s.synced,
+                               %2$s AS cur,
+                               %5$s AS match_values
+                          FROM %3$s c
+                          LEFT JOIN d365.contact_state s ON s.contact_key = c.%1$I::text
+                         WHERE %4$s
+                        OFFSET 0) v) w
+    $q$, src.key_column, cur, src.contact_table, sel, match);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
+        CREATE TEMP TABLE d365_contact_outcome (
+            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+            vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+            ok boolean, gone boolean, matched boolean
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_contact_outcome;
+    END IF;
+    INSERT INTO d365_contact_outcome
+    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+           (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+           coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                    OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+           coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+           x.c -> 'matched' IS NOT NULL
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- created, updated or matched: link and stamp the contact (as the table's owner:
+    -- its triggers and index expressions never run with the caller's rights)
+    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id), NULL)
+       FROM d365_contact_outcome o
+      WHERE o.ok AND o.action IN ('create', 'update', 'link');
+
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    -- A matched contact now holds the local values wherever they are set
+    -- (where the local value is NULL, Dynamics keeps its own and the
+    -- snapshot says NULL, so the next run does not clear it).
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           synced_seq = o.seq, generation = o.generation, attempts = 0,
+           next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM d365_contact_outcome o
+     WHERE o.ok AND s.contact_key = o.item_key;
+
+    -- deleted in Dynamics: unlink and report; a re-creation gets a new id
+    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+       FROM d365_contact_outcome o
+      WHERE o.gone;
+    UPDATE d365.contact_state s
+       SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
+           remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,
+           last_attempt_at = now(), last_status = o.status, last_error_code = o.error_code,
+           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
+      FROM d365_contact_outcome o
+     WHERE o.gone AND s.contact_key = o.item_key;
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a day
+    INSERT INTO d365.contact_state AS s
+           (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
+            last_error_code, last_error)
+    SELECT o.item_key, 1, d365._next_attempt(1), now(), nullif(o.status, 0),
+           o.error_code, o.error_message
+      FROM d365_contact_outcome o
+     WHERE NOT o.ok AND NOT o.gone
+    ON CONFLICT (contact_key) DO UPDATE
+       SET attempts = s.attempts + 1,
+           next_attempt_at = d365._next_attempt(s.attempts + 1),
+           last_attempt_at = now(), last_status = EXCLUDED.last_status,
+           last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action IN ('unchanged', 'link')),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM d365_contact_outcome;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_fields(
+    OUT column_name name, OUT dynamics_field text, OUT read_name text,
+    OUT typ regtype, OUT is_bind boolean)
+RETURNS SETOF record
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT f.column_name, f.dynamics_field,
+           CASE WHEN b.attribute IS NOT NULL THEN '_' || b.attribute || '_value'
+                ELSE f.dynamics_field END,
+           a.atttypid::regtype, b.attribute IS NOT NULL
+      FROM d365.field_map f
+      JOIN d365.contact_source s ON true
+      JOIN pg_attribute a ON a.attrelid = s.contact_table AND a.attname = f.column_name
+                         AND a.attnum > 0 AND NOT a.attisdropped
+      LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+     WHERE f.direction <> 'out'
+     ORDER BY f.column_name
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_incoming_values_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT d365._values_expr('c', NULL) $$;
+
+CREATE OR REPLACE FUNCTION d365._outgoing_only_columns()
+RETURNS text[]
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT coalesce(array_agg(column_name::text), '{}') FROM d365.field_map WHERE direction = 'out' $$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_apply(payload jsonb, check_privileges boolean)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source;
+    cid uuid;
+    k text;
+    cur jsonb;
+    snap jsonb;
+    mapper regprocedure := d365._incoming_mapper();
+    mapping jsonb := '{}';
+    vals jsonb := '{}';
+    names jsonb := '{}';
+    fields jsonb := '{}';
+    conv jsonb := '{}';
+    settled text[] := '{}';
+    changes jsonb := '{}';
+    f record;
+    col text;
+    code text;
+    msg text;
+BEGIN
+    IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'the payload is not a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the Dynamics contact row, e.g. the body of Power Automate''s "When a row is added, modified or deleted" trigger.';
+    END IF;
+    IF NOT payload ? 'contactid' OR jsonb_typeof(payload -> 'contactid') <> 'string' THEN
+        RAISE EXCEPTION 'the payload has no contactid'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A Dynamics contact row always carries its contactid.',
+                  HINT = 'Pass the whole contact row as Dynamics sends it.';
+    END IF;
+    BEGIN
+        cid := payload ->> 'contactid';
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    src := d365._contact_source();
+
+    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied for table %', src.contact_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
+    END IF;
+
+    EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                   src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
+       INTO k, cur USING cid;
+    IF k IS NULL THEN
+        RETURN NULL;
+    END IF;
+    snap := d365._contact_snapshot(k, NULL);
+
+    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated
+               FROM d365._incoming_fields() i
+               JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name LOOP
+        mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
+        IF NOT payload ? f.read_name THEN
+            CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        IF f.generated AND mapper IS NULL THEN
+            RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"', f.read_name, f.column_name
+                USING ERRCODE = 'generated_always',
+                      DETAIL = format('Column "%s" is a generated column.', f.column_name),
+                      HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+        END IF;
+        vals := vals || jsonb_build_object(f.column_name,
+                    d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
+        names := names || jsonb_build_object(f.column_name, jsonb_build_array(f.read_name, f.typ::text));
+        fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
+    END LOOP;
+    IF vals <> '{}' THEN
+        conv := d365._incoming_convert(vals, names);
+    END IF;
+
+    IF mapper IS NULL THEN
+        FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
+            IF snap ? f.field AND snap -> f.field = conv -> f.field THEN
+                CONTINUE;   -- Dynamics still has what was last synced
+            END IF;
+            IF (conv -> f.field) IS DISTINCT FROM coalesce(cur -> f.field, 'null'::jsonb) THEN
+                changes := changes || jsonb_build_object(f.col, vals -> f.col);
+            END IF;
+        END LOOP;
+    ELSE
+        changes := d365._contact_map(payload, mapping, k);
+        IF changes IS NULL OR jsonb_typeof(changes) <> 'object' THEN
+            changes := '{}';
+        END IF;
+        FOR col IN SELECT jsonb_object_keys(changes) LOOP
+            IF col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = src.contact_table AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'incoming mapper % returned column "%", which cannot be updated', mapper, col
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+        -- a column mapped 'out' is never written by incoming changes
+        changes := changes - d365._outgoing_only_columns();
+    END IF;
+
+    IF changes <> '{}' THEN
+        IF check_privileges THEN
+            FOR col IN SELECT jsonb_object_keys(changes) LOOP
+                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
+                    RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
+                        USING ERRCODE = 'insufficient_privilege',
+                              DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
+                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
+                END IF;
+            END LOOP;
+        END IF;
+        BEGIN
+            PERFORM d365._contact_apply(changes, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
+                            (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
+                USING ERRCODE = code,
+                      DETAIL = format('%s.', msg),
+                      HINT = 'A constraint, trigger or generated column of the contact table refused the value.';
+        END;
+    END IF;
+
+    -- Echo suppression: a field whose column now holds the value Dynamics
+    -- sent (as the column holds it) or that the mapper set is recorded as
+    -- synced with the column's value, so the next outgoing run does not
+    -- send it back.  Other fields keep their snapshot: a local change not
+    -- yet sent still goes out.
+    IF fields <> '{}' THEN
+        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
+                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
+           INTO cur USING k;
+        SELECT coalesce(array_agg(e.key), '{}') INTO settled
+          FROM jsonb_each(fields) e
+         WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))
+            OR coalesce(cur -> e.key, 'null'::jsonb) = coalesce(conv -> e.key, 'null'::jsonb);
+        IF settled <> '{}' THEN
+            PERFORM d365._contact_snapshot(k, (SELECT jsonb_object_agg(e.key, e.value)
+                                                 FROM jsonb_each(cur) e
+                                                WHERE e.key = ANY (settled)));
+        END IF;
+    END IF;
+    RETURN changes;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_validate_mapping(
+    OUT column_name name, OUT dynamics_field text, OUT problem text)
+RETURNS SETOF record
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH meta AS (SELECT a ->> 'LogicalName' AS name, a ->> 'AttributeType' AS atype,
+                         (a ->> 'IsValidForCreate')::boolean AS cre,
+                         (a ->> 'IsValidForUpdate')::boolean AS upd,
+                         coalesce(a -> 'Targets', '[]') AS targets
+                    FROM d365._metadata('contact') a),
+         maps AS (SELECT f.column_name, f.dynamics_field, f.direction,
+                         split_part(f.dynamics_field, '@', 1) AS nav,
+                         f.dynamics_field LIKE '%@odata.bind' AS is_bind,
+                         -- a domain is judged by its base type, an enum is sent as text
+                         CASE WHEN b.typtype = 'e' THEN 'text'
+                              ELSE format_type(b.oid, NULL) END AS ctype
+                    FROM d365.field_map f
+                    CROSS JOIN d365.contact_source s
+                    LEFT JOIN pg_attribute a ON a.attrelid = s.contact_table
+                         AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+                    LEFT JOIN pg_type t ON t.oid = a.atttypid
+                    LEFT JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)),
+         matched AS (SELECT m.*, x.name, x.atype, x.cre, x.upd
+                       FROM maps m
+                       LEFT JOIN LATERAL (
+                           SELECT meta.* FROM meta
+                            WHERE (NOT m.is_bind AND meta.name = m.nav)
+                               OR (m.is_bind AND (m.nav = meta.name
+                                   OR EXISTS (SELECT FROM jsonb_array_elements_text(meta.targets) t
+                                               WHERE m.nav = meta.name || '_' || t)))
+                            LIMIT 1) x ON true),
+         judged AS (SELECT column_name, dynamics_field,
+                           CASE
+                             WHEN ctype IS NULL THEN 'the column no longer exists'
+                             WHEN name IS NULL THEN 'no such attribute in Dynamics'
+                             -- an 'in' field is only read: whether it can be written does not matter
+                             WHEN direction = 'in' THEN d365._type_problem(atype, ctype, is_bind, name)
+                             WHEN NOT cre AND NOT upd THEN format('attribute %s is read-only in Dynamics', name)
+                             WHEN NOT upd THEN format('attribute %s can be set on create only, so changes would fail', name)
+                             WHEN NOT cre THEN format('attribute %s cannot be set on create', name)
+                             ELSE d365._type_problem(atype, ctype, is_bind, name)
+                           END AS problem
+                      FROM matched)
+    SELECT column_name, dynamics_field, problem FROM judged
+     WHERE problem IS NOT NULL
+     ORDER BY column_name
+$$;
+
+
+REVOKE ALL ON FUNCTION d365._match_type(regtype), d365._match_fields(), d365._contact_match_expr(),
+    d365._uri_escape(text), d365._odata_literal(jsonb, text), d365._contact_lookup_path(text[]),
+    d365._same_value(jsonb, jsonb, boolean), d365._contact_lookup_resolve(text[], text[], text[], text[]),
+    d365._outgoing_only_columns(), d365._contact_incoming_values_expr() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION d365._outgoing_only_columns(), d365._contact_incoming_values_expr() TO PUBLIC;
+
+-- A mapped generated column can only be sent: 0.1 let it be mapped both ways.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM d365.field_map f
+                 JOIN d365.contact_source s ON true
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = s.contact_table
+                      AND a.attname = f.column_name
+                WHERE a.attgenerated <> '' AND f.direction <> 'out') THEN
+        UPDATE d365.field_map f SET direction = 'out'
+          FROM d365.contact_source s, pg_catalog.pg_attribute a
+         WHERE a.attrelid = s.contact_table AND a.attname = f.column_name
+           AND a.attgenerated <> '' AND f.direction <> 'out';
+    END IF;
+END;
+$$;
+-- <<< matching and field direction

@@ -14,6 +14,10 @@
  *	 d365_sync_contact(key)		"Import to Dynamics 365": one contact, now,
  *								whatever its score; raises on failure
  *
+ * When match fields are marked, an unlinked contact is first looked up in
+ * Dynamics (the pipeline's look-up stage, d365._contact_lookup_path and
+ * _resolve): one hit is linked and sent only what differs, several fail.
+ *
  * Creation is an upsert (PATCH contacts(<id>) without If-Match) on an id
  * derived from the installation and the key, so no failure or retry can
  * make a second Dynamics contact; updates carry If-Match: * so they never
@@ -56,7 +60,8 @@ contacts_body(D365Run *run, void *arg)
 		return;
 	}
 	work_sql = d365_sql_text("SELECT d365._contact_work_sql(true)", 0, NULL, NULL);
-	d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._contact_record");
+	d365_pipeline_process_lookup(run, work_sql, 0, NULL, NULL, "d365._contact_record",
+								 "d365._contact_lookup");
 
 	/*
 	 * A new contact's pending activities (logged while it was not linked)
@@ -113,7 +118,8 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	d365_run_init(&run, "contact");
 	SPI_connect();
 	work_sql = d365_sql_text("SELECT d365._contact_work_sql(false)", 0, NULL, NULL);
-	d365_pipeline_process(&run, work_sql, 1, types, args, "d365._contact_record");
+	d365_pipeline_process_lookup(&run, work_sql, 1, types, args, "d365._contact_record",
+								 "d365._contact_lookup");
 
 	if (run.items == 0)
 		ereport(ERROR,
@@ -131,6 +137,17 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	}
 	if (run.counts.failed > 0 && run.first_failure != NULL)
 		d365_op_report(run.first_failure->op, ERROR);
+	if (run.counts.failed > 0)
+	{
+		/* failed without a request: its match found no single Dynamics contact */
+		char	   *reason = d365_sql_text("SELECT last_error FROM d365.contact_state"
+										   " WHERE contact_key = $1", 1, types, args);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_CARDINALITY_VIOLATION),
+				 errmsg("contact %s %s", key, reason ? reason : "could not be matched"),
+				 errhint("Link it by setting its dynamics365_related_id to the right Dynamics 365 contact, or make its match fields unique in Dynamics 365.")));
+	}
 
 	/* like the scheduled run: a new contact's pending activities follow it */
 	if (run.counts.created > 0 && d365_settings_load()->activity_sync_enabled)

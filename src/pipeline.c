@@ -34,6 +34,20 @@
  *			 start sending chunk k+1
  *			 record chunk k          while chunk k+1's requests are answered
  *
+ * Look-up stage (optional, d365_pipeline_process_lookup): the work query
+ * may have a fourth column, lookup text -- NULL, or what to look the item up
+ * by in Dynamics before anything of it is sent (the contact engine: the
+ * match values of an unlinked contact).  The items of a chunk that have one
+ * are grouped, at most D365_LOOKUP_GROUP to a group; each group is one GET
+ * whose path <lookup_fn>_path(lookups text[]) writes (a group whose path
+ * would pass the Web API's URL length limit is split).  The GETs go through
+ * the OData client like every other request.  Then one call of
+ * <lookup_fn>_resolve(item_keys text[], lookups text[], contexts text[],
+ * answers text[]) -- answers[i] the body of the answer to the item's group --
+ * returns (item_key, requests, context) per item: new requests and context,
+ * or NULL requests to keep the planned ones.  An item whose group's GET
+ * failed fails with that request's error, as if its own request had.
+ *
  * Memory is reset per chunk, so it does not grow with the number of items.
  * A run past its time budget (d365sync.max_run_time_ms) sends no further
  * chunk; the rest stays pending for the next run.  The run itself (client,
@@ -121,6 +135,7 @@ typedef struct PipelineItem
 {
 	char	   *key;
 	char	   *context;
+	char	   *lookup;			/* what to look up before sending, or NULL */
 	json_t	   *requests;		/* JSON array of request objects */
 	size_t		step;			/* next request to send */
 	bool		failed;
@@ -222,6 +237,7 @@ fetch_chunk(D365Run *run, Portal portal, int chunk_size, Chunk *c)
 
 		it->key = SPI_getvalue(tup, desc, 1);
 		it->context = SPI_getvalue(tup, desc, 3);
+		it->lookup = desc->natts >= 4 ? SPI_getvalue(tup, desc, 4) : NULL;
 		it->requests = d365_json_parse(requests ? requests : "[]",
 									   requests ? strlen(requests) : 2,
 									   "work query requests");
@@ -263,6 +279,23 @@ step_start(D365Run *run, Chunk *c)
 }
 
 /*
+ * fail_item
+ *		Mark an item failed by a request that was made on its behalf.
+ */
+static void
+fail_item(D365Run *run, PipelineItem *it, D365Op *op)
+{
+	it->sent = true;
+	it->status = op->status;
+	it->failed = true;
+	it->error_code = op->error_code;
+	it->error_message = op->transport_failure
+		? psprintf("could not reach Dynamics 365: %s", op->error_message)
+		: op->error_message;
+	remember_failure(run, it->key, op);
+}
+
+/*
  * step_finish
  *		Wait for the step in flight and move each item on, or mark it failed.
  */
@@ -287,12 +320,128 @@ step_finish(D365Run *run, Chunk *c)
 			it->step++;
 			continue;
 		}
-		it->failed = true;
-		it->error_code = op->error_code;
-		it->error_message = op->transport_failure
-			? psprintf("could not reach Dynamics 365: %s", op->error_message)
-			: op->error_message;
-		remember_failure(run, it->key, op);
+		fail_item(run, it, op);
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * lookup_chunk
+ *		The look-up stage of a chunk (see the top of this file): group the
+ *		items that have a look-up, send one GET per group, and let the
+ *		resolve function turn the answers into the items' requests.  Runs
+ *		before the chunk's first step is sent; allocates in the chunk's
+ *		context.
+ */
+static void
+lookup_chunk(D365Run *run, Chunk *c, const char *lookup_fn)
+{
+	MemoryContext old = MemoryContextSwitchTo(c->cxt);
+	int		   *idx = palloc(sizeof(int) * c->n);	/* items with a look-up */
+	int		   *group_of = palloc(sizeof(int) * c->n);
+	D365Op	  **ops = palloc(sizeof(D365Op *) * c->n);
+	char	   *path_sql;
+	char	   *resolve_sql;
+	char	  **keys;
+	char	  **lookups;
+	char	  **contexts;
+	char	  **found;
+	int			nl = 0;
+	int			nops = 0;
+	int			nres = 0;
+	int			start;
+	int			i;
+
+	for (i = 0; i < c->n; i++)
+		if (c->items[i].lookup != NULL)
+			idx[nl++] = i;
+	if (nl == 0)
+	{
+		MemoryContextSwitchTo(old);
+		return;
+	}
+	path_sql = psprintf("SELECT %s_path($1)", lookup_fn);
+	resolve_sql = psprintf("SELECT item_key, requests, context FROM %s_resolve($1, $2, $3, $4)",
+						   lookup_fn);
+	lookups = palloc(sizeof(char *) * nl);
+	for (i = 0; i < nl; i++)
+		lookups[i] = c->items[idx[i]].lookup;
+
+	/* groups of at most D365_LOOKUP_GROUP, fewer when the URL gets too long */
+	for (start = 0; start < nl;)
+	{
+		int			size = Min(D365_LOOKUP_GROUP, nl - start);
+		char	   *path;
+
+		for (;;)
+		{
+			Oid			types[1] = {TEXTARRAYOID};
+			Datum		args[1] = {text_array(lookups + start, size)};
+
+			path = d365_sql_text(path_sql, 1, types, args);
+			if (path == NULL || strlen(path) <= D365_LOOKUP_PATH_MAX || size == 1)
+				break;
+			size = (size + 1) / 2;
+		}
+		for (i = start; i < start + size; i++)
+			group_of[i] = path ? nops : -1;
+		if (path != NULL)
+			ops[nops++] = d365_op_make("GET", path, NULL);
+		start += size;
+	}
+	if (nops > 0)
+		d365_client_execute(d365_run_client(run), ops, nops);
+
+	/* the answers, handed to the resolve function */
+	keys = palloc(sizeof(char *) * nl);
+	contexts = palloc(sizeof(char *) * nl);
+	found = palloc(sizeof(char *) * nl);
+	for (i = 0; i < nl; i++)
+	{
+		PipelineItem *it = &c->items[idx[i]];
+		D365Op	   *op = group_of[i] >= 0 ? ops[group_of[i]] : NULL;
+
+		if (op == NULL)
+			continue;			/* nothing to look up: as planned */
+		if (!op->ok || op->json == NULL)
+		{
+			fail_item(run, it, op);
+			continue;
+		}
+		keys[nres] = it->key;
+		lookups[nres] = it->lookup;
+		contexts[nres] = it->context;
+		found[nres] = d365_json_dump(op->json);
+		idx[nres++] = idx[i];
+	}
+	if (nres > 0)
+	{
+		Oid			types[4] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+		Datum		args[4];
+		SPITupleTable *tab;
+
+		args[0] = text_array(keys, nres);
+		args[1] = text_array(lookups, nres);
+		args[2] = text_array(contexts, nres);
+		args[3] = text_array(found, nres);
+		if (SPI_execute_with_args(resolve_sql, 4, types, args, NULL, false, 0) != SPI_OK_SELECT ||
+			SPI_processed != (uint64) nres)
+			elog(ERROR, "%s_resolve did not return one row per item", lookup_fn);
+		tab = SPI_tuptable;
+		for (i = 0; i < nres; i++)
+		{
+			PipelineItem *it = &c->items[idx[i]];
+			char	   *requests = SPI_getvalue(tab->vals[i], tab->tupdesc, 2);
+
+			if (requests == NULL)
+				continue;		/* as planned */
+			it->requests = d365_json_parse(requests, strlen(requests), "look-up requests");
+			if (!json_is_array(it->requests))
+				elog(ERROR, "%s_resolve gave item %s requests that are not an array",
+					 lookup_fn, it->key);
+			it->context = SPI_getvalue(tab->vals[i], tab->tupdesc, 3);
+		}
+		SPI_freetuptable(tab);
 	}
 	MemoryContextSwitchTo(old);
 }
@@ -355,18 +504,31 @@ over_budget(D365Run *run, int not_sent)
 
 /*
  * d365_pipeline_process
- *		Stream work_sql (with its arguments) in chunks; send and record each
- *		chunk as described at the top of this file.  While one chunk's first
- *		requests are in flight, the next chunk is fetched and mapped, and
- *		the chunk before is recorded, so database work and the server's
- *		answer overlap.  Adds to run->counts.  Requires an SPI connection.
- *		Raises only for interrupts and failures that are not an item's own
- *		(token, SQL errors).
+ *		d365_pipeline_process_lookup without a look-up stage.
  */
 void
 d365_pipeline_process(D365Run *run, const char *work_sql,
 					  int nargs, Oid *argtypes, Datum *args,
 					  const char *record_fn)
+{
+	d365_pipeline_process_lookup(run, work_sql, nargs, argtypes, args, record_fn, NULL);
+}
+
+/*
+ * d365_pipeline_process_lookup
+ *		Stream work_sql (with its arguments) in chunks; look up, send and
+ *		record each chunk as described at the top of this file (lookup_fn
+ *		NULL: no look-up stage).  While one chunk's first requests are in
+ *		flight, the next chunk is fetched and mapped, and the chunk before
+ *		is recorded, so database work and the server's answer overlap.
+ *		Adds to run->counts.  Requires an SPI connection.  Raises only for
+ *		interrupts and failures that are not an item's own (token, SQL
+ *		errors).
+ */
+void
+d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
+							 int nargs, Oid *argtypes, Datum *args,
+							 const char *record_fn, const char *lookup_fn)
 {
 	Portal		portal;
 	char	   *record_sql;
@@ -392,6 +554,8 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 										  ALLOCSET_DEFAULT_SIZES);
 
 	have = fetch_chunk(run, portal, chunk_size, cur);
+	if (have && lookup_fn != NULL)
+		lookup_chunk(run, cur, lookup_fn);
 	if (have)
 		(void) step_start(run, cur);
 	while (have)
@@ -416,7 +580,12 @@ d365_pipeline_process(D365Run *run, const char *work_sql,
 			more = false;
 		}
 
-		/* send the next chunk, and record this one while it is answered */
+		/*
+		 * send the next chunk (its look-ups first, while nothing else is in
+		 * flight), and record this one while it is answered
+		 */
+		if (more && lookup_fn != NULL)
+			lookup_chunk(run, next, lookup_fn);
 		if (more)
 			(void) step_start(run, next);
 		record_chunk(run, cur, record_sql, record_fn);

@@ -13,10 +13,17 @@ SELECT pg_catalog.pg_extension_config_dump('d365.contact_source', '');
 
 CREATE TABLE d365.field_map (
     column_name    name PRIMARY KEY,
-    dynamics_field text NOT NULL
+    dynamics_field text NOT NULL,
+    match          boolean NOT NULL DEFAULT false,
+    direction      text NOT NULL DEFAULT 'both'
+                   CONSTRAINT field_map_direction_check CHECK (direction IN ('both', 'out', 'in'))
 );
 COMMENT ON TABLE d365.field_map IS
     'Contact column -> Dynamics attribute; unmapped columns are never sent. A lookup maps a uuid column to <navigation property>@odata.bind';
+COMMENT ON COLUMN d365.field_map.match IS
+    'Before an unlinked contact is created, Dynamics is searched for a contact whose match fields all equal its values; one hit is linked instead of creating a duplicate';
+COMMENT ON COLUMN d365.field_map.direction IS
+    'both: sent and received; out: only sent (incoming changes never write it); in: only received (never sent)';
 SELECT pg_catalog.pg_extension_config_dump('d365.field_map', '');
 
 /*
@@ -164,6 +171,32 @@ AS $$
                  (SELECT b.typtype FROM pg_type b
                    WHERE b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)) AS typtype
             FROM pg_type t WHERE t.oid = typ) b
+$$;
+
+/*
+ * How a match field's value is written in a Dynamics query: 'text' (quoted,
+ * compared case-insensitively), 'number', 'boolean', 'guid' or 'date'; NULL
+ * for a type that cannot be a match field.  Domains count as their base
+ * type, enums as text.
+ */
+CREATE FUNCTION d365._match_type(typ regtype)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN b.typtype = 'e' THEN 'text'
+        WHEN b.oid IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
+                       'name'::regtype) THEN 'text'
+        WHEN b.oid IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                       'numeric'::regtype) THEN 'number'
+        WHEN b.oid = 'boolean'::regtype THEN 'boolean'
+        WHEN b.oid = 'uuid'::regtype THEN 'guid'
+        WHEN b.oid = 'date'::regtype THEN 'date'
+    END
+      FROM pg_type t
+      JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)
+     WHERE t.oid = typ
 $$;
 
 /*
@@ -386,6 +419,7 @@ AS $$
 DECLARE
     src d365.contact_source;
     typ regtype;
+    generated boolean;
 BEGIN
     src := d365._contact_source();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
@@ -394,7 +428,7 @@ BEGIN
                   DETAIL = 'The key column and the link columns are managed by d365sync.',
                   HINT = 'Map one of the columns d365_contact_fields() lists.';
     END IF;
-    SELECT a.atttypid::regtype INTO typ
+    SELECT a.atttypid::regtype, a.attgenerated <> '' INTO typ, generated
       FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name
        AND a.attnum > 0 AND NOT a.attisdropped;
@@ -402,6 +436,13 @@ BEGIN
         RAISE EXCEPTION 'column "%" does not exist in %', NEW.column_name, src.contact_table
             USING ERRCODE = 'undefined_column',
                   HINT = 'd365_contact_fields() lists the columns that can be mapped.';
+    END IF;
+    IF generated AND NEW.direction <> 'out' THEN
+        RAISE EXCEPTION 'generated column "%" can only be mapped with direction ''out''', NEW.column_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'PostgreSQL computes a generated column, so incoming changes cannot write it.',
+                  HINT = format('INSERT INTO d365.field_map (column_name, dynamics_field, direction) VALUES (%L, %L, ''out'');',
+                                NEW.column_name, NEW.dynamics_field);
     END IF;
     IF NEW.dynamics_field !~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$' THEN
         RAISE EXCEPTION 'invalid Dynamics field name "%"', NEW.dynamics_field
@@ -415,7 +456,13 @@ BEGIN
                   DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
                                 THEN 'A lookup (@odata.bind) is written from a uuid column.'
                                 ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
-                  HINT = 'Map a column of a supported type, or a generated column that converts this one.';
+                  HINT = 'Map a column of a supported type, or a generated column (direction ''out'') that converts this one.';
+    END IF;
+    IF NEW.match AND (NEW.dynamics_field LIKE '%@odata.bind' OR d365._match_type(typ) IS NULL) THEN
+        RAISE EXCEPTION 'column "%" of type % cannot be a match field', NEW.column_name, typ
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = 'Match fields are compared in a Dynamics query: text, varchar, char, integers, numeric, boolean, uuid, date and enums can be, lookups and timestamps cannot.',
+                  HINT = 'Mark a column such as the email address as the match field.';
     END IF;
     IF EXISTS (SELECT FROM d365.field_map f
                 WHERE f.dynamics_field = NEW.dynamics_field

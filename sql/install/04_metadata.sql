@@ -170,14 +170,18 @@ AS $$
                          (a ->> 'IsValidForUpdate')::boolean AS upd,
                          coalesce(a -> 'Targets', '[]') AS targets
                     FROM d365._metadata('contact') a),
-         maps AS (SELECT f.column_name, f.dynamics_field,
+         maps AS (SELECT f.column_name, f.dynamics_field, f.direction,
                          split_part(f.dynamics_field, '@', 1) AS nav,
                          f.dynamics_field LIKE '%@odata.bind' AS is_bind,
-                         format_type(a.atttypid, NULL) AS ctype
+                         -- a domain is judged by its base type, an enum is sent as text
+                         CASE WHEN b.typtype = 'e' THEN 'text'
+                              ELSE format_type(b.oid, NULL) END AS ctype
                     FROM d365.field_map f
                     CROSS JOIN d365.contact_source s
                     LEFT JOIN pg_attribute a ON a.attrelid = s.contact_table
-                         AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped),
+                         AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+                    LEFT JOIN pg_type t ON t.oid = a.atttypid
+                    LEFT JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)),
          matched AS (SELECT m.*, x.name, x.atype, x.cre, x.upd
                        FROM maps m
                        LEFT JOIN LATERAL (
@@ -191,6 +195,8 @@ AS $$
                            CASE
                              WHEN ctype IS NULL THEN 'the column no longer exists'
                              WHEN name IS NULL THEN 'no such attribute in Dynamics'
+                             -- an 'in' field is only read: whether it can be written does not matter
+                             WHEN direction = 'in' THEN d365._type_problem(atype, ctype, is_bind, name)
                              WHEN NOT cre AND NOT upd THEN format('attribute %s is read-only in Dynamics', name)
                              WHEN NOT upd THEN format('attribute %s can be set on create only, so changes would fail', name)
                              WHEN NOT cre THEN format('attribute %s cannot be set on create', name)

@@ -47,13 +47,20 @@ BEGIN
 END;
 $$;
 
-/* The map stage over the contact row "c", every mapped column. */
+/*
+ * The map stage over the contact row "c", outgoing: every mapped column that
+ * is sent (direction both or out; an 'in' field is never sent, so it is in
+ * no create, no update and no comparison with the synced snapshot).
+ */
 CREATE FUNCTION d365._contact_values_expr()
 RETURNS text
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT d365._values_expr('c', NULL) $$;
+AS $$
+    SELECT d365._values_expr('c', (SELECT coalesce(array_agg(f.column_name), '{}')
+                                     FROM d365.field_map f WHERE f.direction <> 'in'))
+$$;
 
 /*
  * The work query of a contact sync: one row per contact to consider, with
@@ -64,6 +71,12 @@ AS $$ SELECT d365._values_expr('c', NULL) $$;
  * columns become one jsonb object converted as SPEC section 2 says, and for
  * a linked contact the body is the part of it that differs from the synced
  * snapshot (a NULL clears the Dynamics value).
+ *
+ * When match fields are marked in d365.field_map, an unlinked contact whose
+ * match values are all present also gets a look-up (the fourth column: its
+ * match values as {dynamics_field: value}); the pipeline searches Dynamics
+ * for them before anything is sent (d365._contact_lookup_path and
+ * d365._contact_lookup_resolve).
  *
  * scheduled = true: the job's selection (qualifying unlinked contacts,
  * linked contacts with pending changes, past their back-off).
@@ -79,11 +92,13 @@ DECLARE
     key_type text;
     cur text;
     sel text;
+    match text;
 BEGIN
     src := d365._contact_source();
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
+    match := d365._contact_match_expr();
 
     IF scheduled THEN
         sel := format(
@@ -112,7 +127,11 @@ BEGIN
                                                  ELSE 'update' END,
                                   'id', w.dynamics_id, 'seq', w.change_seq,
                                   'generation', w.generation, 'values', w.cur,
-                                  'sent', w.body)::text AS context
+                                  'sent', w.body)::text AS context,
+               CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
+                         AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
+                                          WHERE e.value IN ('null'::jsonb, '""'::jsonb))
+                    THEN w.match_values::text END AS lookup
           FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(e.key, e.value)
@@ -128,12 +147,13 @@ BEGIN
                                coalesce(s.change_seq, 0) AS change_seq,
                                coalesce(s.generation, 0) AS generation,
                                s.synced,
-                               %2$s AS cur
+                               %2$s AS cur,
+                               %5$s AS match_values
                           FROM %3$s c
                           LEFT JOIN d365.contact_state s ON s.contact_key = c.%1$I::text
                          WHERE %4$s
                         OFFSET 0) v) w
-    $q$, src.key_column, cur, src.contact_table, sel);
+    $q$, src.key_column, cur, src.contact_table, sel, match);
 END;
 $$;
 
@@ -164,7 +184,7 @@ BEGIN
         CREATE TEMP TABLE d365_contact_outcome (
             item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
             vals jsonb, sent jsonb, status integer, error_code text, error_message text,
-            ok boolean, gone boolean
+            ok boolean, gone boolean, matched boolean
         ) ON COMMIT DROP;
     ELSE
         TRUNCATE d365_contact_outcome;
@@ -172,27 +192,32 @@ BEGIN
     INSERT INTO d365_contact_outcome
     SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
            (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
-           o.st, o.code, o.msg,
-           (x.c ->> 'action') = 'unchanged' OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL),
-           (x.c ->> 'action') = 'update' AND o.st = 404
+           o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+           coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                    OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+           coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+           x.c -> 'matched' IS NOT NULL
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
                AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
 
-    -- created or updated: link and stamp the contact (as the table's owner:
+    -- created, updated or matched: link and stamp the contact (as the table's owner:
     -- its triggers and index expressions never run with the caller's rights)
     PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id), NULL)
        FROM d365_contact_outcome o
-      WHERE o.ok AND o.action IN ('create', 'update');
+      WHERE o.ok AND o.action IN ('create', 'update', 'link');
 
     -- success (or nothing to send): remember what Dynamics now holds.  A
     -- create sent every value; an update only the fields it carried, merged
     -- into the snapshot (which an incoming change may have moved meanwhile).
+    -- A matched contact now holds the local values wherever they are set
+    -- (where the local value is NULL, Dynamics keeps its own and the
+    -- snapshot says NULL, so the next run does not clear it).
     INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
     SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
     ON CONFLICT (contact_key) DO NOTHING;
     UPDATE d365.contact_state s
-       SET synced = CASE WHEN o.action = 'create' OR s.synced IS NULL THEN o.vals
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL THEN o.vals
                          ELSE s.synced || coalesce(o.sent, '{}') END,
            synced_seq = o.seq, generation = o.generation, attempts = 0,
            next_attempt_at = NULL, last_attempt_at = now(),
@@ -229,7 +254,7 @@ BEGIN
 
     SELECT count(*) FILTER (WHERE ok AND action = 'create'),
            count(*) FILTER (WHERE ok AND action = 'update'),
-           count(*) FILTER (WHERE action = 'unchanged'),
+           count(*) FILTER (WHERE action IN ('unchanged', 'link')),
            count(*) FILTER (WHERE NOT ok AND NOT gone),
            count(*) FILTER (WHERE gone)
       INTO created, updated, unchanged, failed, unlinked

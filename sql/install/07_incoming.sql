@@ -3,8 +3,9 @@
 -- ---------------------------------------------------------------------------
 
 /*
- * The mapped fields as Dynamics returns them on read: a plain attribute
- * under its logical name, a lookup as _<attribute>_value.
+ * The mapped fields that incoming changes write (direction both or in; an
+ * 'out' field is never written locally), as Dynamics returns them on read:
+ * a plain attribute under its logical name, a lookup as _<attribute>_value.
  */
 CREATE FUNCTION d365._incoming_fields(
     OUT column_name name, OUT dynamics_field text, OUT read_name text,
@@ -23,8 +24,29 @@ AS $$
       JOIN pg_attribute a ON a.attrelid = s.contact_table AND a.attname = f.column_name
                          AND a.attnum > 0 AND NOT a.attisdropped
       LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+     WHERE f.direction <> 'out'
      ORDER BY f.column_name
 $$;
+
+/*
+ * The local values of the contact row "c" as incoming changes compare and
+ * settle them: every mapped column, 'in' fields included (the outgoing map
+ * stage, d365._contact_values_expr, leaves those out).
+ */
+CREATE FUNCTION d365._contact_incoming_values_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT d365._values_expr('c', NULL) $$;
+
+-- The columns mapped with direction 'out': incoming changes never write them.
+CREATE FUNCTION d365._outgoing_only_columns()
+RETURNS text[]
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT coalesce(array_agg(column_name::text), '{}') FROM d365.field_map WHERE direction = 'out' $$;
 
 -- The incoming mapper of the settings (the caller cannot read the settings).
 CREATE FUNCTION d365._incoming_mapper()
@@ -204,7 +226,7 @@ BEGIN
     END IF;
 
     EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
-                   src.key_column, d365._contact_values_expr(), src.contact_table)
+                   src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
        INTO k, cur USING cid;
     IF k IS NULL THEN
         RETURN NULL;
@@ -257,6 +279,8 @@ BEGIN
                           HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
             END IF;
         END LOOP;
+        -- a column mapped 'out' is never written by incoming changes
+        changes := changes - d365._outgoing_only_columns();
     END IF;
 
     IF changes <> '{}' THEN
@@ -289,7 +313,7 @@ BEGIN
     -- yet sent still goes out.
     IF fields <> '{}' THEN
         EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
-                       d365._contact_values_expr(), src.contact_table, src.key_column)
+                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
            INTO cur USING k;
         SELECT coalesce(array_agg(e.key), '{}') INTO settled
           FROM jsonb_each(fields) e

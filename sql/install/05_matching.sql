@@ -1,0 +1,278 @@
+-- Matching existing Dynamics contacts before creating: the look-up stage of
+-- the outgoing contact sync (the pipeline sends the look-ups, these
+-- functions write them and judge the answers).
+-- ---------------------------------------------------------------------------
+
+/*
+ * The match fields of the field map: column, Dynamics field and how its
+ * value is written in a query (d365._match_type).  Ordered by Dynamics
+ * field, so every look-up spells its filter the same way.
+ */
+CREATE FUNCTION d365._match_fields(
+    OUT column_name name, OUT dynamics_field text, OUT kind text, OUT typ regtype)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT f.column_name, f.dynamics_field, d365._match_type(a.atttypid::regtype),
+           a.atttypid::regtype
+      FROM d365.field_map f
+      JOIN d365.contact_source s ON true
+      JOIN pg_attribute a ON a.attrelid = s.contact_table AND a.attname = f.column_name
+                         AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE f.match
+     ORDER BY f.dynamics_field
+$$;
+
+/*
+ * The match values of the contact row "c" as one jsonb expression
+ * ({dynamics_field: value}, converted as for sending), or 'NULL::jsonb' when
+ * no field is marked match.
+ */
+CREATE FUNCTION d365._contact_match_expr()
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    expr text;
+BEGIN
+    SELECT string_agg(format('jsonb_build_object(%L, %s)', m.dynamics_field,
+                             d365._json_expr(format('c.%I', m.column_name), m.typ)), ' || ')
+      INTO expr
+      FROM d365._match_fields() m;
+    RETURN coalesce(expr, 'NULL::jsonb');
+END;
+$$;
+
+-- Percent-encode everything but RFC 3986 unreserved characters (UTF-8).
+CREATE FUNCTION d365._uri_escape(s text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(CASE WHEN b BETWEEN 48 AND 57 OR b BETWEEN 65 AND 90
+                                         OR b BETWEEN 97 AND 122 OR b IN (45, 46, 95, 126)
+                                    THEN chr(b) ELSE '%' || upper(lpad(to_hex(b), 2, '0')) END,
+                               '' ORDER BY i), '')
+      FROM (SELECT i, get_byte(convert_to(s, 'UTF8'), i) AS b
+              FROM generate_series(0, octet_length(convert_to(s, 'UTF8')) - 1) i) x
+$$;
+
+-- One match value as an OData literal of its kind.
+CREATE FUNCTION d365._odata_literal(val jsonb, kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN kind = 'text' THEN '''' || replace(val #>> '{}', '''', '''''') || ''''
+                ELSE val #>> '{}' END
+$$;
+
+/*
+ * The look-up request of a group of unlinked contacts (lookups: each
+ * contact's match values as the work query gave them): one GET of the
+ * active Dynamics contacts whose match fields equal one contact's values,
+ * with every mapped field selected so that a hit can be compared with the
+ * local values.  One match field is searched with the In query function,
+ * several with an "or" chain of "and" groups.  The path is percent-encoded;
+ * the caller keeps it under the Web API's URL length limit by sending
+ * fewer contacts per look-up.
+ */
+CREATE FUNCTION d365._contact_lookup_path(lookups text[])
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fields record;
+    cond text;
+    sel text;
+BEGIN
+    SELECT count(*) AS n, min(dynamics_field) AS first_field, min(kind) AS first_kind
+      INTO fields FROM d365._match_fields();
+    IF fields.n = 0 OR lookups IS NULL OR cardinality(lookups) = 0 THEN
+        RETURN NULL;
+    END IF;
+    IF fields.n = 1 THEN
+        SELECT format('Microsoft.Dynamics.CRM.In(PropertyName=%L,PropertyValues=[%s])',
+                      fields.first_field,
+                      string_agg(DISTINCT d365._odata_literal(to_jsonb(l::jsonb ->> fields.first_field), 'text'), ','))
+          INTO cond
+          FROM unnest(lookups) l
+         WHERE l IS NOT NULL;
+    ELSE
+        SELECT string_agg(DISTINCT g, ' or ')
+          INTO cond
+          FROM (SELECT '(' || string_agg(format('%s eq %s', m.dynamics_field,
+                                                d365._odata_literal(l::jsonb -> m.dynamics_field, m.kind)),
+                                         ' and ' ORDER BY m.dynamics_field) || ')' AS g
+                  FROM unnest(lookups) WITH ORDINALITY u(l, i)
+                  CROSS JOIN d365._match_fields() m
+                 WHERE l IS NOT NULL
+                 GROUP BY i) x;
+    END IF;
+    IF cond IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT string_agg(DISTINCT r, ',') INTO sel
+      FROM (SELECT CASE WHEN b.attribute IS NOT NULL THEN '_' || b.attribute || '_value'
+                        ELSE f.dynamics_field END AS r
+              FROM d365.field_map f
+              LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field) x;
+    RETURN 'contacts?$select=contactid' || coalesce(',' || sel, '') ||
+           '&$filter=' || d365._uri_escape('(' || cond || ') and statecode eq 0');
+END;
+$$;
+
+/*
+ * Whether a local value (as sent) and the value Dynamics holds are the same
+ * for the purpose of matching (fold = true: text compared case-insensitively,
+ * as Dataverse compares) or of sending (fold = false: exact).  Numbers
+ * compare as numbers, date-times as instants, a lookup bind path by its id.
+ */
+CREATE FUNCTION d365._same_value(local jsonb, remote jsonb, fold boolean)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l text := local #>> '{}';
+    r text := remote #>> '{}';
+BEGIN
+    IF local IS NULL OR jsonb_typeof(local) = 'null' THEN
+        RETURN remote IS NULL OR jsonb_typeof(remote) = 'null';
+    ELSIF remote IS NULL OR jsonb_typeof(remote) = 'null' THEN
+        RETURN false;
+    ELSIF jsonb_typeof(local) = 'number' AND jsonb_typeof(remote) = 'number' THEN
+        RETURN l::numeric = r::numeric;
+    ELSIF jsonb_typeof(local) <> 'string' OR jsonb_typeof(remote) <> 'string' THEN
+        RETURN local = remote;
+    ELSIF l ~ '^/[A-Za-z0-9_]+\([0-9a-fA-F-]{36}\)$' THEN
+        RETURN lower(substring(l FROM '\(([0-9a-fA-F-]{36})\)')) = lower(r);
+    ELSIF l ~ '^\d{4}-\d\d-\d\dT' AND r ~ '^\d{4}-\d\d-\d\dT' THEN
+        BEGIN
+            RETURN l::timestamptz = r::timestamptz;
+        EXCEPTION WHEN data_exception THEN
+            RETURN l = r;
+        END;
+    ELSIF fold THEN
+        RETURN lower(l) = lower(r);
+    END IF;
+    RETURN l = r;
+END;
+$$;
+
+/*
+ * The judge of the look-ups: for each looked-up contact (item_keys,
+ * lookups and contexts as the work query gave them, answers[i] the body of
+ * the answer to its group's look-up), what to send instead.  A row for
+ * every contact: requests NULL means "as planned" (no Dynamics contact has
+ * these values: it is created).
+ *
+ *	 one hit    link to it: PATCH (If-Match: *) only the fields whose local
+ *				value is set and differs from Dynamics' (a match field that
+ *				differs only in case does not count; action 'update', or
+ *				'link' with no request when nothing differs)
+ *	 several    fail, naming the candidate ids; nothing is sent
+ *	 taken		fail when the hit is linked to another local contact already,
+ *				or is the only hit of another contact of the same run
+ *
+ * Reads the contact table's link columns (to find hits already linked).
+ */
+CREATE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
+    contexts text[], answers text[],
+    OUT item_key text, OUT requests text, OUT context text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    it record;
+    taken jsonb := '{}';
+    body jsonb;
+    ctx jsonb;
+    hit jsonb;
+    reason text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
+        CREATE TEMP TABLE d365_lookup_hits (
+            i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
+            ids text[]
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_lookup_hits;
+    END IF;
+    INSERT INTO d365_lookup_hits
+    SELECT u.i, u.k, u.c::jsonb, u.l::jsonb, count(h.v), coalesce(u.f::jsonb ? '@odata.nextLink', false),
+           (array_agg(h.v))[1], array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid')
+      FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
+      LEFT JOIN LATERAL (
+          SELECT v FROM jsonb_array_elements(coalesce(u.f::jsonb -> 'value', '[]')) v
+           WHERE NOT EXISTS (SELECT FROM jsonb_each(u.l::jsonb) m
+                              WHERE NOT d365._same_value(m.value, v -> m.key, true))) h ON true
+     GROUP BY u.i, u.k, u.c, u.l, u.f;
+
+    -- hits that are someone else's already: linked locally, or the only
+    -- hit of more than one contact of this run
+    IF EXISTS (SELECT FROM d365_lookup_hits h WHERE h.n = 1) THEN
+        EXECUTE format('SELECT coalesce(jsonb_object_agg(t.dynamics365_related_id, t.%I::text), ''{}'')'
+                       '  FROM %s t WHERE t.dynamics365_related_id = ANY ($1)',
+                       src.key_column, src.contact_table)
+           INTO taken
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+        SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
+          FROM (SELECT h.first_hit ->> 'contactid' AS id,
+                       string_agg(h.k, ', ' ORDER BY h.i) AS keys
+                  FROM d365_lookup_hits h WHERE h.n = 1
+                 GROUP BY 1 HAVING count(*) > 1) d
+         WHERE NOT taken ? d.id;
+    END IF;
+
+    FOR it IN SELECT * FROM d365_lookup_hits h ORDER BY h.i LOOP
+        item_key := it.k;
+        ctx := it.c;
+        requests := NULL;
+        context := NULL;
+        reason := NULL;
+        IF it.n > 1 THEN
+            reason := format('matches %s Dynamics 365 contacts (%s%s)', it.n,
+                             array_to_string(it.ids[1:10], ', '),
+                             CASE WHEN it.n > 10 THEN format(' and %s more', it.n - 10) ELSE '' END);
+        ELSIF it.more AND it.n <= 1 THEN
+            reason := 'matches more Dynamics 365 contacts than one page of the look-up holds';
+        ELSIF it.n = 1 AND taken ? (it.first_hit ->> 'contactid') THEN
+            reason := format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
+                             it.first_hit ->> 'contactid', taken ->> (it.first_hit ->> 'contactid'));
+        END IF;
+        IF reason IS NOT NULL THEN
+            requests := '[]';
+            context := (ctx || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
+                                                  'error_code', 'd365sync.match',
+                                                  'error', reason || '; not created'))::text;
+        ELSIF it.n = 1 THEN
+            hit := it.first_hit;
+            SELECT jsonb_object_agg(e.key, e.value) INTO body
+              FROM jsonb_each(ctx -> 'values') e
+              LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = e.key
+             WHERE e.value <> 'null'::jsonb
+               AND NOT d365._same_value(e.value,
+                                        hit -> coalesce('_' || b.attribute || '_value', e.key),
+                                        it.look ? e.key);
+            ctx := ctx || jsonb_build_object('id', hit ->> 'contactid', 'matched', true,
+                                             'sent', body,
+                                             'action', CASE WHEN body IS NULL THEN 'link' ELSE 'update' END);
+            context := ctx::text;
+            requests := CASE WHEN body IS NULL THEN '[]'
+                             ELSE jsonb_build_array(jsonb_build_object(
+                                      'method', 'PATCH',
+                                      'path', 'contacts(' || (hit ->> 'contactid') || ')',
+                                      'body', body::text,
+                                      'headers', '["If-Match: *"]'::jsonb))::text END;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
