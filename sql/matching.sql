@@ -1,13 +1,13 @@
 -- Matching existing Dynamics contacts on the first sync; field direction.
 \set SHOW_CONTEXT never
--- a fresh installation, whatever the suites before left
-SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS d365sync CASCADE;
-CREATE EXTENSION d365sync;
-RESET client_min_messages;
+\ir sql/include/fresh.sql
+\set ECHO all
 SET search_path = public, d365;
-\getenv sim_url D365_SIM_URL
-\! "$D365_SIMCTL" reset
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS member CASCADE;
+DROP DOMAIN IF EXISTS short_name;
+DROP TYPE IF EXISTS tier;
+RESET client_min_messages;
 UPDATE d365.settings
    SET org_url = :'sim_url', authority_url = :'sim_url',
        tenant_id = '11111111-1111-1111-1111-111111111111',
@@ -25,7 +25,7 @@ CREATE TEMP TABLE sim_contact (j jsonb);
 
 CREATE DOMAIN short_name AS varchar(40);
 CREATE TYPE tier AS ENUM ('gold', 'silver');
-CREATE TABLE person (
+CREATE TABLE member (
     id         integer PRIMARY KEY,
     email      text,
     first_name short_name,
@@ -37,13 +37,13 @@ CREATE TABLE person (
     score      integer NOT NULL DEFAULT 50,
     label      text GENERATED ALWAYS AS (first_name || ' ' || last_name) STORED
 );
-INSERT INTO person (id, email, first_name, last_name, phone, job) VALUES
+INSERT INTO member (id, email, first_name, last_name, phone, job) VALUES
     (1, 'ada@example.com', 'Ada', 'King', NULL, 'Analyst'),     -- one hit, case differs
     (2, 'twin@example.com', 'Twan', 'Twin', NULL, NULL),         -- two hits
     (3, 'new@example.com', 'Nia', 'New', '+1 555', 'Engineer'),  -- no hit
     (4, NULL, 'Nobody', 'Noemail', NULL, NULL),                  -- NULL match value
     (5, 'GRACE@example.com', 'Grace', 'Hopper', NULL, 'Admiral'); -- one hit, nothing differs
-SELECT d365_attach_contacts('person');
+SELECT d365_attach_contacts('member');
 
 \set VERBOSITY terse
 -- direction is one of both, out, in
@@ -86,13 +86,13 @@ SELECT j->>'method' AS method,
 -- created; the twins: nothing
 SELECT p.id, j->>'path' = '/api/data/v9.2/contacts(' || p.dynamics365_related_id || ')' AS to_its_link,
        j->'headers'->>'if-match' AS if_match, j->'body' AS body
-  FROM sim_req JOIN person p ON j->>'path' LIKE '%' || p.dynamics365_related_id || '%'
+  FROM sim_req JOIN member p ON j->>'path' LIKE '%' || p.dynamics365_related_id || '%'
  WHERE j->>'method' = 'PATCH' ORDER BY p.id;
 SELECT count(*) AS requests_for_twins FROM sim_req WHERE j->>'path' LIKE '%d0000000-0000-4000-8000-00000000000_)%'
    AND j->>'path' NOT LIKE '%0001)' AND j->>'method' <> 'GET';
 SELECT id, CASE WHEN dynamics365_related_id::text LIKE 'd0000000-%' THEN dynamics365_related_id::text
                 WHEN dynamics365_related_id IS NOT NULL THEN 'created' END AS link
-  FROM person ORDER BY id;
+  FROM member ORDER BY id;
 SELECT contact_key, attempts, last_error_code, last_error, next_attempt_at > now() AS backing_off
   FROM d365.contact_state WHERE attempts > 0;
 \copy sim_contact from program '"$D365_SIMCTL" rows contact --copy'
@@ -118,10 +118,10 @@ SELECT d365_sync_contact(2) AS linked_to;
 SELECT contact_key, attempts, last_error FROM d365.contact_state WHERE contact_key = '2';
 
 -- a contact whose only hit is linked to another local contact is not linked twice
-INSERT INTO person (id, email, first_name, last_name) VALUES (6, 'Ada@example.COM', 'Ada', 'Again');
+INSERT INTO member (id, email, first_name, last_name) VALUES (6, 'Ada@example.COM', 'Ada', 'Again');
 SELECT created, updated, unchanged, failed FROM d365_sync_contacts();
 SELECT contact_key, last_error FROM d365.contact_state WHERE contact_key = '6';
-DELETE FROM person WHERE id = 6;
+DELETE FROM member WHERE id = 6;
 
 -- direction: an 'in' field is never sent, an 'out' field is; a generated
 -- column is mapped 'out' (and stays so)
@@ -130,9 +130,9 @@ INSERT INTO d365.field_map (column_name, dynamics_field, direction) VALUES ('lab
 UPDATE d365.field_map SET direction = 'both' WHERE column_name = 'label';
 \set VERBOSITY default
 \! "$D365_SIMCTL" clear-requests
-UPDATE person SET phone = '+1 556' WHERE id = 3;
+UPDATE member SET phone = '+1 556' WHERE id = 3;
 SELECT created, updated, unchanged, failed, requests FROM d365_sync_contacts();
-UPDATE person SET job = 'Architect', phone = '+1 557' WHERE id = 3;
+UPDATE member SET job = 'Architect', phone = '+1 557' WHERE id = 3;
 SELECT created, updated, unchanged, failed, requests FROM d365_sync_contacts();
 TRUNCATE sim_req;
 \copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
@@ -140,14 +140,14 @@ SELECT j->'body' AS body FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY j->>
 
 -- incoming (push): the 'in' field is written, the 'out' ones are not
 SELECT d365_update_contact(jsonb_build_object(
-           'contactid', (SELECT dynamics365_related_id FROM person WHERE id = 3),
+           'contactid', (SELECT dynamics365_related_id FROM member WHERE id = 3),
            'telephone1', '+1 999', 'jobtitle', 'Intruder', 'description', 'Someone Else',
            'lastname', 'Newer')) AS changed;
-SELECT phone, job, last_name FROM person WHERE id = 3;
+SELECT phone, job, last_name FROM member WHERE id = 3;
 
 -- incoming (pull): the same
 SELECT updated, failed FROM d365_pull_changes();
-\copy (SELECT json_build_object('op', 'update', 'id', dynamics365_related_id, 'values', json_build_object('telephone1', '+44 2', 'jobtitle', 'Boss', 'firstname', 'Augusta')) FROM person WHERE id = 1) to program '"$D365_SIMCTL" edit contact -'
+\copy (SELECT json_build_object('op', 'update', 'id', dynamics365_related_id, 'values', json_build_object('telephone1', '+44 2', 'jobtitle', 'Boss', 'firstname', 'Augusta')) FROM member WHERE id = 1) to program '"$D365_SIMCTL" edit contact -'
 \! "$D365_SIMCTL" clear-requests
 SELECT updated, unchanged, failed, unlinked FROM d365_pull_changes();
 TRUNCATE sim_req;
@@ -155,7 +155,7 @@ TRUNCATE sim_req;
 -- the pull reads only the fields it may write
 SELECT (j->>'path') LIKE '%telephone1%' AS reads_phone, (j->>'path') LIKE '%jobtitle%' AS reads_job
   FROM sim_req WHERE j->>'method' = 'GET' ORDER BY (j->>'seq')::int LIMIT 1;
-SELECT first_name, phone, job FROM person WHERE id = 1;
+SELECT first_name, phone, job FROM member WHERE id = 1;
 -- none of it goes back out; the generated label ('out') that follows the
 -- new first name does
 \! "$D365_SIMCTL" clear-requests
@@ -164,11 +164,22 @@ TRUNCATE sim_req;
 \copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
 SELECT j->'body' AS body FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY j->>'body';
 
+-- with every field 'out' the pull reads the ids alone
+UPDATE d365.field_map SET direction = 'out';
+DELETE FROM d365.pull_state;
+\! "$D365_SIMCTL" clear-requests
+SELECT updated, failed FROM d365_pull_changes();
+TRUNCATE sim_req;
+\copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
+SELECT j->>'path' AS path FROM sim_req WHERE j->>'method' = 'GET' ORDER BY (j->>'seq')::int LIMIT 1;
+UPDATE d365.field_map SET direction = 'both' WHERE column_name IN ('email', 'first_name', 'last_name');
+UPDATE d365.field_map SET direction = 'in' WHERE column_name = 'phone';
+
 -- two match fields: an "or" chain of "and" groups; a NULL in either means create
 UPDATE d365.field_map SET match = false WHERE column_name = 'email';
 UPDATE d365.field_map SET match = true WHERE column_name IN ('first_name', 'last_name');
 \copy (SELECT json_build_object('op', 'create', 'id', 'd0000000-0000-4000-8000-000000000005', 'values', json_build_object('firstname', 'Kay', 'lastname', 'O''Hara'))) to program '"$D365_SIMCTL" edit contact - >/dev/null'
-INSERT INTO person (id, email, first_name, last_name) VALUES
+INSERT INTO member (id, email, first_name, last_name) VALUES
     (7, 'kay@example.com', 'KAY', 'o''hara'), (8, 'lee@example.com', 'Lee', NULL);
 \! "$D365_SIMCTL" clear-requests
 SELECT created, updated, unchanged, failed FROM d365_sync_contacts();
@@ -178,23 +189,25 @@ SELECT regexp_replace(j->>'path', '\$select=[^&]*', '$select=...') AS path
   FROM sim_req WHERE j->>'method' = 'GET';
 SELECT id, dynamics365_related_id = 'd0000000-0000-4000-8000-000000000005' AS matched_kay,
        dynamics365_related_id IS NOT NULL AS linked
-  FROM person WHERE id IN (7, 8) ORDER BY id;
+  FROM member WHERE id IN (7, 8) ORDER BY id;
 
 -- look-ups are batched: 120 new contacts, at most one look-up per 50
 UPDATE d365.field_map SET match = (column_name = 'email');
 \! "$D365_SIMCTL" edit contact '{"op": "create", "id": "d0000000-0000-4000-8000-000000000006", "values": {"lastname": "Bulk", "emailaddress1": "bulk77@example.com"}}' >/dev/null
-INSERT INTO person (id, email, first_name, last_name)
+INSERT INTO member (id, email, first_name, last_name)
 SELECT 100 + i, format('bulk%s@example.com', i), 'B' || i, 'Bulk' FROM generate_series(1, 120) i;
 \! "$D365_SIMCTL" clear-requests
 SELECT created, updated, unchanged, failed FROM d365_sync_contacts();
 TRUNCATE sim_req;
 \copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
 SELECT count(*) AS lookups FROM sim_req WHERE j->>'method' = 'GET' AND j->>'path' LIKE '%$filter=%';
-SELECT dynamics365_related_id AS bulk77 FROM person WHERE id = 177;
+SELECT dynamics365_related_id AS bulk77 FROM member WHERE id = 177;
 TRUNCATE sim_contact;
 \copy sim_contact from program '"$D365_SIMCTL" rows contact --copy'
 SELECT count(*) AS bulk_in_dynamics, count(DISTINCT lower(j->>'emailaddress1')) AS distinct_emails
   FROM sim_contact WHERE j->>'lastname' = 'Bulk';
 
 SELECT d365_detach_contacts();
-DROP TABLE person;
+DROP TABLE member;
+DROP DOMAIN short_name;
+DROP TYPE tier;

@@ -71,6 +71,7 @@
 #include "d365sync.h"
 #include "pipeline.h"
 #include "runs.h"
+#include "spi_util.h"
 
 static Datum
 text_array(char **values, int n)
