@@ -1325,17 +1325,6 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION d365._pull_start_path()
-RETURNS text
-LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE WHEN (d365._contact_source()).contact_table IS NOT NULL
-                THEN 'contacts?$select=' ||
-                     coalesce((SELECT string_agg(DISTINCT read_name, ',' ORDER BY read_name)
-                                 FROM d365._incoming_fields()) || ',', '') || 'contactid' END
-$$;
-
 CREATE OR REPLACE FUNCTION d365._incoming_fields(
     OUT column_name name, OUT dynamics_field text, OUT read_name text,
     OUT typ regtype, OUT is_bind boolean)

@@ -164,14 +164,10 @@ TRUNCATE sim_req;
 \copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
 SELECT j->'body' AS body FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY j->>'body';
 
--- with every field 'out' the pull reads the ids alone
+-- with every field 'out' there is nothing a pull could write
 UPDATE d365.field_map SET direction = 'out';
 DELETE FROM d365.pull_state;
-\! "$D365_SIMCTL" clear-requests
 SELECT updated, failed FROM d365_pull_changes();
-TRUNCATE sim_req;
-\copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
-SELECT j->>'path' AS path FROM sim_req WHERE j->>'method' = 'GET' ORDER BY (j->>'seq')::int LIMIT 1;
 UPDATE d365.field_map SET direction = 'both' WHERE column_name IN ('email', 'first_name', 'last_name');
 UPDATE d365.field_map SET direction = 'in' WHERE column_name = 'phone';
 

@@ -83,7 +83,7 @@ start_path(void)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("no contact field is mapped for incoming changes"),
-				 errhint("Attach the contact table with d365_attach_contacts() and map its fields in d365.field_map.")));
+				 errhint("Attach the contact table with d365_attach_contacts() and map its fields in d365.field_map, with direction both or in.")));
 	return path;
 }
 

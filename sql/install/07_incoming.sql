@@ -348,18 +348,16 @@ COMMENT ON TABLE d365.pull_state IS
     'Dataverse change tracking: the delta link the next d365_pull_changes() continues from';
 SELECT pg_catalog.pg_extension_config_dump('d365.pull_state', '');
 
--- The first request of a full read with change tracking: the fields the
--- pull may write (none but the id when every field is 'out').  A clear
--- error when no contact table is attached.
+-- The first request of a full read with change tracking.
 CREATE FUNCTION d365._pull_start_path()
 RETURNS text
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN (d365._contact_source()).contact_table IS NOT NULL
-                THEN 'contacts?$select=' ||
-                     coalesce((SELECT string_agg(DISTINCT read_name, ',' ORDER BY read_name)
-                                 FROM d365._incoming_fields()) || ',', '') || 'contactid' END
+    SELECT 'contacts?$select=' ||
+           string_agg(DISTINCT read_name, ',' ORDER BY read_name) FILTER (WHERE read_name IS NOT NULL) ||
+           CASE WHEN count(read_name) > 0 THEN ',' ELSE '' END || 'contactid'
+      FROM d365._incoming_fields()
 $$;
 
 /*
