@@ -1572,6 +1572,12 @@ REVOKE ALL ON FUNCTION d365._match_type(regtype), d365._match_fields(), d365._co
     d365._outgoing_only_columns(), d365._contact_incoming_values_expr() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION d365._outgoing_only_columns(), d365._contact_incoming_values_expr() TO PUBLIC;
 
+-- A change of match alone changes nothing that is sent.
+DROP TRIGGER field_map_changed ON d365.field_map;
+CREATE TRIGGER field_map_changed
+    AFTER INSERT OR UPDATE OF column_name, dynamics_field, direction OR DELETE ON d365.field_map
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._field_map_changed();
+
 -- A mapped generated column can only be sent: 0.1 let it be mapped both ways.
 DO $$
 BEGIN

@@ -203,6 +203,31 @@ TRUNCATE sim_contact;
 SELECT count(*) AS bulk_in_dynamics, count(DISTINCT lower(j->>'emailaddress1')) AS distinct_emails
   FROM sim_contact WHERE j->>'lastname' = 'Bulk';
 
+-- a look-up whose URL would pass the Web API's limit is split: 60 long
+-- values (each character percent-encoded as 6), never more than 30,000
+-- characters per look-up
+UPDATE d365.field_map SET match = (column_name = 'job');
+INSERT INTO member (id, email, first_name, last_name, job)
+SELECT 300 + i, format('long%s@example.com', i), 'L' || i, 'Long', repeat('é', 96) || lpad(i::text, 3, '0')
+  FROM generate_series(1, 60) i;
+\! "$D365_SIMCTL" clear-requests
+SELECT created, updated, unchanged, failed FROM d365_sync_contacts();
+TRUNCATE sim_req;
+\copy sim_req from program '"$D365_SIMCTL" requests --kind api --copy'
+SELECT count(*) AS lookups, max(length(j->>'path')) < 30000 AS short_enough
+  FROM sim_req WHERE j->>'method' = 'GET' AND j->>'path' LIKE '%$filter=%';
+
+-- a look-up that fails fails its contacts with its error; nothing is created
+UPDATE d365.field_map SET match = (column_name = 'email');
+INSERT INTO member (id, email, first_name, last_name) VALUES (9, 'fay@example.com', 'Fay', 'Lure');
+\! "$D365_SIMCTL" fault '{"method": "GET", "path_regex": "filter", "status": 500, "json": {"error": {"code": "0x80040216", "message": "Look-up refused."}}, "times": null}'
+SET d365sync.max_retries = 0;
+SELECT created, failed FROM d365_sync_contacts();
+RESET d365sync.max_retries;
+\! "$D365_SIMCTL" clear-faults
+SELECT contact_key, last_status, last_error_code, last_error FROM d365.contact_state WHERE contact_key = '9';
+SELECT dynamics365_related_id IS NULL AS not_created FROM member WHERE id = 9;
+
 SELECT d365_detach_contacts();
 DROP TABLE member;
 DROP DOMAIN short_name;

@@ -493,8 +493,9 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+-- (a change of match alone changes nothing that is sent)
 CREATE TRIGGER field_map_changed
-    AFTER INSERT OR UPDATE OR DELETE ON d365.field_map
+    AFTER INSERT OR UPDATE OF column_name, dynamics_field, direction OR DELETE ON d365.field_map
     FOR EACH STATEMENT EXECUTE FUNCTION d365._field_map_changed();
 
 CREATE FUNCTION d365.d365_attach_contacts(
