@@ -27,8 +27,16 @@ Design notes
   * Inner $batch operations go through exactly the same code as standalone
     requests (fault rules, validation, logging), only the token check and
     throttling are done once for the envelope.
-  * Latency model: each outer request sleeps latency_ms + per_record_ms x
-    record operations, outside the lock, before the response is written.
+  * Cost model: each outer request answers latency_ms + server time after
+    it arrived, where server time is per_record_ms per record operation (a
+    $batch runs its operations one after another; a bulk message costs
+    bulk_target_ms per target).  The wait happens outside the lock, so
+    requests of one user run in parallel as on a real server.
+  * Service protection per application user (each client id has its own
+    budgets): the execution-time budget (exec_budget_s of server time per
+    window_s, 429 0x80072321), the request count (requests_per_window, 429
+    0x80072322) and the concurrency limit (max_concurrent, 429 0x80072326),
+    each 429 with an honest Retry-After.
 
 See sim/README.md for the flags, the control API and the seed GUIDs.
 """
@@ -99,6 +107,7 @@ ERR_DELTA = "0x80044352"
 ERR_CLOSED = "0x80040215"
 ERR_CONCURRENT = "0x80072326"
 ERR_REQUESTS = "0x80072322"
+ERR_EXEC_TIME = "0x80072321"
 ERR_ETAG = "0x80060882"
 
 
@@ -461,7 +470,7 @@ class DropConnection(Exception):
 
 
 class Resp:
-    __slots__ = ("status", "headers", "body", "code", "nrec", "entity_path")
+    __slots__ = ("status", "headers", "body", "code", "nrec", "entity_path", "bulk")
 
     def __init__(self, status, headers=None, body=b"", code=None, nrec=0):
         self.status = status
@@ -470,6 +479,7 @@ class Resp:
         self.code = code
         self.nrec = nrec
         self.entity_path = None
+        self.bulk = False
 
 
 def error_resp(e):
@@ -1205,7 +1215,7 @@ class Fault:
 class LogEntry:
     __slots__ = ("seq", "time", "method", "path", "scheme", "headers", "raw",
                  "btype", "status", "error_code", "batch", "changeset", "kind",
-                 "content_id", "rolled_back", "conn")
+                 "content_id", "rolled_back", "conn", "client")
 
     def to_json(self):
         body = None
@@ -1229,12 +1239,70 @@ class LogEntry:
              "method": self.method, "path": self.path, "scheme": self.scheme,
              "headers": self.headers, "body": body, "status": self.status,
              "error_code": self.error_code, "batch": self.batch,
-             "changeset": self.changeset, "conn": self.conn}
+             "changeset": self.changeset, "conn": self.conn, "client": self.client}
         if self.content_id is not None:
             d["content_id"] = self.content_id
         if self.rolled_back:
             d["rolled_back"] = True
         return d
+
+
+class UserState:
+    """Service-protection state of one application user (client id)."""
+
+    def __init__(self, client_id):
+        self.client_id = client_id
+        self.inflight = 0
+        self.max_inflight = 0
+        self.window = collections.deque()     # admission times (request count)
+        self.exec = collections.deque()       # (start, end) of server execution
+        self.win = 300.0
+        self.requests = 0
+        self.ops = 0
+        self.exec_total = 0.0
+        self.throttled = collections.Counter()  # error code -> 429s
+
+    def prune(self, now, win):
+        w = self.window
+        while w and w[0] <= now - win:
+            w.popleft()
+        e = self.exec
+        while e and e[0][1] <= now - win:
+            e.popleft()
+        self.win = win
+
+    def used(self, at):
+        """Server seconds spent in the window that ends at time "at" (the
+        part of each execution inside it: running requests count as far as
+        they got)."""
+        lo = at - self.win
+        return sum(max(0.0, min(e, at) - max(s, lo)) for s, e in self.exec)
+
+    def time_to_room(self, now, budget):
+        """Whole seconds (at least 1) until the server time in the window is
+        below the budget again, if no new request arrives."""
+        horizon = max([e for _, e in self.exec] + [now]) + self.win
+        k = 1
+        while now + k < horizon and self.used(now + k) >= budget:
+            k += 1
+        return k
+
+    def reset_counters(self):
+        """Counters back to zero; what is in flight and the windows stay."""
+        self.requests = 0
+        self.ops = 0
+        self.exec_total = 0.0
+        self.max_inflight = self.inflight
+        self.throttled = collections.Counter()
+
+    def describe(self):
+        return {"requests": self.requests, "ops": self.ops,
+                "server_s": round(self.exec_total, 3),
+                "throttled": sum(self.throttled.values()),
+                "throttled_by_code": dict(self.throttled),
+                "inflight": self.inflight, "max_inflight": self.max_inflight,
+                "window_server_s": round(self.used(time.time()), 3),
+                "window_requests": len(self.window)}
 
 
 class State:
@@ -1273,6 +1341,7 @@ class State:
             self.token_gen += 1
             self.delta_gen += 1
             self.window.clear()
+            self.users = {}
             self.stats = collections.Counter()
             self._seed()
             self.changelog = []
@@ -1511,13 +1580,31 @@ class State:
         self.changelog.append((self.version, ent.name, rid, "d"))
 
     # -- tokens ----------------------------------------------------------------
-    def issue_token(self, scope):
+    def user(self, client_id):
+        """The service-protection state of a client id (caller holds the lock)."""
+        u = self.users.get(client_id)
+        if u is None:
+            u = self.users[client_id] = UserState(client_id)
+        return u
+
+    def secret_of(self, client_id):
+        """The configured secret of a client id, or None if it is unknown."""
+        cid = client_id.lower()
+        if cid == self.config["client_id"].lower():
+            return self.config["client_secret"]
+        for k, v in (self.config.get("app_users") or {}).items():
+            if k.lower() == cid:
+                return v
+        return None
+
+    def issue_token(self, scope, client_id=None):
         with self.lock:
             self.token_count += 1
             tok = secrets.token_urlsafe(48)
             life = int(self.config["token_lifetime"])
             self.tokens[tok] = {"index": self.token_count, "expires": time.time() + life,
-                                "scope": scope, "gen": self.token_gen}
+                                "scope": scope, "gen": self.token_gen,
+                                "client": (client_id or self.config["client_id"]).lower()}
             self.stats["tokens_issued"] += 1
             return tok, life
 
@@ -1546,6 +1633,7 @@ class State:
         e.changeset = changeset
         e.content_id = content_id
         e.rolled_back = False
+        e.client = None
         with self.lock:
             self.log_seq += 1
             e.seq = self.log_seq
@@ -2439,10 +2527,13 @@ class Api:
             S.commit(marker)
         n = len(parsed)
         if action == "UpdateMultiple":
-            return Resp(204, [("OData-Version", "4.0")], b"", nrec=n)
-        ctx = "%s%s/$metadata#%s%sResponse" % (rq.origin, rq.ctx.base_path, NS, action)
-        return json_resp(200, collections.OrderedDict([("@odata.context", ctx), ("Ids", ids)]),
-                         nrec=n)
+            r = Resp(204, [("OData-Version", "4.0")], b"", nrec=n)
+        else:
+            ctx = "%s%s/$metadata#%s%sResponse" % (rq.origin, rq.ctx.base_path, NS, action)
+            r = json_resp(200, collections.OrderedDict([("@odata.context", ctx), ("Ids", ids)]),
+                          nrec=n)
+        r.bulk = True
+        return r
 
     # -- metadata ----------------------------------------------------------------
     def metadata(self, rq, segs, q):
@@ -2684,11 +2775,13 @@ class Handler(BaseHTTPRequestHandler):
         btype = "json" if "json" in ct else ("form" if "x-www-form-urlencoded" in ct else "text")
         if kind == "api" and path.rstrip("/").endswith("/$batch"):
             btype = "text"
+        arrived = time.time()
         entry = S.log_start(kind, self.command, raw_path, self.server.scheme,
                             S.redact_headers(hdrs), body, btype,
                             conn=getattr(self, "conn_id", None))
         nrec = 0
-        inflight = False
+        server_s = 0.0
+        user = None
         try:
             fault = S.match_fault(self.command, raw_path, body, False)
             resp = None
@@ -2708,11 +2801,13 @@ class Handler(BaseHTTPRequestHandler):
                     resp = Resp(404, [("Content-Type", "text/plain")], b"Not Found")
                 else:
                     hd = {k.lower(): v for k, v in hdrs}
-                    resp = self.check_auth(S, hd)
+                    resp, client = self.check_auth(S, hd)
+                    entry.client = client
                     if resp is None:
-                        resp = self.throttle(S)
+                        resp = self.throttle(S, client)
                         if resp is None:
-                            inflight = True
+                            with S.lock:
+                                user = S.user(client)
                             if path.rstrip("/").endswith("/$batch") and \
                                     re.match(r"^/api/data/v9\.\d+/\$batch/?$", path):
                                 resp = self.batch(S, path, query, hd, body, entry)
@@ -2721,25 +2816,63 @@ class Handler(BaseHTTPRequestHandler):
                                 rq.log = entry
                                 resp = self.server.api.handle(rq)
                             nrec = resp.nrec
-                    resp.headers.extend(self.api_headers(S))
+                            server_s = self.server_time(S, resp)
+                            if server_s > 0:
+                                # the server works on it from its arrival
+                                with S.lock:
+                                    user.exec.append((arrived, arrived + server_s))
+                    resp.headers.extend(self.api_headers(S, client))
+            elif kind == "token":
+                entry.client = self.token_client(body)
             entry.status = resp.status
             entry.error_code = resp.code
-            delay = (float(S.config.get("latency_ms") or 0) +
-                     float(S.config.get("per_record_ms") or 0) * nrec) / 1000.0
+            # the response leaves latency + server time after the request
+            # arrived, whatever the simulator's own processing took
+            due = arrived + float(S.config.get("latency_ms") or 0) / 1000.0 + server_s
+            delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
             self.send(resp)
         finally:
-            if inflight:
+            if user is not None:
                 with S.lock:
                     S.inflight -= 1
+                    user.inflight -= 1
+                    user.ops += nrec
+                    user.exec_total += server_s
 
-    def api_headers(self, S):
-        rpw = S.config.get("requests_per_window")
-        burst = max(0, int(rpw) - len(S.window)) if rpw else 5999
-        return [("x-ms-dop-hint", str(S.config.get("dop_hint", 4))),
+    @staticmethod
+    def server_time(S, resp):
+        """Seconds of server execution time a request costs (its operations,
+        one after another)."""
+        per = float(S.config.get("per_record_ms") or 0)
+        if resp.bulk and S.config.get("bulk_target_ms") is not None:
+            per = float(S.config["bulk_target_ms"])
+        return per * resp.nrec / 1000.0
+
+    @staticmethod
+    def token_client(body):
+        for part in body.decode("utf-8", "replace").split("&"):
+            k, _, v = part.partition("=")
+            if unquote_plus(k) == "client_id":
+                return unquote_plus(v).lower()
+        return None
+
+    def api_headers(self, S, client):
+        cfg = S.config
+        rpw = cfg.get("requests_per_window")
+        budget = cfg.get("exec_budget_s")
+        with S.lock:
+            u = S.users.get(client) if client else None
+            if u is not None:
+                u.prune(time.time(), float(cfg.get("window_s") or 300))
+            used_req = len(u.window) if u is not None else 0
+            used_s = u.used(time.time()) if u is not None else 0.0
+        burst = max(0, int(rpw) - used_req) if rpw else 5999
+        left = max(0.0, float(budget) - used_s) if budget else 1200.0
+        return [("x-ms-dop-hint", str(cfg.get("dop_hint", 4))),
                 ("x-ms-ratelimit-burst-remaining-xrm-requests", str(burst)),
-                ("x-ms-ratelimit-time-remaining-xrm-requests", "1,200.00"),
+                ("x-ms-ratelimit-time-remaining-xrm-requests", "{:,.2f}".format(left)),
                 ("x-ms-service-request-id", str(uuid.uuid4())),
                 ("Cache-Control", "no-cache")]
 
@@ -2769,48 +2902,63 @@ class Handler(BaseHTTPRequestHandler):
         www = ('Bearer authorization_uri=https://login.microsoftonline.com/%s/oauth2/authorize, '
                'resource_id=%s/' % (tenant, self.origin()))
         if len(parts) != 2 or parts[0].lower() != "bearer":
-            return Resp(401, [("WWW-Authenticate", www)], b"", code=None)
+            return Resp(401, [("WWW-Authenticate", www)], b"", code=None), None
         with S.lock:
             info = S.token_info(parts[1].strip())
         if info is None:
             return Resp(401, [("WWW-Authenticate",
                                'Bearer error=invalid_token, error_description=Error during '
-                               'token validation!, ' + www[len("Bearer "):])], b"")
+                               'token validation!, ' + www[len("Bearer "):])], b""), None
         if S.config.get("check_audience", True):
             aud = info["scope"][:-len("/.default")].rstrip("/")
             if not same_origin(aud, self.origin()):
                 return Resp(401, [("WWW-Authenticate",
                                    'Bearer error=invalid_token, error_description=The token '
                                    'audience is not this organization, ' +
-                                   www[len("Bearer "):])], b"")
-        return None
+                                   www[len("Bearer "):])], b""), info["client"]
+        return None, info["client"]
 
-    def throttle(self, S):
+    def throttle(self, S, client):
+        """None when the request may run (and then it counts as in flight),
+        else the 429 that service protection answers for this user."""
         cfg = S.config
         with S.lock:
+            u = S.user(client)
+            now = time.time()
+            win = float(cfg.get("window_s") or 300)
+            u.prune(now, win)
+            err = None
             mc = cfg.get("max_concurrent")
-            if mc and S.inflight + 1 > int(mc):
-                S.stats["throttled"] += 1
-                return error_resp(ApiError(
-                    429, ERR_CONCURRENT,
-                    "Number of concurrent requests exceeded the limit of %d." % int(mc),
-                    [("Retry-After", "1")]))
             rpw = cfg.get("requests_per_window")
+            budget = cfg.get("exec_budget_s")
+            if mc and u.inflight + 1 > int(mc):
+                err = ApiError(429, ERR_CONCURRENT,
+                               "Number of concurrent requests exceeded the limit of %d."
+                               % int(mc), [("Retry-After", "1")])
+            elif rpw and len(u.window) >= int(rpw):
+                retry = max(1, int(math.ceil(u.window[0] + win - now)))
+                err = ApiError(429, ERR_REQUESTS,
+                               "Number of requests exceeded the limit of %d over time window "
+                               "of %d seconds." % (int(rpw), int(win)),
+                               [("Retry-After", str(retry))])
+            elif budget is not None and u.used(now) >= float(budget):
+                # honest: the seconds until enough server time has left the
+                # window for the sum to drop below the budget again
+                retry = u.time_to_room(now, float(budget))
+                err = ApiError(429, ERR_EXEC_TIME,
+                               "Combined execution time of incoming requests exceeded limit of "
+                               "{:,} milliseconds over time window of {} seconds.".format(
+                                   int(float(budget) * 1000), int(win)),
+                               [("Retry-After", str(retry))])
+            if err is not None:
+                S.stats["throttled"] += 1
+                u.throttled[err.code] += 1
+                return error_resp(err)
             if rpw:
-                win = float(cfg.get("window_s") or 300)
-                now = time.time()
-                w = S.window
-                while w and w[0] <= now - win:
-                    w.popleft()
-                if len(w) >= int(rpw):
-                    retry = max(1, int(math.ceil(w[0] + win - now)))
-                    S.stats["throttled"] += 1
-                    return error_resp(ApiError(
-                        429, ERR_REQUESTS,
-                        "Number of requests exceeded the limit of %d over time window of %d "
-                        "seconds." % (int(rpw), int(win)),
-                        [("Retry-After", str(retry))]))
-                w.append(now)
+                u.window.append(now)
+            u.requests += 1
+            u.inflight += 1
+            u.max_inflight = max(u.max_inflight, u.inflight)
             S.inflight += 1
         return None
 
@@ -2857,7 +3005,8 @@ class Handler(BaseHTTPRequestHandler):
         if not cid:
             return err(400, "invalid_request", 900144,
                        "The request body must contain the following parameter: 'client_id'.")
-        if cid.lower() != cfg["client_id"].lower():
+        expected = S.secret_of(cid)
+        if expected is None:
             return err(400, "unauthorized_client", 700016,
                        "Application with identifier '%s' was not found in the directory "
                        "'%s'. This can happen if the application has not been installed by the "
@@ -2886,16 +3035,16 @@ class Handler(BaseHTTPRequestHandler):
             return err(401, "invalid_client", 7000216,
                        "'client_assertion', 'client_secret' or 'request' is required for the "
                        "'client_credentials' grant type.")
-        if secret != cfg["client_secret"]:
+        if secret != expected:
             return err(401, "invalid_client", 7000215,
                        "Invalid client secret provided. Ensure the secret being sent in the "
                        "request is the client secret value, not the client secret ID, for a "
-                       "secret added to app '%s'." % cfg["client_id"])
+                       "secret added to app '%s'." % cid.lower())
         if cfg.get("secret_expired"):
             return err(401, "invalid_client", 7000222,
                        "The provided client secret keys for app '%s' are expired. Visit the "
-                       "Azure portal to create new keys for your app." % cfg["client_id"])
-        tok, life = S.issue_token(scope)
+                       "Azure portal to create new keys for your app." % cid.lower())
+        tok, life = S.issue_token(scope, cid)
         return Resp(200, [("Content-Type", "application/json; charset=utf-8"),
                           ("Cache-Control", "no-store, no-cache")],
                     jdump({"token_type": "Bearer", "expires_in": life, "ext_expires_in": life,
@@ -3058,6 +3207,7 @@ class Handler(BaseHTTPRequestHandler):
                         op.body, "json" if ("json" in ct or (op.body[:1] in (b"{", b"[")))
                         else "text", batch=entry.seq, changeset=op.changeset,
                         content_id=op.content_id, conn=entry.conn)
+        e.client = entry.client
         if logged is not None:
             logged.append(e)
         fault = S.match_fault(op.method, url, op.body, True)
@@ -3134,7 +3284,8 @@ CONFIG_KEYS = {"token_lifetime": int, "latency_ms": float, "per_record_ms": floa
                "window_s": float, "max_page_size": int, "check_audience": bool,
                "secret_expired": bool, "log_bodies": bool, "log_limit": int,
                "max_batch": int, "max_bulk": int, "tenant": str, "client_id": str,
-               "client_secret": str}
+               "client_secret": str, "exec_budget_s": float, "bulk_target_ms": float,
+               "app_users": dict}
 
 
 class Control:
@@ -3206,10 +3357,18 @@ class Control:
                     for k, v in data.items():
                         if k not in CONFIG_KEYS:
                             return self.fail(400, "unknown config key '%s'" % k)
+                        if k == "app_users" and v is not None and not (
+                                isinstance(v, dict) and all(isinstance(x, str) and
+                                                            isinstance(y, str)
+                                                            for x, y in v.items())):
+                            return self.fail(400, "app_users must map client ids to secrets")
                     for k, v in data.items():
                         S.config[k] = None if v is None else CONFIG_KEYS[k](v)
-                    if "requests_per_window" in data or "window_s" in data:
-                        S.window.clear()
+                    if "requests_per_window" in data or "window_s" in data or \
+                            "exec_budget_s" in data:
+                        for u in S.users.values():
+                            u.window.clear()
+                            u.exec.clear()
             return self.ok({"config": S.config})
         if p == "/_sim/expire-tokens" and method == "POST":
             with S.lock:
@@ -3232,7 +3391,14 @@ class Control:
                     "rows": {k: len(v) for k, v in S.rows.items()},
                     "version": S.version,
                     "changelog": len(S.changelog),
-                    "inflight": S.inflight})
+                    "inflight": S.inflight,
+                    "users": {k: u.describe() for k, u in S.users.items()}})
+        if p == "/_sim/reset-stats" and method == "POST":
+            with S.lock:
+                S.stats = collections.Counter()
+                for u in S.users.values():
+                    u.reset_counters()
+            return self.ok({"ok": True})
         m = re.match(r"^/_sim/rows/([a-z_]+)$", p)
         if m:
             ent = ENTITIES.get(m.group(1))
@@ -3298,6 +3464,16 @@ def main(argv=None):
     ap.add_argument("--client-secret", default=DEFAULT_SECRET)
     ap.add_argument("--token-lifetime", type=int, default=3599)
     ap.add_argument("--dop-hint", type=int, default=4)
+    ap.add_argument("--exec-budget-s", type=float, default=1200.0,
+                    help="server execution time per user per window (0 = no budget)")
+    ap.add_argument("--window-s", type=float, default=300.0,
+                    help="service-protection window (execution time and request count)")
+    ap.add_argument("--requests-per-window", type=int, default=None)
+    ap.add_argument("--max-concurrent", type=int, default=None)
+    ap.add_argument("--bulk-target-ms", type=float, default=None,
+                    help="server time per target of a bulk message (default per-record-ms)")
+    ap.add_argument("--app-user", action="append", default=[], metavar="CLIENT_ID:SECRET",
+                    help="another application user (repeatable)")
     ap.add_argument("--no-check-audience", action="store_true",
                     help="accept any scope/resource and any token audience")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
@@ -3306,8 +3482,11 @@ def main(argv=None):
     defaults = {"tenant": args.tenant.lower(), "client_id": args.client_id.lower(),
                 "client_secret": args.client_secret, "token_lifetime": args.token_lifetime,
                 "latency_ms": args.latency_ms, "per_record_ms": args.per_record_ms,
-                "dop_hint": args.dop_hint, "max_concurrent": None,
-                "requests_per_window": None, "window_s": 300.0, "max_page_size": 5000,
+                "dop_hint": args.dop_hint, "max_concurrent": args.max_concurrent,
+                "requests_per_window": args.requests_per_window, "window_s": args.window_s,
+                "exec_budget_s": args.exec_budget_s or None,
+                "bulk_target_ms": args.bulk_target_ms, "max_page_size": 5000,
+                "app_users": dict(u.split(":", 1) for u in args.app_user if ":" in u),
                 "check_audience": not args.no_check_audience, "secret_expired": False,
                 "log_bodies": True, "log_limit": 300000, "max_batch": 1000, "max_bulk": 1000}
     state = State(defaults)

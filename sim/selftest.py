@@ -834,6 +834,67 @@ def run(sim, a):
     check("latency model", time.time() - t0 >= 0.19)
     sim.control("POST", "config", {"latency_ms": 0, "per_record_ms": 0})
 
+    # execution-time budget: a $batch runs its operations one after another
+    # (wall clock = latency + server time), the server time of each user is
+    # summed over a sliding window, and a user over budget gets 429
+    # 0x80072321 with the seconds until the window has room again
+    OTHER, OTHER_SECRET = "33333333-3333-3333-3333-333333333333", "other-secret"
+    sim.control("POST", "config", {"latency_ms": 10, "per_record_ms": 100,
+                                   "exec_budget_s": 0.5, "window_s": 2,
+                                   "app_users": {OTHER: OTHER_SECRET}})
+    sim.control("POST", "reset-stats")
+    six = batch_body(B, [op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()),
+                            {"firstname": "Budget%d" % i}) for i in range(6)])
+    bh = dict(H, **{"Content-Type": "multipart/mixed; boundary=" + B,
+                    "Prefer": "odata.continue-on-error"})
+    t0 = time.time()
+    r1 = c.req("POST", API + "$batch", six, bh)
+    dt = time.time() - t0
+    check("batch wall clock = latency + operations one after another", r1.status == 200 and
+          0.6 <= dt < 1.5, (r1.status, dt))
+    r2 = c.req("GET", API + "WhoAmI", headers=H)
+    ra = int(r2.headers.get("retry-after", "0"))
+    check("execution-time budget 429", r2.status == 429 and r2.code() == "0x80072321" and
+          "1,200" not in r2.msg() and "500 milliseconds over time window of 2 seconds" in
+          r2.msg() and 1 <= ra <= 2, (r2, ra))
+    ot = sim.token(client_id=OTHER, client_secret=OTHER_SECRET)
+    check("second application user token", ot.status == 200, ot)
+    OH = dict(H, Authorization="Bearer " + ot.json()["access_token"])
+    r3 = c.req("GET", API + "WhoAmI", headers=OH)
+    check("each application user has its own budget", r3.status == 200, r3)
+    bad = sim.token(client_id=OTHER, client_secret="wrong")
+    check("application user with a wrong secret", bad.status == 401 and
+          "AADSTS7000215" in bad.body.decode(), bad)
+    time.sleep(ra)
+    r4 = c.req("GET", API + "WhoAmI", headers=H)
+    check("Retry-After is honest", r4.status == 200, (r4, ra))
+    st = sim.control("GET", "stats")["users"]
+    u1 = st.get(CLIENT, {})
+    check("per-user stats", u1.get("throttled_by_code") == {"0x80072321": 1} and
+          u1.get("ops") == 6 and abs(u1.get("server_s", 0) - 0.6) < 0.01 and
+          st.get(OTHER, {}).get("requests") == 1, st)
+    reqs = sim.control("GET", "requests?since=0&kind=api")["requests"]
+    check("request log names the client", reqs[-1]["client"] == CLIENT and
+          any(e["client"] == OTHER for e in reqs), [e["client"] for e in reqs[-3:]])
+    # requests in flight per user: the most at once is recorded
+    sim.control("POST", "config", {"latency_ms": 300, "per_record_ms": 0,
+                                   "exec_budget_s": None})
+    sim.control("POST", "reset-stats")
+    got = []
+
+    def one():
+        got.append(Client("127.0.0.1", sim.port).req("GET", API + "WhoAmI", headers=H).status)
+    ts = [threading.Thread(target=one) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    st = sim.control("GET", "stats")["users"]
+    check("max requests in flight per user", got == [200] * 3 and
+          st[CLIENT]["max_inflight"] == 3 and st.get(OTHER, {}).get("max_inflight") == 0, st)
+    sim.control("POST", "config", {"latency_ms": 0, "per_record_ms": 0, "exec_budget_s": 1200,
+                                   "window_s": 300, "app_users": {}})
+
     # ---------------------------------------------------------------- tokens
     sim.control("POST", "expire-tokens")
     r = c.req("GET", API + "WhoAmI", headers=H)
