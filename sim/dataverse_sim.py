@@ -790,26 +790,33 @@ def _cmp(op, a, b):
         return False
 
 
-def _in_list(value, values):
-    """Dataverse's In: the property equals one of the values (given as
-    strings); strings compare case-insensitively, numbers as numbers."""
-    if value is None:
-        return False
+def _in_values(values):
+    """The value list of an In/NotIn call, prepared for look-ups: strings
+    compared case-insensitively, numbers as numbers."""
+    strs = set()
+    nums = set()
     for v in values:
         if v is None:
             continue
-        if isinstance(value, bool):
-            if str(v).lower() == str(value).lower():
-                return True
-        elif isinstance(value, (int, float)):
-            try:
-                if float(v) == float(value):
-                    return True
-            except (TypeError, ValueError):
-                pass
-        elif _norm(str(value)) == _norm(str(v)):
-            return True
-    return False
+        strs.add(str(v).lower())
+        try:
+            nums.add(float(v))
+        except (TypeError, ValueError):
+            pass
+    return strs, nums
+
+
+def _in_list(value, prepared):
+    """Dataverse's In: the property equals one of the values (given as
+    strings); strings compare case-insensitively, numbers as numbers."""
+    strs, nums = prepared
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return str(value).lower() in strs
+    if isinstance(value, (int, float)):
+        return float(value) in nums
+    return str(value).lower() in strs
 
 
 def compile_filter(text, resolve):
@@ -940,7 +947,8 @@ def compile_filter(text, resolve):
             raise FilterError("PropertyValues of '%s' must not be empty." % name)
         g = resolve(prop)
         negate = name.lower().endswith("notin")
-        return lambda row: _in_list(g(row), vals) != negate
+        prepared = _in_values(vals)
+        return lambda row: _in_list(g(row), prepared) != negate
 
     if not toks:
         raise FilterError("Empty $filter.")

@@ -164,6 +164,23 @@ END;
 $$;
 
 /*
+ * The match values of a row (fields: the match fields), normalised so that
+ * equal means equal to Dataverse: text (and a GUID) lower-cased, numbers as
+ * numbers; a missing field is null.
+ */
+CREATE FUNCTION d365._match_key(vals jsonb, fields text[])
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(jsonb_object_agg(f, CASE jsonb_typeof(vals -> f)
+                                            WHEN 'string' THEN to_jsonb(lower(vals ->> f))
+                                            WHEN 'number' THEN to_jsonb((vals ->> f)::numeric)
+                                            ELSE coalesce(vals -> f, 'null'::jsonb) END), '{}')
+      FROM unnest(fields) f
+$$;
+
+/*
  * The judge of the look-ups: for each looked-up contact (item_keys,
  * lookups and contexts as the work query gave them, answers[i] the body of
  * the answer to its group's look-up), what to send instead.  A row for
@@ -195,6 +212,8 @@ DECLARE
     ctx jsonb;
     hit jsonb;
     reason text;
+    fields text[];
+    read_names jsonb;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
     IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
@@ -205,21 +224,30 @@ BEGIN
     ELSE
         TRUNCATE d365_lookup_hits;
     END IF;
+    -- the hits of each contact: the rows of its group's answer whose match
+    -- fields equal its values (one hash join on a normalised key)
+    fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
+    WITH items AS (
+        SELECT u.i, u.k, u.c::jsonb AS c, u.l::jsonb AS l, u.f,
+               coalesce(u.f::jsonb ? '@odata.nextLink', false) AS more,
+               d365._match_key(u.l::jsonb, fields) AS key
+          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)),
+    hits AS (
+        SELECT a.f, v, d365._match_key(v, fields) AS key
+          FROM (SELECT DISTINCT t.f FROM items t) a,
+               jsonb_array_elements(coalesce(a.f::jsonb -> 'value', '[]')) v)
     INSERT INTO d365_lookup_hits
-    SELECT u.i, u.k, u.c::jsonb, u.l::jsonb, count(h.v), coalesce(u.f::jsonb ? '@odata.nextLink', false),
+    SELECT t.i, t.k, t.c, t.l, count(h.v), t.more,
            (array_agg(h.v))[1], array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid')
-      FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
-      LEFT JOIN LATERAL (
-          SELECT v FROM jsonb_array_elements(coalesce(u.f::jsonb -> 'value', '[]')) v
-           WHERE NOT EXISTS (SELECT FROM jsonb_each(u.l::jsonb) m
-                              WHERE NOT d365._same_value(m.value, v -> m.key, true))) h ON true
-     GROUP BY u.i, u.k, u.c, u.l, u.f;
+      FROM items t
+      LEFT JOIN hits h ON h.f = t.f AND h.key = t.key
+     GROUP BY t.i, t.k, t.c, t.l, t.more;
 
     -- hits that are someone else's already: linked locally, or the only
     -- hit of more than one contact of this run
     IF EXISTS (SELECT FROM d365_lookup_hits h WHERE h.n = 1) THEN
         EXECUTE format('SELECT coalesce(jsonb_object_agg(t.dynamics365_related_id, t.%I::text), ''{}'')'
-                       '  FROM %s t WHERE t.dynamics365_related_id = ANY ($1)',
+                       '  FROM %s t JOIN pg_catalog.unnest($1) u(id) ON t.dynamics365_related_id = u.id',
                        src.key_column, src.contact_table)
            INTO taken
           USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
@@ -231,6 +259,9 @@ BEGIN
          WHERE NOT taken ? d.id;
     END IF;
 
+    -- a lookup is read back as _<attribute>_value
+    SELECT coalesce(jsonb_object_agg(b.dynamics_field, '_' || b.attribute || '_value'), '{}')
+      INTO read_names FROM d365._lookup_binds() b;
     FOR it IN SELECT * FROM d365_lookup_hits h ORDER BY h.i LOOP
         item_key := it.k;
         ctx := it.c;
@@ -256,10 +287,8 @@ BEGIN
             hit := it.first_hit;
             SELECT jsonb_object_agg(e.key, e.value) INTO body
               FROM jsonb_each(ctx -> 'values') e
-              LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = e.key
              WHERE e.value <> 'null'::jsonb
-               AND NOT d365._same_value(e.value,
-                                        hit -> coalesce('_' || b.attribute || '_value', e.key),
+               AND NOT d365._same_value(e.value, hit -> coalesce(read_names ->> e.key, e.key),
                                         it.look ? e.key);
             ctx := ctx || jsonb_build_object('id', hit ->> 'contactid', 'matched', true,
                                              'sent', body,
