@@ -212,8 +212,11 @@ SELECT contact_key, generation, remote_deleted_at IS NOT NULL AS deleted_remotel
        replace(last_error, :'cy_id', '<id>') AS last_error
   FROM d365.contact_state WHERE contact_key = '3';
 SELECT * FROM d365_sync_contacts();
--- it qualifies again after a local change: created anew, under a new id
+-- a change of the score alone is no change of the contact's data
 UPDATE app_contact SET score = 100 WHERE id = 3;
+SELECT created FROM d365_sync_contacts();
+-- it qualifies again after a change of a mapped column: created anew, under a new id
+UPDATE app_contact SET last_name = 'Higher' WHERE id = 3;
 SELECT * FROM d365_sync_contacts();
 SELECT dynamics365_related_id IS NOT NULL AND dynamics365_related_id <> :'cy_id' AS new_link
   FROM app_contact WHERE id = 3;

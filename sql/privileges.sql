@@ -33,7 +33,9 @@ UPDATE person SET first_name = 'Dorothy' WHERE id = 4;
 DELETE FROM person WHERE id = 4;
 UPDATE person SET first_name = 'Ada' WHERE id = 1;
 RESET ROLE;
-SELECT contact_key, change_seq > synced_seq AS pending FROM d365.contact_state WHERE contact_key IN ('1', '4');
+SELECT contact_key, dynamics_id IS NULL AND synced IS NULL AS tombstone,
+       contact_key IN (SELECT contact_key FROM d365.contact_change) AS change_noted
+  FROM d365.contact_state WHERE contact_key IN ('1', '4') ORDER BY 1;
 
 -- an operator: runs and watches the sync, never sees the secret
 CREATE ROLE regress_operator;

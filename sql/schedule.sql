@@ -34,7 +34,8 @@ SELECT * FROM dblink_get_result('other') AS t(created int, failed int);
 SELECT * FROM dblink_get_result('other') AS t(created int, failed int);
 -- and d365_sync_contact() racing the job for the same contact
 UPDATE app_contact SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL WHERE id = 1;
-UPDATE d365.contact_state SET synced = NULL WHERE contact_key = '1';
+-- (its state forgotten too, or the cleared link would make it a new person)
+UPDATE d365.contact_state SET synced = NULL, dynamics_id = NULL WHERE contact_key = '1';
 SELECT dblink_send_query('other', 'SELECT d365.d365_sync_contact(1)');
 SELECT d365_sync_contact(1) IS NOT NULL AS linked;
 SELECT id = (SELECT dynamics365_related_id FROM app_contact WHERE app_contact.id = 1) AS same_id

@@ -249,8 +249,10 @@ object_columns(Datum vals)
 /*
  * d365._contact_set_links(keys text[], ids uuid[], expect uuid[]) -> text[]
  *		Sets the link columns of the contacts with these keys (an id NULL
- *		unlinks, stamp and all), only where the current id is expect (when
- *		not NULL).  Returns the keys changed.
+ *		unlinks, stamp and all), only where the row is still linked to
+ *		expect (expect NULL: only where the row is still unlinked), so a
+ *		row that changed hands meanwhile is never linked to another
+ *		person's record.  Returns the keys changed.
  */
 Datum
 d365_contact_set_links(PG_FUNCTION_ARGS)

@@ -6,7 +6,8 @@
  * stage or its SQL-callable functions (see docs/architecture.md):
  *   01_settings         the settings row, its validation, d365_whoami
  *   02_runs             the run history
- *   03_contact_source   the attached table, field map, sync state, capture
+ *   03_contact_source   the attached table, field map, sync state
+ *   03_identity         tombstones, the capture triggers (src/capture.c), broken attachments
  *   04_metadata         Dynamics metadata, cached; mapping validation
  *   05_contacts_out     outgoing contacts: work query, record step, API
  *   06_activities       the activity log, bodies, work query, record step

@@ -2,6 +2,24 @@
 -- Settings
 -- ---------------------------------------------------------------------------
 
+-- The one GUID check: 8-4-4-4-12 hexadecimal digits, either case.  NULL
+-- for NULL.
+CREATE FUNCTION d365._is_guid(txt text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT txt ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' $$;
+
+-- The GUID of an OData bind path /<entity set>(<guid>), or NULL.
+CREATE FUNCTION d365._bind_guid(txt text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT g FROM (SELECT substring(txt FROM '^/[A-Za-z0-9_]+\((.*)\)$') AS g) x
+     WHERE d365._is_guid(g)
+$$;
+
 CREATE TABLE d365.settings (
     singleton             boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     org_url               text,
@@ -128,8 +146,8 @@ BEGIN
                   HINT = 'The default is https://login.microsoftonline.com.';
     END IF;
 
-    IF NEW.tenant_id IS NOT NULL AND
-       NEW.tenant_id !~ '^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+)$' THEN
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
         RAISE EXCEPTION 'invalid value for setting "tenant_id"'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
@@ -151,7 +169,7 @@ BEGIN
     END IF;
 
     IF NEW.default_owner IS NOT NULL AND
-       NEW.default_owner !~ '^/(systemusers|teams)\([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\)$' THEN
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
         RAISE EXCEPTION 'invalid value for setting "default_owner"'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('%L is not an owner bind path.', NEW.default_owner),

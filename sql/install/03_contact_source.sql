@@ -46,7 +46,8 @@ CREATE TABLE d365.contact_state (
     last_attempt_at   timestamptz,
     last_status       integer,
     last_error_code   text,
-    last_error        text
+    last_error        text,
+    dynamics_id       uuid
 );
 CREATE INDEX contact_state_failing_idx ON d365.contact_state (next_attempt_at)
     WHERE attempts > 0;
@@ -55,60 +56,24 @@ CREATE INDEX contact_state_failing_idx ON d365.contact_state (next_attempt_at)
 SELECT pg_catalog.pg_extension_config_dump('d365.contact_state', '');
 COMMENT ON TABLE d365.contact_state IS
     'Sync state of each contact: pending changes, last synced values, failures and back-off';
+COMMENT ON COLUMN d365.contact_state.generation IS
+    'Identity of the key''s current person: raised whenever the key stops belonging to one (delete, truncate, key change, deleted in Dynamics)';
+COMMENT ON COLUMN d365.contact_state.dynamics_id IS
+    'The Dynamics contact this state (snapshot, failures) belongs to; NULL until linked';
 
--- The key of a contact row as text.  The key's type is one of the built-in
--- types d365._check_key_type accepts, so no code of the table owner's runs.
-CREATE FUNCTION d365._row_key(r anyelement, key_column name)
-RETURNS text
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    k text;
-    ok boolean;
-BEGIN
-    EXECUTE format('SELECT pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[]),'
-                   '       CASE WHEN pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[])'
-                   '            THEN ($1).%1$I::pg_catalog.text END',
-                   key_column, '{smallint,integer,bigint,text,character varying,uuid}')
-       INTO ok, k USING r;
-    IF NOT ok THEN
-        RAISE EXCEPTION 'key column "%" has a type d365sync does not support', key_column
-            USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid, or detach the table.';
-    END IF;
-    RETURN k;
-END;
-$$;
+/*
+ * Contacts whose mapped columns changed, noted by the capture trigger and
+ * not yet counted in d365.contact_state: appending here is what keeps the
+ * application's UPDATEs cheap.  A contact sync folds the queue into
+ * change_seq first (d365._contact_fold_changes).
+ */
+CREATE TABLE d365.contact_change (
+    contact_key text NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('d365.contact_change', '');
+COMMENT ON TABLE d365.contact_change IS
+    'Changed contacts noted by the capture trigger, folded into contact_state by the next contact sync';
 
--- Contact capture trigger: count a change of anything but the link columns.
--- It runs as the extension owner, so whoever may write the contact table
--- needs no rights on d365's tables; it reads only the key of the row (a
--- built-in type), never the whole row: to_jsonb(NEW) would run a cast to
--- json that the table's owner defined for a column's type, as us.
-CREATE FUNCTION d365._contact_capture()
-RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        -- keep a tombstone: a contact inserted later under the same key gets
-        -- a new Dynamics id, never the deleted contact's record
-        UPDATE d365.contact_state
-           SET generation = generation + 1, synced = NULL, synced_seq = change_seq,
-               remote_deleted_at = NULL, attempts = 0, next_attempt_at = NULL,
-               last_error = NULL, last_error_code = NULL
-         WHERE contact_key = d365._row_key(OLD, TG_ARGV[0]);
-        RETURN NULL;
-    END IF;
-    INSERT INTO d365.contact_state AS s (contact_key)
-    VALUES (d365._row_key(NEW, TG_ARGV[0]))
-    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1;
-    RETURN NULL;
-END;
-$$;
 
 /*
  * The Dynamics id of a contact is chosen here, not by Dynamics: a name-based
@@ -200,11 +165,17 @@ AS $$
 $$;
 
 /*
- * Contact keys are smallint, integer, bigint, text, varchar or uuid: their
- * text form is stable (no padding, no DateStyle) and their conversions are
- * built in, so code running as the extension owner never runs a cast or an
- * output function a user wrote.
+ * The one list of contact key types: smallint, integer, bigint, text,
+ * varchar and uuid.  Their text form is stable (no padding, no DateStyle)
+ * and their conversions are built in, so code running as the extension
+ * owner never runs a cast or an output function a user wrote.
  */
+CREATE FUNCTION d365._key_types()
+RETURNS regtype[]
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT ARRAY['smallint', 'integer', 'bigint', 'text', 'character varying', 'uuid']::regtype[] $$;
+
 CREATE FUNCTION d365._check_key_type(tbl regclass, key_column name)
 RETURNS void
 LANGUAGE plpgsql STABLE
@@ -215,29 +186,27 @@ DECLARE
                      WHERE a.attrelid = tbl AND a.attname = key_column
                        AND a.attnum > 0 AND NOT a.attisdropped);
 BEGIN
-    IF typ IS NULL OR typ NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
-                                  'text'::regtype, 'character varying'::regtype, 'uuid'::regtype) THEN
+    IF typ IS NULL OR typ <> ALL (d365._key_types()) THEN
         RAISE EXCEPTION 'key column "%" of % has type %, which d365sync does not support',
                         key_column, tbl, coalesce(typ::text, 'none')
             USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid.';
+                  HINT = 'Use a key of type ' || array_to_string(d365._key_types(), ', ') || '.';
     END IF;
 END;
 $$;
 
 -- A contact key passed by the application, as text; only the key types
--- above are accepted (see _check_key_type).
+-- above are accepted.
 CREATE FUNCTION d365._key_text(contact_key anyelement)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF pg_typeof(contact_key) NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
-                                      'text'::regtype, 'character varying'::regtype, 'uuid'::regtype) THEN
+    IF pg_typeof(contact_key) <> ALL (d365._key_types()) THEN
         RAISE EXCEPTION 'a contact key of type % is not supported', pg_typeof(contact_key)
             USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'Pass the key as smallint, integer, bigint, text, varchar or uuid.';
+                  HINT = 'Pass the key as ' || array_to_string(d365._key_types(), ', ') || '.';
     END IF;
     RETURN contact_key::text;
 END;
@@ -252,6 +221,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source;
+    problem text;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
     IF NOT FOUND THEN
@@ -259,7 +229,12 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
-    PERFORM d365._check_key_type(src.contact_table, src.key_column);
+    problem := d365._attachment_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
+    END IF;
     RETURN src;
 END;
 $$;
@@ -275,8 +250,9 @@ $$;
  * its schema.  columns: the columns the statement writes (or converts),
  * whose UPDATE right the caller must hold.
  *
- *   links    $1 text[] keys, $2 uuid[] ids, $3 uuid[] expected current ids
- *            (NULL: any): sets the link columns; returns the keys changed
+ *   links    $1 text[] keys, $2 uuid[] ids, $3 uuid[] the ids the rows must
+ *            still be linked to (NULL: still unlinked): sets the link
+ *            columns; returns the keys changed
  *   unlink   $1 uuid: unlinks the contact linked to that Dynamics id;
  *            returns its key
  *   convert  $1 jsonb {column: JSON value}: each value as its column holds
@@ -328,7 +304,7 @@ BEGIN
                       '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
                       '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
                       ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
-                      '   AND (u.expect IS NULL OR t.dynamics365_related_id OPERATOR(pg_catalog.=) u.expect)'
+                      '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
                       ' RETURNING t.%2$I::pg_catalog.text AS k)'
                       ' SELECT pg_catalog.array_agg(k) FROM u',
                       tbl, src.key_column, key_type);
@@ -481,7 +457,8 @@ CREATE TRIGGER field_map_check
 
 -- A changed map applies to contacts already linked: the next run compares
 -- every linked contact with its snapshot again, so a newly mapped field is
--- sent (once, where it has a value) and nothing else is.
+-- sent (once, where it has a value) and nothing else is.  The capture
+-- trigger's WHEN clause follows the map.
 CREATE FUNCTION d365._field_map_changed()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -490,6 +467,7 @@ AS $$
 BEGIN
     UPDATE d365.contact_state SET change_seq = change_seq + 1
      WHERE synced IS NOT NULL AND change_seq = synced_seq;
+    PERFORM d365._contact_capture_install();
     RETURN NULL;
 END;
 $$;
@@ -535,7 +513,8 @@ BEGIN
     END IF;
 
     SELECT * INTO old FROM d365.contact_source;
-    IF FOUND AND old.contact_table <> contact_table THEN
+    IF FOUND AND old.contact_table <> contact_table
+       AND EXISTS (SELECT FROM pg_class c WHERE c.oid = old.contact_table) THEN
         RAISE EXCEPTION 'contact table % is already attached', old.contact_table
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = 'A database syncs one contact table.',
@@ -550,24 +529,21 @@ BEGIN
                       AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
         EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
     END IF;
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture AFTER INSERT OR DELETE ON %s'
-                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_capture(%L)',
-                   contact_table, key_column);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
-                   ' WHEN ((to_jsonb(OLD) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[])'
-                   ' IS DISTINCT FROM (to_jsonb(NEW) - ''{dynamics365_related_id,dynamics365_synchronized_on}''::text[]))'
-                   ' EXECUTE FUNCTION d365._contact_capture(%L)',
-                   contact_table, key_column);
 
     INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
     VALUES (contact_table, key_column, score_column)
     ON CONFLICT (singleton) DO UPDATE
        SET contact_table = EXCLUDED.contact_table, key_column = EXCLUDED.key_column,
            score_column = EXCLUDED.score_column;
+    PERFORM d365._contact_capture_drop(contact_table);
+    PERFORM d365._contact_capture_install();
 
-    -- contacts that exist already get their state row
-    EXECUTE format('INSERT INTO d365.contact_state (contact_key)'
-                   ' SELECT %I::text FROM %s ON CONFLICT DO NOTHING', key_column, contact_table);
+    -- keys deleted while the table was detached are tombstones: a row
+    -- inserted under one of them later gets a Dynamics id of its own
+    EXECUTE format('SELECT d365._contact_tombstone(ARRAY('
+                   '  SELECT s.contact_key FROM d365.contact_state s'
+                   '   WHERE NOT EXISTS (SELECT FROM %s c WHERE c.%I::text = s.contact_key)))',
+                   contact_table, key_column);
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_attach_contacts(regclass, name, name) IS
@@ -585,14 +561,16 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture ON %s', src.contact_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS d365_capture_update ON %s', src.contact_table);
-    DELETE FROM d365.field_map;
+    -- the source first: the field map's trigger then has no table to watch
     DELETE FROM d365.contact_source;
+    DELETE FROM d365.field_map;
+    IF EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        PERFORM d365._contact_capture_drop(src.contact_table);
+    END IF;
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_detach_contacts() IS
-    'Removes the capture triggers and the field map; the link columns, their values and the sync state stay';
+    'Removes the capture triggers and the field map (also after the table was dropped); the link columns, their values and the sync state stay';
 
 CREATE FUNCTION d365.d365_contact_fields(
     OUT column_name name, OUT data_type text, OUT dynamics_field text, OUT convertible boolean)

@@ -148,8 +148,8 @@ BEGIN
         RETURN l::numeric = r::numeric;
     ELSIF jsonb_typeof(local) <> 'string' OR jsonb_typeof(remote) <> 'string' THEN
         RETURN local = remote;
-    ELSIF l ~ '^/[A-Za-z0-9_]+\([0-9a-fA-F-]{36}\)$' THEN
-        RETURN lower(substring(l FROM '\(([0-9a-fA-F-]{36})\)')) = lower(r);
+    ELSIF d365._bind_guid(l) IS NOT NULL THEN
+        RETURN lower(d365._bind_guid(l)) = lower(r);
     ELSIF l ~ '^\d{4}-\d\d-\d\dT' AND r ~ '^\d{4}-\d\d-\d\dT' THEN
         BEGIN
             RETURN l::timestamptz = r::timestamptz;

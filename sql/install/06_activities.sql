@@ -97,7 +97,7 @@ LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
-        WHEN email_or_id ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+        WHEN d365._is_guid(email_or_id)
             THEN email_or_id::uuid
         ELSE (SELECT (u ->> 'systemuserid')::uuid
                 FROM jsonb_array_elements(d365._get_cached(

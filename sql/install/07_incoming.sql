@@ -100,8 +100,8 @@ BEGIN
         txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
                        'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
     END IF;
-    IF txt ~ '^/[A-Za-z_]+\([0-9a-fA-F-]{36}\)$' THEN
-        txt := substring(txt FROM '\(([0-9a-fA-F-]{36})\)');
+    IF d365._bind_guid(txt) IS NOT NULL THEN
+        txt := d365._bind_guid(txt);
     END IF;
     IF base IN ('date'::regtype, 'timestamp without time zone'::regtype)
        AND txt ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d(:?\d\d)?)$' THEN
@@ -209,12 +209,11 @@ BEGIN
                   DETAIL = 'A Dynamics contact row always carries its contactid.',
                   HINT = 'Pass the whole contact row as Dynamics sends it.';
     END IF;
-    BEGIN
-        cid := payload ->> 'contactid';
-    EXCEPTION WHEN invalid_text_representation THEN
+    IF NOT d365._is_guid(payload ->> 'contactid') THEN
         RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
             USING ERRCODE = 'invalid_parameter_value';
-    END;
+    END IF;
+    cid := payload ->> 'contactid';
     src := d365._contact_source();
 
     IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
@@ -394,15 +393,12 @@ BEGIN
     FOR r IN SELECT jsonb_array_elements(page) LOOP
         IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
             k := NULL;
-            IF r ->> 'id' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+            IF d365._is_guid(r ->> 'id') THEN
                 k := d365._contact_unlink((r ->> 'id')::uuid);
             END IF;
             IF k IS NOT NULL THEN
-                UPDATE d365.contact_state
-                   SET synced = NULL, generation = generation + 1, remote_deleted_at = now(),
-                       synced_seq = change_seq, last_attempt_at = now(),
-                       last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
-                 WHERE contact_key = k;
+                PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
+                            ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
                 unlinked := unlinked + 1;
             END IF;
             CONTINUE;

@@ -10,6 +10,8 @@ AS $$
 DECLARE
     s d365.settings;
     src d365.contact_source;
+    attached boolean;
+    problem text;
     n bigint;
     r record;
 BEGIN
@@ -28,20 +30,25 @@ BEGIN
     item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
 
     SELECT * INTO src FROM d365.contact_source;
-    item := 'contact table'; value := coalesce(src.contact_table::text, '(not attached)'); RETURN NEXT;
-    IF src.contact_table IS NOT NULL THEN
-        PERFORM d365._check_key_type(src.contact_table, src.key_column);
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
         item := 'mapped fields';
         SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
-        EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
-                       ' WHERE c.dynamics365_related_id IS NULL AND c.%I >= $1'
-                       '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq)',
-                       src.contact_table, src.key_column, src.score_column)
-            INTO n USING s.min_score;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        EXECUTE format('SELECT count(*) FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('create', src.score_column, true)) INTO n;
         item := 'contacts to create'; value := n::text; RETURN NEXT;
-        EXECUTE format('SELECT count(*) FROM %s c JOIN d365.contact_state s ON s.contact_key = c.%I::text'
-                       ' WHERE c.dynamics365_related_id IS NOT NULL AND s.change_seq > s.synced_seq',
-                       src.contact_table, src.key_column) INTO n;
+        EXECUTE format('SELECT count(*) FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('update', src.score_column, true)) INTO n;
         item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;

@@ -14,7 +14,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
       d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb),
       d365._contact_source(), d365._incoming_fields(), d365._contact_values_expr(), d365._contact_incoming_values_expr(),
-      d365._outgoing_only_columns(),
+      d365._outgoing_only_columns(), d365._is_guid(text), d365._bind_guid(text),
       d365._incoming_mapper(), d365._contact_snapshot(text, jsonb),
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
       d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;

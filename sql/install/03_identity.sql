@@ -1,0 +1,279 @@
+-- Identity and change capture: tombstones for keys that stop belonging to
+-- a person, the capture triggers on the attached table (their C side is
+-- src/capture.c) and the check of an attachment.  See docs/contacts.md,
+-- "Identity" and "Change capture".
+-- ---------------------------------------------------------------------------
+
+/*
+ * What is wrong with an attachment, or NULL when nothing is: the table was
+ * dropped, the key or score column renamed or dropped, the key's type
+ * changed, or a capture trigger is missing or no longer watches the key
+ * column.  Runs no user code (catalog look-ups only), so d365_status() can
+ * report it whatever state the table is in.
+ */
+CREATE FUNCTION d365._attachment_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+    trg text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute a
+                    WHERE a.attrelid = src.contact_table AND a.attname = src.score_column
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN format('score column "%s" of %s was renamed or dropped', src.score_column, src.contact_table);
+    END IF;
+    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
+                               'd365_capture_insert_flush', 'd365_capture_delete',
+                               'd365_capture_truncate'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgenabled <> 'D'
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+            RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
+                          trg, src.contact_table);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+/*
+ * Change capture.  The triggers d365._contact_capture_install() puts on the
+ * attached table cost the application little and run nothing it controls
+ * with our rights:
+ *   d365_capture_update        AFTER UPDATE, per row, WHEN the key or a mapped
+ *                              column changed: the WHEN clause is evaluated
+ *                              by the executor as the writing user, and the
+ *                              C function only notes the key (src/capture.c)
+ *   d365_capture_update_flush  AFTER UPDATE, per statement, and
+ *   d365_capture_insert_flush  AFTER INSERT, per statement: the noted keys
+ *                              go to d365.contact_change in one INSERT
+ *   d365_capture_delete        AFTER DELETE, per statement: tombstones
+ *   d365_capture_truncate      AFTER TRUNCATE: tombstones for every key
+ * The key column is passed by attribute number, so renaming it never breaks
+ * the application's writes (d365_status() reports the attachment broken
+ * until the table is attached again under the new name).
+ */
+
+/*
+ * The keys stop belonging to the person who had them (deleted, truncated,
+ * moved to another key): raise their generation, so a row inserted later
+ * under the same key gets a Dynamics id of its own, and forget the snapshot,
+ * the failures and the link of the earlier person.  A key without state gets
+ * a tombstone row too (a create for it may have reached Dynamics in a
+ * transaction that never committed).
+ */
+CREATE FUNCTION d365._contact_tombstone(keys text[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO d365.contact_state AS s (contact_key, change_seq, synced_seq, generation)
+    SELECT DISTINCT k, 0, 0, 1 FROM unnest(keys) k WHERE k IS NOT NULL
+    ON CONFLICT (contact_key) DO UPDATE
+       SET generation = s.generation + 1, synced = NULL, dynamics_id = NULL,
+           synced_seq = s.change_seq, remote_deleted_at = NULL, attempts = 0,
+           next_attempt_at = NULL, last_status = NULL, last_error_code = NULL,
+           last_error = NULL
+$$;
+
+/*
+ * The one account of a contact deleted in Dynamics, once its row was
+ * unlinked (a 404 on update, or a $deletedEntity of the pull): the state
+ * forgets the snapshot and the link, takes the next generation (a
+ * re-creation gets a new id), and records why.
+ */
+CREATE FUNCTION d365._contact_remote_deleted(keys text[], statuses integer[],
+                                             error_codes text[], reasons text[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE d365.contact_state s
+       SET synced = NULL, dynamics_id = NULL, synced_seq = s.change_seq,
+           generation = s.generation + 1, remote_deleted_at = now(), attempts = 0,
+           next_attempt_at = NULL, last_attempt_at = now(), last_status = o.st,
+           last_error_code = o.code, last_error = o.reason
+      FROM unnest(keys, statuses, error_codes, reasons) o(k, st, code, reason)
+     WHERE s.contact_key = o.k
+$$;
+
+/*
+ * Rows whose key changed (old_keys[i] became new_keys[i]): the old key is a
+ * tombstone, and so is whatever state the new key had (it belonged to an
+ * earlier person).  The moved row keeps its link column, so it stays linked
+ * to its own Dynamics record and is sent in full at the next sync.
+ */
+CREATE FUNCTION d365._contact_keys_moved(old_keys text[], new_keys text[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT d365._contact_tombstone(old_keys || new_keys) $$;
+
+-- AFTER DELETE, per statement: every deleted key becomes a tombstone.
+-- Reads only the key column of the transition table (a built-in type).
+CREATE FUNCTION d365._contact_capture_delete()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_name name;
+    keys text[];
+BEGIN
+    SELECT a.attname INTO key_name FROM pg_attribute a
+     WHERE a.attrelid = TG_RELID AND a.attnum = TG_ARGV[0]::smallint
+       AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types());
+    IF key_name IS NULL THEN
+        RETURN NULL;        -- broken attachment: d365_status() reports it
+    END IF;
+    EXECUTE format('SELECT array_agg(g.%I::text) FROM d365_gone g', key_name) INTO keys;
+    PERFORM d365._contact_tombstone(keys);
+    RETURN NULL;
+END;
+$$;
+
+-- AFTER TRUNCATE: every key the state knows becomes a tombstone.
+CREATE FUNCTION d365._contact_capture_truncate()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM d365._contact_tombstone(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
+    DELETE FROM d365.contact_change;
+    RETURN NULL;
+END;
+$$;
+
+-- AFTER UPDATE, per row, behind the WHEN clause: notes the key (and a key
+-- change).  Argument: the key column's attribute number.
+CREATE FUNCTION d365._contact_capture_row()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_capture_row'
+LANGUAGE C;
+
+-- AFTER INSERT or UPDATE, per statement: writes the keys the statement's
+-- rows noted (as the extension owner: writers of the table need no rights
+-- in d365).
+CREATE FUNCTION d365._contact_capture_flush()
+RETURNS trigger
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_capture_flush'
+LANGUAGE C;
+
+/*
+ * The first step of a contact sync: the changes noted since the last one
+ * become change_seq increments.  Queue rows another run is folding are
+ * left to it (SKIP LOCKED); rows of transactions still in progress wait
+ * for the next run.  Runs as the owner of d365's tables (it touches
+ * nothing else), so whoever may run the sync needs no rights on the queue.
+ */
+CREATE FUNCTION d365._contact_fold_changes()
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365.contact_change q
+         WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM d365.contact_change FOR UPDATE SKIP LOCKED))
+        RETURNING q.contact_key)
+    INSERT INTO d365.contact_state AS s (contact_key)
+    SELECT DISTINCT contact_key FROM gone
+    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1
+$$;
+
+/*
+ * (Re)creates the capture triggers on the attached table; the WHEN clause of
+ * d365_capture_update lists the key and the mapped columns that exist, each
+ * compared with IS DISTINCT FROM (the column type's own equality, evaluated
+ * as the writing user), so an UPDATE of other columns costs no trigger
+ * call.  Runs as the caller: creating triggers
+ * takes the table owner's rights.
+ */
+CREATE FUNCTION d365._contact_capture_install()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_num smallint;
+    changed text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    SELECT a.attnum INTO key_num FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF key_num IS NULL THEN
+        RETURN;             -- nothing attached, or broken: d365_status() says which
+    END IF;
+    SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY a.attnum)
+      INTO changed
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND (a.attnum = key_num OR a.attname IN (SELECT f.column_name FROM d365.field_map f));
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
+                   src.contact_table, changed, key_num);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+                   src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_insert_flush AFTER INSERT ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+                   src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
+                   ' REFERENCING OLD TABLE AS d365_gone'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L)',
+                   src.contact_table, key_num);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
+                   src.contact_table);
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = 'The capture trigger watches the mapped columns, so attaching the table and changing the field map re-create it.',
+              HINT = 'Do this as the owner of the table, or as a member of its owning role.';
+END;
+$$;
+
+-- Every trigger d365sync put on a table (by the functions they call, so
+-- triggers of earlier releases are found too).
+CREATE FUNCTION d365._contact_capture_drop(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trg name;
+BEGIN
+    FOR trg IN SELECT t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                WHERE t.tgrelid = tbl AND NOT t.tgisinternal
+                  AND p.pronamespace = 'd365'::regnamespace LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
+    END LOOP;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------
