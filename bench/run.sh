@@ -7,8 +7,10 @@
 #   (a) initial sync, (b) no-change re-sync, (c) 1 %-changed re-sync
 # at 10k and 100k contacts (--quick: 10k only), and the initial sync of a
 # 2k-contact sample in per-record mode (batch_size = 1, max_parallel = 1;
-# --quick: 1k) for the ratio.  It prints a markdown table and the issue's
-# target checks.  It reports numbers; it never fails because they are slow.
+# --quick: 1k) for the ratio; then what the change-capture triggers cost
+# the application's INSERTs and UPDATEs (bench/capture.sh, 100k rows;
+# --quick: 20k).  It prints markdown tables and the target checks.  It
+# reports numbers; it never fails because they are slow.
 #
 # Environment:
 #   BENCH_LATENCY_MS=30 BENCH_PER_RECORD_MS=1   simulator latency model
@@ -222,5 +224,12 @@ if setup_contacts "$PR_SIZE" >/dev/null; then
     echo "    linked after the per-record sync: $(linked_count)"
 fi
 
+# What the capture triggers cost the application's writes (bench/capture.sh)
+. "$BENCH_DIR/capture.sh"
+[ "$QUICK" = 1 ] && BENCH_CAPTURE_ROWS=${BENCH_CAPTURE_ROWS:-20000}
+d365_log "change capture: ${BENCH_CAPTURE_ROWS:-100000} rows, attached and not"
+capture_bench "$DB" "$D365_WORK/capture.tsv" || echo "    the capture benchmark failed"
+
 echo
 /usr/bin/python3 "$BENCH_DIR/report.py" "$RESULTS" "$BENCH_LATENCY_MS" "$BENCH_PER_RECORD_MS"
+capture_report "$D365_WORK/capture.tsv"

@@ -2164,7 +2164,8 @@ BEGIN
       INTO changed
       FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
-       AND (a.attnum = key_num OR a.attname IN (SELECT f.column_name FROM d365.field_map f));
+       AND (a.attnum = key_num
+            OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
                    ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
                    src.contact_table, changed, key_num);
@@ -2481,6 +2482,103 @@ BEGIN
         RETURN lower(l) = lower(r);
     END IF;
     RETURN l = r;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
+    contexts text[], answers text[],
+    OUT item_key text, OUT requests text, OUT context text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    it record;
+    taken jsonb := '{}';
+    body jsonb;
+    ctx jsonb;
+    hit jsonb;
+    reason text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
+        CREATE TEMP TABLE d365_lookup_hits (
+            i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
+            ids text[]
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_lookup_hits;
+    END IF;
+    INSERT INTO d365_lookup_hits
+    SELECT u.i, u.k, u.c::jsonb, u.l::jsonb, count(h.v), coalesce(u.f::jsonb ? '@odata.nextLink', false),
+           (array_agg(h.v))[1], array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid')
+      FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
+      LEFT JOIN LATERAL (
+          SELECT v FROM jsonb_array_elements(coalesce(u.f::jsonb -> 'value', '[]')) v
+           WHERE NOT EXISTS (SELECT FROM jsonb_each(u.l::jsonb) m
+                              WHERE NOT d365._same_value(m.value, v -> m.key, true))) h ON true
+     GROUP BY u.i, u.k, u.c, u.l, u.f;
+
+    -- hits that are someone else's already: linked locally, or the only
+    -- hit of more than one contact of this run
+    IF EXISTS (SELECT FROM d365_lookup_hits h WHERE h.n = 1) THEN
+        EXECUTE format('SELECT coalesce(jsonb_object_agg(t.dynamics365_related_id, t.%I::text), ''{}'')'
+                       '  FROM %s t WHERE t.dynamics365_related_id = ANY ($1)',
+                       src.key_column, src.contact_table)
+           INTO taken
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+        SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
+          FROM (SELECT h.first_hit ->> 'contactid' AS id,
+                       string_agg(h.k, ', ' ORDER BY h.i) AS keys
+                  FROM d365_lookup_hits h WHERE h.n = 1
+                 GROUP BY 1 HAVING count(*) > 1) d
+         WHERE NOT taken ? d.id;
+    END IF;
+
+    FOR it IN SELECT * FROM d365_lookup_hits h ORDER BY h.i LOOP
+        item_key := it.k;
+        ctx := it.c;
+        requests := NULL;
+        context := NULL;
+        reason := NULL;
+        IF it.n > 1 THEN
+            reason := format('matches %s Dynamics 365 contacts (%s%s)', it.n,
+                             array_to_string(it.ids[1:10], ', '),
+                             CASE WHEN it.n > 10 THEN format(' and %s more', it.n - 10) ELSE '' END);
+        ELSIF it.more AND it.n <= 1 THEN
+            reason := 'matches more Dynamics 365 contacts than one page of the look-up holds';
+        ELSIF it.n = 1 AND taken ? (it.first_hit ->> 'contactid') THEN
+            reason := format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
+                             it.first_hit ->> 'contactid', taken ->> (it.first_hit ->> 'contactid'));
+        END IF;
+        IF reason IS NOT NULL THEN
+            requests := '[]';
+            context := (ctx || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
+                                                  'error_code', 'd365sync.match',
+                                                  'error', reason || '; not created'))::text;
+        ELSIF it.n = 1 THEN
+            hit := it.first_hit;
+            SELECT jsonb_object_agg(e.key, e.value) INTO body
+              FROM jsonb_each(ctx -> 'values') e
+              LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = e.key
+             WHERE e.value <> 'null'::jsonb
+               AND NOT d365._same_value(e.value,
+                                        hit -> coalesce('_' || b.attribute || '_value', e.key),
+                                        it.look ? e.key);
+            ctx := ctx || jsonb_build_object('id', hit ->> 'contactid', 'matched', true,
+                                             'sent', body,
+                                             'action', CASE WHEN body IS NULL THEN 'link' ELSE 'update' END);
+            context := ctx::text;
+            requests := CASE WHEN body IS NULL THEN '[]'
+                             ELSE jsonb_build_array(jsonb_build_object(
+                                      'method', 'PATCH',
+                                      'path', 'contacts(' || (hit ->> 'contactid') || ')',
+                                      'body', body::text,
+                                      'headers', '["If-Match: *"]'::jsonb))::text END;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
 END;
 $$;
 

@@ -206,7 +206,8 @@ $$;
 
 /*
  * (Re)creates the capture triggers on the attached table; the WHEN clause of
- * d365_capture_update lists the key and the mapped columns that exist, each
+ * d365_capture_update lists the key and the mapped columns that are sent
+ * (direction both or out) and exist, each
  * compared with IS DISTINCT FROM (the column type's own equality, evaluated
  * as the writing user), so an UPDATE of other columns costs no trigger
  * call.  Runs as the caller: creating triggers
@@ -233,7 +234,8 @@ BEGIN
       INTO changed
       FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
-       AND (a.attnum = key_num OR a.attname IN (SELECT f.column_name FROM d365.field_map f));
+       AND (a.attnum = key_num
+            OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
                    ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
                    src.contact_table, changed, key_num);
