@@ -206,12 +206,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source;
-    it record;
     taken jsonb := '{}';
-    body jsonb;
-    ctx jsonb;
-    hit jsonb;
-    reason text;
     fields text[];
     read_names jsonb;
 BEGIN
@@ -227,21 +222,23 @@ BEGIN
     -- the hits of each contact: the rows of its group's answer whose match
     -- fields equal its values (one hash join on a normalised key)
     fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
-    WITH items AS (
-        SELECT u.i, u.k, u.c::jsonb AS c, u.l::jsonb AS l, u.f,
-               coalesce(u.f::jsonb ? '@odata.nextLink', false) AS more,
+    WITH grp AS MATERIALIZED (          -- each answer once (items of a group share it)
+        SELECT a.f, row_number() OVER () AS g, a.f::jsonb AS j
+          FROM (SELECT DISTINCT x.f FROM unnest(answers) x(f)) a),
+    items AS MATERIALIZED (
+        SELECT u.i, u.k, u.c, u.l, gr.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
                d365._match_key(u.l::jsonb, fields) AS key
-          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)),
-    hits AS (
-        SELECT a.f, v, d365._match_key(v, fields) AS key
-          FROM (SELECT DISTINCT t.f FROM items t) a,
-               jsonb_array_elements(coalesce(a.f::jsonb -> 'value', '[]')) v)
+          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
+          LEFT JOIN grp gr ON gr.f = u.f),
+    hits AS MATERIALIZED (
+        SELECT gr.g, v, d365._match_key(v, fields) AS key
+          FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
     INSERT INTO d365_lookup_hits
-    SELECT t.i, t.k, t.c, t.l, count(h.v), t.more,
-           (array_agg(h.v))[1], array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid')
+    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids
       FROM items t
-      LEFT JOIN hits h ON h.f = t.f AND h.key = t.key
-     GROUP BY t.i, t.k, t.c, t.l, t.more;
+      LEFT JOIN (SELECT h.g, h.key, count(*) AS n, (array_agg(h.v))[1] AS first_hit,
+                        array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid') AS ids
+                   FROM hits h GROUP BY h.g, h.key) x ON x.g = t.g AND x.key = t.key;
 
     -- hits that are someone else's already: linked locally, or the only
     -- hit of more than one contact of this run
@@ -262,46 +259,51 @@ BEGIN
     -- a lookup is read back as _<attribute>_value
     SELECT coalesce(jsonb_object_agg(b.dynamics_field, '_' || b.attribute || '_value'), '{}')
       INTO read_names FROM d365._lookup_binds() b;
-    FOR it IN SELECT * FROM d365_lookup_hits h ORDER BY h.i LOOP
-        item_key := it.k;
-        ctx := it.c;
-        requests := NULL;
-        context := NULL;
-        reason := NULL;
-        IF it.n > 1 THEN
-            reason := format('matches %s Dynamics 365 contacts (%s%s)', it.n,
-                             array_to_string(it.ids[1:10], ', '),
-                             CASE WHEN it.n > 10 THEN format(' and %s more', it.n - 10) ELSE '' END);
-        ELSIF it.more AND it.n <= 1 THEN
-            reason := 'matches more Dynamics 365 contacts than one page of the look-up holds';
-        ELSIF it.n = 1 AND taken ? (it.first_hit ->> 'contactid') THEN
-            reason := format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
-                             it.first_hit ->> 'contactid', taken ->> (it.first_hit ->> 'contactid'));
-        END IF;
-        IF reason IS NOT NULL THEN
-            requests := '[]';
-            context := (ctx || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
-                                                  'error_code', 'd365sync.match',
-                                                  'error', reason || '; not created'))::text;
-        ELSIF it.n = 1 THEN
-            hit := it.first_hit;
-            SELECT jsonb_object_agg(e.key, e.value) INTO body
-              FROM jsonb_each(ctx -> 'values') e
-             WHERE e.value <> 'null'::jsonb
-               AND NOT d365._same_value(e.value, hit -> coalesce(read_names ->> e.key, e.key),
-                                        it.look ? e.key);
-            ctx := ctx || jsonb_build_object('id', hit ->> 'contactid', 'matched', true,
-                                             'sent', body,
-                                             'action', CASE WHEN body IS NULL THEN 'link' ELSE 'update' END);
-            context := ctx::text;
-            requests := CASE WHEN body IS NULL THEN '[]'
-                             ELSE jsonb_build_array(jsonb_build_object(
-                                      'method', 'PATCH',
-                                      'path', 'contacts(' || (hit ->> 'contactid') || ')',
-                                      'body', body::text,
-                                      'headers', '["If-Match: *"]'::jsonb))::text END;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
+    RETURN QUERY
+    WITH judged AS (
+        SELECT h.*,
+               CASE WHEN h.n > 1
+                        THEN format('matches %s Dynamics 365 contacts (%s%s)', h.n,
+                                    array_to_string(h.ids[1:10], ', '),
+                                    CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
+                    WHEN h.more
+                        THEN 'matches more Dynamics 365 contacts than one page of the look-up holds'
+                    WHEN h.n = 1 AND taken ? (h.first_hit ->> 'contactid')
+                        THEN format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
+                                    h.first_hit ->> 'contactid', taken ->> (h.first_hit ->> 'contactid'))
+               END AS reason
+          FROM d365_lookup_hits h),
+    diffed AS MATERIALIZED (
+        SELECT j.*,
+               CASE WHEN j.reason IS NULL AND j.n = 1 THEN
+                   (SELECT jsonb_object_agg(e.key, e.value)
+                      FROM jsonb_each(j.c -> 'values') e
+                     WHERE e.value <> 'null'::jsonb
+                       AND NOT d365._same_value(e.value,
+                                                j.first_hit -> coalesce(read_names ->> e.key, e.key),
+                                                j.look ? e.key))
+               END AS body
+          FROM judged j)
+    SELECT d.k,
+           CASE WHEN d.reason IS NOT NULL OR (d.n = 1 AND d.body IS NULL) THEN '[]'
+                WHEN d.n = 1
+                    THEN jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || (d.first_hit ->> 'contactid') || ')',
+                             'body', d.body::text,
+                             'headers', '["If-Match: *"]'::jsonb))::text
+           END,
+           CASE WHEN d.reason IS NOT NULL
+                    THEN (d.c || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
+                                                    'error_code', 'd365sync.match',
+                                                    'error', d.reason || '; not created'))::text
+                WHEN d.n = 1
+                    THEN (d.c || jsonb_build_object('id', d.first_hit ->> 'contactid', 'matched', true,
+                                                    'sent', d.body,
+                                                    'action', CASE WHEN d.body IS NULL THEN 'link'
+                                                                   ELSE 'update' END))::text
+           END
+      FROM diffed d
+     ORDER BY d.i;
 END;
 $$;
