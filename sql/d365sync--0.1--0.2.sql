@@ -1042,8 +1042,8 @@ BEGIN
         RETURN l::numeric = r::numeric;
     ELSIF jsonb_typeof(local) <> 'string' OR jsonb_typeof(remote) <> 'string' THEN
         RETURN local = remote;
-    ELSIF l ~ '^/[A-Za-z0-9_]+\([0-9a-fA-F-]{36}\)$' THEN
-        RETURN lower(substring(l FROM '\(([0-9a-fA-F-]{36})\)')) = lower(r);
+    ELSIF d365._bind_guid(l) IS NOT NULL THEN
+        RETURN lower(d365._bind_guid(l)) = lower(r);
     ELSIF l ~ '^\d{4}-\d\d-\d\dT' AND r ~ '^\d{4}-\d\d-\d\dT' THEN
         BEGIN
             RETURN l::timestamptz = r::timestamptz;
@@ -1199,13 +1199,8 @@ BEGIN
     match := d365._contact_match_expr();
 
     IF scheduled THEN
-        sel := format(
-            '((c.dynamics365_related_id IS NULL AND c.%1$I >= (SELECT min_score FROM d365.settings)'
-            '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq))'
-            ' OR (c.dynamics365_related_id IS NOT NULL'
-            '   AND (s.contact_key IS NULL OR s.change_seq > s.synced_seq)))'
-            ' AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())',
-            src.score_column);
+        PERFORM d365._contact_fold_changes();
+        sel := d365._contact_pending_sql('any', src.score_column, false);
     ELSE
         sel := format('c.%I = $1::%s', src.key_column, key_type);
     END IF;
@@ -1224,8 +1219,8 @@ BEGIN
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,
                                   'id', w.dynamics_id, 'seq', w.change_seq,
-                                  'generation', w.generation, 'values', w.cur,
-                                  'sent', w.body)::text AS context,
+                                  'generation', w.generation, 'base', w.base,
+                                  'values', w.cur, 'sent', w.body)::text AS context,
                CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
                                           WHERE e.value IN ('null'::jsonb, '""'::jsonb))
@@ -1241,17 +1236,19 @@ BEGIN
                   FROM (SELECT c.%1$I::text AS item_key,
                                c.dynamics365_related_id IS NOT NULL AS linked,
                                coalesce(c.dynamics365_related_id,
-                                        d365._contact_guid(c.%1$I::text, coalesce(s.generation, 0))) AS dynamics_id,
+                                        d365._contact_guid(c.%1$I::text, g.generation)) AS dynamics_id,
                                coalesce(s.change_seq, 0) AS change_seq,
-                               coalesce(s.generation, 0) AS generation,
-                               s.synced,
+                               g.generation, s.generation AS base,
+                               CASE WHEN %6$s THEN NULL ELSE s.synced END AS synced,
                                %2$s AS cur,
                                %5$s AS match_values
-                          FROM %3$s c
-                          LEFT JOIN d365.contact_state s ON s.contact_key = c.%1$I::text
+                          FROM %3$s,
+                               LATERAL (SELECT coalesce(s.generation, 0)
+                                               + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
                          WHERE %4$s
                         OFFSET 0) v) w
-    $q$, src.key_column, cur, src.contact_table, sel, match);
+    $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
+         d365._contact_foreign_sql());
 END;
 $$;
 
@@ -1268,33 +1265,53 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    done text[];
 BEGIN
     IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
         CREATE TEMP TABLE d365_contact_outcome (
             item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
-            vals jsonb, sent jsonb, status integer, error_code text, error_message text,
-            ok boolean, gone boolean, matched boolean
+            base integer, vals jsonb, sent jsonb, status integer, error_code text,
+            error_message text, ok boolean, gone boolean, matched boolean,
+            current boolean, linked boolean
         ) ON COMMIT DROP;
     ELSE
         TRUNCATE d365_contact_outcome;
     END IF;
     INSERT INTO d365_contact_outcome
     SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
-           (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
+           x.c -> 'values', nullif(x.c -> 'sent', 'null'),
            o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
            coalesce((x.c ->> 'action') IN ('unchanged', 'link')
                     OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
            coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
-           x.c -> 'matched' IS NOT NULL
+           x.c -> 'matched' IS NOT NULL, false, false
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
                AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
 
-    -- created, updated or matched: link and stamp the contact (as the table's owner:
-    -- its triggers and index expressions never run with the caller's rights)
-    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id), NULL)
-       FROM d365_contact_outcome o
-      WHERE o.ok AND o.action IN ('create', 'update', 'link');
+    -- still the identity the work query saw?  (a contact without state gets
+    -- a state row now, so that a concurrent tombstone shows as a change)
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, coalesce(o.seq, 0), coalesce(o.seq, 0)
+      FROM d365_contact_outcome o WHERE o.base IS NULL
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365_contact_outcome o SET current = true
+      FROM d365.contact_state s
+     WHERE s.contact_key = o.item_key AND s.generation = coalesce(o.base, 0);
+
+    -- created, updated or matched: link and stamp the contact (as the
+    -- table's owner: its triggers and index expressions never run with the
+    -- caller's rights); a create or a match only a row still unlinked, an
+    -- update only a row still linked to that record
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id),
+                                   array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
+                                                  THEN o.dynamics_id END))
+      INTO done
+      FROM d365_contact_outcome o
+     WHERE o.ok AND o.current AND o.action IN ('create', 'update', 'link');
+    UPDATE d365_contact_outcome o SET linked = true WHERE o.item_key = ANY (done);
 
     -- success (or nothing to send): remember what Dynamics now holds.  A
     -- create sent every value; an update only the fields it carried, merged
@@ -1302,44 +1319,45 @@ BEGIN
     -- A matched contact now holds the local values wherever they are set
     -- (where the local value is NULL, Dynamics keeps its own and the
     -- snapshot says NULL, so the next run does not clear it).
-    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
-    SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
-    ON CONFLICT (contact_key) DO NOTHING;
     UPDATE d365.contact_state s
-       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL THEN o.vals
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL
+                           OR s.dynamics_id <> o.dynamics_id THEN o.vals
                          ELSE s.synced || coalesce(o.sent, '{}') END,
-           synced_seq = o.seq, generation = o.generation, attempts = 0,
-           next_attempt_at = NULL, last_attempt_at = now(),
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
            last_status = coalesce(o.status, s.last_status),
            last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
       FROM d365_contact_outcome o
-     WHERE o.ok AND s.contact_key = o.item_key;
+     WHERE o.ok AND o.current AND s.contact_key = o.item_key
+       AND (o.linked OR o.action = 'unchanged');
 
-    -- deleted in Dynamics: unlink and report; a re-creation gets a new id
-    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+    -- deleted in Dynamics: unlink (only a row still linked to it) and
+    -- report; a re-creation gets a new id
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM d365_contact_outcome o WHERE o.gone AND o.current;
+    PERFORM d365._contact_remote_deleted(array_agg(o.item_key), array_agg(o.status), array_agg(o.error_code),
+                array_agg('deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')))
        FROM d365_contact_outcome o
-      WHERE o.gone;
-    UPDATE d365.contact_state s
-       SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
-           remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,
-           last_attempt_at = now(), last_status = o.status, last_error_code = o.error_code,
-           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
-      FROM d365_contact_outcome o
-     WHERE o.gone AND s.contact_key = o.item_key;
+      WHERE o.gone AND o.item_key = ANY (done);
 
-    -- other failures: stay pending, back off 5 min, 10 min, ... up to a day
-    INSERT INTO d365.contact_state AS s
-           (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
-            last_error_code, last_error)
-    SELECT o.item_key, 1, d365._next_attempt(1), now(), nullif(o.status, 0),
-           o.error_code, o.error_message
-      FROM d365_contact_outcome o
-     WHERE NOT o.ok AND NOT o.gone
-    ON CONFLICT (contact_key) DO UPDATE
-       SET attempts = s.attempts + 1,
-           next_attempt_at = d365._next_attempt(s.attempts + 1),
-           last_attempt_at = now(), last_status = EXCLUDED.last_status,
-           last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a
+    -- day.  The contact keeps the identity its id was made from, so the
+    -- retry sends the same id.
+    UPDATE d365.contact_state s
+       SET attempts = CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END,
+           next_attempt_at = d365._next_attempt(CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END),
+           synced = CASE WHEN o.foreign THEN NULL ELSE s.synced END,
+           dynamics_id = o.link_id, generation = o.generation,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = o.error_message
+      FROM (SELECT x.*, l.link_id,
+                   (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
+                      FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
+              FROM d365_contact_outcome x,
+                   LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                        THEN x.dynamics_id END AS link_id) l) o
+     WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
 
     SELECT count(*) FILTER (WHERE ok AND action = 'create'),
            count(*) FILTER (WHERE ok AND action = 'update'),
@@ -1421,12 +1439,11 @@ BEGIN
                   DETAIL = 'A Dynamics contact row always carries its contactid.',
                   HINT = 'Pass the whole contact row as Dynamics sends it.';
     END IF;
-    BEGIN
-        cid := payload ->> 'contactid';
-    EXCEPTION WHEN invalid_text_representation THEN
+    IF NOT d365._is_guid(payload ->> 'contactid') THEN
         RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
             USING ERRCODE = 'invalid_parameter_value';
-    END;
+    END IF;
+    cid := payload ->> 'contactid';
     src := d365._contact_source();
 
     IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
