@@ -4,7 +4,7 @@ EXTENSION = d365sync
 EXTVERSION = 0.2
 
 MODULE_big = d365sync
-OBJS = d365sync.o src/http.o src/odata.o src/odata_pages.o src/auth.o \
+OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_pages.o src/auth.o \
 	src/jsonutil.o src/spi_util.o src/settings.o src/runs.o \
 	src/contact_source.o src/metadata.o src/pipeline.o src/contacts_out.o \
 	src/activities.o src/incoming.o src/whoami.o src/table_owner.o src/capture.o
@@ -16,7 +16,7 @@ DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
 INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -19,7 +19,7 @@
 #   CEIL_LATENCY_MS=40 CEIL_SERVER_MS=20         cost model
 #   CEIL_BUDGET_S=12 CEIL_WINDOW_S=3             execution-time budget
 #   CEIL_DOP_HINT=4                              x-ms-dop-hint
-#   CEIL_CONTACTS=6000 CEIL_PER_RECORD=2000      contacts per run
+#   CEIL_CONTACTS=12000 CEIL_PER_RECORD=2000     contacts per run
 #   D365_SKIP_BUILD=1                            use the installed extension
 set -uo pipefail
 
@@ -31,7 +31,7 @@ SRV=${CEIL_SERVER_MS:-20}
 BUDGET=${CEIL_BUDGET_S:-12}
 WINDOW=${CEIL_WINDOW_S:-3}
 HINT=${CEIL_DOP_HINT:-4}
-N=${CEIL_CONTACTS:-6000}
+N=${CEIL_CONTACTS:-12000}
 NPR=${CEIL_PER_RECORD:-2000}
 DB=d365ceiling
 POOL_ID=33333333-3333-4333-8333-333333333333
@@ -163,6 +163,7 @@ echo
 import sys
 path, srv, budget, window = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 per_user = budget / window / (srv / 1000.0)
+cps_by = {}
 print("| scenario | contacts | seconds | contacts/s | ceiling (ops/s) | % of ceiling | requests | throttled | max in flight per user |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for line in open(path):
@@ -173,8 +174,13 @@ for line in open(path):
         continue
     secs, created, failed, req, thr, mx = float(p[4]), int(p[5]), int(p[6]), int(p[7]), int(p[8]), int(p[9])
     cps = created / secs if secs > 0 else 0.0
+    cps_by[label] = cps
     ceil = per_user * users
     print("| %s | %s | %.2f | %.0f | %.0f | %.0f %% | %d | %d (%.1f %%) | %d |" % (
         label, "{:,}".format(created), secs, cps, ceil, 100.0 * cps / ceil, req + thr, thr,
         100.0 * thr / (req + thr) if req + thr else 0.0, mx))
+one, two = cps_by.get("batched, 1 user"), cps_by.get("batched, 2 users")
+if one and two:
+    print()
+    print("2 application users / 1: %.2fx" % (two / one))
 PY

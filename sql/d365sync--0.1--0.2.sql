@@ -2931,3 +2931,64 @@ GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
       d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
 -- <<< One Dynamics record per person, cheap change capture
+
+-- >>> application users (pool)
+CREATE TABLE d365.app_users (
+    client_id     uuid PRIMARY KEY,
+    client_secret text NOT NULL,
+    enabled       boolean NOT NULL DEFAULT true
+);
+
+COMMENT ON TABLE d365.app_users IS
+    'More application users of the same tenant (app registrations with an application user in Dataverse): work is spread over the settings'' user and every enabled one; client_secret is readable only by the table owner';
+COMMENT ON COLUMN d365.app_users.client_id IS
+    'Application (client) id of the app registration';
+COMMENT ON COLUMN d365.app_users.client_secret IS
+    'Client secret value of the app registration (never shown in messages)';
+COMMENT ON COLUMN d365.app_users.enabled IS
+    'Whether syncs send as this user';
+
+/*
+ * Checks a row of d365.app_users before PostgreSQL does: its own NOT NULL
+ * errors would print the whole row, the secret included, as "Failing row
+ * contains (...)".
+ */
+CREATE FUNCTION d365._app_users_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.client_secret = '' THEN
+        RAISE EXCEPTION 'the client secret of application user % is empty', NEW.client_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Store the secret''s value (not its ID), or delete the row.';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER app_users_check
+    BEFORE INSERT OR UPDATE ON d365.app_users
+    FOR EACH ROW EXECUTE FUNCTION d365._app_users_check();
+
+SELECT pg_catalog.pg_extension_config_dump('d365.app_users', '');
+
+CREATE FUNCTION d365.d365_whoami_all(
+    OUT client_id uuid,
+    OUT source text,
+    OUT enabled boolean,
+    OUT user_id uuid,
+    OUT problem text)
+RETURNS SETOF record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_whoami_all'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION d365.d365_whoami_all() IS
+    'Calls WhoAmI as every configured application user (d365.settings and d365.app_users): one row each, with its problem if it cannot sign in or call';
+
+REVOKE ALL ON d365.app_users FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365._app_users_check(), d365.d365_whoami_all() FROM PUBLIC;
+-- <<< application users (pool)

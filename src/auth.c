@@ -6,11 +6,12 @@
  *
  * POST {authority_url}/{tenant_id}/oauth2/v2.0/token with client_id,
  * client_secret, scope={org_url}/.default and grant_type=client_credentials.
- * The token is kept in backend memory (never in a table, GUC or message)
- * and reused until 5 minutes before it expires.  It is keyed by a SHA-256
- * digest of the authority, tenant, client id, secret and organization, so a
- * change to any of them in d365.settings is noticed on the next call and
- * the old token is dropped.
+ * Each application user (the one in d365.settings and those in
+ * d365.app_users) has its own token.  Tokens are kept in backend memory
+ * (never in a table, GUC or message) and reused until 5 minutes before they
+ * expire.  Each is keyed by a SHA-256 digest of the authority, tenant,
+ * client id, secret and organization, so a change to any of them is noticed
+ * on the next call and the old token is no longer used.
  *
  * The token request goes through d365_client_execute() like any other, so
  * it is retried on 5xx and transport failures by the same policy.  It is an
@@ -19,8 +20,10 @@
  * in odata.c (client_token), is all that keeps d365_auth_token from
  * calling itself; the dependency runs one way, auth.c -> odata.c, and
  * odata.c reaches this file only through the function pointer that
- * d365_client_open installs.  A refusal from Entra is an ERROR carrying the AADSTS code and description
- * (which never contains the secret) and a hint for the common codes.
+ * d365_client_open installs.  A refusal from Entra is an ERROR carrying the
+ * AADSTS code and description (which never contains the secret) and a hint
+ * for the common codes -- or, when the caller can do without that user
+ * (missing_ok), the same text in lane->problem.
  *
  *-------------------------------------------------------------------------
  */
@@ -38,16 +41,24 @@
 /* Renew this long before the token expires. */
 #define TOKEN_MARGIN_SECS 300
 
-static char *cached_token = NULL;
-static TimestampTz cached_renew_at = 0;
-static uint8 cached_key[PG_SHA256_DIGEST_LENGTH];
+/* The tokens of this backend, one per set of credentials. */
+#define TOKEN_SLOTS 16
+
+typedef struct TokenSlot
+{
+	char	   *token;			/* in TopMemoryContext, or NULL */
+	TimestampTz renew_at;
+	uint8		key[PG_SHA256_DIGEST_LENGTH];
+} TokenSlot;
+
+static TokenSlot slots[TOKEN_SLOTS];
 
 /*
  * credentials_key
  *		SHA-256 over everything that determines which token is valid.
  */
 static void
-credentials_key(const D365Settings *s, uint8 *out)
+credentials_key(const D365Settings *s, const D365Lane *lane, uint8 *out)
 {
 	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
 	const char *parts[5];
@@ -55,8 +66,8 @@ credentials_key(const D365Settings *s, uint8 *out)
 
 	parts[0] = s->authority_url;
 	parts[1] = s->tenant_id;
-	parts[2] = s->client_id;
-	parts[3] = s->client_secret;
+	parts[2] = lane->client_id ? lane->client_id : "";
+	parts[3] = lane->client_secret ? lane->client_secret : "";
 	parts[4] = s->org_url;
 
 	if (ctx == NULL || pg_cryptohash_init(ctx) < 0)
@@ -72,21 +83,57 @@ credentials_key(const D365Settings *s, uint8 *out)
 	pg_cryptohash_free(ctx);
 }
 
+/* Empty a slot, wiping its token. */
+static void
+slot_clear(TokenSlot *slot)
+{
+	if (slot->token != NULL)
+	{
+		/* do not leave the token lying around in freed memory */
+		explicit_bzero(slot->token, strlen(slot->token));
+		pfree(slot->token);
+	}
+	memset(slot, 0, sizeof(TokenSlot));
+}
+
+/*
+ * slot_for
+ *		The slot holding the token for key, or else the one to put it in:
+ *		an empty slot, or the one that expires first.
+ */
+static TokenSlot *
+slot_for(const uint8 *key, bool *found)
+{
+	TokenSlot  *victim = &slots[0];
+	int			i;
+
+	for (i = 0; i < TOKEN_SLOTS; i++)
+	{
+		if (slots[i].token != NULL && memcmp(slots[i].key, key, PG_SHA256_DIGEST_LENGTH) == 0)
+		{
+			*found = true;
+			return &slots[i];
+		}
+		if (slots[i].token == NULL)
+			victim = victim->token == NULL ? victim : &slots[i];
+		else if (victim->token != NULL && slots[i].renew_at < victim->renew_at)
+			victim = &slots[i];
+	}
+	*found = false;
+	return victim;
+}
+
 /*
  * d365_auth_forget
- *		Drop the cached token.
+ *		Drop every cached token.
  */
 void
 d365_auth_forget(void)
 {
-	if (cached_token != NULL)
-	{
-		/* do not leave the token lying around in freed memory */
-		explicit_bzero(cached_token, strlen(cached_token));
-		pfree(cached_token);
-	}
-	cached_token = NULL;
-	cached_renew_at = 0;
+	int			i;
+
+	for (i = 0; i < TOKEN_SLOTS; i++)
+		slot_clear(&slots[i]);
 }
 
 /*
@@ -129,23 +176,36 @@ D365Client *
 d365_client_open(void)
 {
 	D365Settings *settings = d365_settings_load();
+	D365Client *client;
+	D365AppUser *users;
+	int			n;
+	int			i;
 
 	d365_settings_require_connection(settings);
-	return d365_client_init(settings, d365_auth_token);
+	client = d365_client_init(settings, d365_auth_token);
+	users = d365_app_users_load(false, &n);
+	for (i = 0; i < n; i++)
+		d365_client_add_lane(client, users[i].client_id, users[i].client_secret);
+	return client;
 }
 
 /*
  * d365_auth_token
- *		A valid access token for the client's organization: the cached one,
- *		or a new one when refresh is true, the cache is stale or the
- *		credentials changed.  The returned string is owned by this module
- *		(TopMemoryContext) and stays valid until the next refresh.
+ *		A valid access token of an application user (lane) for the client's
+ *		organization: the cached one, or a new one when refresh is true, the
+ *		cache is stale or the credentials changed.  The returned string is
+ *		owned by this module (TopMemoryContext) and stays valid until that
+ *		user's next refresh.  A token that cannot be had raises an ERROR, or
+ *		when missing_ok sets lane->problem and returns NULL (see
+ *		D365TokenSource).
  */
 const char *
-d365_auth_token(D365Client *client, bool refresh)
+d365_auth_token(D365Client *client, D365Lane *lane, bool refresh, bool missing_ok)
 {
 	D365Settings *s = client->settings;
 	uint8		key[PG_SHA256_DIGEST_LENGTH];
+	TokenSlot  *slot;
+	bool		found;
 	StringInfoData form;
 	D365Op	   *op;
 	const char *token;
@@ -154,18 +214,16 @@ d365_auth_token(D365Client *client, bool refresh)
 	const char *hint;
 	char	   *escaped_secret;
 
-	credentials_key(s, key);
-	if (!refresh && cached_token != NULL &&
-		memcmp(key, cached_key, sizeof(key)) == 0 &&
-		GetCurrentTimestamp() < cached_renew_at)
-		return cached_token;
+	credentials_key(s, lane, key);
+	slot = slot_for(key, &found);
+	if (found && !refresh && GetCurrentTimestamp() < slot->renew_at)
+		return slot->token;
+	slot_clear(slot);
 
-	d365_auth_forget();
-
-	escaped_secret = d365_uri_escape(s->client_secret);
+	escaped_secret = d365_uri_escape(lane->client_secret ? lane->client_secret : "");
 	initStringInfo(&form);
 	appendStringInfo(&form, "grant_type=client_credentials&client_id=%s&client_secret=%s&scope=%s",
-					 d365_uri_escape(s->client_id),
+					 d365_uri_escape(lane->client_id ? lane->client_id : ""),
 					 escaped_secret,
 					 d365_uri_escape(psprintf("%s/.default", s->org_url)));
 
@@ -184,6 +242,15 @@ d365_auth_token(D365Client *client, bool refresh)
 	explicit_bzero(form.data, form.len);
 	explicit_bzero(escaped_secret, strlen(escaped_secret));
 
+	if (!op->ok && missing_ok)
+	{
+		lane->problem = op->transport_failure || op->json == NULL ||
+			op->error_message == NULL ? d365_op_summary(op) :
+			psprintf("could not obtain an access token from Microsoft Entra ID: %s (HTTP status %d, error %s)",
+					 op->error_message, op->status,
+					 op->error_code ? op->error_code : "unknown");
+		return NULL;
+	}
 	if (!op->ok)
 	{
 		if (op->transport_failure || op->status == 0 || op->error_message == NULL ||
@@ -207,20 +274,25 @@ d365_auth_token(D365Client *client, bool refresh)
 		lifetime = atol(json_string_value(expires));
 	else
 		lifetime = 0;
+	if ((token == NULL || token[0] == '\0' || lifetime <= 0) && missing_ok)
+	{
+		lane->problem = pstrdup("the token response has no access_token or expires_in");
+		return NULL;
+	}
 	if (token == NULL || token[0] == '\0' || lifetime <= 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
 				 errmsg("the token response has no access_token or expires_in"),
 				 errcontext("token request: POST %s/oauth2/v2.0/token", s->tenant_id)));
 
-	cached_token = MemoryContextStrdup(TopMemoryContext, token);
-	memcpy(cached_key, key, sizeof(key));
+	slot->token = MemoryContextStrdup(TopMemoryContext, token);
+	memcpy(slot->key, key, sizeof(key));
 	/* short-lived tokens: renew at half-life instead of a fixed margin */
 	if (lifetime > 2 * TOKEN_MARGIN_SECS)
 		lifetime -= TOKEN_MARGIN_SECS;
 	else
 		lifetime /= 2;
-	cached_renew_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-												  (int64) lifetime * 1000);
-	return cached_token;
+	slot->renew_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+												 (int64) lifetime * 1000);
+	return slot->token;
 }

@@ -17,7 +17,8 @@
 #include "odata.h"
 
 extern D365Client *d365_client_open(void);
-extern const char *d365_auth_token(D365Client *client, bool refresh);
+extern const char *d365_auth_token(D365Client *client, D365Lane *lane,
+								   bool refresh, bool missing_ok);
 extern void d365_auth_forget(void);
 
 #endif							/* D365_AUTH_H */

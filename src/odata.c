@@ -22,7 +22,20 @@
  *	   parts each, Prefer: odata.continue-on-error so each part has its own
  *	   outcome); a part's 429/5xx is retried like a request's;
  *	 - x-ms-dop-hint bounds the requests in flight (with d365sync.max_parallel);
- *	   a 429 halves them, each round without one adds one back.
+ *	   until the server has sent it, one request goes alone (a tenth of a
+ *	   batch when batches are large) to learn it; a 429 halves them, each
+ *	   round without one adds one back.  Dataverse's execution-time budget
+ *	   (1,200 s of server time per 300 s, 4 s per second, per application
+ *	   user) can only be exceeded with more requests in flight than seconds
+ *	   of budget per second, since a request's server time never exceeds
+ *	   its duration; at the usual hint of 4, a client that keeps to the hint
+ *	   rides that ceiling without being throttled;
+ *	 - application users (lanes): the one in d365.settings and the enabled
+ *	   ones of d365.app_users.  Each round spreads its exchanges over the
+ *	   users in proportion to the requests each may have in flight; each
+ *	   has its own token, its own bound and its own 429 state.  A user whose
+ *	   token cannot be had is reported (WARNING) and skipped while others
+ *	   are left; the run's message names it.
  *
  * Waits are interruptible (d365_http_sleep).  The number of attempts is
  * bounded by d365sync.max_retries and a single wait by
@@ -61,27 +74,99 @@ d365_client_init(D365Settings *settings, D365TokenSource token)
 
 	client->settings = settings;
 	client->token = token;
+	client->cxt = CurrentMemoryContext;
 	client->service_path = psprintf("/api/data/%s/", settings->api_version);
 	client->service_root = psprintf("%s%s", settings->org_url, client->service_path);
-	client->max_parallel = d365_max_parallel;
 	client->dop_limit = d365_max_parallel;
+	client->lanes = palloc0(sizeof(D365Lane));
+	d365_client_add_lane(client, settings->client_id, settings->client_secret);
 	return client;
 }
 
 /*
+ * d365_client_add_lane
+ *		Send as one more application user (of d365.app_users) too.  The
+ *		first lane is the settings' user, added by d365_client_init.
+ */
+void
+d365_client_add_lane(D365Client *client, const char *client_id,
+					 const char *client_secret)
+{
+	D365Lane   *lane;
+
+	if (client->nlanes > 0)
+		client->lanes = repalloc(client->lanes, sizeof(D365Lane) * (client->nlanes + 1));
+	lane = &client->lanes[client->nlanes++];
+	memset(lane, 0, sizeof(D365Lane));
+	lane->client_id = client_id ? MemoryContextStrdup(client->cxt, client_id) : NULL;
+	lane->client_secret = client_secret ?
+		MemoryContextStrdup(client->cxt, client_secret) : NULL;
+	lane->max_parallel = client->dop_limit;
+}
+
+/*
+ * d365_client_skipped
+ *		"application user <id> skipped: <problem>" for each user whose token
+ *		could not be had, joined by "; "; NULL when none was skipped.
+ */
+char *
+d365_client_skipped(D365Client *client)
+{
+	StringInfoData buf;
+	int			l;
+
+	initStringInfo(&buf);
+	for (l = 0; client != NULL && l < client->nlanes; l++)
+		if (client->lanes[l].dead)
+			appendStringInfo(&buf, "%sapplication user %s skipped: %s",
+							 buf.len ? "; " : "", client->lanes[l].client_id,
+							 client->lanes[l].problem ? client->lanes[l].problem : "no token");
+	return buf.len ? buf.data : NULL;
+}
+
+static int
+live_lanes(D365Client *client)
+{
+	int			n = 0;
+	int			l;
+
+	for (l = 0; l < client->nlanes; l++)
+		n += client->lanes[l].dead ? 0 : 1;
+	return n;
+}
+
+/*
  * client_token
- *		The bearer token for an operation that is not anonymous.  Anonymous
- *		operations never get here: build_http gives them no Authorization
- *		header, batchable() keeps them out of $batch, and a 401 on one does
- *		not refresh.  That rule is what lets the token source send its own
- *		(anonymous) request through this client without recursion.
+ *		The bearer token of a lane, for operations that are not anonymous.
+ *		Anonymous operations never get here: build_http gives them no
+ *		Authorization header, batchable() keeps them out of $batch, and a 401
+ *		on one does not refresh.  That rule is what lets the token source
+ *		send its own (anonymous) request through this client without
+ *		recursion.  While other users are left, a user whose token cannot be
+ *		had is reported with a WARNING and skipped from then on (NULL); the
+ *		last one left raises the error.
  */
 static const char *
-client_token(D365Client *client, bool refresh)
+client_token(D365Client *client, D365Lane *lane, bool refresh)
 {
+	const char *token;
+
 	if (client->token == NULL)
 		elog(ERROR, "the Dynamics 365 client has no token source");
-	return client->token(client, refresh);
+	token = client->token(client, lane, refresh, live_lanes(client) > 1);
+	if (token == NULL)
+	{
+		/* the problem outlives this round's memory: the run reports it */
+		lane->problem = MemoryContextStrdup(client->cxt,
+											lane->problem ? lane->problem : "no token");
+		lane->dead = true;
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("application user %s is skipped: no access token", lane->client_id),
+				 errdetail_internal("%s", lane->problem ? lane->problem : "no token"),
+				 errhint("Check its row in d365.app_users (or the settings' credentials); d365_whoami_all() checks every application user.")));
+	}
+	return token;
 }
 
 /*
@@ -263,6 +348,11 @@ backoff_ms(int attempt)
 	return (long) Min(ms, (double) d365_retry_max_wait_ms);
 }
 
+/*
+ * note_dop_hint
+ *		The server's x-ms-dop-hint bounds the requests in flight from now
+ *		on (with d365sync.max_parallel).
+ */
 static void
 note_dop_hint(D365Client *client, D365HttpRequest *h)
 {
@@ -274,9 +364,13 @@ note_dop_hint(D365Client *client, D365HttpRequest *h)
 
 		if (v > 0 && v != client->dop_hint)
 		{
+			int			l;
+
 			client->dop_hint = v;
 			client->dop_limit = Max(1, Min(v, d365_max_parallel));
-			client->max_parallel = Min(client->max_parallel, client->dop_limit);
+			for (l = 0; l < client->nlanes; l++)
+				client->lanes[l].max_parallel = Min(client->lanes[l].max_parallel,
+													client->dop_limit);
 		}
 	}
 }
@@ -286,7 +380,7 @@ note_dop_hint(D365Client *client, D365HttpRequest *h)
  *		The HTTP request for an operation: URL, the OData headers, the token.
  */
 static D365HttpRequest *
-build_http(D365Client *client, D365Op *op)
+build_http(D365Client *client, D365Op *op, const char *token)
 {
 	D365HttpRequest *h = palloc0(sizeof(D365HttpRequest));
 	List	   *headers = NIL;
@@ -311,8 +405,7 @@ build_http(D365Client *client, D365Op *op)
 	/* an anonymous operation (a token request) never asks for a token */
 	if (!op->anonymous)
 	{
-		headers = lappend(headers, psprintf("Authorization: Bearer %s",
-											client_token(client, false)));
+		headers = lappend(headers, psprintf("Authorization: Bearer %s", token));
 		headers = lappend(headers, "OData-MaxVersion: 4.0");
 		headers = lappend(headers, "OData-Version: 4.0");
 	}
@@ -401,162 +494,6 @@ batchable(const D365Op *op)
 }
 
 /*
- * build_batch
- *		One $batch request carrying ops[idx[0..k-1]] as independent parts,
- *		with Prefer: odata.continue-on-error so that each part gets its own
- *		outcome.  The body is multipart/mixed with CRLF line ends; each part
- *		is an application/http request line (method, path under the service
- *		path), its headers, a blank line and its body.  The response holds
- *		one part per request, in the same order (parse_batch_response).
- */
-static D365HttpRequest *
-build_batch(D365Client *client, D365Op **ops, const int *idx, int k)
-{
-	D365HttpRequest *h = palloc0(sizeof(D365HttpRequest));
-	StringInfoData body;
-	char	   *boundary;
-	int			i;
-
-	boundary = psprintf("batch_%08x%08x",
-						(unsigned) pg_prng_uint32(&pg_global_prng_state),
-						(unsigned) pg_prng_uint32(&pg_global_prng_state));
-	initStringInfo(&body);
-	for (i = 0; i < k; i++)
-	{
-		D365Op	   *op = ops[idx[i]];
-		ListCell   *lc;
-
-		appendStringInfo(&body,
-						 "--%s\r\nContent-Type: application/http\r\n"
-						 "Content-Transfer-Encoding: binary\r\n\r\n"
-						 "%s %s%s HTTP/1.1\r\n",
-						 boundary, op->method, client->service_path, op->path);
-		foreach(lc, op->headers)
-			appendStringInfo(&body, "%s\r\n", (char *) lfirst(lc));
-		if (op->body != NULL)
-			appendStringInfo(&body, "Content-Type: application/json; charset=utf-8\r\n\r\n%s\r\n",
-							 op->body);
-		else
-			appendStringInfoString(&body, "\r\n");
-	}
-	appendStringInfo(&body, "--%s--\r\n", boundary);
-
-	h->method = "POST";
-	h->url = psprintf("%s$batch", client->service_root);
-	h->body = body.data;
-	h->body_len = body.len;
-	h->headers = list_make5(psprintf("Authorization: Bearer %s", client_token(client, false)),
-							"OData-MaxVersion: 4.0",
-							"OData-Version: 4.0",
-							"Accept: application/json",
-							psprintf("Content-Type: multipart/mixed; boundary=%s", boundary));
-	h->headers = lappend(h->headers, "Prefer: odata.continue-on-error");
-	return h;
-}
-
-/* The next line of buf at *pos (without its CR LF); NULL at the end. */
-static char *
-next_line(const char *buf, size_t len, size_t *pos)
-{
-	size_t		start = *pos;
-	size_t		end;
-
-	if (start >= len)
-		return NULL;
-	end = start;
-	while (end < len && buf[end] != '\n')
-		end++;
-	*pos = end < len ? end + 1 : end;
-	if (end > start && buf[end - 1] == '\r')
-		end--;
-	return pnstrdup(buf + start, end - start);
-}
-
-/*
- * parse_batch_response
- *		Split a $batch response into the exchanges of its parts, in order:
- *		each becomes a D365HttpRequest with the part's status, headers and
- *		body (method and URL copied from its operation, for error context).
- *		Returns how many parts were found; a malformed response yields 0.
- */
-static int
-parse_batch_response(D365Client *client, D365HttpRequest *outer, D365Op **ops,
-					 const int *idx, int k, D365HttpRequest **parts)
-{
-	char	   *ct = d365_http_header(outer, "Content-Type");
-	char	   *b;
-	char	   *delim;
-	size_t		dlen;
-	const char *buf = outer->response;
-	size_t		len = outer->response_len;
-	size_t		pos = 0;
-	int			found = 0;
-	char	   *line;
-
-	if (ct == NULL || (b = strstr(ct, "boundary=")) == NULL)
-		return 0;
-	b += 9;
-	if (*b == '"')
-		b++;
-	b = pnstrdup(b, strcspn(b, "\";, "));
-	delim = psprintf("--%s", b);
-	dlen = strlen(delim);
-
-	/* skip the preamble up to the first delimiter */
-	while ((line = next_line(buf, len, &pos)) != NULL && strncmp(line, delim, dlen) != 0)
-		;
-	while (line != NULL && found < k)
-	{
-		D365HttpRequest *p;
-		StringInfoData headers;
-		size_t		body_start;
-		size_t		body_end;
-		size_t		scan;
-
-		if (strcmp(line + dlen, "--") == 0)
-			break;				/* the closing delimiter */
-
-		/* MIME headers of the part, up to a blank line */
-		while ((line = next_line(buf, len, &pos)) != NULL && line[0] != '\0')
-			;
-		/* the HTTP status line */
-		line = next_line(buf, len, &pos);
-		if (line == NULL || strncmp(line, "HTTP/", 5) != 0)
-			return found;
-		p = palloc0(sizeof(D365HttpRequest));
-		p->method = ops[idx[found]]->method;
-		p->url = psprintf("%s%s", client->service_root, ops[idx[found]]->path);
-		p->status = strtol(strchr(line, ' ') ? strchr(line, ' ') + 1 : "0", NULL, 10);
-		/* the part's HTTP headers */
-		initStringInfo(&headers);
-		while ((line = next_line(buf, len, &pos)) != NULL && line[0] != '\0')
-			appendStringInfo(&headers, "%s\r\n", line);
-		p->response_headers = headers.data;
-		p->response_headers_len = headers.len;
-		/* the body runs to the next delimiter */
-		body_start = body_end = pos;
-		scan = pos;
-		line = NULL;
-		while (scan < len)
-		{
-			line = next_line(buf, len, &scan);
-			if (strncmp(line, delim, dlen) == 0)
-				break;			/* line is the next delimiter */
-			body_end = scan;
-			line = NULL;
-		}
-		while (body_end > body_start &&
-			   (buf[body_end - 1] == '\n' || buf[body_end - 1] == '\r'))
-			body_end--;
-		p->response = pnstrdup(buf + body_start, body_end - body_start);
-		p->response_len = body_end - body_start;
-		pos = scan;
-		parts[found++] = p;
-	}
-	return found;
-}
-
-/*
  * The state of one d365_client_execute, kept between its rounds: a round
  * sends every operation still pending (in $batches when there are several),
  * then judges what came back; retries go into the next round.
@@ -576,17 +513,26 @@ struct D365Sending
 	bool		batching;
 	int			per;			/* operations per exchange */
 	int			nex;			/* exchanges */
+	int			unsent;			/* pending[unsent..] wait for the next round */
 	D365HttpRequest **reqs;
-	D365HttpCall *call;
+	int		   *exlane;			/* lane of each exchange; -1: anonymous */
+	D365HttpCall **calls;		/* one per lane, and one for anonymous */
 };
 
 /* Build and start one round: an exchange per group of pending operations. */
 static void
 round_start(D365Sending *st)
 {
+	D365Client *client = st->client;
 	D365Op	  **ops = st->ops;
+	bool		anonymous = false;
+	const char **tokens;
+	int		   *caps;
+	int			total = 0;
+	int			cum = 0;
 	int			i;
 	int			e;
+	int			l;
 
 	st->batching = d365_batch_size > 1 && st->npending > 1;
 	for (i = 0; st->batching && i < st->npending; i++)
@@ -594,21 +540,77 @@ round_start(D365Sending *st)
 	st->per = st->batching ? d365_batch_size : 1;
 	st->nex = (st->npending + st->per - 1) / st->per;
 
-	st->reqs = palloc(sizeof(D365HttpRequest *) * st->nex);
-	for (e = 0; e < st->nex; e++)
+	/*
+	 * Before the server has said how many requests it wants in flight
+	 * (x-ms-dop-hint), one exchange goes alone -- a tenth of a batch, when
+	 * batches are large, so that the answer comes soon; it carries the
+	 * hint, and the rest follow in the next round.
+	 */
+	if (st->client->dop_hint == 0 && st->nex > 1)
 	{
-		int			first = e * st->per;
-		int			k = Min(st->per, st->npending - first);
-
-		for (i = first; i < first + k; i++)
-			st->attempts[st->pending[i]]++;
-		if (st->batching && k > 1)
-			st->reqs[e] = build_batch(st->client, ops, st->pending + first, k);
-		else
-			st->reqs[e] = build_http(st->client, ops[st->pending[first]]);
+		if (st->per >= 20)
+			st->per = (st->per + 9) / 10;
+		st->nex = 1;
 	}
-	st->call = d365_http_start(st->reqs, st->nex, st->client->max_parallel);
-	st->client->requests += st->nex;
+	st->unsent = Min(st->nex * st->per, st->npending);
+
+	/*
+	 * The users to send as, with their tokens.  Each live one gets a
+	 * contiguous share of the exchanges in proportion to the requests it
+	 * may have in flight, and its own HTTP call bounded by that number.
+	 * An anonymous operation (a token request) is sent as nobody.
+	 */
+	for (i = 0; i < st->unsent && !anonymous; i++)
+		anonymous = ops[st->pending[i]]->anonymous;
+	tokens = palloc0(sizeof(char *) * client->nlanes);
+	caps = palloc0(sizeof(int) * client->nlanes);
+	for (l = 0; l < client->nlanes && !anonymous; l++)
+	{
+		if (!client->lanes[l].dead)
+			tokens[l] = client_token(client, &client->lanes[l], false);
+		caps[l] = tokens[l] ? client->lanes[l].max_parallel : 0;
+		total += caps[l];
+	}
+
+	st->reqs = palloc(sizeof(D365HttpRequest *) * st->nex);
+	st->exlane = palloc(sizeof(int) * st->nex);
+	st->calls = palloc0(sizeof(D365HttpCall *) * (client->nlanes + 1));
+	e = 0;
+	for (l = anonymous ? -1 : 0; l < (anonymous ? 0 : client->nlanes); l++)
+	{
+		int			start = e;
+		int			end;
+
+		if (l < 0)
+			end = st->nex;
+		else
+		{
+			cum += caps[l];
+			end = (int) (((int64) st->nex * cum + total - 1) / Max(total, 1));
+		}
+		for (; e < end; e++)
+		{
+			int			first = e * st->per;
+			int			k = Min(st->per, st->unsent - first);
+
+			for (i = first; i < first + k; i++)
+				st->attempts[st->pending[i]]++;
+			st->exlane[e] = l;
+			if (st->batching && k > 1)
+				st->reqs[e] = d365_batch_build(client, ops, st->pending + first, k, tokens[l]);
+			else
+				st->reqs[e] = build_http(client, ops[st->pending[first]],
+										 l < 0 ? NULL : tokens[l]);
+		}
+		if (end > start)
+		{
+			st->calls[l + 1] = d365_http_start(st->reqs + start, end - start,
+											   l < 0 ? client->dop_limit : caps[l]);
+			if (l >= 0)
+				client->lanes[l].requests += end - start;
+		}
+	}
+	client->requests += st->nex;
 }
 
 /*
@@ -623,32 +625,41 @@ round_finish(D365Sending *st)
 	D365Op	  **ops = st->ops;
 	int			nretry = 0;
 	long		wait = 0;
-	bool		unauthorized = false;
-	bool		throttled = false;
+	bool	   *unauthorized = palloc0(sizeof(bool) * client->nlanes);
+	bool	   *throttled = palloc0(sizeof(bool) * client->nlanes);
+	bool		dummy = false;
 	int			e;
 	int			i;
+	int			l;
 
-	d365_http_wait(st->call);
-	st->call = NULL;
+	for (l = 0; l <= client->nlanes; l++)
+		if (st->calls[l] != NULL)
+			d365_http_wait(st->calls[l]);
 
 	for (e = 0; e < st->nex; e++)
 	{
 		int			first = e * st->per;
-		int			k = Min(st->per, st->npending - first);
+		int			k = Min(st->per, st->unsent - first);
 		D365HttpRequest *h = st->reqs[e];
 		D365HttpRequest **parts = NULL;
 		int			nparts = 0;
+		D365Lane   *lane = st->exlane[e] < 0 ? NULL : &client->lanes[st->exlane[e]];
+		bool	   *unauth = lane ? &unauthorized[st->exlane[e]] : &dummy;
 
 		note_dop_hint(client, h);
 		if (h->status == 429)
 		{
 			client->throttled++;
-			throttled = true;
+			if (lane)
+			{
+				lane->throttled++;
+				throttled[st->exlane[e]] = true;
+			}
 		}
 		if (st->batching && k > 1 && h->status == 200 && h->transport_error == 0)
 		{
 			parts = palloc0(sizeof(D365HttpRequest *) * k);
-			nparts = parse_batch_response(client, h, ops, st->pending + first, k, parts);
+			nparts = d365_batch_parse(client, h, ops, st->pending + first, k, parts);
 		}
 
 		for (i = first; i < first + k; i++)
@@ -672,26 +683,35 @@ round_finish(D365Sending *st)
 			if (parts != NULL && op->http->status == 429)
 			{
 				client->throttled++;
-				throttled = true;
+				lane->throttled++;
+				throttled[st->exlane[e]] = true;
 			}
 			if (classify(client, op, op->http, &st->attempts[o], st->refreshed,
-						 &wait, &unauthorized))
+						 &wait, unauth))
 				st->retry_list[nretry++] = o;
 			else
 				judge_final(op);
 		}
 	}
 
-	/* the throttling governor: halve on 429, creep back up otherwise */
-	if (throttled)
-		client->max_parallel = Max(1, client->max_parallel / 2);
-	else if (client->max_parallel < client->dop_limit)
-		client->max_parallel++;
-
-	if (unauthorized)
+	/*
+	 * The throttling governor, per user: a 429 halves the requests it may
+	 * have in flight (after the wait its Retry-After asks for, below), each
+	 * round without one adds one back, up to the server's hint.
+	 */
+	for (l = 0; l < client->nlanes; l++)
 	{
-		(void) client_token(client, true);
-		st->refreshed = true;
+		D365Lane   *lane = &client->lanes[l];
+
+		if (throttled[l])
+			lane->max_parallel = Max(1, lane->max_parallel / 2);
+		else if (lane->max_parallel < client->dop_limit)
+			lane->max_parallel++;
+		if (unauthorized[l] && !lane->dead)
+		{
+			(void) client_token(client, lane, true);
+			st->refreshed = true;
+		}
 	}
 	if (nretry > 0)
 	{
@@ -699,6 +719,9 @@ round_finish(D365Sending *st)
 		if (wait > 0)
 			d365_http_sleep(wait);
 	}
+	/* what this round did not send goes with the next one */
+	for (i = st->unsent; i < st->npending; i++)
+		st->retry_list[nretry++] = st->pending[i];
 	memcpy(st->pending, st->retry_list, sizeof(int) * nretry);
 	st->npending = nretry;
 	return nretry > 0;
@@ -752,7 +775,8 @@ d365_client_finish(D365Sending *st)
  *		Send n operations and judge each outcome (d365_client_start and
  *		d365_client_finish in one).  Operations travel in $batch requests of
  *		up to d365sync.batch_size parts when there are several of them, else
- *		one request each; up to client->max_parallel requests are in flight.
+ *		one request each; each application user has at most its bound of
+ *		requests in flight (see the top of this file).
  */
 void
 d365_client_execute(D365Client *client, D365Op **ops, int n)

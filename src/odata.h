@@ -18,13 +18,32 @@
 typedef struct D365Client D365Client;
 
 /*
- * Where the client's bearer token comes from: a valid token, a new one when
- * refresh is true.  The client calls it for every operation that is not
- * anonymous and never for an anonymous one, so a token source may itself
- * send anonymous operations through the client (auth.c does) without
- * recursion.
+ * One application user the client sends as: the one in d365.settings
+ * (lane 0) or one of d365.app_users.  Each has its own token and its own
+ * throttle state; Dataverse's service-protection limits are per user.
  */
-typedef const char *(*D365TokenSource) (D365Client *client, bool refresh);
+typedef struct D365Lane
+{
+	char	   *client_id;
+	char	   *client_secret;
+	int			max_parallel;	/* requests in flight now (the governor's) */
+	bool		dead;			/* no token could be had: skipped */
+	char	   *problem;		/* why it is dead, or NULL */
+	int64		requests;		/* exchanges sent as this user */
+	int64		throttled;		/* 429 responses to this user */
+} D365Lane;
+
+/*
+ * Where a lane's bearer token comes from: a valid token, a new one when
+ * refresh is true.  When missing_ok, a token that cannot be had (Entra
+ * refuses, the authority cannot be reached) sets lane->problem and returns
+ * NULL; otherwise it is an ERROR.  The client calls it for every operation
+ * that is not anonymous and never for an anonymous one, so a token source
+ * may itself send anonymous operations through the client (auth.c does)
+ * without recursion.
+ */
+typedef const char *(*D365TokenSource) (D365Client *client, D365Lane *lane,
+										bool refresh, bool missing_ok);
 
 /*
  * A connection to one organization for the length of one SQL call, opened
@@ -37,8 +56,10 @@ struct D365Client
 	D365TokenSource token;		/* see D365TokenSource */
 	char	   *service_root;	/* {org_url}/api/data/{version}/ */
 	char	   *service_path;	/* /api/data/{version}/ */
-	int			max_parallel;	/* requests in flight now (the governor's) */
-	int			dop_limit;		/* upper bound: x-ms-dop-hint and the GUC */
+	MemoryContext cxt;			/* where the client and its lanes live */
+	D365Lane   *lanes;			/* lane 0: the settings' application user */
+	int			nlanes;
+	int			dop_limit;		/* per lane: x-ms-dop-hint and the GUC */
 	int			dop_hint;		/* last x-ms-dop-hint seen, 0 if none */
 
 	/* counters for d365.sync_run */
@@ -76,6 +97,9 @@ typedef struct D365Op
 
 extern D365Client *d365_client_init(D365Settings *settings,
 									D365TokenSource token);
+extern void d365_client_add_lane(D365Client *client, const char *client_id,
+								 const char *client_secret);
+extern char *d365_client_skipped(D365Client *client);
 extern D365Op *d365_op_make(const char *method, const char *path, const char *body);
 /* the first round of d365_client_execute in flight (see d365_client_start) */
 typedef struct D365Sending D365Sending;
@@ -88,6 +112,13 @@ extern json_t *d365_client_call(D365Client *client, const char *method,
 extern void d365_op_report(D365Op *op, int elevel);
 extern char *d365_op_summary(const D365Op *op);
 extern char *d365_uri_escape(const char *s);
+
+/* odata_batch.c: a $batch of ops[idx[0..k-1]], and its response's parts */
+extern D365HttpRequest *d365_batch_build(D365Client *client, D365Op **ops,
+										 const int *idx, int k, const char *token);
+extern int	d365_batch_parse(D365Client *client, D365HttpRequest *outer,
+							 D365Op **ops, const int *idx, int k,
+							 D365HttpRequest **parts);
 
 /*
  * odata_pages.c: GET a path and every page after it (@odata.nextLink).

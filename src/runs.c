@@ -79,6 +79,7 @@ d365_run_record(D365Run *run)
 	Datum		values[10];
 	char		nulls[11] = "          ";
 	D365Client *c = run->client;
+	char	   *skipped;
 
 	values[0] = CStringGetTextDatum(run->kind);
 	values[1] = TimestampTzGetDatum(run->started);
@@ -89,8 +90,11 @@ d365_run_record(D365Run *run)
 	values[6] = Int32GetDatum((int32) run->counts.unlinked);
 	values[7] = Int32GetDatum(c ? (int32) c->requests : 0);
 	values[8] = Int32GetDatum(c ? (int32) c->throttled : 0);
-	if (run->message)
-		values[9] = CStringGetTextDatum(run->message);
+	skipped = d365_client_skipped(c);
+	if (run->message && skipped)
+		values[9] = CStringGetTextDatum(psprintf("%s; %s", run->message, skipped));
+	else if (run->message || skipped)
+		values[9] = CStringGetTextDatum(run->message ? run->message : skipped);
 	else
 		nulls[9] = 'n';
 

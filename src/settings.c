@@ -135,6 +135,55 @@ d365_settings_load(void)
  *		Raise a clear error naming what is missing when the settings cannot
  *		reach Dynamics 365 yet.  Never shows the secret.
  */
+static void
+select_app_users(void *arg)
+{
+	int		   *rc = (int *) arg;
+
+	*rc = SPI_execute("SELECT client_id::text AS client_id, client_secret, enabled"
+					  " FROM d365.app_users ORDER BY client_id", true, 0);
+}
+
+/*
+ * d365_app_users_load
+ *		The application users of d365.app_users (the enabled ones, or all
+ *		when all is true) in client id order, read as the table's owner: no
+ *		one else may read the secrets.  *n is set to their number.
+ */
+D365AppUser *
+d365_app_users_load(bool all, int *n)
+{
+	MemoryContext callercxt = CurrentMemoryContext;
+	D365AppUser *users;
+	int			rc = 0;
+	uint64		i;
+
+	*n = 0;
+	SPI_connect();
+	d365_as_table_owner(d365_table_owner("app_users"), select_app_users, &rc);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(rc));
+	users = MemoryContextAllocZero(callercxt, sizeof(D365AppUser) * (SPI_processed + 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext spicxt;
+		bool		enabled = bool_column(tup, desc, "enabled");
+
+		if (!enabled && !all)
+			continue;
+		spicxt = MemoryContextSwitchTo(callercxt);
+		users[*n].client_id = text_column(tup, desc, "client_id");
+		users[*n].client_secret = text_column(tup, desc, "client_secret");
+		users[*n].enabled = enabled;
+		MemoryContextSwitchTo(spicxt);
+		(*n)++;
+	}
+	SPI_finish();
+	return users;
+}
+
 void
 d365_settings_require_connection(const D365Settings *s)
 {

@@ -24,7 +24,16 @@ typedef struct D365Settings
 	char	   *instance_id;
 } D365Settings;
 
+/* A row of d365.app_users, palloc'd in the caller's context. */
+typedef struct D365AppUser
+{
+	char	   *client_id;
+	char	   *client_secret;
+	bool		enabled;
+} D365AppUser;
+
 extern D365Settings *d365_settings_load(void);
+extern D365AppUser *d365_app_users_load(bool all, int *n);
 extern void d365_settings_require_connection(const D365Settings *s);
 
 #endif							/* D365_SETTINGS_H */
