@@ -124,6 +124,34 @@ slot_for(const uint8 *key, bool *found)
 }
 
 /*
+ * forget_others
+ *		Drop the tokens of credentials none of the client's users has any
+ *		longer: a changed secret, organization or user leaves no token of
+ *		the old one behind.
+ */
+static void
+forget_others(D365Client *client)
+{
+	uint8	   *keys = palloc(PG_SHA256_DIGEST_LENGTH * Max(client->nlanes, 1));
+	int			i;
+	int			l;
+
+	for (l = 0; l < client->nlanes; l++)
+		credentials_key(client->settings, &client->lanes[l], keys + l * PG_SHA256_DIGEST_LENGTH);
+	for (i = 0; i < TOKEN_SLOTS; i++)
+	{
+		bool		used = false;
+
+		for (l = 0; l < client->nlanes && !used; l++)
+			used = memcmp(slots[i].key, keys + l * PG_SHA256_DIGEST_LENGTH,
+						  PG_SHA256_DIGEST_LENGTH) == 0;
+		if (!used)
+			slot_clear(&slots[i]);
+	}
+	pfree(keys);
+}
+
+/*
  * d365_auth_forget
  *		Drop every cached token.
  */
@@ -168,9 +196,10 @@ aadsts_hint(const char *message)
 
 /*
  * d365_client_open
- *		Load the settings (as the settings table's owner), check that a
- *		connection is configured, and prepare a client for this SQL call
- *		whose token source is d365_auth_token.  No request is made here.
+ *		Load the settings and the enabled application users of
+ *		d365.app_users (as the tables' owner), check that a connection is
+ *		configured, and prepare a client for this SQL call whose token
+ *		source is d365_auth_token.  No request is made here.
  */
 D365Client *
 d365_client_open(void)
@@ -186,6 +215,7 @@ d365_client_open(void)
 	users = d365_app_users_load(false, &n);
 	for (i = 0; i < n; i++)
 		d365_client_add_lane(client, users[i].client_id, users[i].client_secret);
+	forget_others(client);
 	return client;
 }
 

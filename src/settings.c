@@ -15,10 +15,12 @@
  */
 #include "postgres.h"
 
+#include "catalog/namespace.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 
 #include "http.h"
 #include "settings.h"
@@ -159,6 +161,9 @@ d365_app_users_load(bool all, int *n)
 	uint64		i;
 
 	*n = 0;
+	/* the library of a later release may serve a 0.1 schema without it */
+	if (!OidIsValid(get_relname_relid("app_users", get_namespace_oid("d365", false))))
+		return palloc0(sizeof(D365AppUser));
 	SPI_connect();
 	d365_as_table_owner(d365_table_owner("app_users"), select_app_users, &rc);
 	if (rc != SPI_OK_SELECT)
