@@ -61,6 +61,7 @@ unix_socket_directories = '$PGHOST'
 shared_preload_libraries = 'pg_cron'
 cron.database_name = '$db'
 cron.host = '$PGHOST'
+cron.use_background_workers = on
 max_worker_processes = 16
 fsync = off
 log_min_messages = warning
