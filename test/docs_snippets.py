@@ -4,9 +4,9 @@
 Called by test/docs_snippets.sh (which see).  The conventions it enforces
 are documented in docs/README.md ("Snippets run in CI"):
 
-- a ```sql fence is run; ```text (printed output), ```sh, ```ini and
-  ```psql (psql meta-commands) are not; a fence without a language is an
-  error;
+- a ```sql fence is run; ```text (printed output), ```sh, ```ini,
+  ```psql (psql meta-commands) and a fence without a language are not; any
+  other language is an error;
 - each page runs in a fresh database "myapp" in one psql session; a docs
   page marked <!-- docs-test: after README.md --> first gets the README's
   blocks in a session of their own, as a reader who followed the checklist;
@@ -43,7 +43,7 @@ DOC_ORG = "https://contoso.crm4.dynamics.com"
 
 DB = "myapp"
 RUN_FENCES = {"sql"}
-QUIET_FENCES = {"text", "psql-output", "psql", "sh", "ini"}
+QUIET_FENCES = {"text", "psql-output", "psql", "sh", "ini", ""}
 MSG_RE = re.compile(r"^(ERROR|WARNING|DETAIL|HINT|NOTICE):\s")
 
 # Debian 12's stock pg_hba.conf (pg_createcluster's defaults).
@@ -114,8 +114,8 @@ def parse(path):
             body = "\n".join(l[len(indent):] if l.startswith(indent) else l
                              for l in lines[start:j])
             if lang not in RUN_FENCES | QUIET_FENCES:
-                problems.append("%s:%d: fence language %r is not one of %s"
-                                % (name, i + 1, lang, ", ".join(sorted(RUN_FENCES | QUIET_FENCES))))
+                problems.append("%s:%d: fence language %r is not one of %s (or none)"
+                                % (name, i + 1, lang, ", ".join(sorted((RUN_FENCES | QUIET_FENCES) - {""}))))
             b = Block(name, i + 1, lang, body, pending)
             pending = []
             if lang in RUN_FENCES:
