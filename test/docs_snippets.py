@@ -7,9 +7,10 @@ are documented in docs/README.md ("Snippets run in CI"):
 - a ```sql fence is run; ```text (printed output), ```sh, ```ini,
   ```psql (psql meta-commands) and a fence without a language are not; any
   other language is an error;
-- each page runs in a fresh database "myapp" in one psql session; a docs
-  page marked <!-- docs-test: after README.md --> first gets the README's
-  blocks in a session of their own, as a reader who followed the checklist;
+- each page runs in a fresh database "myapp" in one psql session; a page
+  under docs/ first gets the README's blocks in a session of their own, as
+  a reader who followed the checklist, unless it is marked
+  <!-- docs-test: standalone -->;
 - <!-- docs-test: error --> before a ```sql fence: the block must fail;
 - ERROR/WARNING/DETAIL/HINT/NOTICE lines printed in the ```text block right
   after a ```sql block must be what that block printed;
@@ -98,7 +99,7 @@ def parse(path):
         m = re.match(r"^\s*<!--\s*docs-test:\s*(.*?)\s*-->\s*$", line)
         if m:
             d = m.group(1)
-            if d.startswith("after "):
+            if d.startswith("after ") or d == "standalone":
                 page_dirs.append(d)
             else:
                 pending.append(d)
@@ -430,7 +431,7 @@ def main():
         clusters.append(cl)
         for p in pages:
             blocks, dirs = parsed[p]
-            needs_readme = "after README.md" in dirs
+            needs_readme = p != "README.md" and "standalone" not in dirs
             n = sum(1 for b in blocks if not b.skipped)
             try:
                 problems = run_page(cl, p, blocks, readme_blocks, needs_readme, sim_url, simctl, work)
