@@ -34,6 +34,7 @@
 
 #include "d365sync.h"
 #include "http.h"
+#include "worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -93,6 +94,8 @@ _PG_init(void)
 							   "Extra CA bundle (PEM) trusted for Dynamics 365 and the token authority.",
 							   NULL, &d365_ca_file, NULL,
 							   PGC_SUSET, 0, NULL, NULL, NULL);
+	/* with the preload: d365sync.database_name, shared memory, the worker */
+	d365_worker_init();
 	MarkGUCPrefixReserved("d365sync");
 
 	d365_http_init();

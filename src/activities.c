@@ -29,6 +29,7 @@
 #include "fmgr.h"
 
 #include "activities.h"
+#include "jobs.h"
 #include "pipeline.h"
 #include "settings.h"
 #include "spi_util.h"
@@ -64,6 +65,17 @@ activities_body(D365Run *run, void *arg)
 }
 
 /*
+ * d365_job_activities
+ *		The scheduled activities run under the job's lock (see jobs.h).
+ */
+bool
+d365_job_activities(D365Run *run)
+{
+	run->kind = "activities";
+	return d365_run_execute(run, "d365-activity-sync", activities_body, NULL);
+}
+
+/*
  * d365_sync_activities() -> (created, failed, requests)
  */
 Datum
@@ -72,7 +84,7 @@ d365_sync_activities(PG_FUNCTION_ARGS)
 	D365Run		run;
 
 	d365_run_init(&run, "activities");
-	(void) d365_run_execute(&run, "d365-activity-sync", activities_body, NULL);
+	(void) d365_job_activities(&run);
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 

@@ -34,6 +34,7 @@
 #include "utils/lsyscache.h"
 
 #include "activities.h"
+#include "jobs.h"
 #include "pipeline.h"
 #include "settings.h"
 #include "spi_util.h"
@@ -72,6 +73,17 @@ contacts_body(D365Run *run, void *arg)
 }
 
 /*
+ * d365_job_contacts
+ *		The scheduled contacts run under the job's lock (see jobs.h).
+ */
+bool
+d365_job_contacts(D365Run *run)
+{
+	run->kind = "contacts";
+	return d365_run_execute(run, "d365-contact-sync", contacts_body, NULL);
+}
+
+/*
  * d365_sync_contacts() -> (created, updated, unchanged, failed, unlinked,
  *							requests)
  */
@@ -81,7 +93,7 @@ d365_sync_contacts(PG_FUNCTION_ARGS)
 	D365Run		run;
 
 	d365_run_init(&run, "contacts");
-	(void) d365_run_execute(&run, "d365-contact-sync", contacts_body, NULL);
+	(void) d365_job_contacts(&run);
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 

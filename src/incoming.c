@@ -36,6 +36,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 
+#include "jobs.h"
 #include "runs.h"
 #include "spi_util.h"
 
@@ -159,6 +160,17 @@ pull_body(D365Run *run, void *arg)
 }
 
 /*
+ * d365_job_pull
+ *		The scheduled pull run under the job's lock (see jobs.h).
+ */
+bool
+d365_job_pull(D365Run *run)
+{
+	run->kind = "pull";
+	return d365_run_execute(run, "d365-pull-changes", pull_body, NULL);
+}
+
+/*
  * d365_pull_changes() -> (updated, unchanged, failed, unlinked, requests)
  */
 Datum
@@ -167,6 +179,6 @@ d365_pull_changes(PG_FUNCTION_ARGS)
 	D365Run		run;
 
 	d365_run_init(&run, "pull");
-	(void) d365_run_execute(&run, "d365-pull-changes", pull_body, NULL);
+	(void) d365_job_pull(&run);
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }

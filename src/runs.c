@@ -118,8 +118,8 @@ is_interrupt(int sqlerrcode)
  * d365_run_guarded
  *		Run body(run, arg) in a subtransaction.  An error rolls back what the
  *		body did (its remote effects are idempotent, its items stay
- *		pending), is reported as a WARNING as it was, and is kept in
- *		run->message; cancels and shutdowns are re-thrown with their
+ *		pending), is reported as a WARNING as it was (not when run->quiet),
+ *		and is kept in run->message; cancels and shutdowns are re-thrown with their
  *		SQLSTATE.  Returns whether the body completed.  Requires an SPI
  *		connection.
  */
@@ -158,9 +158,12 @@ d365_run_guarded(D365Run *run, D365RunBody body, void *arg)
 		run->message = psprintf("failed: %s", edata->message);
 		completed = false;
 
-		/* report the error as it was, at WARNING */
-		edata->elevel = WARNING;
-		ThrowErrorData(edata);
+		/* report the error as it was, at WARNING (unless run->quiet) */
+		if (!run->quiet)
+		{
+			edata->elevel = WARNING;
+			ThrowErrorData(edata);
+		}
 	}
 	PG_END_TRY();
 	return completed;
@@ -170,8 +173,9 @@ d365_run_guarded(D365Run *run, D365RunBody body, void *arg)
  * d365_run_execute
  *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
  *		NULL and another transaction holds that job's lock, the run is
- *		skipped (recorded with a message) and false is returned.  The body
- *		runs guarded (d365_run_guarded).  The run is recorded in
+ *		skipped (run->skipped is set, and it is recorded with a message
+ *		unless run->no_record) and false is returned.  The body runs
+ *		guarded (d365_run_guarded).  The run is recorded in
  *		d365.sync_run unless run->no_record.  Connects to SPI itself.
  */
 bool
@@ -190,7 +194,9 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 						   1, argtypes, args, NULL))
 		{
 			run->message = psprintf("skipped: another %s run is in progress", run->kind);
-			d365_run_record(run);
+			run->skipped = true;
+			if (!run->no_record)
+				d365_run_record(run);
 			SPI_finish();
 			return false;
 		}

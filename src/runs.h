@@ -42,6 +42,9 @@ typedef struct D365Run
 	D365Failure *first_failure;
 	MemoryContext cxt;			/* lives as long as the run */
 	bool		no_record;		/* d365_run_execute: no d365.sync_run row */
+	bool		skipped;		/* d365_run_execute: the job's lock was taken */
+	bool		quiet;			/* d365_run_guarded: keep a failure in message
+								 * only, no WARNING (the worker logs once) */
 } D365Run;
 
 typedef void (*D365RunBody) (D365Run *run, void *arg);

@@ -1,0 +1,853 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The near-real-time background worker: sends what commits, pulls on an
+ *	  interval.
+ *
+ * Registered from _PG_init when d365sync is in shared_preload_libraries;
+ * one worker per cluster, connected to the database d365sync.database_name
+ * names.  It is a thin driver over the engines: every pass runs the same
+ * job entry points as d365_sync_contacts(), d365_sync_activities() and
+ * d365_pull_changes() (src/jobs.h), each in a transaction of its own and
+ * under the same advisory lock, so the worker and the pg_cron jobs never
+ * work on the same items at once.  The engines' ids make a crash anywhere
+ * harmless: a contact's Dynamics id is derived from committed state (key
+ * and generation), an activity's was chosen when it was logged, and both
+ * are created with upserts, so a step repeated after a crash reaches the
+ * same record.
+ *
+ * Woken at commit.  A backend whose transaction changed a contact or
+ * logged an activity calls d365._worker_wake() (from the capture trigger
+ * and d365_log_activity); that only arms a flag, and a transaction callback
+ * sets the worker's latch at COMMIT, after the commit is visible.  A
+ * rolled-back transaction wakes nobody.  (A background worker has no
+ * client connection to receive NOTIFY on, hence the latch.)  Whatever
+ * committed while a pass ran is picked up by the next pass, in batches.
+ * A slow poll (REALTIME_POLL_MS) catches what no wake announces: COMMIT
+ * PREPARED, back-offs that expired.
+ *
+ * Life cycle (see docs/worker.md):
+ *	  - database missing: the worker connects to no database and polls
+ *		pg_database each second; once it exists it exits with code 1 and the
+ *		postmaster starts it again, connected (a process cannot change its
+ *		database).  DROP DATABASE ... WITH (FORCE) terminates it the same way.
+ *	  - extension missing: it polls pg_extension; CREATE EXTENSION wakes it.
+ *	  - SIGTERM: exits at once (the run in progress rolls back; its items
+ *		stay pending) with code 1, so the postmaster restarts it after
+ *		D365_WORKER_RESTART_S seconds unless the server is shutting down.
+ *	  - SIGHUP: configuration reloaded before the next pass; d365.settings
+ *		is read again at every pass.
+ *	  - a failing job: its error is logged once when the failure starts
+ *		(and when it changes), once when it ends; meanwhile the job is
+ *		retried with a back-off of 1 s doubling up to 60 s.
+ *	  - no transaction is open while it waits, and a pass holds its locks
+ *		for at most WORKER_PASS_MS (the run's time budget) plus the requests
+ *		in flight, so the application's DDL never waits long behind it.
+ *
+ * Shared memory (D365Shared, worker.h) holds the worker's state for
+ * d365_status() and the run-progress slots any backend may use.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "d365sync.h"
+#include "jobs.h"
+#include "worker.h"
+
+/* seconds before the postmaster starts the worker again after it exited */
+#define D365_WORKER_RESTART_S	3
+/* time budget of one run of a pass: bounds how long its locks are held */
+#define WORKER_PASS_MS			10000
+/* poll while realtime is on, for what no commit announces */
+#define REALTIME_POLL_MS		30000
+/* wait with nothing to do (settings changes wake the worker anyway) */
+#define IDLE_POLL_MS			60000
+/* poll for the database, and for the extension */
+#define DATABASE_POLL_MS		1000
+#define EXTENSION_POLL_MS		5000
+/* back-off of a failing job */
+#define BACKOFF_MIN_MS			1000
+#define BACKOFF_MAX_MS			60000
+/* retry after a job was skipped because a scheduled run held its lock */
+#define SKIPPED_RETRY_MS		2000
+
+PGDLLEXPORT void d365_worker_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(d365_worker_wake);
+PG_FUNCTION_INFO_V1(d365_worker_state);
+
+D365Shared *d365_shared = NULL;
+char	   *d365_worker_database = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* backends: wake the worker when the current transaction commits */
+static bool wake_at_commit = false;
+static bool xact_callback_registered = false;
+
+/* ------------------------------------------------------------------------
+ * Shared memory and registration
+ * ------------------------------------------------------------------------
+ */
+
+static void
+worker_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(D365Shared)));
+}
+
+/*
+ * worker_shmem_startup
+ *		Create (postmaster start, crash re-initialisation) or attach the
+ *		shared state.  After a fresh start the worker connects at once.
+ */
+static void
+worker_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	d365_shared = ShmemInitStruct("d365sync", sizeof(D365Shared), &found);
+	if (!found)
+	{
+		memset(d365_shared, 0, sizeof(D365Shared));
+		SpinLockInit(&d365_shared->mutex);
+		d365_shared->connect_next = true;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * d365_worker_init
+ *		Called by _PG_init.  Only while shared_preload_libraries is being
+ *		processed: define d365sync.database_name, ask for shared memory and
+ *		register the worker.  Otherwise nothing (no worker, no shared
+ *		memory: the scheduled jobs are the only way).
+ */
+void
+d365_worker_init(void)
+{
+	BackgroundWorker bgw;
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	DefineCustomStringVariable("d365sync.database_name",
+							   "Database the d365sync background worker connects to.",
+							   "The worker runs only when d365sync is in shared_preload_libraries.",
+							   &d365_worker_database, "postgres",
+							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = worker_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = worker_shmem_startup;
+
+	memset(&bgw, 0, sizeof(bgw));
+	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	bgw.bgw_restart_time = D365_WORKER_RESTART_S;
+	strlcpy(bgw.bgw_library_name, "d365sync", BGW_MAXLEN);
+	strlcpy(bgw.bgw_function_name, "d365_worker_main", BGW_MAXLEN);
+	strlcpy(bgw.bgw_name, "d365sync worker", BGW_MAXLEN);
+	strlcpy(bgw.bgw_type, "d365sync worker", BGW_MAXLEN);
+	RegisterBackgroundWorker(&bgw);
+}
+
+/*
+ * d365_progress_claim
+ *		A free run-progress slot for a run of the given kind in this
+ *		backend, or NULL (no shared memory, or every slot taken: progress is
+ *		then simply not shown).  The owner updates its counters under
+ *		d365_shared->mutex and must release the slot on every exit path
+ *		(a memory-context reset callback of the run's context will do).
+ */
+D365Progress *
+d365_progress_claim(const char *kind)
+{
+	D365Progress *slot = NULL;
+	int			i;
+
+	if (d365_shared == NULL)
+		return NULL;
+	SpinLockAcquire(&d365_shared->mutex);
+	for (i = 0; i < D365_PROGRESS_SLOTS; i++)
+	{
+		if (d365_shared->progress[i].pid == 0)
+		{
+			slot = &d365_shared->progress[i];
+			memset(slot, 0, sizeof(D365Progress));
+			slot->pid = MyProcPid;
+			slot->dboid = MyDatabaseId;
+			strlcpy(slot->kind, kind, sizeof(slot->kind));
+			slot->started_at = GetCurrentTimestamp();
+			slot->remaining = -1;
+			break;
+		}
+	}
+	SpinLockRelease(&d365_shared->mutex);
+	return slot;
+}
+
+/*
+ * d365_progress_release
+ *		Give a slot from d365_progress_claim() back (NULL is fine).
+ */
+void
+d365_progress_release(D365Progress *slot)
+{
+	if (slot == NULL || d365_shared == NULL)
+		return;
+	SpinLockAcquire(&d365_shared->mutex);
+	if (slot->pid == MyProcPid)
+		slot->pid = 0;
+	SpinLockRelease(&d365_shared->mutex);
+}
+
+/* ------------------------------------------------------------------------
+ * Waking the worker at commit (runs in ordinary backends)
+ * ------------------------------------------------------------------------
+ */
+
+static void
+wake_xact_callback(XactEvent event, void *arg)
+{
+	Latch	   *latch = NULL;
+
+	if (event == XACT_EVENT_COMMIT && wake_at_commit && d365_shared != NULL)
+	{
+		SpinLockAcquire(&d365_shared->mutex);
+		if (d365_shared->dboid == MyDatabaseId)
+			latch = d365_shared->latch;
+		SpinLockRelease(&d365_shared->mutex);
+		/* a latch of a process that just exited: a harmless spurious wake */
+		if (latch != NULL)
+			SetLatch(latch);
+	}
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		wake_at_commit = false;
+}
+
+/*
+ * d365._worker_wake(always boolean) -> void
+ *		Wake the worker when the current transaction commits: always (a
+ *		settings change), or only while realtime is on (a captured change,
+ *		a logged activity).  Nothing happens on rollback, in the worker
+ *		itself, in another database, or without the preload.  Cheap: the
+ *		capture trigger calls it for every row.
+ */
+Datum
+d365_worker_wake(PG_FUNCTION_ARGS)
+{
+	bool		always = PG_ARGISNULL(0) ? true : PG_GETARG_BOOL(0);
+
+	/* unlocked reads of single fields: a stale value costs one wake at most */
+	if (d365_shared == NULL || d365_shared->pid == MyProcPid ||
+		(!always && !d365_shared->realtime))
+		PG_RETURN_VOID();
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(wake_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	wake_at_commit = true;
+	PG_RETURN_VOID();
+}
+
+static const char *
+phase_name(D365WorkerPhase phase)
+{
+	switch (phase)
+	{
+		case D365W_STOPPED:
+			return "stopped";
+		case D365W_NO_DATABASE:
+			return "waiting for the database";
+		case D365W_NO_EXTENSION:
+			return "waiting for CREATE EXTENSION";
+		case D365W_IDLE:
+			return "idle";
+		case D365W_SENDING:
+			return "sending";
+		case D365W_PULLING:
+			return "pulling";
+		case D365W_BACKING_OFF:
+			return "backing off";
+	}
+	return "unknown";
+}
+
+static Datum
+timestamp_or_null(TimestampTz t, bool *isnull)
+{
+	*isnull = (t == 0);
+	return TimestampTzGetDatum(t);
+}
+
+/*
+ * d365._worker_state() -> (preloaded, running, pid, database, state,
+ *		realtime, started_at, last_wake, last_pass, last_pull, last_error,
+ *		last_error_at)
+ *		A snapshot of the worker's shared state.  Without the preload:
+ *		preloaded false and everything else NULL.
+ */
+Datum
+d365_worker_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[12];
+	bool		nulls[12];
+	D365Shared	s;
+	int			i;
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	for (i = 0; i < 12; i++)
+		nulls[i] = true;
+	values[0] = BoolGetDatum(d365_shared != NULL);
+	nulls[0] = false;
+	if (d365_shared != NULL)
+	{
+		SpinLockAcquire(&d365_shared->mutex);
+		memcpy(&s, d365_shared, offsetof(D365Shared, progress));
+		SpinLockRelease(&d365_shared->mutex);
+
+		values[1] = BoolGetDatum(s.pid != 0);
+		nulls[1] = false;
+		values[2] = Int32GetDatum(s.pid);
+		nulls[2] = (s.pid == 0);
+		if (OidIsValid(s.dboid))
+		{
+			char	   *name = get_database_name(s.dboid);
+
+			if (name != NULL)
+			{
+				values[3] = CStringGetTextDatum(name);
+				nulls[3] = false;
+			}
+		}
+		else if (s.pid != 0)
+		{
+			values[3] = CStringGetTextDatum(d365_worker_database);
+			nulls[3] = false;
+		}
+		values[4] = CStringGetTextDatum(phase_name(s.pid != 0 ? s.phase : D365W_STOPPED));
+		nulls[4] = false;
+		values[5] = BoolGetDatum(s.realtime);
+		nulls[5] = (s.pid == 0);
+		values[6] = timestamp_or_null(s.started_at, &nulls[6]);
+		values[7] = timestamp_or_null(s.last_wake, &nulls[7]);
+		values[8] = timestamp_or_null(s.last_pass, &nulls[8]);
+		values[9] = timestamp_or_null(s.last_pull, &nulls[9]);
+		if (s.last_error[0] != '\0')
+		{
+			values[10] = CStringGetTextDatum(s.last_error);
+			nulls[10] = false;
+		}
+		values[11] = timestamp_or_null(s.last_error_at, &nulls[11]);
+	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(desc), values, nulls)));
+}
+
+/* ------------------------------------------------------------------------
+ * The worker process
+ * ------------------------------------------------------------------------
+ */
+
+static void
+set_phase(D365WorkerPhase phase)
+{
+	SpinLockAcquire(&d365_shared->mutex);
+	d365_shared->phase = phase;
+	SpinLockRelease(&d365_shared->mutex);
+}
+
+/* on_shmem_exit: the worker is gone */
+static void
+worker_detach(int code, Datum arg)
+{
+	SpinLockAcquire(&d365_shared->mutex);
+	d365_shared->pid = 0;
+	d365_shared->latch = NULL;
+	d365_shared->dboid = InvalidOid;
+	d365_shared->phase = D365W_STOPPED;
+	d365_shared->realtime = false;
+	SpinLockRelease(&d365_shared->mutex);
+}
+
+static void
+worker_attach(void)
+{
+	SpinLockAcquire(&d365_shared->mutex);
+	d365_shared->pid = MyProcPid;
+	d365_shared->latch = MyLatch;
+	d365_shared->dboid = MyDatabaseId;
+	d365_shared->started_at = GetCurrentTimestamp();
+	d365_shared->phase = OidIsValid(MyDatabaseId) ? D365W_IDLE : D365W_NO_DATABASE;
+	SpinLockRelease(&d365_shared->mutex);
+	on_shmem_exit(worker_detach, (Datum) 0);
+}
+
+/*
+ * wait_latch
+ *		Sleep until the latch is set or timeout_ms passed (no transaction
+ *		open); returns whether a commit (or anyone) woke us.  Reloads the
+ *		configuration on SIGHUP; SIGTERM ends the process here (die).
+ */
+static bool
+wait_latch(long timeout_ms)
+{
+	int			rc = 0;
+
+	if (timeout_ms > 0)
+	{
+		pgstat_report_activity(STATE_IDLE, NULL);
+		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					   timeout_ms, PG_WAIT_EXTENSION);
+	}
+	ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+	return (rc & WL_LATCH_SET) != 0;
+}
+
+/*
+ * probe_database
+ *		Connected to no database, wait until d365sync.database_name exists,
+ *		then exit so that the postmaster starts us again, connected to it.
+ *		Logs once that it waits.  Does not return.
+ */
+static void
+probe_database(void)
+{
+	bool		logged = false;
+
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	worker_attach();
+	for (;;)
+	{
+		Oid			dboid;
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		dboid = get_database_oid(d365_worker_database, true);
+		CommitTransactionCommand();
+		if (OidIsValid(dboid))
+		{
+			SpinLockAcquire(&d365_shared->mutex);
+			d365_shared->connect_next = true;
+			SpinLockRelease(&d365_shared->mutex);
+			ereport(LOG,
+					(errmsg("d365sync worker found database \"%s\" and restarts to connect to it",
+							d365_worker_database)));
+			proc_exit(1);
+		}
+		if (!logged)
+			ereport(LOG,
+					(errmsg("d365sync worker is waiting for database \"%s\" to exist",
+							d365_worker_database),
+					 errhint("Create the database, or set d365sync.database_name and restart the server.")));
+		logged = true;
+		(void) wait_latch(DATABASE_POLL_MS);
+	}
+}
+
+/* Outcome of one job run by the worker. */
+typedef enum JobOutcome
+{
+	JOB_IDLE,					/* completed, nothing to do */
+	JOB_WORKED,					/* completed with items: look again */
+	JOB_SKIPPED,				/* another run of the job held its lock */
+	JOB_FAILED					/* failed; message says why */
+} JobOutcome;
+
+/* A job and its failure state, kept across passes. */
+typedef struct WorkerJob
+{
+	const char *name;
+	bool		(*fn) (D365Run *run);
+	D365WorkerPhase phase;
+	TimestampTz retry_at;		/* no run before (back-off) */
+	int			backoff_ms;		/* 0 while healthy */
+	TimestampTz failing_since;
+	char	   *logged_error;	/* the failure last logged (TopMemoryContext) */
+} WorkerJob;
+
+static WorkerJob jobs[] = {
+	{"contacts", d365_job_contacts, D365W_SENDING},
+	{"activities", d365_job_activities, D365W_SENDING},
+	{"pull", d365_job_pull, D365W_PULLING},
+};
+
+#define JOB_CONTACTS	0
+#define JOB_ACTIVITIES	1
+#define JOB_PULL		2
+
+/*
+ * run_failure
+ *		Why a completed run should count as failed for the worker's back-off:
+ *		every request it sent failed to reach Dynamics (the items themselves
+ *		are backed off by the record stage).  NULL when it did not.
+ */
+static char *
+run_failure(D365Run *run)
+{
+	D365Op	   *op;
+
+	if (run->first_failure == NULL ||
+		run->counts.created + run->counts.updated + run->counts.unchanged > 0)
+		return NULL;
+	op = run->first_failure->op;
+	if (!op->transport_failure && op->status < 500)
+		return NULL;
+	return psprintf("%s: %s", d365_op_summary(op),
+					op->error_message ? op->error_message : "no answer");
+}
+
+/*
+ * note_outcome
+ *		Keep the job's back-off and the shared last error up to date, and
+ *		log a failure once when it starts or changes, and its end once.
+ */
+static void
+note_outcome(WorkerJob *job, JobOutcome outcome, const char *error)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (outcome != JOB_FAILED)
+	{
+		if (job->logged_error != NULL)
+			ereport(LOG,
+					(errmsg("d365sync worker: %s job works again after %ld s of failures",
+							job->name,
+							(long) ((now - job->failing_since) / USECS_PER_SEC))));
+		if (job->logged_error)
+			pfree(job->logged_error);
+		job->logged_error = NULL;
+		job->backoff_ms = 0;
+		job->retry_at = 0;
+		return;
+	}
+
+	job->backoff_ms = job->backoff_ms == 0 ? BACKOFF_MIN_MS
+		: Min(job->backoff_ms * 2, BACKOFF_MAX_MS);
+	job->retry_at = TimestampTzPlusMilliseconds(now, job->backoff_ms);
+	SpinLockAcquire(&d365_shared->mutex);
+	snprintf(d365_shared->last_error, sizeof(d365_shared->last_error), "%s: %s",
+			 job->name, error);
+	d365_shared->last_error_at = now;
+	SpinLockRelease(&d365_shared->mutex);
+
+	if (job->logged_error != NULL && strcmp(job->logged_error, error) == 0)
+		return;
+	if (job->logged_error == NULL)
+		job->failing_since = now;
+	else
+		pfree(job->logged_error);
+	job->logged_error = MemoryContextStrdup(TopMemoryContext, error);
+	ereport(LOG,
+			(errcode(ERRCODE_CONNECTION_FAILURE),
+			 errmsg("d365sync worker: %s job failed; retrying with back-off up to %d s",
+					job->name, BACKOFF_MAX_MS / 1000),
+			 errdetail_internal("%s", error),
+			 errhint("This is logged once; the worker logs again when the job works or fails differently.")));
+}
+
+/*
+ * run_job
+ *		One run of a job in a transaction of its own, under the job's lock,
+ *		with the worker's time budget.  Recorded in d365.sync_run only when
+ *		it handled items or failed.  Any error (the extension dropped under
+ *		us, a cancel) is caught here: the transaction rolls back and the job
+ *		counts as failed.
+ */
+static JobOutcome
+run_job(WorkerJob *job)
+{
+	MemoryContext worker_cxt = CurrentMemoryContext;
+	int			budget = d365_max_run_time_ms;
+	volatile JobOutcome outcome = JOB_IDLE;
+	char	   *volatile error = NULL;
+
+	set_phase(job->phase);
+	pgstat_report_activity(STATE_RUNNING, job->name);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PG_TRY();
+	{
+		D365Run		run;
+		bool		completed;
+
+		PushActiveSnapshot(GetTransactionSnapshot());
+		d365_run_init(&run, job->name);
+		run.no_record = true;
+		run.quiet = true;
+		d365_max_run_time_ms = budget > 0 ? Min(budget, WORKER_PASS_MS) : WORKER_PASS_MS;
+		completed = job->fn(&run);
+		d365_max_run_time_ms = budget;
+
+		if (run.skipped)
+			outcome = JOB_SKIPPED;
+		else if (!completed)
+		{
+			outcome = JOB_FAILED;
+			error = MemoryContextStrdup(worker_cxt, run.message ? run.message : "failed");
+		}
+		else if ((error = run_failure(&run)) != NULL)
+		{
+			outcome = JOB_FAILED;
+			error = MemoryContextStrdup(worker_cxt, error);
+		}
+		else
+			outcome = run.items > 0 ? JOB_WORKED : JOB_IDLE;
+
+		if (run.items > 0 || outcome == JOB_FAILED)
+		{
+			SPI_connect();
+			d365_run_record(&run);
+			SPI_finish();
+		}
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		d365_max_run_time_ms = budget;
+		MemoryContextSwitchTo(worker_cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		outcome = JOB_FAILED;
+		error = pstrdup(edata->message);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(worker_cxt);
+
+	note_outcome(job, outcome, error);
+	return outcome;
+}
+
+/*
+ * read_settings
+ *		In a short transaction: whether the extension exists in this
+ *		database and, if so, realtime and pull_interval (ms, 0 = none).
+ *		Read through to_jsonb so that a database still on an older
+ *		version of the extension (no such columns) reads as "off".
+ */
+static bool
+read_settings(bool *realtime, int64 *pull_ms)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	bool		present;
+
+	*realtime = false;
+	*pull_ms = 0;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	present = OidIsValid(get_extension_oid("d365sync", true));
+	if (present)
+	{
+		SPI_connect();
+		if (SPI_execute("SELECT coalesce((to_jsonb(s) ->> 'realtime')::boolean, false),"
+						" coalesce((extract(epoch FROM (to_jsonb(s) ->> 'pull_interval')::interval)"
+						" * 1000)::bigint, 0)"
+						" FROM d365.settings s", true, 1) == SPI_OK_SELECT &&
+			SPI_processed == 1)
+		{
+			bool		isnull;
+			Datum		d;
+
+			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			*realtime = !isnull && DatumGetBool(d);
+			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+			*pull_ms = isnull ? 0 : Max(DatumGetInt64(d), 0);
+		}
+		SPI_finish();
+	}
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+	return present;
+}
+
+static long
+ms_until(TimestampTz t)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	return t <= now ? 0 : (long) ((t - now) / 1000) + 1;
+}
+
+/*
+ * worker_pass
+ *		One pass: read the settings, send (realtime), pull (when due).
+ *		Returns how long to sleep before the next pass, in ms (0: at once).
+ *		*next_pull is when the next pull is due (0: at the first chance).
+ */
+static long
+worker_pass(TimestampTz *next_pull, bool *extension_logged)
+{
+	bool		realtime;
+	int64		pull_ms;
+	long		timeout;
+	int			i;
+
+	if (!read_settings(&realtime, &pull_ms))
+	{
+		SpinLockAcquire(&d365_shared->mutex);
+		d365_shared->realtime = false;
+		d365_shared->phase = D365W_NO_EXTENSION;
+		SpinLockRelease(&d365_shared->mutex);
+		if (!*extension_logged)
+			ereport(LOG,
+					(errmsg("d365sync worker is waiting for CREATE EXTENSION d365sync in database \"%s\"",
+							d365_worker_database)));
+		*extension_logged = true;
+		*next_pull = 0;
+		return EXTENSION_POLL_MS;
+	}
+	*extension_logged = false;
+	SpinLockAcquire(&d365_shared->mutex);
+	d365_shared->realtime = realtime;
+	SpinLockRelease(&d365_shared->mutex);
+
+	timeout = realtime ? REALTIME_POLL_MS : IDLE_POLL_MS;
+	if (realtime)
+	{
+		for (i = JOB_CONTACTS; i <= JOB_ACTIVITIES; i++)
+		{
+			JobOutcome o;
+
+			if (ms_until(jobs[i].retry_at) > 0)
+			{
+				timeout = Min(timeout, ms_until(jobs[i].retry_at));
+				continue;
+			}
+			o = run_job(&jobs[i]);
+			if (o == JOB_WORKED)
+				timeout = 0;
+			else if (o == JOB_SKIPPED)
+				timeout = Min(timeout, SKIPPED_RETRY_MS);
+			else if (o == JOB_FAILED)
+				timeout = Min(timeout, ms_until(jobs[i].retry_at));
+		}
+	}
+	if (pull_ms > 0)
+	{
+		if (ms_until(*next_pull) == 0 && ms_until(jobs[JOB_PULL].retry_at) == 0)
+		{
+			JobOutcome o = run_job(&jobs[JOB_PULL]);
+
+			if (o == JOB_IDLE || o == JOB_WORKED)
+			{
+				*next_pull = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), pull_ms);
+				SpinLockAcquire(&d365_shared->mutex);
+				d365_shared->last_pull = GetCurrentTimestamp();
+				SpinLockRelease(&d365_shared->mutex);
+			}
+			else if (o == JOB_SKIPPED)
+				*next_pull = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), SKIPPED_RETRY_MS);
+		}
+		timeout = Min(timeout, Max(ms_until(*next_pull), ms_until(jobs[JOB_PULL].retry_at)));
+	}
+	else
+		*next_pull = 0;
+
+	SpinLockAcquire(&d365_shared->mutex);
+	d365_shared->passes++;
+	d365_shared->last_pass = GetCurrentTimestamp();
+	d365_shared->phase = D365W_IDLE;
+	for (i = 0; i < lengthof(jobs); i++)
+	{
+		if (jobs[i].backoff_ms > 0)
+			d365_shared->phase = D365W_BACKING_OFF;
+	}
+	SpinLockRelease(&d365_shared->mutex);
+	return timeout;
+}
+
+/*
+ * d365_worker_main
+ *		Entry point of the background worker.
+ */
+void
+d365_worker_main(Datum main_arg)
+{
+	bool		connect;
+	TimestampTz next_pull = 0;
+	bool		extension_logged = false;
+	MemoryContext pass_cxt;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	SpinLockAcquire(&d365_shared->mutex);
+	connect = d365_shared->connect_next;
+	d365_shared->connect_next = false;
+	SpinLockRelease(&d365_shared->mutex);
+	if (!connect)
+		probe_database();
+
+	/* FATAL (and a restart into probe_database) if the database is gone */
+	BackgroundWorkerInitializeConnection(d365_worker_database, NULL, 0);
+	worker_attach();
+	ereport(LOG,
+			(errmsg("d365sync worker started in database \"%s\"", d365_worker_database)));
+
+	pass_cxt = AllocSetContextCreate(TopMemoryContext, "d365sync worker pass",
+									 ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		MemoryContext old = MemoryContextSwitchTo(pass_cxt);
+		long		timeout;
+
+		timeout = worker_pass(&next_pull, &extension_logged);
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(pass_cxt);
+
+		if (wait_latch(timeout))
+		{
+			SpinLockAcquire(&d365_shared->mutex);
+			d365_shared->wakes++;
+			d365_shared->last_wake = GetCurrentTimestamp();
+			SpinLockRelease(&d365_shared->mutex);
+		}
+	}
+}
