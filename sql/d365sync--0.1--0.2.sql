@@ -2992,3 +2992,388 @@ COMMENT ON FUNCTION d365.d365_whoami_all() IS
 REVOKE ALL ON d365.app_users FROM PUBLIC;
 REVOKE ALL ON FUNCTION d365._app_users_check(), d365.d365_whoami_all() FROM PUBLIC;
 -- <<< application users (pool)
+
+-- >>> The background worker (docs/worker.md): realtime sending, interval
+-- pulls, the wake at commit, the queue's age in d365_status().
+
+ALTER TABLE d365.settings
+    ADD COLUMN realtime boolean NOT NULL DEFAULT false,
+    ADD COLUMN pull_interval interval;
+COMMENT ON COLUMN d365.settings.realtime IS
+    'The background worker sends contact changes and activities as they commit (needs d365sync in shared_preload_libraries); d365_log_activity then only queues';
+COMMENT ON COLUMN d365.settings.pull_interval IS
+    'The background worker pulls Dynamics changes at this interval (at least 5 seconds; NULL: it does not pull)';
+
+ALTER TABLE d365.contact_state ADD COLUMN pending_since timestamptz DEFAULT now();
+ALTER TABLE d365.contact_change ADD COLUMN noted_at timestamptz NOT NULL DEFAULT now();
+COMMENT ON COLUMN d365.contact_change.noted_at IS
+    'When the change was noted (its transaction''s start); becomes contact_state.pending_since, the start of the queue lag d365_status() shows';
+COMMENT ON COLUMN d365.contact_state.pending_since IS
+    'When the oldest change not yet sent was captured (meaningful while change_seq > synced_seq); d365_status() shows the lag from it';
+
+CREATE FUNCTION d365._worker_wake(always boolean)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_worker_wake'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365._worker_state(
+    OUT preloaded boolean, OUT running boolean, OUT pid integer,
+    OUT database text, OUT state text, OUT realtime boolean,
+    OUT started_at timestamptz, OUT last_wake timestamptz,
+    OUT last_pass timestamptz, OUT last_pull timestamptz,
+    OUT last_error text, OUT last_error_at timestamptz)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_worker_state'
+LANGUAGE C VOLATILE;
+
+REVOKE ALL ON FUNCTION d365._worker_wake(boolean), d365._worker_state() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.pull_interval IS NOT NULL AND NEW.pull_interval < interval '5 seconds' THEN
+        RAISE EXCEPTION 'invalid value for setting "pull_interval"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The interval must be at least 5 seconds; it was %s.', NEW.pull_interval),
+                  HINT = 'Set NULL to stop pulling, or an interval of 5 seconds or more.';
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND (NEW.realtime OR NEW.pull_interval IS NOT NULL)
+       AND (NEW.realtime IS DISTINCT FROM OLD.realtime
+            OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
+        SELECT CASE WHEN NOT w.preloaded
+                    THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
+                    WHEN current_setting('d365sync.database_name', true) IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.',
+                                current_setting('d365sync.database_name', true))
+               END
+          INTO problem FROM d365._worker_state() w;
+        IF problem IS NOT NULL THEN
+            RAISE WARNING 'realtime and pull_interval take effect only where the d365sync worker runs'
+                USING ERRCODE = '01000',
+                      DETAIL = problem,
+                      HINT = 'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.';
+        END IF;
+    END IF;
+
+    -- the worker reads the settings again at the commit of this change
+    PERFORM d365._worker_wake(true);
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id,
+               realtime = NEW.realtime,
+               pull_interval = NEW.pull_interval;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._field_map_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE d365.contact_state SET change_seq = change_seq + 1, pending_since = now()
+     WHERE synced IS NOT NULL AND change_seq = synced_seq;
+    PERFORM d365._contact_capture_install();
+    PERFORM d365._worker_wake(false);
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_fold_changes()
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365.contact_change q
+         WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM d365.contact_change FOR UPDATE SKIP LOCKED))
+        RETURNING q.contact_key, q.noted_at)
+    INSERT INTO d365.contact_state AS s (contact_key, pending_since)
+    SELECT contact_key, min(noted_at) FROM gone GROUP BY contact_key
+    ON CONFLICT (contact_key) DO UPDATE
+       SET change_seq = s.change_seq + 1,
+           -- the lag counts from the oldest change not yet sent
+           pending_since = CASE WHEN s.change_seq > s.synced_seq THEN s.pending_since
+                                ELSE EXCLUDED.pending_since END
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_log_activity(
+    contact_key anyelement,
+    activity_type text,
+    subject text DEFAULT NULL,
+    details jsonb DEFAULT '{}',
+    occurred_at timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    link uuid := d365._contact_for_activity(d365._key_text(contact_key), false);
+    new_id bigint;
+BEGIN
+    INSERT INTO d365.activity (contact_key, activity_type, subject, details, occurred_at)
+    VALUES (d365._key_text(contact_key), activity_type, subject, coalesce(details, '{}'), coalesce(occurred_at, now()))
+    RETURNING id INTO new_id;
+    IF link IS NOT NULL AND (SELECT activity_sync_enabled FROM d365.settings) THEN
+        IF (SELECT realtime FROM d365.settings) THEN
+            -- queued: the background worker sends it once this transaction
+            -- commits, and never if it rolls back
+            PERFORM d365._worker_wake(false);
+        ELSE
+            PERFORM d365._send_activity(new_id, false);
+        END IF;
+    END IF;
+    RETURN new_id;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_log_activity(anyelement, text, text, jsonb, timestamptz) IS
+    'Logs an activity; when activity sync is on and the contact is linked, creates it in Dynamics at once, or with realtime on queues it for the background worker (sent at commit); else it stays pending';
+
+CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    attached boolean;
+    problem text;
+    w record;
+    n bigint;
+    queued bigint := 0;
+    oldest timestamptz;
+    since timestamptz;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+    item := 'realtime'; value := s.realtime::text; RETURN NEXT;
+    item := 'pull interval'; value := coalesce(s.pull_interval::text, '(none)'); RETURN NEXT;
+
+    -- the background worker (docs/worker.md)
+    SELECT * INTO w FROM d365._worker_state();
+    item := 'worker';
+    value := CASE
+        WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
+        WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
+        WHEN w.database IS DISTINCT FROM current_database()
+            THEN format('running in database %s, not in this one (pid %s)', w.database, w.pid)
+        ELSE format('running (pid %s, %s, since %s)', w.pid, w.state,
+                    to_char(w.started_at, 'YYYY-MM-DD HH24:MI:SS TZ')) END;
+    RETURN NEXT;
+    IF w.running AND w.database = current_database() THEN
+        item := 'worker last wake';
+        value := coalesce(to_char(w.last_wake, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+        item := 'worker last pull';
+        value := coalesce(to_char(w.last_pull, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+    END IF;
+    IF w.last_error IS NOT NULL THEN
+        item := 'worker last error';
+        value := format('%s at %s', w.last_error, to_char(w.last_error_at, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END IF;
+
+    SELECT * INTO src FROM d365.contact_source;
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        -- the queue's age: folded changes not backing off after a failure
+        -- (pending_since), changes not folded yet (noted_at), activities of
+        -- linked contacts (logged_at)
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
+        EXECUTE format('SELECT count(*), min(a.logged_at) FILTER (WHERE a.attempts = 0)'
+                       '  FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                       ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table, src.key_column) INTO n, since;
+        queued := queued + n;
+        oldest := least(oldest, since);
+        item := 'queue length'; value := queued::text; RETURN NEXT;
+        item := 'queue lag';
+        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
+                          '(nothing pending)');
+        RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_status() IS
+    'At a glance: what is enabled, backlog, failures, the last run of each job and the last error';
+
+-- <<< The background worker

@@ -91,3 +91,16 @@ RESET d365sync.request_timeout_ms;
 REVOKE ALL ON d365.settings FROM regress_app;
 REVOKE ALL ON SCHEMA d365 FROM regress_app;
 DROP ROLE regress_app;
+
+-- the background worker's settings: realtime, and pull_interval of 5 s or
+-- more; without the preload a WARNING says no worker runs (the scheduled
+-- jobs still do the work), and d365_status() says so
+SELECT realtime, pull_interval FROM d365.settings;
+UPDATE d365.settings SET pull_interval = '4 seconds';
+UPDATE d365.settings SET pull_interval = '-1 minute';
+UPDATE d365.settings SET realtime = true, pull_interval = '5 seconds';
+SELECT realtime, pull_interval FROM d365.settings;
+SELECT item, value FROM d365.d365_status()
+ WHERE item IN ('realtime', 'pull interval', 'worker', 'worker last wake');
+SELECT preloaded, running, pid, state FROM d365._worker_state();
+UPDATE d365.settings SET realtime = false, pull_interval = NULL;

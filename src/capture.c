@@ -45,6 +45,8 @@
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 
+#include "worker.h"
+
 PG_FUNCTION_INFO_V1(d365_capture_row);
 PG_FUNCTION_INFO_V1(d365_capture_flush);
 
@@ -328,6 +330,8 @@ d365_capture_flush(PG_FUNCTION_ARGS)
 					 1, args);
 		}
 		SPI_finish();
+		/* with realtime on, the background worker sends them at commit */
+		d365_worker_wake_at_commit(false);
 	}
 
 	for (i = 0; i < n_noted; i++)

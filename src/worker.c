@@ -17,8 +17,9 @@
  * same record.
  *
  * Woken at commit.  A backend whose transaction changed a contact or
- * logged an activity calls d365._worker_wake() (from the capture trigger
- * and d365_log_activity); that only arms a flag, and a transaction callback
+ * logged an activity arms a wake (d365_worker_wake_at_commit() from the
+ * capture trigger, d365._worker_wake() from d365_log_activity and the
+ * settings trigger); that only sets a flag, and a transaction callback
  * sets the worker's latch at COMMIT, after the commit is visible.  A
  * rolled-back transaction wakes nobody.  (A background worker has no
  * client connection to receive NOTIFY on, hence the latch.)  Whatever
@@ -267,19 +268,27 @@ wake_xact_callback(XactEvent event, void *arg)
 Datum
 d365_worker_wake(PG_FUNCTION_ARGS)
 {
-	bool		always = PG_ARGISNULL(0) ? true : PG_GETARG_BOOL(0);
+	d365_worker_wake_at_commit(PG_ARGISNULL(0) ? true : PG_GETARG_BOOL(0));
+	PG_RETURN_VOID();
+}
 
+/*
+ * d365_worker_wake_at_commit
+ *		The C side of d365._worker_wake(), for the capture trigger.
+ */
+void
+d365_worker_wake_at_commit(bool always)
+{
 	/* unlocked reads of single fields: a stale value costs one wake at most */
 	if (d365_shared == NULL || d365_shared->pid == MyProcPid ||
 		(!always && !d365_shared->realtime))
-		PG_RETURN_VOID();
+		return;
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(wake_xact_callback, NULL);
 		xact_callback_registered = true;
 	}
 	wake_at_commit = true;
-	PG_RETURN_VOID();
 }
 
 static const char *

@@ -74,6 +74,7 @@ extern D365Shared *d365_shared;
 extern char *d365_worker_database;
 
 extern void d365_worker_init(void);
+extern void d365_worker_wake_at_commit(bool always);
 extern D365Progress *d365_progress_claim(const char *kind);
 extern void d365_progress_release(D365Progress *slot);
 

@@ -33,7 +33,9 @@ CREATE TABLE d365.settings (
     activity_sync_enabled boolean NOT NULL DEFAULT false,
     default_owner         text,
     incoming_mapper       regprocedure,
-    instance_id           uuid NOT NULL DEFAULT gen_random_uuid()
+    instance_id           uuid NOT NULL DEFAULT gen_random_uuid(),
+    realtime              boolean NOT NULL DEFAULT false,
+    pull_interval         interval
 );
 
 COMMENT ON TABLE d365.settings IS
@@ -62,6 +64,34 @@ COMMENT ON COLUMN d365.settings.incoming_mapper IS
     'Optional function (dynamics jsonb, local jsonb, mapping jsonb) returning {column: value}; replaces the changed-column computation of incoming changes';
 COMMENT ON COLUMN d365.settings.instance_id IS
     'Random id of this installation; Dynamics ids of new contacts are derived from it';
+COMMENT ON COLUMN d365.settings.realtime IS
+    'The background worker sends contact changes and activities as they commit (needs d365sync in shared_preload_libraries); d365_log_activity then only queues';
+COMMENT ON COLUMN d365.settings.pull_interval IS
+    'The background worker pulls Dynamics changes at this interval (at least 5 seconds; NULL: it does not pull)';
+
+/*
+ * The background worker's side of the catalog (src/worker.c,
+ * docs/worker.md).  _worker_wake arms a wake of the worker at the commit of
+ * the current transaction: always, or only while realtime is on; a no-op
+ * without the preload, in another database or on rollback.  _worker_state
+ * reads the worker's shared state for d365_status().
+ */
+CREATE FUNCTION d365._worker_wake(always boolean)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_worker_wake'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365._worker_state(
+    OUT preloaded boolean, OUT running boolean, OUT pid integer,
+    OUT database text, OUT state text, OUT realtime boolean,
+    OUT started_at timestamptz, OUT last_wake timestamptz,
+    OUT last_pass timestamptz, OUT last_pull timestamptz,
+    OUT last_error text, OUT last_error_at timestamptz)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_worker_state'
+LANGUAGE C VOLATILE;
 
 /*
  * Reports why a URL may not be used for Dynamics 365 requests, or NULL when
@@ -190,6 +220,33 @@ BEGIN
     -- NOT NULL and CHECK constraints, tested here with errors of our own:
     -- PostgreSQL's would print the whole row, the client secret included
     PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.pull_interval IS NOT NULL AND NEW.pull_interval < interval '5 seconds' THEN
+        RAISE EXCEPTION 'invalid value for setting "pull_interval"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The interval must be at least 5 seconds; it was %s.', NEW.pull_interval),
+                  HINT = 'Set NULL to stop pulling, or an interval of 5 seconds or more.';
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND (NEW.realtime OR NEW.pull_interval IS NOT NULL)
+       AND (NEW.realtime IS DISTINCT FROM OLD.realtime
+            OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
+        SELECT CASE WHEN NOT w.preloaded
+                    THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
+                    WHEN current_setting('d365sync.database_name', true) IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.',
+                                current_setting('d365sync.database_name', true))
+               END
+          INTO problem FROM d365._worker_state() w;
+        IF problem IS NOT NULL THEN
+            RAISE WARNING 'realtime and pull_interval take effect only where the d365sync worker runs'
+                USING ERRCODE = '01000',
+                      DETAIL = problem,
+                      HINT = 'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.';
+        END IF;
+    END IF;
+
+    -- the worker reads the settings again at the commit of this change
+    PERFORM d365._worker_wake(true);
 
     IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
         -- The table holds exactly one row.  An INSERT (pg_dump's restore of
@@ -203,7 +260,9 @@ BEGIN
                activity_sync_enabled = NEW.activity_sync_enabled,
                default_owner = NEW.default_owner,
                incoming_mapper = NEW.incoming_mapper,
-               instance_id = NEW.instance_id;
+               instance_id = NEW.instance_id,
+               realtime = NEW.realtime,
+               pull_interval = NEW.pull_interval;
         RETURN NULL;
     END IF;
     RETURN NEW;

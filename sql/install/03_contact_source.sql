@@ -47,7 +47,8 @@ CREATE TABLE d365.contact_state (
     last_status       integer,
     last_error_code   text,
     last_error        text,
-    dynamics_id       uuid
+    dynamics_id       uuid,
+    pending_since     timestamptz DEFAULT now()
 );
 CREATE INDEX contact_state_failing_idx ON d365.contact_state (next_attempt_at)
     WHERE attempts > 0;
@@ -60,6 +61,8 @@ COMMENT ON COLUMN d365.contact_state.generation IS
     'Identity of the key''s current person: raised whenever the key stops belonging to one (delete, truncate, key change, deleted in Dynamics)';
 COMMENT ON COLUMN d365.contact_state.dynamics_id IS
     'The Dynamics contact this state (snapshot, failures) belongs to; NULL until linked';
+COMMENT ON COLUMN d365.contact_state.pending_since IS
+    'When the oldest change not yet sent was captured (meaningful while change_seq > synced_seq); d365_status() shows the lag from it';
 
 /*
  * Contacts whose mapped columns changed, noted by the capture trigger and
@@ -68,11 +71,14 @@ COMMENT ON COLUMN d365.contact_state.dynamics_id IS
  * change_seq first (d365._contact_fold_changes).
  */
 CREATE TABLE d365.contact_change (
-    contact_key text NOT NULL
+    contact_key text NOT NULL,
+    noted_at    timestamptz NOT NULL DEFAULT now()
 );
 SELECT pg_catalog.pg_extension_config_dump('d365.contact_change', '');
 COMMENT ON TABLE d365.contact_change IS
     'Changed contacts noted by the capture trigger, folded into contact_state by the next contact sync';
+COMMENT ON COLUMN d365.contact_change.noted_at IS
+    'When the change was noted (its transaction''s start); becomes contact_state.pending_since, the start of the queue lag d365_status() shows';
 
 
 /*
@@ -465,9 +471,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    UPDATE d365.contact_state SET change_seq = change_seq + 1
+    UPDATE d365.contact_state SET change_seq = change_seq + 1, pending_since = now()
      WHERE synced IS NOT NULL AND change_seq = synced_seq;
     PERFORM d365._contact_capture_install();
+    PERFORM d365._worker_wake(false);
     RETURN NULL;
 END;
 $$;

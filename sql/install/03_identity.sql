@@ -198,10 +198,14 @@ AS $$
     WITH gone AS (
         DELETE FROM d365.contact_change q
          WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM d365.contact_change FOR UPDATE SKIP LOCKED))
-        RETURNING q.contact_key)
-    INSERT INTO d365.contact_state AS s (contact_key)
-    SELECT DISTINCT contact_key FROM gone
-    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1
+        RETURNING q.contact_key, q.noted_at)
+    INSERT INTO d365.contact_state AS s (contact_key, pending_since)
+    SELECT contact_key, min(noted_at) FROM gone GROUP BY contact_key
+    ON CONFLICT (contact_key) DO UPDATE
+       SET change_seq = s.change_seq + 1,
+           -- the lag counts from the oldest change not yet sent
+           pending_since = CASE WHEN s.change_seq > s.synced_seq THEN s.pending_since
+                                ELSE EXCLUDED.pending_since END
 $$;
 
 /*

@@ -438,13 +438,19 @@ BEGIN
     VALUES (d365._key_text(contact_key), activity_type, subject, coalesce(details, '{}'), coalesce(occurred_at, now()))
     RETURNING id INTO new_id;
     IF link IS NOT NULL AND (SELECT activity_sync_enabled FROM d365.settings) THEN
-        PERFORM d365._send_activity(new_id, false);
+        IF (SELECT realtime FROM d365.settings) THEN
+            -- queued: the background worker sends it once this transaction
+            -- commits, and never if it rolls back
+            PERFORM d365._worker_wake(false);
+        ELSE
+            PERFORM d365._send_activity(new_id, false);
+        END IF;
     END IF;
     RETURN new_id;
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_log_activity(anyelement, text, text, jsonb, timestamptz) IS
-    'Logs an activity; when activity sync is on and the contact is linked, creates it in Dynamics at once (else it stays pending)';
+    'Logs an activity; when activity sync is on and the contact is linked, creates it in Dynamics at once, or with realtime on queues it for the background worker (sent at commit); else it stays pending';
 
 CREATE FUNCTION d365.d365_create_task(
     contact_key anyelement,

@@ -12,7 +12,11 @@ DECLARE
     src d365.contact_source;
     attached boolean;
     problem text;
+    w record;
     n bigint;
+    queued bigint := 0;
+    oldest timestamptz;
+    since timestamptz;
     r record;
 BEGIN
     SELECT * INTO s FROM d365.settings;
@@ -28,6 +32,33 @@ BEGIN
     RETURN NEXT;
     item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
     item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+    item := 'realtime'; value := s.realtime::text; RETURN NEXT;
+    item := 'pull interval'; value := coalesce(s.pull_interval::text, '(none)'); RETURN NEXT;
+
+    -- the background worker (docs/worker.md)
+    SELECT * INTO w FROM d365._worker_state();
+    item := 'worker';
+    value := CASE
+        WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
+        WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
+        WHEN w.database IS DISTINCT FROM current_database()
+            THEN format('running in database %s, not in this one (pid %s)', w.database, w.pid)
+        ELSE format('running (pid %s, %s, since %s)', w.pid, w.state,
+                    to_char(w.started_at, 'YYYY-MM-DD HH24:MI:SS TZ')) END;
+    RETURN NEXT;
+    IF w.running AND w.database = current_database() THEN
+        item := 'worker last wake';
+        value := coalesce(to_char(w.last_wake, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+        item := 'worker last pull';
+        value := coalesce(to_char(w.last_pull, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+    END IF;
+    IF w.last_error IS NOT NULL THEN
+        item := 'worker last error';
+        value := format('%s at %s', w.last_error, to_char(w.last_error_at, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END IF;
 
     SELECT * INTO src FROM d365.contact_source;
     attached := FOUND;
@@ -44,12 +75,31 @@ BEGIN
         SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
     END IF;
     IF attached AND problem IS NULL THEN
-        EXECUTE format('SELECT count(*) FROM %s WHERE %s', d365._contact_pending_from(src, true),
-                       d365._contact_pending_sql('create', src.score_column, true)) INTO n;
+        -- the queue's age: folded changes not backing off after a failure
+        -- (pending_since), changes not folded yet (noted_at), activities of
+        -- linked contacts (logged_at)
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
         item := 'contacts to create'; value := n::text; RETURN NEXT;
-        EXECUTE format('SELECT count(*) FROM %s WHERE %s', d365._contact_pending_from(src, true),
-                       d365._contact_pending_sql('update', src.score_column, true)) INTO n;
+        queued := queued + n;
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
         item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
+        EXECUTE format('SELECT count(*), min(a.logged_at) FILTER (WHERE a.attempts = 0)'
+                       '  FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                       ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table, src.key_column) INTO n, since;
+        queued := queued + n;
+        oldest := least(oldest, since);
+        item := 'queue length'; value := queued::text; RETURN NEXT;
+        item := 'queue lag';
+        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
+                          '(nothing pending)');
+        RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;
         item := 'contacts linked'; value := n::text; RETURN NEXT;
