@@ -6,6 +6,9 @@
 #   d365_install_packages   apt-get the build and run dependencies (root)
 #   d365_build              make && make install against PostgreSQL 15
 #   d365_start_cluster DB   throwaway cluster, pg_cron preloaded for DB
+#   d365_start_preloaded_cluster DB
+#                           the same with d365sync preloaded too: its
+#                           background worker serves DB
 #   d365_start_sim [args]   the Dataverse simulator on 127.0.0.1 (http+https)
 #   d365_stop_all           stop the simulator and the cluster, remove files
 #
@@ -43,10 +46,17 @@ d365_build() {
     make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no install >/dev/null
 }
 
-# d365_start_cluster DBNAME: initdb + start with pg_cron for DBNAME.
+# d365_start_cluster DBNAME [PRELOAD]: initdb + start with pg_cron for
+# DBNAME.  PRELOAD is shared_preload_libraries (default pg_cron); when it
+# names d365sync, its worker is pointed at DBNAME and LOG lines are kept.
 # Sets D365_WORK, PGHOST, PGPORT, PGUSER, PGDATA.
 d365_start_cluster() {
-    local db=$1
+    local db=$1 preload=${2:-pg_cron} extra=""
+    case ",$preload," in
+        *,d365sync,*) extra="d365sync.database_name = '$db'
+log_min_messages = log" ;;
+        *) extra="log_min_messages = warning" ;;
+    esac
     D365_WORK=$(mktemp -d /tmp/d365sync.XXXXXX)
     chmod 755 "$D365_WORK"
     mkdir -p "$D365_WORK/sock"
@@ -58,16 +68,24 @@ d365_start_cluster() {
     cat >>"$PGDATA/postgresql.conf" <<CONF
 listen_addresses = ''
 unix_socket_directories = '$PGHOST'
-shared_preload_libraries = 'pg_cron'
+shared_preload_libraries = '$preload'
 cron.database_name = '$db'
 cron.host = '$PGHOST'
 cron.use_background_workers = on
 max_worker_processes = 16
 fsync = off
-log_min_messages = warning
+$extra
 CONF
     (cd "$D365_WORK" && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGDATA" -w \
         -l "$D365_WORK/postgres.log" start >/dev/null) || { cat "$D365_WORK/postgres.log"; return 1; }
+}
+
+# d365_start_preloaded_cluster DBNAME: a cluster with
+# shared_preload_libraries = 'pg_cron,d365sync' whose d365sync background
+# worker serves DBNAME (the database need not exist yet).  Both kinds of
+# cluster are supported set-ups and both are tested.
+d365_start_preloaded_cluster() {
+    d365_start_cluster "$1" "pg_cron,d365sync"
 }
 
 # d365_start_sim [extra simulator flags]: http and https on free ports.
