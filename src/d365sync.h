@@ -36,6 +36,11 @@
  *	  src/contacts_out.c	05_contacts_out: the outgoing contact engine
  *	  src/activities.c		06_activities: the activity engine
  *	  src/incoming.c		07_incoming: the change-tracking pull
+ *	  src/jobs.h			the three scheduled jobs as runs (in the rooms
+ *							above), shared by the SQL functions and the worker
+ *	  src/worker.c			the background worker (with the preload): woken
+ *							at commit, runs the jobs; its shared memory, which
+ *							08_status_schedule reads
  *	  (08_status_schedule and 09_privileges are SQL only)
  *
  * One contact's way out: its capture trigger marks it pending; the engine
