@@ -261,7 +261,7 @@ fi
 # 5. rollback: an activity of a rolled-back transaction never leaves
 # --------------------------------------------------------------------------
 seq0=$(simctl last-seq)
-psqlq <<'SQL'
+psqlq >/dev/null <<'SQL'
 BEGIN;
 SELECT d365.d365_log_activity(1, 'phonecall', 'Rolled back call') IS NOT NULL;
 UPDATE lead SET phone = '+1 555 0999' WHERE id = 1;
