@@ -49,7 +49,8 @@ demo_sql() {
 
 d365_install_packages || exit 1
 d365_build || exit 1
-d365_start_cluster "$DEMO_DB" || exit 1
+# d365sync preloaded too: its background worker serves the demo database
+d365_start_preloaded_cluster "$DEMO_DB" || exit 1
 d365_start_sim || exit 1
 
 # ---------------------------------------------------------------------------
@@ -303,6 +304,55 @@ SELECT id, first_name, city FROM crm_person WHERE id = 4;
 SQL
 }
 demo_incoming
+
+# ---------------------------------------------------------------------------
+# Near real time: the background worker (docs/worker.md).  The cluster has
+# d365sync in shared_preload_libraries and d365sync.database_name = d365demo.
+demo_realtime() {
+    local i
+    d365_log "near real time: the background worker sends what commits and pulls every 5 s"
+    for i in $(seq 1 100); do
+        [ "$(psql -X -q -At -d "$DEMO_DB" -c "SELECT value LIKE 'running%' FROM d365_status() WHERE item = 'worker'")" = t ] && break
+        sleep 0.1
+    done
+    demo_sql <<'SQL'
+\set ECHO all
+UPDATE d365.settings SET realtime = true, pull_interval = '5 seconds';
+SELECT item, value FROM d365_status() WHERE item IN ('realtime', 'pull interval', 'worker');
+-- a new lead: nobody calls a sync function
+INSERT INTO crm_person (first_name, last_name, email, city, score)
+VALUES ('Nora', 'Lindqvist', 'nora.lindqvist@example.com', 'Stockholm', 77);
+SELECT pg_sleep(0.5);
+SELECT id, first_name, dynamics365_related_id IS NOT NULL AS in_dynamics
+  FROM crm_person WHERE email = 'nora.lindqvist@example.com';
+\! "$D365_SIMCTL" rows contact | grep -c 'nora.lindqvist@example.com'
+-- an activity is sent once its transaction commits; a rolled-back one never
+BEGIN;
+SELECT d365_log_activity((SELECT id FROM crm_person WHERE first_name = 'Nora'), 'phonecall', 'Welcome call with Nora');
+ROLLBACK;
+SELECT d365_log_activity((SELECT id FROM crm_person WHERE first_name = 'Nora'), 'phonecall', 'First call with Nora');
+SELECT pg_sleep(0.5);
+SELECT subject, synced_at IS NOT NULL AS in_dynamics FROM d365.activity
+ WHERE subject LIKE '%Nora' ORDER BY id;
+SQL
+    # A sales person edits Nora in Dynamics; the worker's next pull brings it.
+    psql -X -q -At -d "$DEMO_DB" -c "SELECT json_build_object('op', 'update',
+            'id', dynamics365_related_id, 'values', json_build_object('telephone1', '+46 8 555 0177'))
+            FROM crm_person WHERE first_name = 'Nora'" | "$D365_SIMCTL" edit contact - || exit 1
+    for i in $(seq 1 150); do
+        [ "$(psql -X -q -At -d "$DEMO_DB" -c "SELECT phone FROM crm_person WHERE first_name = 'Nora'")" = "+46 8 555 0177" ] && break
+        sleep 0.1
+    done
+    demo_sql <<'SQL'
+\set ECHO all
+-- edited in Dynamics a moment ago; nobody called d365_pull_changes()
+SELECT id, first_name, phone FROM crm_person WHERE first_name = 'Nora';
+SELECT item, value FROM d365_status()
+ WHERE item IN ('worker last wake', 'worker last pull', 'queue length', 'queue lag');
+UPDATE d365.settings SET realtime = false, pull_interval = NULL;
+SQL
+}
+demo_realtime
 
 # ---------------------------------------------------------------------------
 d365_log "status at a glance"

@@ -545,6 +545,16 @@ run_failure(D365Run *run)
 					op->error_message ? op->error_message : "no answer");
 }
 
+/* whether a completed run handled anything (items, or pulled changes) */
+static bool
+worked(D365Run *run)
+{
+	D365Counts *c = &run->counts;
+
+	return run->items > 0 ||
+		c->created + c->updated + c->unchanged + c->failed + c->unlinked > 0;
+}
+
 /*
  * note_outcome
  *		Keep the job's back-off and the shared last error up to date, and
@@ -640,9 +650,9 @@ run_job(WorkerJob *job)
 			error = MemoryContextStrdup(worker_cxt, error);
 		}
 		else
-			outcome = run.items > 0 ? JOB_WORKED : JOB_IDLE;
+			outcome = worked(&run) ? JOB_WORKED : JOB_IDLE;
 
-		if (run.items > 0 || outcome == JOB_FAILED)
+		if (outcome != JOB_IDLE)
 		{
 			SPI_connect();
 			d365_run_record(&run);
@@ -783,6 +793,13 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 		{
 			JobOutcome o = run_job(&jobs[JOB_PULL]);
 
+			/*
+			 * Applied changes leave their contacts pending (the capture
+			 * trigger fired); the contact job settles them as unchanged at
+			 * once instead of at the next poll.
+			 */
+			if (o == JOB_WORKED && realtime)
+				timeout = 0;
 			if (o == JOB_IDLE || o == JOB_WORKED)
 			{
 				*next_pull = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), pull_ms);
