@@ -652,7 +652,7 @@ run_job(WorkerJob *job)
 		else
 			outcome = worked(&run) ? JOB_WORKED : JOB_IDLE;
 
-		if (outcome != JOB_IDLE)
+		if (outcome == JOB_WORKED || outcome == JOB_FAILED)
 		{
 			SPI_connect();
 			d365_run_record(&run);
