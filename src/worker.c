@@ -686,42 +686,59 @@ run_job(WorkerJob *job)
  *		In a short transaction: whether the extension exists in this
  *		database and, if so, realtime and pull_interval (ms, 0 = none).
  *		Read through to_jsonb so that a database still on an older
- *		version of the extension (no such columns) reads as "off".
+ *		version of the extension (no such columns) reads as "off".  An
+ *		error (the extension dropped while we look) reads as "not there":
+ *		the next pass looks again.
  */
 static bool
 read_settings(bool *realtime, int64 *pull_ms)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	bool		present;
+	volatile bool present = false;
+	volatile bool on = false;
+	volatile int64 ms = 0;
 
-	*realtime = false;
-	*pull_ms = 0;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	present = OidIsValid(get_extension_oid("d365sync", true));
-	if (present)
+	PG_TRY();
 	{
-		SPI_connect();
-		if (SPI_execute("SELECT coalesce((to_jsonb(s) ->> 'realtime')::boolean, false),"
-						" coalesce((extract(epoch FROM (to_jsonb(s) ->> 'pull_interval')::interval)"
-						" * 1000)::bigint, 0)"
-						" FROM d365.settings s", true, 1) == SPI_OK_SELECT &&
-			SPI_processed == 1)
+		PushActiveSnapshot(GetTransactionSnapshot());
+		present = OidIsValid(get_extension_oid("d365sync", true));
+		if (present)
 		{
-			bool		isnull;
-			Datum		d;
+			SPI_connect();
+			if (SPI_execute("SELECT coalesce((to_jsonb(s) ->> 'realtime')::boolean, false),"
+							" coalesce((extract(epoch FROM (to_jsonb(s) ->> 'pull_interval')::interval)"
+							" * 1000)::bigint, 0)"
+							" FROM d365.settings s", true, 1) == SPI_OK_SELECT &&
+				SPI_processed == 1)
+			{
+				bool		isnull;
+				Datum		d;
 
-			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			*realtime = !isnull && DatumGetBool(d);
-			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-			*pull_ms = isnull ? 0 : Max(DatumGetInt64(d), 0);
+				d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+				on = !isnull && DatumGetBool(d);
+				d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+				ms = isnull ? 0 : Max(DatumGetInt64(d), 0);
+			}
+			SPI_finish();
 		}
-		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
 	}
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(caller);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		present = false;
+		on = false;
+		ms = 0;
+	}
+	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
+	*realtime = on;
+	*pull_ms = ms;
 	return present;
 }
 
