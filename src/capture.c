@@ -307,6 +307,13 @@ d365_capture_flush(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("d365._contact_capture_flush() must be called as a trigger")));
+	/*
+	 * New rows are found by the contact job's work query, not through the
+	 * queue: an INSERT wakes the background worker (with realtime on) at
+	 * commit all the same.
+	 */
+	if (TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event))
+		d365_worker_wake_at_commit(false);
 	if (n_noted == 0)
 		return PointerGetDatum(NULL);
 
