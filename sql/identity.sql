@@ -112,7 +112,7 @@ SELECT * FROM dynamics_people WHERE dynamics_name = 'Bob' ORDER BY linked_row;
 -- notes its key; a rolled-back subtransaction's changes are forgotten
 TRUNCATE d365.contact_change;
 UPDATE ident SET score = score + 1;
-SELECT count(*) AS noted_after_unmapped FROM d365.contact_change;
+SELECT count(*) AS noted_after_unmapped FROM d365.contact_change, unnest(keys);
 UPDATE ident SET email = upper(email) WHERE id = 1;
 BEGIN;
 UPDATE ident SET first_name = 'Janet' WHERE id = 4;
@@ -120,7 +120,7 @@ SAVEPOINT s;
 UPDATE ident SET first_name = 'Nobody' WHERE id = 3;
 ROLLBACK TO SAVEPOINT s;
 COMMIT;
-SELECT contact_key FROM d365.contact_change ORDER BY 1;
+SELECT k AS contact_key FROM d365.contact_change, unnest(keys) k ORDER BY 1;
 SELECT item, value FROM d365_status() WHERE item = 'contacts with pending changes';
 -- the WHEN clause follows the field map
 SELECT regexp_replace(pg_get_triggerdef(oid), '.* WHEN (.*) EXECUTE .*', '\1') AS watched
@@ -130,6 +130,16 @@ SELECT regexp_replace(pg_get_triggerdef(oid), '.* WHEN (.*) EXECUTE .*', '\1') A
   FROM pg_trigger WHERE tgrelid = 'ident'::regclass AND tgname = 'd365_capture_update';
 INSERT INTO d365.field_map VALUES ('email', 'emailaddress1');
 SELECT created, updated FROM d365_sync_contacts();
+
+-- a statement that changes more rows than one chunk holds (65536) is noted
+-- in chunks, so the memory it takes stays bounded
+INSERT INTO ident SELECT g, 'Bulk', NULL, 1 FROM generate_series(1000, 70999) g;
+TRUNCATE d365.contact_change;
+UPDATE ident SET first_name = 'Bulk too' WHERE id >= 1000;
+SELECT count(*) AS queue_rows, sum(cardinality(keys)) AS keys FROM d365.contact_change;
+SELECT count(DISTINCT k) AS distinct_keys FROM d365.contact_change, unnest(keys) k;
+DELETE FROM ident WHERE id >= 1000;
+TRUNCATE d365.contact_change;
 
 -- the capture runs no code of the table's owner with the extension's
 -- rights: a cast to json on a column type never fires for a writer's rows

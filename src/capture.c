@@ -16,8 +16,11 @@
  *		key type to text and a copy, nothing else.
  *	 d365_capture_update_flush, d365_capture_insert_flush  AFTER ... FOR EACH
  *		STATEMENT: d365_capture_flush() (SECURITY DEFINER) appends the keys
- *		the statement noted to d365.contact_change in one INSERT, and hands
- *		key changes to d365._contact_keys_moved().
+ *		the statement noted to d365.contact_change as one row (a text[] of
+ *		up to FLUSH_CHUNK keys), and hands key changes to
+ *		d365._contact_keys_moved().  A statement that changes more rows than
+ *		that is flushed from the row trigger every FLUSH_CHUNK keys, as the
+ *		extension's owner, so memory stays bounded.
  *
  * The row function reads only the key column, by the attribute number given
  * as the trigger's argument: renaming the column changes nothing here.  A
@@ -37,13 +40,17 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/syscache.h"
 
 #include "worker.h"
 
@@ -63,8 +70,14 @@ static int	n_noted = 0;
 static int	max_noted = 0;
 static bool callbacks_registered = false;
 
+/* keys per row of d365.contact_change, and per flush from the row trigger */
+#define FLUSH_CHUNK 65536
+
 static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr moved_plan = NULL;
+
+static int	first_at_level(int level);
+static void flush_as_owner(int level);
 
 /*
  * capture_xact_callback / capture_subxact_callback
@@ -219,51 +232,49 @@ d365_capture_row(PG_FUNCTION_ARGS)
 	}
 	/* old_key set: the key changed (to new_key, or to NULL) */
 	note_key(new_key, old_key);
+	if (n_noted % FLUSH_CHUNK == 0 &&
+		n_noted - first_at_level(GetCurrentTransactionNestLevel()) >= FLUSH_CHUNK)
+		flush_as_owner(GetCurrentTransactionNestLevel());
 	return PointerGetDatum(NULL);
 }
 
 /*
- * keys_array
- *		The noted keys of nest level >= level as a text[]: the new keys
- *		(moved = false) or the pairs' old and new keys (moved = true, into
- *		*news too).  NULL when there is none.
+ * first_at_level
+ *		Index of the first noted key of nest level >= level.  The array is
+ *		ordered by level: a key is noted at the current level, and a
+ *		subtransaction's keys are relabelled or dropped when it ends.
+ */
+static int
+first_at_level(int level)
+{
+	int			i = n_noted;
+
+	while (i > 0 && noted[i - 1].level >= level)
+		i--;
+	return i;
+}
+
+/*
+ * text_array
+ *		A text[] of n datums (NULL pointers become NULL elements).
  */
 static ArrayType *
-keys_array(int level, bool moved, ArrayType **news)
+text_array(Datum *items, int n)
 {
-	Datum	   *keys = palloc(sizeof(Datum) * Max(n_noted, 1));
-	Datum	   *to = palloc(sizeof(Datum) * Max(n_noted, 1));
-	int			n = 0;
+	bool	   *nulls = palloc0(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
 	int			i;
 
-	for (i = 0; i < n_noted; i++)
-	{
-		if (noted[i].level < level)
-			continue;
-		if (moved && noted[i].old_key != NULL)
-		{
-			keys[n] = PointerGetDatum(noted[i].old_key);
-			to[n++] = noted[i].key ? PointerGetDatum(noted[i].key) : (Datum) 0;
-		}
-		else if (!moved && noted[i].key != NULL)
-			keys[n++] = PointerGetDatum(noted[i].key);
-	}
-	if (n == 0)
-		return NULL;
-	if (moved)
-	{
-		bool	   *nulls = palloc0(sizeof(bool) * n);
-
-		for (i = 0; i < n; i++)
-			nulls[i] = (to[i] == (Datum) 0);
-		*news = construct_md_array(to, nulls, 1, &n, (int[]) {1}, TEXTOID, -1, false, TYPALIGN_INT);
-	}
-	return construct_array(keys, n, TEXTOID, -1, false, TYPALIGN_INT);
+	for (i = 0; i < n; i++)
+		nulls[i] = (items[i] == (Datum) 0);
+	return construct_md_array(items, nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT);
 }
 
 /*
  * run_plan
- *		Executes a saved plan (prepared on first use) with array arguments.
+ *		Executes a saved plan (prepared on first use) with text[] arguments.
+ *		The SQL names only d365's own objects, schema-qualified.
  */
 static void
 run_plan(SPIPlanPtr *plan, const char *sql, int nargs, Datum *args)
@@ -287,22 +298,103 @@ run_plan(SPIPlanPtr *plan, const char *sql, int nargs, Datum *args)
 }
 
 /*
+ * flush_level
+ *		Writes the keys noted at nest level >= level -- key changes through
+ *		d365._contact_keys_moved(), changed keys into d365.contact_change,
+ *		one row per FLUSH_CHUNK keys -- and forgets them.  The caller holds
+ *		the rights of d365's owner.
+ */
+static void
+flush_level(int level)
+{
+	int			first = first_at_level(level);
+	int			n = n_noted - first;
+	Datum	   *olds = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *news = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *keys = palloc(sizeof(Datum) * Min(Max(n, 1), FLUSH_CHUNK));
+	int			n_moved = 0;
+	int			n_keys = 0;
+	int			i;
+
+	if (n <= 0)
+		return;
+	SPI_connect();
+	for (i = first; i < n_noted; i++)
+		if (noted[i].old_key != NULL)
+		{
+			olds[n_moved] = PointerGetDatum(noted[i].old_key);
+			news[n_moved++] = PointerGetDatum(noted[i].key);
+		}
+	if (n_moved > 0)
+	{
+		Datum		args[2] = {PointerGetDatum(text_array(olds, n_moved)),
+		PointerGetDatum(text_array(news, n_moved))};
+
+		run_plan(&moved_plan, "SELECT d365._contact_keys_moved($1, $2)", 2, args);
+	}
+	for (i = first; i <= n_noted; i++)
+	{
+		if (n_keys == FLUSH_CHUNK || (i == n_noted && n_keys > 0))
+		{
+			Datum		args[1] = {PointerGetDatum(text_array(keys, n_keys))};
+
+			run_plan(&insert_plan, "INSERT INTO d365.contact_change (keys) VALUES ($1)", 1, args);
+			n_keys = 0;
+		}
+		if (i < n_noted && noted[i].key != NULL)
+			keys[n_keys++] = PointerGetDatum(noted[i].key);
+	}
+	SPI_finish();
+	n_noted = first;
+	/* with realtime on, the background worker sends them at commit */
+	d365_worker_wake_at_commit(false);
+}
+
+/*
+ * flush_as_owner
+ *		flush_level() from the row trigger, which runs as the writing user:
+ *		as the owner of schema d365 (the extension's owner), in a
+ *		security-restricted operation.  Used when a statement has noted
+ *		FLUSH_CHUNK keys, so that memory stays bounded however many rows it
+ *		changes.
+ */
+static void
+flush_as_owner(int level)
+{
+	Oid			save_userid;
+	int			save_sec_context;
+	Oid			owner;
+	HeapTuple	tup;
+
+	tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(get_namespace_oid("d365", false)));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for schema d365");
+	owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
+	ReleaseSysCache(tup);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	PG_TRY();
+	{
+		flush_level(level);
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+	}
+	PG_END_TRY();
+}
+
+/*
  * d365._contact_capture_flush() -> trigger
  *		AFTER INSERT or UPDATE FOR EACH STATEMENT, SECURITY DEFINER: writes
- *		the keys noted at this nest level -- key changes through
- *		d365._contact_keys_moved(), changed keys into d365.contact_change --
- *		and forgets them.  Runs only d365's own SQL, on text arrays.
+ *		and forgets the keys noted at this nest level.  Runs only d365's own
+ *		SQL, on text arrays.
  */
 Datum
 d365_capture_flush(PG_FUNCTION_ARGS)
 {
-	int			level = GetCurrentTransactionNestLevel();
-	ArrayType  *news = NULL;
-	ArrayType  *olds;
-	ArrayType  *changed;
-	int			i,
-				kept = 0;
-
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
@@ -314,36 +406,7 @@ d365_capture_flush(PG_FUNCTION_ARGS)
 	 */
 	if (TRIGGER_FIRED_BY_INSERT(((TriggerData *) fcinfo->context)->tg_event))
 		d365_worker_wake_at_commit(false);
-	if (n_noted == 0)
-		return PointerGetDatum(NULL);
-
-	olds = keys_array(level, true, &news);
-	changed = keys_array(level, false, NULL);
-	if (olds != NULL || changed != NULL)
-	{
-		SPI_connect();
-		if (olds != NULL)
-		{
-			Datum		args[2] = {PointerGetDatum(olds), PointerGetDatum(news)};
-
-			run_plan(&moved_plan, "SELECT d365._contact_keys_moved($1, $2)", 2, args);
-		}
-		if (changed != NULL)
-		{
-			Datum		args[1] = {PointerGetDatum(changed)};
-
-			run_plan(&insert_plan,
-					 "INSERT INTO d365.contact_change (contact_key) SELECT unnest($1)",
-					 1, args);
-		}
-		SPI_finish();
-		/* with realtime on, the background worker sends them at commit */
-		d365_worker_wake_at_commit(false);
-	}
-
-	for (i = 0; i < n_noted; i++)
-		if (noted[i].level < level)
-			noted[kept++] = noted[i];
-	n_noted = kept;
+	if (n_noted > 0)
+		flush_level(GetCurrentTransactionNestLevel());
 	return PointerGetDatum(NULL);
 }

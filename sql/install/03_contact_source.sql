@@ -66,17 +66,18 @@ COMMENT ON COLUMN d365.contact_state.pending_since IS
 
 /*
  * Contacts whose mapped columns changed, noted by the capture trigger and
- * not yet counted in d365.contact_state: appending here is what keeps the
+ * not yet counted in d365.contact_state: one row per statement that changed
+ * any, holding their keys.  Appending one row is what keeps the
  * application's UPDATEs cheap.  A contact sync folds the queue into
  * change_seq first (d365._contact_fold_changes).
  */
 CREATE TABLE d365.contact_change (
-    contact_key text NOT NULL,
-    noted_at    timestamptz NOT NULL DEFAULT now()
+    keys     text[] NOT NULL,
+    noted_at timestamptz NOT NULL DEFAULT now()
 );
 SELECT pg_catalog.pg_extension_config_dump('d365.contact_change', '');
 COMMENT ON TABLE d365.contact_change IS
-    'Changed contacts noted by the capture trigger, folded into contact_state by the next contact sync';
+    'Keys of contacts changed by one statement each, noted by the capture trigger and folded into contact_state by the next contact sync';
 COMMENT ON COLUMN d365.contact_change.noted_at IS
     'When the change was noted (its transaction''s start); becomes contact_state.pending_since, the start of the queue lag d365_status() shows';
 

@@ -63,7 +63,8 @@ $$;
  *                              C function only notes the key (src/capture.c)
  *   d365_capture_update_flush  AFTER UPDATE, per statement, and
  *   d365_capture_insert_flush  AFTER INSERT, per statement: the noted keys
- *                              go to d365.contact_change in one INSERT
+ *                              go to d365.contact_change, one row per
+ *                              statement
  *   d365_capture_delete        AFTER DELETE, per statement: tombstones
  *   d365_capture_truncate      AFTER TRUNCATE: tombstones for every key
  * The key column is passed by attribute number, so renaming it never breaks
@@ -198,9 +199,9 @@ AS $$
     WITH gone AS (
         DELETE FROM d365.contact_change q
          WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM d365.contact_change FOR UPDATE SKIP LOCKED))
-        RETURNING q.contact_key, q.noted_at)
+        RETURNING q.keys, q.noted_at)
     INSERT INTO d365.contact_state AS s (contact_key, pending_since)
-    SELECT contact_key, min(noted_at) FROM gone GROUP BY contact_key
+    SELECT k, min(g.noted_at) FROM gone g, unnest(g.keys) k GROUP BY k
     ON CONFLICT (contact_key) DO UPDATE
        SET change_seq = s.change_seq + 1,
            -- the lag counts from the oldest change not yet sent

@@ -119,7 +119,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT format('%s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text', src.contact_table, src.key_column)
            || CASE WHEN queued
-                   THEN format(' LEFT JOIN (SELECT DISTINCT contact_key FROM d365.contact_change) q'
+                   THEN format(' LEFT JOIN (SELECT DISTINCT k AS contact_key'
+                               '              FROM d365.contact_change, unnest(keys) k) q'
                                ' ON q.contact_key = c.%I::text', src.key_column)
                    ELSE '' END
 $$;
