@@ -1663,6 +1663,497 @@ SELECT pg_catalog.pg_extension_config_dump('d365.contact_change', '');
 COMMENT ON TABLE d365.contact_change IS
     'Keys of contacts changed by one statement each, noted by the capture trigger and folded into contact_state by the next contact sync';
 
+CREATE OR REPLACE FUNCTION d365._is_guid(txt text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT txt ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' $$;
+
+CREATE OR REPLACE FUNCTION d365._bind_guid(txt text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT g FROM (SELECT substring(txt FROM '^/[A-Za-z0-9_]+\((.*)\)$') AS g) x
+     WHERE d365._is_guid(g)
+$$;
+
+CREATE OR REPLACE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._key_types()
+RETURNS regtype[]
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT ARRAY['smallint', 'integer', 'bigint', 'text', 'character varying', 'uuid']::regtype[] $$;
+
+CREATE OR REPLACE FUNCTION d365._check_key_type(tbl regclass, key_column name)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    typ regtype := (SELECT a.atttypid FROM pg_attribute a
+                     WHERE a.attrelid = tbl AND a.attname = key_column
+                       AND a.attnum > 0 AND NOT a.attisdropped);
+BEGIN
+    IF typ IS NULL OR typ <> ALL (d365._key_types()) THEN
+        RAISE EXCEPTION 'key column "%" of % has type %, which d365sync does not support',
+                        key_column, tbl, coalesce(typ::text, 'none')
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Use a key of type ' || array_to_string(d365._key_types(), ', ') || '.';
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._key_text(contact_key anyelement)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_typeof(contact_key) <> ALL (d365._key_types()) THEN
+        RAISE EXCEPTION 'a contact key of type % is not supported', pg_typeof(contact_key)
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Pass the key as ' || array_to_string(d365._key_types(), ', ') || '.';
+    END IF;
+    RETURN contact_key::text;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_source()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    problem text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    problem := d365._attachment_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
+    END IF;
+    RETURN src;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._owner_sql(op text, only_columns name[],
+    OUT sql text, OUT tbl regclass, OUT columns name[])
+RETURNS record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    key_type text;
+    col name;
+BEGIN
+    tbl := src.contact_table;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = src.key_column;
+    IF op IN ('convert', 'apply') THEN
+        columns := coalesce(only_columns, '{}');
+        IF columns = '{}' THEN
+            RAISE EXCEPTION 'no column to write'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOREACH col IN ARRAY columns LOOP
+            IF col IS NULL OR col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = tbl AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of % cannot be written by d365sync', col, tbl
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Incoming changes write the columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+    END IF;
+    CASE op
+    WHEN 'links' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = u.id,'
+                      '       dynamics365_synchronized_on = CASE WHEN u.id IS NULL THEN NULL'
+                      '                                         ELSE pg_catalog.now() END'
+                      '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),'
+                      '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
+                      '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
+                      ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
+                      '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.array_agg(k) FROM u',
+                      tbl, src.key_column, key_type);
+    WHEN 'unlink' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+                      ' WHERE t.dynamics365_related_id OPERATOR(pg_catalog.=) $1'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.min(k) FROM u',
+                      tbl, src.key_column);
+    WHEN 'convert' THEN
+        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
+                      d365._values_expr('r', columns), tbl);
+    WHEN 'apply' THEN
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      src.key_column, key_type);
+    WHEN 'map' THEN
+        columns := NULL;
+        IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
+            RAISE EXCEPTION 'no incoming mapper is set'
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        sql := format('SELECT %1$s($1, pg_catalog.to_jsonb(c), $2) FROM %2$s c'
+                      ' WHERE c.%3$I OPERATOR(pg_catalog.=) $3::%4$s',
+                      (SELECT incoming_mapper::oid::regproc FROM d365.settings),
+                      tbl, src.key_column, key_type);
+    ELSE
+        RAISE EXCEPTION 'unknown table-owner operation "%"', op
+            USING ERRCODE = 'invalid_parameter_value';
+    END CASE;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._field_map_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE d365.contact_state SET change_seq = change_seq + 1
+     WHERE synced IS NOT NULL AND change_seq = synced_seq;
+    PERFORM d365._contact_capture_install();
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_attach_contacts(
+    contact_table regclass,
+    key_column name DEFAULT 'id',
+    score_column name DEFAULT 'score')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old d365.contact_source;
+    col text;
+BEGIN
+    FOREACH col IN ARRAY ARRAY[key_column, score_column] LOOP
+        IF NOT EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = contact_table AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" does not exist in %', col, contact_table
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT FROM pg_index i
+                    WHERE i.indrelid = contact_table AND i.indisunique AND i.indnatts = 1
+                      AND i.indkey[0] = (SELECT attnum FROM pg_attribute
+                                          WHERE attrelid = contact_table AND attname = key_column)) THEN
+        RAISE EXCEPTION 'column "%" of % is not a unique key', key_column, contact_table
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The key column needs a PRIMARY KEY or UNIQUE constraint of its own.';
+    END IF;
+    PERFORM d365._check_key_type(contact_table, key_column);
+    IF (SELECT format_type(atttypid, NULL) FROM pg_attribute
+         WHERE attrelid = contact_table AND attname = score_column)
+       NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision') THEN
+        RAISE EXCEPTION 'score column "%" is not numeric', score_column
+            USING ERRCODE = 'datatype_mismatch';
+    END IF;
+
+    SELECT * INTO old FROM d365.contact_source;
+    IF FOUND AND old.contact_table <> contact_table
+       AND EXISTS (SELECT FROM pg_class c WHERE c.oid = old.contact_table) THEN
+        RAISE EXCEPTION 'contact table % is already attached', old.contact_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A database syncs one contact table.',
+                  HINT = 'Call d365_detach_contacts() first.';
+    END IF;
+
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_related_id' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_related_id uuid', contact_table);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
+    END IF;
+
+    INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
+    VALUES (contact_table, key_column, score_column)
+    ON CONFLICT (singleton) DO UPDATE
+       SET contact_table = EXCLUDED.contact_table, key_column = EXCLUDED.key_column,
+           score_column = EXCLUDED.score_column;
+    PERFORM d365._contact_capture_drop(contact_table);
+    PERFORM d365._contact_capture_install();
+
+    -- keys deleted while the table was detached are tombstones: a row
+    -- inserted under one of them later gets a Dynamics id of its own
+    EXECUTE format('SELECT d365._contact_tombstone(ARRAY('
+                   '  SELECT s.contact_key FROM d365.contact_state s'
+                   '   WHERE NOT EXISTS (SELECT FROM %s c WHERE c.%I::text = s.contact_key)))',
+                   contact_table, key_column);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_detach_contacts()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- the source first: the field map's trigger then has no table to watch
+    DELETE FROM d365.contact_source;
+    DELETE FROM d365.field_map;
+    IF EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        PERFORM d365._contact_capture_drop(src.contact_table);
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._attachment_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+    trg text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute a
+                    WHERE a.attrelid = src.contact_table AND a.attname = src.score_column
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN format('score column "%s" of %s was renamed or dropped', src.score_column, src.contact_table);
+    END IF;
+    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
+                               'd365_capture_insert_flush', 'd365_capture_delete',
+                               'd365_capture_truncate'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgenabled <> 'D'
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+            RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
+                          trg, src.contact_table);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_tombstone(keys text[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO d365.contact_state AS s (contact_key, change_seq, synced_seq, generation)
+    SELECT DISTINCT k, 0, 0, 1 FROM unnest(keys) k WHERE k IS NOT NULL
+    ON CONFLICT (contact_key) DO UPDATE
+       SET generation = s.generation + 1, synced = NULL, dynamics_id = NULL,
+           synced_seq = s.change_seq, remote_deleted_at = NULL, attempts = 0,
+           next_attempt_at = NULL, last_status = NULL, last_error_code = NULL,
+           last_error = NULL
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_remote_deleted(keys text[], statuses integer[],
+                                             error_codes text[], reasons text[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE d365.contact_state s
+       SET synced = NULL, dynamics_id = NULL, synced_seq = s.change_seq,
+           generation = s.generation + 1, remote_deleted_at = now(), attempts = 0,
+           next_attempt_at = NULL, last_attempt_at = now(), last_status = o.st,
+           last_error_code = o.code, last_error = o.reason
+      FROM unnest(keys, statuses, error_codes, reasons) o(k, st, code, reason)
+     WHERE s.contact_key = o.k
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_keys_moved(old_keys text[], new_keys text[])
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT d365._contact_tombstone(old_keys || new_keys) $$;
+
+CREATE OR REPLACE FUNCTION d365._contact_capture_delete()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_name name;
+    keys text[];
+BEGIN
+    SELECT a.attname INTO key_name FROM pg_attribute a
+     WHERE a.attrelid = TG_RELID AND a.attnum = TG_ARGV[0]::smallint
+       AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types());
+    IF key_name IS NULL THEN
+        RETURN NULL;        -- broken attachment: d365_status() reports it
+    END IF;
+    EXECUTE format('SELECT array_agg(g.%I::text) FROM d365_gone g', key_name) INTO keys;
+    PERFORM d365._contact_tombstone(keys);
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_capture_truncate()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM d365._contact_tombstone(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
+    DELETE FROM d365.contact_change;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_capture_row()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_capture_row'
+LANGUAGE C;
+
+CREATE OR REPLACE FUNCTION d365._contact_capture_flush()
+RETURNS trigger
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_capture_flush'
+LANGUAGE C;
+
 CREATE OR REPLACE FUNCTION d365._contact_fold_changes()
 RETURNS void
 LANGUAGE sql
@@ -1678,6 +2169,99 @@ AS $$
     ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1
 $$;
 
+CREATE OR REPLACE FUNCTION d365._contact_capture_install()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_num smallint;
+    changed text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    SELECT a.attnum INTO key_num FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF key_num IS NULL THEN
+        RETURN;             -- nothing attached, or broken: d365_status() says which
+    END IF;
+    SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY a.attnum)
+      INTO changed
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND (a.attnum = key_num
+            OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
+                   src.contact_table, changed, key_num);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+                   src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_insert_flush AFTER INSERT ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+                   src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
+                   ' REFERENCING OLD TABLE AS d365_gone'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L)',
+                   src.contact_table, key_num);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
+                   src.contact_table);
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = 'The capture trigger watches the mapped columns, so attaching the table and changing the field map re-create it.',
+              HINT = 'Do this as the owner of the table, or as a member of its owning role.';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_capture_drop(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trg name;
+BEGIN
+    FOR trg IN SELECT t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                WHERE t.tgrelid = tbl AND NOT t.tgisinternal
+                  AND p.pronamespace = 'd365'::regnamespace LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_foreign_sql()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT '(s.dynamics_id IS NOT NULL AND s.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)' $$;
+
+CREATE OR REPLACE FUNCTION d365._contact_pending_sql(what text, score_column name, queued boolean)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    own_or text := format('s.contact_key IS NULL OR %s', d365._contact_foreign_sql());
+    changed text := 's.change_seq > s.synced_seq' || CASE WHEN queued THEN ' OR q.contact_key IS NOT NULL' ELSE '' END;
+    create_cond text := format(
+        '(c.dynamics365_related_id IS NULL AND c.%I >= (SELECT min_score FROM d365.settings)'
+        ' AND (%s OR s.remote_deleted_at IS NULL OR %s))',
+        score_column, own_or, changed);
+    update_cond text := format(
+        '(c.dynamics365_related_id IS NOT NULL AND (%s OR s.synced IS NULL OR %s))',
+        own_or, changed);
+    backoff text := format('(%s OR s.next_attempt_at IS NULL OR s.next_attempt_at <= now())', own_or);
+BEGIN
+    RETURN CASE what WHEN 'create' THEN create_cond
+                     WHEN 'update' THEN update_cond
+                     ELSE format('(%s OR %s)', create_cond, update_cond) END
+           || ' AND ' || backoff;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION d365._contact_pending_from(src d365.contact_source, queued boolean)
 RETURNS text
 LANGUAGE sql STABLE
@@ -1689,6 +2273,624 @@ AS $$
                                '              FROM d365.contact_change, unnest(keys) k) q'
                                ' ON q.contact_key = c.%I::text', src.key_column)
                    ELSE '' END
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_work_sql(scheduled boolean)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+    cur text;
+    sel text;
+    match text;
+BEGIN
+    src := d365._contact_source();
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+    cur := d365._contact_values_expr();
+    match := d365._contact_match_expr();
+
+    IF scheduled THEN
+        PERFORM d365._contact_fold_changes();
+        sel := d365._contact_pending_sql('any', src.score_column, false);
+    ELSE
+        sel := format('c.%I = $1::%s', src.key_column, key_type);
+    END IF;
+
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
+               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation, 'base', w.base,
+                                  'values', w.cur, 'sent', w.body)::text AS context,
+               CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
+                         AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
+                                          WHERE e.value IN ('null'::jsonb, '""'::jsonb))
+                    THEN w.match_values::text END AS lookup
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                                    FROM jsonb_each(v.cur) e
+                                   WHERE (v.synced IS NULL AND e.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%1$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._contact_guid(c.%1$I::text, g.generation)) AS dynamics_id,
+                               coalesce(s.change_seq, 0) AS change_seq,
+                               g.generation, s.generation AS base,
+                               CASE WHEN %6$s THEN NULL ELSE s.synced END AS synced,
+                               %2$s AS cur,
+                               %5$s AS match_values
+                          FROM %3$s,
+                               LATERAL (SELECT coalesce(s.generation, 0)
+                                               + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
+                         WHERE %4$s
+                        OFFSET 0) v) w
+    $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
+         d365._contact_foreign_sql());
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    done text[];
+BEGIN
+    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
+        CREATE TEMP TABLE d365_contact_outcome (
+            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+            base integer, vals jsonb, sent jsonb, status integer, error_code text,
+            error_message text, ok boolean, gone boolean, matched boolean,
+            current boolean, linked boolean
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_contact_outcome;
+    END IF;
+    INSERT INTO d365_contact_outcome
+    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+           (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
+           x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+           coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                    OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+           coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+           x.c -> 'matched' IS NOT NULL, false, false
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- still the identity the work query saw?  (a contact without state gets
+    -- a state row now, so that a concurrent tombstone shows as a change)
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, coalesce(o.seq, 0), coalesce(o.seq, 0)
+      FROM d365_contact_outcome o WHERE o.base IS NULL
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365_contact_outcome o SET current = true
+      FROM d365.contact_state s
+     WHERE s.contact_key = o.item_key AND s.generation = coalesce(o.base, 0);
+
+    -- created, updated or matched: link and stamp the contact (as the
+    -- table's owner: its triggers and index expressions never run with the
+    -- caller's rights); a create or a match only a row still unlinked, an
+    -- update only a row still linked to that record
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id),
+                                   array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
+                                                  THEN o.dynamics_id END))
+      INTO done
+      FROM d365_contact_outcome o
+     WHERE o.ok AND o.current AND o.action IN ('create', 'update', 'link');
+    UPDATE d365_contact_outcome o SET linked = true WHERE o.item_key = ANY (done);
+
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    -- A matched contact now holds the local values wherever they are set
+    -- (where the local value is NULL, Dynamics keeps its own and the
+    -- snapshot says NULL, so the next run does not clear it).
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL
+                           OR s.dynamics_id <> o.dynamics_id THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM d365_contact_outcome o
+     WHERE o.ok AND o.current AND s.contact_key = o.item_key
+       AND (o.linked OR o.action = 'unchanged');
+
+    -- deleted in Dynamics: unlink (only a row still linked to it) and
+    -- report; a re-creation gets a new id
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM d365_contact_outcome o WHERE o.gone AND o.current;
+    PERFORM d365._contact_remote_deleted(array_agg(o.item_key), array_agg(o.status), array_agg(o.error_code),
+                array_agg('deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')))
+       FROM d365_contact_outcome o
+      WHERE o.gone AND o.item_key = ANY (done);
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a
+    -- day.  The contact keeps the identity its id was made from, so the
+    -- retry sends the same id.
+    UPDATE d365.contact_state s
+       SET attempts = CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END,
+           next_attempt_at = d365._next_attempt(CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END),
+           synced = CASE WHEN o.foreign THEN NULL ELSE s.synced END,
+           dynamics_id = o.link_id, generation = o.generation,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = o.error_message
+      FROM (SELECT x.*, l.link_id,
+                   (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
+                      FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
+              FROM d365_contact_outcome x,
+                   LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                        THEN x.dynamics_id END AS link_id) l) o
+     WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action IN ('unchanged', 'link')),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM d365_contact_outcome;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_link(contact_key text)
+RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    result uuid;
+BEGIN
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.contact_table, src.key_column)
+       INTO result USING contact_key;
+    RETURN result;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._same_value(local jsonb, remote jsonb, fold boolean)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l text := local #>> '{}';
+    r text := remote #>> '{}';
+BEGIN
+    IF local IS NULL OR jsonb_typeof(local) = 'null' THEN
+        RETURN remote IS NULL OR jsonb_typeof(remote) = 'null';
+    ELSIF remote IS NULL OR jsonb_typeof(remote) = 'null' THEN
+        RETURN false;
+    ELSIF jsonb_typeof(local) = 'number' AND jsonb_typeof(remote) = 'number' THEN
+        RETURN l::numeric = r::numeric;
+    ELSIF jsonb_typeof(local) <> 'string' OR jsonb_typeof(remote) <> 'string' THEN
+        RETURN local = remote;
+    ELSIF d365._bind_guid(l) IS NOT NULL THEN
+        RETURN lower(d365._bind_guid(l)) = lower(r);
+    ELSIF l ~ '^\d{4}-\d\d-\d\dT' AND r ~ '^\d{4}-\d\d-\d\dT' THEN
+        BEGIN
+            RETURN l::timestamptz = r::timestamptz;
+        EXCEPTION WHEN data_exception THEN
+            RETURN l = r;
+        END;
+    ELSIF fold THEN
+        RETURN lower(l) = lower(r);
+    END IF;
+    RETURN l = r;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._user_id(email_or_id text)
+RETURNS uuid
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN d365._is_guid(email_or_id)
+            THEN email_or_id::uuid
+        ELSE (SELECT (u ->> 'systemuserid')::uuid
+                FROM jsonb_array_elements(d365._get_cached(
+                         'systemusers?$select=systemuserid,internalemailaddress,fullname,accessmode,isdisabled')) u
+               WHERE lower(u ->> 'internalemailaddress') = lower(email_or_id)
+               LIMIT 1)
+    END
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_value(val jsonb, typ regtype, field text, column_name name)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    txt text;
+    base regtype := (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype FROM pg_type t WHERE t.oid = typ);
+BEGIN
+    IF val IS NULL OR jsonb_typeof(val) = 'null' THEN
+        RETURN 'null'::jsonb;
+    END IF;
+    IF jsonb_typeof(val) IN ('object', 'array') THEN
+        RAISE EXCEPTION 'Dynamics field "%" holds a JSON %, not a value for column "%"',
+                        field, jsonb_typeof(val), column_name
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    IF jsonb_typeof(val) <> 'string' THEN
+        RETURN val;
+    END IF;
+    txt := val #>> '{}';
+    IF txt ~ '^/Date\(-?\d+([+-]\d{4})?\)/$' THEN
+        txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
+    END IF;
+    IF d365._bind_guid(txt) IS NOT NULL THEN
+        txt := d365._bind_guid(txt);
+    END IF;
+    IF base IN ('date'::regtype, 'timestamp without time zone'::regtype)
+       AND txt ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d(:?\d\d)?)$' THEN
+        BEGIN
+            txt := to_char(timezone('UTC', txt::timestamptz),
+                           CASE WHEN base = 'date'::regtype THEN 'YYYY-MM-DD'
+                                ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US' END);
+        EXCEPTION WHEN data_exception THEN
+            NULL;           -- left as it is: the column's input function says why
+        END;
+    END IF;
+    RETURN to_jsonb(txt);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_apply(payload jsonb, check_privileges boolean)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source;
+    cid uuid;
+    k text;
+    cur jsonb;
+    snap jsonb;
+    mapper regprocedure := d365._incoming_mapper();
+    mapping jsonb := '{}';
+    vals jsonb := '{}';
+    names jsonb := '{}';
+    fields jsonb := '{}';
+    conv jsonb := '{}';
+    settled text[] := '{}';
+    changes jsonb := '{}';
+    f record;
+    col text;
+    code text;
+    msg text;
+BEGIN
+    IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'the payload is not a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the Dynamics contact row, e.g. the body of Power Automate''s "When a row is added, modified or deleted" trigger.';
+    END IF;
+    IF NOT payload ? 'contactid' OR jsonb_typeof(payload -> 'contactid') <> 'string' THEN
+        RAISE EXCEPTION 'the payload has no contactid'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A Dynamics contact row always carries its contactid.',
+                  HINT = 'Pass the whole contact row as Dynamics sends it.';
+    END IF;
+    IF NOT d365._is_guid(payload ->> 'contactid') THEN
+        RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    cid := payload ->> 'contactid';
+    src := d365._contact_source();
+
+    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied for table %', src.contact_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
+    END IF;
+
+    EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                   src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
+       INTO k, cur USING cid;
+    IF k IS NULL THEN
+        RETURN NULL;
+    END IF;
+    snap := d365._contact_snapshot(k, NULL);
+
+    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated
+               FROM d365._incoming_fields() i
+               JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name LOOP
+        mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
+        IF NOT payload ? f.read_name THEN
+            CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        IF f.generated AND mapper IS NULL THEN
+            RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"', f.read_name, f.column_name
+                USING ERRCODE = 'generated_always',
+                      DETAIL = format('Column "%s" is a generated column.', f.column_name),
+                      HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+        END IF;
+        vals := vals || jsonb_build_object(f.column_name,
+                    d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
+        names := names || jsonb_build_object(f.column_name, jsonb_build_array(f.read_name, f.typ::text));
+        fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
+    END LOOP;
+    IF vals <> '{}' THEN
+        conv := d365._incoming_convert(vals, names);
+    END IF;
+
+    IF mapper IS NULL THEN
+        FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
+            IF snap ? f.field AND snap -> f.field = conv -> f.field THEN
+                CONTINUE;   -- Dynamics still has what was last synced
+            END IF;
+            IF (conv -> f.field) IS DISTINCT FROM coalesce(cur -> f.field, 'null'::jsonb) THEN
+                changes := changes || jsonb_build_object(f.col, vals -> f.col);
+            END IF;
+        END LOOP;
+    ELSE
+        changes := d365._contact_map(payload, mapping, k);
+        IF changes IS NULL OR jsonb_typeof(changes) <> 'object' THEN
+            changes := '{}';
+        END IF;
+        FOR col IN SELECT jsonb_object_keys(changes) LOOP
+            IF col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = src.contact_table AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'incoming mapper % returned column "%", which cannot be updated', mapper, col
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+        -- a column mapped 'out' is never written by incoming changes
+        changes := changes - d365._outgoing_only_columns();
+    END IF;
+
+    IF changes <> '{}' THEN
+        IF check_privileges THEN
+            FOR col IN SELECT jsonb_object_keys(changes) LOOP
+                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
+                    RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
+                        USING ERRCODE = 'insufficient_privilege',
+                              DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
+                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
+                END IF;
+            END LOOP;
+        END IF;
+        BEGIN
+            PERFORM d365._contact_apply(changes, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
+                            (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
+                USING ERRCODE = code,
+                      DETAIL = format('%s.', msg),
+                      HINT = 'A constraint, trigger or generated column of the contact table refused the value.';
+        END;
+    END IF;
+
+    -- Echo suppression: a field whose column now holds the value Dynamics
+    -- sent (as the column holds it) or that the mapper set is recorded as
+    -- synced with the column's value, so the next outgoing run does not
+    -- send it back.  Other fields keep their snapshot: a local change not
+    -- yet sent still goes out.
+    IF fields <> '{}' THEN
+        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
+                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
+           INTO cur USING k;
+        SELECT coalesce(array_agg(e.key), '{}') INTO settled
+          FROM jsonb_each(fields) e
+         WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))
+            OR coalesce(cur -> e.key, 'null'::jsonb) = coalesce(conv -> e.key, 'null'::jsonb);
+        IF settled <> '{}' THEN
+            PERFORM d365._contact_snapshot(k, (SELECT jsonb_object_agg(e.key, e.value)
+                                                 FROM jsonb_each(cur) e
+                                                WHERE e.key = ANY (settled)));
+        END IF;
+    END IF;
+    RETURN changes;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._pull_record(page jsonb,
+    OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    r jsonb;
+    changed jsonb;
+    k text;
+    code text;
+    msg text;
+    detail text;
+BEGIN
+    updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a change-tracking page is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR r IN SELECT jsonb_array_elements(page) LOOP
+        IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            k := NULL;
+            IF d365._is_guid(r ->> 'id') THEN
+                k := d365._contact_unlink((r ->> 'id')::uuid);
+            END IF;
+            IF k IS NOT NULL THEN
+                PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
+                            ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
+                unlinked := unlinked + 1;
+            END IF;
+            CONTINUE;
+        END IF;
+        BEGIN
+            changed := d365._incoming_apply(r, false);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
+                       OR raise_exception OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+            RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', msg
+                USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
+            BEGIN
+                EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
+                               src.key_column, src.contact_table)
+                   INTO k USING (r ->> 'contactid')::uuid;
+            EXCEPTION WHEN data_exception THEN
+                k := NULL;
+            END;
+            IF k IS NOT NULL THEN
+                UPDATE d365.contact_state
+                   SET last_attempt_at = now(), last_error_code = code,
+                       last_error = left('incoming change not applied: ' || msg
+                                         || coalesce(' ' || detail, ''), 2000)
+                 WHERE contact_key = k;
+            END IF;
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        IF changed IS NULL THEN
+            CONTINUE;       -- not linked here
+        ELSIF changed = '{}' THEN
+            unchanged := unchanged + 1;
+        ELSE
+            updated := updated + 1;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    attached boolean;
+    problem text;
+    n bigint;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+
+    SELECT * INTO src FROM d365.contact_source;
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        EXECUTE format('SELECT count(*) FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('create', src.score_column, true)) INTO n;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('update', src.score_column, true)) INTO n;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
 $$;
 
 COMMENT ON FUNCTION d365.d365_detach_contacts() IS
