@@ -1649,19 +1649,12 @@ COMMENT ON COLUMN d365.contact_state.generation IS
 COMMENT ON COLUMN d365.contact_state.dynamics_id IS
     'The Dynamics contact this state (snapshot, failures) belongs to; NULL until linked';
 
-/*
- * Contacts whose mapped columns changed, noted by the capture trigger and
- * not yet counted in d365.contact_state: one row per statement that changed
- * any, holding their keys.  Appending one row is what keeps the
- * application's UPDATEs cheap.  A contact sync folds the queue into
- * change_seq first (d365._contact_fold_changes).
- */
 CREATE TABLE d365.contact_change (
-    keys text[] NOT NULL
+    contact_key text NOT NULL
 );
 SELECT pg_catalog.pg_extension_config_dump('d365.contact_change', '');
 COMMENT ON TABLE d365.contact_change IS
-    'Keys of contacts changed by one statement each, noted by the capture trigger and folded into contact_state by the next contact sync';
+    'Changed contacts noted by the capture trigger, folded into contact_state by the next contact sync';
 
 CREATE OR REPLACE FUNCTION d365._is_guid(txt text)
 RETURNS boolean
@@ -2163,9 +2156,9 @@ AS $$
     WITH gone AS (
         DELETE FROM d365.contact_change q
          WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM d365.contact_change FOR UPDATE SKIP LOCKED))
-        RETURNING q.keys)
+        RETURNING q.contact_key)
     INSERT INTO d365.contact_state AS s (contact_key)
-    SELECT DISTINCT k FROM gone, unnest(gone.keys) k
+    SELECT DISTINCT contact_key FROM gone
     ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1
 $$;
 
@@ -2269,8 +2262,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT format('%s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text', src.contact_table, src.key_column)
            || CASE WHEN queued
-                   THEN format(' LEFT JOIN (SELECT DISTINCT k AS contact_key'
-                               '              FROM d365.contact_change, unnest(keys) k) q'
+                   THEN format(' LEFT JOIN (SELECT DISTINCT contact_key FROM d365.contact_change) q'
                                ' ON q.contact_key = c.%I::text', src.key_column)
                    ELSE '' END
 $$;
@@ -3385,3 +3377,67 @@ COMMENT ON FUNCTION d365.d365_status() IS
     'At a glance: what is enabled, backlog, failures, the last run of each job and the last error';
 
 -- <<< The background worker
+
+-- >>> Identity, second step: the capture queue holds one text[] of keys per
+-- statement.  The queue is empty during this update (it was created above,
+-- in this same script): its columns are made again in their final order.
+ALTER TABLE d365.contact_change DROP COLUMN contact_key, DROP COLUMN noted_at;
+ALTER TABLE d365.contact_change ADD COLUMN keys text[] NOT NULL,
+    ADD COLUMN noted_at timestamptz NOT NULL DEFAULT now();
+COMMENT ON TABLE d365.contact_change IS
+    'Keys of contacts changed by one statement each, noted by the capture trigger and folded into contact_state by the next contact sync';
+COMMENT ON COLUMN d365.contact_change.noted_at IS
+    'When the change was noted (its transaction''s start); becomes contact_state.pending_since, the start of the queue lag d365_status() shows';
+
+CREATE OR REPLACE FUNCTION d365._contact_fold_changes()
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365.contact_change q
+         WHERE q.ctid = ANY (ARRAY(SELECT ctid FROM d365.contact_change FOR UPDATE SKIP LOCKED))
+        RETURNING q.keys, q.noted_at)
+    INSERT INTO d365.contact_state AS s (contact_key, pending_since)
+    SELECT k, min(g.noted_at) FROM gone g, unnest(g.keys) k GROUP BY k
+    ON CONFLICT (contact_key) DO UPDATE
+       SET change_seq = s.change_seq + 1,
+           -- the lag counts from the oldest change not yet sent
+           pending_since = CASE WHEN s.change_seq > s.synced_seq THEN s.pending_since
+                                ELSE EXCLUDED.pending_since END
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_pending_from(src d365.contact_source, queued boolean)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text', src.contact_table, src.key_column)
+           || CASE WHEN queued
+                   THEN format(' LEFT JOIN (SELECT DISTINCT k AS contact_key'
+                               '              FROM d365.contact_change, unnest(keys) k) q'
+                               ' ON q.contact_key = c.%I::text', src.key_column)
+                   ELSE '' END
+$$;
+
+-- Privileges as a fresh install has them (sql/install/09_privileges.sql).
+REVOKE ALL ON ALL TABLES IN SCHEMA d365 FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
+
+-- The internals of d365_update_contact(), which runs with its caller's
+-- rights.  Safe for anyone: they run as the caller, or run no user code,
+-- or check the caller's right to update contacts (_contact_snapshot).
+-- Without EXECUTE on d365_update_contact and USAGE on schema d365 a role
+-- cannot reach them anyway.
+-- The table-owner helpers (_contact_convert, _contact_apply, _contact_map)
+-- check that their caller may update the columns they write.
+GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
+      d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb),
+      d365._contact_source(), d365._incoming_fields(), d365._contact_values_expr(), d365._contact_incoming_values_expr(),
+      d365._outgoing_only_columns(), d365._is_guid(text), d365._bind_guid(text),
+      d365._incoming_mapper(), d365._contact_snapshot(text, jsonb),
+      d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
+      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
+-- <<< Identity, second step
+
