@@ -21,6 +21,7 @@
 # Environment:
 #   BENCH_CAPTURE_ROWS=100000   rows (--quick: 20000)
 #   BENCH_CAPTURE_REPS=5        repetitions of each measurement
+#   BENCH_CAPTURE_VERSION=0.1   measure the triggers of an earlier release
 #   D365_SKIP_BUILD=1           use the installed extension
 
 # capture_bench DB RESULTS: appends "capture KIND ROWS BASE_MS ATTACHED_MS"
@@ -31,7 +32,8 @@ capture_bench() {
     local single=$((rows / 10))
     local out=$D365_WORK/capture.$$
     : >"$out"
-    psql -X -q -v ON_ERROR_STOP=1 -d "$db" -c "CREATE EXTENSION IF NOT EXISTS d365sync" || return 1
+    psql -X -q -v ON_ERROR_STOP=1 -d "$db" \
+         -c "CREATE EXTENSION IF NOT EXISTS d365sync${BENCH_CAPTURE_VERSION:+ VERSION '$BENCH_CAPTURE_VERSION'}" || return 1
     local r mode
     for r in $(seq 1 "$reps"); do
         for mode in base attached; do
@@ -63,7 +65,11 @@ capture_once() {
 SET client_min_messages = warning;
 SELECT d365.d365_detach_contacts();
 DROP TABLE IF EXISTS capture_contact;
-TRUNCATE d365.contact_state, d365.contact_change;
+TRUNCATE d365.contact_state;
+SELECT to_regclass('d365.contact_change') IS NOT NULL AS has_queue \gset
+\if :has_queue
+TRUNCATE d365.contact_change;
+\endif
 CREATE TABLE capture_contact (
     id         bigint PRIMARY KEY,
     first_name text, last_name text, email text, phone text, city text,
@@ -116,7 +122,11 @@ END;
 SELECT 'ms single ' || round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)::numeric * 1000, 1);
 SELECT d365.d365_detach_contacts();
 DROP TABLE capture_contact;
-TRUNCATE d365.contact_state, d365.contact_change;
+TRUNCATE d365.contact_state;
+SELECT to_regclass('d365.contact_change') IS NOT NULL AS has_queue \gset
+\if :has_queue
+TRUNCATE d365.contact_change;
+\endif
 SQL
 }
 

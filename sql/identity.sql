@@ -100,6 +100,23 @@ TRUNCATE sim_contact;
 \copy sim_contact from program '"$D365_SIMCTL" rows contact --copy'
 SELECT * FROM dynamics_people ORDER BY 1;
 
+-- a table restored from an older copy with its triggers off (as a
+-- data-only restore with session_replication_role = replica does): Dan,
+-- back under key 2, is sent to his own record, and the state of key 2,
+-- which names Olga's record, lends him nothing
+CREATE TEMP TABLE ident_copy AS SELECT * FROM ident;
+DELETE FROM ident WHERE id = 2;
+INSERT INTO ident VALUES (2, 'Olga', 'olga@example.com', 50);
+SELECT created, updated FROM d365_sync_contacts();
+SET session_replication_role = replica;
+DELETE FROM ident;
+INSERT INTO ident SELECT * FROM ident_copy;
+RESET session_replication_role;
+SELECT created, updated FROM d365_sync_contacts();
+TRUNCATE sim_contact;
+\copy sim_contact from program '"$D365_SIMCTL" rows contact --copy'
+SELECT * FROM dynamics_people WHERE dynamics_name IN ('Dan', 'Olga') ORDER BY 1;
+
 -- a link cleared by hand: the row is unlinked, so it is a new person to
 -- Dynamics (its earlier record is left alone)
 UPDATE ident SET dynamics365_related_id = NULL WHERE id = 1;
