@@ -97,8 +97,10 @@ BEGIN
         oldest := least(oldest, since);
         item := 'queue length'; value := queued::text; RETURN NEXT;
         item := 'queue lag';
-        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
-                          '(nothing pending)');
+        value := CASE WHEN oldest IS NOT NULL
+                      THEN round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s'
+                      WHEN queued > 0 THEN '(not measured: only new contacts no sync has seen yet)'
+                      ELSE '(nothing pending)' END;
         RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;
