@@ -43,8 +43,9 @@
  * would pass the Web API's URL length limit is split).  The GETs go through
  * the OData client like every other request.  Then one call of
  * <lookup_fn>_resolve(item_keys text[], lookups text[], contexts text[],
- * answers text[]) -- answers[i] the body of the answer to the item's group --
- * returns (item_key, requests, context) per item: new requests and context,
+ * groups int[], answers text[]) -- answers the bodies of the groups' answers,
+ * groups[i] the number (1-based) of the item's in answers -- returns
+ * (item_key, requests, context) per item: new requests and context,
  * or NULL requests to keep the planned ones.  An item whose group's GET
  * failed fails with that request's error, as if its own request had.
  *
@@ -346,7 +347,10 @@ lookup_chunk(D365Run *run, Chunk *c, const char *lookup_fn)
 	char	  **keys;
 	char	  **lookups;
 	char	  **contexts;
-	char	  **found;
+	char	  **answers;
+	int		   *answer_of;		/* ops[i]'s answer number, 0 when it failed */
+	int		   *groups;
+	int			nanswers = 0;
 	int			nl = 0;
 	int			nops = 0;
 	int			nres = 0;
@@ -362,7 +366,7 @@ lookup_chunk(D365Run *run, Chunk *c, const char *lookup_fn)
 		return;
 	}
 	path_sql = psprintf("SELECT %s_path($1)", lookup_fn);
-	resolve_sql = psprintf("SELECT item_key, requests, context FROM %s_resolve($1, $2, $3, $4)",
+	resolve_sql = psprintf("SELECT item_key, requests, context FROM %s_resolve($1, $2, $3, $4, $5)",
 						   lookup_fn);
 	lookups = palloc(sizeof(char *) * nl);
 	for (i = 0; i < nl; i++)
@@ -394,38 +398,50 @@ lookup_chunk(D365Run *run, Chunk *c, const char *lookup_fn)
 		d365_client_execute(d365_run_client(run), ops, nops);
 
 	/* the answers, handed to the resolve function */
+	/* each answer once; items name theirs by number (1-based) */
+	answers = palloc(sizeof(char *) * Max(nops, 1));
+	answer_of = palloc0(sizeof(int) * Max(nops, 1));
+	for (i = 0; i < nops; i++)
+	{
+		if (ops[i]->ok && ops[i]->json != NULL)
+		{
+			answers[nanswers] = d365_json_dump(ops[i]->json);
+			answer_of[i] = ++nanswers;
+		}
+	}
 	keys = palloc(sizeof(char *) * nl);
 	contexts = palloc(sizeof(char *) * nl);
-	found = palloc(sizeof(char *) * nl);
+	groups = palloc(sizeof(int) * nl);
 	for (i = 0; i < nl; i++)
 	{
 		PipelineItem *it = &c->items[idx[i]];
-		D365Op	   *op = group_of[i] >= 0 ? ops[group_of[i]] : NULL;
 
-		if (op == NULL)
+		if (group_of[i] < 0)
 			continue;			/* nothing to look up: as planned */
-		if (!op->ok || op->json == NULL)
+		if (answer_of[group_of[i]] == 0)
 		{
-			fail_item(run, it, op);
+			fail_item(run, it, ops[group_of[i]]);
 			continue;
 		}
 		keys[nres] = it->key;
 		lookups[nres] = it->lookup;
 		contexts[nres] = it->context;
-		found[nres] = d365_json_dump(op->json);
+		groups[nres] = answer_of[group_of[i]];
 		idx[nres++] = idx[i];
 	}
 	if (nres > 0)
 	{
-		Oid			types[4] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
-		Datum		args[4];
+		Oid			types[5] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+		TEXTARRAYOID};
+		Datum		args[5];
 		SPITupleTable *tab;
 
 		args[0] = text_array(keys, nres);
 		args[1] = text_array(lookups, nres);
 		args[2] = text_array(contexts, nres);
-		args[3] = text_array(found, nres);
-		if (SPI_execute_with_args(resolve_sql, 4, types, args, NULL, false, 0) != SPI_OK_SELECT ||
+		args[3] = int_array(groups, NULL, nres);
+		args[4] = text_array(answers, nanswers);
+		if (SPI_execute_with_args(resolve_sql, 5, types, args, NULL, false, 0) != SPI_OK_SELECT ||
 			SPI_processed != (uint64) nres)
 			elog(ERROR, "%s_resolve did not return one row per item", lookup_fn);
 		tab = SPI_tuptable;

@@ -182,8 +182,9 @@ $$;
 
 /*
  * The judge of the look-ups: for each looked-up contact (item_keys,
- * lookups and contexts as the work query gave them, answers[i] the body of
- * the answer to its group's look-up), what to send instead.  A row for
+ * lookups and contexts as the work query gave them, groups[i] the number of
+ * the answer to its group's look-up in answers, the bodies of the answers),
+ * what to send instead.  A row for
  * every contact: requests NULL means "as planned" (no Dynamics contact has
  * these values: it is created).
  *
@@ -198,7 +199,7 @@ $$;
  * Reads the contact table's link columns (to find hits already linked).
  */
 CREATE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
-    contexts text[], answers text[],
+    contexts text[], groups integer[], answers text[],
     OUT item_key text, OUT requests text, OUT context text)
 RETURNS SETOF record
 LANGUAGE plpgsql
@@ -222,14 +223,13 @@ BEGIN
     -- the hits of each contact: the rows of its group's answer whose match
     -- fields equal its values (one hash join on a normalised key)
     fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
-    WITH grp AS MATERIALIZED (          -- each answer once (items of a group share it)
-        SELECT a.f, row_number() OVER () AS g, a.f::jsonb AS j
-          FROM (SELECT DISTINCT x.f FROM unnest(answers) x(f)) a),
+    WITH grp AS MATERIALIZED (
+        SELECT x.g, x.a::jsonb AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
     items AS MATERIALIZED (
-        SELECT u.i, u.k, u.c, u.l, gr.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+        SELECT u.i, u.k, u.c, u.l, u.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
                d365._match_key(u.l::jsonb, fields) AS key
-          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
-          LEFT JOIN grp gr ON gr.f = u.f),
+          FROM unnest(item_keys, lookups, contexts, groups) WITH ORDINALITY u(k, l, c, g, i)
+          LEFT JOIN grp gr ON gr.g = u.g),
     hits AS MATERIALIZED (
         SELECT gr.g, v, d365._match_key(v, fields) AS key
           FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
