@@ -783,6 +783,16 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 	d365_shared->realtime = realtime;
 	SpinLockRelease(&d365_shared->mutex);
 
+	/* a job switched off is no longer failing */
+	for (i = 0; i < lengthof(jobs); i++)
+	{
+		if (i == JOB_PULL ? pull_ms == 0 : !realtime)
+		{
+			jobs[i].backoff_ms = 0;
+			jobs[i].retry_at = 0;
+		}
+	}
+
 	timeout = realtime ? REALTIME_POLL_MS : IDLE_POLL_MS;
 	if (realtime)
 	{
