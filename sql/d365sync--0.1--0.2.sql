@@ -2894,16 +2894,20 @@ DECLARE
     src d365.contact_source;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
-    IF NOT FOUND OR NOT EXISTS (SELECT FROM pg_attribute a
-                                 WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
-                                   AND a.attnum > 0 AND NOT a.attisdropped) THEN
-        RETURN;             -- nothing attached, or broken: d365_status() reports it
+    IF NOT FOUND OR NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN;             -- nothing attached, or the table dropped
+    END IF;
+    -- 0.1's triggers go in any case: their function is dropped below
+    PERFORM d365._contact_capture_drop(src.contact_table);
+    IF NOT EXISTS (SELECT FROM pg_attribute a
+                    WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN;             -- key column renamed: d365_status() reports it, attach again
     END IF;
     EXECUTE format('UPDATE d365.contact_state s SET dynamics_id = c.dynamics365_related_id'
                    '  FROM %s c WHERE c.%I::text = s.contact_key'
                    '   AND c.dynamics365_related_id IS NOT NULL',
                    src.contact_table, src.key_column);
-    PERFORM d365._contact_capture_drop(src.contact_table);
     PERFORM d365._contact_capture_install();
 END;
 $$;

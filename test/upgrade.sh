@@ -152,6 +152,30 @@ else
     echo "# $(echo $out)"
 fi
 
+# -- 6. an installation whose attached table lost its key column's name
+# (which broke every INSERT under 0.1) updates too: 0.1's triggers go, the
+# attachment is reported broken, and attaching under the new name repairs it
+psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $OLD WITH (FORCE)" -c "CREATE DATABASE $OLD" >/dev/null 2>&1
+out=$(psql_db $OLD -At 2>&1 <<SQL
+SET client_min_messages = warning;
+CREATE EXTENSION d365sync VERSION '0.1';
+CREATE TABLE person (id integer PRIMARY KEY, email text, score integer);
+SELECT d365.d365_attach_contacts('person');
+ALTER TABLE person RENAME COLUMN id TO person_id;
+ALTER EXTENSION d365sync UPDATE;
+INSERT INTO person VALUES (1, 'ada@example.com', 50);
+SELECT value FROM d365.d365_status() WHERE item = 'attachment';
+SELECT d365.d365_attach_contacts('person', 'person_id');
+SELECT value FROM d365.d365_status() WHERE item = 'attachment';
+SQL
+)
+if [ "$(echo "$out" | grep -v '^$')" = "$(printf 'broken: key column "id" of person was renamed or dropped\nok')" ]; then
+    ok "an installation whose key column was renamed updates, reports it, and attaches again"
+else
+    notok "an installation whose key column was renamed updates, reports it, and attaches again"
+    echo "$out" | sed 's/^/# /'
+fi
+
 for db in $OLD $NEW; do
     psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
 done
