@@ -169,7 +169,7 @@ SELECT d365.d365_attach_contacts('person', 'person_id');
 SELECT value FROM d365.d365_status() WHERE item = 'attachment';
 SQL
 )
-if [ "$(echo "$out" | grep -v '^$')" = "$(printf 'broken: key column "id" of person was renamed or dropped\nok')" ]; then
+if [ "$(echo "$out" | grep -v '^$')" = "$(printf 'broken: key column "id" of public.person was renamed or dropped\nok')" ]; then
     ok "an installation whose key column was renamed updates, reports it, and attaches again"
 else
     notok "an installation whose key column was renamed updates, reports it, and attaches again"
