@@ -41,6 +41,9 @@ DOC_TENANT = "8f3c2a51-6d0e-4b7a-9c1f-2e5d7a9b4c60"
 DOC_CLIENT = "3b9e7c12-5a4f-4d8e-b6a1-0c2d9e8f7a53"
 DOC_SECRET = "your-client-secret-value"
 DOC_ORG = "https://contoso.crm4.dynamics.com"
+# a second application user (docs/configuration.md, d365.app_users)
+DOC_POOL_CLIENT = "6d1f0b7e-2c4a-4e9b-8f3d-5a7c9e1b2d40"
+DOC_POOL_SECRET = "second-client-secret-value"
 
 DB = "myapp"
 RUN_FENCES = {"sql"}
@@ -370,7 +373,8 @@ def start_sim(work, name):
     proc = subprocess.Popen(["/usr/bin/python3", os.path.join(REPO, "sim", "dataverse_sim.py"),
                              "--port", "0", "--port-file", portfile,
                              "--tenant", DOC_TENANT, "--client-id", DOC_CLIENT,
-                             "--client-secret", DOC_SECRET],
+                             "--client-secret", DOC_SECRET,
+                             "--app-user", DOC_POOL_CLIENT + ":" + DOC_POOL_SECRET],
                             stdout=log, stderr=subprocess.STDOUT)
     for _ in range(100):
         if os.path.exists(portfile) and os.path.getsize(portfile) > 0:
