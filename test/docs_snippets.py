@@ -139,6 +139,48 @@ def parse(path):
     return blocks, page_dirs, problems
 
 
+def slug(heading):
+    """GitHub's anchor for a heading."""
+    h = heading.strip().lower().replace("`", "")
+    h = re.sub(r"[^\w\- ]", "", h)
+    return h.replace(" ", "-")
+
+
+def anchors(path):
+    found, seen, fence = set(), {}, False
+    for line in open(path, encoding="utf-8").read().split("\n"):
+        if line.lstrip().startswith("```"):
+            fence = not fence
+            continue
+        m = re.match(r"^#{1,6}\s+(.*)$", line)
+        if m and not fence:
+            a = slug(m.group(1))
+            n = seen.get(a, 0)
+            seen[a] = n + 1
+            found.add(a if n == 0 else "%s-%d" % (a, n))
+    return found
+
+
+def check_links(pages):
+    """Relative links between the docs: the file exists, and so does the anchor."""
+    problems = []
+    for p in pages:
+        base = os.path.dirname(os.path.join(REPO, p))
+        text = open(os.path.join(REPO, p), encoding="utf-8").read()
+        text = re.sub(r"```.*?```", "", text, flags=re.S)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(base, path)) if path else os.path.join(REPO, p)
+            if not os.path.exists(full):
+                problems.append("%s: link to %s: no such file" % (p, target))
+            elif anchor and full.endswith(".md") and anchor not in anchors(full):
+                problems.append("%s: link to %s: no such heading" % (p, target))
+    return problems
+
+
 def conf_from_docs():
     """The ```ini blocks marked postgresql.conf (README.md, docs/operations.md):
     (the one in docs/operations.md, problems)."""
@@ -400,6 +442,13 @@ def main():
         diag("\n".join(fence_problems))
     else:
         say("ok docs fences - every fence names a language the runner knows")
+
+    link_problems = check_links(pages)
+    if link_problems:
+        say("not ok docs links - every link between the pages reaches a file and a heading")
+        diag("\n".join(link_problems))
+    else:
+        say("ok docs links - every link between the pages reaches a file and a heading")
 
     conf, conf_problems = conf_from_docs()
     if conf_problems:
