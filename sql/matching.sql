@@ -228,6 +228,15 @@ RESET d365sync.max_retries;
 SELECT contact_key, last_status, last_error_code, last_error FROM d365.contact_state WHERE contact_key = '9';
 SELECT dynamics365_related_id IS NULL AS not_created FROM member WHERE id = 9;
 
+-- a look-up answered with more than one page cannot tell a single hit:
+-- its contacts fail, nothing is linked or created
+\! "$D365_SIMCTL" fault '{"method": "GET", "path_regex": "filter", "status": 200, "json": {"value": [{"contactid": "d0000000-0000-4000-8000-000000000009", "emailaddress1": "paged@example.com"}], "@odata.nextLink": "http://127.0.0.1/next"}, "times": 1}'
+INSERT INTO member (id, email, first_name, last_name) VALUES (10, 'paged@example.com', 'Page', 'Two');
+SELECT created, updated, failed FROM d365_sync_contacts();
+\! "$D365_SIMCTL" clear-faults
+SELECT contact_key, last_error FROM d365.contact_state WHERE contact_key = '10';
+SELECT dynamics365_related_id IS NULL AS not_linked FROM member WHERE id = 10;
+
 SELECT d365_detach_contacts();
 DROP TABLE member;
 DROP DOMAIN short_name;

@@ -13,7 +13,9 @@
 #      defaults; indexes; constraints; triggers, those on the attached table
 #      included) with a fresh install that attached the same table;
 #   5. checks the saved rows are unchanged and the next sync sends nothing,
-#      and that the updated installation still creates a new contact.
+#      and that the updated installation still creates a new contact;
+#   7. checks that a generated column mapped in 0.1 is mapped 'out' after
+#      the update.
 # Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
 set -uo pipefail
 
@@ -176,6 +178,28 @@ else
     echo "$out" | sed 's/^/# /'
 fi
 
-for db in $OLD $NEW; do
+# -- 7. a generated column that 0.1 let be mapped both ways is only sent after
+# the update (0.2 maps a generated column with direction 'out' only)
+GEN=d365upgrade_gen
+psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $GEN" -c "CREATE DATABASE $GEN" >/dev/null
+out=$(psql_db $GEN -At 2>&1 <<'SQL'
+CREATE EXTENSION d365sync VERSION '0.1';
+CREATE TABLE person (id integer PRIMARY KEY, first_name text, last_name text, score integer,
+                     full_name text GENERATED ALWAYS AS (first_name || ' ' || last_name) STORED);
+SELECT d365.d365_attach_contacts('person');
+INSERT INTO d365.field_map (column_name, dynamics_field)
+VALUES ('first_name', 'firstname'), ('full_name', 'description');
+ALTER EXTENSION d365sync UPDATE;
+SELECT string_agg(column_name || '=' || direction, ' ' ORDER BY column_name) FROM d365.field_map;
+SQL
+)
+if [ "$(echo "$out" | tail -n 1)" = "first_name=both full_name=out" ]; then
+    ok "a generated column mapped in 0.1 is mapped 'out' after the update"
+else
+    notok "a generated column mapped in 0.1 is mapped 'out' after the update"
+    echo "$out" | sed 's/^/# /'
+fi
+
+for db in $OLD $NEW $GEN; do
     psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
 done
