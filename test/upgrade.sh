@@ -14,6 +14,8 @@
 #      included) with a fresh install that attached the same table;
 #   5. checks the saved rows are unchanged and the next sync sends nothing,
 #      and that the updated installation still creates a new contact;
+#   6. updates an installation whose key column was renamed, and attaches
+#      it again;
 #   7. checks that a generated column mapped in 0.1 is mapped 'out' after
 #      the update.
 # Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
