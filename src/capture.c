@@ -129,28 +129,34 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 
 /*
  * key_text
- *		The text form of a key of one of the types attach allows (the same
- *		text as key::text in SQL), or NULL for another type.  The output
- *		functions of these types are built in.
+ *		The text form of a key (the same text as key::text in SQL), through
+ *		its type's output function.  Attach accepts only key types whose
+ *		output function is built in (d365._key_types()), and the capture
+ *		trigger's WHEN clause keeps the key column's type from changing while
+ *		the table is attached; the row function runs as the writing user
+ *		anyway.  The function is looked up once per type.
  */
 static text *
 key_text(Datum value, Oid typid)
 {
-	switch (typid)
+	static Oid	cached_type = InvalidOid;
+	static FmgrInfo cached_out;
+
+	if (typid != cached_type)
 	{
-		case INT2OID:
-			return cstring_to_text(DatumGetCString(DirectFunctionCall1(int2out, value)));
-		case INT4OID:
-			return cstring_to_text(DatumGetCString(DirectFunctionCall1(int4out, value)));
-		case INT8OID:
-			return cstring_to_text(DatumGetCString(DirectFunctionCall1(int8out, value)));
-		case UUIDOID:
-			return cstring_to_text(DatumGetCString(DirectFunctionCall1(uuid_out, value)));
-		case TEXTOID:
-		case VARCHAROID:
-			return DatumGetTextPCopy(value);
-		default:
-			return NULL;
+		Oid			outfunc;
+		bool		isvarlena;
+
+		getTypeOutputInfo(typid, &outfunc, &isvarlena);
+		fmgr_info_cxt(outfunc, &cached_out, TopMemoryContext);
+		cached_type = typid;
+	}
+	{
+		char	   *str = OutputFunctionCall(&cached_out, value);
+		text	   *result = cstring_to_text(str);
+
+		pfree(str);
+		return result;
 	}
 }
 
@@ -188,7 +194,8 @@ note_key(text *key, text *old_key)
  * d365._contact_capture_row() -> trigger
  *		AFTER UPDATE FOR EACH ROW (behind the WHEN clause): notes NEW's key,
  *		and OLD's when the key changed.  tgargs[0] is the key column's
- *		attribute number.  Runs as the writing user and runs no SQL.
+ *		attribute number.  Runs as the writing user; runs d365's SQL only
+ *		every FLUSH_CHUNK keys (flush_as_owner).
  */
 Datum
 d365_capture_row(PG_FUNCTION_ARGS)
