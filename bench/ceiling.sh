@@ -9,7 +9,7 @@
 # time per second, over a window scaled down from 1,200 s per 300 s to
 # 12 s per 3 s so that the ceiling binds within seconds.  The ceiling of n
 # application users is n x 4 s/s / 20 ms = 200 x n operations per second.
-# It measures the initial sync with 1 and 2 application users (the second
+# It measures the initial sync with 1 and 2 application users (CEIL_USERS; the others
 # in d365.app_users, when this version has that table) and in per-record
 # mode (d365sync.batch_size = 1), and prints contacts/s, the share of the
 # ceiling, throttled requests and the most requests one user had in flight.
@@ -20,6 +20,7 @@
 #   CEIL_BUDGET_S=12 CEIL_WINDOW_S=3             execution-time budget
 #   CEIL_DOP_HINT=4                              x-ms-dop-hint
 #   CEIL_CONTACTS=12000 CEIL_PER_RECORD=2000     contacts per run
+#   CEIL_USERS="1 2"                             application users per run (up to 4)
 #   D365_SKIP_BUILD=1                            use the installed extension
 set -uo pipefail
 
@@ -34,7 +35,9 @@ HINT=${CEIL_DOP_HINT:-4}
 N=${CEIL_CONTACTS:-12000}
 NPR=${CEIL_PER_RECORD:-2000}
 DB=d365ceiling
-POOL_ID=33333333-3333-4333-8333-333333333333
+USER_COUNTS=${CEIL_USERS:-1 2}
+POOL_IDS=(33333333-3333-4333-8333-333333333333 44444444-4444-4444-8444-444444444444
+          55555555-5555-4555-8555-555555555555)
 POOL_SECRET=pool-secret
 
 trap d365_stop_all EXIT
@@ -46,7 +49,8 @@ if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
 fi
 d365_start_cluster "$DB" || exit 1
 d365_start_sim --latency-ms "$LAT" --per-record-ms "$SRV" --exec-budget-s "$BUDGET" \
-    --window-s "$WINDOW" --dop-hint "$HINT" --app-user "$POOL_ID:$POOL_SECRET" || exit 1
+    --window-s "$WINDOW" --dop-hint "$HINT" --app-user "${POOL_IDS[0]}:$POOL_SECRET" \
+    --app-user "${POOL_IDS[1]}:$POOL_SECRET" --app-user "${POOL_IDS[2]}:$POOL_SECRET" || exit 1
 psql -X -q -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE $DB" || exit 1
 RESULTS=$D365_WORK/ceiling.tsv
 : >"$RESULTS"
@@ -90,10 +94,11 @@ INSERT INTO d365.field_map VALUES
 VACUUM ANALYZE ceil_contact;
 SQL
     [ $? -eq 0 ] || return 1
-    if [ "$users" -gt 1 ]; then
-        q -c "INSERT INTO d365.app_users (client_id, client_secret) VALUES ('$POOL_ID', '$POOL_SECRET')" \
+    local u
+    for ((u = 1; u < users; u++)); do
+        q -c "INSERT INTO d365.app_users (client_id, client_secret) VALUES ('${POOL_IDS[u-1]}', '$POOL_SECRET')" \
             >/dev/null 2>&1 || return 2
-    fi
+    done
     # the budgets start empty for every scenario
     "$D365_SIMCTL" config "{\"exec_budget_s\": $BUDGET}" && "$D365_SIMCTL" reset-stats
 }
@@ -151,10 +156,10 @@ echo "x-ms-dop-hint ${HINT}; simulator on 127.0.0.1."
 echo "PostgreSQL: $("$PG_BIN/postgres" --version)"
 echo
 
-d365_log "initial sync, 1 application user"
-measure "batched, 1 user" 1 "$N" batched
-d365_log "initial sync, 2 application users"
-measure "batched, 2 users" 2 "$N" batched
+for u in $USER_COUNTS; do
+    d365_log "initial sync, $u application user(s)"
+    measure "batched, $u user$([ "$u" -gt 1 ] && echo s)" "$u" "$N" batched
+done
 d365_log "initial sync, per-record mode"
 measure "per-record, 1 user" 1 "$NPR" per-record "SET d365sync.batch_size = 1;"
 

@@ -124,6 +124,22 @@ d365_client_skipped(D365Client *client)
 	return buf.len ? buf.data : NULL;
 }
 
+/*
+ * d365_client_slots
+ *		How many requests the client may have in flight now, over all its
+ *		application users that are not skipped.
+ */
+int
+d365_client_slots(D365Client *client)
+{
+	int			n = 0;
+	int			l;
+
+	for (l = 0; l < client->nlanes; l++)
+		n += client->lanes[l].dead ? 0 : client->dop_limit;
+	return n;
+}
+
 static int
 live_lanes(D365Client *client)
 {

@@ -100,6 +100,7 @@ extern D365Client *d365_client_init(D365Settings *settings,
 extern void d365_client_add_lane(D365Client *client, const char *client_id,
 								 const char *client_secret);
 extern char *d365_client_skipped(D365Client *client);
+extern int	d365_client_slots(D365Client *client);
 extern D365Op *d365_op_make(const char *method, const char *path, const char *body);
 /* the first round of d365_client_execute in flight (see d365_client_start) */
 typedef struct D365Sending D365Sending;

@@ -22,7 +22,9 @@
  *				  chunk; it writes link columns, state, errors, back-off.
  *
  * d365_pipeline_process() streams the work query through a cursor in chunks
- * of d365sync.batch_size x d365sync.max_parallel rows, sends each chunk's
+ * of d365sync.batch_size x d365sync.max_parallel rows (or, once the client
+ * is open, x the requests all its application users may have in flight,
+ * when that is more), sends each chunk's
  * requests through the OData client (batched, parallel, retried and
  * throttled there), then records the chunk with one call of the record
  * function.  Two chunks are on the way at once, so that database work and
@@ -582,6 +584,10 @@ d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 
 		CHECK_FOR_INTERRUPTS();
 		/* map the next chunk while this one's requests are answered */
+		if (run->client != NULL)
+			chunk_size = Min(d365_batch_size * Max(d365_max_parallel,
+												   d365_client_slots(run->client)),
+							 10000);
 		more = fetch_chunk(run, portal, chunk_size, next);
 
 		if (cur->sending != NULL)
