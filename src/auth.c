@@ -293,7 +293,7 @@ d365_auth_token(D365Client *client, D365Lane *lane, bool refresh, bool missing_o
 				 errdetail_internal("%s (HTTP status %d, error %s).", op->error_message,
 									op->status, op->error_code ? op->error_code : "unknown"),
 				 hint ? errhint("%s", hint) : 0,
-				 errcontext("token request: POST %s/oauth2/v2.0/token", s->tenant_id)));
+				 errcontext("token request: POST /%s/oauth2/v2.0/token", s->tenant_id)));
 	}
 
 	token = d365_json_str(op->json, "access_token");
@@ -313,7 +313,7 @@ d365_auth_token(D365Client *client, D365Lane *lane, bool refresh, bool missing_o
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
 				 errmsg("the token response has no access_token or expires_in"),
-				 errcontext("token request: POST %s/oauth2/v2.0/token", s->tenant_id)));
+				 errcontext("token request: POST /%s/oauth2/v2.0/token", s->tenant_id)));
 
 	slot->token = MemoryContextStrdup(TopMemoryContext, token);
 	memcpy(slot->key, key, sizeof(key));

@@ -131,7 +131,8 @@ $$;
  * d365._contact_record() gets back.  A create is an upsert on the id the
  * contact will have (no If-Match); an update carries If-Match: * so that it
  * never re-creates a contact deleted in Dynamics.  The map stage is here: the mapped
- * columns become one jsonb object converted as SPEC section 2 says, and for
+ * columns become one jsonb object converted as docs/contacts.md ("Map columns
+ * to Dynamics fields") says, and for
  * a linked contact the body is the part of it that differs from the synced
  * snapshot (a NULL clears the Dynamics value).
  *

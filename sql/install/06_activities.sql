@@ -114,7 +114,8 @@ LANGUAGE sql IMMUTABLE
 AS $$ SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') $$;
 
 /*
- * The built-in body of an activity, SPEC section 4: regarding = the contact
+ * The built-in body of an activity (docs/activities.md, "Activity types and
+ * built-in bodies"): regarding = the contact
  * (Microsoft's suffixed bind), subject, description, scheduledstart, the
  * default owner, and per entity: phonecall, email, task, appointment
  * fields and activity parties.  A problem that makes the activity unsendable
