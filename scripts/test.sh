@@ -55,6 +55,10 @@ for t in "$D365_REPO"/test/*.sh; do
     f=$(grep -c '^not ok ' "$D365_WORK/shell.log")
     passed=$((passed + p))
     failed=$((failed + f))
+    # a suite that stopped before its first line must not count as green
+    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+        echo "not ok $(basename "$t") - the suite reported no test"; failed=$((failed + 1))
+    fi
 done
 
 if [ "$failed" -gt 0 ]; then

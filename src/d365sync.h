@@ -15,6 +15,8 @@
  *							interrupts, size caps
  *	  src/odata.c			Dataverse Web API client: headers, errors, retries,
  *							$batch, throttling; asks its token source for tokens
+ *	  src/odata_batch.c		$batch: one request from operations, its response
+ *							split into the exchanges of its parts
  *	  src/odata_pages.c		the paged GET (@odata.nextLink) over the client
  *	  src/auth.c			OAuth 2.0 client-credentials token, cached per
  *							backend; d365_client_open() (settings + token)
@@ -32,6 +34,9 @@
  *	  src/whoami.c			01_settings: d365_whoami(), the connection check
  *	  src/runs.c			02_runs
  *	  src/contact_source.c	03_contact_source: the contact-state privilege gate
+ *	  src/table_owner.c		03_contact_source: writes to the contact table and
+ *							conversions into its types, as the table's owner
+ *	  src/capture.c			03_identity: the capture triggers' C side
  *	  src/metadata.c		04_metadata: d365._get_all() under the metadata SQL
  *	  src/contacts_out.c	05_contacts_out: the outgoing contact engine
  *	  src/activities.c		06_activities: the activity engine
