@@ -10,6 +10,8 @@
 #                           the same with d365sync preloaded too: its
 #                           background worker serves DB
 #   d365_start_sim [args]   the Dataverse simulator on 127.0.0.1 (http+https)
+#   d365_start_standalone LOG  build, cluster and simulator for a test/*.sh
+#                           run by itself
 #   d365_stop_all           stop the simulator and the cluster, remove files
 #
 # D365_PG_BIN (optional) names another PostgreSQL 15 bin directory, such as a
@@ -112,6 +114,18 @@ d365_start_sim() {
     export D365_SIM_CA=$D365_WORK/sim.crt
     export D365_SIMCTL=$D365_REPO/sim/simctl
     "$D365_SIMCTL" wait >/dev/null
+}
+
+# d365_start_standalone LOG: for a shell suite in test/ run by itself (no
+# D365_SIM_URL): build and install (unless D365_SKIP_BUILD=1), then a
+# cluster whose pg_cron database is another one, as under scripts/test.sh,
+# and the simulator.  Output goes to LOG; non-zero when something failed.
+d365_start_standalone() {
+    local log=$1
+    if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
+        d365_build >"$log" 2>&1 || return 1
+    fi
+    { d365_start_cluster postgres && d365_start_sim; } >>"$log" 2>&1
 }
 
 d365_stop_all() {

@@ -3,18 +3,26 @@
 # in a clear message, never in a crashed backend.
 #
 # scripts/test.sh runs it with the cluster and simulator it started (PGHOST,
-# PGPORT, PGUSER, D365_SIM_URL exported).  Each scenario runs in one psql
-# session and then checks that the same session still answers.
+# PGPORT, PGUSER, D365_SIM_URL exported); run by itself it builds and
+# starts its own (D365_SKIP_BUILD=1: uses what is installed).  Each scenario
+# runs in one psql session and then checks that the same session still
+# answers.
 # Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
 set -uo pipefail
 
 DB=d365config
 TMPD=$(mktemp -d /tmp/d365config.XXXXXX)
-trap 'rm -rf "$TMPD"' EXIT
+STANDALONE=0
+trap 'rm -rf "$TMPD"; [ "$STANDALONE" = 0 ] || d365_stop_all' EXIT
 if [ -z "${D365_SIM_URL:-}" ]; then
-    echo "# test/config_states.sh needs the simulator and a cluster: run it through scripts/test.sh"
-    echo "not ok 1 - set-up: no simulator (D365_SIM_URL is not set)"
-    exit 0
+    # run by itself: a build, a cluster and a simulator of its own
+    STANDALONE=1
+    . "$(dirname "$0")/../scripts/lib.sh"
+    d365_start_standalone "$TMPD/start.log" || {
+        sed 's/^/# /' "$TMPD/start.log"
+        echo "not ok 1 - set-up: build, cluster or simulator failed"
+        exit 0
+    }
 fi
 
 psqlq() {

@@ -3,7 +3,9 @@
 # yields the same objects as a fresh install and keeps the user's data.
 #
 # scripts/test.sh runs it with the cluster and simulator it started (PGHOST,
-# PGPORT, PGUSER, D365_SIM_URL, D365_SIMCTL exported).  For 0.1 it:
+# PGPORT, PGUSER, D365_SIM_URL, D365_SIMCTL exported); run by itself it
+# builds and starts its own (D365_SKIP_BUILD=1: uses what is installed).
+# For 0.1 it:
 #   1. installs 0.1 in a database, configures it against the simulator,
 #      attaches and maps a contact table, syncs, logs activities;
 #   2. saves every user row of d365's tables (the columns 0.1 had);
@@ -25,11 +27,17 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 TMPD=$(mktemp -d /tmp/d365upgrade.XXXXXX)
 OLD=d365upgrade_old
 NEW=d365upgrade_new
-trap 'rm -rf "$TMPD"' EXIT
+STANDALONE=0
+trap 'rm -rf "$TMPD"; [ "$STANDALONE" = 0 ] || d365_stop_all' EXIT
 if [ -z "${D365_SIM_URL:-}" ]; then
-    echo "# test/upgrade.sh needs the simulator and a cluster: run it through scripts/test.sh"
-    echo "not ok 1 - set-up: no simulator (D365_SIM_URL is not set)"
-    exit 0
+    # run by itself: a build, a cluster and a simulator of its own
+    STANDALONE=1
+    . "$(dirname "$0")/../scripts/lib.sh"
+    d365_start_standalone "$TMPD/start.log" || {
+        sed 's/^/# /' "$TMPD/start.log"
+        echo "not ok 1 - set-up: build, cluster or simulator failed"
+        exit 0
+    }
 fi
 
 n=0
