@@ -358,8 +358,9 @@ def run_page(cl, page, blocks, readme_blocks, needs_readme, sim_url, simctl, wor
     return problems
 
 
-def cron_check(cl, readme_blocks, sim_url, result):
-    """d365_schedule() with the documented set-up: a job must run and succeed."""
+def cron_check(cl, readme_blocks, sim_url, result, functions):
+    """d365_schedule() with the documented set-up: a job must run and succeed.
+    Also lists the extension's d365_* functions and procedures (functions)."""
     try:
         fresh_db(cl)
         path = script_for(readme_blocks, sim_url, cl.dir, "readme-cron")
@@ -368,6 +369,10 @@ def cron_check(cl, readme_blocks, sim_url, result):
         if p:
             result.append("the README's blocks failed: " + "; ".join(p))
             return
+        rc, out, err = cl.psql(DB, "SELECT DISTINCT proname FROM pg_proc"
+                                   " WHERE pronamespace = 'd365'::regnamespace"
+                                   "   AND proname LIKE 'd365\\_%' ORDER BY 1", tuples=True)
+        functions += [l.strip() for l in out.split("\n") if l.strip()]
         rc, out, err = cl.psql(DB, "UPDATE crm_person SET email = 'tom@okafor.example' WHERE id = 2;"
                                    "SELECT * FROM d365.d365_schedule(contacts => '* * * * *');"
                                    "SELECT now()", tuples=True)
@@ -477,7 +482,9 @@ def main():
         cron_cl = Cluster(work, "cron", conf)
         clusters.append(cron_cl)
         cron_result = []
-        t = threading.Thread(target=cron_check, args=(cron_cl, readme_blocks, cron_sim_url, cron_result))
+        functions = []
+        t = threading.Thread(target=cron_check,
+                             args=(cron_cl, readme_blocks, cron_sim_url, cron_result, functions))
         t.start()
 
         cl = Cluster(work, "pages", conf)
@@ -497,6 +504,13 @@ def main():
                 say("ok docs %s - %d SQL blocks run as printed" % (p, n))
 
         t.join(120)
+        documented = anchors(os.path.join(REPO, "docs", "sql-api.md"))
+        missing = [f for f in functions if f not in documented]
+        if functions and not missing:
+            say("ok docs sql-api - every d365_* function of the extension has its entry in docs/sql-api.md")
+        else:
+            say("not ok docs sql-api - every d365_* function of the extension has its entry in docs/sql-api.md")
+            diag("missing: " + (", ".join(missing) if functions else "(the functions could not be listed)"))
         if cron_result == ["ok"]:
             say("ok docs pg_cron - with the documented set-up a d365_schedule() job ran and succeeded")
         else:
