@@ -119,13 +119,18 @@ d365_start_sim() {
 # d365_start_standalone LOG: for a shell suite in test/ run by itself (no
 # D365_SIM_URL): build and install (unless D365_SKIP_BUILD=1), then a
 # cluster whose pg_cron database is another one, as under scripts/test.sh,
-# and the simulator.  Output goes to LOG; non-zero when something failed.
+# and the simulator.  Output goes to LOG; when something failed it is
+# printed as "# ..." lines with "not ok 1 - set-up: ..." and the status is
+# non-zero.
 d365_start_standalone() {
     local log=$1
-    if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
-        d365_build >"$log" 2>&1 || return 1
+    if { [ "${D365_SKIP_BUILD:-}" = 1 ] || d365_build; } >"$log" 2>&1 &&
+       { d365_start_cluster postgres && d365_start_sim; } >>"$log" 2>&1; then
+        return 0
     fi
-    { d365_start_cluster postgres && d365_start_sim; } >>"$log" 2>&1
+    sed 's/^/# /' "$log"
+    echo "not ok 1 - set-up: build, cluster or simulator failed"
+    return 1
 }
 
 d365_stop_all() {
