@@ -644,22 +644,18 @@ BEGIN
     END IF;
     snap := d365._contact_snapshot(k, NULL);
 
-    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated
+    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated,
+                    format_type(a.atttypid, a.atttypmod) AS type_name
                FROM d365._incoming_fields() i
                JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name LOOP
         mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
         IF NOT payload ? f.read_name THEN
             CONTINUE;       -- not in the row: not changed, not cleared
         END IF;
-        IF f.generated AND mapper IS NULL THEN
-            RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"', f.read_name, f.column_name
-                USING ERRCODE = 'generated_always',
-                      DETAIL = format('Column "%s" is a generated column.', f.column_name),
-                      HINT = 'A generated column can only be sent to Dynamics, never written from it.';
-        END IF;
         vals := vals || jsonb_build_object(f.column_name,
                     d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
-        names := names || jsonb_build_object(f.column_name, jsonb_build_array(f.read_name, f.typ::text));
+        names := names || jsonb_build_object(f.column_name,
+                    jsonb_build_array(f.read_name, f.type_name, f.generated));
         fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
     END LOOP;
     IF vals <> '{}' THEN
@@ -672,6 +668,13 @@ BEGIN
                 CONTINUE;   -- Dynamics still has what was last synced
             END IF;
             IF (conv -> f.field) IS DISTINCT FROM coalesce(cur -> f.field, 'null'::jsonb) THEN
+                IF (names -> f.col ->> 2)::boolean THEN
+                    RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"',
+                                    names -> f.col ->> 0, f.col
+                        USING ERRCODE = 'generated_always',
+                              DETAIL = format('Column "%s" is a generated column.', f.col),
+                              HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+                END IF;
                 changes := changes || jsonb_build_object(f.col, vals -> f.col);
             END IF;
         END LOOP;
@@ -779,20 +782,20 @@ BEGIN
         EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
                        OR raise_exception OR with_check_option_violation THEN
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
-            RAISE WARNING 'Dynamics contact % was not applied: %', r ->> 'contactid', msg
-                USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
-            BEGIN
+            k := NULL;
+            IF r ->> 'contactid' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
                 EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
                                src.key_column, src.contact_table)
                    INTO k USING (r ->> 'contactid')::uuid;
-            EXCEPTION WHEN data_exception THEN
-                k := NULL;
-            END;
+            END IF;
+            RAISE WARNING 'incoming change of contact % was not applied: %',
+                          coalesce(k, format('(Dynamics id %s)', r ->> 'contactid')), msg
+                USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
             IF k IS NOT NULL THEN
                 UPDATE d365.contact_state
                    SET last_attempt_at = now(), last_error_code = code,
                        last_error = left('incoming change not applied: ' || msg
-                                         || coalesce(' ' || detail, ''), 2000)
+                                         || coalesce('. ' || nullif(detail, ''), ''), 2000)
                  WHERE contact_key = k;
             END IF;
             failed := failed + 1;
