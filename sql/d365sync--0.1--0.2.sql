@@ -187,6 +187,45 @@ $$;
 COMMENT ON FUNCTION d365.d365_set_secret_from_file(text) IS
     'Sets d365.settings.client_secret from a file on the database server, keeping the value out of statement logs';
 
+CREATE OR REPLACE FUNCTION d365._contact_source()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    col name;
+    typ regtype;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    PERFORM d365._check_key_type(src.contact_table, src.key_column);
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (through ALTER TABLE
+    -- after attaching) would run its casts and operators as the caller
+    SELECT a.attname, a.atttypid::regtype INTO col, typ
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND ((a.attname = src.score_column
+             AND a.atttypid NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                    'numeric'::regtype, 'real'::regtype, 'double precision'::regtype))
+         OR (a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
+         OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype))
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'column "%" of % has type %, which d365sync does not support', col, src.contact_table, typ
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'The score column is a built-in number type, dynamics365_related_id a uuid and dynamics365_synchronized_on a timestamptz.';
+    END IF;
+    RETURN src;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION d365._row_key(r anyelement, key_column name)
 RETURNS text
 LANGUAGE plpgsql STABLE
@@ -514,6 +553,214 @@ BEGIN
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION d365._contact_link(contact_key text)
+RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    result uuid;
+BEGIN
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.contact_table, src.key_column)
+       INTO result USING contact_key;
+    RETURN result;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._activity_mapper_call(mapper regprocedure, entity text,
+                                           dynamics_contact_id uuid, activity jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_activity_mapper_call'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._is_activity_mapper(mapper regprocedure)
+RETURNS boolean
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT EXISTS (SELECT FROM d365.activity_mapper m WHERE m.mapper = $1) $$;
+
+CREATE OR REPLACE FUNCTION d365._activity_work_sql(mode text, one_id bigint DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    mappers text := '';
+    m record;
+    sel text;
+    pending boolean;
+BEGIN
+    src := d365._contact_source();
+
+    sel := CASE mode
+        WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
+        WHEN 'one' THEN 'a.id = $1'
+        WHEN 'recent' THEN 'c.dynamics365_synchronized_on = now() AND (a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
+    END;
+
+    -- nothing pending: no metadata request, no work
+    EXECUTE format('SELECT EXISTS (SELECT FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                   ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL AND %s)',
+                   src.contact_table, src.key_column,
+                   CASE mode WHEN 'one' THEN 'a.id = $1' ELSE sel END)
+        INTO pending USING one_id;
+    IF NOT pending THEN
+        RETURN 'SELECT NULL::text, NULL::text, NULL::text WHERE false';
+    END IF;
+
+    FOR m IN SELECT dynamics_entity, mapper FROM d365.activity_mapper ORDER BY 1 LOOP
+        mappers := mappers || format(' WHEN %L THEN d365._activity_mapper_call(%L::pg_catalog.regprocedure,'
+                                     ' t.entity, c.dynamics365_related_id, pg_catalog.to_jsonb(a))',
+                                     m.dynamics_entity, m.mapper);
+    END LOOP;
+    IF mappers <> '' THEN
+        mappers := format('coalesce(CASE t.entity %s END, ''{}'')', mappers);
+    ELSE
+        mappers := '''{}''::jsonb';
+    END IF;
+
+    RETURN format($q$
+        WITH ent AS (
+            SELECT e ->> 'LogicalName' AS name, e ->> 'EntitySetName' AS entity_set
+              FROM jsonb_array_elements(d365._get_cached(
+                       'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
+             WHERE (e ->> 'IsActivity')::boolean
+               AND e ->> 'EntitySetName' ~ '^[A-Za-z0-9_]+$')
+        SELECT a.id::text AS item_key,
+               CASE WHEN x.err IS NOT NULL THEN '[]'
+                    ELSE (jsonb_build_array(jsonb_build_object(
+                              'method', 'PATCH',
+                              'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
+                              'body', bb.body::text,
+                              'headers', '["If-None-Match: *"]'::jsonb,
+                              'ok', '[412]'::jsonb))
+                          || CASE WHEN d365._activity_completion(t.entity, a.details) IS NULL THEN '[]'::jsonb
+                                  ELSE jsonb_build_array(jsonb_build_object(
+                                      'method', 'PATCH',
+                                      'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
+                                      'body', d365._activity_completion(t.entity, a.details)::text,
+                                      'headers', '["If-Match: *"]'::jsonb)) END)::text
+               END AS requests,
+               jsonb_build_object('entity', t.entity, 'error', x.err)::text AS context
+          FROM d365.activity a
+          JOIN %1$s c ON c.%2$I::text = a.contact_key AND c.dynamics365_related_id IS NOT NULL
+          LEFT JOIN d365.activity_type_map tm ON tm.activity_type = a.activity_type
+          CROSS JOIN LATERAL (SELECT coalesce(tm.dynamics_entity, a.activity_type) AS entity) t
+          LEFT JOIN ent ON ent.name = t.entity
+          CROSS JOIN LATERAL (
+              SELECT CASE WHEN ent.name IS NULL THEN NULL
+                          ELSE d365._activity_body(a, t.entity, c.dynamics365_related_id) || %3$s
+                     END AS body) bb
+          CROSS JOIN LATERAL (
+              SELECT CASE WHEN ent.name IS NULL
+                          THEN format('activity type "%%s" is not a Dynamics activity entity (it maps to "%%s")',
+                                      a.activity_type, t.entity)
+                          ELSE bb.body ->> '__error' END AS err) x
+         WHERE a.synced_at IS NULL AND %4$s
+         ORDER BY a.id
+    $q$, src.contact_table, src.key_column, mappers, sel);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    n bigint;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+
+    SELECT * INTO src FROM d365.contact_source;
+    item := 'contact table'; value := coalesce(src.contact_table::text, '(not attached)'); RETURN NEXT;
+    IF src.contact_table IS NOT NULL THEN
+        PERFORM d365._contact_source();     -- key, score and link column types
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                       ' WHERE c.dynamics365_related_id IS NULL AND c.%I >= $1'
+                       '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq)',
+                       src.contact_table, src.key_column, src.score_column)
+            INTO n USING s.min_score;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                       ' WHERE c.dynamics365_related_id IS NOT NULL AND s.change_seq > s.synced_seq',
+                       src.contact_table, src.key_column) INTO n;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION d365._incoming_value(val jsonb, typ regtype, field text, column_name name)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
@@ -812,7 +1059,8 @@ BEGIN
 END;
 $$;
 
-REVOKE ALL ON FUNCTION d365._check_row_quietly(anyelement, regclass), d365._row_key(anyelement, name), d365.d365_set_secret_from_file(text),
+REVOKE ALL ON FUNCTION d365._activity_mapper_call(regprocedure, text, uuid, jsonb), d365._is_activity_mapper(regprocedure),
+       d365._check_row_quietly(anyelement, regclass), d365._row_key(anyelement, name), d365.d365_set_secret_from_file(text),
        d365._owner_sql(text, name[]), d365._contact_set_links(text[], uuid[], uuid[]),
        d365._contact_unlink(uuid), d365._contact_convert(jsonb), d365._contact_apply(jsonb, text),
        d365._contact_map(jsonb, jsonb, text), d365._values_expr(text, name[]),

@@ -183,6 +183,40 @@ SELECT * FROM sec_seen;
 TRUNCATE sec_log;
 SELECT rolname, rolsuper FROM pg_roles WHERE rolname = 'regress_sec_app';
 
+-- an activity mapper the application owns runs as its owner too, also when
+-- d365_log_activity (which runs as the extension's owner) sends at once
+SET ROLE regress_sec_app;
+CREATE FUNCTION public.sec_activity_mapper(entity text, contact uuid, activity jsonb) RETURNS jsonb
+LANGUAGE sql AS $$ SELECT CASE WHEN public.sec_evil('activity mapper') THEN '{}'::jsonb END $$;
+RESET ROLE;
+INSERT INTO d365.activity_mapper VALUES ('phonecall', 'public.sec_activity_mapper(text, uuid, jsonb)');
+UPDATE d365.settings SET activity_sync_enabled = true;
+SELECT d365_log_activity(1, 'phonecall', 'Called') > 0 AS logged;
+SELECT synced_at IS NOT NULL AS sent FROM d365.activity ORDER BY id DESC LIMIT 1;
+UPDATE d365.settings SET activity_sync_enabled = false;
+DELETE FROM d365.activity_mapper;
+SELECT * FROM sec_seen;
+TRUNCATE sec_log;
+-- ... and no function becomes callable as its owner through the helper
+SELECT d365._activity_mapper_call('public.sec_mapper(jsonb, jsonb, jsonb)', 'x', NULL, '{}');
+
+-- a type of the owner's making on the score or link columns, put there
+-- after attaching, is refused before any of its casts or operators runs
+SET ROLE regress_sec_app;
+CREATE TYPE sec_score AS (v integer);
+CREATE FUNCTION public.sec_score_int(sec_score) RETURNS integer
+LANGUAGE sql AS $$ SELECT CASE WHEN public.sec_evil('implicit cast') THEN ($1).v END $$;
+CREATE CAST (sec_score AS integer) WITH FUNCTION public.sec_score_int(sec_score) AS IMPLICIT;
+ALTER TABLE sec_person ALTER score TYPE sec_score USING row(score)::sec_score;
+RESET ROLE;
+SELECT created, failed FROM d365_sync_contacts();
+SELECT item, value FROM d365_status() WHERE item = 'contacts to create';
+SET ROLE regress_sec_app;
+ALTER TABLE sec_person ALTER score TYPE integer USING (score).v;
+RESET ROLE;
+SELECT * FROM sec_seen;
+TRUNCATE sec_log;
+
 -- ---------------------------------------------------------------------------
 -- Someone with the owner's helpers but without rights on the table gets
 -- nothing done through them
@@ -197,6 +231,12 @@ SELECT d365._contact_apply('{"name": "Mallory"}', '1');
 SELECT d365._contact_convert('{"nick": "x"}');
 SELECT d365._contact_map('{}', '{}', '1');
 SELECT d365._owner_sql('links', NULL) IS NOT NULL AS statement_text_only;
+RESET ROLE;
+-- with the rights, but bound by the table's row security: refused too (the
+-- owner-run statement would reach rows the policy hides from it)
+GRANT SELECT, UPDATE ON sec_person TO regress_sec_other;
+SET ROLE regress_sec_other;
+SELECT d365._contact_apply('{"name": "Mallory"}', '1');
 RESET ROLE;
 SELECT name, dynamics365_related_id = :'ada' AS still_linked FROM sec_person WHERE id = 1;
 DROP OWNED BY regress_sec_other;

@@ -45,13 +45,17 @@
 #include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
+#include "utils/regproc.h"
+#include "utils/rls.h"
 #include "utils/syscache.h"
+#include "catalog/pg_proc.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_set_links);
 PG_FUNCTION_INFO_V1(d365_contact_unlink);
 PG_FUNCTION_INFO_V1(d365_contact_convert);
 PG_FUNCTION_INFO_V1(d365_contact_apply);
 PG_FUNCTION_INFO_V1(d365_contact_map);
+PG_FUNCTION_INFO_V1(d365_activity_mapper_call);
 
 /* One statement to run as the owner of the contact table. */
 typedef struct OwnerCall
@@ -76,6 +80,24 @@ relation_name(Oid relid)
 }
 
 /*
+ * check_row_security
+ *		The statements run as the owner, whom the table's row security does
+ *		not bind (unless forced): a caller it binds would reach rows it may
+ *		not see or change, so such a caller is refused.
+ */
+static void
+check_row_security(Oid relid, Oid caller)
+{
+	if (check_enable_rls(relid, caller, true) == RLS_ENABLED)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("row-level security of %s applies to role \"%s\"",
+						relation_name(relid), GetUserNameFromId(caller, false)),
+				 errdetail("d365sync writes the contact table as its owner, for roles that may write every row."),
+				 errhint("Run the sync as the table's owner, or as a role with BYPASSRLS.")));
+}
+
+/*
  * check_caller_rights
  *		The caller must hold UPDATE on every column in columns (a name[]),
  *		or SELECT on the table when columns is NULL.
@@ -96,10 +118,14 @@ check_caller_rights(Oid relid, Datum columns, bool columns_null)
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied for table %s", relation_name(relid)),
 					 errdetail("The incoming mapper reads the whole contact row.")));
+		check_row_security(relid, caller);
 		return;
 	}
 	if (pg_class_aclcheck(relid, caller, ACL_UPDATE) == ACLCHECK_OK)
+	{
+		check_row_security(relid, caller);
 		return;
+	}
 	deconstruct_array(DatumGetArrayTypeP(columns), NAMEOID, NAMEDATALEN, false,
 					  TYPALIGN_CHAR, &names, &nulls, &n);
 	for (i = 0; i < n; i++)
@@ -117,6 +143,7 @@ check_caller_rights(Oid relid, Datum columns, bool columns_null)
 					 errhint("GRANT UPDATE ON %s TO %s;", relation_name(relid),
 							 quote_identifier(GetUserNameFromId(caller, false)))));
 	}
+	check_row_security(relid, caller);
 }
 
 /* Owner of a relation; ERROR when it is gone. */
@@ -379,4 +406,92 @@ d365_contact_map(PG_FUNCTION_ARGS)
 	if (call.result_null)
 		PG_RETURN_NULL();
 	PG_RETURN_DATUM(call.result);
+}
+
+/*
+ * d365._activity_mapper_call(mapper regprocedure, entity text,
+ *							   dynamics_contact_id uuid, activity jsonb) -> jsonb
+ *		Calls a registered activity mapper as the mapper function's owner,
+ *		in a security-restricted operation with search_path = pg_catalog,
+ *		pg_temp, so that the function's owner never has it run with the
+ *		rights of whoever runs the activity sync.  The caller must be allowed
+ *		to EXECUTE it.
+ */
+Datum
+d365_activity_mapper_call(PG_FUNCTION_ARGS)
+{
+	Oid			fn;
+	Oid			owner;
+	HeapTuple	tup;
+	bool		registered;
+	bool		isnull;
+	FmgrInfo	flinfo;
+	Oid			save_userid;
+	int			save_sec;
+	int			save_nestlevel;
+	Datum		result;
+	bool		result_null;
+	int			i;
+	LOCAL_FCINFO(call, 3);
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	fn = PG_GETARG_OID(0);
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT d365._is_activity_mapper($1)", 1,
+							  (Oid[]) {REGPROCEDUREOID}, (Datum[]) {ObjectIdGetDatum(fn)},
+							  NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "d365._is_activity_mapper did not answer");
+	registered = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	if (isnull || !registered)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("function %s is not a registered activity mapper", format_procedure(fn))));
+	if (pg_proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", get_func_name(fn))));
+
+	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for function %u", fn);
+	owner = ((Form_pg_proc) GETSTRUCT(tup))->proowner;
+	ReleaseSysCache(tup);
+
+	fmgr_info(fn, &flinfo);
+	InitFunctionCallInfoData(*call, &flinfo, 3, InvalidOid, NULL, NULL);
+	for (i = 0; i < 3; i++)
+	{
+		call->args[i].value = PG_ARGISNULL(i + 1) ? (Datum) 0 : PG_GETARG_DATUM(i + 1);
+		call->args[i].isnull = PG_ARGISNULL(i + 1);
+		if (call->args[i].isnull && flinfo.fn_strict)
+			PG_RETURN_NULL();
+	}
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+	PG_TRY();
+	{
+		result = FunctionCallInvoke(call);
+		result_null = call->isnull;
+	}
+	PG_CATCH();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	AtEOXact_GUC(false, save_nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec);
+
+	if (result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(result);
 }

@@ -15,7 +15,8 @@ DB=d365secret
 SECRET=sim-secret
 TMPD=$(mktemp -d /tmp/d365secret.XXXXXX)
 chmod 755 "$TMPD"
-LOG=${D365_WORK:-}/postgres.log
+# scripts/lib.sh writes the server log beside the data directory
+LOG=${D365_WORK:-$(dirname "${PGDATA:-/nonexistent/x}")}/postgres.log
 cleanup() {
     psql -X -q -d postgres -c "ALTER SYSTEM RESET log_statement" -c "SELECT pg_reload_conf()" >/dev/null 2>&1
     timeout 60 dropdb --if-exists "$DB" >/dev/null 2>&1

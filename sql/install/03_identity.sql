@@ -38,6 +38,22 @@ BEGIN
                       AND a.attnum > 0 AND NOT a.attisdropped) THEN
         RETURN format('score column "%s" of %s was renamed or dropped', src.score_column, src.contact_table);
     END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights
+    SELECT format('column "%s" of %s has type %s, which d365sync does not support',
+                  a.attname, src.contact_table, a.atttypid::regtype) INTO trg
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND ((a.attname = src.score_column
+             AND a.atttypid NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                    'numeric'::regtype, 'real'::regtype, 'double precision'::regtype))
+         OR (a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
+         OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype))
+     LIMIT 1;
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
                                'd365_capture_truncate'] LOOP

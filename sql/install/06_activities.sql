@@ -89,6 +89,30 @@ CREATE TRIGGER activity_mapper_check
     BEFORE INSERT OR UPDATE ON d365.activity_mapper
     FOR EACH ROW EXECUTE FUNCTION d365._activity_mapper_check();
 
+/*
+ * An activity mapper, called as the mapper function's owner in a
+ * security-restricted operation (src/table_owner.c): whoever runs the
+ * activity sync -- a superuser, a pg_cron job, d365_log_activity() running
+ * as the extension's owner -- never runs a mapper with their own rights.
+ * Only functions registered in d365.activity_mapper are called, and only
+ * for a caller that may EXECUTE them.
+ */
+CREATE FUNCTION d365._activity_mapper_call(mapper regprocedure, entity text,
+                                           dynamics_contact_id uuid, activity jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_activity_mapper_call'
+LANGUAGE C VOLATILE;
+
+-- Whether a function is a registered activity mapper (the caller of
+-- d365._activity_mapper_call may not be able to read d365.activity_mapper).
+CREATE FUNCTION d365._is_activity_mapper(mapper regprocedure)
+RETURNS boolean
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT EXISTS (SELECT FROM d365.activity_mapper m WHERE m.mapper = $1) $$;
+
 -- Dynamics users by internal email, from the cached list; a GUID is taken as
 -- a user id.  NULL when no such user exists.
 CREATE FUNCTION d365._user_id(email_or_id text)
@@ -283,8 +307,9 @@ BEGIN
     END IF;
 
     FOR m IN SELECT dynamics_entity, mapper FROM d365.activity_mapper ORDER BY 1 LOOP
-        mappers := mappers || format(' WHEN %L THEN %s(t.entity, c.dynamics365_related_id, to_jsonb(a))',
-                                     m.dynamics_entity, m.mapper::oid::regproc);
+        mappers := mappers || format(' WHEN %L THEN d365._activity_mapper_call(%L::pg_catalog.regprocedure,'
+                                     ' t.entity, c.dynamics365_related_id, pg_catalog.to_jsonb(a))',
+                                     m.dynamics_entity, m.mapper);
     END LOOP;
     IF mappers <> '' THEN
         mappers := format('coalesce(CASE t.entity %s END, ''{}'')', mappers);
