@@ -97,8 +97,8 @@ BEGIN
                   HINT = 'The default is https://login.microsoftonline.com.';
     END IF;
 
-    IF NEW.tenant_id IS NOT NULL AND
-       NEW.tenant_id !~ '^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+)$' THEN
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
         RAISE EXCEPTION 'invalid value for setting "tenant_id"'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
@@ -120,7 +120,7 @@ BEGIN
     END IF;
 
     IF NEW.default_owner IS NOT NULL AND
-       NEW.default_owner !~ '^/(systemusers|teams)\([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\)$' THEN
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
         RAISE EXCEPTION 'invalid value for setting "default_owner"'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
@@ -141,6 +141,33 @@ BEGIN
     -- NOT NULL and CHECK constraints, tested here with errors of our own:
     -- PostgreSQL's would print the whole row, the client secret included
     PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.pull_interval IS NOT NULL AND NEW.pull_interval < interval '5 seconds' THEN
+        RAISE EXCEPTION 'invalid value for setting "pull_interval"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The interval must be at least 5 seconds; it was %s.', NEW.pull_interval),
+                  HINT = 'Set NULL to stop pulling, or an interval of 5 seconds or more.';
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND (NEW.realtime OR NEW.pull_interval IS NOT NULL)
+       AND (NEW.realtime IS DISTINCT FROM OLD.realtime
+            OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
+        SELECT CASE WHEN NOT w.preloaded
+                    THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
+                    WHEN current_setting('d365sync.database_name', true) IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.',
+                                current_setting('d365sync.database_name', true))
+               END
+          INTO problem FROM d365._worker_state() w;
+        IF problem IS NOT NULL THEN
+            RAISE WARNING 'realtime and pull_interval take effect only where the d365sync worker runs'
+                USING ERRCODE = '01000',
+                      DETAIL = problem,
+                      HINT = 'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.';
+        END IF;
+    END IF;
+
+    -- the worker reads the settings again at the commit of this change
+    PERFORM d365._worker_wake(true);
 
     IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
         -- The table holds exactly one row.  An INSERT (pg_dump's restore of
@@ -154,7 +181,9 @@ BEGIN
                activity_sync_enabled = NEW.activity_sync_enabled,
                default_owner = NEW.default_owner,
                incoming_mapper = NEW.incoming_mapper,
-               instance_id = NEW.instance_id;
+               instance_id = NEW.instance_id,
+               realtime = NEW.realtime,
+               pull_interval = NEW.pull_interval;
         RETURN NULL;
     END IF;
     RETURN NEW;
@@ -184,8 +213,66 @@ BEGIN
 END;
 $$;
 
-COMMENT ON FUNCTION d365.d365_set_secret_from_file(text) IS
-    'Sets d365.settings.client_secret from a file on the database server, keeping the value out of statement logs';
+COMMENT ON FUNCTION d365.d365_set_secret_from_file(text, uuid) IS
+    'Sets the client secret of d365.settings, or of the application user client_id in d365.app_users, from a file on the database server, keeping the value out of statement logs';
+
+CREATE OR REPLACE FUNCTION d365._attachment_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+    trg text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute a
+                    WHERE a.attrelid = src.contact_table AND a.attname = src.score_column
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN format('score column "%s" of %s was renamed or dropped', src.score_column, src.contact_table);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights
+    SELECT format('column "%s" of %s has type %s, which d365sync does not support',
+                  a.attname, src.contact_table, a.atttypid::regtype) INTO trg
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND ((a.attname = src.score_column
+             AND a.atttypid NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                    'numeric'::regtype, 'real'::regtype, 'double precision'::regtype))
+         OR (a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
+         OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype))
+     LIMIT 1;
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
+    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
+                               'd365_capture_insert_flush', 'd365_capture_delete',
+                               'd365_capture_truncate'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgenabled <> 'D'
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+            RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
+                          trg, src.contact_table);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
 
 CREATE OR REPLACE FUNCTION d365._contact_source()
 RETURNS d365.contact_source
@@ -195,8 +282,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source;
-    col name;
-    typ regtype;
+    problem text;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
     IF NOT FOUND THEN
@@ -204,72 +290,13 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
-    PERFORM d365._check_key_type(src.contact_table, src.key_column);
-    -- the score and link columns are compared and converted by d365's own
-    -- expressions: a type of the owner's making there (through ALTER TABLE
-    -- after attaching) would run its casts and operators as the caller
-    SELECT a.attname, a.atttypid::regtype INTO col, typ
-      FROM pg_attribute a
-     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
-       AND ((a.attname = src.score_column
-             AND a.atttypid NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
-                                    'numeric'::regtype, 'real'::regtype, 'double precision'::regtype))
-         OR (a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
-         OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype))
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'column "%" of % has type %, which d365sync does not support', col, src.contact_table, typ
-            USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'The score column is a built-in number type, dynamics365_related_id a uuid and dynamics365_synchronized_on a timestamptz.';
+    problem := d365._attachment_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
     END IF;
     RETURN src;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION d365._row_key(r anyelement, key_column name)
-RETURNS text
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    k text;
-    ok boolean;
-BEGIN
-    EXECUTE format('SELECT pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[]),'
-                   '       CASE WHEN pg_catalog.pg_typeof(($1).%1$I) OPERATOR(pg_catalog.=) ANY (%2$L::pg_catalog.regtype[])'
-                   '            THEN ($1).%1$I::pg_catalog.text END',
-                   key_column, '{smallint,integer,bigint,text,character varying,uuid}')
-       INTO ok, k USING r;
-    IF NOT ok THEN
-        RAISE EXCEPTION 'key column "%" has a type d365sync does not support', key_column
-            USING ERRCODE = 'datatype_mismatch',
-                  HINT = 'Use a key of type smallint, integer, bigint, text, varchar or uuid, or detach the table.';
-    END IF;
-    RETURN k;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION d365._contact_capture()
-RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        -- keep a tombstone: a contact inserted later under the same key gets
-        -- a new Dynamics id, never the deleted contact's record
-        UPDATE d365.contact_state
-           SET generation = generation + 1, synced = NULL, synced_seq = change_seq,
-               remote_deleted_at = NULL, attempts = 0, next_attempt_at = NULL,
-               last_error = NULL, last_error_code = NULL
-         WHERE contact_key = d365._row_key(OLD, TG_ARGV[0]);
-        RETURN NULL;
-    END IF;
-    INSERT INTO d365.contact_state AS s (contact_key)
-    VALUES (d365._row_key(NEW, TG_ARGV[0]))
-    ON CONFLICT (contact_key) DO UPDATE SET change_seq = s.change_seq + 1;
-    RETURN NULL;
 END;
 $$;
 
@@ -348,7 +375,7 @@ BEGIN
                       '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
                       '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
                       ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
-                      '   AND (u.expect IS NULL OR t.dynamics365_related_id OPERATOR(pg_catalog.=) u.expect)'
+                      '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
                       ' RETURNING t.%2$I::pg_catalog.text AS k)'
                       ' SELECT pg_catalog.array_agg(k) FROM u',
                       tbl, src.key_column, key_type);
@@ -460,7 +487,10 @@ RETURNS text
 LANGUAGE sql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT d365._values_expr('c', NULL) $$;
+AS $$
+    SELECT d365._values_expr('c', (SELECT coalesce(array_agg(f.column_name), '{}')
+                                     FROM d365.field_map f WHERE f.direction <> 'in'))
+$$;
 
 CREATE OR REPLACE FUNCTION d365._contact_record(
     item_keys text[], contexts text[], statuses integer[],
@@ -475,77 +505,103 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    done text[];
 BEGIN
     IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
         CREATE TEMP TABLE d365_contact_outcome (
             item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
-            vals jsonb, sent jsonb, status integer, error_code text, error_message text,
-            ok boolean, gone boolean
+            base integer, vals jsonb, sent jsonb, status integer, error_code text,
+            error_message text, ok boolean, gone boolean, matched boolean,
+            current boolean, linked boolean
         ) ON COMMIT DROP;
     ELSE
         TRUNCATE d365_contact_outcome;
     END IF;
     INSERT INTO d365_contact_outcome
     SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
-           (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
-           o.st, o.code, o.msg,
-           (x.c ->> 'action') = 'unchanged' OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL),
-           (x.c ->> 'action') = 'update' AND o.st = 404
+           (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
+           x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+           coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                    OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+           coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+           x.c -> 'matched' IS NOT NULL, false, false
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
                AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
 
-    -- created or updated: link and stamp the contact (as the table's owner:
-    -- its triggers and index expressions never run with the caller's rights)
-    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id), NULL)
-       FROM d365_contact_outcome o
-      WHERE o.ok AND o.action IN ('create', 'update');
+    -- still the identity the work query saw?  (a contact without state gets
+    -- a state row now, so that a concurrent tombstone shows as a change)
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, coalesce(o.seq, 0), coalesce(o.seq, 0)
+      FROM d365_contact_outcome o WHERE o.base IS NULL
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365_contact_outcome o SET current = true
+      FROM d365.contact_state s
+     WHERE s.contact_key = o.item_key AND s.generation = coalesce(o.base, 0);
+
+    -- created, updated or matched: link and stamp the contact (as the
+    -- table's owner: its triggers and index expressions never run with the
+    -- caller's rights); a create or a match only a row still unlinked, an
+    -- update only a row still linked to that record
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id),
+                                   array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
+                                                  THEN o.dynamics_id END))
+      INTO done
+      FROM d365_contact_outcome o
+     WHERE o.ok AND o.current AND o.action IN ('create', 'update', 'link');
+    UPDATE d365_contact_outcome o SET linked = true WHERE o.item_key = ANY (done);
 
     -- success (or nothing to send): remember what Dynamics now holds.  A
     -- create sent every value; an update only the fields it carried, merged
     -- into the snapshot (which an incoming change may have moved meanwhile).
-    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
-    SELECT o.item_key, o.seq, o.seq FROM d365_contact_outcome o WHERE o.ok
-    ON CONFLICT (contact_key) DO NOTHING;
+    -- A matched contact now holds the local values wherever they are set
+    -- (where the local value is NULL, Dynamics keeps its own and the
+    -- snapshot says NULL, so the next run does not clear it).
     UPDATE d365.contact_state s
-       SET synced = CASE WHEN o.action = 'create' OR s.synced IS NULL THEN o.vals
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL
+                           OR s.dynamics_id <> o.dynamics_id THEN o.vals
                          ELSE s.synced || coalesce(o.sent, '{}') END,
-           synced_seq = o.seq, generation = o.generation, attempts = 0,
-           next_attempt_at = NULL, last_attempt_at = now(),
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
            last_status = coalesce(o.status, s.last_status),
            last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
       FROM d365_contact_outcome o
-     WHERE o.ok AND s.contact_key = o.item_key;
+     WHERE o.ok AND o.current AND s.contact_key = o.item_key
+       AND (o.linked OR o.action = 'unchanged');
 
-    -- deleted in Dynamics: unlink and report; a re-creation gets a new id
-    PERFORM d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+    -- deleted in Dynamics: unlink (only a row still linked to it) and
+    -- report; a re-creation gets a new id
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM d365_contact_outcome o WHERE o.gone AND o.current;
+    PERFORM d365._contact_remote_deleted(array_agg(o.item_key), array_agg(o.status), array_agg(o.error_code),
+                array_agg('deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')))
        FROM d365_contact_outcome o
-      WHERE o.gone;
-    UPDATE d365.contact_state s
-       SET synced = NULL, synced_seq = o.seq, generation = s.generation + 1,
-           remote_deleted_at = now(), attempts = 0, next_attempt_at = NULL,
-           last_attempt_at = now(), last_status = o.status, last_error_code = o.error_code,
-           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
-      FROM d365_contact_outcome o
-     WHERE o.gone AND s.contact_key = o.item_key;
+      WHERE o.gone AND o.item_key = ANY (done);
 
-    -- other failures: stay pending, back off 5 min, 10 min, ... up to a day
-    INSERT INTO d365.contact_state AS s
-           (contact_key, attempts, next_attempt_at, last_attempt_at, last_status,
-            last_error_code, last_error)
-    SELECT o.item_key, 1, d365._next_attempt(1), now(), nullif(o.status, 0),
-           o.error_code, o.error_message
-      FROM d365_contact_outcome o
-     WHERE NOT o.ok AND NOT o.gone
-    ON CONFLICT (contact_key) DO UPDATE
-       SET attempts = s.attempts + 1,
-           next_attempt_at = d365._next_attempt(s.attempts + 1),
-           last_attempt_at = now(), last_status = EXCLUDED.last_status,
-           last_error_code = EXCLUDED.last_error_code, last_error = EXCLUDED.last_error;
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a
+    -- day.  The contact keeps the identity its id was made from, so the
+    -- retry sends the same id.
+    UPDATE d365.contact_state s
+       SET attempts = CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END,
+           next_attempt_at = d365._next_attempt(CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END),
+           synced = CASE WHEN o.foreign THEN NULL ELSE s.synced END,
+           dynamics_id = o.link_id, generation = o.generation,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = o.error_message
+      FROM (SELECT x.*, l.link_id,
+                   (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
+                      FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
+              FROM d365_contact_outcome x,
+                   LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                        THEN x.dynamics_id END AS link_id) l) o
+     WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
 
     SELECT count(*) FILTER (WHERE ok AND action = 'create'),
            count(*) FILTER (WHERE ok AND action = 'update'),
-           count(*) FILTER (WHERE action = 'unchanged'),
+           count(*) FILTER (WHERE action IN ('unchanged', 'link')),
            count(*) FILTER (WHERE NOT ok AND NOT gone),
            count(*) FILTER (WHERE gone)
       INTO created, updated, unchanged, failed, unlinked
@@ -676,7 +732,13 @@ AS $$
 DECLARE
     s d365.settings;
     src d365.contact_source;
+    attached boolean;
+    problem text;
+    w record;
     n bigint;
+    queued bigint := 0;
+    oldest timestamptz;
+    since timestamptz;
     r record;
 BEGIN
     SELECT * INTO s FROM d365.settings;
@@ -692,23 +754,74 @@ BEGIN
     RETURN NEXT;
     item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
     item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+    item := 'realtime'; value := s.realtime::text; RETURN NEXT;
+    item := 'pull interval'; value := coalesce(s.pull_interval::text, '(none)'); RETURN NEXT;
+
+    -- the background worker (docs/worker.md)
+    SELECT * INTO w FROM d365._worker_state();
+    item := 'worker';
+    value := CASE
+        WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
+        WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
+        WHEN w.database IS DISTINCT FROM current_database()
+            THEN format('running in database %s, not in this one (pid %s)', w.database, w.pid)
+        ELSE format('running (pid %s, %s, since %s)', w.pid, w.state,
+                    to_char(w.started_at, 'YYYY-MM-DD HH24:MI:SS TZ')) END;
+    RETURN NEXT;
+    IF w.running AND w.database = current_database() THEN
+        item := 'worker last wake';
+        value := coalesce(to_char(w.last_wake, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+        item := 'worker last pull';
+        value := coalesce(to_char(w.last_pull, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+    END IF;
+    IF w.last_error IS NOT NULL THEN
+        item := 'worker last error';
+        value := format('%s at %s', w.last_error, to_char(w.last_error_at, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END IF;
 
     SELECT * INTO src FROM d365.contact_source;
-    item := 'contact table'; value := coalesce(src.contact_table::text, '(not attached)'); RETURN NEXT;
-    IF src.contact_table IS NOT NULL THEN
-        PERFORM d365._contact_source();     -- key, score and link column types
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
         item := 'mapped fields';
         SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
-        EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
-                       ' WHERE c.dynamics365_related_id IS NULL AND c.%I >= $1'
-                       '   AND (s.remote_deleted_at IS NULL OR s.change_seq > s.synced_seq)',
-                       src.contact_table, src.key_column, src.score_column)
-            INTO n USING s.min_score;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        -- the queue's age: folded changes not backing off after a failure
+        -- (pending_since), changes not folded yet (noted_at), activities of
+        -- linked contacts (logged_at)
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
         item := 'contacts to create'; value := n::text; RETURN NEXT;
-        EXECUTE format('SELECT count(*) FROM %s c JOIN d365.contact_state s ON s.contact_key = c.%I::text'
-                       ' WHERE c.dynamics365_related_id IS NOT NULL AND s.change_seq > s.synced_seq',
-                       src.contact_table, src.key_column) INTO n;
+        queued := queued + n;
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
         item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
+        EXECUTE format('SELECT count(*), min(a.logged_at) FILTER (WHERE a.attempts = 0)'
+                       '  FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                       ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table, src.key_column) INTO n, since;
+        queued := queued + n;
+        oldest := least(oldest, since);
+        item := 'queue length'; value := queued::text; RETURN NEXT;
+        item := 'queue lag';
+        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
+                          '(nothing pending)');
+        RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;
         item := 'contacts linked'; value := n::text; RETURN NEXT;
@@ -761,6 +874,117 @@ BEGIN
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
+    contexts text[], answers text[],
+    OUT item_key text, OUT requests text, OUT context text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    taken jsonb := '{}';
+    fields text[];
+    read_names jsonb;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
+        CREATE TEMP TABLE d365_lookup_hits (
+            i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
+            ids text[]
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_lookup_hits;
+    END IF;
+    -- the hits of each contact: the rows of its group's answer whose match
+    -- fields equal its values (one hash join on a normalised key)
+    fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
+    WITH grp AS MATERIALIZED (          -- each answer once (items of a group share it)
+        SELECT a.f, row_number() OVER () AS g, a.f::jsonb AS j
+          FROM (SELECT DISTINCT x.f FROM unnest(answers) x(f)) a),
+    items AS MATERIALIZED (
+        SELECT u.i, u.k, u.c, u.l, gr.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+               d365._match_key(u.l::jsonb, fields) AS key
+          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
+          LEFT JOIN grp gr ON gr.f = u.f),
+    hits AS MATERIALIZED (
+        SELECT gr.g, v, d365._match_key(v, fields) AS key
+          FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
+    INSERT INTO d365_lookup_hits
+    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids
+      FROM items t
+      LEFT JOIN (SELECT h.g, h.key, count(*) AS n, (array_agg(h.v))[1] AS first_hit,
+                        array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid') AS ids
+                   FROM hits h GROUP BY h.g, h.key) x ON x.g = t.g AND x.key = t.key;
+
+    -- hits that are someone else's already: linked locally, or the only
+    -- hit of more than one contact of this run
+    IF EXISTS (SELECT FROM d365_lookup_hits h WHERE h.n = 1) THEN
+        EXECUTE format('SELECT coalesce(jsonb_object_agg(t.dynamics365_related_id, t.%I::text), ''{}'')'
+                       '  FROM %s t JOIN pg_catalog.unnest($1) u(id) ON t.dynamics365_related_id = u.id',
+                       src.key_column, src.contact_table)
+           INTO taken
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+        SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
+          FROM (SELECT h.first_hit ->> 'contactid' AS id,
+                       string_agg(h.k, ', ' ORDER BY h.i) AS keys
+                  FROM d365_lookup_hits h WHERE h.n = 1
+                 GROUP BY 1 HAVING count(*) > 1) d
+         WHERE NOT taken ? d.id;
+    END IF;
+
+    -- a lookup is read back as _<attribute>_value
+    SELECT coalesce(jsonb_object_agg(b.dynamics_field, '_' || b.attribute || '_value'), '{}')
+      INTO read_names FROM d365._lookup_binds() b;
+    RETURN QUERY
+    WITH judged AS (
+        SELECT h.*,
+               CASE WHEN h.n > 1
+                        THEN format('matches %s Dynamics 365 contacts (%s%s)', h.n,
+                                    array_to_string(h.ids[1:10], ', '),
+                                    CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
+                    WHEN h.more
+                        THEN 'matches more Dynamics 365 contacts than one page of the look-up holds'
+                    WHEN h.n = 1 AND taken ? (h.first_hit ->> 'contactid')
+                        THEN format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
+                                    h.first_hit ->> 'contactid', taken ->> (h.first_hit ->> 'contactid'))
+               END AS reason
+          FROM d365_lookup_hits h),
+    diffed AS MATERIALIZED (
+        SELECT j.*,
+               CASE WHEN j.reason IS NULL AND j.n = 1 THEN
+                   (SELECT jsonb_object_agg(e.key, e.value)
+                      FROM jsonb_each(j.c -> 'values') e
+                     WHERE e.value <> 'null'::jsonb
+                       AND NOT d365._same_value(e.value,
+                                                j.first_hit -> coalesce(read_names ->> e.key, e.key),
+                                                j.look ? e.key))
+               END AS body
+          FROM judged j)
+    SELECT d.k,
+           CASE WHEN d.reason IS NOT NULL OR (d.n = 1 AND d.body IS NULL) THEN '[]'
+                WHEN d.n = 1
+                    THEN jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || (d.first_hit ->> 'contactid') || ')',
+                             'body', d.body::text,
+                             'headers', '["If-Match: *"]'::jsonb))::text
+           END,
+           CASE WHEN d.reason IS NOT NULL
+                    THEN (d.c || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
+                                                    'error_code', 'd365sync.match',
+                                                    'error', d.reason || '; not created'))::text
+                WHEN d.n = 1
+                    THEN (d.c || jsonb_build_object('id', d.first_hit ->> 'contactid', 'matched', true,
+                                                    'sent', d.body,
+                                                    'action', CASE WHEN d.body IS NULL THEN 'link'
+                                                                   ELSE 'update' END))::text
+           END
+      FROM diffed d
+     ORDER BY d.i;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION d365._incoming_value(val jsonb, typ regtype, field text, column_name name)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
@@ -786,8 +1010,8 @@ BEGIN
         txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
                        'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
     END IF;
-    IF txt ~ '^/[A-Za-z_]+\([0-9a-fA-F-]{36}\)$' THEN
-        txt := substring(txt FROM '\(([0-9a-fA-F-]{36})\)');
+    IF d365._bind_guid(txt) IS NOT NULL THEN
+        txt := d365._bind_guid(txt);
     END IF;
     IF base IN ('date'::regtype, 'timestamp without time zone'::regtype)
        AND txt ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d(:?\d\d)?)$' THEN
@@ -867,12 +1091,11 @@ BEGIN
                   DETAIL = 'A Dynamics contact row always carries its contactid.',
                   HINT = 'Pass the whole contact row as Dynamics sends it.';
     END IF;
-    BEGIN
-        cid := payload ->> 'contactid';
-    EXCEPTION WHEN invalid_text_representation THEN
+    IF NOT d365._is_guid(payload ->> 'contactid') THEN
         RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
             USING ERRCODE = 'invalid_parameter_value';
-    END;
+    END IF;
+    cid := payload ->> 'contactid';
     src := d365._contact_source();
 
     IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
@@ -884,7 +1107,7 @@ BEGIN
     END IF;
 
     EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
-                   src.key_column, d365._contact_values_expr(), src.contact_table)
+                   src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
        INTO k, cur USING cid;
     IF k IS NULL THEN
         RETURN NULL;
@@ -940,6 +1163,8 @@ BEGIN
                           HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
             END IF;
         END LOOP;
+        -- a column mapped 'out' is never written by incoming changes
+        changes := changes - d365._outgoing_only_columns();
     END IF;
 
     IF changes <> '{}' THEN
@@ -972,7 +1197,7 @@ BEGIN
     -- yet sent still goes out.
     IF fields <> '{}' THEN
         EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
-                       d365._contact_values_expr(), src.contact_table, src.key_column)
+                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
            INTO cur USING k;
         SELECT coalesce(array_agg(e.key), '{}') INTO settled
           FROM jsonb_each(fields) e
@@ -1011,15 +1236,12 @@ BEGIN
     FOR r IN SELECT jsonb_array_elements(page) LOOP
         IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
             k := NULL;
-            IF r ->> 'id' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+            IF d365._is_guid(r ->> 'id') THEN
                 k := d365._contact_unlink((r ->> 'id')::uuid);
             END IF;
             IF k IS NOT NULL THEN
-                UPDATE d365.contact_state
-                   SET synced = NULL, generation = generation + 1, remote_deleted_at = now(),
-                       synced_seq = change_seq, last_attempt_at = now(),
-                       last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
-                 WHERE contact_key = k;
+                PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
+                            ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
                 unlinked := unlinked + 1;
             END IF;
             CONTINUE;
@@ -1060,10 +1282,10 @@ END;
 $$;
 
 REVOKE ALL ON FUNCTION d365._activity_mapper_call(regprocedure, text, uuid, jsonb), d365._is_activity_mapper(regprocedure),
-       d365._check_row_quietly(anyelement, regclass), d365._row_key(anyelement, name), d365.d365_set_secret_from_file(text),
+       d365._check_row_quietly(anyelement, regclass), d365.d365_set_secret_from_file(text, uuid),
        d365._owner_sql(text, name[]), d365._contact_set_links(text[], uuid[], uuid[]),
        d365._contact_unlink(uuid), d365._contact_convert(jsonb), d365._contact_apply(jsonb, text),
-       d365._contact_map(jsonb, jsonb, text), d365._values_expr(text, name[]),
+       d365._contact_map(jsonb, jsonb, text), d365._values_expr(text, name[]), d365._column_defs(regclass, name[]),
        d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb),
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
@@ -1857,7 +2079,6 @@ AS $$
      WHERE problem IS NOT NULL
      ORDER BY column_name
 $$;
-
 
 REVOKE ALL ON FUNCTION d365._match_type(regtype), d365._match_fields(), d365._contact_match_expr(),
     d365._uri_escape(text), d365._odata_literal(jsonb, text), d365._contact_lookup_path(text[]),
@@ -3163,7 +3384,6 @@ BEGIN
 END;
 $$;
 DROP FUNCTION d365._contact_capture();
-DROP FUNCTION d365._row_key(anyelement, name);
 
 -- Privileges as a fresh install has them (sql/install/09_privileges.sql).
 
@@ -3696,3 +3916,1254 @@ GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
       d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
 -- <<< Identity, second step
 
+-- >>> Safe on a shared database (final definitions)
+-- The functions of the section above once more, as the install parts define
+-- them now (later sections may carry older copies).
+CREATE OR REPLACE FUNCTION d365._check_row_quietly(r anyelement, rel regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c record;
+    ok boolean;
+    vals jsonb := to_jsonb(r);
+BEGIN
+    FOR c IN SELECT a.attname FROM pg_attribute a
+              WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
+              ORDER BY a.attnum LOOP
+        IF vals -> c.attname IS NULL OR vals -> c.attname = 'null'::jsonb THEN
+            RAISE EXCEPTION 'null value in column "%" of relation "%" violates not-null constraint',
+                            c.attname, (SELECT relname FROM pg_class WHERE oid = rel)
+                USING ERRCODE = 'not_null_violation',
+                      HINT = 'Set the column to a value, or to DEFAULT.';
+        END IF;
+    END LOOP;
+    FOR c IN SELECT k.conname, pg_get_expr(k.conbin, k.conrelid) AS expr FROM pg_constraint k
+              WHERE k.conrelid = rel AND k.contype = 'c' ORDER BY k.conname LOOP
+        EXECUTE format('SELECT (%s) IS NOT FALSE FROM (SELECT ($1).*) t', c.expr) INTO ok USING r;
+        IF NOT ok THEN
+            RAISE EXCEPTION 'new row for relation "%" violates check constraint "%"',
+                            (SELECT relname FROM pg_class WHERE oid = rel), c.conname
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.pull_interval IS NOT NULL AND NEW.pull_interval < interval '5 seconds' THEN
+        RAISE EXCEPTION 'invalid value for setting "pull_interval"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The interval must be at least 5 seconds; it was %s.', NEW.pull_interval),
+                  HINT = 'Set NULL to stop pulling, or an interval of 5 seconds or more.';
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND (NEW.realtime OR NEW.pull_interval IS NOT NULL)
+       AND (NEW.realtime IS DISTINCT FROM OLD.realtime
+            OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
+        SELECT CASE WHEN NOT w.preloaded
+                    THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
+                    WHEN current_setting('d365sync.database_name', true) IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.',
+                                current_setting('d365sync.database_name', true))
+               END
+          INTO problem FROM d365._worker_state() w;
+        IF problem IS NOT NULL THEN
+            RAISE WARNING 'realtime and pull_interval take effect only where the d365sync worker runs'
+                USING ERRCODE = '01000',
+                      DETAIL = problem,
+                      HINT = 'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.';
+        END IF;
+    END IF;
+
+    -- the worker reads the settings again at the commit of this change
+    PERFORM d365._worker_wake(true);
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id,
+               realtime = NEW.realtime,
+               pull_interval = NEW.pull_interval;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_set_secret_from_file(path text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    secret text;
+BEGIN
+    IF path IS NULL OR path = '' THEN
+        RAISE EXCEPTION 'no file name given'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the absolute path of a file the database server can read.';
+    END IF;
+    secret := btrim(pg_read_file(path), E' \t\r\n');
+    IF secret IS NULL OR secret = '' THEN
+        RAISE EXCEPTION 'file "%" holds no client secret', path
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Write the secret''s value (not its ID) into the file, on one line.';
+    END IF;
+    UPDATE d365.settings SET client_secret = secret;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._attachment_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+    trg text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute a
+                    WHERE a.attrelid = src.contact_table AND a.attname = src.score_column
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN format('score column "%s" of %s was renamed or dropped', src.score_column, src.contact_table);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights
+    SELECT format('column "%s" of %s has type %s, which d365sync does not support',
+                  a.attname, src.contact_table, a.atttypid::regtype) INTO trg
+      FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND ((a.attname = src.score_column
+             AND a.atttypid NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
+                                    'numeric'::regtype, 'real'::regtype, 'double precision'::regtype))
+         OR (a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
+         OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype))
+     LIMIT 1;
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
+    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
+                               'd365_capture_insert_flush', 'd365_capture_delete',
+                               'd365_capture_truncate'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgenabled <> 'D'
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+            RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
+                          trg, src.contact_table);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_source()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    problem text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    problem := d365._attachment_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
+    END IF;
+    RETURN src;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN bind_set IS NOT NULL AND base IN ('uuid'::regtype, 'text'::regtype, 'character varying'::regtype)
+            THEN format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) (%s)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                        '/' || bind_set || '(', expr)
+        WHEN bind_set IS NOT NULL THEN NULL
+        WHEN base IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
+                      'name'::regtype, 'smallint'::regtype, 'integer'::regtype,
+                      'bigint'::regtype, 'numeric'::regtype, 'real'::regtype,
+                      'double precision'::regtype, 'boolean'::regtype)
+            THEN format('pg_catalog.to_jsonb(%s)', expr)
+        WHEN base = 'uuid'::regtype THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
+        WHEN base = 'date'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD''))', expr)
+        WHEN base = 'timestamp without time zone'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN base = 'timestamp with time zone'::regtype
+            THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(pg_catalog.timezone(''UTC'', %s), ''YYYY-MM-DD"T"HH24:MI:SS"Z"''))', expr)
+        WHEN typtype = 'e'
+            THEN format('pg_catalog.to_jsonb(pg_catalog.textin(pg_catalog.enum_out(%s)))', expr)
+        ELSE NULL
+    END
+    FROM (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype AS base,
+                 (SELECT b.typtype FROM pg_type b
+                   WHERE b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)) AS typtype
+            FROM pg_type t WHERE t.oid = typ) b
+$$;
+
+CREATE OR REPLACE FUNCTION d365._owner_sql(op text, only_columns name[],
+    OUT sql text, OUT tbl regclass, OUT columns name[])
+RETURNS record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    key_type text;
+    col name;
+BEGIN
+    tbl := src.contact_table;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = src.key_column;
+    IF op IN ('convert', 'apply') THEN
+        columns := coalesce(only_columns, '{}');
+        IF columns = '{}' THEN
+            RAISE EXCEPTION 'no column to write'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOREACH col IN ARRAY columns LOOP
+            IF col IS NULL OR col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = tbl AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of % cannot be written by d365sync', col, tbl
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Incoming changes write the columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+    END IF;
+    CASE op
+    WHEN 'links' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = u.id,'
+                      '       dynamics365_synchronized_on = CASE WHEN u.id IS NULL THEN NULL'
+                      '                                         ELSE pg_catalog.now() END'
+                      '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),'
+                      '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
+                      '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
+                      ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
+                      '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.array_agg(k) FROM u',
+                      tbl, src.key_column, key_type);
+    WHEN 'unlink' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = NULL, dynamics365_synchronized_on = NULL'
+                      ' WHERE t.dynamics365_related_id OPERATOR(pg_catalog.=) $1'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.min(k) FROM u',
+                      tbl, src.key_column);
+    WHEN 'convert' THEN
+        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
+                      d365._values_expr('r', columns), tbl);
+    WHEN 'apply' THEN
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      src.key_column, key_type);
+    WHEN 'map' THEN
+        columns := NULL;
+        IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
+            RAISE EXCEPTION 'no incoming mapper is set'
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        sql := format('SELECT %1$s($1, pg_catalog.to_jsonb(c), $2) FROM %2$s c'
+                      ' WHERE c.%3$I OPERATOR(pg_catalog.=) $3::%4$s',
+                      (SELECT incoming_mapper::oid::regproc FROM d365.settings),
+                      tbl, src.key_column, key_type);
+    ELSE
+        RAISE EXCEPTION 'unknown table-owner operation "%"', op
+            USING ERRCODE = 'invalid_parameter_value';
+    END CASE;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_set_links(keys text[], ids uuid[], expect uuid[])
+RETURNS text[]
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_set_links'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_unlink(dynamics_id uuid)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_unlink'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_convert(vals jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_convert'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_apply(vals jsonb, contact_key text)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_apply'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_map(payload jsonb, mapping jsonb, contact_key text)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_map'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._values_expr(row_alias text, only_columns name[])
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    cur text := '''{}''::pg_catalog.jsonb';
+    m record;
+    expr text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+               FROM d365.field_map f
+               LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
+                    AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+              WHERE only_columns IS NULL OR f.column_name = ANY (only_columns)
+              ORDER BY f.column_name
+    LOOP
+        IF m.typ IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" no longer exists in %', m.column_name, src.contact_table
+                USING ERRCODE = 'undefined_column',
+                      HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
+        END IF;
+        expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
+        IF expr IS NULL THEN
+            RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'Change the column''s type or its mapping.';
+        END IF;
+        cur := cur || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)',
+                             m.dynamics_field, expr);
+    END LOOP;
+    RETURN cur;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_values_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d365._values_expr('c', (SELECT coalesce(array_agg(f.column_name), '{}')
+                                     FROM d365.field_map f WHERE f.direction <> 'in'))
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    done text[];
+BEGIN
+    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
+        CREATE TEMP TABLE d365_contact_outcome (
+            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+            base integer, vals jsonb, sent jsonb, status integer, error_code text,
+            error_message text, ok boolean, gone boolean, matched boolean,
+            current boolean, linked boolean
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_contact_outcome;
+    END IF;
+    INSERT INTO d365_contact_outcome
+    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+           (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
+           x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+           o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+           coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                    OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+           coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+           x.c -> 'matched' IS NOT NULL, false, false
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- still the identity the work query saw?  (a contact without state gets
+    -- a state row now, so that a concurrent tombstone shows as a change)
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.item_key, coalesce(o.seq, 0), coalesce(o.seq, 0)
+      FROM d365_contact_outcome o WHERE o.base IS NULL
+    ON CONFLICT (contact_key) DO NOTHING;
+    UPDATE d365_contact_outcome o SET current = true
+      FROM d365.contact_state s
+     WHERE s.contact_key = o.item_key AND s.generation = coalesce(o.base, 0);
+
+    -- created, updated or matched: link and stamp the contact (as the
+    -- table's owner: its triggers and index expressions never run with the
+    -- caller's rights); a create or a match only a row still unlinked, an
+    -- update only a row still linked to that record
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id),
+                                   array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
+                                                  THEN o.dynamics_id END))
+      INTO done
+      FROM d365_contact_outcome o
+     WHERE o.ok AND o.current AND o.action IN ('create', 'update', 'link');
+    UPDATE d365_contact_outcome o SET linked = true WHERE o.item_key = ANY (done);
+
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    -- A matched contact now holds the local values wherever they are set
+    -- (where the local value is NULL, Dynamics keeps its own and the
+    -- snapshot says NULL, so the next run does not clear it).
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL
+                           OR s.dynamics_id <> o.dynamics_id THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM d365_contact_outcome o
+     WHERE o.ok AND o.current AND s.contact_key = o.item_key
+       AND (o.linked OR o.action = 'unchanged');
+
+    -- deleted in Dynamics: unlink (only a row still linked to it) and
+    -- report; a re-creation gets a new id
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM d365_contact_outcome o WHERE o.gone AND o.current;
+    PERFORM d365._contact_remote_deleted(array_agg(o.item_key), array_agg(o.status), array_agg(o.error_code),
+                array_agg('deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')))
+       FROM d365_contact_outcome o
+      WHERE o.gone AND o.item_key = ANY (done);
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a
+    -- day.  The contact keeps the identity its id was made from, so the
+    -- retry sends the same id.
+    UPDATE d365.contact_state s
+       SET attempts = CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END,
+           next_attempt_at = d365._next_attempt(CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END),
+           synced = CASE WHEN o.foreign THEN NULL ELSE s.synced END,
+           dynamics_id = o.link_id, generation = o.generation,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = o.error_message
+      FROM (SELECT x.*, l.link_id,
+                   (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
+                      FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
+              FROM d365_contact_outcome x,
+                   LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                        THEN x.dynamics_id END AS link_id) l) o
+     WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action IN ('unchanged', 'link')),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM d365_contact_outcome;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_link(contact_key text)
+RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    result uuid;
+BEGIN
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.contact_table, src.key_column)
+       INTO result USING contact_key;
+    RETURN result;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._activity_mapper_call(mapper regprocedure, entity text,
+                                           dynamics_contact_id uuid, activity jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_activity_mapper_call'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._is_activity_mapper(mapper regprocedure)
+RETURNS boolean
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT EXISTS (SELECT FROM d365.activity_mapper m WHERE m.mapper = $1) $$;
+
+CREATE OR REPLACE FUNCTION d365._activity_work_sql(mode text, one_id bigint DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    mappers text := '';
+    m record;
+    sel text;
+    pending boolean;
+BEGIN
+    src := d365._contact_source();
+
+    sel := CASE mode
+        WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
+        WHEN 'one' THEN 'a.id = $1'
+        WHEN 'recent' THEN 'c.dynamics365_synchronized_on = now() AND (a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
+    END;
+
+    -- nothing pending: no metadata request, no work
+    EXECUTE format('SELECT EXISTS (SELECT FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                   ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL AND %s)',
+                   src.contact_table, src.key_column,
+                   CASE mode WHEN 'one' THEN 'a.id = $1' ELSE sel END)
+        INTO pending USING one_id;
+    IF NOT pending THEN
+        RETURN 'SELECT NULL::text, NULL::text, NULL::text WHERE false';
+    END IF;
+
+    FOR m IN SELECT dynamics_entity, mapper FROM d365.activity_mapper ORDER BY 1 LOOP
+        mappers := mappers || format(' WHEN %L THEN d365._activity_mapper_call(%L::pg_catalog.regprocedure,'
+                                     ' t.entity, c.dynamics365_related_id, pg_catalog.to_jsonb(a))',
+                                     m.dynamics_entity, m.mapper);
+    END LOOP;
+    IF mappers <> '' THEN
+        mappers := format('coalesce(CASE t.entity %s END, ''{}'')', mappers);
+    ELSE
+        mappers := '''{}''::jsonb';
+    END IF;
+
+    RETURN format($q$
+        WITH ent AS (
+            SELECT e ->> 'LogicalName' AS name, e ->> 'EntitySetName' AS entity_set
+              FROM jsonb_array_elements(d365._get_cached(
+                       'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
+             WHERE (e ->> 'IsActivity')::boolean
+               AND e ->> 'EntitySetName' ~ '^[A-Za-z0-9_]+$')
+        SELECT a.id::text AS item_key,
+               CASE WHEN x.err IS NOT NULL THEN '[]'
+                    ELSE (jsonb_build_array(jsonb_build_object(
+                              'method', 'PATCH',
+                              'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
+                              'body', bb.body::text,
+                              'headers', '["If-None-Match: *"]'::jsonb,
+                              'ok', '[412]'::jsonb))
+                          || CASE WHEN d365._activity_completion(t.entity, a.details) IS NULL THEN '[]'::jsonb
+                                  ELSE jsonb_build_array(jsonb_build_object(
+                                      'method', 'PATCH',
+                                      'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
+                                      'body', d365._activity_completion(t.entity, a.details)::text,
+                                      'headers', '["If-Match: *"]'::jsonb)) END)::text
+               END AS requests,
+               jsonb_build_object('entity', t.entity, 'error', x.err)::text AS context
+          FROM d365.activity a
+          JOIN %1$s c ON c.%2$I::text = a.contact_key AND c.dynamics365_related_id IS NOT NULL
+          LEFT JOIN d365.activity_type_map tm ON tm.activity_type = a.activity_type
+          CROSS JOIN LATERAL (SELECT coalesce(tm.dynamics_entity, a.activity_type) AS entity) t
+          LEFT JOIN ent ON ent.name = t.entity
+          CROSS JOIN LATERAL (
+              SELECT CASE WHEN ent.name IS NULL THEN NULL
+                          ELSE d365._activity_body(a, t.entity, c.dynamics365_related_id) || %3$s
+                     END AS body) bb
+          CROSS JOIN LATERAL (
+              SELECT CASE WHEN ent.name IS NULL
+                          THEN format('activity type "%%s" is not a Dynamics activity entity (it maps to "%%s")',
+                                      a.activity_type, t.entity)
+                          ELSE bb.body ->> '__error' END AS err) x
+         WHERE a.synced_at IS NULL AND %4$s
+         ORDER BY a.id
+    $q$, src.contact_table, src.key_column, mappers, sel);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    attached boolean;
+    problem text;
+    w record;
+    n bigint;
+    queued bigint := 0;
+    oldest timestamptz;
+    since timestamptz;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+    item := 'realtime'; value := s.realtime::text; RETURN NEXT;
+    item := 'pull interval'; value := coalesce(s.pull_interval::text, '(none)'); RETURN NEXT;
+
+    -- the background worker (docs/worker.md)
+    SELECT * INTO w FROM d365._worker_state();
+    item := 'worker';
+    value := CASE
+        WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
+        WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
+        WHEN w.database IS DISTINCT FROM current_database()
+            THEN format('running in database %s, not in this one (pid %s)', w.database, w.pid)
+        ELSE format('running (pid %s, %s, since %s)', w.pid, w.state,
+                    to_char(w.started_at, 'YYYY-MM-DD HH24:MI:SS TZ')) END;
+    RETURN NEXT;
+    IF w.running AND w.database = current_database() THEN
+        item := 'worker last wake';
+        value := coalesce(to_char(w.last_wake, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+        item := 'worker last pull';
+        value := coalesce(to_char(w.last_pull, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+    END IF;
+    IF w.last_error IS NOT NULL THEN
+        item := 'worker last error';
+        value := format('%s at %s', w.last_error, to_char(w.last_error_at, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END IF;
+
+    SELECT * INTO src FROM d365.contact_source;
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        -- the queue's age: folded changes not backing off after a failure
+        -- (pending_since), changes not folded yet (noted_at), activities of
+        -- linked contacts (logged_at)
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
+                       d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
+        EXECUTE format('SELECT count(*), min(a.logged_at) FILTER (WHERE a.attempts = 0)'
+                       '  FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                       ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table, src.key_column) INTO n, since;
+        queued := queued + n;
+        oldest := least(oldest, since);
+        item := 'queue length'; value := queued::text; RETURN NEXT;
+        item := 'queue lag';
+        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
+                          '(nothing pending)');
+        RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
+    contexts text[], answers text[],
+    OUT item_key text, OUT requests text, OUT context text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    taken jsonb := '{}';
+    fields text[];
+    read_names jsonb;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
+        CREATE TEMP TABLE d365_lookup_hits (
+            i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
+            ids text[]
+        ) ON COMMIT DROP;
+    ELSE
+        TRUNCATE d365_lookup_hits;
+    END IF;
+    -- the hits of each contact: the rows of its group's answer whose match
+    -- fields equal its values (one hash join on a normalised key)
+    fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
+    WITH grp AS MATERIALIZED (          -- each answer once (items of a group share it)
+        SELECT a.f, row_number() OVER () AS g, a.f::jsonb AS j
+          FROM (SELECT DISTINCT x.f FROM unnest(answers) x(f)) a),
+    items AS MATERIALIZED (
+        SELECT u.i, u.k, u.c, u.l, gr.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+               d365._match_key(u.l::jsonb, fields) AS key
+          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
+          LEFT JOIN grp gr ON gr.f = u.f),
+    hits AS MATERIALIZED (
+        SELECT gr.g, v, d365._match_key(v, fields) AS key
+          FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
+    INSERT INTO d365_lookup_hits
+    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids
+      FROM items t
+      LEFT JOIN (SELECT h.g, h.key, count(*) AS n, (array_agg(h.v))[1] AS first_hit,
+                        array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid') AS ids
+                   FROM hits h GROUP BY h.g, h.key) x ON x.g = t.g AND x.key = t.key;
+
+    -- hits that are someone else's already: linked locally, or the only
+    -- hit of more than one contact of this run
+    IF EXISTS (SELECT FROM d365_lookup_hits h WHERE h.n = 1) THEN
+        EXECUTE format('SELECT coalesce(jsonb_object_agg(t.dynamics365_related_id, t.%I::text), ''{}'')'
+                       '  FROM %s t JOIN pg_catalog.unnest($1) u(id) ON t.dynamics365_related_id = u.id',
+                       src.key_column, src.contact_table)
+           INTO taken
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+        SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
+          FROM (SELECT h.first_hit ->> 'contactid' AS id,
+                       string_agg(h.k, ', ' ORDER BY h.i) AS keys
+                  FROM d365_lookup_hits h WHERE h.n = 1
+                 GROUP BY 1 HAVING count(*) > 1) d
+         WHERE NOT taken ? d.id;
+    END IF;
+
+    -- a lookup is read back as _<attribute>_value
+    SELECT coalesce(jsonb_object_agg(b.dynamics_field, '_' || b.attribute || '_value'), '{}')
+      INTO read_names FROM d365._lookup_binds() b;
+    RETURN QUERY
+    WITH judged AS (
+        SELECT h.*,
+               CASE WHEN h.n > 1
+                        THEN format('matches %s Dynamics 365 contacts (%s%s)', h.n,
+                                    array_to_string(h.ids[1:10], ', '),
+                                    CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
+                    WHEN h.more
+                        THEN 'matches more Dynamics 365 contacts than one page of the look-up holds'
+                    WHEN h.n = 1 AND taken ? (h.first_hit ->> 'contactid')
+                        THEN format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
+                                    h.first_hit ->> 'contactid', taken ->> (h.first_hit ->> 'contactid'))
+               END AS reason
+          FROM d365_lookup_hits h),
+    diffed AS MATERIALIZED (
+        SELECT j.*,
+               CASE WHEN j.reason IS NULL AND j.n = 1 THEN
+                   (SELECT jsonb_object_agg(e.key, e.value)
+                      FROM jsonb_each(j.c -> 'values') e
+                     WHERE e.value <> 'null'::jsonb
+                       AND NOT d365._same_value(e.value,
+                                                j.first_hit -> coalesce(read_names ->> e.key, e.key),
+                                                j.look ? e.key))
+               END AS body
+          FROM judged j)
+    SELECT d.k,
+           CASE WHEN d.reason IS NOT NULL OR (d.n = 1 AND d.body IS NULL) THEN '[]'
+                WHEN d.n = 1
+                    THEN jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || (d.first_hit ->> 'contactid') || ')',
+                             'body', d.body::text,
+                             'headers', '["If-Match: *"]'::jsonb))::text
+           END,
+           CASE WHEN d.reason IS NOT NULL
+                    THEN (d.c || jsonb_build_object('action', 'ambiguous', 'sent', NULL,
+                                                    'error_code', 'd365sync.match',
+                                                    'error', d.reason || '; not created'))::text
+                WHEN d.n = 1
+                    THEN (d.c || jsonb_build_object('id', d.first_hit ->> 'contactid', 'matched', true,
+                                                    'sent', d.body,
+                                                    'action', CASE WHEN d.body IS NULL THEN 'link'
+                                                                   ELSE 'update' END))::text
+           END
+      FROM diffed d
+     ORDER BY d.i;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_value(val jsonb, typ regtype, field text, column_name name)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    txt text;
+    base regtype := (SELECT coalesce(nullif(t.typbasetype, 0), t.oid)::regtype FROM pg_type t WHERE t.oid = typ);
+BEGIN
+    IF val IS NULL OR jsonb_typeof(val) = 'null' THEN
+        RETURN 'null'::jsonb;
+    END IF;
+    IF jsonb_typeof(val) IN ('object', 'array') THEN
+        RAISE EXCEPTION 'Dynamics field "%" holds a JSON %, not a value for column "%"',
+                        field, jsonb_typeof(val), column_name
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    IF jsonb_typeof(val) <> 'string' THEN
+        RETURN val;
+    END IF;
+    txt := val #>> '{}';
+    IF txt ~ '^/Date\(-?\d+([+-]\d{4})?\)/$' THEN
+        txt := to_char(to_timestamp(substring(txt FROM '-?\d+')::numeric / 1000) AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
+    END IF;
+    IF d365._bind_guid(txt) IS NOT NULL THEN
+        txt := d365._bind_guid(txt);
+    END IF;
+    IF base IN ('date'::regtype, 'timestamp without time zone'::regtype)
+       AND txt ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d(:?\d\d)?)$' THEN
+        BEGIN
+            txt := to_char(timezone('UTC', txt::timestamptz),
+                           CASE WHEN base = 'date'::regtype THEN 'YYYY-MM-DD'
+                                ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US' END);
+        EXCEPTION WHEN data_exception THEN
+            NULL;           -- left as it is: the column's input function says why
+        END;
+    END IF;
+    RETURN to_jsonb(txt);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_convert(vals jsonb, names jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    col text;
+    code text;
+    msg text;
+BEGIN
+    RETURN d365._contact_convert(vals);
+EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+    -- find the value that does not fit
+    FOR col IN SELECT jsonb_object_keys(vals) ORDER BY 1 LOOP
+        BEGIN
+            PERFORM d365._contact_convert(jsonb_build_object(col, vals -> col));
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'value of Dynamics field "%" does not fit column "%" of type %',
+                            names -> col ->> 0, col, names -> col ->> 1
+                USING ERRCODE = code,
+                      DETAIL = format('The value was %s: %s.', vals -> col, msg),
+                      HINT = 'Fix the value in Dynamics, or the column or its mapping in d365.field_map.';
+        END;
+    END LOOP;
+    RAISE;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._incoming_apply(payload jsonb, check_privileges boolean)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source;
+    cid uuid;
+    k text;
+    cur jsonb;
+    snap jsonb;
+    mapper regprocedure := d365._incoming_mapper();
+    mapping jsonb := '{}';
+    vals jsonb := '{}';
+    names jsonb := '{}';
+    fields jsonb := '{}';
+    conv jsonb := '{}';
+    settled text[] := '{}';
+    changes jsonb := '{}';
+    f record;
+    col text;
+    code text;
+    msg text;
+BEGIN
+    IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'the payload is not a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the Dynamics contact row, e.g. the body of Power Automate''s "When a row is added, modified or deleted" trigger.';
+    END IF;
+    IF NOT payload ? 'contactid' OR jsonb_typeof(payload -> 'contactid') <> 'string' THEN
+        RAISE EXCEPTION 'the payload has no contactid'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A Dynamics contact row always carries its contactid.',
+                  HINT = 'Pass the whole contact row as Dynamics sends it.';
+    END IF;
+    IF NOT d365._is_guid(payload ->> 'contactid') THEN
+        RAISE EXCEPTION 'contactid % is not a GUID', payload -> 'contactid'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    cid := payload ->> 'contactid';
+    src := d365._contact_source();
+
+    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied for table %', src.contact_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
+    END IF;
+
+    EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                   src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
+       INTO k, cur USING cid;
+    IF k IS NULL THEN
+        RETURN NULL;
+    END IF;
+    snap := d365._contact_snapshot(k, NULL);
+
+    FOR f IN SELECT i.*, a.attgenerated <> '' AS generated,
+                    format_type(a.atttypid, a.atttypmod) AS type_name
+               FROM d365._incoming_fields() i
+               JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name LOOP
+        mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
+        IF NOT payload ? f.read_name THEN
+            CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        vals := vals || jsonb_build_object(f.column_name,
+                    d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
+        names := names || jsonb_build_object(f.column_name,
+                    jsonb_build_array(f.read_name, f.type_name, f.generated));
+        fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
+    END LOOP;
+    IF vals <> '{}' THEN
+        conv := d365._incoming_convert(vals, names);
+    END IF;
+
+    IF mapper IS NULL THEN
+        FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
+            IF snap ? f.field AND snap -> f.field = conv -> f.field THEN
+                CONTINUE;   -- Dynamics still has what was last synced
+            END IF;
+            IF (conv -> f.field) IS DISTINCT FROM coalesce(cur -> f.field, 'null'::jsonb) THEN
+                IF (names -> f.col ->> 2)::boolean THEN
+                    RAISE EXCEPTION 'Dynamics field "%" cannot be written to column "%"',
+                                    names -> f.col ->> 0, f.col
+                        USING ERRCODE = 'generated_always',
+                              DETAIL = format('Column "%s" is a generated column.', f.col),
+                              HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+                END IF;
+                changes := changes || jsonb_build_object(f.col, vals -> f.col);
+            END IF;
+        END LOOP;
+    ELSE
+        changes := d365._contact_map(payload, mapping, k);
+        IF changes IS NULL OR jsonb_typeof(changes) <> 'object' THEN
+            changes := '{}';
+        END IF;
+        FOR col IN SELECT jsonb_object_keys(changes) LOOP
+            IF col IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on')
+               OR NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = src.contact_table AND a.attname = col
+                                 AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'incoming mapper % returned column "%", which cannot be updated', mapper, col
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'The mapper returns {column: value} for columns of the contact table other than its key and link columns.';
+            END IF;
+        END LOOP;
+        -- a column mapped 'out' is never written by incoming changes
+        changes := changes - d365._outgoing_only_columns();
+    END IF;
+
+    IF changes <> '{}' THEN
+        IF check_privileges THEN
+            FOR col IN SELECT jsonb_object_keys(changes) LOOP
+                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
+                    RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
+                        USING ERRCODE = 'insufficient_privilege',
+                              DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
+                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
+                END IF;
+            END LOOP;
+        END IF;
+        BEGIN
+            PERFORM d365._contact_apply(changes, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
+                            (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
+                USING ERRCODE = code,
+                      DETAIL = format('%s.', msg),
+                      HINT = 'A constraint, trigger or generated column of the contact table refused the value.';
+        END;
+    END IF;
+
+    -- Echo suppression: a field whose column now holds the value Dynamics
+    -- sent (as the column holds it) or that the mapper set is recorded as
+    -- synced with the column's value, so the next outgoing run does not
+    -- send it back.  Other fields keep their snapshot: a local change not
+    -- yet sent still goes out.
+    IF fields <> '{}' THEN
+        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
+                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
+           INTO cur USING k;
+        SELECT coalesce(array_agg(e.key), '{}') INTO settled
+          FROM jsonb_each(fields) e
+         WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))
+            OR coalesce(cur -> e.key, 'null'::jsonb) = coalesce(conv -> e.key, 'null'::jsonb);
+        IF settled <> '{}' THEN
+            PERFORM d365._contact_snapshot(k, (SELECT jsonb_object_agg(e.key, e.value)
+                                                 FROM jsonb_each(cur) e
+                                                WHERE e.key = ANY (settled)));
+        END IF;
+    END IF;
+    RETURN changes;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._pull_record(page jsonb,
+    OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    r jsonb;
+    changed jsonb;
+    k text;
+    code text;
+    msg text;
+    detail text;
+BEGIN
+    updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a change-tracking page is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR r IN SELECT jsonb_array_elements(page) LOOP
+        IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            k := NULL;
+            IF d365._is_guid(r ->> 'id') THEN
+                k := d365._contact_unlink((r ->> 'id')::uuid);
+            END IF;
+            IF k IS NOT NULL THEN
+                PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
+                            ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
+                unlinked := unlinked + 1;
+            END IF;
+            CONTINUE;
+        END IF;
+        BEGIN
+            changed := d365._incoming_apply(r, false);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
+                       OR raise_exception OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+            k := NULL;
+            IF r ->> 'contactid' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+                EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
+                               src.key_column, src.contact_table)
+                   INTO k USING (r ->> 'contactid')::uuid;
+            END IF;
+            RAISE WARNING 'incoming change of contact % was not applied: %',
+                          coalesce(k, format('(Dynamics id %s)', r ->> 'contactid')), msg
+                USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
+            IF k IS NOT NULL THEN
+                UPDATE d365.contact_state
+                   SET last_attempt_at = now(), last_error_code = code,
+                       last_error = left('incoming change not applied: ' || msg
+                                         || coalesce('. ' || nullif(detail, ''), ''), 2000)
+                 WHERE contact_key = k;
+            END IF;
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        IF changed IS NULL THEN
+            CONTINUE;       -- not linked here
+        ELSIF changed = '{}' THEN
+            unchanged := unchanged + 1;
+        ELSE
+            updated := updated + 1;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+-- <<< Safe on a shared database (final definitions)
