@@ -261,36 +261,55 @@ SELECT pg_postmaster_start_time() = :'started' AS same_postmaster, pg_backend_pi
 UPDATE d365.settings SET min_score = NULL;
 UPDATE d365.settings SET singleton = false;
 \set VERBOSITY terse
--- every column set to NULL, '' and a few bad values, as UPDATE and INSERT:
--- no message, DETAIL, HINT or CONTEXT shows the secret
+-- every column of every d365 table holding a client secret (the settings,
+-- and any other, such as more application users) set to NULL, '' and a few
+-- bad values, as UPDATE and INSERT: no message, DETAIL, HINT or CONTEXT
+-- shows the secret.  (This block runs as a superuser with public first in
+-- its search_path, where regress_sec_app planted format(text, regclass,
+-- name, text): unpinned code like this block is what the planted function
+-- hijacks, so the block pins its search_path as d365's functions do.)
 CREATE TEMP TABLE sec_refused (stmt text, msg text);
+SET search_path = pg_catalog, pg_temp;
 DO $$
 DECLARE
+    tbl regclass;
     col record;
     val text;
     stmt text;
     m text; d text; h text; c text; s text;
 BEGIN
-    FOR col IN SELECT attname FROM pg_attribute
-                WHERE attrelid = 'd365.settings'::regclass AND attnum > 0 AND NOT attisdropped LOOP
-        FOREACH val IN ARRAY ARRAY[NULL, '', '-1', 'x', 'http://example.com', 'f', '1e99'] LOOP
-            FOREACH stmt IN ARRAY ARRAY[
-                format('UPDATE d365.settings SET %I = %L', col.attname, val),
-                format('INSERT INTO d365.settings (%I) VALUES (%L)', col.attname, val)] LOOP
-                BEGIN
-                    EXECUTE stmt;
-                    RAISE EXCEPTION 'accepted' USING ERRCODE = 'P0002';
-                EXCEPTION WHEN OTHERS THEN
-                    GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL,
-                                            h = PG_EXCEPTION_HINT, c = PG_EXCEPTION_CONTEXT, s = RETURNED_SQLSTATE;
-                    IF s <> 'P0002' THEN
-                        INSERT INTO sec_refused VALUES (stmt, concat_ws(' | ', m, d, h, c));
-                    END IF;
-                END;
+    FOR tbl IN SELECT a.attrelid::regclass FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+                WHERE r.relnamespace = 'd365'::regnamespace AND r.relkind = 'r'
+                  AND a.attname = 'client_secret' AND NOT a.attisdropped LOOP
+        IF tbl <> 'd365.settings'::regclass THEN      -- a row to refuse changes of
+            EXECUTE format('INSERT INTO %s (client_id, client_secret)'
+                           ' VALUES (''33333333-3333-3333-3333-333333333333'', ''sim-secret'')', tbl);
+        END IF;
+        FOR col IN SELECT attname FROM pg_attribute
+                    WHERE attrelid = tbl AND attnum > 0 AND NOT attisdropped LOOP
+            FOREACH val IN ARRAY ARRAY[NULL, '', '-1', 'x', 'http://example.com', 'f', '1e99'] LOOP
+                FOREACH stmt IN ARRAY ARRAY[
+                    format('UPDATE %s SET %I = %L', tbl, col.attname, val),
+                    format('INSERT INTO %s (%I) VALUES (%L)', tbl, col.attname, val)] LOOP
+                    BEGIN
+                        EXECUTE stmt;
+                        RAISE EXCEPTION 'accepted' USING ERRCODE = 'P0002';
+                    EXCEPTION WHEN OTHERS THEN
+                        GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL,
+                                                h = PG_EXCEPTION_HINT, c = PG_EXCEPTION_CONTEXT, s = RETURNED_SQLSTATE;
+                        IF s <> 'P0002' THEN
+                            INSERT INTO sec_refused VALUES (stmt, concat_ws(' | ', m, d, h, c));
+                        END IF;
+                    END;
+                END LOOP;
             END LOOP;
         END LOOP;
+        IF tbl <> 'd365.settings'::regclass THEN
+            EXECUTE format('DELETE FROM %s', tbl);
+        END IF;
     END LOOP;
 END $$;
+SET search_path = public, d365;
 SELECT count(*) > 40 AS refused_writes, count(*) FILTER (WHERE msg LIKE '%sim-secret%') AS showing_the_secret
   FROM sec_refused;
 SELECT client_secret = 'sim-secret' AS secret_kept, min_score FROM d365.settings;
