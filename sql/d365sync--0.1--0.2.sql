@@ -887,7 +887,7 @@ DECLARE
     fields text[];
     read_names jsonb;
 BEGIN
-    SELECT * INTO src FROM d365.contact_source;
+    src := d365._contact_source();     -- key and link column types checked
     IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
         CREATE TEMP TABLE d365_lookup_hits (
             i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
