@@ -190,7 +190,7 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION d365.d365_set_secret_from_file(path text)
+CREATE OR REPLACE FUNCTION d365.d365_set_secret_from_file(path text, client_id uuid DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -209,7 +209,13 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Write the secret''s value (not its ID) into the file, on one line.';
     END IF;
-    UPDATE d365.settings SET client_secret = secret;
+    IF d365_set_secret_from_file.client_id IS NULL THEN
+        UPDATE d365.settings SET client_secret = secret;
+    ELSE
+        INSERT INTO d365.app_users AS u (client_id, client_secret)
+        VALUES (d365_set_secret_from_file.client_id, secret)
+        ON CONFLICT ON CONSTRAINT app_users_pkey DO UPDATE SET client_secret = EXCLUDED.client_secret;
+    END IF;
 END;
 $$;
 
@@ -4078,7 +4084,7 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION d365.d365_set_secret_from_file(path text)
+CREATE OR REPLACE FUNCTION d365.d365_set_secret_from_file(path text, client_id uuid DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -4097,7 +4103,13 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Write the secret''s value (not its ID) into the file, on one line.';
     END IF;
-    UPDATE d365.settings SET client_secret = secret;
+    IF d365_set_secret_from_file.client_id IS NULL THEN
+        UPDATE d365.settings SET client_secret = secret;
+    ELSE
+        INSERT INTO d365.app_users AS u (client_id, client_secret)
+        VALUES (d365_set_secret_from_file.client_id, secret)
+        ON CONFLICT ON CONSTRAINT app_users_pkey DO UPDATE SET client_secret = EXCLUDED.client_secret;
+    END IF;
 END;
 $$;
 

@@ -60,6 +60,21 @@ else
     echo "not ok 1 - d365_set_secret_from_file sets a secret that works"; diag <<<"$out"
 fi
 
+# 1b. the same for an application user of d365.app_users
+out=$(psqlq -v f="$TMPD/secret.txt" 2>&1 <<'SQL'
+SELECT d365.d365_set_secret_from_file(:'f', '44444444-4444-4444-4444-444444444444');
+SELECT u.client_secret = s.client_secret AS stored     -- the file's value, as test 1 set it
+  FROM d365.app_users u, d365.settings s
+ WHERE u.client_id = '44444444-4444-4444-4444-444444444444';
+DELETE FROM d365.app_users;
+SQL
+)
+if grep -qx 't' <<<"$out"; then
+    echo "ok 2 - d365_set_secret_from_file sets an application user's secret"
+else
+    echo "not ok 2 - d365_set_secret_from_file sets an application user's secret"; diag <<<"$out"
+fi
+
 # 2. from a file on the client, through psql's \copy (as docs/security.md shows)
 psqlq -c "UPDATE d365.settings SET client_secret = NULL" >/dev/null 2>&1
 out=$(cd "$TMPD" && psqlq 2>&1 <<'SQL'
@@ -71,9 +86,9 @@ SELECT organization_id IS NOT NULL AS works FROM d365.d365_whoami();
 SQL
 )
 if grep -qx 't' <<<"$out"; then
-    echo "ok 2 - psql's \\copy from a client file sets a secret that works"
+    echo "ok 3 - psql's \\copy from a client file sets a secret that works"
 else
-    echo "not ok 2 - psql's \\copy from a client file sets a secret that works"; diag <<<"$out"
+    echo "not ok 3 - psql's \\copy from a client file sets a secret that works"; diag <<<"$out"
 fi
 
 # 3. refused settings writes, and a wrong tenant (a token error)
@@ -91,9 +106,9 @@ SELECT * FROM d365.d365_whoami();
 SQL
 n=$(grep -c '^ERROR' "$TMPD/refused.log")
 if [ "$n" -ge 7 ] && ! grep -q "$SECRET" "$TMPD/refused.log"; then
-    echo "ok 3 - $n refused writes and a token error show the client no secret"
+    echo "ok 4 - $n refused writes and a token error show the client no secret"
 else
-    echo "not ok 3 - $n refused writes and a token error show the client no secret"; diag <"$TMPD/refused.log"
+    echo "not ok 4 - $n refused writes and a token error show the client no secret"; diag <"$TMPD/refused.log"
 fi
 
 sleep 1
@@ -104,9 +119,9 @@ else
     logged=no
 fi
 if [ "$logged" = yes ] && ! grep -q "$SECRET" "$TMPD/log"; then
-    echo "ok 4 - with log_statement = all the server log holds every statement and no secret ($(wc -l <"$TMPD/log") lines)"
+    echo "ok 5 - with log_statement = all the server log holds every statement and no secret ($(wc -l <"$TMPD/log") lines)"
 else
-    echo "not ok 4 - with log_statement = all the server log holds every statement and no secret (statements logged: $logged)"
+    echo "not ok 5 - with log_statement = all the server log holds every statement and no secret (statements logged: $logged)"
     grep -B2 -A2 "$SECRET" "$TMPD/log" | diag
 fi
 
@@ -115,8 +130,8 @@ psqlq -c "UPDATE d365.settings SET client_secret = '$SECRET'" >/dev/null 2>&1
 sleep 1
 new_log >"$TMPD/log"
 if grep -q "$SECRET" "$TMPD/log"; then
-    echo "ok 5 - control: a plain UPDATE of client_secret is found in the log (the search works)"
+    echo "ok 6 - control: a plain UPDATE of client_secret is found in the log (the search works)"
 else
-    echo "not ok 5 - control: a plain UPDATE of client_secret is found in the log (the search works)"
+    echo "not ok 6 - control: a plain UPDATE of client_secret is found in the log (the search works)"
 fi
 exit 0

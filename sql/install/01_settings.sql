@@ -277,14 +277,16 @@ INSERT INTO d365.settings DEFAULT VALUES;
 SELECT pg_catalog.pg_extension_config_dump('d365.settings', '');
 
 /*
- * Sets the client secret from a file on the database server, so that the
+ * Sets a client secret from a file on the database server, so that the
  * value never appears in a statement text (log_statement = all logs only
- * the file name).  Reading server files needs superuser or a role in
- * pg_read_server_files (pg_read_file's own check, made for the caller);
- * updating the secret needs UPDATE on d365.settings.  Surrounding white
- * space and line breaks are dropped.
+ * the file name): the settings' secret, or with client_id that of an
+ * application user of d365.app_users (added when missing).  Reading server
+ * files needs superuser or a role in pg_read_server_files (pg_read_file's
+ * own check, made for the caller); the table needs the caller's UPDATE (and
+ * INSERT for a new application user).  Surrounding white space and line
+ * breaks are dropped.
  */
-CREATE FUNCTION d365.d365_set_secret_from_file(path text)
+CREATE FUNCTION d365.d365_set_secret_from_file(path text, client_id uuid DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -303,11 +305,17 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Write the secret''s value (not its ID) into the file, on one line.';
     END IF;
-    UPDATE d365.settings SET client_secret = secret;
+    IF d365_set_secret_from_file.client_id IS NULL THEN
+        UPDATE d365.settings SET client_secret = secret;
+    ELSE
+        INSERT INTO d365.app_users AS u (client_id, client_secret)
+        VALUES (d365_set_secret_from_file.client_id, secret)
+        ON CONFLICT ON CONSTRAINT app_users_pkey DO UPDATE SET client_secret = EXCLUDED.client_secret;
+    END IF;
 END;
 $$;
-COMMENT ON FUNCTION d365.d365_set_secret_from_file(text) IS
-    'Sets d365.settings.client_secret from a file on the database server, keeping the value out of statement logs';
+COMMENT ON FUNCTION d365.d365_set_secret_from_file(text, uuid) IS
+    'Sets the client secret of d365.settings, or of the application user client_id in d365.app_users, from a file on the database server, keeping the value out of statement logs';
 
 -- ---------------------------------------------------------------------------
 -- Application users beside the settings' one
