@@ -338,6 +338,17 @@ AS $$
             FROM pg_type t WHERE t.oid = typ) b
 $$;
 
+CREATE OR REPLACE FUNCTION d365._column_defs(tbl regclass, columns name[])
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', '
+                      ORDER BY a.attnum)
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = ANY (columns) AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
 CREATE OR REPLACE FUNCTION d365._owner_sql(op text, only_columns name[],
     OUT sql text, OUT tbl regclass, OUT columns name[])
 RETURNS record
@@ -394,15 +405,17 @@ BEGIN
                       ' SELECT pg_catalog.min(k) FROM u',
                       tbl, src.key_column);
     WHEN 'convert' THEN
-        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
-                      d365._values_expr('r', columns), tbl);
+        -- only the columns named: the table's other columns (a NOT NULL
+        -- domain among them) take no part in the conversion
+        sql := format('SELECT %s FROM pg_catalog.jsonb_to_record($1) AS r(%s)',
+                      d365._values_expr('r', columns), d365._column_defs(tbl, columns));
     WHEN 'apply' THEN
-        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record($1) AS r(%6$s))'
                       ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
                       tbl,
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
-                      src.key_column, key_type);
+                      src.key_column, key_type, d365._column_defs(tbl, columns));
     WHEN 'map' THEN
         columns := NULL;
         IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
@@ -4229,6 +4242,17 @@ AS $$
             FROM pg_type t WHERE t.oid = typ) b
 $$;
 
+CREATE OR REPLACE FUNCTION d365._column_defs(tbl regclass, columns name[])
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', '
+                      ORDER BY a.attnum)
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = ANY (columns) AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
 CREATE OR REPLACE FUNCTION d365._owner_sql(op text, only_columns name[],
     OUT sql text, OUT tbl regclass, OUT columns name[])
 RETURNS record
@@ -4285,15 +4309,17 @@ BEGIN
                       ' SELECT pg_catalog.min(k) FROM u',
                       tbl, src.key_column);
     WHEN 'convert' THEN
-        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
-                      d365._values_expr('r', columns), tbl);
+        -- only the columns named: the table's other columns (a NOT NULL
+        -- domain among them) take no part in the conversion
+        sql := format('SELECT %s FROM pg_catalog.jsonb_to_record($1) AS r(%s)',
+                      d365._values_expr('r', columns), d365._column_defs(tbl, columns));
     WHEN 'apply' THEN
-        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record($1) AS r(%6$s))'
                       ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
                       tbl,
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
-                      src.key_column, key_type);
+                      src.key_column, key_type, d365._column_defs(tbl, columns));
     WHEN 'map' THEN
         columns := NULL;
         IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN

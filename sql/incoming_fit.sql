@@ -10,6 +10,8 @@ SET client_min_messages = warning;
 DROP TABLE IF EXISTS fit_person;
 RESET client_min_messages;
 CREATE DOMAIN short_nick AS text CHECK (length(VALUE) <= 8);
+-- an unmapped column of a NOT NULL domain takes no part in the conversion
+CREATE DOMAIN required_tag AS text NOT NULL;
 CREATE TABLE fit_person (
     id      integer PRIMARY KEY,
     name    text,
@@ -20,6 +22,7 @@ CREATE TABLE fit_person (
     nick    short_nick,
     shout   text GENERATED ALWAYS AS (upper(name)) STORED,
     seen    timestamp,
+    tag     required_tag DEFAULT 'tagged',
     score   integer NOT NULL
 );
 SET TimeZone = 'America/New_York';
@@ -90,5 +93,5 @@ SELECT city, seen FROM fit_person WHERE id = 1;
 
 SELECT d365_detach_contacts();
 DROP TABLE fit_person;
-DROP DOMAIN short_nick;
+DROP DOMAIN short_nick, required_tag;
 DELETE FROM d365.contact_state;

@@ -246,6 +246,19 @@ BEGIN
 END;
 $$;
 
+-- A column definition list for jsonb_to_record: the named columns of tbl
+-- with their types and type modifiers ("kids" smallint, "city" varchar(5)).
+CREATE FUNCTION d365._column_defs(tbl regclass, columns name[])
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', '
+                      ORDER BY a.attnum)
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = ANY (columns) AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
 /*
  * The statements that d365sync runs on the attached contact table as the
  * table's owner, in a security-restricted operation (see src/table_owner.c
@@ -324,15 +337,17 @@ BEGIN
                       ' SELECT pg_catalog.min(k) FROM u',
                       tbl, src.key_column);
     WHEN 'convert' THEN
-        sql := format('SELECT %s FROM pg_catalog.jsonb_populate_record(NULL::%s, $1) r',
-                      d365._values_expr('r', columns), tbl);
+        -- only the columns named: the table's other columns (a NOT NULL
+        -- domain among them) take no part in the conversion
+        sql := format('SELECT %s FROM pg_catalog.jsonb_to_record($1) AS r(%s)',
+                      d365._values_expr('r', columns), d365._column_defs(tbl, columns));
     WHEN 'apply' THEN
-        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) r)'
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record($1) AS r(%6$s))'
                       ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
                       tbl,
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
-                      src.key_column, key_type);
+                      src.key_column, key_type, d365._column_defs(tbl, columns));
     WHEN 'map' THEN
         columns := NULL;
         IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
