@@ -246,6 +246,15 @@ BEGIN
                     jsonb_build_array(f.read_name, f.type_name, f.generated));
         fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
     END LOOP;
+    -- nothing differs: every value Dynamics sent is, as sent, what the
+    -- column holds and what was last synced (most rows of a pull); no
+    -- conversion, no update, nothing to settle
+    IF mapper IS NULL AND snap IS NOT NULL
+       AND NOT EXISTS (SELECT FROM jsonb_each(fields) e
+                        WHERE (vals -> (e.value #>> '{}')) IS DISTINCT FROM (cur -> e.key)
+                           OR (snap -> e.key) IS DISTINCT FROM (cur -> e.key)) THEN
+        RETURN '{}';
+    END IF;
     IF vals <> '{}' THEN
         conv := d365._incoming_convert(vals, names);
     END IF;
