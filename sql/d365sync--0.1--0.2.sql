@@ -838,8 +838,10 @@ BEGIN
         oldest := least(oldest, since);
         item := 'queue length'; value := queued::text; RETURN NEXT;
         item := 'queue lag';
-        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
-                          '(nothing pending)');
+        value := CASE WHEN oldest IS NOT NULL
+                      THEN round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s'
+                      WHEN queued > 0 THEN '(not measured: only new contacts no sync has seen yet)'
+                      ELSE '(nothing pending)' END;
         RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;
@@ -3946,7 +3948,8 @@ GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
 
 -- >>> Safe on a shared database (final definitions)
 -- The functions of the section above once more, as the install parts define
--- them now (later sections may carry older copies).
+-- them now (sections between may carry older copies).  A change of one of
+-- these functions goes into a section after this one.
 CREATE OR REPLACE FUNCTION d365._check_row_quietly(r anyelement, rel regclass)
 RETURNS void
 LANGUAGE plpgsql STABLE
@@ -4751,8 +4754,10 @@ BEGIN
         oldest := least(oldest, since);
         item := 'queue length'; value := queued::text; RETURN NEXT;
         item := 'queue lag';
-        value := coalesce(round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s',
-                          '(nothing pending)');
+        value := CASE WHEN oldest IS NOT NULL
+                      THEN round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s'
+                      WHEN queued > 0 THEN '(not measured: only new contacts no sync has seen yet)'
+                      ELSE '(nothing pending)' END;
         RETURN NEXT;
         EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
                        src.contact_table) INTO n;
