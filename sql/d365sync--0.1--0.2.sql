@@ -896,7 +896,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
-    contexts text[], answers text[],
+    contexts text[], groups integer[], answers text[],
     OUT item_key text, OUT requests text, OUT context text)
 RETURNS SETOF record
 LANGUAGE plpgsql
@@ -920,14 +920,13 @@ BEGIN
     -- the hits of each contact: the rows of its group's answer whose match
     -- fields equal its values (one hash join on a normalised key)
     fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
-    WITH grp AS MATERIALIZED (          -- each answer once (items of a group share it)
-        SELECT a.f, row_number() OVER () AS g, a.f::jsonb AS j
-          FROM (SELECT DISTINCT x.f FROM unnest(answers) x(f)) a),
+    WITH grp AS MATERIALIZED (
+        SELECT x.g, x.a::jsonb AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
     items AS MATERIALIZED (
-        SELECT u.i, u.k, u.c, u.l, gr.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+        SELECT u.i, u.k, u.c, u.l, u.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
                d365._match_key(u.l::jsonb, fields) AS key
-          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
-          LEFT JOIN grp gr ON gr.f = u.f),
+          FROM unnest(item_keys, lookups, contexts, groups) WITH ORDINALITY u(k, l, c, g, i)
+          LEFT JOIN grp gr ON gr.g = u.g),
     hits AS MATERIALIZED (
         SELECT gr.g, v, d365._match_key(v, fields) AS key
           FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
@@ -4812,7 +4811,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION d365._contact_lookup_resolve(item_keys text[], lookups text[],
-    contexts text[], answers text[],
+    contexts text[], groups integer[], answers text[],
     OUT item_key text, OUT requests text, OUT context text)
 RETURNS SETOF record
 LANGUAGE plpgsql
@@ -4836,14 +4835,13 @@ BEGIN
     -- the hits of each contact: the rows of its group's answer whose match
     -- fields equal its values (one hash join on a normalised key)
     fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
-    WITH grp AS MATERIALIZED (          -- each answer once (items of a group share it)
-        SELECT a.f, row_number() OVER () AS g, a.f::jsonb AS j
-          FROM (SELECT DISTINCT x.f FROM unnest(answers) x(f)) a),
+    WITH grp AS MATERIALIZED (
+        SELECT x.g, x.a::jsonb AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
     items AS MATERIALIZED (
-        SELECT u.i, u.k, u.c, u.l, gr.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+        SELECT u.i, u.k, u.c, u.l, u.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
                d365._match_key(u.l::jsonb, fields) AS key
-          FROM unnest(item_keys, lookups, contexts, answers) WITH ORDINALITY u(k, l, c, f, i)
-          LEFT JOIN grp gr ON gr.f = u.f),
+          FROM unnest(item_keys, lookups, contexts, groups) WITH ORDINALITY u(k, l, c, g, i)
+          LEFT JOIN grp gr ON gr.g = u.g),
     hits AS MATERIALIZED (
         SELECT gr.g, v, d365._match_key(v, fields) AS key
           FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
