@@ -153,9 +153,8 @@ BEGIN
             OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
         SELECT CASE WHEN NOT w.preloaded
                     THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
-                    WHEN current_setting('d365sync.database_name', true) IS DISTINCT FROM current_database()
-                    THEN format('The background worker serves database %s, not this one.',
-                                current_setting('d365sync.database_name', true))
+                    WHEN w.running AND w.database IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.', w.database)
                END
           INTO problem FROM d365._worker_state() w;
         IF problem IS NOT NULL THEN
@@ -4071,9 +4070,8 @@ BEGIN
             OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
         SELECT CASE WHEN NOT w.preloaded
                     THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
-                    WHEN current_setting('d365sync.database_name', true) IS DISTINCT FROM current_database()
-                    THEN format('The background worker serves database %s, not this one.',
-                                current_setting('d365sync.database_name', true))
+                    WHEN w.running AND w.database IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.', w.database)
                END
           INTO problem FROM d365._worker_state() w;
         IF problem IS NOT NULL THEN
