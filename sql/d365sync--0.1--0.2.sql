@@ -963,7 +963,7 @@ BEGIN
                                     array_to_string(h.ids[1:10], ', '),
                                     CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
                     WHEN h.more
-                        THEN 'matches more Dynamics 365 contacts than one page of the look-up holds'
+                        THEN 'could not be matched: its look-up found more than one page of Dynamics 365 contacts'
                     WHEN h.n = 1 AND taken ? (h.first_hit ->> 'contactid')
                         THEN format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
                                     h.first_hit ->> 'contactid', taken ->> (h.first_hit ->> 'contactid'))
@@ -4877,7 +4877,7 @@ BEGIN
                                     array_to_string(h.ids[1:10], ', '),
                                     CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
                     WHEN h.more
-                        THEN 'matches more Dynamics 365 contacts than one page of the look-up holds'
+                        THEN 'could not be matched: its look-up found more than one page of Dynamics 365 contacts'
                     WHEN h.n = 1 AND taken ? (h.first_hit ->> 'contactid')
                         THEN format('matches Dynamics 365 contact %s, which contact %s matches or is linked to',
                                     h.first_hit ->> 'contactid', taken ->> (h.first_hit ->> 'contactid'))
