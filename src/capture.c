@@ -58,6 +58,7 @@
 #include "utils/timestamp.h"
 #include "utils/syscache.h"
 
+#include "spi_util.h"
 #include "worker.h"
 
 PG_FUNCTION_INFO_V1(d365_capture_row);
@@ -424,10 +425,14 @@ flush_level(int level)
  *		changes.
  */
 static void
+flush_level_body(void *arg)
+{
+	flush_level(*(int *) arg);
+}
+
+static void
 flush_as_owner(int level)
 {
-	Oid			save_userid;
-	int			save_sec_context;
 	Oid			owner;
 	HeapTuple	tup;
 
@@ -437,18 +442,7 @@ flush_as_owner(int level)
 	owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
 	ReleaseSysCache(tup);
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	PG_TRY();
-	{
-		flush_level(level);
-	}
-	PG_FINALLY();
-	{
-		SetUserIdAndSecContext(save_userid, save_sec_context);
-	}
-	PG_END_TRY();
+	d365_as_table_owner(owner, flush_level_body, &level);
 }
 
 /*

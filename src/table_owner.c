@@ -69,7 +69,47 @@ typedef struct OwnerCall
 	Oid			restype;		/* InvalidOid: no result */
 	Datum		result;
 	bool		result_null;
+	char	   *sql;			/* the statement, from d365._owner_sql */
+	int			rc;				/* its SPI result */
 } OwnerCall;
+
+typedef void (*RestrictedBody) (void *arg);
+
+/*
+ * as_owner_restricted
+ *		Run body(arg) as role owner in a security-restricted operation under
+ *		a new GUC nest level with search_path = pg_catalog, pg_temp: the way
+ *		REFRESH MATERIALIZED VIEW runs code of a view's owner.  Any ERROR
+ *		comes back with the caller's user and security context restored; the
+ *		GUC nest level is then popped by the (sub)transaction abort.
+ */
+static void
+as_owner_restricted(Oid owner, RestrictedBody body, void *arg)
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			save_nestlevel;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+	PG_TRY();
+	{
+		body(arg);
+	}
+	PG_CATCH();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	AtEOXact_GUC(false, save_nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec);
+}
 
 /* A relation's name, schema-qualified and quoted. */
 static char *
@@ -163,6 +203,19 @@ relation_owner(Oid relid)
 	return owner;
 }
 
+/* as_owner_restricted body: the statement of an OwnerCall */
+static void
+run_statement(void *arg)
+{
+	OwnerCall  *call = (OwnerCall *) arg;
+
+	call->rc = SPI_execute_with_args(call->sql, call->nargs, call->types,
+									 call->values, call->nulls, false, 0);
+	if (call->rc < 0)
+		elog(ERROR, "table-owner statement \"%s\" failed: %s",
+			 call->op, SPI_result_code_string(call->rc));
+}
+
 /*
  * run_as_owner
  *		Get the statement of call->op from d365._owner_sql (as the caller:
@@ -184,15 +237,10 @@ run_as_owner(OwnerCall *call)
 	HeapTuple	tup;
 	TupleDesc	desc;
 	bool		isnull;
-	char	   *sql;
 	Oid			relid;
 	Datum		columns;
 	bool		columns_null;
 	Oid			owner;
-	Oid			save_userid;
-	int			save_sec;
-	int			save_nestlevel;
-	int			rc;
 
 	bargs[0] = CStringGetTextDatum(call->op);
 	bargs[1] = call->columns;
@@ -204,36 +252,14 @@ run_as_owner(OwnerCall *call)
 		elog(ERROR, "d365._owner_sql returned no statement");
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	sql = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
+	call->sql = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
 	relid = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
 	columns = SPI_getbinval(tup, desc, 3, &columns_null);
 
 	check_caller_rights(relid, columns, columns_null);
 	owner = relation_owner(relid);
 
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	save_nestlevel = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
-	PG_TRY();
-	{
-		rc = SPI_execute_with_args(sql, call->nargs, call->types, call->values,
-								   call->nulls, false, 0);
-		if (rc < 0)
-			elog(ERROR, "table-owner statement \"%s\" failed: %s",
-				 call->op, SPI_result_code_string(rc));
-	}
-	PG_CATCH();
-	{
-		SetUserIdAndSecContext(save_userid, save_sec);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	AtEOXact_GUC(false, save_nestlevel);
-	SetUserIdAndSecContext(save_userid, save_sec);
+	as_owner_restricted(owner, run_statement, call);
 
 	call->result_null = true;
 	if (OidIsValid(call->restype) && SPI_tuptable != NULL && SPI_processed > 0)
@@ -251,6 +277,16 @@ run_as_owner(OwnerCall *call)
 		}
 	}
 	SPI_finish();
+}
+
+/* run_as_owner, its result as the result of the SQL function fcinfo. */
+static Datum
+owner_result(FunctionCallInfo fcinfo, OwnerCall *call)
+{
+	run_as_owner(call);
+	if (call->result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(call->result);
 }
 
 /* The column names of a jsonb object, as name[]; ERROR when not an object. */
@@ -300,10 +336,7 @@ d365_contact_set_links(PG_FUNCTION_ARGS)
 	PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2)};
 	call.nulls = nulls;
 	call.restype = TEXTARRAYOID;
-	run_as_owner(&call);
-	if (call.result_null)
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(call.result);
+	return owner_result(fcinfo, &call);
 }
 
 /*
@@ -322,10 +355,7 @@ d365_contact_unlink(PG_FUNCTION_ARGS)
 	call.types = (Oid[]) {UUIDOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0)};
 	call.restype = TEXTOID;
-	run_as_owner(&call);
-	if (call.result_null)
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(call.result);
+	return owner_result(fcinfo, &call);
 }
 
 /*
@@ -350,10 +380,7 @@ d365_contact_convert(PG_FUNCTION_ARGS)
 	call.types = (Oid[]) {JSONBOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0)};
 	call.restype = JSONBOID;
-	run_as_owner(&call);
-	if (call.result_null)
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(call.result);
+	return owner_result(fcinfo, &call);
 }
 
 /*
@@ -402,10 +429,23 @@ d365_contact_map(PG_FUNCTION_ARGS)
 	PG_GETARG_DATUM(2)};
 	call.nulls = nulls;
 	call.restype = JSONBOID;
-	run_as_owner(&call);
-	if (call.result_null)
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(call.result);
+	return owner_result(fcinfo, &call);
+}
+
+/* A call of an activity mapper and its result */
+typedef struct MapperCall
+{
+	FunctionCallInfo fcinfo;
+	Datum		result;
+} MapperCall;
+
+/* as_owner_restricted body: the mapper's call */
+static void
+invoke_mapper(void *arg)
+{
+	MapperCall *mc = (MapperCall *) arg;
+
+	mc->result = FunctionCallInvoke(mc->fcinfo);
 }
 
 /*
@@ -426,11 +466,7 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
 	bool		registered;
 	bool		isnull;
 	FmgrInfo	flinfo;
-	Oid			save_userid;
-	int			save_sec;
-	int			save_nestlevel;
-	Datum		result;
-	bool		result_null;
+	MapperCall	mc;
 	int			i;
 	LOCAL_FCINFO(call, 3);
 
@@ -470,28 +506,9 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 	}
 
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	save_nestlevel = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
-	PG_TRY();
-	{
-		result = FunctionCallInvoke(call);
-		result_null = call->isnull;
-	}
-	PG_CATCH();
-	{
-		SetUserIdAndSecContext(save_userid, save_sec);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	AtEOXact_GUC(false, save_nestlevel);
-	SetUserIdAndSecContext(save_userid, save_sec);
-
-	if (result_null)
+	mc.fcinfo = call;
+	as_owner_restricted(owner, invoke_mapper, &mc);
+	if (call->isnull)
 		PG_RETURN_NULL();
-	PG_RETURN_DATUM(result);
+	PG_RETURN_DATUM(mc.result);
 }
