@@ -12,16 +12,19 @@
 # backend killed by a signal, and the client secret must appear in no
 # output.  Trigger functions cannot be called directly and are skipped.
 #
-# scripts/test.sh runs it with the cluster and simulator it started.
+# scripts/test.sh runs it with the cluster and simulator it started; run by
+# itself it starts its own (scripts/lib.sh, d365_start_standalone).
 # Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
 set -uo pipefail
 
 TMPD=$(mktemp -d /tmp/d365allfn.XXXXXX)
-trap '[ -n "${KEEP:-}" ] || rm -rf "$TMPD"' EXIT
+STANDALONE=0
+trap '[ -n "${KEEP:-}" ] || rm -rf "$TMPD"; [ "$STANDALONE" = 0 ] || d365_stop_all' EXIT
 if [ -z "${D365_SIM_URL:-}" ]; then
-    echo "# test/all_functions.sh needs the simulator and a cluster: run it through scripts/test.sh"
-    echo "not ok 1 - set-up: no simulator (D365_SIM_URL is not set)"
-    exit 0
+    # run by itself: a build, a cluster and a simulator of its own
+    STANDALONE=1
+    . "$(dirname "$0")/../scripts/lib.sh"
+    d365_start_standalone "$TMPD/start.log" || exit 0
 fi
 chmod 755 "$TMPD"
 SECRET="sim-secret"

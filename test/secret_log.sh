@@ -7,25 +7,32 @@
 # at the end sets the secret with a plain UPDATE and finds it in the log,
 # so the search itself is shown to work.
 #
-# scripts/test.sh runs it with the cluster and simulator it started
-# (D365_WORK holds postgres.log).  Prints "ok N - ..." / "not ok N - ...".
+# scripts/test.sh runs it with the cluster and simulator it started; run by
+# itself it starts its own (scripts/lib.sh, d365_start_standalone).  Prints "ok N - ..." / "not ok N - ...".
 set -uo pipefail
 
 DB=d365secret
 SECRET=sim-secret
 TMPD=$(mktemp -d /tmp/d365secret.XXXXXX)
 chmod 755 "$TMPD"
-# scripts/lib.sh writes the server log beside the data directory
-LOG=${D365_WORK:-$(dirname "${PGDATA:-/nonexistent/x}")}/postgres.log
+STANDALONE=0
 cleanup() {
     psql -X -q -d postgres -c "ALTER SYSTEM RESET log_statement" -c "SELECT pg_reload_conf()" >/dev/null 2>&1
     timeout 60 dropdb --if-exists "$DB" >/dev/null 2>&1
     rm -rf "$TMPD"
+    [ "$STANDALONE" = 0 ] || d365_stop_all
 }
 trap cleanup EXIT
-if [ -z "${D365_SIM_URL:-}" ] || [ ! -f "$LOG" ]; then
-    echo "# test/secret_log.sh needs the simulator and the cluster of scripts/test.sh"
-    echo "not ok 1 - set-up: no simulator or no server log"
+if [ -z "${D365_SIM_URL:-}" ]; then
+    # run by itself: a build, a cluster and a simulator of its own
+    STANDALONE=1
+    . "$(dirname "$0")/../scripts/lib.sh"
+    d365_start_standalone "$TMPD/start.log" || exit 0
+fi
+# scripts/lib.sh writes the server log beside the data directory
+LOG=${D365_WORK:-$(dirname "${PGDATA:-/nonexistent/x}")}/postgres.log
+if [ ! -f "$LOG" ]; then
+    echo "not ok 1 - set-up: no server log at $LOG"
     exit 0
 fi
 psqlq() { timeout 120 psql -X -q -At -P pager=off -d "$DB" "$@"; }
