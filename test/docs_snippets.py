@@ -14,6 +14,9 @@ are documented in docs/README.md ("Snippets run in CI"):
 - <!-- docs-test: error --> before a ```sql fence: the block must fail;
 - ERROR/WARNING/DETAIL/HINT/NOTICE lines printed in the ```text block right
   after a ```sql block must be what that block printed;
+- <!-- docs-test: output --> before a ```sql fence: the ```text block right
+  after it must be exactly what the block printed (row counts, messages and
+  empty lines aside);
 - <!-- docs-test: skip REASON --> before a fence: not run;
 - <!-- docs-test: postgresql.conf --> before an ```ini fence: the runner's
   clusters use it;
@@ -80,6 +83,7 @@ class Block:
         self.page, self.line, self.lang, self.text = page, line, lang, text
         self.directives = directives
         self.expected = []          # message lines of the following ```text block
+        self.output = None          # the following ```text block, for "output"
 
     @property
     def expect_error(self):
@@ -127,6 +131,7 @@ def parse(path):
                 last_sql = b
             elif lang in ("text", "psql-output") and last_sql is not None:
                 last_sql.expected = [l.strip() for l in body.split("\n") if MSG_RE.match(l.strip())]
+                last_sql.output = body
                 last_sql = None
             else:
                 last_sql = None
@@ -302,8 +307,31 @@ def script_for(blocks, sim_url, work, tag):
     return path
 
 
-def judge(blocks, rc, stderr):
+def table_lines(text):
+    """Printed results, compared line by line: messages, row counts and empty
+    lines left out, trailing blanks dropped."""
+    out = []
+    for line in text.split("\n"):
+        line = line.rstrip()
+        if not line or re.match(r"^\(\d+ rows?\)$", line) or MSG_RE.match(line.strip()):
+            continue
+        if re.match(r"^(CONTEXT|LINE \d+):", line.strip()):
+            continue
+        out.append(line)
+    return out
+
+
+def judge(blocks, rc, stderr, stdout=""):
     """Problems found in one session's output, as text lines."""
+    printed, cur = {}, None
+    for line in stdout.split("\n"):
+        m = re.match(r"^@@block (\d+) \(line \d+\)$", line)
+        if m:
+            cur = int(m.group(1))
+            printed[cur] = []
+            continue
+        if cur is not None:
+            printed[cur].append(line)
     sections, cur = {}, None
     for line in stderr.split("\n"):
         m = re.match(r"^@@block (\d+)$", line)
@@ -330,6 +358,18 @@ def judge(blocks, rc, stderr):
         if not b.expect_error and errors:
             problems.append("%s:%d: %s" % (b.page, b.line, " | ".join(got[:4])))
             break
+        if "output" in b.directives:
+            if b.output is None:
+                problems.append("%s:%d: marked docs-test: output, but no ```text block follows"
+                                % (b.page, b.line))
+            else:
+                want, have = table_lines(b.output), table_lines("\n".join(printed.get(n, [])))
+                if want != have:
+                    k = next((i for i in range(max(len(want), len(have)))
+                              if i >= len(want) or i >= len(have) or want[i] != have[i]), 0)
+                    problems.append("%s:%d: printed output differs at its line %d: %r, the block printed %r"
+                                    % (b.page, b.line, k + 1, want[k] if k < len(want) else None,
+                                       have[k] if k < len(have) else None))
         stripped = [l.strip() for l in got]
         for want in b.expected:
             if want not in stripped:
@@ -347,14 +387,14 @@ def run_page(cl, page, blocks, readme_blocks, needs_readme, sim_url, simctl, wor
     if needs_readme:
         path = script_for(readme_blocks, sim_url, work, "readme-for-" + page.replace("/", "_"))
         rc, out, err = cl.psql(DB, file=path)
-        p = judge(readme_blocks, rc, err)
+        p = judge(readme_blocks, rc, err, out)
         if p:
             return ["README.md (run first): " + x for x in p]
     path = script_for(blocks, sim_url, work, page.replace("/", "_"))
     rc, out, err = cl.psql(DB, file=path)
     if os.environ.get("D365_DOCS_SHOW") == page:
         diag(out + err)         # for writing the printed outputs
-    problems += judge(blocks, rc, err)
+    problems += judge(blocks, rc, err, out)
     return problems
 
 
@@ -365,7 +405,7 @@ def cron_check(cl, readme_blocks, sim_url, result, functions):
         fresh_db(cl)
         path = script_for(readme_blocks, sim_url, cl.dir, "readme-cron")
         rc, out, err = cl.psql(DB, file=path)
-        p = judge(readme_blocks, rc, err)
+        p = judge(readme_blocks, rc, err, out)
         if p:
             result.append("the README's blocks failed: " + "; ".join(p))
             return
