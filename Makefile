@@ -17,7 +17,7 @@ DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.1--0.2.sql
 INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src
