@@ -4290,3 +4290,622 @@ END;
 $$;
 
 -- <<< Safe on a shared database (final definitions)
+
+-- >>> Adversarial review: the attached table's columns checked under its
+-- lock (score and link columns of the owner's type brought the owner's
+-- implicit casts into our comparisons), rows without a key left alone,
+-- refused rows of the secret tables reported without a COPY's context, and
+-- custom activity mappers called as their owners.
+CREATE FUNCTION d365._raise_quietly(level text, sqlstate text, message text,
+                                    detail text, hint text)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_raise_quietly'
+LANGUAGE C VOLATILE;
+
+
+CREATE OR REPLACE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+    code text;
+    msg text;
+    det text;
+    hnt text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.pull_interval IS NOT NULL AND NEW.pull_interval < interval '5 seconds' THEN
+        RAISE EXCEPTION 'invalid value for setting "pull_interval"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The interval must be at least 5 seconds; it was %s.', NEW.pull_interval),
+                  HINT = 'Set NULL to stop pulling, or an interval of 5 seconds or more.';
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND (NEW.realtime OR NEW.pull_interval IS NOT NULL)
+       AND (NEW.realtime IS DISTINCT FROM OLD.realtime
+            OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
+        SELECT CASE WHEN NOT w.preloaded
+                    THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
+                    WHEN w.running AND w.database IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.', w.database)
+               END
+          INTO problem FROM d365._worker_state() w;
+        IF problem IS NOT NULL THEN
+            PERFORM d365._raise_quietly('WARNING', '01000',
+                'realtime and pull_interval take effect only where the d365sync worker runs',
+                problem,
+                'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.');
+        END IF;
+    END IF;
+
+    -- the worker reads the settings again at the commit of this change
+    PERFORM d365._worker_wake(true);
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id,
+               realtime = NEW.realtime,
+               pull_interval = NEW.pull_interval;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+EXCEPTION WHEN OTHERS THEN
+    -- without the context: a COPY's would show the refused line, secret and all
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
+                            det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    PERFORM d365._raise_quietly('ERROR', code, msg, det, hnt);
+    RETURN NULL;
+END;
+$$;
+
+
+CREATE OR REPLACE FUNCTION d365._app_users_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    code text;
+    msg text;
+    det text;
+    hnt text;
+BEGIN
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.client_secret = '' THEN
+        RAISE EXCEPTION 'the client secret of application user % is empty', NEW.client_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Store the secret''s value (not its ID), or delete the row.';
+    END IF;
+    RETURN NEW;
+EXCEPTION WHEN OTHERS THEN
+    -- without the context: a COPY's would show the refused line, secret and all
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
+                            det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    PERFORM d365._raise_quietly('ERROR', code, msg, det, hnt);
+    RETURN NULL;
+END;
+$$;
+
+
+CREATE FUNCTION d365._contact_table_problem(tbl regclass, key_column name, score_column name)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_table_problem'
+LANGUAGE C VOLATILE;
+
+
+CREATE OR REPLACE FUNCTION d365._attachment_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_num smallint;
+    trg text;
+    problem text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    problem := d365._contact_table_problem(src.contact_table, src.key_column, src.score_column);
+    IF problem IS NOT NULL THEN
+        RETURN problem;
+    END IF;
+    SELECT a.attnum INTO key_num FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
+                               'd365_capture_insert_flush', 'd365_capture_delete',
+                               'd365_capture_truncate'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgenabled <> 'D'
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_num || '\000')) THEN
+            RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
+                          trg, src.contact_table);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+
+CREATE OR REPLACE FUNCTION d365.d365_attach_contacts(
+    contact_table regclass,
+    key_column name DEFAULT 'id',
+    score_column name DEFAULT 'score')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old d365.contact_source;
+    col text;
+    problem text;
+BEGIN
+    FOREACH col IN ARRAY ARRAY[key_column, score_column] LOOP
+        IF NOT EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = contact_table AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" does not exist in %', col, contact_table
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT FROM pg_index i
+                    WHERE i.indrelid = contact_table AND i.indisunique AND i.indnatts = 1
+                      AND i.indkey[0] = (SELECT attnum FROM pg_attribute
+                                          WHERE attrelid = contact_table AND attname = key_column)) THEN
+        RAISE EXCEPTION 'column "%" of % is not a unique key', key_column, contact_table
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The key column needs a PRIMARY KEY or UNIQUE constraint of its own.';
+    END IF;
+    PERFORM d365._check_key_type(contact_table, key_column);
+    IF (SELECT format_type(atttypid, NULL) FROM pg_attribute
+         WHERE attrelid = contact_table AND attname = score_column)
+       NOT IN ('smallint', 'integer', 'bigint', 'numeric', 'real', 'double precision') THEN
+        RAISE EXCEPTION 'score column "%" is not numeric', score_column
+            USING ERRCODE = 'datatype_mismatch';
+    END IF;
+
+    SELECT * INTO old FROM d365.contact_source;
+    IF FOUND AND old.contact_table <> contact_table
+       AND EXISTS (SELECT FROM pg_class c WHERE c.oid = old.contact_table) THEN
+        RAISE EXCEPTION 'contact table % is already attached', old.contact_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A database syncs one contact table.',
+                  HINT = 'Call d365_detach_contacts() first.';
+    END IF;
+
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_related_id' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_related_id uuid', contact_table);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
+                      AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
+    END IF;
+    -- link columns that were there already are of the table owner's making
+    problem := d365._contact_table_problem(contact_table, key_column, score_column);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot attach %: %', contact_table, problem
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
+    END IF;
+
+    INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
+    VALUES (contact_table, key_column, score_column)
+    ON CONFLICT (singleton) DO UPDATE
+       SET contact_table = EXCLUDED.contact_table, key_column = EXCLUDED.key_column,
+           score_column = EXCLUDED.score_column;
+    PERFORM d365._contact_capture_drop(contact_table);
+    PERFORM d365._contact_capture_install();
+
+    -- keys deleted while the table was detached are tombstones: a row
+    -- inserted under one of them later gets a Dynamics id of its own
+    EXECUTE format('SELECT d365._contact_tombstone(ARRAY('
+                   '  SELECT s.contact_key FROM d365.contact_state s'
+                   '   WHERE NOT EXISTS (SELECT FROM %s c WHERE c.%I::text = s.contact_key)))',
+                   contact_table, key_column);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._contact_work_sql(scheduled boolean)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    key_type text;
+    cur text;
+    sel text;
+    match text;
+BEGIN
+    src := d365._contact_source();
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+    cur := d365._contact_values_expr();
+    match := d365._contact_match_expr();
+
+    IF scheduled THEN
+        PERFORM d365._contact_fold_changes();
+        -- a row without a key (a UNIQUE key allows NULLs) cannot be sent
+        -- or recorded: left alone, it must not stop the others
+        sel := format('c.%I IS NOT NULL AND ', src.key_column)
+               || d365._contact_pending_sql('any', src.score_column, false);
+    ELSE
+        sel := format('c.%I = $1::%s', src.key_column, key_type);
+    END IF;
+
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', 'contacts(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
+               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation, 'base', w.base,
+                                  'values', w.cur, 'sent', w.body)::text AS context,
+               CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
+                         AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
+                                          WHERE e.value IN ('null'::jsonb, '""'::jsonb))
+                    THEN w.match_values::text END AS lookup
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(e.key, e.value)
+                                    FROM jsonb_each(v.cur) e
+                                   WHERE (v.synced IS NULL AND e.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%1$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._contact_guid(c.%1$I::text, g.generation)) AS dynamics_id,
+                               coalesce(s.change_seq, 0) AS change_seq,
+                               g.generation, s.generation AS base,
+                               CASE WHEN %6$s THEN NULL ELSE s.synced END AS synced,
+                               %2$s AS cur,
+                               %5$s AS match_values
+                          FROM %3$s,
+                               LATERAL (SELECT coalesce(s.generation, 0)
+                                               + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
+                         WHERE %4$s
+                        OFFSET 0) v) w
+    $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
+         d365._contact_foreign_sql());
+END;
+$$;
+
+
+CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    attached boolean;
+    problem text;
+    w record;
+    n bigint;
+    queued bigint := 0;
+    oldest timestamptz;
+    since timestamptz;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+    item := 'realtime'; value := s.realtime::text; RETURN NEXT;
+    item := 'pull interval'; value := coalesce(s.pull_interval::text, '(none)'); RETURN NEXT;
+
+    -- the background worker (docs/worker.md)
+    SELECT * INTO w FROM d365._worker_state();
+    item := 'worker';
+    value := CASE
+        WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
+        WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
+        WHEN w.database IS DISTINCT FROM current_database()
+            THEN format('running in database %s, not in this one (pid %s)', w.database, w.pid)
+        ELSE format('running (pid %s, %s, since %s)', w.pid, w.state,
+                    to_char(w.started_at, 'YYYY-MM-DD HH24:MI:SS TZ')) END;
+    RETURN NEXT;
+    IF w.running AND w.database = current_database() THEN
+        item := 'worker last wake';
+        value := coalesce(to_char(w.last_wake, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+        item := 'worker last pull';
+        value := coalesce(to_char(w.last_pull, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+    END IF;
+    IF w.last_error IS NOT NULL THEN
+        item := 'worker last error';
+        value := format('%s at %s', w.last_error, to_char(w.last_error_at, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END IF;
+
+    SELECT * INTO src FROM d365.contact_source;
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        -- the queue's age: folded changes not backing off after a failure
+        -- (pending_since), changes not folded yet (noted_at), activities of
+        -- linked contacts (logged_at)
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE c.%I IS NOT NULL AND %s', d365._contact_pending_from(src, true),
+                       src.key_column, d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE c.%I IS NOT NULL AND %s', d365._contact_pending_from(src, true),
+                       src.key_column, d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
+        EXECUTE format('SELECT count(*), min(a.logged_at) FILTER (WHERE a.attempts = 0)'
+                       '  FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                       ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table, src.key_column) INTO n, since;
+        queued := queued + n;
+        oldest := least(oldest, since);
+        item := 'queue length'; value := queued::text; RETURN NEXT;
+        item := 'queue lag';
+        value := CASE WHEN oldest IS NOT NULL
+                      THEN round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s'
+                      WHEN queued > 0 THEN '(not measured: only new contacts no sync has seen yet)'
+                      ELSE '(nothing pending)' END;
+        RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._activity_work_sql(mode text, one_id bigint DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    mappers text := '';
+    m record;
+    sel text;
+    pending boolean;
+BEGIN
+    src := d365._contact_source();
+
+    sel := CASE mode
+        WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
+        WHEN 'one' THEN 'a.id = $1'
+        WHEN 'recent' THEN 'c.dynamics365_synchronized_on = now() AND (a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
+    END;
+
+    -- nothing pending: no metadata request, no work
+    EXECUTE format('SELECT EXISTS (SELECT FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                   ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL AND %s)',
+                   src.contact_table, src.key_column,
+                   CASE mode WHEN 'one' THEN 'a.id = $1' ELSE sel END)
+        INTO pending USING one_id;
+    IF NOT pending THEN
+        RETURN 'SELECT NULL::text, NULL::text, NULL::text WHERE false';
+    END IF;
+
+    FOR m IN SELECT dynamics_entity, mapper FROM d365.activity_mapper ORDER BY 1 LOOP
+        mappers := mappers || format(' WHEN %L THEN d365._activity_mapper_call(%L::pg_catalog.regprocedure,'
+                                     ' t.entity, c.dynamics365_related_id, pg_catalog.to_jsonb(a))',
+                                     m.dynamics_entity, m.mapper);
+    END LOOP;
+    IF mappers <> '' THEN
+        mappers := format('coalesce(CASE t.entity %s END, ''{}'')', mappers);
+    ELSE
+        mappers := '''{}''::jsonb';
+    END IF;
+
+    RETURN format($q$
+        WITH ent AS (
+            SELECT e ->> 'LogicalName' AS name, e ->> 'EntitySetName' AS entity_set
+              FROM jsonb_array_elements(d365._get_cached(
+                       'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
+             WHERE (e ->> 'IsActivity')::boolean
+               AND e ->> 'EntitySetName' ~ '^[A-Za-z0-9_]+$')
+        SELECT a.id::text AS item_key,
+               CASE WHEN x.err IS NOT NULL THEN '[]'
+                    ELSE (jsonb_build_array(jsonb_build_object(
+                              'method', 'PATCH',
+                              'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
+                              'body', bb.body::text,
+                              'headers', '["If-None-Match: *"]'::jsonb,
+                              'ok', '[412]'::jsonb))
+                          || CASE WHEN d365._activity_completion(t.entity, a.details) IS NULL THEN '[]'::jsonb
+                                  ELSE jsonb_build_array(jsonb_build_object(
+                                      'method', 'PATCH',
+                                      'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
+                                      'body', d365._activity_completion(t.entity, a.details)::text,
+                                      'headers', '["If-Match: *"]'::jsonb)) END)::text
+               END AS requests,
+               jsonb_build_object('entity', t.entity, 'error', x.err)::text AS context
+          FROM d365.activity a
+          JOIN %1$s c ON c.%2$I::text = a.contact_key AND c.dynamics365_related_id IS NOT NULL
+          LEFT JOIN d365.activity_type_map tm ON tm.activity_type = a.activity_type
+          CROSS JOIN LATERAL (SELECT coalesce(tm.dynamics_entity, a.activity_type) AS entity) t
+          LEFT JOIN ent ON ent.name = t.entity
+          CROSS JOIN LATERAL (
+              SELECT CASE WHEN ent.name IS NULL THEN NULL
+                          ELSE d365._activity_body(a, t.entity, c.dynamics365_related_id) || %3$s
+                     END AS body) bb
+          CROSS JOIN LATERAL (
+              SELECT CASE WHEN ent.name IS NULL
+                          THEN format('activity type "%%s" is not a Dynamics activity entity (it maps to "%%s")',
+                                      a.activity_type, t.entity)
+                          ELSE bb.body ->> '__error' END AS err) x
+         WHERE a.synced_at IS NULL AND %4$s
+         ORDER BY a.id
+    $q$, src.contact_table, src.key_column, mappers, sel);
+END;
+$$;
+
+
+REVOKE ALL ON FUNCTION d365._raise_quietly(text, text, text, text, text),
+                       d365._contact_table_problem(regclass, name, name),
+                       d365._activity_map(regprocedure, text, uuid, jsonb) FROM PUBLIC;
+-- <<< Adversarial review

@@ -12,6 +12,12 @@
  * touch: the caller's right is checked on the contact table itself, then
  * the state is read or written as the owner.
  *
+ * It also checks the attached table's columns under the table's lock
+ * (d365._contact_table_problem): the work query, d365_status() and the
+ * incoming applies compare the score and link columns with built-in types,
+ * and a column of the owner's own type would bring the owner's implicit
+ * casts into those comparisons, run with the caller's rights.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -20,11 +26,16 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
 
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_snapshot);
+PG_FUNCTION_INFO_V1(d365_contact_table_problem);
 
 /* One call of the gate, handed to the owner-run steps. */
 typedef struct SnapshotCall
@@ -117,4 +128,91 @@ d365_contact_snapshot(PG_FUNCTION_ARGS)
 	if (c.result_null)
 		PG_RETURN_NULL();
 	PG_RETURN_DATUM(c.result);
+}
+
+/* A relation's or type's name as regclass / regtype print it. */
+static char *
+regclass_text(Oid relid)
+{
+	return DatumGetCString(DirectFunctionCall1(regclassout, ObjectIdGetDatum(relid)));
+}
+
+static char *
+regtype_text(Oid typid)
+{
+	return DatumGetCString(DirectFunctionCall1(regtypeout, ObjectIdGetDatum(typid)));
+}
+
+/*
+ * column_problem
+ *		What is wrong with column name of relid for the given role ("key",
+ *		"score", "link"), or NULL: it must exist (a user column) and have
+ *		one of the ntypes types.  Reads the catalog caches, which are current
+ *		once the caller holds the table's lock.
+ */
+static char *
+column_problem(Oid relid, const char *role, const char *name,
+			   const Oid *types, int ntypes, const char *expected)
+{
+	AttrNumber	attnum = get_attnum(relid, name);
+	Oid			typid;
+	int			i;
+
+	if (attnum <= 0)
+		return psprintf("%s column \"%s\" of %s was renamed or dropped",
+						role, name, regclass_text(relid));
+	typid = get_atttype(relid, attnum);
+	for (i = 0; i < ntypes; i++)
+		if (typid == types[i])
+			return NULL;
+	if (expected == NULL)
+		return psprintf("%s column \"%s\" of %s has type %s, which d365sync does not support",
+						role, name, regclass_text(relid), regtype_text(typid));
+	return psprintf("%s column \"%s\" of %s has type %s instead of %s",
+					role, name, regclass_text(relid), regtype_text(typid), expected);
+}
+
+/*
+ * d365._contact_table_problem(tbl regclass, key_column name,
+ *							   score_column name) -> text
+ *		Takes the attached table's ACCESS SHARE lock (kept to the end of the
+ *		transaction, so no ALTER TABLE can change a column between this check
+ *		and the statements that rely on it), then checks the columns d365sync
+ *		reads with built-in operators: the key (a key type), the score (a
+ *		built-in numeric type) and the link columns (uuid, timestamptz).
+ *		Returns what is wrong, or NULL.  Runs no user code.
+ */
+Datum
+d365_contact_table_problem(PG_FUNCTION_ARGS)
+{
+	static const Oid key_types[] = {INT2OID, INT4OID, INT8OID, TEXTOID, VARCHAROID, UUIDOID};
+	static const Oid score_types[] = {INT2OID, INT4OID, INT8OID, NUMERICOID, FLOAT4OID, FLOAT8OID};
+	static const Oid link_type[] = {UUIDOID};
+	static const Oid stamp_type[] = {TIMESTAMPTZOID};
+	Oid			relid;
+	char	   *problem;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		PG_RETURN_NULL();
+	relid = PG_GETARG_OID(0);
+	if (SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		LockRelationOid(relid, AccessShareLock);
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		PG_RETURN_TEXT_P(cstring_to_text(psprintf("the attached table (OID %u) was dropped", relid)));
+
+	problem = column_problem(relid, "key", NameStr(*PG_GETARG_NAME(1)),
+							 key_types, lengthof(key_types), NULL);
+	if (problem == NULL)
+		problem = column_problem(relid, "score", NameStr(*PG_GETARG_NAME(2)),
+								 score_types, lengthof(score_types),
+								 "a built-in numeric type");
+	if (problem == NULL)
+		problem = column_problem(relid, "link", "dynamics365_related_id",
+								 link_type, 1, "uuid");
+	if (problem == NULL)
+		problem = column_problem(relid, "link", "dynamics365_synchronized_on",
+								 stamp_type, 1, "timestamp with time zone");
+	if (problem == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(problem));
 }

@@ -11,6 +11,11 @@
  * (d365_as_table_owner).  Whoever may EXECUTE a d365sync function may use
  * the credentials but never see them.
  *
+ * The check triggers of the tables holding a secret report a refused row
+ * through d365._raise_quietly, without the error context: a refused row of
+ * a COPY (a restore, a \copy) would otherwise be printed whole, secret and
+ * all, in the CONTEXT line ("COPY app_users, line 1: ...").
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -27,6 +32,7 @@
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_url_problem);
+PG_FUNCTION_INFO_V1(d365_raise_quietly);
 
 /* d365_as_table_owner body: the one SELECT of the settings row */
 static void
@@ -226,4 +232,42 @@ d365_url_problem(PG_FUNCTION_ARGS)
 	if (problem == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(problem));
+}
+
+/*
+ * d365._raise_quietly(level text, sqlstate text, message text, detail text,
+ *					   hint text) -> void
+ *		Raises an ERROR (or, level 'WARNING', a warning) with no error
+ *		context at all: the callbacks of the statements around it (COPY's
+ *		prints the whole input line) are left out.  For the check triggers
+ *		of the tables that hold a secret; the message, detail and hint must
+ *		not hold one.
+ */
+Datum
+d365_raise_quietly(PG_FUNCTION_ARGS)
+{
+	ErrorContextCallback *save = error_context_stack;
+	const char *code;
+	int			elevel = ERROR;
+	char	   *message;
+	char	   *detail;
+	char	   *hint;
+
+	if (!PG_ARGISNULL(0) && strcmp(text_to_cstring(PG_GETARG_TEXT_PP(0)), "WARNING") == 0)
+		elevel = WARNING;
+	code = PG_ARGISNULL(1) ? "" : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	if (strlen(code) != 5 || strspn(code, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") != 5)
+		code = elevel == WARNING ? "01000" : "P0001";
+	message = PG_ARGISNULL(2) ? "refused" : text_to_cstring(PG_GETARG_TEXT_PP(2));
+	detail = PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3));
+	hint = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
+
+	error_context_stack = NULL;
+	ereport(elevel,
+			(errcode(MAKE_SQLSTATE(code[0], code[1], code[2], code[3], code[4])),
+			 errmsg_internal("%s", message),
+			 detail && detail[0] ? errdetail_internal("%s", detail) : 0,
+			 hint && hint[0] ? errhint("%s", hint) : 0));
+	error_context_stack = save;
+	PG_RETURN_VOID();
 }

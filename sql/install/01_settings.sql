@@ -104,6 +104,19 @@ AS 'MODULE_PATHNAME', 'd365_url_problem'
 LANGUAGE C STABLE STRICT;
 
 /*
+ * Raises an ERROR (level 'WARNING': a warning) without any error context,
+ * for the check triggers of the tables holding a secret: the context of a
+ * COPY (a restore, a \copy) would print the refused input line whole, the
+ * secret included.
+ */
+CREATE FUNCTION d365._raise_quietly(level text, sqlstate text, message text,
+                                    detail text, hint text)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_raise_quietly'
+LANGUAGE C VOLATILE;
+
+/*
  * Tests a row of a d365 table holding a secret against the table's NOT NULL
  * and CHECK constraints, raising errors that name the column or constraint
  * only.  PostgreSQL's own constraint errors carry "Failing row contains
@@ -149,6 +162,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     problem text;
+    code text;
+    msg text;
+    det text;
+    hnt text;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         RAISE EXCEPTION 'd365.settings must keep its row'
@@ -237,10 +254,10 @@ BEGIN
                END
           INTO problem FROM d365._worker_state() w;
         IF problem IS NOT NULL THEN
-            RAISE WARNING 'realtime and pull_interval take effect only where the d365sync worker runs'
-                USING ERRCODE = '01000',
-                      DETAIL = problem,
-                      HINT = 'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.';
+            PERFORM d365._raise_quietly('WARNING', '01000',
+                'realtime and pull_interval take effect only where the d365sync worker runs',
+                problem,
+                'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.');
         END IF;
     END IF;
 
@@ -265,6 +282,12 @@ BEGIN
         RETURN NULL;
     END IF;
     RETURN NEW;
+EXCEPTION WHEN OTHERS THEN
+    -- without the context: a COPY's would show the refused line, secret and all
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
+                            det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    PERFORM d365._raise_quietly('ERROR', code, msg, det, hnt);
+    RETURN NULL;
 END;
 $$;
 
@@ -346,6 +369,11 @@ RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    code text;
+    msg text;
+    det text;
+    hnt text;
 BEGIN
     PERFORM d365._check_row_quietly(NEW, TG_RELID);
     IF NEW.client_secret = '' THEN
@@ -354,6 +382,12 @@ BEGIN
                   HINT = 'Store the secret''s value (not its ID), or delete the row.';
     END IF;
     RETURN NEW;
+EXCEPTION WHEN OTHERS THEN
+    -- without the context: a COPY's would show the refused line, secret and all
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
+                            det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    PERFORM d365._raise_quietly('ERROR', code, msg, det, hnt);
+    RETURN NULL;
 END;
 $$;
 

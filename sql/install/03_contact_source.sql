@@ -510,6 +510,7 @@ AS $$
 DECLARE
     old d365.contact_source;
     col text;
+    problem text;
 BEGIN
     FOREACH col IN ARRAY ARRAY[key_column, score_column] LOOP
         IF NOT EXISTS (SELECT FROM pg_attribute a
@@ -551,6 +552,13 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = contact_table
                       AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
         EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
+    END IF;
+    -- link columns that were there already are of the table owner's making
+    problem := d365._contact_table_problem(contact_table, key_column, score_column);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot attach %: %', contact_table, problem
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
     END IF;
 
     INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)

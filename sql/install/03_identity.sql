@@ -6,61 +6,48 @@
 
 /*
  * What is wrong with an attachment, or NULL when nothing is: the table was
- * dropped, the key or score column renamed or dropped, the key's type
- * changed, or a capture trigger is missing or no longer watches the key
- * column.  Runs no user code (catalog look-ups only), so d365_status() can
- * report it whatever state the table is in.
+ * dropped, the key or score column renamed or dropped, the type of the key,
+ * score or link columns changed, or a capture trigger is missing or no
+ * longer watches the key column.  Runs no user code (catalog look-ups
+ * only), so d365_status() can report it whatever state the table is in.
+ * d365._contact_table_problem takes the table's lock first: what is checked
+ * here stays so until the end of the transaction (a column of the owner's
+ * type would bring the owner's implicit casts into the comparisons of the
+ * score and link columns, run as whoever runs the sync).
  */
+CREATE FUNCTION d365._contact_table_problem(tbl regclass, key_column name, score_column name)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_table_problem'
+LANGUAGE C VOLATILE;
+
 CREATE FUNCTION d365._attachment_problem(src d365.contact_source)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    key_att pg_attribute;
+    key_num smallint;
     trg text;
+    problem text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
         RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
     END IF;
-    SELECT * INTO key_att FROM pg_attribute a
+    problem := d365._contact_table_problem(src.contact_table, src.key_column, src.score_column);
+    IF problem IS NOT NULL THEN
+        RETURN problem;
+    END IF;
+    SELECT a.attnum INTO key_num FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
-    IF NOT FOUND THEN
-        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
-    END IF;
-    IF key_att.atttypid <> ALL (d365._key_types()) THEN
-        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
-                      src.key_column, src.contact_table, key_att.atttypid::regtype);
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_attribute a
-                    WHERE a.attrelid = src.contact_table AND a.attname = src.score_column
-                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
-        RETURN format('score column "%s" of %s was renamed or dropped', src.score_column, src.contact_table);
-    END IF;
-    -- the score and link columns are compared and converted by d365's own
-    -- expressions: a type of the owner's making there (by ALTER TABLE after
-    -- attaching) would run its casts and operators with the caller's rights
-    SELECT format('column "%s" of %s has type %s, which d365sync does not support',
-                  a.attname, src.contact_table, a.atttypid::regtype) INTO trg
-      FROM pg_attribute a
-     WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
-       AND ((a.attname = src.score_column
-             AND a.atttypid NOT IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
-                                    'numeric'::regtype, 'real'::regtype, 'double precision'::regtype))
-         OR (a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
-         OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype))
-     LIMIT 1;
-    IF trg IS NOT NULL THEN
-        RETURN trg;
-    END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
                                'd365_capture_truncate'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
-                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_num || '\000')) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
         END IF;

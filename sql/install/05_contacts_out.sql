@@ -170,7 +170,10 @@ BEGIN
 
     IF scheduled THEN
         PERFORM d365._contact_fold_changes();
-        sel := d365._contact_pending_sql('any', src.score_column, false);
+        -- a row without a key (a UNIQUE key allows NULLs) cannot be sent
+        -- or recorded: left alone, it must not stop the others
+        sel := format('c.%I IS NOT NULL AND ', src.key_column)
+               || d365._contact_pending_sql('any', src.score_column, false);
     ELSE
         sel := format('c.%I = $1::%s', src.key_column, key_type);
     END IF;

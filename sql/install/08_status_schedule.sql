@@ -79,13 +79,13 @@ BEGIN
         -- (pending_since), changes not folded yet (noted_at), activities of
         -- linked contacts (logged_at)
         EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
-                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
-                       d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
+                       '  FROM %s WHERE c.%I IS NOT NULL AND %s', d365._contact_pending_from(src, true),
+                       src.key_column, d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
         item := 'contacts to create'; value := n::text; RETURN NEXT;
         queued := queued + n;
         EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
-                       '  FROM %s WHERE %s', d365._contact_pending_from(src, true),
-                       d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
+                       '  FROM %s WHERE c.%I IS NOT NULL AND %s', d365._contact_pending_from(src, true),
+                       src.key_column, d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
         item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
         queued := queued + n;
         oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
