@@ -93,6 +93,8 @@
 #define BACKOFF_MAX_MS			60000
 /* retry after a job was skipped because a scheduled run held its lock */
 #define SKIPPED_RETRY_MS		2000
+/* the longest pull_interval honoured (a year); longer ones pull yearly */
+#define PULL_MS_MAX				INT64CONST(31536000000)
 
 PGDLLEXPORT void d365_worker_main(Datum main_arg);
 
@@ -738,7 +740,8 @@ read_settings(bool *realtime, int64 *pull_ms)
 	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
 	*realtime = on;
-	*pull_ms = ms;
+	/* an interval of centuries would overflow the time of the next pull */
+	*pull_ms = Min(ms, PULL_MS_MAX);
 	return present;
 }
 
@@ -880,6 +883,14 @@ d365_worker_main(Datum main_arg)
 
 	/* FATAL (and a restart into probe_database) if the database is gone */
 	BackgroundWorkerInitializeConnection(d365_worker_database, NULL, 0);
+
+	/*
+	 * The worker runs as the bootstrap superuser and parses SQL of its own
+	 * (the settings read, the work queries): ALTER DATABASE ... SET
+	 * search_path, which the database's owner may run, must not decide
+	 * which functions and operators those statements call.
+	 */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 	worker_attach();
 	ereport(LOG,
 			(errmsg("d365sync worker started in database \"%s\"", d365_worker_database)));
