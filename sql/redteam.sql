@@ -170,6 +170,39 @@ t,https://x.crm.dynamics.com,x.io,copied-secret-three,-1
 SELECT count(*) AS app_users FROM d365.app_users;
 SELECT client_secret = 'sim-secret' AS secret_kept FROM d365.settings;
 
+-- ---------------------------------------------------------------------------
+-- 6. Row-level security: the table-owner helpers are granted to PUBLIC (the
+-- internals of d365_update_contact) and write as the table's owner, whom
+-- the policies do not restrict.  A role that may update only its tenant's
+-- rows changed another tenant's row through d365._contact_apply.  A role
+-- the table's row security applies to is refused by them.
+-- ---------------------------------------------------------------------------
+ALTER TABLE rt_person OWNER TO regress_rt_app;
+SET ROLE regress_rt_app;
+ALTER TABLE rt_person ADD COLUMN tenant text NOT NULL DEFAULT 'a';
+UPDATE rt_person SET tenant = 'b' WHERE id = 2;
+ALTER TABLE rt_person ENABLE ROW LEVEL SECURITY;
+CREATE POLICY rt_tenant_a ON rt_person USING (tenant = 'a');
+RESET ROLE;
+CREATE ROLE regress_rt_tenant_a;
+GRANT USAGE ON SCHEMA d365 TO regress_rt_tenant_a;
+GRANT EXECUTE ON FUNCTION d365_update_contact(jsonb) TO regress_rt_tenant_a;
+GRANT SELECT, UPDATE ON rt_person TO regress_rt_tenant_a;
+SELECT dynamics365_related_id AS bob FROM rt_person WHERE id = 2 \gset
+SET ROLE regress_rt_tenant_a;
+UPDATE rt_person SET name = 'Mallory' WHERE id = 2;
+SELECT d365._contact_apply('{"name": "Mallory"}', '2');
+SELECT d365._contact_convert('{"name": "Mallory"}') IS NOT NULL AS converted;
+SELECT d365_update_contact(jsonb_build_object('contactid', :'bob', 'firstname', 'Mallory'));
+SELECT d365_update_contact(jsonb_build_object('contactid', :'ada', 'firstname', 'Ada'));
+RESET ROLE;
+SELECT id, tenant, name FROM rt_person ORDER BY id;
+-- the owner and a superuser (the pull) are not restricted by the policy
+SELECT d365_update_contact(jsonb_build_object('contactid', :'bob', 'firstname', 'Robert'));
+SELECT id, tenant, name FROM rt_person ORDER BY id;
+DROP OWNED BY regress_rt_tenant_a;
+DROP ROLE regress_rt_tenant_a;
+
 SELECT d365_detach_contacts();
 DROP TABLE rt_person;
 DELETE FROM d365.contact_state;
