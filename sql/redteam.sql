@@ -203,6 +203,34 @@ SELECT id, tenant, name FROM rt_person ORDER BY id;
 DROP OWNED BY regress_rt_tenant_a;
 DROP ROLE regress_rt_tenant_a;
 
+-- ---------------------------------------------------------------------------
+-- 7. A custom activity mapper belongs to whoever created it: an
+-- administrator registers regress_rt_app's function, whose owner later
+-- replaces its body.  The activity sync (a superuser, pg_cron, the worker)
+-- ran it with its own rights; it runs as the function's owner.
+-- ---------------------------------------------------------------------------
+SET ROLE regress_rt_app;
+CREATE FUNCTION public.rt_mapper(entity text, contact uuid, activity jsonb) RETURNS jsonb
+LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+RESET ROLE;
+INSERT INTO d365.activity_mapper VALUES ('phonecall', 'public.rt_mapper(text, uuid, jsonb)');
+SET ROLE regress_rt_app;
+CREATE OR REPLACE FUNCTION public.rt_mapper(entity text, contact uuid, activity jsonb) RETURNS jsonb
+LANGUAGE sql AS $$ SELECT CASE WHEN public.rt_evil('activity mapper')
+                               THEN '{"description": "mapped"}'::jsonb END $$;
+RESET ROLE;
+TRUNCATE rt_log;
+SELECT d365_log_activity(4, 'phonecall', 'mapped call') > 0 AS logged;
+SELECT created, failed FROM d365_sync_activities();
+SELECT subject, synced_at IS NOT NULL AS synced FROM d365.activity WHERE subject = 'mapped call';
+CREATE TEMP TABLE rt_sim (j jsonb);
+\copy rt_sim from program '"$D365_SIMCTL" rows phonecall --copy'
+SELECT j ->> 'subject' AS subject, j ->> 'description' AS description FROM rt_sim
+ WHERE j ->> 'subject' = 'mapped call';
+SELECT * FROM rt_seen;
+SELECT rolsuper FROM pg_roles WHERE rolname = 'regress_rt_app';
+DELETE FROM d365.activity_mapper;
+
 SELECT d365_detach_contacts();
 DROP TABLE rt_person;
 DELETE FROM d365.contact_state;
