@@ -4294,8 +4294,7 @@ $$;
 -- >>> Adversarial review: the attached table's columns checked under its
 -- lock (score and link columns of the owner's type brought the owner's
 -- implicit casts into our comparisons), rows without a key left alone,
--- refused rows of the secret tables reported without a COPY's context, and
--- custom activity mappers called as their owners.
+-- and refused rows of the secret tables reported without a COPY's context.
 CREATE FUNCTION d365._raise_quietly(level text, sqlstate text, message text,
                                     detail text, hint text)
 RETURNS void
@@ -4469,7 +4468,7 @@ END;
 $$;
 
 
-CREATE FUNCTION d365._contact_table_problem(tbl regclass, key_column name, score_column name)
+CREATE FUNCTION d365._contact_table_problem(tbl regclass, score_column name)
 RETURNS text
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'd365_contact_table_problem'
@@ -4482,27 +4481,38 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    key_num smallint;
+    key_att pg_attribute;
     trg text;
-    problem text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
         RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
     END IF;
-    problem := d365._contact_table_problem(src.contact_table, src.key_column, src.score_column);
-    IF problem IS NOT NULL THEN
-        RETURN problem;
-    END IF;
-    SELECT a.attnum INTO key_num FROM pg_attribute a
+    SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    trg := d365._contact_table_problem(src.contact_table, src.score_column);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
                                'd365_capture_truncate'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
-                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_num || '\000')) THEN
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
         END IF;
@@ -4567,7 +4577,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
     END IF;
     -- link columns that were there already are of the table owner's making
-    problem := d365._contact_table_problem(contact_table, key_column, score_column);
+    problem := d365._contact_table_problem(contact_table, score_column);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'cannot attach %: %', contact_table, problem
             USING ERRCODE = 'datatype_mismatch',
@@ -4820,92 +4830,6 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE FUNCTION d365._activity_work_sql(mode text, one_id bigint DEFAULT NULL)
-RETURNS text
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    src d365.contact_source;
-    mappers text := '';
-    m record;
-    sel text;
-    pending boolean;
-BEGIN
-    src := d365._contact_source();
-
-    sel := CASE mode
-        WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
-        WHEN 'one' THEN 'a.id = $1'
-        WHEN 'recent' THEN 'c.dynamics365_synchronized_on = now() AND (a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
-    END;
-
-    -- nothing pending: no metadata request, no work
-    EXECUTE format('SELECT EXISTS (SELECT FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
-                   ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL AND %s)',
-                   src.contact_table, src.key_column,
-                   CASE mode WHEN 'one' THEN 'a.id = $1' ELSE sel END)
-        INTO pending USING one_id;
-    IF NOT pending THEN
-        RETURN 'SELECT NULL::text, NULL::text, NULL::text WHERE false';
-    END IF;
-
-    FOR m IN SELECT dynamics_entity, mapper FROM d365.activity_mapper ORDER BY 1 LOOP
-        mappers := mappers || format(' WHEN %L THEN d365._activity_mapper_call(%L::pg_catalog.regprocedure,'
-                                     ' t.entity, c.dynamics365_related_id, pg_catalog.to_jsonb(a))',
-                                     m.dynamics_entity, m.mapper);
-    END LOOP;
-    IF mappers <> '' THEN
-        mappers := format('coalesce(CASE t.entity %s END, ''{}'')', mappers);
-    ELSE
-        mappers := '''{}''::jsonb';
-    END IF;
-
-    RETURN format($q$
-        WITH ent AS (
-            SELECT e ->> 'LogicalName' AS name, e ->> 'EntitySetName' AS entity_set
-              FROM jsonb_array_elements(d365._get_cached(
-                       'EntityDefinitions?$select=LogicalName,EntitySetName,IsActivity')) e
-             WHERE (e ->> 'IsActivity')::boolean
-               AND e ->> 'EntitySetName' ~ '^[A-Za-z0-9_]+$')
-        SELECT a.id::text AS item_key,
-               CASE WHEN x.err IS NOT NULL THEN '[]'
-                    ELSE (jsonb_build_array(jsonb_build_object(
-                              'method', 'PATCH',
-                              'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
-                              'body', bb.body::text,
-                              'headers', '["If-None-Match: *"]'::jsonb,
-                              'ok', '[412]'::jsonb))
-                          || CASE WHEN d365._activity_completion(t.entity, a.details) IS NULL THEN '[]'::jsonb
-                                  ELSE jsonb_build_array(jsonb_build_object(
-                                      'method', 'PATCH',
-                                      'path', format('%%s(%%s)', ent.entity_set, a.dynamics_activity_id),
-                                      'body', d365._activity_completion(t.entity, a.details)::text,
-                                      'headers', '["If-Match: *"]'::jsonb)) END)::text
-               END AS requests,
-               jsonb_build_object('entity', t.entity, 'error', x.err)::text AS context
-          FROM d365.activity a
-          JOIN %1$s c ON c.%2$I::text = a.contact_key AND c.dynamics365_related_id IS NOT NULL
-          LEFT JOIN d365.activity_type_map tm ON tm.activity_type = a.activity_type
-          CROSS JOIN LATERAL (SELECT coalesce(tm.dynamics_entity, a.activity_type) AS entity) t
-          LEFT JOIN ent ON ent.name = t.entity
-          CROSS JOIN LATERAL (
-              SELECT CASE WHEN ent.name IS NULL THEN NULL
-                          ELSE d365._activity_body(a, t.entity, c.dynamics365_related_id) || %3$s
-                     END AS body) bb
-          CROSS JOIN LATERAL (
-              SELECT CASE WHEN ent.name IS NULL
-                          THEN format('activity type "%%s" is not a Dynamics activity entity (it maps to "%%s")',
-                                      a.activity_type, t.entity)
-                          ELSE bb.body ->> '__error' END AS err) x
-         WHERE a.synced_at IS NULL AND %4$s
-         ORDER BY a.id
-    $q$, src.contact_table, src.key_column, mappers, sel);
-END;
-$$;
-
-
 REVOKE ALL ON FUNCTION d365._raise_quietly(text, text, text, text, text),
-                       d365._contact_table_problem(regclass, name, name),
-                       d365._activity_map(regprocedure, text, uuid, jsonb) FROM PUBLIC;
+                       d365._contact_table_problem(regclass, name) FROM PUBLIC;
 -- <<< Adversarial review

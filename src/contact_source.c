@@ -145,14 +145,15 @@ regtype_text(Oid typid)
 
 /*
  * column_problem
- *		What is wrong with column name of relid for the given role ("key",
- *		"score", "link"), or NULL: it must exist (a user column) and have
- *		one of the ntypes types.  Reads the catalog caches, which are current
+ *		What is wrong with column name of relid for the given role ("score",
+ *		"link"), or NULL: it must exist (a user column) and have
+ *		one of the ntypes types.  The messages are those the SQL checks of
+ *		earlier versions gave.  Reads the catalog caches, which are current
  *		once the caller holds the table's lock.
  */
 static char *
 column_problem(Oid relid, const char *role, const char *name,
-			   const Oid *types, int ntypes, const char *expected)
+			   const Oid *types, int ntypes)
 {
 	AttrNumber	attnum = get_attnum(relid, name);
 	Oid			typid;
@@ -165,34 +166,30 @@ column_problem(Oid relid, const char *role, const char *name,
 	for (i = 0; i < ntypes; i++)
 		if (typid == types[i])
 			return NULL;
-	if (expected == NULL)
-		return psprintf("%s column \"%s\" of %s has type %s, which d365sync does not support",
-						role, name, regclass_text(relid), regtype_text(typid));
-	return psprintf("%s column \"%s\" of %s has type %s instead of %s",
-					role, name, regclass_text(relid), regtype_text(typid), expected);
+	return psprintf("column \"%s\" of %s has type %s, which d365sync does not support",
+					name, regclass_text(relid), regtype_text(typid));
 }
 
 /*
- * d365._contact_table_problem(tbl regclass, key_column name,
- *							   score_column name) -> text
+ * d365._contact_table_problem(tbl regclass, score_column name) -> text
  *		Takes the attached table's ACCESS SHARE lock (kept to the end of the
  *		transaction, so no ALTER TABLE can change a column between this check
  *		and the statements that rely on it), then checks the columns d365sync
- *		reads with built-in operators: the key (a key type), the score (a
- *		built-in numeric type) and the link columns (uuid, timestamptz).
+ *		compares with built-in operators: the score (a built-in numeric type)
+ *		and the link columns (uuid, timestamptz).  (The key's type cannot
+ *		change while the capture trigger's WHEN clause names the column.)
  *		Returns what is wrong, or NULL.  Runs no user code.
  */
 Datum
 d365_contact_table_problem(PG_FUNCTION_ARGS)
 {
-	static const Oid key_types[] = {INT2OID, INT4OID, INT8OID, TEXTOID, VARCHAROID, UUIDOID};
 	static const Oid score_types[] = {INT2OID, INT4OID, INT8OID, NUMERICOID, FLOAT4OID, FLOAT8OID};
 	static const Oid link_type[] = {UUIDOID};
 	static const Oid stamp_type[] = {TIMESTAMPTZOID};
 	Oid			relid;
 	char	   *problem;
 
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
 	relid = PG_GETARG_OID(0);
 	if (SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
@@ -200,18 +197,14 @@ d365_contact_table_problem(PG_FUNCTION_ARGS)
 	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
 		PG_RETURN_TEXT_P(cstring_to_text(psprintf("the attached table (OID %u) was dropped", relid)));
 
-	problem = column_problem(relid, "key", NameStr(*PG_GETARG_NAME(1)),
-							 key_types, lengthof(key_types), NULL);
-	if (problem == NULL)
-		problem = column_problem(relid, "score", NameStr(*PG_GETARG_NAME(2)),
-								 score_types, lengthof(score_types),
-								 "a built-in numeric type");
+	problem = column_problem(relid, "score", NameStr(*PG_GETARG_NAME(1)),
+							 score_types, lengthof(score_types));
 	if (problem == NULL)
 		problem = column_problem(relid, "link", "dynamics365_related_id",
-								 link_type, 1, "uuid");
+								 link_type, 1);
 	if (problem == NULL)
 		problem = column_problem(relid, "link", "dynamics365_synchronized_on",
-								 stamp_type, 1, "timestamp with time zone");
+								 stamp_type, 1);
 	if (problem == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(problem));

@@ -554,7 +554,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', contact_table);
     END IF;
     -- link columns that were there already are of the table owner's making
-    problem := d365._contact_table_problem(contact_table, key_column, score_column);
+    problem := d365._contact_table_problem(contact_table, score_column);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'cannot attach %: %', contact_table, problem
             USING ERRCODE = 'datatype_mismatch',

@@ -10,12 +10,10 @@
  * score or link columns changed, or a capture trigger is missing or no
  * longer watches the key column.  Runs no user code (catalog look-ups
  * only), so d365_status() can report it whatever state the table is in.
- * d365._contact_table_problem takes the table's lock first: what is checked
- * here stays so until the end of the transaction (a column of the owner's
- * type would bring the owner's implicit casts into the comparisons of the
- * score and link columns, run as whoever runs the sync).
+ * d365._contact_table_problem checks the score and link columns under the
+ * table's lock, kept to the end of the transaction.
  */
-CREATE FUNCTION d365._contact_table_problem(tbl regclass, key_column name, score_column name)
+CREATE FUNCTION d365._contact_table_problem(tbl regclass, score_column name)
 RETURNS text
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'd365_contact_table_problem'
@@ -27,27 +25,38 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    key_num smallint;
+    key_att pg_attribute;
     trg text;
-    problem text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
         RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
     END IF;
-    problem := d365._contact_table_problem(src.contact_table, src.key_column, src.score_column);
-    IF problem IS NOT NULL THEN
-        RETURN problem;
-    END IF;
-    SELECT a.attnum INTO key_num FROM pg_attribute a
+    SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    trg := d365._contact_table_problem(src.contact_table, src.score_column);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
                                'd365_capture_truncate'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
-                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_num || '\000')) THEN
+                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
         END IF;
