@@ -44,8 +44,9 @@ d365_install_packages() {
 
 d365_build() {
     d365_log "building and installing d365sync"
-    make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no >/dev/null
-    make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no install >/dev/null
+    # warnings are errors here (a development build), not in a user's build
+    make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no D365_WERROR=1 >/dev/null
+    make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no D365_WERROR=1 install >/dev/null
 }
 
 # d365_start_cluster DBNAME [PRELOAD]: initdb + start with pg_cron for

@@ -4833,3 +4833,610 @@ $$;
 REVOKE ALL ON FUNCTION d365._raise_quietly(text, text, text, text, text),
                        d365._contact_table_problem(regclass, name) FROM PUBLIC;
 -- <<< Adversarial review
+
+-- ---------------------------------------------------------------------------
+-- Operations: run progress, failures pg_cron sees, run-history retention,
+-- schedules that change only what is named, stable statements
+-- ---------------------------------------------------------------------------
+
+ALTER TABLE d365.settings ADD COLUMN run_history_retention interval NOT NULL DEFAULT '30 days';
+COMMENT ON COLUMN d365.settings.run_history_retention IS
+    'How long d365.sync_run keeps a run; every scheduled run deletes older rows (the newest run of each kind is always kept)';
+CREATE OR REPLACE FUNCTION d365._settings_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+    code text;
+    msg text;
+    det text;
+    hnt text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'd365.settings must keep its row'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Change the settings with UPDATE; set a column to NULL to clear it.';
+    END IF;
+
+    IF NEW.org_url IS NOT NULL THEN
+        NEW.org_url := rtrim(NEW.org_url, '/');
+        problem := d365._url_problem(NEW.org_url);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": %', problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L.', NEW.org_url),
+                      HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+    END IF;
+
+    NEW.authority_url := rtrim(NEW.authority_url, '/');
+    problem := d365._url_problem(NEW.authority_url);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid value for setting "authority_url": %', problem
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The value was %L.', NEW.authority_url),
+                  HINT = 'The default is https://login.microsoftonline.com.';
+    END IF;
+
+    IF NEW.tenant_id IS NOT NULL AND NOT d365._is_guid(NEW.tenant_id) AND
+       NEW.tenant_id !~ '^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "tenant_id"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is neither a GUID nor a domain name.', NEW.tenant_id),
+                  HINT = 'Use the Directory (tenant) ID shown on the app registration''s overview page.';
+    END IF;
+
+    IF NEW.api_version !~ '^v[0-9]+\.[0-9]+$' THEN
+        RAISE EXCEPTION 'invalid value for setting "api_version"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not a Web API version.', NEW.api_version),
+                  HINT = 'Use a version such as v9.2.';
+    END IF;
+
+    IF NEW.min_score < 0 THEN
+        RAISE EXCEPTION 'invalid value for setting "min_score"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The minimum score must not be negative; it was %s.', NEW.min_score),
+                  HINT = 'Use 0 to keep scheduled contact sync off, or a positive score.';
+    END IF;
+
+    IF NEW.default_owner IS NOT NULL AND
+       NOT coalesce(d365._is_guid(substring(NEW.default_owner FROM '^/(?:systemusers|teams)\((.*)\)$')), false) THEN
+        RAISE EXCEPTION 'invalid value for setting "default_owner"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%L is not an owner bind path.', NEW.default_owner),
+                  HINT = 'Use /systemusers(<guid>) or /teams(<guid>), as the bind column of d365_owners() shows it.';
+    END IF;
+
+    IF NEW.incoming_mapper IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_proc p
+            WHERE p.oid = NEW.incoming_mapper
+              AND p.proargtypes = '3802 3802 3802'::oidvector
+              AND p.prorettype = 'jsonb'::regtype AND NOT p.proretset) THEN
+        RAISE EXCEPTION 'invalid value for setting "incoming_mapper"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('%s does not take (jsonb, jsonb, jsonb) and return jsonb.', NEW.incoming_mapper),
+                  HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
+    END IF;
+
+    IF NEW.run_history_retention < interval '1 hour' THEN
+        RAISE EXCEPTION 'invalid value for setting "run_history_retention"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Run history must be kept at least an hour; the value was %s.', NEW.run_history_retention),
+                  HINT = 'The default is 30 days; use a long interval such as ''10 years'' to keep history for good.';
+    END IF;
+
+    -- NOT NULL and CHECK constraints, tested here with errors of our own:
+    -- PostgreSQL's would print the whole row, the client secret included
+    PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF NEW.pull_interval IS NOT NULL AND NEW.pull_interval < interval '5 seconds' THEN
+        RAISE EXCEPTION 'invalid value for setting "pull_interval"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The interval must be at least 5 seconds; it was %s.', NEW.pull_interval),
+                  HINT = 'Set NULL to stop pulling, or an interval of 5 seconds or more.';
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND (NEW.realtime OR NEW.pull_interval IS NOT NULL)
+       AND (NEW.realtime IS DISTINCT FROM OLD.realtime
+            OR NEW.pull_interval IS DISTINCT FROM OLD.pull_interval) THEN
+        SELECT CASE WHEN NOT w.preloaded
+                    THEN 'd365sync is not in shared_preload_libraries, so no background worker runs.'
+                    WHEN w.running AND w.database IS DISTINCT FROM current_database()
+                    THEN format('The background worker serves database %s, not this one.', w.database)
+               END
+          INTO problem FROM d365._worker_state() w;
+        IF problem IS NOT NULL THEN
+            PERFORM d365._raise_quietly('WARNING', '01000',
+                'realtime and pull_interval take effect only where the d365sync worker runs',
+                problem,
+                'Add d365sync to shared_preload_libraries, set d365sync.database_name to this database and restart the server; until then the scheduled jobs do the work.');
+        END IF;
+    END IF;
+
+    -- the worker reads the settings again at the commit of this change
+    PERFORM d365._worker_wake(true);
+
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT FROM d365.settings) THEN
+        -- The table holds exactly one row.  An INSERT (pg_dump's restore of
+        -- the configuration among them) replaces its values.
+        UPDATE d365.settings
+           SET org_url = NEW.org_url, tenant_id = NEW.tenant_id,
+               client_id = NEW.client_id, client_secret = NEW.client_secret,
+               authority_url = NEW.authority_url, api_version = NEW.api_version,
+               contact_sync_enabled = NEW.contact_sync_enabled,
+               min_score = NEW.min_score,
+               activity_sync_enabled = NEW.activity_sync_enabled,
+               default_owner = NEW.default_owner,
+               incoming_mapper = NEW.incoming_mapper,
+               instance_id = NEW.instance_id,
+               realtime = NEW.realtime,
+               pull_interval = NEW.pull_interval,
+               run_history_retention = NEW.run_history_retention;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+EXCEPTION WHEN OTHERS THEN
+    -- without the context: a COPY's would show the refused line, secret and all
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
+                            det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    PERFORM d365._raise_quietly('ERROR', code, msg, det, hnt);
+    RETURN NULL;
+END;
+$$;
+
+CREATE INDEX sync_run_finished_idx ON d365.sync_run (finished_at);
+
+CREATE FUNCTION d365._prune_runs()
+RETURNS integer
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH old AS (
+        SELECT r.id FROM d365.sync_run r
+         WHERE r.finished_at < pg_catalog.now() - (SELECT s.run_history_retention FROM d365.settings s)
+           AND EXISTS (SELECT FROM d365.sync_run n WHERE n.kind = r.kind AND n.id > r.id)
+         ORDER BY r.finished_at
+         LIMIT 10000),
+    gone AS (
+        DELETE FROM d365.sync_run r USING old WHERE r.id = old.id RETURNING 1)
+    SELECT count(*)::integer FROM gone
+$$;
+COMMENT ON FUNCTION d365._prune_runs() IS
+    'Deletes run history older than d365.settings.run_history_retention (the newest run of each kind stays); returns the number of rows deleted';
+
+CREATE FUNCTION d365._run_progress_shared(
+    OUT pid integer, OUT kind text, OUT started_at timestamptz,
+    OUT done bigint, OUT failed bigint, OUT remaining bigint,
+    OUT requests bigint, OUT throttled bigint)
+RETURNS SETOF record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_run_progress_shared'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365.d365_run_progress(
+    OUT pid integer, OUT kind text, OUT started_at timestamptz,
+    OUT done bigint, OUT failed bigint, OUT remaining bigint,
+    OUT requests bigint, OUT throttled bigint, OUT source text)
+RETURNS SETOF record
+LANGUAGE sql VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH shm AS (SELECT * FROM d365._run_progress_shared())
+    SELECT shm.*, 'shared memory' FROM shm
+    UNION ALL
+    SELECT a.pid, m[1], m[2]::timestamptz, m[3]::bigint, m[4]::bigint,
+           nullif(m[5], '?')::bigint, m[6]::bigint, m[7]::bigint, 'pg_stat_activity'
+      FROM pg_stat_activity a,
+           regexp_match(a.query, '^/\* d365sync: ([a-z]+) run since ([0-9: -]+ UTC): ([0-9]+) done, ([0-9]+) failed, ([0-9]+|\?) remaining, ([0-9]+) requests, ([0-9]+) throttled') m
+     WHERE a.state = 'active' AND a.datname = current_database() AND m IS NOT NULL
+       AND a.pid NOT IN (SELECT shm.pid FROM shm)
+    ORDER BY 3, 1
+$$;
+COMMENT ON FUNCTION d365.d365_run_progress() IS
+    'Sync runs in progress in this database (any session or the worker): items done and failed, items remaining (NULL while unknown), HTTP requests and throttled responses so far';
+
+CREATE VIEW d365.run_progress AS SELECT * FROM d365.d365_run_progress();
+COMMENT ON VIEW d365.run_progress IS
+    'Sync runs in progress in this database, as d365_run_progress() returns them';
+
+CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    src d365.contact_source;
+    attached boolean;
+    problem text;
+    w record;
+    n bigint;
+    queued bigint := 0;
+    oldest timestamptz;
+    since timestamptz;
+    r record;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    item := 'configured';
+    value := (s.org_url IS NOT NULL AND s.tenant_id IS NOT NULL AND s.client_id IS NOT NULL
+              AND s.client_secret IS NOT NULL)::text;
+    RETURN NEXT;
+    item := 'organization'; value := coalesce(s.org_url, '(not set)'); RETURN NEXT;
+    item := 'contact sync enabled';
+    value := format('%s (contact_sync_enabled = %s, min_score = %s)',
+                    (s.contact_sync_enabled AND s.min_score > 0)::text,
+                    s.contact_sync_enabled::text, s.min_score);
+    RETURN NEXT;
+    item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
+    item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;
+    item := 'realtime'; value := s.realtime::text; RETURN NEXT;
+    item := 'pull interval'; value := coalesce(s.pull_interval::text, '(none)'); RETURN NEXT;
+
+    -- the background worker (docs/worker.md)
+    SELECT * INTO w FROM d365._worker_state();
+    item := 'worker';
+    value := CASE
+        WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
+        WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
+        WHEN w.database IS DISTINCT FROM current_database()
+            THEN format('running in database %s, not in this one (pid %s)', w.database, w.pid)
+        ELSE format('running (pid %s, %s, since %s)', w.pid, w.state,
+                    to_char(w.started_at, 'YYYY-MM-DD HH24:MI:SS TZ')) END;
+    RETURN NEXT;
+    IF w.running AND w.database = current_database() THEN
+        item := 'worker last wake';
+        value := coalesce(to_char(w.last_wake, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+        item := 'worker last pull';
+        value := coalesce(to_char(w.last_pull, 'YYYY-MM-DD HH24:MI:SS.MS TZ'), '(none yet)');
+        RETURN NEXT;
+    END IF;
+    IF w.last_error IS NOT NULL THEN
+        item := 'worker last error';
+        value := format('%s at %s', w.last_error, to_char(w.last_error_at, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END IF;
+
+    SELECT * INTO src FROM d365.contact_source;
+    attached := FOUND;
+    item := 'contact table';
+    value := CASE WHEN NOT attached THEN '(not attached)'
+                  WHEN NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+                      THEN format('(dropped, OID %s)', src.contact_table::oid)
+                  ELSE src.contact_table::text END;
+    RETURN NEXT;
+    IF attached THEN
+        problem := d365._attachment_problem(src);
+        item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
+        item := 'mapped fields';
+        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+    END IF;
+    IF attached AND problem IS NULL THEN
+        -- the queue's age: folded changes not backing off after a failure
+        -- (pending_since), changes not folded yet (noted_at), activities of
+        -- linked contacts (logged_at)
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE c.%I IS NOT NULL AND %s', d365._contact_pending_from(src, true),
+                       src.key_column, d365._contact_pending_sql('create', src.score_column, true)) INTO n, oldest;
+        item := 'contacts to create'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        EXECUTE format('SELECT count(*), min(s.pending_since) FILTER (WHERE s.attempts = 0)'
+                       '  FROM %s WHERE c.%I IS NOT NULL AND %s', d365._contact_pending_from(src, true),
+                       src.key_column, d365._contact_pending_sql('update', src.score_column, true)) INTO n, since;
+        item := 'contacts with pending changes'; value := n::text; RETURN NEXT;
+        queued := queued + n;
+        oldest := least(oldest, since, (SELECT min(q.noted_at) FROM d365.contact_change q));
+        EXECUTE format('SELECT count(*), min(a.logged_at) FILTER (WHERE a.attempts = 0)'
+                       '  FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                       ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table, src.key_column) INTO n, since;
+        queued := queued + n;
+        oldest := least(oldest, since);
+        item := 'queue length'; value := queued::text; RETURN NEXT;
+        item := 'queue lag';
+        value := CASE WHEN oldest IS NOT NULL
+                      THEN round(extract(epoch FROM now() - oldest)::numeric, 1)::text || ' s'
+                      WHEN queued > 0 THEN '(not measured: only new contacts no sync has seen yet)'
+                      ELSE '(nothing pending)' END;
+        RETURN NEXT;
+        EXECUTE format('SELECT count(*) FROM %s c WHERE c.dynamics365_related_id IS NOT NULL',
+                       src.contact_table) INTO n;
+        item := 'contacts linked'; value := n::text; RETURN NEXT;
+    END IF;
+    item := 'contacts failing';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE attempts > 0; RETURN NEXT;
+    item := 'contacts deleted in Dynamics';
+    SELECT count(*)::text INTO value FROM d365.contact_state WHERE remote_deleted_at IS NOT NULL; RETURN NEXT;
+    item := 'activities pending';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL; RETURN NEXT;
+    item := 'activities failing';
+    SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
+
+    FOR r IN SELECT * FROM d365.d365_run_progress() LOOP
+        item := 'running: ' || r.kind;
+        value := format('since %s (pid %s): %s done, %s failed, %s remaining, %s requests, %s throttled',
+                        to_char(r.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.pid, r.done, r.failed,
+                        coalesce(r.remaining::text, 'unknown'), r.requests, r.throttled);
+        RETURN NEXT;
+    END LOOP;
+
+    FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
+        item := 'last run: ' || r.kind;
+        value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
+                        to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        round(extract(epoch FROM r.finished_at - r.started_at) * 1000),
+                        r.created, r.updated, r.unchanged, r.failed, r.unlinked,
+                        r.requests, r.throttled, coalesce('; ' || r.message, ''));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT cs.contact_key, cs.last_attempt_at, cs.last_error INTO r FROM d365.contact_state cs
+     WHERE cs.attempts > 0 OR cs.remote_deleted_at IS NOT NULL
+     ORDER BY cs.last_attempt_at DESC NULLS LAST LIMIT 1;
+    IF FOUND THEN
+        item := 'last contact error';
+        value := format('contact %s at %s: %s', r.contact_key,
+                        to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT a.id, a.last_attempt_at, a.last_error INTO r FROM (
+        SELECT id, coalesce(next_attempt_at, logged_at) AS last_attempt_at, last_error
+          FROM d365.activity WHERE synced_at IS NULL AND attempts > 0
+         ORDER BY id DESC LIMIT 1) a;
+    IF FOUND THEN
+        item := 'last activity error';
+        value := format('activity %s: %s', r.id, r.last_error);
+        RETURN NEXT;
+    END IF;
+    SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+     WHERE sr.message LIKE 'failed:%'
+     ORDER BY sr.id DESC LIMIT 1;
+    IF FOUND THEN
+        item := 'last run error';
+        value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.message);
+        RETURN NEXT;
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_status() IS
+    'At a glance: what is enabled, backlog, failures, the last run of each job and the last error';
+
+CREATE FUNCTION d365._jobs(OUT job text, OUT job_name text, OUT command text, OUT default_schedule text)
+RETURNS SETOF record
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    VALUES ('contacts', 'd365-contact-sync', 'CALL d365.d365_run_job(''contacts'')', '0 * * * *'),
+           ('activities', 'd365-activity-sync', 'CALL d365.d365_run_job(''activities'')', '0 * * * *'),
+           ('pull', 'd365-pull-changes', 'CALL d365.d365_run_job(''pull'')', NULL)
+$$;
+
+CREATE FUNCTION d365._run_job(job text, OUT run_id bigint, OUT failure text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    CASE job
+        WHEN 'contacts' THEN PERFORM d365.d365_sync_contacts();
+        WHEN 'activities' THEN PERFORM d365.d365_sync_activities();
+        WHEN 'pull' THEN PERFORM d365.d365_pull_changes();
+        ELSE
+            RAISE EXCEPTION 'unknown d365sync job "%"', job
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'The jobs are contacts, activities and pull.';
+    END CASE;
+    -- the run recorded itself last: this session's last value of the sequence
+    SELECT r.id, CASE WHEN r.message LIKE 'failed: %' THEN substr(r.message, 9) END
+      INTO run_id, failure
+      FROM d365.sync_run r WHERE r.id = currval('d365.sync_run_id_seq'::regclass);
+END;
+$$;
+
+CREATE PROCEDURE d365.d365_run_job(job text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r record;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    SELECT * INTO r FROM d365._run_job(job);
+    COMMIT;
+    IF r.failure IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        RAISE EXCEPTION 'd365sync % run failed: %', job, r.failure
+            USING ERRCODE = 'external_routine_exception',
+                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', r.run_id),
+                  HINT = 'What the run did not finish stays pending for the next run.';
+    END IF;
+END;
+$$;
+COMMENT ON PROCEDURE d365.d365_run_job(text) IS
+    'Runs one scheduled job (contacts, activities or pull) as pg_cron does: records the run, commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
+
+CREATE OR REPLACE FUNCTION d365.d365_schedule(
+    contacts text DEFAULT 'keep',
+    activities text DEFAULT 'keep',
+    pull text DEFAULT 'keep')
+RETURNS TABLE (job_name text, schedule text, command text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    wanted text[] := ARRAY[contacts, activities, pull];
+    nothing_named boolean := coalesce(contacts = 'keep' AND activities = 'keep' AND pull = 'keep', false);
+    host text;
+    j record;
+    cur record;
+    i integer := 0;
+    sched text;
+BEGIN
+    IF to_regclass('cron.job') IS NULL THEN
+        RAISE EXCEPTION 'pg_cron is not installed in this database'
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
+    END IF;
+    host := coalesce(current_setting('cron.host', true), 'localhost');
+    FOR j IN SELECT * FROM d365._jobs() LOOP
+        i := i + 1;
+        SELECT c.jobid, c.schedule, c.command, c.nodename INTO cur
+          FROM cron.job c WHERE c.jobname = j.job_name AND c.username = current_user;
+        sched := wanted[i];
+        IF sched IS NULL OR sched = 'off' THEN
+            IF cur.jobid IS NOT NULL THEN
+                PERFORM cron.unschedule(cur.jobid);
+            END IF;
+            CONTINUE;
+        ELSIF sched = 'keep' THEN
+            -- not named: its schedule stays (the command and host are
+            -- brought up to date); a call naming nothing creates the
+            -- default jobs that are missing
+            sched := CASE WHEN cur.jobid IS NOT NULL THEN cur.schedule
+                          WHEN nothing_named THEN j.default_schedule END;
+            CONTINUE WHEN sched IS NULL;
+        END IF;
+        CONTINUE WHEN cur.jobid IS NOT NULL AND cur.schedule = sched
+                  AND cur.command = j.command AND cur.nodename = host;
+        -- pg_cron keeps the host of an existing job when its schedule
+        -- changes: a job whose host is not cron.host is scheduled anew
+        IF cur.jobid IS NOT NULL AND cur.nodename <> host THEN
+            PERFORM cron.unschedule(cur.jobid);
+        END IF;
+        PERFORM cron.schedule(j.job_name, sched, j.command);
+    END LOOP;
+    RETURN QUERY SELECT c.jobname::text, c.schedule::text, c.command::text
+                   FROM cron.job c WHERE c.jobname LIKE 'd365-%' AND c.username = current_user
+                  ORDER BY c.jobname;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_schedule(text, text, text) IS
+    'Creates, changes or removes the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes. ONLY THE JOBS THE CALL NAMES CHANGE: a cron schedule sets that job, NULL or ''off'' removes it, ''keep'' (the default: an argument left out) leaves its schedule as it is. Called without any argument it creates the missing contact and activity jobs, hourly. Every job it keeps or sets runs CALL d365.d365_run_job(...) and connects to the current cron.host.';
+
+-- the record stage of contacts works on an array, not a temporary table
+CREATE TYPE d365._contact_outcome AS (
+    item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+    base integer, vals jsonb, sent jsonb, status integer, error_code text,
+    error_message text, ok boolean, gone boolean, matched boolean, current boolean
+);
+CREATE OR REPLACE FUNCTION d365._contact_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index, so a chunk's cost does
+-- not grow with the table (the planner knows nothing of the chunk's size)
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    done text[];
+    outcomes d365._contact_outcome[];
+BEGIN
+    -- a contact without state gets a state row first, so that a concurrent
+    -- tombstone shows as a change
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.k, coalesce((x.c ->> 'seq')::bigint, 0), coalesce((x.c ->> 'seq')::bigint, 0)
+      FROM unnest(item_keys, contexts) AS o(k, ctx),
+           LATERAL (SELECT o.ctx::jsonb AS c) x
+     WHERE x.c ->> 'base' IS NULL
+    ON CONFLICT (contact_key) DO NOTHING;
+
+    -- the chunk's outcomes; current: the contact still has the identity
+    -- the work query saw
+    SELECT array_agg(ROW(
+               o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+               (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
+               x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+               o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+               coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                        OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+               coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+               x.c -> 'matched' IS NOT NULL,
+               EXISTS (SELECT FROM d365.contact_state s
+                        WHERE s.contact_key = o.k
+                          AND s.generation = coalesce((x.c ->> 'base')::integer, 0))
+           )::d365._contact_outcome)
+      INTO outcomes
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
+               AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- created, updated or matched: link and stamp the contact (as the
+    -- table's owner: its triggers and index expressions never run with the
+    -- caller's rights); a create or a match only a row still unlinked, an
+    -- update only a row still linked to that record
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(o.dynamics_id),
+                                   array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
+                                                  THEN o.dynamics_id END))
+      INTO done
+      FROM unnest(outcomes) o
+     WHERE o.ok AND o.current AND o.action IN ('create', 'update', 'link');
+
+    -- success (or nothing to send): remember what Dynamics now holds.  A
+    -- create sent every value; an update only the fields it carried, merged
+    -- into the snapshot (which an incoming change may have moved meanwhile).
+    -- A matched contact now holds the local values wherever they are set
+    -- (where the local value is NULL, Dynamics keeps its own and the
+    -- snapshot says NULL, so the next run does not clear it).
+    UPDATE d365.contact_state s
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR s.synced IS NULL
+                           OR s.dynamics_id <> o.dynamics_id THEN o.vals
+                         ELSE s.synced || coalesce(o.sent, '{}') END,
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, s.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM unnest(outcomes) o
+     WHERE o.ok AND o.current AND s.contact_key = o.item_key
+       AND (o.item_key = ANY (done) OR o.action = 'unchanged');
+
+    -- deleted in Dynamics: unlink (only a row still linked to it) and
+    -- report; a re-creation gets a new id
+    SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM unnest(outcomes) o WHERE o.gone AND o.current;
+    PERFORM d365._contact_remote_deleted(array_agg(o.item_key), array_agg(o.status), array_agg(o.error_code),
+                array_agg('deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')))
+       FROM unnest(outcomes) o
+      WHERE o.gone AND o.item_key = ANY (done);
+
+    -- other failures: stay pending, back off 5 min, 10 min, ... up to a
+    -- day.  The contact keeps the identity its id was made from, so the
+    -- retry sends the same id.
+    UPDATE d365.contact_state s
+       SET attempts = CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END,
+           next_attempt_at = d365._next_attempt(CASE WHEN o.foreign THEN 1 ELSE s.attempts + 1 END),
+           synced = CASE WHEN o.foreign THEN NULL ELSE s.synced END,
+           dynamics_id = o.link_id, generation = o.generation,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = o.error_message
+      FROM (SELECT x.*, l.link_id,
+                   (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
+                      FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
+              FROM unnest(outcomes) x,
+                   LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                        THEN x.dynamics_id END AS link_id) l) o
+     WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
+
+    SELECT count(*) FILTER (WHERE ok AND action = 'create'),
+           count(*) FILTER (WHERE ok AND action = 'update'),
+           count(*) FILTER (WHERE action IN ('unchanged', 'link')),
+           count(*) FILTER (WHERE NOT ok AND NOT gone),
+           count(*) FILTER (WHERE gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM unnest(outcomes);
+END;
+$$;
+
+REVOKE ALL ON d365.run_progress FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365._prune_runs(), d365._run_progress_shared(), d365.d365_run_progress(),
+       d365._jobs(), d365._run_job(text) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE d365.d365_run_job(text) FROM PUBLIC;

@@ -31,12 +31,22 @@ SELECT p.oid::regprocedure AS unpinned
   FROM pg_proc p
   LEFT JOIN LATERAL (SELECT substr(c, length('search_path=') + 1) AS path
                        FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%') s ON true
- WHERE p.pronamespace = 'd365'::regnamespace
+ WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind <> 'p'
    AND (s.path IS NULL
         OR s.path !~ '(^|, )pg_temp$'
         OR s.path ~ '(^|, )(public|"\$user"|\$user)(,|$)')
  ORDER BY 1::text;
 SELECT count(*) > 50 AS functions_checked FROM pg_proc WHERE pronamespace = 'd365'::regnamespace;
+-- a procedure that commits cannot carry a SET clause: it pins the path
+-- itself at the start of each of its transactions, with set_config()
+SELECT p.oid::regprocedure AS procedure,
+       p.proconfig IS NULL AS no_set_clause,
+       (SELECT count(*) FROM regexp_matches(p.prosrc, '\mCOMMIT\M', 'g')) + 1 AS transactions,
+       (SELECT count(*) FROM regexp_matches(p.prosrc,
+            'PERFORM pg_catalog\.set_config\(''search_path'', ''pg_catalog, pg_temp'', true\)', 'g')) AS pins
+  FROM pg_proc p
+ WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind = 'p'
+ ORDER BY 1::text;
 
 -- ---------------------------------------------------------------------------
 -- The application role and its planted code

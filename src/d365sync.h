@@ -33,6 +33,8 @@
  *	  src/settings.c		01_settings: the settings row, the URL rule
  *	  src/whoami.c			01_settings: d365_whoami(), the connection check
  *	  src/runs.c			02_runs
+ *	  src/progress.c		02_runs: progress of the run in progress, for
+ *							other sessions (activity text, shared slots)
  *	  src/contact_source.c	03_contact_source: the contact-state privilege gate
  *	  src/table_owner.c		03_contact_source: writes to the contact table and
  *							conversions into its types, as the table's owner
@@ -46,7 +48,8 @@
  *	  src/worker.c			the background worker (with the preload): woken
  *							at commit, runs the jobs; its shared memory, which
  *							08_status_schedule reads
- *	  (08_status_schedule and 09_privileges are SQL only)
+ *	  (08_status_schedule -- d365_status, d365_schedule, d365_run_job --
+ *	  and 09_privileges are SQL only)
  *
  * One contact's way out: its capture trigger marks it pending; the engine
  * (contacts_out.c) runs the work query of 05_contacts_out, which selects
@@ -60,6 +63,14 @@
  */
 #ifndef D365SYNC_H
 #define D365SYNC_H
+
+/*
+ * Class id of d365sync's advisory locks (ASCII "D365"), taken in the
+ * two-key form pg_try_advisory_xact_lock(D365_LOCK_CLASSID, job): 1 is the
+ * contact job, 2 the activity job, 3 the pull.  docs/operations.md lists
+ * them so that an application using two-key advisory locks avoids them.
+ */
+#define D365_LOCK_CLASSID 1144206901
 
 /* GUC variables (d365sync.c) */
 extern int	d365_connect_timeout_ms;

@@ -21,6 +21,9 @@
  *	 CHECK_FOR_INTERRUPTS().  So statement_timeout and pg_cancel_backend()
  *	 end a transfer within about 100 ms with the standard SQLSTATE 57014,
  *	 and no PostgreSQL error is ever thrown from inside a libcurl callback.
+ *	 While it waits, and during a back-off (d365_http_sleep, on the latch),
+ *	 the backend reports the wait event Extension, so pg_stat_activity
+ *	 shows a run waiting on the network as waiting, not as busy.
  *	 Callbacks only copy bytes; they allocate with NO_OOM and report failure
  *	 by returning a short count, which makes libcurl stop the transfer.
  *
@@ -556,7 +559,11 @@ d365_http_wait(D365HttpCall *handle)
 		pump();
 		if (call->done < call->n)
 		{
-			CURLMcode	mrc = curl_multi_poll(multi_handle, NULL, 0, 100, NULL);
+			CURLMcode	mrc;
+
+			pgstat_report_wait_start(PG_WAIT_EXTENSION);
+			mrc = curl_multi_poll(multi_handle, NULL, 0, 100, NULL);
+			pgstat_report_wait_end();
 
 			if (mrc != CURLM_OK)
 				elog(ERROR, "curl_multi_poll failed: %s", curl_multi_strerror(mrc));

@@ -73,6 +73,7 @@
 
 #include "d365sync.h"
 #include "pipeline.h"
+#include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
 
@@ -463,6 +464,7 @@ lookup_chunk(D365Run *run, Chunk *c, const char *lookup_fn)
 		SPI_freetuptable(tab);
 	}
 	MemoryContextSwitchTo(old);
+	d365_run_publish(run);
 }
 
 /*
@@ -503,6 +505,7 @@ record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_
 												   NULL, false, 1),
 						record_fn);
 	MemoryContextSwitchTo(old);
+	d365_run_publish(run);
 }
 
 static bool
@@ -564,6 +567,11 @@ d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 	chunk_size = Min(d365_batch_size * d365_max_parallel, 10000);
 	record_sql = psprintf("SELECT created, updated, unchanged, failed, unlinked"
 						  " FROM %s($1, $2, $3, $4, $5)", record_fn);
+	/* others see how many items remain: count them first (only the rows) */
+	if (d365_progress_active())
+		d365_progress_add_total(d365_sql_int64(psprintf("SELECT count(*) FROM (%s) d365_work",
+														work_sql),
+											   nargs, argtypes, args, NULL));
 	portal = SPI_cursor_open_with_args(NULL, work_sql, nargs, argtypes, args,
 									   NULL, false, CURSOR_OPT_NO_SCROLL);
 	memset(chunks, 0, sizeof(chunks));

@@ -33,6 +33,8 @@
 #include "utils/timestamp.h"
 
 #include "auth.h"
+#include "d365sync.h"
+#include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
 
@@ -170,6 +172,41 @@ d365_run_guarded(D365Run *run, D365RunBody body, void *arg)
 }
 
 /*
+ * prune_runs
+ *		Delete the run history past d365.settings.run_history_retention.
+ *		The library may be newer than the extension's SQL objects (between
+ *		installing a release and ALTER EXTENSION UPDATE): without
+ *		d365._prune_runs() nothing is pruned.  Requires an SPI connection.
+ */
+static void
+prune_runs(void)
+{
+	bool		isnull;
+
+	if (d365_sql_bool("SELECT to_regprocedure('d365._prune_runs()') IS NOT NULL",
+					  0, NULL, NULL, NULL))
+		(void) d365_sql_int32("SELECT d365._prune_runs()", 0, NULL, NULL, &isnull);
+}
+
+/*
+ * d365_run_publish
+ *		Show the run's counts so far to other sessions (progress.c); does
+ *		nothing unless this backend reports a run.
+ */
+void
+d365_run_publish(D365Run *run)
+{
+	D365ProgressCounts p;
+
+	p.done = run->counts.created + run->counts.updated + run->counts.unchanged +
+		run->counts.unlinked;
+	p.failed = run->counts.failed;
+	p.requests = run->client ? run->client->requests : 0;
+	p.throttled = run->client ? run->client->throttled : 0;
+	d365_progress_update(run, &p);
+}
+
+/*
  * d365_run_execute
  *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
  *		NULL and another transaction holds that job's lock, the run is
@@ -182,6 +219,7 @@ bool
 d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *arg)
 {
 	bool		completed;
+	bool		reporting;
 
 	SPI_connect();
 
@@ -190,7 +228,10 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 		Oid			argtypes[1] = {TEXTOID};
 		Datum		args[1] = {CStringGetTextDatum(lock_name)};
 
-		if (!d365_sql_bool("SELECT pg_try_advisory_xact_lock(2143281613, hashtext($1))",
+		if (!d365_sql_bool("SELECT pg_try_advisory_xact_lock(" CppAsString2(D365_LOCK_CLASSID) ","
+						   " CASE $1 WHEN 'd365-contact-sync' THEN 1"
+						   " WHEN 'd365-activity-sync' THEN 2"
+						   " WHEN 'd365-pull-changes' THEN 3 ELSE hashtext($1) END)",
 						   1, argtypes, args, NULL))
 		{
 			run->message = psprintf("skipped: another %s run is in progress", run->kind);
@@ -202,10 +243,17 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 		}
 	}
 
+	reporting = d365_progress_start(run->kind);
 	completed = d365_run_guarded(run, body, arg);
+	d365_run_publish(run);
 
 	if (!run->no_record)
+	{
 		d365_run_record(run);
+		prune_runs();
+	}
+	if (reporting)
+		d365_progress_end();
 	SPI_finish();
 	return completed;
 }

@@ -55,6 +55,7 @@ extern bool d365_run_execute(D365Run *run, const char *lock_name,
 							 D365RunBody body, void *arg);
 extern bool d365_run_guarded(D365Run *run, D365RunBody body, void *arg);
 extern void d365_run_record(D365Run *run);
+extern void d365_run_publish(D365Run *run);
 extern void d365_run_add_counts(D365Run *run, int rc, const char *fn);
 extern Datum d365_run_result(FunctionCallInfo fcinfo, D365Run *run);
 

@@ -35,7 +35,8 @@ CREATE TABLE d365.settings (
     incoming_mapper       regprocedure,
     instance_id           uuid NOT NULL DEFAULT gen_random_uuid(),
     realtime              boolean NOT NULL DEFAULT false,
-    pull_interval         interval
+    pull_interval         interval,
+    run_history_retention interval NOT NULL DEFAULT '30 days'
 );
 
 COMMENT ON TABLE d365.settings IS
@@ -64,6 +65,8 @@ COMMENT ON COLUMN d365.settings.incoming_mapper IS
     'Optional function (dynamics jsonb, local jsonb, mapping jsonb) returning {column: value}; replaces the changed-column computation of incoming changes';
 COMMENT ON COLUMN d365.settings.instance_id IS
     'Random id of this installation; Dynamics ids of new contacts are derived from it';
+COMMENT ON COLUMN d365.settings.run_history_retention IS
+    'How long d365.sync_run keeps a run; every scheduled run deletes older rows (the newest run of each kind is always kept)';
 COMMENT ON COLUMN d365.settings.realtime IS
     'The background worker sends contact changes and activities as they commit (needs d365sync in shared_preload_libraries); d365_log_activity then only queues';
 COMMENT ON COLUMN d365.settings.pull_interval IS
@@ -234,6 +237,13 @@ BEGIN
                   HINT = 'An incoming mapper takes (dynamics jsonb, local jsonb, mapping jsonb) and returns {column: value}.';
     END IF;
 
+    IF NEW.run_history_retention < interval '1 hour' THEN
+        RAISE EXCEPTION 'invalid value for setting "run_history_retention"'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Run history must be kept at least an hour; the value was %s.', NEW.run_history_retention),
+                  HINT = 'The default is 30 days; use a long interval such as ''10 years'' to keep history for good.';
+    END IF;
+
     -- NOT NULL and CHECK constraints, tested here with errors of our own:
     -- PostgreSQL's would print the whole row, the client secret included
     PERFORM d365._check_row_quietly(NEW, TG_RELID);
@@ -278,7 +288,8 @@ BEGIN
                incoming_mapper = NEW.incoming_mapper,
                instance_id = NEW.instance_id,
                realtime = NEW.realtime,
-               pull_interval = NEW.pull_interval;
+               pull_interval = NEW.pull_interval,
+               run_history_retention = NEW.run_history_retention;
         RETURN NULL;
     END IF;
     RETURN NEW;

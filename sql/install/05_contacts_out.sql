@@ -226,6 +226,17 @@ END;
 $$;
 
 /*
+ * One outcome of a contact sync, as the record stage works on it.  An array
+ * of these, not a temporary table: a temporary table is a new relation in
+ * every run, and every statement on it a new entry in pg_stat_statements.
+ */
+CREATE TYPE d365._contact_outcome AS (
+    item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+    base integer, vals jsonb, sent jsonb, status integer, error_code text,
+    error_message text, ok boolean, gone boolean, matched boolean, current boolean
+);
+
+/*
  * The record stage of a contact sync: link columns, sync state, failures
  * and back-off for a chunk of outcomes (one array element per item).
  * The link columns are written as the table's owner in a security-restricted
@@ -257,39 +268,36 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     done text[];
+    outcomes d365._contact_outcome[];
 BEGIN
-    IF to_regclass('pg_temp.d365_contact_outcome') IS NULL THEN
-        CREATE TEMP TABLE d365_contact_outcome (
-            item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
-            base integer, vals jsonb, sent jsonb, status integer, error_code text,
-            error_message text, ok boolean, gone boolean, matched boolean,
-            current boolean, linked boolean
-        ) ON COMMIT DROP;
-    ELSE
-        TRUNCATE d365_contact_outcome;
-    END IF;
-    INSERT INTO d365_contact_outcome
-    SELECT o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
-           (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
-           x.c -> 'values', nullif(x.c -> 'sent', 'null'),
-           o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
-           coalesce((x.c ->> 'action') IN ('unchanged', 'link')
-                    OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
-           coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
-           x.c -> 'matched' IS NOT NULL, false, false
+    -- a contact without state gets a state row first, so that a concurrent
+    -- tombstone shows as a change
+    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
+    SELECT o.k, coalesce((x.c ->> 'seq')::bigint, 0), coalesce((x.c ->> 'seq')::bigint, 0)
+      FROM unnest(item_keys, contexts) AS o(k, ctx),
+           LATERAL (SELECT o.ctx::jsonb AS c) x
+     WHERE x.c ->> 'base' IS NULL
+    ON CONFLICT (contact_key) DO NOTHING;
+
+    -- the chunk's outcomes; current: the contact still has the identity
+    -- the work query saw
+    SELECT array_agg(ROW(
+               o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+               (x.c ->> 'generation')::integer, (x.c ->> 'base')::integer,
+               x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+               o.st, coalesce(o.code, x.c ->> 'error_code'), coalesce(o.msg, x.c ->> 'error'),
+               coalesce((x.c ->> 'action') IN ('unchanged', 'link')
+                        OR (o.st BETWEEN 200 AND 299 AND o.msg IS NULL), false),
+               coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+               x.c -> 'matched' IS NOT NULL,
+               EXISTS (SELECT FROM d365.contact_state s
+                        WHERE s.contact_key = o.k
+                          AND s.generation = coalesce((x.c ->> 'base')::integer, 0))
+           )::d365._contact_outcome)
+      INTO outcomes
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages)
                AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
-
-    -- still the identity the work query saw?  (a contact without state gets
-    -- a state row now, so that a concurrent tombstone shows as a change)
-    INSERT INTO d365.contact_state (contact_key, change_seq, synced_seq)
-    SELECT o.item_key, coalesce(o.seq, 0), coalesce(o.seq, 0)
-      FROM d365_contact_outcome o WHERE o.base IS NULL
-    ON CONFLICT (contact_key) DO NOTHING;
-    UPDATE d365_contact_outcome o SET current = true
-      FROM d365.contact_state s
-     WHERE s.contact_key = o.item_key AND s.generation = coalesce(o.base, 0);
 
     -- created, updated or matched: link and stamp the contact (as the
     -- table's owner: its triggers and index expressions never run with the
@@ -299,9 +307,8 @@ BEGIN
                                    array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
                                                   THEN o.dynamics_id END))
       INTO done
-      FROM d365_contact_outcome o
+      FROM unnest(outcomes) o
      WHERE o.ok AND o.current AND o.action IN ('create', 'update', 'link');
-    UPDATE d365_contact_outcome o SET linked = true WHERE o.item_key = ANY (done);
 
     -- success (or nothing to send): remember what Dynamics now holds.  A
     -- create sent every value; an update only the fields it carried, merged
@@ -317,18 +324,18 @@ BEGIN
            attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
            last_status = coalesce(o.status, s.last_status),
            last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
-      FROM d365_contact_outcome o
+      FROM unnest(outcomes) o
      WHERE o.ok AND o.current AND s.contact_key = o.item_key
-       AND (o.linked OR o.action = 'unchanged');
+       AND (o.item_key = ANY (done) OR o.action = 'unchanged');
 
     -- deleted in Dynamics: unlink (only a row still linked to it) and
     -- report; a re-creation gets a new id
     SELECT d365._contact_set_links(array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
       INTO done
-      FROM d365_contact_outcome o WHERE o.gone AND o.current;
+      FROM unnest(outcomes) o WHERE o.gone AND o.current;
     PERFORM d365._contact_remote_deleted(array_agg(o.item_key), array_agg(o.status), array_agg(o.error_code),
                 array_agg('deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')))
-       FROM d365_contact_outcome o
+       FROM unnest(outcomes) o
       WHERE o.gone AND o.item_key = ANY (done);
 
     -- other failures: stay pending, back off 5 min, 10 min, ... up to a
@@ -344,7 +351,7 @@ BEGIN
       FROM (SELECT x.*, l.link_id,
                    (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
                       FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
-              FROM d365_contact_outcome x,
+              FROM unnest(outcomes) x,
                    LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
                                         THEN x.dynamics_id END AS link_id) l) o
      WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
@@ -355,7 +362,7 @@ BEGIN
            count(*) FILTER (WHERE NOT ok AND NOT gone),
            count(*) FILTER (WHERE gone)
       INTO created, updated, unchanged, failed, unlinked
-      FROM d365_contact_outcome;
+      FROM unnest(outcomes);
 END;
 $$;
 

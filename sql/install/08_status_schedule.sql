@@ -115,6 +115,14 @@ BEGIN
     item := 'activities failing';
     SELECT count(*)::text INTO value FROM d365.activity WHERE synced_at IS NULL AND attempts > 0; RETURN NEXT;
 
+    FOR r IN SELECT * FROM d365.d365_run_progress() LOOP
+        item := 'running: ' || r.kind;
+        value := format('since %s (pid %s): %s done, %s failed, %s remaining, %s requests, %s throttled',
+                        to_char(r.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.pid, r.done, r.failed,
+                        coalesce(r.remaining::text, 'unknown'), r.requests, r.throttled);
+        RETURN NEXT;
+    END LOOP;
+
     FOR r IN SELECT DISTINCT ON (kind) * FROM d365.sync_run ORDER BY kind, id DESC LOOP
         item := 'last run: ' || r.kind;
         value := format('%s (%s ms): %s created, %s updated, %s unchanged, %s failed, %s unlinked, %s requests, %s throttled%s',
@@ -156,38 +164,136 @@ $$;
 COMMENT ON FUNCTION d365.d365_status() IS
     'At a glance: what is enabled, backlog, failures, the last run of each job and the last error';
 
+/*
+ * The scheduled jobs: the name d365_run_job() takes, the pg_cron job name,
+ * the job's command and the schedule a first d365_schedule() gives it.
+ */
+CREATE FUNCTION d365._jobs(OUT job text, OUT job_name text, OUT command text, OUT default_schedule text)
+RETURNS SETOF record
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    VALUES ('contacts', 'd365-contact-sync', 'CALL d365.d365_run_job(''contacts'')', '0 * * * *'),
+           ('activities', 'd365-activity-sync', 'CALL d365.d365_run_job(''activities'')', '0 * * * *'),
+           ('pull', 'd365-pull-changes', 'CALL d365.d365_run_job(''pull'')', NULL)
+$$;
+
+/*
+ * One run of a scheduled job, through the job's function (lock, error
+ * capture, its row in d365.sync_run, pruning of old runs): returns the id
+ * of the row the run recorded and, when the run failed, why.
+ */
+CREATE FUNCTION d365._run_job(job text, OUT run_id bigint, OUT failure text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    CASE job
+        WHEN 'contacts' THEN PERFORM d365.d365_sync_contacts();
+        WHEN 'activities' THEN PERFORM d365.d365_sync_activities();
+        WHEN 'pull' THEN PERFORM d365.d365_pull_changes();
+        ELSE
+            RAISE EXCEPTION 'unknown d365sync job "%"', job
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'The jobs are contacts, activities and pull.';
+    END CASE;
+    -- the run recorded itself last: this session's last value of the sequence
+    SELECT r.id, CASE WHEN r.message LIKE 'failed: %' THEN substr(r.message, 9) END
+      INTO run_id, failure
+      FROM d365.sync_run r WHERE r.id = currval('d365.sync_run_id_seq'::regclass);
+END;
+$$;
+
+/*
+ * The command of the pg_cron jobs.  A failed run is committed to
+ * d365.sync_run first, then raised, so that pg_cron records the job run as
+ * failed and the run's record stays.  A procedure that commits cannot
+ * carry a SET clause: it pins its search_path with set_config() in each of
+ * its transactions instead, and names everything schema-qualified.
+ */
+CREATE PROCEDURE d365.d365_run_job(job text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r record;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    SELECT * INTO r FROM d365._run_job(job);
+    COMMIT;
+    IF r.failure IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        RAISE EXCEPTION 'd365sync % run failed: %', job, r.failure
+            USING ERRCODE = 'external_routine_exception',
+                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', r.run_id),
+                  HINT = 'What the run did not finish stays pending for the next run.';
+    END IF;
+END;
+$$;
+COMMENT ON PROCEDURE d365.d365_run_job(text) IS
+    'Runs one scheduled job (contacts, activities or pull) as pg_cron does: records the run, commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
+
+/*
+ * Schedules the d365sync jobs with pg_cron.  Only the jobs an argument
+ * names change; the COMMENT below gives the rules.
+ */
 CREATE FUNCTION d365.d365_schedule(
-    contacts text DEFAULT '0 * * * *',
-    activities text DEFAULT '0 * * * *',
-    pull text DEFAULT NULL)
+    contacts text DEFAULT 'keep',
+    activities text DEFAULT 'keep',
+    pull text DEFAULT 'keep')
 RETURNS TABLE (job_name text, schedule text, command text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    jobs text[][] := ARRAY[['d365-contact-sync', contacts, 'SELECT d365.d365_sync_contacts()', 'd365.d365_sync_contacts()'],
-                           ['d365-activity-sync', activities, 'SELECT d365.d365_sync_activities()', 'd365.d365_sync_activities()'],
-                           ['d365-pull-changes', pull, 'SELECT d365.d365_pull_changes()', 'd365.d365_pull_changes()']];
-    i integer;
+    wanted text[] := ARRAY[contacts, activities, pull];
+    nothing_named boolean := coalesce(contacts = 'keep' AND activities = 'keep' AND pull = 'keep', false);
+    host text;
+    j record;
+    cur record;
+    i integer := 0;
+    sched text;
 BEGIN
     IF to_regclass('cron.job') IS NULL THEN
         RAISE EXCEPTION 'pg_cron is not installed in this database'
             USING ERRCODE = 'undefined_object',
                   HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
     END IF;
-    FOR i IN 1 .. array_length(jobs, 1) LOOP
-        IF jobs[i][2] IS NOT NULL AND to_regprocedure(jobs[i][4]) IS NOT NULL THEN
-            PERFORM cron.schedule(jobs[i][1], jobs[i][2], jobs[i][3]);
-        ELSE
-            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobname = jobs[i][1];
+    host := coalesce(current_setting('cron.host', true), 'localhost');
+    FOR j IN SELECT * FROM d365._jobs() LOOP
+        i := i + 1;
+        SELECT c.jobid, c.schedule, c.command, c.nodename INTO cur
+          FROM cron.job c WHERE c.jobname = j.job_name AND c.username = current_user;
+        sched := wanted[i];
+        IF sched IS NULL OR sched = 'off' THEN
+            IF cur.jobid IS NOT NULL THEN
+                PERFORM cron.unschedule(cur.jobid);
+            END IF;
+            CONTINUE;
+        ELSIF sched = 'keep' THEN
+            -- not named: its schedule stays (the command and host are
+            -- brought up to date); a call naming nothing creates the
+            -- default jobs that are missing
+            sched := CASE WHEN cur.jobid IS NOT NULL THEN cur.schedule
+                          WHEN nothing_named THEN j.default_schedule END;
+            CONTINUE WHEN sched IS NULL;
         END IF;
+        CONTINUE WHEN cur.jobid IS NOT NULL AND cur.schedule = sched
+                  AND cur.command = j.command AND cur.nodename = host;
+        -- pg_cron keeps the host of an existing job when its schedule
+        -- changes: a job whose host is not cron.host is scheduled anew
+        IF cur.jobid IS NOT NULL AND cur.nodename <> host THEN
+            PERFORM cron.unschedule(cur.jobid);
+        END IF;
+        PERFORM cron.schedule(j.job_name, sched, j.command);
     END LOOP;
-    RETURN QUERY SELECT j.jobname::text, j.schedule::text, j.command::text
-                   FROM cron.job j WHERE j.jobname LIKE 'd365-%' ORDER BY j.jobname;
+    RETURN QUERY SELECT c.jobname::text, c.schedule::text, c.command::text
+                   FROM cron.job c WHERE c.jobname LIKE 'd365-%' AND c.username = current_user
+                  ORDER BY c.jobname;
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_schedule(text, text, text) IS
-    'Creates or updates the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes';
+    'Creates, changes or removes the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes. ONLY THE JOBS THE CALL NAMES CHANGE: a cron schedule sets that job, NULL or ''off'' removes it, ''keep'' (the default: an argument left out) leaves its schedule as it is. Called without any argument it creates the missing contact and activity jobs, hourly. Every job it keeps or sets runs CALL d365.d365_run_job(...) and connects to the current cron.host.';
 
 CREATE FUNCTION d365.d365_unschedule()
 RETURNS integer

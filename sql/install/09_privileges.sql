@@ -18,3 +18,4 @@ GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
       d365._incoming_mapper(), d365._contact_snapshot(text, jsonb),
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
       d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA d365 FROM PUBLIC;
