@@ -36,6 +36,8 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "pgtime.h"
+#include "storage/procarray.h"
+#include "storage/spin.h"
 #include "tcop/tcopprot.h"
 #include "utils/backend_status.h"
 #include "utils/builtins.h"
@@ -44,6 +46,7 @@
 #include "utils/tuplestore.h"
 
 #include "progress.h"
+#include "worker.h"
 
 /* the run this backend reports on; active = false when none */
 typedef struct ProgressState
@@ -221,6 +224,8 @@ d365_progress_end(void)
  * ------------------------------------------------------------------------
  */
 
+static D365Progress *slot = NULL;	/* this backend's, or NULL */
+
 /*
  * d365_progress_shared_claim
  *		Take a slot for this backend's run.  No shared memory (no preload),
@@ -229,6 +234,12 @@ d365_progress_end(void)
 void
 d365_progress_shared_claim(const char *kind, TimestampTz started)
 {
+	slot = d365_progress_claim(kind);
+	if (slot == NULL)
+		return;
+	SpinLockAcquire(&d365_shared->mutex);
+	slot->started_at = started;
+	SpinLockRelease(&d365_shared->mutex);
 }
 
 /*
@@ -238,6 +249,15 @@ d365_progress_shared_claim(const char *kind, TimestampTz started)
 void
 d365_progress_shared_update(const D365ProgressCounts *counts, int64 total)
 {
+	if (slot == NULL)
+		return;
+	SpinLockAcquire(&d365_shared->mutex);
+	slot->done = counts->done;
+	slot->failed = counts->failed;
+	slot->remaining = total >= 0 ? Max(total - counts->done - counts->failed, 0) : -1;
+	slot->requests = counts->requests;
+	slot->throttled = counts->throttled;
+	SpinLockRelease(&d365_shared->mutex);
 }
 
 /*
@@ -247,6 +267,8 @@ d365_progress_shared_update(const D365ProgressCounts *counts, int64 total)
 void
 d365_progress_shared_release(void)
 {
+	d365_progress_release(slot);
+	slot = NULL;
 }
 
 PG_FUNCTION_INFO_V1(d365_run_progress_shared);
@@ -254,11 +276,42 @@ PG_FUNCTION_INFO_V1(d365_run_progress_shared);
 /*
  * d365_run_progress_shared() -> SETOF (pid, kind, started_at, done, failed,
  *									   remaining, requests, throttled)
- *		The runs in progress in this database that hold a shared slot.
+ *		The runs in progress in this database that hold a shared slot; none
+ *		without the preload.  A slot whose process is gone (it cannot
+ *		happen short of a crash, which resets shared memory) is skipped.
  */
 Datum
 d365_run_progress_shared(PG_FUNCTION_ARGS)
 {
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	D365Progress copy[D365_PROGRESS_SLOTS];
+	int			i;
+
 	InitMaterializedSRF(fcinfo, 0);
+	if (d365_shared == NULL)
+		return (Datum) 0;
+	SpinLockAcquire(&d365_shared->mutex);
+	memcpy(copy, d365_shared->progress, sizeof(copy));
+	SpinLockRelease(&d365_shared->mutex);
+
+	for (i = 0; i < D365_PROGRESS_SLOTS; i++)
+	{
+		D365Progress *p = &copy[i];
+		Datum		values[8];
+		bool		nulls[8] = {false};
+
+		if (p->pid == 0 || p->dboid != MyDatabaseId || BackendPidGetProc(p->pid) == NULL)
+			continue;
+		values[0] = Int32GetDatum(p->pid);
+		values[1] = CStringGetTextDatum(p->kind);
+		values[2] = TimestampTzGetDatum(p->started_at);
+		values[3] = Int64GetDatum(p->done);
+		values[4] = Int64GetDatum(p->failed);
+		values[5] = Int64GetDatum(p->remaining);
+		nulls[5] = (p->remaining < 0);
+		values[6] = Int64GetDatum(p->requests);
+		values[7] = Int64GetDatum(p->throttled);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
 	return (Datum) 0;
 }
