@@ -22,8 +22,8 @@
  * Only the outermost run of a backend reports (a contact run that sends the
  * activities of new contacts is one run).  Whatever ends the run -- its
  * end, an error, a cancel -- the slot is released and the query's text
- * restored: the state is dropped by a reset callback of the transaction's
- * memory.
+ * restored: the state is dropped by a reset callback of the memory of the
+ * (sub)transaction the run started in.
  *
  *-------------------------------------------------------------------------
  */
@@ -135,13 +135,17 @@ d365_progress_start(const char *kind)
 	state.total = -1;
 	state.generation = ++last_generation;
 
-	/* an error ends the transaction and, with its memory, the report */
-	cb = MemoryContextAlloc(TopTransactionContext, sizeof(MemoryContextCallback));
-	generation = MemoryContextAlloc(TopTransactionContext, sizeof(uint64));
+	/*
+	 * An error ends the (sub)transaction the run started in and, with its
+	 * memory, the report: a run in a PL/pgSQL block with an EXCEPTION clause
+	 * is cleaned up when that block's subtransaction aborts.
+	 */
+	cb = MemoryContextAlloc(CurTransactionContext, sizeof(MemoryContextCallback));
+	generation = MemoryContextAlloc(CurTransactionContext, sizeof(uint64));
 	*generation = state.generation;
 	cb->func = progress_drop;
 	cb->arg = generation;
-	MemoryContextRegisterResetCallback(TopTransactionContext, cb);
+	MemoryContextRegisterResetCallback(CurTransactionContext, cb);
 	state.active = true;
 	d365_progress_shared_claim(state.kind, state.started);
 	report_activity();

@@ -144,3 +144,34 @@ else
     notok "a cancelled run's progress is gone with it" "seen running: $running" \
         "session: $(cat "$TMPD/cancel.out")" "progress rows after: $after"
 fi
+
+# a run cancelled inside a PL/pgSQL block that catches the cancel: its
+# progress goes with the block's subtransaction, not at the end of the
+# transaction
+psqlq -c "UPDATE person SET email = 'again' || email" >/dev/null
+"$D365_SIMCTL" fault '{"method": "PATCH", "delay_ms": 500, "times": null}' >/dev/null
+caught=$(psql -X -q -At -d "$DB" 2>&1 <<'SQL'
+SET d365sync.batch_size = 1;
+SET d365sync.max_parallel = 1;
+SET statement_timeout = '1500ms';
+DO $$
+DECLARE
+    n bigint;
+BEGIN
+    BEGIN
+        PERFORM d365.d365_sync_contacts();
+    EXCEPTION WHEN query_canceled THEN
+        NULL;
+    END;
+    SELECT count(*) INTO n FROM d365.run_progress WHERE pid = pg_backend_pid();
+    RAISE NOTICE 'progress rows left: %', n;
+END;
+$$;
+SQL
+)
+"$D365_SIMCTL" clear-faults >/dev/null
+if [ "$caught" = "NOTICE:  progress rows left: 0" ]; then
+    ok "a run cancelled inside a block that catches the cancel leaves no progress behind"
+else
+    notok "a run cancelled inside a block that catches the cancel leaves no progress behind" "$caught"
+fi
