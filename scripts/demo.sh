@@ -8,6 +8,10 @@
 # what the simulator received and holds, the pg_cron jobs and the status.
 # Everything it started is stopped at the end.
 #
+# d365sync is installed into the system's PostgreSQL 15 unless D365_PG_BIN
+# names another one (a private copy: bash scripts/pg-sandbox.sh DIR, then
+# export D365_PG_BIN=DIR/usr/lib/postgresql/15/bin).
+#
 #   D365_DEMO_KEEP=1 bash scripts/demo.sh
 # leaves the cluster and the simulator running and prints how to connect.
 set -uo pipefail

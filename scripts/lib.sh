@@ -42,8 +42,16 @@ d365_install_packages() {
     fi
 }
 
+# d365_build: builds and installs into the PostgreSQL of PG_BIN.  Without
+# D365_PG_BIN that is the system's PostgreSQL 15 (what a fresh machine
+# needs); it says so, and how to install into a private copy instead.
 d365_build() {
-    d365_log "building and installing d365sync"
+    if [ -z "${D365_PG_BIN:-}" ]; then
+        d365_log "building and installing d365sync into the system PostgreSQL ($PG_BIN)"
+        d365_log "(to leave it untouched: bash scripts/pg-sandbox.sh DIR, then export D365_PG_BIN=DIR/usr/lib/postgresql/15/bin)"
+    else
+        d365_log "building and installing d365sync into $PG_BIN/.. (D365_PG_BIN)"
+    fi
     # warnings are errors here (a development build), not in a user's build
     make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no D365_WERROR=1 >/dev/null
     make -C "$D365_REPO" -s PG_CONFIG="$PG_CONFIG" with_llvm=no D365_WERROR=1 install >/dev/null

@@ -7,6 +7,10 @@
 # in test/, prints the regression diffs on failure, stops everything it
 # started and ends with
 # "N passed, N failed".  Exit status 0 only when nothing failed.
+#
+# d365sync is installed into the system's PostgreSQL 15 unless D365_PG_BIN
+# names another one (a private copy: bash scripts/pg-sandbox.sh DIR, then
+# export D365_PG_BIN=DIR/usr/lib/postgresql/15/bin).
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 trap d365_stop_all EXIT
@@ -49,6 +53,7 @@ fi
 # Shell suites: each test/*.sh prints "ok NAME" / "not ok NAME" lines.
 for t in "$D365_REPO"/test/*.sh; do
     [ -e "$t" ] || continue
+    [ "$(basename "$t")" = lib.sh ] && continue    # the suites' shared library
     d365_log "running $(basename "$t")"
     bash "$t" 2>&1 | tee "$D365_WORK/shell.log"
     p=$(grep -c '^ok ' "$D365_WORK/shell.log")

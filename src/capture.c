@@ -59,7 +59,7 @@
 #include "utils/syscache.h"
 
 #include "spi_util.h"
-#include "worker.h"
+#include "worker_shmem.h"
 
 PG_FUNCTION_INFO_V1(d365_capture_row);
 PG_FUNCTION_INFO_V1(d365_capture_flush);

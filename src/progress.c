@@ -46,7 +46,7 @@
 #include "utils/tuplestore.h"
 
 #include "progress.h"
-#include "worker.h"
+#include "worker_shmem.h"
 
 /* the run this backend reports on; active = false when none */
 typedef struct ProgressState

@@ -45,8 +45,9 @@
  *		for at most WORKER_PASS_MS (the run's time budget) plus the requests
  *		in flight, so the application's DDL never waits long behind it.
  *
- * Shared memory (D365Shared, worker.h) holds the worker's state for
- * d365_status() and the run-progress slots any backend may use.
+ * Shared memory (D365Shared, worker_shmem.c) holds the worker's state for
+ * d365_status(), the run-progress slots any backend may use and the latch
+ * a commit sets.
  *
  *-------------------------------------------------------------------------
  */
@@ -98,54 +99,14 @@
 
 PGDLLEXPORT void d365_worker_main(Datum main_arg);
 
-PG_FUNCTION_INFO_V1(d365_worker_wake);
 PG_FUNCTION_INFO_V1(d365_worker_state);
 
-D365Shared *d365_shared = NULL;
 char	   *d365_worker_database = NULL;
 
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
-
-/* backends: wake the worker when the current transaction commits */
-static bool wake_at_commit = false;
-static bool xact_callback_registered = false;
-
 /* ------------------------------------------------------------------------
- * Shared memory and registration
+ * Registration
  * ------------------------------------------------------------------------
  */
-
-static void
-worker_shmem_request(void)
-{
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(D365Shared)));
-}
-
-/*
- * worker_shmem_startup
- *		Create (postmaster start, crash re-initialisation) or attach the
- *		shared state.  After a fresh start the worker connects at once.
- */
-static void
-worker_shmem_startup(void)
-{
-	bool		found;
-
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	d365_shared = ShmemInitStruct("d365sync", sizeof(D365Shared), &found);
-	if (!found)
-	{
-		memset(d365_shared, 0, sizeof(D365Shared));
-		SpinLockInit(&d365_shared->mutex);
-		d365_shared->connect_next = true;
-	}
-	LWLockRelease(AddinShmemInitLock);
-}
 
 /*
  * d365_worker_init
@@ -168,10 +129,7 @@ d365_worker_init(void)
 							   &d365_worker_database, "postgres",
 							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
-	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = worker_shmem_request;
-	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = worker_shmem_startup;
+	d365_shmem_init();
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -182,115 +140,6 @@ d365_worker_init(void)
 	strlcpy(bgw.bgw_name, "d365sync worker", BGW_MAXLEN);
 	strlcpy(bgw.bgw_type, "d365sync worker", BGW_MAXLEN);
 	RegisterBackgroundWorker(&bgw);
-}
-
-/*
- * d365_progress_claim
- *		A free run-progress slot for a run of the given kind in this
- *		backend, or NULL (no shared memory, or every slot taken: progress is
- *		then simply not shown).  The owner updates its counters under
- *		d365_shared->mutex and must release the slot on every exit path
- *		(a memory-context reset callback of the run's context will do).
- */
-D365Progress *
-d365_progress_claim(const char *kind)
-{
-	D365Progress *slot = NULL;
-	int			i;
-
-	if (d365_shared == NULL)
-		return NULL;
-	SpinLockAcquire(&d365_shared->mutex);
-	for (i = 0; i < D365_PROGRESS_SLOTS; i++)
-	{
-		if (d365_shared->progress[i].pid == 0)
-		{
-			slot = &d365_shared->progress[i];
-			memset(slot, 0, sizeof(D365Progress));
-			slot->pid = MyProcPid;
-			slot->dboid = MyDatabaseId;
-			strlcpy(slot->kind, kind, sizeof(slot->kind));
-			slot->started_at = GetCurrentTimestamp();
-			slot->remaining = -1;
-			break;
-		}
-	}
-	SpinLockRelease(&d365_shared->mutex);
-	return slot;
-}
-
-/*
- * d365_progress_release
- *		Give a slot from d365_progress_claim() back (NULL is fine).
- */
-void
-d365_progress_release(D365Progress *slot)
-{
-	if (slot == NULL || d365_shared == NULL)
-		return;
-	SpinLockAcquire(&d365_shared->mutex);
-	if (slot->pid == MyProcPid)
-		slot->pid = 0;
-	SpinLockRelease(&d365_shared->mutex);
-}
-
-/* ------------------------------------------------------------------------
- * Waking the worker at commit (runs in ordinary backends)
- * ------------------------------------------------------------------------
- */
-
-static void
-wake_xact_callback(XactEvent event, void *arg)
-{
-	Latch	   *latch = NULL;
-
-	if (event == XACT_EVENT_COMMIT && wake_at_commit && d365_shared != NULL)
-	{
-		SpinLockAcquire(&d365_shared->mutex);
-		if (d365_shared->dboid == MyDatabaseId)
-			latch = d365_shared->latch;
-		SpinLockRelease(&d365_shared->mutex);
-		/* a latch of a process that just exited: a harmless spurious wake */
-		if (latch != NULL)
-			SetLatch(latch);
-	}
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
-		event == XACT_EVENT_PREPARE)
-		wake_at_commit = false;
-}
-
-/*
- * d365._worker_wake(always boolean) -> void
- *		Wake the worker when the current transaction commits: always (a
- *		settings change), or only while realtime is on (a captured change,
- *		a logged activity).  Nothing happens on rollback, in the worker
- *		itself, in another database, or without the preload.  Cheap: the
- *		capture trigger calls it for every row.
- */
-Datum
-d365_worker_wake(PG_FUNCTION_ARGS)
-{
-	d365_worker_wake_at_commit(PG_ARGISNULL(0) ? true : PG_GETARG_BOOL(0));
-	PG_RETURN_VOID();
-}
-
-/*
- * d365_worker_wake_at_commit
- *		The C side of d365._worker_wake(), for the capture trigger.
- */
-void
-d365_worker_wake_at_commit(bool always)
-{
-	/* unlocked reads of single fields: a stale value costs one wake at most */
-	if (d365_shared == NULL || d365_shared->pid == MyProcPid ||
-		(!always && !d365_shared->realtime))
-		return;
-	if (!xact_callback_registered)
-	{
-		RegisterXactCallback(wake_xact_callback, NULL);
-		xact_callback_registered = true;
-	}
-	wake_at_commit = true;
 }
 
 static const char *

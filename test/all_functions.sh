@@ -13,24 +13,15 @@
 # output.  Trigger functions cannot be called directly and are skipped.
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run by
-# itself it starts its own (scripts/lib.sh, d365_start_standalone).
+# itself it starts its own (test/lib.sh, t_standalone).
 # Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
 set -uo pipefail
 
-TMPD=$(mktemp -d /tmp/d365allfn.XXXXXX)
-STANDALONE=0
-trap '[ -n "${KEEP:-}" ] || rm -rf "$TMPD"; [ "$STANDALONE" = 0 ] || d365_stop_all' EXIT
-if [ -z "${D365_SIM_URL:-}" ]; then
-    # run by itself: a build, a cluster and a simulator of its own
-    STANDALONE=1
-    . "$(dirname "$0")/../scripts/lib.sh"
-    d365_start_standalone "$TMPD/start.log" || exit 0
-fi
-chmod 755 "$TMPD"
+. "$(dirname "$0")/lib.sh"
+t_begin allfn
+t_standalone || exit 0
 SECRET="sim-secret"
-
-psqlq() { timeout 300 psql -X -q -At -P pager=off "$@"; }
-diag() { sed 's/^/# /' | head -n 40; }
+DB=postgres PSQL_STOP=0 PSQL_TIMEOUT=300    # psqlq: each call names its database
 
 started=$(psqlq -d postgres -c "SELECT pg_postmaster_start_time()")
 # scripts/lib.sh writes the server log beside the data directory

@@ -11,31 +11,14 @@
 set -uo pipefail
 
 DB=d365config
-TMPD=$(mktemp -d /tmp/d365config.XXXXXX)
-STANDALONE=0
-trap 'rm -rf "$TMPD"; [ "$STANDALONE" = 0 ] || d365_stop_all' EXIT
-if [ -z "${D365_SIM_URL:-}" ]; then
-    # run by itself: a build, a cluster and a simulator of its own
-    STANDALONE=1
-    . "$(dirname "$0")/../scripts/lib.sh"
-    d365_start_standalone "$TMPD/start.log" || exit 0
-fi
-
-psqlq() {
-    timeout 60 psql -X -q -At -P pager=off -d "$DB" "$@"
-}
-
-diag() { sed 's/^/# /'; }
+. "$(dirname "$0")/lib.sh"
+t_begin config
+t_standalone || exit 0
+PSQL_STOP=0
 
 timeout 60 dropdb --if-exists "$DB" >/dev/null 2>&1
 if ! timeout 60 createdb "$DB" >"$TMPD/setup.log" 2>&1 ||
-   ! psqlq -v ON_ERROR_STOP=1 -v sim_url="$D365_SIM_URL" >>"$TMPD/setup.log" 2>&1 <<'SQL'
-CREATE EXTENSION d365sync CASCADE;
-UPDATE d365.settings
-   SET org_url = :'sim_url', authority_url = :'sim_url',
-       tenant_id = '11111111-1111-1111-1111-111111111111',
-       client_id = '22222222-2222-2222-2222-222222222222',
-       client_secret = 'sim-secret';
+   ! { t_configure_sql; cat <<'SQL'; } | psqlq -v ON_ERROR_STOP=1 >>"$TMPD/setup.log" 2>&1
 CREATE TABLE person (id integer PRIMARY KEY, email text, score integer NOT NULL DEFAULT 0);
 SELECT d365.d365_attach_contacts('person');
 SQL

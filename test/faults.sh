@@ -17,69 +17,22 @@
 # step that could block runs under timeout.
 set -uo pipefail
 
-FAULTS_REPO=$(cd "$(dirname "$0")/.." && pwd)
 DB=d365faults
 NSCEN=9
-TMPD=$(mktemp -d /tmp/d365faults.XXXXXX)
-chmod 755 "$TMPD"
-BG_PIDS=()
-STANDALONE=0
-
-faults_exit() {
-    local p
-    for p in "${BG_PIDS[@]}"; do
-        kill "$p" 2>/dev/null
-        wait "$p" 2>/dev/null
-    done
-    rm -rf "$TMPD"
-    [ "$STANDALONE" = 1 ] && d365_stop_all
-    exit 0
-}
-trap faults_exit EXIT
-trap 'exit 0' INT TERM
-
-if [ -z "${D365_SIM_URL:-}" ]; then
-    STANDALONE=1
-    . "$FAULTS_REPO/scripts/lib.sh"
-    if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
-        d365_build || { for i in $(seq 1 $NSCEN); do echo "not ok $i - set-up: the build failed"; done; exit 0; }
-    fi
-    # pg_cron's database is another one, as under scripts/test.sh
-    { d365_start_cluster postgres && d365_start_sim; } >"$TMPD/start.log" 2>&1 || {
-        sed 's/^/# /' "$TMPD/start.log"
-        for i in $(seq 1 $NSCEN); do echo "not ok $i - set-up: cluster or simulator did not start"; done
-        exit 0
-    }
-fi
+. "$(dirname "$0")/lib.sh"
+t_begin faults
+t_standalone || exit 0
 export PGHOST PGPORT PGUSER D365_SIM_URL D365_SIMCTL
 
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-# psqlq [psql args]: a psql session on the test database, script on stdin
-# or -c; unaligned, tuples only; stops at the first error; bounded.
-psqlq() {
-    timeout "${PSQL_TIMEOUT:-60}" psql -X -q -At -v ON_ERROR_STOP=1 -P pager=off -d "$DB" "$@"
-}
-
-simctl() {
-    timeout 30 "$D365_SIMCTL" "$@"
-}
+# (psqlq, simctl, diag, now_ms, wait_server: test/lib.sh)
 
 # sim_stat PYEXPR: a value of "simctl stats" (s is the parsed JSON).
 sim_stat() {
     simctl stats | /usr/bin/python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
 }
-
-diag() {
-    local line
-    while IFS= read -r line; do
-        printf '# %s\n' "$line"
-    done <<<"$*"
-}
-
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 PROBLEMS=()
 SCEN_N=0
@@ -245,16 +198,6 @@ wait_exit() {
     wait "$pid" 2>/dev/null
     BG_RC=$?
     return 0
-}
-
-# wait_server: until the cluster accepts connections again (60 s).
-wait_server() {
-    local i
-    for i in $(seq 1 300); do
-        timeout 5 psql -X -q -At -d postgres -c 'SELECT 1' >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    return 1
 }
 
 fault() {

@@ -5,9 +5,7 @@
 # entry for the version.  Prints "ok N - ..." / "not ok N - ...".
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() { n=$((n + 1)); echo "not ok $n - $*"; }
+. "$REPO/test/lib.sh"
 
 control=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$REPO/d365sync.control")
 make_version=$(sed -n 's/^EXTVERSION = //p' "$REPO/Makefile")
@@ -50,4 +48,25 @@ if grep -q -- '-Wall' <<<"$user" && ! grep -qE -- '-Werror( |$)' <<<"$user" \
     ok "a user's build warns, a development (D365_WERROR=1) or CI (CI=true) build fails on warnings"
 else
     notok "-Werror is not where it belongs: $(grep -o -- '-W[a-z-]*' <<<"$user" | tr '\n' ' ')"
+fi
+# where the README's commands install: the system's PostgreSQL, said aloud,
+# unless D365_PG_BIN names a private copy (make is stubbed: only the choice
+# of PostgreSQL and what is said about it are checked here)
+announce() {
+    env -u D365_PG_BIN ${1:+D365_PG_BIN=$1} bash -c '
+        . "$0/scripts/lib.sh"
+        make() { echo "make $*" >&2; }
+        d365_build 2>&1; echo "PG_CONFIG=$PG_CONFIG"' "$REPO"
+}
+sys=$(announce)
+priv=$(announce /tmp/d365-priv/usr/lib/postgresql/15/bin)
+if grep -q 'into the system PostgreSQL (/usr/lib/postgresql/15/bin)' <<<"$sys" &&
+   grep -q 'scripts/pg-sandbox.sh' <<<"$sys" && grep -qx 'PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config' <<<"$sys" &&
+   grep -q 'into /tmp/d365-priv/usr/lib/postgresql/15/bin/.. (D365_PG_BIN)' <<<"$priv" &&
+   grep -q 'make .*PG_CONFIG=/tmp/d365-priv/usr/lib/postgresql/15/bin/pg_config.* install' <<<"$priv" &&
+   grep -q 'scripts/pg-sandbox.sh' "$REPO/README.md" && grep -q 'D365_PG_BIN' "$REPO/README.md"; then
+    ok "the scripts say they install into the system PostgreSQL unless D365_PG_BIN names a private copy (README: pg-sandbox.sh)"
+else
+    notok "installing into the system PostgreSQL is not an explicit, documented choice"
+    diag "$sys" "$priv"
 fi

@@ -14,63 +14,18 @@
 # d365_status().  Prints "ok N - ..." / "not ok N - ..." and always exits 0.
 set -uo pipefail
 
-PROGRESS_REPO=$(cd "$(dirname "$0")/.." && pwd)
 DB=d365progress
-TMPD=$(mktemp -d /tmp/d365progress.XXXXXX)
-chmod 755 "$TMPD"
 BG_PID=
+. "$(dirname "$0")/lib.sh"
+t_begin progress
+t_on_exit() { [ -z "$BG_PID" ] || { kill "$BG_PID" 2>/dev/null; wait "$BG_PID" 2>/dev/null; }; }
+t_preloaded "$DB" || exit 0
 
-. "$PROGRESS_REPO/scripts/lib.sh"
-
-progress_exit() {
-    if [ -n "$BG_PID" ]; then
-        kill "$BG_PID" 2>/dev/null
-        wait "$BG_PID" 2>/dev/null
-    fi
-    d365_stop_all
-    [ -n "${SIM_WORK:-}" ] && rm -rf "$SIM_WORK"
-    rm -rf "$TMPD"
-    exit 0
-}
-trap progress_exit EXIT
-trap 'exit 0' INT TERM
-
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() {
-    n=$((n + 1))
-    echo "not ok $n - $1"
-    shift
-    local l
-    for l in "$@"; do printf '# %s\n' "$l"; done
-}
-
-if [ -z "${D365_SIM_URL:-}" ]; then
-    if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
-        d365_build >/dev/null || { notok "set-up: the build failed"; exit 0; }
-    fi
-    D365_WORK=$(mktemp -d /tmp/d365sync.XXXXXX)
-    chmod 755 "$D365_WORK"
-    d365_start_sim >/dev/null || { notok "set-up: the simulator did not start"; exit 0; }
-    SIM_WORK=$D365_WORK
-fi
-d365_start_preloaded_cluster "$DB" >"$TMPD/start.log" 2>&1 || {
-    notok "set-up: the preloaded cluster did not start" "$(tail -n 5 "$TMPD/start.log")"
-    exit 0
-}
-export PGHOST PGPORT PGUSER
-
-psqlq() { timeout 60 psql -X -q -At -v ON_ERROR_STOP=1 -P pager=off -d "$DB" "$@"; }
-
-"$D365_SIMCTL" reset >/dev/null
-psql -X -q -d postgres -c "CREATE DATABASE $DB" >/dev/null
+simctl reset >/dev/null
+t_create_db "$DB"
 if ! psqlq >"$TMPD/setup.log" 2>&1 <<SQL
-CREATE EXTENSION d365sync;
-UPDATE d365.settings
-   SET org_url = '$D365_SIM_URL', authority_url = '$D365_SIM_URL',
-       tenant_id = '11111111-1111-1111-1111-111111111111',
-       client_id = '22222222-2222-2222-2222-222222222222',
-       client_secret = 'sim-secret', contact_sync_enabled = true, min_score = 10;
+$(t_configure_sql)
+UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
 CREATE TABLE person (id integer PRIMARY KEY, email text, score integer NOT NULL);
 INSERT INTO person SELECT g, 'p' || g || '@example.com', 50 FROM generate_series(1, 5) g;
 SELECT d365.d365_attach_contacts('person');

@@ -20,90 +20,14 @@
 # Prints "ok N - ..." / "not ok N - ..." lines and always exits 0.
 set -uo pipefail
 
-RT_REPO=$(cd "$(dirname "$0")/.." && pwd)
 DB=d365redteam
-TMPD=$(mktemp -d /tmp/d365redteam.XXXXXX)
-chmod 755 "$TMPD"
+. "$(dirname "$0")/lib.sh"
+t_begin redteam
+t_preloaded "$DB" || exit 0
 
-. "$RT_REPO/scripts/lib.sh"
-
-rt_exit() {
-    d365_stop_all
-    [ -n "${SIM_WORK:-}" ] && rm -rf "$SIM_WORK"
-    rm -rf "$TMPD"
-    exit 0
-}
-trap rt_exit EXIT
-trap 'exit 0' INT TERM
-
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() {
-    n=$((n + 1))
-    echo "not ok $n - $1"
-    shift
-    local l
-    for l in "$@"; do printf '# %s\n' "$l"; done
-}
-
-if [ -z "${D365_SIM_URL:-}" ]; then
-    if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
-        d365_build >/dev/null || { notok "set-up: the build failed"; exit 0; }
-    fi
-    D365_WORK=$(mktemp -d /tmp/d365sync.XXXXXX)
-    chmod 755 "$D365_WORK"
-    d365_start_sim >/dev/null || { notok "set-up: the simulator did not start"; exit 0; }
-    SIM_WORK=$D365_WORK
-fi
-d365_start_preloaded_cluster "$DB" >"$TMPD/start.log" 2>&1 || {
-    notok "set-up: the preloaded cluster did not start" "$(tail -n 5 "$TMPD/start.log")"
-    exit 0
-}
-export PGHOST PGPORT PGUSER D365_SIM_URL D365_SIMCTL
-
-psqlq() {
-    timeout 60 psql -X -q -At -v ON_ERROR_STOP=1 -P pager=off -d "${PSQL_DB:-$DB}" "$@"
-}
-
-# worker_pid: the d365sync worker connected to $DB, or nothing
-worker_pid() {
-    PSQL_DB=postgres psqlq -c "SELECT pid FROM pg_stat_activity
-                                WHERE backend_type = 'd365sync worker' AND datname = '$DB'" 2>/dev/null
-}
-
-# wait_worker [NOT_PID]: until a worker other than NOT_PID serves $DB (60 s)
-wait_worker() {
-    local i p
-    for i in $(seq 1 300); do
-        p=$(worker_pid)
-        if [ -n "$p" ] && [ "$p" != "${1:-}" ]; then
-            WORKER_PID=$p
-            return 0
-        fi
-        sleep 0.2
-    done
-    return 1
-}
-
-# wait_sql QUERY: until QUERY returns t (30 s)
-wait_sql() {
-    local i
-    for i in $(seq 1 150); do
-        [ "$(psqlq -c "$1" 2>/dev/null)" = t ] && return 0
-        sleep 0.2
-    done
-    return 1
-}
-
-PSQL_DB=postgres psqlq -c "CREATE DATABASE $DB" || { notok "set-up: CREATE DATABASE failed"; exit 0; }
-psqlq -v sim_url="$D365_SIM_URL" >"$TMPD/setup.log" 2>&1 <<'SQL' || { notok "set-up: configuring failed" "$(tail -n 5 "$TMPD/setup.log")"; exit 0; }
-CREATE EXTENSION d365sync;
-UPDATE d365.settings
-   SET org_url = :'sim_url', authority_url = :'sim_url',
-       tenant_id = '11111111-1111-1111-1111-111111111111',
-       client_id = '22222222-2222-2222-2222-222222222222',
-       client_secret = 'sim-secret',
-       contact_sync_enabled = true, min_score = 10;
+t_create_db "$DB" || { notok "set-up: CREATE DATABASE failed"; exit 0; }
+{ t_configure_sql; cat <<'SQL'; } | psqlq >"$TMPD/setup.log" 2>&1 || { notok "set-up: configuring failed" "$(tail -n 5 "$TMPD/setup.log")"; exit 0; }
+UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
 CREATE TABLE lead (id integer PRIMARY KEY, name text, score integer NOT NULL DEFAULT 50);
 SELECT d365.d365_attach_contacts('lead');
 INSERT INTO d365.field_map VALUES ('name', 'firstname');

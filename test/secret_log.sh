@@ -13,30 +13,20 @@ set -uo pipefail
 
 DB=d365secret
 SECRET=sim-secret
-TMPD=$(mktemp -d /tmp/d365secret.XXXXXX)
-chmod 755 "$TMPD"
-STANDALONE=0
-cleanup() {
+. "$(dirname "$0")/lib.sh"
+t_begin secret
+t_on_exit() {
     psql -X -q -d postgres -c "ALTER SYSTEM RESET log_statement" -c "SELECT pg_reload_conf()" >/dev/null 2>&1
     timeout 60 dropdb --if-exists "$DB" >/dev/null 2>&1
-    rm -rf "$TMPD"
-    [ "$STANDALONE" = 0 ] || d365_stop_all
 }
-trap cleanup EXIT
-if [ -z "${D365_SIM_URL:-}" ]; then
-    # run by itself: a build, a cluster and a simulator of its own
-    STANDALONE=1
-    . "$(dirname "$0")/../scripts/lib.sh"
-    d365_start_standalone "$TMPD/start.log" || exit 0
-fi
+t_standalone || exit 0
+PSQL_STOP=0 PSQL_TIMEOUT=120 DIAG_MAX=30
 # scripts/lib.sh writes the server log beside the data directory
 LOG=${D365_WORK:-$(dirname "${PGDATA:-/nonexistent/x}")}/postgres.log
 if [ ! -f "$LOG" ]; then
     echo "not ok 1 - set-up: no server log at $LOG"
     exit 0
 fi
-psqlq() { timeout 120 psql -X -q -At -P pager=off -d "$DB" "$@"; }
-diag() { sed 's/^/# /' | head -n 30; }
 new_log() { tail -n +"$((start + 1))" "$LOG"; }    # to a file: grep -q would cut the pipe
 
 timeout 60 dropdb --if-exists "$DB" >/dev/null 2>&1

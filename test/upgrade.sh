@@ -24,21 +24,11 @@
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-TMPD=$(mktemp -d /tmp/d365upgrade.XXXXXX)
 OLD=d365upgrade_old
 NEW=d365upgrade_new
-STANDALONE=0
-trap 'rm -rf "$TMPD"; [ "$STANDALONE" = 0 ] || d365_stop_all' EXIT
-if [ -z "${D365_SIM_URL:-}" ]; then
-    # run by itself: a build, a cluster and a simulator of its own
-    STANDALONE=1
-    . "$(dirname "$0")/../scripts/lib.sh"
-    d365_start_standalone "$TMPD/start.log" || exit 0
-fi
-
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() { n=$((n + 1)); echo "not ok $n - $*"; }
+. "$(dirname "$0")/lib.sh"
+t_begin upgrade
+t_standalone || exit 0
 psql_db() { psql -X -v ON_ERROR_STOP=1 -q -d "$@"; }
 
 setup_table() {

@@ -21,63 +21,11 @@
 # Prints "ok N - ..." / "not ok N - ..." lines and always exits 0.
 set -uo pipefail
 
-WORKER_REPO=$(cd "$(dirname "$0")/.." && pwd)
 DB=d365worker
 BOUND_MS=10000
-TMPD=$(mktemp -d /tmp/d365worker.XXXXXX)
-chmod 755 "$TMPD"
-BG_PIDS=()
-
-. "$WORKER_REPO/scripts/lib.sh"
-
-worker_exit() {
-    local p
-    for p in "${BG_PIDS[@]}"; do
-        kill "$p" 2>/dev/null
-        wait "$p" 2>/dev/null
-    done
-    if [ -n "${D365_WORK:-}" ] && [ -f "$D365_WORK/postgres.log" ]; then
-        cp "$D365_WORK/postgres.log" "$TMPD/postgres.log" 2>/dev/null
-    fi
-    d365_stop_all
-    [ -n "${SIM_WORK:-}" ] && rm -rf "$SIM_WORK"
-    rm -rf "$TMPD"
-    exit 0
-}
-trap worker_exit EXIT
-trap 'exit 0' INT TERM
-
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() {
-    n=$((n + 1))
-    echo "not ok $n - $1"
-    shift
-    local l
-    for l in "$@"; do printf '# %s\n' "$l"; done
-}
-diag() { printf '# %s\n' "$*"; }
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-
-if [ -z "${D365_SIM_URL:-}" ]; then
-    if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
-        d365_build >/dev/null || { notok "set-up: the build failed"; exit 0; }
-    fi
-    D365_WORK=$(mktemp -d /tmp/d365sync.XXXXXX)
-    chmod 755 "$D365_WORK"
-    d365_start_sim >/dev/null || { notok "set-up: the simulator did not start"; exit 0; }
-    SIM_WORK=$D365_WORK
-fi
-d365_start_preloaded_cluster "$DB" >"$TMPD/start.log" 2>&1 || {
-    notok "set-up: the preloaded cluster did not start" "$(tail -n 5 "$TMPD/start.log")"
-    exit 0
-}
-export PGHOST PGPORT PGUSER D365_SIM_URL D365_SIMCTL
-
-psqlq() {
-    timeout "${PSQL_TIMEOUT:-60}" psql -X -q -At -v ON_ERROR_STOP=1 -P pager=off -d "${PSQL_DB:-$DB}" "$@"
-}
-simctl() { timeout 30 "$D365_SIMCTL" "$@"; }
+. "$(dirname "$0")/lib.sh"
+t_begin worker
+t_preloaded "$DB" || exit 0
 
 # worker_row: pid|datname of the d365sync worker in pg_stat_activity
 worker_row() {
@@ -96,16 +44,6 @@ wait_worker_in() {
             return 0
         fi
         sleep 0.1
-    done
-    return 1
-}
-
-# wait_server: until the cluster accepts connections again (60 s).
-wait_server() {
-    local i
-    for i in $(seq 1 300); do
-        PSQL_DB=postgres psqlq -c 'SELECT 1' >/dev/null 2>&1 && return 0
-        sleep 0.2
     done
     return 1
 }
@@ -156,14 +94,9 @@ within_bound() {
 # configure: the extension set up against the simulator, a contact table
 # attached and mapped, realtime on.
 configure() {
-    psqlq -v sim_url="$D365_SIM_URL" <<'SQL'
-CREATE EXTENSION IF NOT EXISTS d365sync;
+    { t_configure_sql; cat <<'SQL'; } | psqlq
 UPDATE d365.settings
-   SET org_url = :'sim_url', authority_url = :'sim_url',
-       tenant_id = '11111111-1111-1111-1111-111111111111',
-       client_id = '22222222-2222-2222-2222-222222222222',
-       client_secret = 'sim-secret',
-       contact_sync_enabled = true, min_score = 10, activity_sync_enabled = true;
+   SET contact_sync_enabled = true, min_score = 10, activity_sync_enabled = true;
 CREATE TABLE IF NOT EXISTS lead (
     id         integer PRIMARY KEY,
     first_name text,
