@@ -21,8 +21,11 @@
  * pg_extension_config_dump so pg_dump keeps what the user wrote.  Every
  * function pins its search_path.
  *
- * A change here is a change of the next release: it goes into the upgrade
- * script sql/d365sync--A--B.sql too, and the upgrade test proves that an
- * updated installation equals a fresh one.
+ * These parts are the one place each function is defined.  A change here
+ * is a change of the next release: the function part of the upgrade script
+ * sql/d365sync--A--B.sql is generated from them (make regen), what cannot
+ * be re-created (tables, columns, data moves, drops) is written by hand in
+ * sql/upgrade/A--B.sql, and the upgrade test proves that an updated
+ * installation equals a fresh one (docs/development.md).
  */
 \echo Use "CREATE EXTENSION d365sync" to load this file. \quit
