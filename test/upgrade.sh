@@ -5,19 +5,25 @@
 # scripts/test.sh runs it with the cluster and simulator it started (PGHOST,
 # PGPORT, PGUSER, D365_SIM_URL, D365_SIMCTL exported); run by itself it
 # builds and starts its own (D365_SKIP_BUILD=1: uses what is installed).
-# For 0.1 it:
-#   1. installs 0.1 in a database, configures it against the simulator,
-#      attaches and maps a contact table, syncs, logs activities;
-#   2. saves every user row of d365's tables (the columns 0.1 had);
-#   3. runs ALTER EXTENSION d365sync UPDATE;
+# For each path (0.1 -> 0.2, 0.2 -> the current version, 0.1 -> 0.2 -> the
+# current version in one ALTER EXTENSION) it:
+#   1. installs the old release in a database (from its frozen install
+#      script), configures it against the simulator, attaches and maps a
+#      contact table, syncs, logs activities (a 0.2 installation also has
+#      a second application user and its own history retention, and pulls);
+#   2. saves every user row of d365's tables (the columns the old release
+#      had);
+#   3. runs ALTER EXTENSION d365sync UPDATE [TO the target];
 #   4. compares the catalog of schema d365 (test/catalog.sql: functions with
 #      volatility, SECURITY DEFINER, SET clauses and bodies; columns, types,
 #      defaults; indexes; constraints; triggers, those on the attached table
-#      included) with a fresh install that attached the same table;
+#      included) with a fresh install of the target that attached the same
+#      table;
 #   5. checks the saved rows are unchanged and the next sync sends nothing,
-#      and that the updated installation still creates a new contact;
-#   6. updates an installation whose key column was renamed, and attaches
-#      it again;
+#      and that the updated installation still creates a new contact.
+# Then, for the current version:
+#   6. updates a 0.1 installation whose key column was renamed, and
+#      attaches it again;
 #   7. checks that a generated column mapped in 0.1 is mapped 'out' after
 #      the update.
 # Prints "ok N - ..." / "not ok N - ..." lines with diagnostics as "# ...".
@@ -29,6 +35,7 @@ NEW=d365upgrade_new
 . "$(dirname "$0")/lib.sh"
 t_begin upgrade
 t_standalone || exit 0
+CURRENT=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$REPO/d365sync.control")
 psql_db() { psql -X -v ON_ERROR_STOP=1 -q -d "$@"; }
 
 setup_table() {
@@ -41,13 +48,9 @@ VALUES ('email', 'emailaddress1'), ('first_name', 'firstname'), ('last_name', 'l
 SQL
 }
 
-# -- 1. a 0.1 installation in use
-"$D365_SIMCTL" reset >/dev/null
-for db in $OLD $NEW; do
-    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
-done
-if ! psql_db $OLD >"$TMPD/old.log" 2>&1 <<SQL
-CREATE EXTENSION d365sync VERSION '0.1';
+# what an installation of release $1 in use has done
+use_release() {
+    cat <<SQL
 UPDATE d365.settings
    SET org_url = '$D365_SIM_URL', authority_url = '$D365_SIM_URL',
        tenant_id = '11111111-1111-1111-1111-111111111111',
@@ -66,89 +69,134 @@ SELECT d365.d365_log_activity(2, 'task', 'Send the paper');
 SELECT d365.d365_log_activity(3, 'task', 'Not linked yet: stays pending');
 SELECT * FROM d365.d365_sync_activities();
 SQL
-then
-    notok "a 0.1 installation syncs contacts and activities"
-    sed 's/^/# /' "$TMPD/old.log"
-    exit 0
-fi
-ok "a 0.1 installation syncs contacts and activities"
+    if [ "$1" != 0.1 ]; then
+        cat <<SQL
+UPDATE d365.settings SET run_history_retention = '90 days';
+UPDATE d365.field_map SET match = true WHERE column_name = 'email';
+INSERT INTO d365.app_users (client_id, client_secret, enabled)
+VALUES ('33333333-3333-3333-3333-333333333333', 'second-secret', false);
+SELECT * FROM d365.d365_pull_changes();
+SQL
+    fi
+}
 
-# -- 2. the user's rows, in the columns 0.1 had
+# the user's rows of every table of d365, in the columns the old release had
+save_columns() {
+    local db=$1 t
+    psql_db "$db" -At -c "SELECT c.relname FROM pg_class c
+                           WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind = 'r'
+                           ORDER BY 1" >"$TMPD/tables"
+    while read -r t; do
+        psql_db "$db" -At -c "SELECT string_agg(CASE WHEN atttypid = 'timestamptz'::regtype
+                                         THEN format('%I::text', attname) ELSE quote_ident(attname) END, ', ' ORDER BY attnum)
+                               FROM pg_attribute WHERE attrelid = 'd365.$t'::regclass
+                                AND attnum > 0 AND NOT attisdropped" >"$TMPD/cols.$t"
+    done <"$TMPD/tables"
+}
 dump_rows() {
     local db=$1 t cols
-    for t in settings field_map contact_source contact_state activity activity_type_map \
-             activity_mapper sync_run pull_state metadata_cache; do
+    while read -r t; do
         cols=$(cat "$TMPD/cols.$t")
         echo "== $t"
         psql_db "$db" -At -c "SELECT $cols FROM d365.$t ORDER BY 1::text" 2>&1
-    done
+    done <"$TMPD/tables"
     echo "== person"
     psql_db "$db" -At -c "SELECT * FROM person ORDER BY id"
 }
-for t in settings field_map contact_source contact_state activity activity_type_map \
-         activity_mapper sync_run pull_state metadata_cache; do
-    psql_db $OLD -At -c "SELECT string_agg(CASE WHEN atttypid = 'timestamptz'::regtype
-                                     THEN format('%I::text', attname) ELSE quote_ident(attname) END, ', ' ORDER BY attnum)
-                           FROM pg_attribute WHERE attrelid = 'd365.$t'::regclass
-                            AND attnum > 0 AND NOT attisdropped" >"$TMPD/cols.$t"
-done
-dump_rows $OLD >"$TMPD/rows.before"
 
-# -- 3. the update
-if psql_db $OLD -c "ALTER EXTENSION d365sync UPDATE" >"$TMPD/update.log" 2>&1 &&
-   [ "$(psql_db $OLD -At -c "SELECT extversion FROM pg_extension WHERE extname = 'd365sync'")" = \
-     "$(psql_db $NEW -At -c "SELECT default_version FROM pg_available_extensions WHERE name = 'd365sync'")" ]; then
-    ok "ALTER EXTENSION d365sync UPDATE reaches the default version"
-else
-    notok "ALTER EXTENSION d365sync UPDATE reaches the default version"
-    sed 's/^/# /' "$TMPD/update.log"
-fi
+# upgrade_path FROM TO: steps 1 to 5 for an installation of FROM updated to
+# TO (TO = the current version: a plain ALTER EXTENSION d365sync UPDATE,
+# which goes through every release between)
+upgrade_path() {
+    local from=$1 to=$2 path update t
+    if [ "$to" = "$CURRENT" ]; then
+        update="ALTER EXTENSION d365sync UPDATE"
+        path=$(/usr/bin/python3 -c 'import sys; v = sys.argv[1:]; print(" -> ".join(v))' \
+                   $(psql_db postgres -At -c "SELECT path FROM pg_extension_update_paths('d365sync')
+                                              WHERE source = '$from' AND target = '$to'" | tr -s '-' ' '))
+    else
+        update="ALTER EXTENSION d365sync UPDATE TO '$to'"
+        path="$from -> $to"
+    fi
 
-# -- 4. the same objects as a fresh install
-psql_db $NEW >"$TMPD/new.log" 2>&1 <<SQL
-CREATE EXTENSION d365sync;
+    # -- 1. an installation of $from in use
+    "$D365_SIMCTL" reset >/dev/null
+    for db in $OLD $NEW; do
+        psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null 2>&1
+    done
+    if ! psql_db $OLD >"$TMPD/old.log" 2>&1 <<SQL
+CREATE EXTENSION d365sync VERSION '$from';
+$(use_release "$from")
+SQL
+    then
+        notok "$path: a $from installation syncs contacts and activities"
+        sed 's/^/# /' "$TMPD/old.log"
+        return
+    fi
+    ok "$path: a $from installation syncs contacts and activities"
+
+    # -- 2. the user's rows, in the columns $from had
+    save_columns $OLD
+    dump_rows $OLD >"$TMPD/rows.before"
+
+    # -- 3. the update
+    if psql_db $OLD -c "$update" >"$TMPD/update.log" 2>&1 &&
+       [ "$(psql_db $OLD -At -c "SELECT extversion FROM pg_extension WHERE extname = 'd365sync'")" = "$to" ]; then
+        ok "$path: $update reaches $to"
+    else
+        notok "$path: $update reaches $to"
+        sed 's/^/# /' "$TMPD/update.log"
+    fi
+
+    # -- 4. the same objects as a fresh install
+    psql_db $NEW >"$TMPD/new.log" 2>&1 <<SQL
+CREATE EXTENSION d365sync VERSION '$to';
 $(setup_table)
 SQL
-psql_db $OLD -f "$REPO/test/catalog.sql" >"$TMPD/catalog.old" 2>&1
-psql_db $NEW -f "$REPO/test/catalog.sql" >"$TMPD/catalog.new" 2>&1
-if [ -s "$TMPD/catalog.new" ] && diff -u "$TMPD/catalog.new" "$TMPD/catalog.old" >"$TMPD/catalog.diff"; then
-    ok "the updated catalog equals a fresh install's ($(wc -l <"$TMPD/catalog.new") objects and attributes)"
-else
-    notok "the updated catalog equals a fresh install's (diff: fresh -> updated)"
-    sed 's/^/# /' "$TMPD/catalog.diff" "$TMPD/new.log" | head -80
-fi
+    psql_db $OLD -f "$REPO/test/catalog.sql" >"$TMPD/catalog.old" 2>&1
+    psql_db $NEW -f "$REPO/test/catalog.sql" >"$TMPD/catalog.new" 2>&1
+    if [ -s "$TMPD/catalog.new" ] && diff -u "$TMPD/catalog.new" "$TMPD/catalog.old" >"$TMPD/catalog.diff"; then
+        ok "$path: the updated catalog equals a fresh $to install's ($(wc -l <"$TMPD/catalog.new") objects and attributes)"
+    else
+        notok "$path: the updated catalog equals a fresh $to install's (diff: fresh -> updated)"
+        sed 's/^/# /' "$TMPD/catalog.diff" "$TMPD/new.log" | head -80
+    fi
 
-# -- 5. the data is kept, the next sync sends nothing, new work still flows
-dump_rows $OLD >"$TMPD/rows.after"
-if diff -u "$TMPD/rows.before" "$TMPD/rows.after" >"$TMPD/rows.diff"; then
-    ok "settings, field map, links, sync state, activity log and run history are kept ($(wc -l <"$TMPD/rows.before") lines)"
-else
-    notok "settings, field map, links, sync state, activity log and run history are kept"
-    sed 's/^/# /' "$TMPD/rows.diff" | head -60
-fi
+    # -- 5. the data is kept, the next sync sends nothing, new work still flows
+    dump_rows $OLD >"$TMPD/rows.after"
+    if diff -u "$TMPD/rows.before" "$TMPD/rows.after" >"$TMPD/rows.diff"; then
+        ok "$path: every row of d365's $(wc -l <"$TMPD/tables") tables is kept ($(wc -l <"$TMPD/rows.before") lines)"
+    else
+        notok "$path: every row of d365's tables is kept"
+        sed 's/^/# /' "$TMPD/rows.diff" | head -60
+    fi
 
-"$D365_SIMCTL" clear-requests >/dev/null
-counts=$(psql_db $OLD -At -F' ' -c "SELECT created, updated, failed FROM d365.d365_sync_contacts()" \
-                                -c "SELECT created, failed FROM d365.d365_sync_activities()" 2>&1)
-api=$("$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; print(len(json.load(sys.stdin)["requests"]))')
-if [ "$counts" = "$(printf '0 0 0\n0 0')" ] && [ "$api" = 0 ]; then
-    ok "after the update the next sync sends nothing"
-else
-    notok "after the update the next sync sends nothing"
-    echo "# counts: $(echo $counts); API requests: $api"
-    "$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; [print("#", r.get("method"), r.get("path")) for r in json.load(sys.stdin)["requests"]]'
+    "$D365_SIMCTL" clear-requests >/dev/null
+    counts=$(psql_db $OLD -At -F' ' -c "SELECT created, updated, failed FROM d365.d365_sync_contacts()" \
+                                    -c "SELECT created, failed FROM d365.d365_sync_activities()" 2>&1)
+    api=$("$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; print(len(json.load(sys.stdin)["requests"]))')
+    if [ "$counts" = "$(printf '0 0 0\n0 0')" ] && [ "$api" = 0 ]; then
+        ok "$path: the next sync sends nothing"
+    else
+        notok "$path: the next sync sends nothing"
+        echo "# counts: $(echo $counts); API requests: $api"
+        "$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; [print("#", r.get("method"), r.get("path")) for r in json.load(sys.stdin)["requests"]]'
+    fi
 
-fi
+    out=$(psql_db $OLD -At -F' ' -c "INSERT INTO person VALUES (4, 'kat@example.com', 'Katherine', 'Johnson', 60)" \
+              -c "SELECT created, failed FROM d365.d365_sync_contacts()" \
+              -c "SELECT count(*) FROM person WHERE dynamics365_related_id IS NOT NULL" 2>&1)
+    if [ "$out" = "$(printf '1 0\n3')" ]; then
+        ok "$path: the updated installation creates a new contact"
+    else
+        notok "$path: the updated installation creates a new contact"
+        echo "# $(echo $out)"
+    fi
+}
 
-out=$(psql_db $OLD -At -F' ' -c "INSERT INTO person VALUES (4, 'kat@example.com', 'Katherine', 'Johnson', 60)" \
-          -c "SELECT created, failed FROM d365.d365_sync_contacts()" \
-          -c "SELECT count(*) FROM person WHERE dynamics365_related_id IS NOT NULL" 2>&1)
-if [ "$out" = "$(printf '1 0\n3')" ]; then
-    ok "the updated installation creates a new contact"
-else
-    notok "the updated installation creates a new contact"
-    echo "# $(echo $out)"
-fi
+upgrade_path 0.1 0.2
+upgrade_path 0.2 "$CURRENT"
+upgrade_path 0.1 "$CURRENT"
 
 # -- 6. an installation whose attached table lost its key column's name
 # (which broke every INSERT under 0.1) updates too: 0.1's triggers go, the
