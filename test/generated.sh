@@ -11,9 +11,8 @@
 # Prints "ok N - ..." / "not ok N - ...".
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() { n=$((n + 1)); echo "not ok $n - $*"; }
+. "$(dirname "$0")/lib.sh"
+t_begin generated
 
 # 1. the generated upgrade scripts are up to date
 out=$(/usr/bin/python3 "$REPO/scripts/gen-sql.py" check 2>&1)
@@ -35,7 +34,7 @@ for f in "$REPO"/sql/d365sync--[0-9]*.sql; do
         ok "sql/d365sync--$v.sql is frozen # skip: this clone has no tag v$v"
         continue
     fi
-    released=$(mktemp)
+    released=$TMPD/released.$v
     if git -C "$REPO" cat-file -e "v$v:sql/d365sync--$v.sql" 2>/dev/null; then
         git -C "$REPO" show "v$v:sql/d365sync--$v.sql" >"$released"
     elif git -C "$REPO" cat-file -e "v$v:sql/install" 2>/dev/null; then
@@ -50,7 +49,6 @@ for f in "$REPO"/sql/d365sync--[0-9]*.sql; do
     else
         notok "sql/d365sync--$v.sql differs from the install script released as v$v: a released script is never edited (git checkout v$v builds it)"
     fi
-    rm -f "$released"
 done
 
 # 3. the Makefile installs every committed script
