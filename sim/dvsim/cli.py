@@ -2,12 +2,14 @@
 
 import argparse
 import os
+import signal
 import ssl
 import sys
 import threading
 
 from .api import Api
 from .common import DEFAULT_CLIENT_ID, DEFAULT_SECRET, DEFAULT_TENANT
+from .persist import load, save, StateFileError
 from .server import Handler, Server
 from .store import State
 
@@ -39,6 +41,9 @@ def main(argv=None):
                     help="another application user (repeatable)")
     ap.add_argument("--no-check-audience", action="store_true",
                     help="accept any scope/resource and any token audience")
+    ap.add_argument("--state-file", metavar="PATH",
+                    help="load the data from PATH at start when it exists; save it there on "
+                         "SIGTERM/SIGINT and on POST /_sim/save (atomic write)")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
     args = ap.parse_args(argv)
 
@@ -53,6 +58,16 @@ def main(argv=None):
                 "check_audience": not args.no_check_audience, "secret_expired": False,
                 "log_bodies": True, "log_limit": 300000, "max_batch": 1000, "max_bulk": 1000}
     state = State(defaults)
+    if args.state_file:
+        state.state_file = os.path.abspath(args.state_file)
+        if os.path.exists(state.state_file):
+            try:
+                n = load(state, state.state_file)
+            except StateFileError as e:
+                sys.stderr.write("dataverse_sim: cannot load the state file %s: %s\n"
+                                 % (state.state_file, e))
+                sys.exit(2)
+            sys.stdout.write("dataverse_sim: loaded %d rows from %s\n" % (n, state.state_file))
     api = Api(state)
 
     httpd = Server(("127.0.0.1", args.port), Handler, state, api, "http", args.verbose)
@@ -83,7 +98,22 @@ def main(argv=None):
     if httpsd is not None:
         t = threading.Thread(target=httpsd.serve_forever, daemon=True)
         t.start()
+    if state.state_file:
+        # a clean shutdown saves the data: SIGTERM ends serve_forever like ^C
+        signal.signal(signal.SIGTERM, _stop)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        if state.state_file:
+            # keep the lock until the process ends: a write still in flight
+            # either finished before (and is saved) or never answers
+            state.lock.acquire()
+            n = save(state, state.state_file)
+            sys.stdout.write("dataverse_sim: saved %d rows to %s\n" % (n, state.state_file))
+            sys.stdout.flush()
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt()

@@ -10,6 +10,7 @@ from .common import ApiError, guid_or_none, jdump, parse_query, Resp, SAM_USER_I
 from .entities import ENTITIES
 from .faults import Fault
 from .formatting import format_row
+from .persist import save
 
 
 CONFIG_KEYS = {"token_lifetime": int, "latency_ms": float, "per_record_ms": float,
@@ -126,6 +127,14 @@ class Control:
                     "changelog": len(S.changelog),
                     "inflight": S.inflight,
                     "users": {k: u.describe() for k, u in S.users.items()}})
+        if p == "/_sim/save" and method == "POST":
+            if not S.state_file:
+                return self.fail(409, "no state file: start the simulator with --state-file PATH")
+            try:
+                n = save(S, S.state_file)
+            except OSError as e:
+                return self.fail(500, "saving %s failed: %s" % (S.state_file, e))
+            return self.ok({"ok": True, "path": S.state_file, "rows": n})
         if p == "/_sim/reset-stats" and method == "POST":
             with S.lock:
                 S.stats = collections.Counter()

@@ -46,6 +46,7 @@ class State:
         self.window = collections.deque()
         self.ports = set()
         self.stats = collections.Counter()
+        self.state_file = None      # --state-file: where /_sim/save writes
         self.reset()
 
     # -- reset / seed --------------------------------------------------------
