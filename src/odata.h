@@ -133,6 +133,7 @@ typedef struct D365Pages
 	D365Client *client;
 	const char *prefer;			/* Prefer: preferences before maxpagesize */
 	int			max_pages;		/* ERROR past this many pages; 0: no limit */
+	int			page_size;		/* odata.maxpagesize; 0: d365sync.page_size */
 	int			pages;			/* pages fetched so far */
 	char	   *path;			/* the current page's path (in cxt) */
 	char	   *next;			/* the next page's path, or NULL */

@@ -5,14 +5,14 @@
  *	  @odata.nextLink.
  *
  * Every page is asked for with Prefer: odata.maxpagesize =
- * d365sync.page_size (after the caller's own preferences, such as
+ * d365sync.page_size, or the iterator's own page_size (after the caller's own preferences, such as
  * odata.track-changes) and sent through d365_client_execute(), so retries,
  * throttling and token refresh are the client's.  A next link is an
  * absolute URL; the client sends the token only when it points into the
  * organization's Web API.  Memory stays flat: one page at a time.
  *
- * Users: d365._get_all() (metadata.c) and the change-tracking pull
- * (incoming.c).
+ * Users: d365._get_all() (metadata.c), the change-tracking pull
+ * (incoming.c) and the foreign tables' scans (fdw_scan.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -72,6 +72,7 @@ d365_pages_next(D365Pages *p)
 {
 	MemoryContext old;
 	D365Op	   *op;
+	int			size = p->page_size > 0 ? p->page_size : d365_page_size;
 
 	if (p->op != NULL)
 	{
@@ -95,10 +96,9 @@ d365_pages_next(D365Pages *p)
 	op = d365_op_make("GET", p->path, NULL);
 	if (p->prefer != NULL)
 		op->headers = list_make1(psprintf("Prefer: %s, odata.maxpagesize=%d",
-										  p->prefer, d365_page_size));
+										  p->prefer, size));
 	else
-		op->headers = list_make1(psprintf("Prefer: odata.maxpagesize=%d",
-										  d365_page_size));
+		op->headers = list_make1(psprintf("Prefer: odata.maxpagesize=%d", size));
 	d365_client_execute(p->client, &op, 1);
 	MemoryContextSwitchTo(old);
 

@@ -1,0 +1,318 @@
+/*-------------------------------------------------------------------------
+ *
+ * fdw_scan.c
+ *	  The executor side of d365_fdw: a foreign scan reads the pages of one
+ *	  OData GET and turns each JSON row into a tuple.
+ *
+ * Requests.  The scan opens the same client as every d365sync feature
+ * (d365_client_open: the settings, the application users of
+ * d365.app_users, the cached tokens), and follows @odata.nextLink through
+ * odata_pages.c, which asks for pages of the server's page_size rows
+ * (Prefer: odata.maxpagesize) and sends each through d365_client_execute():
+ * retries, 429 back-off, the x-ms-dop-hint governor and token refresh are
+ * the client's.  A failed page is an ERROR in postgres_fdw's form (remote
+ * text, HTTP status and Dynamics error code, the request in the context).
+ *
+ * Memory.  One page at a time: a page's JSON lives in the page iterator's
+ * context, reset when the next page is fetched, and a row's values in the
+ * executor's per-tuple context.  A scan of any length runs in the memory
+ * of one page (at most page_size rows).
+ *
+ * Interrupts.  Waits on the network are interruptible (http.c), and every
+ * row checks for interrupts: a cancel stops a scan at once.
+ *
+ * Values.  A JSON string goes through the column type's input function (a
+ * text column takes it as it is), a number is printed exactly (a double by
+ * its shortest round-trip form) and read the same way, a boolean is a
+ * boolean; an object or array is read from its JSON text (for json and
+ * jsonb columns).  A value a column cannot take is an ERROR naming the
+ * column and its Dataverse field.  A string holding U+0000 is refused
+ * (PostgreSQL text cannot hold it).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+#include "d365_json.h"
+
+#include "catalog/pg_type.h"
+#include "common/shortest_dec.h"
+#include "executor/executor.h"
+#include "miscadmin.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+
+#include "auth.h"
+#include "fdw.h"
+
+typedef struct D365FdwScan
+{
+	char	   *path;			/* the first page's path, percent-encoded */
+	int			top;			/* at most this many rows; 0: all */
+	int			ncols;			/* columns in each row */
+	AttrNumber *attnums;		/* their attribute numbers */
+	char	  **fields;			/* their Dataverse names */
+	Oid		   *types;
+	FmgrInfo   *inputs;
+	Oid		   *ioparams;
+	int32	   *typmods;
+
+	D365Client *client;
+	D365Pages  *pages;
+	json_t	   *rows;			/* the current page's "value" array */
+	size_t		next;			/* its next row */
+	int64		returned;		/* rows returned since the scan (re)started */
+	bool		done;			/* the last page has been read */
+
+	/* for error context */
+	const char *relname;
+	const char *field;
+} D365FdwScan;
+
+/* Error context: which column of which table was being read. */
+static void
+value_context(void *arg)
+{
+	D365FdwScan *st = arg;
+
+	if (st->field != NULL)
+		errcontext("Dataverse field %s of foreign table %s", st->field, st->relname);
+}
+
+/*
+ * d365_fdw_begin
+ *		Prepare the scan from the plan's fdw_private; open the client and the
+ *		page iterator (no request yet).  Nothing is opened for EXPLAIN.
+ */
+void
+d365_fdw_begin(ForeignScanState *node, int eflags)
+{
+	ForeignScan *plan = (ForeignScan *) node->ss.ps.plan;
+	List	   *priv = plan->fdw_private;
+	TupleDesc	desc = RelationGetDescr(node->ss.ss_currentRelation);
+	D365FdwScan *st;
+	List	   *attrs;
+	List	   *fields;
+	int			page_size;
+	int			i;
+
+	if (eflags & EXEC_FLAG_EXPLAIN_ONLY)
+		return;
+
+	st = palloc0(sizeof(D365FdwScan));
+	st->relname = RelationGetRelationName(node->ss.ss_currentRelation);
+	st->top = intVal(list_nth(priv, D365_FDW_PRIV_TOP));
+	st->path = d365_fdw_request_text(strVal(list_nth(priv, D365_FDW_PRIV_SET)),
+									 strVal(list_nth(priv, D365_FDW_PRIV_SELECT)),
+									 strVal(list_nth(priv, D365_FDW_PRIV_FILTER)),
+									 strVal(list_nth(priv, D365_FDW_PRIV_ORDERBY)),
+									 st->top, true);
+	page_size = intVal(list_nth(priv, D365_FDW_PRIV_PAGE_SIZE));
+	attrs = list_nth(priv, D365_FDW_PRIV_ATTRS);
+	fields = list_nth(priv, D365_FDW_PRIV_FIELDS);
+
+	st->ncols = list_length(attrs);
+	st->attnums = palloc(sizeof(AttrNumber) * Max(st->ncols, 1));
+	st->fields = palloc(sizeof(char *) * Max(st->ncols, 1));
+	st->types = palloc(sizeof(Oid) * Max(st->ncols, 1));
+	st->inputs = palloc(sizeof(FmgrInfo) * Max(st->ncols, 1));
+	st->ioparams = palloc(sizeof(Oid) * Max(st->ncols, 1));
+	st->typmods = palloc(sizeof(int32) * Max(st->ncols, 1));
+	for (i = 0; i < st->ncols; i++)
+	{
+		Form_pg_attribute att;
+		Oid			input;
+
+		st->attnums[i] = list_nth_int(attrs, i);
+		st->fields[i] = strVal(list_nth(fields, i));
+		att = TupleDescAttr(desc, st->attnums[i] - 1);
+		st->types[i] = att->atttypid;
+		st->typmods[i] = att->atttypmod;
+		getTypeInputInfo(att->atttypid, &input, &st->ioparams[i]);
+		fmgr_info(input, &st->inputs[i]);
+	}
+
+	st->client = d365_client_open();
+	st->pages = d365_pages_open(st->client, st->path, NULL, 0);
+	/* with $top, ask for no more rows than that in one page */
+	st->pages->page_size = st->top > 0 ? Min(st->top, page_size) : page_size;
+	node->fdw_state = st;
+}
+
+/* A JSON value as the text a type's input function reads. */
+static char *
+value_text(D365FdwScan *st, json_t *v)
+{
+	char		buf[64];
+
+	switch (json_typeof(v))
+	{
+		case JSON_STRING:
+			if (memchr(json_string_value(v), '\0', json_string_length(v)) != NULL)
+				ereport(ERROR,
+						(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+						 errmsg("Dataverse returned a string holding U+0000"),
+						 errdetail("PostgreSQL text cannot hold the character U+0000.")));
+			return (char *) json_string_value(v);
+		case JSON_INTEGER:
+			snprintf(buf, sizeof(buf), "%lld", (long long) json_integer_value(v));
+			return pstrdup(buf);
+		case JSON_REAL:
+			double_to_shortest_decimal_buf(json_real_value(v), buf);
+			return pstrdup(buf);
+		case JSON_TRUE:
+			return "true";
+		case JSON_FALSE:
+			return "false";
+		default:
+			return d365_json_dump(v);
+	}
+}
+
+/* One column's value; *isnull for a JSON null or an absent field. */
+static Datum
+column_value(D365FdwScan *st, int i, json_t *row, bool *isnull)
+{
+	json_t	   *v = json_object_get(row, st->fields[i]);
+	char	   *s;
+
+	*isnull = (v == NULL || json_is_null(v));
+	if (*isnull)
+		return (Datum) 0;
+	/* the common cases without a round trip through text */
+	switch (st->types[i])
+	{
+		case BOOLOID:
+			if (json_is_boolean(v))
+				return BoolGetDatum(json_is_true(v));
+			break;
+		case INT8OID:
+			if (json_is_integer(v))
+				return Int64GetDatum(json_integer_value(v));
+			break;
+		case INT4OID:
+			if (json_is_integer(v) && json_integer_value(v) >= PG_INT32_MIN &&
+				json_integer_value(v) <= PG_INT32_MAX)
+				return Int32GetDatum((int32) json_integer_value(v));
+			break;
+		case TEXTOID:
+			if (json_is_string(v))
+			{
+				s = value_text(st, v);
+				return PointerGetDatum(cstring_to_text_with_len(s, json_string_length(v)));
+			}
+			break;
+	}
+	s = value_text(st, v);
+	return InputFunctionCall(&st->inputs[i], s, st->ioparams[i], st->typmods[i]);
+}
+
+/* Read the next page into st->rows; false when there is none. */
+static bool
+next_page(D365FdwScan *st)
+{
+	D365Op	   *op = d365_pages_next(st->pages);
+	json_t	   *value;
+
+	if (op == NULL)
+		return false;
+	if (!op->ok)
+		d365_op_report(op, ERROR);
+	value = json_is_object(op->json) ? json_object_get(op->json, "value") : NULL;
+	if (!json_is_array(value))
+		ereport(ERROR,
+				(errcode(ERRCODE_FDW_REPLY_HANDLE),
+				 errmsg("Dynamics 365 returned no list of rows"),
+				 errdetail("The response has no \"value\" array."),
+				 errcontext("Dynamics 365 request: GET %s%s", st->client->service_path,
+							st->pages->path)));
+	st->rows = value;
+	st->next = 0;
+	return true;
+}
+
+/*
+ * d365_fdw_iterate
+ *		The next row, fetching the next page when this one is used up; an
+ *		empty slot at the end (or once $top rows were returned).
+ */
+TupleTableSlot *
+d365_fdw_iterate(ForeignScanState *node)
+{
+	D365FdwScan *st = node->fdw_state;
+	TupleTableSlot *slot = node->ss.ss_ScanTupleSlot;
+	MemoryContext old;
+	ErrorContextCallback errcb;
+	json_t	   *row;
+	int			i;
+
+	ExecClearTuple(slot);
+	CHECK_FOR_INTERRUPTS();
+	for (;;)
+	{
+		if (st->top > 0 && st->returned >= st->top)
+			return slot;
+		if (st->rows != NULL && st->next < json_array_size(st->rows))
+			break;
+		if (st->done || !next_page(st))
+		{
+			st->done = true;
+			st->rows = NULL;
+			return slot;
+		}
+	}
+	row = json_array_get(st->rows, st->next++);
+	if (!json_is_object(row))
+		ereport(ERROR,
+				(errcode(ERRCODE_FDW_REPLY_HANDLE),
+				 errmsg("Dynamics 365 returned a row that is not a JSON object")));
+
+	memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
+	old = MemoryContextSwitchTo(node->ss.ps.ps_ExprContext->ecxt_per_tuple_memory);
+	errcb.callback = value_context;
+	errcb.arg = st;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+	for (i = 0; i < st->ncols; i++)
+	{
+		AttrNumber	a = st->attnums[i] - 1;
+
+		st->field = st->fields[i];
+		slot->tts_values[a] = column_value(st, i, row, &slot->tts_isnull[a]);
+	}
+	st->field = NULL;
+	error_context_stack = errcb.previous;
+	MemoryContextSwitchTo(old);
+	ExecStoreVirtualTuple(slot);
+	st->returned++;
+	return slot;
+}
+
+/*
+ * d365_fdw_rescan
+ *		Start again from the first page (a new request: Dataverse has no
+ *		snapshot to return to).
+ */
+void
+d365_fdw_rescan(ForeignScanState *node)
+{
+	D365FdwScan *st = node->fdw_state;
+
+	if (st == NULL)
+		return;
+	st->rows = NULL;
+	st->done = false;
+	st->returned = 0;
+	d365_pages_restart(st->pages, st->path);
+}
+
+/* d365_fdw_end: free the last page. */
+void
+d365_fdw_end(ForeignScanState *node)
+{
+	D365FdwScan *st = node->fdw_state;
+
+	if (st == NULL)
+		return;
+	d365_pages_close(st->pages);
+	node->fdw_state = NULL;
+}
