@@ -141,6 +141,12 @@ class Control:
                 for u in S.users.values():
                     u.reset_counters()
             return self.ok({"ok": True})
+        m = re.match(r"^/_sim/rows/([a-z_]+)/generate$", p)
+        if m and method == "POST":
+            ent = ENTITIES.get(m.group(1))
+            if ent is None:
+                return self.fail(404, "unknown entity '%s'" % m.group(1))
+            return self.generate(ent, data)
         m = re.match(r"^/_sim/rows/([a-z_]+)$", p)
         if m:
             ent = ENTITIES.get(m.group(1))
@@ -154,6 +160,33 @@ class Control:
             if method == "POST":
                 return self.edit(ent, data)
         return self.fail(404, "unknown control endpoint %s %s" % (method, path))
+
+    def generate(self, ent, data):
+        """Create count rows at once (for large reads): each value of the
+        template is a literal, a string in which {i} is the row's number
+        (0 .. count-1), or {"mod": m} for i % m."""
+        S = self.S
+        if not isinstance(data, dict) or not isinstance(data.get("count"), int) or \
+                not 0 < data["count"] <= 1000000 or not isinstance(data.get("values", {}), dict):
+            return self.fail(400, 'body must be {"count": 1..1000000, "values": {...}}')
+        tmpl = data.get("values") or {}
+        ctx = Ctx("/api/data/v9.2", user=SAM_USER_ID)
+
+        def value(v, i):
+            if isinstance(v, str):
+                return v.replace("{i}", str(i))
+            if isinstance(v, dict) and isinstance(v.get("mod"), int) and v["mod"] > 0:
+                return i % v["mod"]
+            return v
+        try:
+            with S.lock:
+                for i in range(data["count"]):
+                    p = parse_body(ent, {k: value(v, i) for k, v in tmpl.items()}, ctx)
+                    S.apply_write(ent, p, "insert", None, ctx)
+        except ApiError as e:
+            return Resp(e.status, [("Content-Type", "application/json")],
+                        jdump({"error": {"code": e.code, "message": e.message}}))
+        return self.ok({"created": data["count"]})
 
     def edit(self, ent, data):
         S = self.S
