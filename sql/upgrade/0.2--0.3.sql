@@ -16,3 +16,10 @@
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
 -- REVOKEs of grants 0.3 no longer makes.
+
+-- Foreign tables (10_fdw.sql): the wrapper, on its handler and validator.
+CREATE FOREIGN DATA WRAPPER d365_fdw
+    HANDLER d365._fdw_handler
+    VALIDATOR d365._fdw_validator;
+COMMENT ON FOREIGN DATA WRAPPER d365_fdw IS
+    'Dataverse tables as read-only foreign tables, through d365sync''s connection (d365.settings)';
