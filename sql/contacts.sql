@@ -109,7 +109,7 @@ SELECT o.j->>'method' AS method, o.j->>'path' AS path, o.j->>'status' AS status,
   FROM sim_req o WHERE o.j->>'batch' IS NULL ORDER BY (o.j->>'seq')::int;
 SELECT j->>'method' AS method, j->'headers'->>'if-match' AS if_match, j->>'status' AS status,
        (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(j->'body') k) AS fields
-  FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY (j->>'seq')::int;
+  FROM sim_req WHERE j->>'method' = 'PATCH' ORDER BY 4;
 
 -- no change: no request at all
 \! "$D365_SIMCTL" clear-requests

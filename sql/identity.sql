@@ -101,9 +101,12 @@ TRUNCATE sim_contact;
 SELECT * FROM dynamics_people ORDER BY 1;
 
 -- a table restored from an older copy with its triggers off (as a
--- data-only restore with session_replication_role = replica does): Dan,
--- back under key 2, is sent to his own record, and the state of key 2,
--- which names Olga's record, lends him nothing
+-- data-only restore with session_replication_role = replica does): Dan is
+-- back under key 2 with his link, but the state of key 2 names Olga's
+-- record -- d365sync did not link key 2 to Dan's, so the row is refused
+-- and nothing is sent; once an admin confirms the link with
+-- d365_link_contact(), Dan is sent to his own record, and the state of key
+-- 2 lends him nothing of Olga's
 CREATE TEMP TABLE ident_copy AS SELECT * FROM ident;
 DELETE FROM ident WHERE id = 2;
 INSERT INTO ident VALUES (2, 'Olga', 'olga@example.com', 50);
@@ -112,6 +115,8 @@ SET session_replication_role = replica;
 DELETE FROM ident;
 INSERT INTO ident SELECT * FROM ident_copy;
 RESET session_replication_role;
+SELECT created, updated, failed FROM d365_sync_contacts();
+SELECT d365_link_contact(2, dynamics365_related_id) FROM ident WHERE id = 2;
 SELECT created, updated FROM d365_sync_contacts();
 TRUNCATE sim_contact;
 \copy sim_contact from program '"$D365_SIMCTL" rows contact --copy'

@@ -151,14 +151,24 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 		d365_op_report(run.first_failure->op, ERROR);
 	if (run.counts.failed > 0)
 	{
-		/* failed without a request: its match found no single Dynamics contact */
+		/*
+		 * failed without a request: its match found no single Dynamics
+		 * contact, or its link column holds an id d365sync did not write
+		 */
 		char	   *reason = d365_sql_text("SELECT last_error FROM d365.contact_state"
 										   " WHERE contact_key = $1", 1, types, args);
+		char	   *code = d365_sql_text("SELECT last_error_code FROM d365.contact_state"
+										 " WHERE contact_key = $1", 1, types, args);
 
+		if (code != NULL && strcmp(code, "d365sync.link") == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("contact %s %s", key, reason),
+					 errhint("Set its dynamics365_related_id to NULL to have it created anew, or call d365_link_contact() to link it to the right Dynamics 365 contact.")));
 		ereport(ERROR,
 				(errcode(ERRCODE_CARDINALITY_VIOLATION),
 				 errmsg("contact %s %s", key, reason ? reason : "could not be matched"),
-				 errhint("Link it by setting its dynamics365_related_id to the right Dynamics 365 contact, or make its match fields unique in Dynamics 365.")));
+				 errhint("Link it with d365_link_contact() to the right Dynamics 365 contact, or make its match fields unique in Dynamics 365.")));
 	}
 
 	/* like the scheduled run: a new contact's pending activities follow it */

@@ -50,6 +50,8 @@
 #include "utils/syscache.h"
 #include "catalog/pg_proc.h"
 
+#include "link_guard.h"
+
 PG_FUNCTION_INFO_V1(d365_contact_set_links);
 PG_FUNCTION_INFO_V1(d365_contact_unlink);
 PG_FUNCTION_INFO_V1(d365_contact_convert);
@@ -71,6 +73,7 @@ typedef struct OwnerCall
 	bool		result_null;
 	char	   *sql;			/* the statement, from d365._owner_sql */
 	int			rc;				/* its SPI result */
+	bool		writes_links;	/* d365sync's own write of the link columns */
 } OwnerCall;
 
 typedef void (*RestrictedBody) (void *arg);
@@ -217,6 +220,30 @@ run_statement(void *arg)
 }
 
 /*
+ * as_link_writer
+ *		run_statement as the owner, with the flag that lets d365sync's own
+ *		write of the link columns through their guard (src/link_guard.c)
+ *		set for that statement only; cleared again on any error.
+ */
+static void
+as_link_writer(Oid owner, OwnerCall *call)
+{
+	bool		was = d365_link_writer_set(true);
+
+	PG_TRY();
+	{
+		as_owner_restricted(owner, run_statement, call);
+	}
+	PG_CATCH();
+	{
+		d365_link_writer_set(was);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	d365_link_writer_set(was);
+}
+
+/*
  * run_as_owner
  *		Get the statement of call->op from d365._owner_sql (as the caller:
  *		that function is SECURITY DEFINER and runs no user code), check the
@@ -259,7 +286,10 @@ run_as_owner(OwnerCall *call)
 	check_caller_rights(relid, columns, columns_null);
 	owner = relation_owner(relid);
 
-	as_owner_restricted(owner, run_statement, call);
+	if (call->writes_links)
+		as_link_writer(owner, call);
+	else
+		as_owner_restricted(owner, run_statement, call);
 
 	call->result_null = true;
 	if (OidIsValid(call->restype) && SPI_tuptable != NULL && SPI_processed > 0)
@@ -329,6 +359,7 @@ d365_contact_set_links(PG_FUNCTION_ARGS)
 	for (i = 0; i < 3; i++)
 		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
 	call.op = "links";
+	call.writes_links = true;
 	call.nargs = 3;
 	call.types = (Oid[]) {TEXTARRAYOID, UUIDARRAYOID, UUIDARRAYOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0),
@@ -351,6 +382,7 @@ d365_contact_unlink(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	call.op = "unlink";
+	call.writes_links = true;
 	call.nargs = 1;
 	call.types = (Oid[]) {UUIDOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0)};
@@ -405,33 +437,6 @@ d365_contact_apply(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/*
- * d365._contact_map(payload jsonb, mapping jsonb, contact_key text) -> jsonb
- *		The incoming mapper of the settings, called with the Dynamics row,
- *		the contact's row and the field map, as the table's owner.
- */
-Datum
-d365_contact_map(PG_FUNCTION_ARGS)
-{
-	OwnerCall	call = {0};
-	char		nulls[3];
-	int			i;
-
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(2))
-		PG_RETURN_NULL();
-	for (i = 0; i < 3; i++)
-		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
-	call.op = "map";
-	call.nargs = 3;
-	call.types = (Oid[]) {JSONBOID, JSONBOID, TEXTOID};
-	call.values = (Datum[]) {PG_GETARG_DATUM(0),
-		PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1),
-	PG_GETARG_DATUM(2)};
-	call.nulls = nulls;
-	call.restype = JSONBOID;
-	return owner_result(fcinfo, &call);
-}
-
 /* A call of an activity mapper and its result */
 typedef struct MapperCall
 {
@@ -446,6 +451,111 @@ invoke_mapper(void *arg)
 	MapperCall *mc = (MapperCall *) arg;
 
 	mc->result = FunctionCallInvoke(mc->fcinfo);
+}
+
+/*
+ * call_mapper_as_owner
+ *		Call the function fn with the nargs arguments in args/argnulls as
+ *		the function's owner, in a security-restricted operation with
+ *		search_path = pg_catalog, pg_temp (as_owner_restricted), so that
+ *		the function's owner never has it run with the rights of whoever
+ *		runs the sync, nor with those of the contact table's owner.  The
+ *		caller must be allowed to EXECUTE it.  A strict function called with
+ *		a NULL returns NULL uncalled.
+ */
+static Datum
+call_mapper_as_owner(Oid fn, int nargs, Datum *args, bool *argnulls, bool *isnull)
+{
+	Oid			owner;
+	HeapTuple	tup;
+	FmgrInfo	flinfo;
+	MapperCall	mc;
+	int			i;
+	LOCAL_FCINFO(call, FUNC_MAX_ARGS);
+
+	if (pg_proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", get_func_name(fn))));
+	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for function %u", fn);
+	owner = ((Form_pg_proc) GETSTRUCT(tup))->proowner;
+	ReleaseSysCache(tup);
+
+	fmgr_info(fn, &flinfo);
+	if (flinfo.fn_nargs != nargs)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+				 errmsg("function %s takes %d arguments, not %d",
+						format_procedure(fn), flinfo.fn_nargs, nargs)));
+	InitFunctionCallInfoData(*call, &flinfo, nargs, InvalidOid, NULL, NULL);
+	for (i = 0; i < nargs; i++)
+	{
+		call->args[i].value = argnulls[i] ? (Datum) 0 : args[i];
+		call->args[i].isnull = argnulls[i];
+		if (argnulls[i] && flinfo.fn_strict)
+		{
+			*isnull = true;
+			return (Datum) 0;
+		}
+	}
+	mc.fcinfo = call;
+	as_owner_restricted(owner, invoke_mapper, &mc);
+	*isnull = call->isnull;
+	return mc.result;
+}
+
+/*
+ * d365._contact_map(payload jsonb, mapping jsonb, contact_key text) -> jsonb
+ *		The incoming mapper of the settings, called with the Dynamics row,
+ *		the contact's row and the field map.  The contact's row is read as
+ *		the table's owner (op "row"), the mapper runs as its own function's
+ *		owner: neither runs with the other's rights, nor with the caller's.
+ */
+Datum
+d365_contact_map(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+	Oid			mapper;
+	bool		isnull;
+	Datum		args[3];
+	bool		argnulls[3];
+	Datum		result;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(2))
+		PG_RETURN_NULL();
+
+	SPI_connect();
+	if (SPI_execute("SELECT d365._incoming_mapper()::pg_catalog.oid", true, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "d365._incoming_mapper did not answer");
+	mapper = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("no incoming mapper is set")));
+
+	call.op = "row";
+	call.nargs = 1;
+	call.types = (Oid[]) {TEXTOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(2)};
+	call.restype = JSONBOID;
+	run_as_owner(&call);
+	if (call.result_null)
+		PG_RETURN_NULL();		/* the contact is gone */
+
+	args[0] = PG_GETARG_DATUM(0);
+	argnulls[0] = false;
+	args[1] = call.result;
+	argnulls[1] = false;
+	args[2] = PG_ARGISNULL(1) ? (Datum) 0 : PG_GETARG_DATUM(1);
+	argnulls[2] = PG_ARGISNULL(1);
+	result = call_mapper_as_owner(mapper, 3, args, argnulls, &isnull);
+	if (isnull)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(result);
 }
 
 /*

@@ -263,23 +263,24 @@ $$;
  * The statements that d365sync runs on the attached contact table as the
  * table's owner, in a security-restricted operation (see src/table_owner.c
  * and docs/security.md): the code the table's owner controls -- triggers,
- * index expressions, defaults, domain checks, casts, row security, the
- * incoming mapper -- then runs with the owner's rights, never with ours or
- * a superuser caller's.  The statements take their data as parameters (the
+ * index expressions, defaults, domain checks, casts, row security -- then
+ * runs with the owner's rights, never with ours or a superuser caller's.  The statements take their data as parameters (the
  * table's owner has no rights on d365's tables) and name every object with
  * its schema.  columns: the columns the statement writes (or converts),
  * whose UPDATE right the caller must hold.
  *
  *   links    $1 text[] keys, $2 uuid[] ids, $3 uuid[] the ids the rows must
  *            still be linked to (NULL: still unlinked): sets the link
- *            columns; returns the keys changed
+ *            columns (rows locked by another transaction, and ids another
+ *            row holds, are skipped); returns the keys changed.  The only
+ *            writes the link-column guard lets through (src/link_guard.c)
  *   unlink   $1 uuid: unlinks the contact linked to that Dynamics id;
  *            returns its key
  *   convert  $1 jsonb {column: JSON value}: each value as its column holds
  *            it, as {dynamics_field: value} (d365._json_expr's form)
  *   apply    $1 jsonb {column: JSON value}, $2 text key: the update
- *   map      $1 jsonb Dynamics row, $2 jsonb mapping, $3 text key: the
- *            incoming mapper's {column: value} for the contact
+ *   row      $1 text key: the contact's row as jsonb, for the incoming
+ *            mapper (which then runs as its own function's owner)
  */
 CREATE FUNCTION d365._owner_sql(op text, only_columns name[],
     OUT sql text, OUT tbl regclass, OUT columns name[])
@@ -325,6 +326,14 @@ BEGIN
                       '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
                       ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
                       '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
+                      -- a row another transaction holds locked is left for
+                      -- the next run (its state stays pending), not waited for
+                      '   AND t.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT l.ctid FROM %1$s l'
+                      '        WHERE l.%2$I OPERATOR(pg_catalog.=) ANY ($1::%3$s[]) FOR UPDATE SKIP LOCKED))'
+                      -- an id another row holds is not linked twice
+                      '   AND (u.id IS NULL OR NOT EXISTS (SELECT FROM %1$s o'
+                      '        WHERE o.dynamics365_related_id OPERATOR(pg_catalog.=) u.id'
+                      '          AND o.%2$I OPERATOR(pg_catalog.<>) u.k::%3$s))'
                       ' RETURNING t.%2$I::pg_catalog.text AS k)'
                       ' SELECT pg_catalog.array_agg(k) FROM u',
                       tbl, src.key_column, key_type);
@@ -348,15 +357,10 @@ BEGIN
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
                       src.key_column, key_type, d365._column_defs(tbl, columns));
-    WHEN 'map' THEN
+    WHEN 'row' THEN
         columns := NULL;
-        IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
-            RAISE EXCEPTION 'no incoming mapper is set'
-                USING ERRCODE = 'object_not_in_prerequisite_state';
-        END IF;
-        sql := format('SELECT %1$s($1, pg_catalog.to_jsonb(c), $2) FROM %2$s c'
-                      ' WHERE c.%3$I OPERATOR(pg_catalog.=) $3::%4$s',
-                      (SELECT incoming_mapper::oid::regproc FROM d365.settings),
+        sql := format('SELECT pg_catalog.to_jsonb(c) FROM %1$s c'
+                      ' WHERE c.%2$I OPERATOR(pg_catalog.=) $1::%3$s',
                       tbl, src.key_column, key_type);
     ELSE
         RAISE EXCEPTION 'unknown table-owner operation "%"', op
@@ -560,6 +564,9 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
     END IF;
+    -- no two rows linked to one Dynamics record; incoming changes find
+    -- their contact through it
+    PERFORM d365._link_index_create(contact_table);
 
     INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
     VALUES (contact_table, key_column, score_column)
@@ -578,7 +585,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_attach_contacts(regclass, name, name) IS
-    'Registers the contact table: adds the link columns, the change-capture triggers and the sync state';
+    'Registers the contact table: adds the link columns (with a unique index), the change-capture triggers, the guard of the link columns and the sync state';
 
 CREATE FUNCTION d365.d365_detach_contacts()
 RETURNS void

@@ -52,7 +52,7 @@ BEGIN
     END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
-                               'd365_capture_truncate'] LOOP
+                               'd365_capture_truncate', 'd365_link_guard'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
@@ -61,6 +61,9 @@ BEGIN
                           trg, src.contact_table);
         END IF;
     END LOOP;
+    IF NOT d365._link_index_exists(src.contact_table) THEN
+        RETURN format('the unique index on dynamics365_related_id of %s is missing', src.contact_table);
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -79,6 +82,9 @@ $$;
  *                              statement
  *   d365_capture_delete        AFTER DELETE, per statement: tombstones
  *   d365_capture_truncate      AFTER TRUNCATE: tombstones for every key
+ *   d365_link_guard            BEFORE INSERT OR UPDATE OF the link columns,
+ *                              per row: refuses link values d365sync did
+ *                              not write (src/link_guard.c)
  * The key column is passed by attribute number, so renaming it never breaks
  * the application's writes (d365_status() reports the attachment broken
  * until the table is attached again under the new name).
@@ -130,14 +136,27 @@ $$;
 /*
  * Rows whose key changed (old_keys[i] became new_keys[i]): the old key is a
  * tombstone, and so is whatever state the new key had (it belonged to an
- * earlier person).  The moved row keeps its link column, so it stays linked
+ * earlier person).  The moved row keeps its link column, and the new key
+ * the Dynamics id d365sync had linked the old one to, so it stays linked
  * to its own Dynamics record and is sent in full at the next sync.
  */
 CREATE FUNCTION d365._contact_keys_moved(old_keys text[], new_keys text[])
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT d365._contact_tombstone(old_keys || new_keys) $$;
+AS $$
+DECLARE
+    ids uuid[];
+BEGIN
+    SELECT array_agg(s.dynamics_id ORDER BY m.i) INTO ids
+      FROM unnest(old_keys) WITH ORDINALITY m(k, i)
+      LEFT JOIN d365.contact_state s ON s.contact_key = m.k;
+    PERFORM d365._contact_tombstone(old_keys || new_keys);
+    UPDATE d365.contact_state s SET dynamics_id = m.id
+      FROM unnest(new_keys, ids) m(k, id)
+     WHERE s.contact_key = m.k AND m.id IS NOT NULL;
+END;
+$$;
 
 -- AFTER DELETE, per statement: every deleted key becomes a tombstone.
 -- Reads only the key column of the transition table (a built-in type).
@@ -269,6 +288,10 @@ BEGIN
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                    src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard'
+                   ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()',
+                   src.contact_table);
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table
         USING ERRCODE = 'insufficient_privilege',
@@ -292,6 +315,66 @@ BEGIN
                   AND p.pronamespace = 'd365'::regnamespace LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
     END LOOP;
+END;
+$$;
+
+/*
+ * The guard of the link columns (src/link_guard.c), put on the attached
+ * table with the capture triggers.
+ */
+CREATE FUNCTION d365._contact_link_guard()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_link_guard'
+LANGUAGE C;
+
+/*
+ * Whether tbl has a unique index on dynamics365_related_id alone (no
+ * expression, no predicate): no two rows then hold one Dynamics id, and the
+ * incoming changes find a contact by its id through it.
+ */
+CREATE FUNCTION d365._link_index_exists(tbl regclass)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM pg_index i
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indnatts = 1
+                      AND i.indexprs IS NULL AND i.indpred IS NULL
+                      AND a.attname = 'dynamics365_related_id')
+$$;
+
+/*
+ * Makes the unique index on the link column of tbl when it has none.  Rows
+ * sharing a Dynamics id are reported, not changed: the error names them and
+ * says how to unlink all but one.
+ */
+CREATE FUNCTION d365._link_index_create(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    dups text;
+    n bigint;
+BEGIN
+    IF d365._link_index_exists(tbl) THEN
+        RETURN;
+    END IF;
+    EXECUTE format('SELECT count(*), string_agg(d.id::text, '', '' ORDER BY d.id) FILTER (WHERE d.r <= 10)'
+                   '  FROM (SELECT dynamics365_related_id AS id, row_number() OVER (ORDER BY dynamics365_related_id) AS r'
+                   '          FROM %s WHERE dynamics365_related_id IS NOT NULL'
+                   '         GROUP BY 1 HAVING count(*) > 1) d', tbl)
+       INTO n, dups;
+    IF n > 0 THEN
+        RAISE EXCEPTION 'rows of % share a Dynamics 365 id', tbl
+            USING ERRCODE = 'unique_violation',
+                  DETAIL = format('%s Dynamics 365 id(s) are held by more than one row: %s%s.', n, dups,
+                                  CASE WHEN n > 10 THEN ', ...' ELSE '' END),
+                  HINT = format('A Dynamics 365 record belongs to one contact: keep the link of the right row and unlink the others (UPDATE %s SET dynamics365_related_id = NULL WHERE ...), then call d365_attach_contacts() again.', tbl);
+    END IF;
+    EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)', tbl);
 END;
 $$;
 

@@ -63,19 +63,19 @@ AS $$
 $$;
 
 /*
- * Whose sync state is it?  A row's own link column says whether it is
- * linked.  A state row that names a Dynamics contact other than the row's
- * link (the row is unlinked, or linked elsewhere) belongs to an earlier
- * person under the same key (deleted while detached, restored from a dump,
- * link cleared by hand): its snapshot, failures and back-off are not the
- * row's, and an unlinked row gets the next generation -- a Dynamics id of
- * its own.  Aliases: c the contact row, s its state (LEFT JOIN).
+ * Whose sync state is it?  A state row that names a Dynamics contact while
+ * the row is unlinked belongs to an earlier person under the same key
+ * (deleted while detached, restored from a dump, link cleared by hand): its
+ * snapshot, failures and back-off are not the row's, and the row gets the
+ * next generation -- a Dynamics id of its own.  (A linked row whose link
+ * differs from the state's id is untrusted: d365._contact_untrusted_sql.)
+ * Aliases: c the contact row, s its state (LEFT JOIN).
  */
 CREATE FUNCTION d365._contact_foreign_sql()
 RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT '(s.dynamics_id IS NOT NULL AND s.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)' $$;
+AS $$ SELECT '(s.dynamics_id IS NOT NULL AND c.dynamics365_related_id IS NULL)' $$;
 
 /*
  * The one "pending" condition, used by the work query of the scheduled
@@ -100,7 +100,7 @@ DECLARE
         score_column, own_or, changed);
     update_cond text := format(
         '(c.dynamics365_related_id IS NOT NULL AND (%s OR s.synced IS NULL OR %s))',
-        own_or, changed);
+        d365._contact_untrusted_sql(), changed);
     backoff text := format('(%s OR s.next_attempt_at IS NULL OR s.next_attempt_at <= now())', own_or);
 BEGIN
     RETURN CASE what WHEN 'create' THEN create_cond
@@ -180,7 +180,7 @@ BEGIN
 
     RETURN format($q$
         SELECT w.item_key,
-               CASE WHEN w.body IS NULL THEN '[]'
+               CASE WHEN w.body IS NULL OR w.refused THEN '[]'
                     ELSE jsonb_build_array(jsonb_build_object(
                              'method', 'PATCH',
                              'path', 'contacts(' || w.dynamics_id || ')',
@@ -188,13 +188,19 @@ BEGIN
                              'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
                                              ELSE '[]'::jsonb END))::text
                END AS requests,
-               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
-                                                 WHEN w.body IS NULL THEN 'unchanged'
-                                                 ELSE 'update' END,
-                                  'id', w.dynamics_id, 'seq', w.change_seq,
-                                  'generation', w.generation, 'base', w.base,
-                                  'values', w.cur, 'sent', w.body)::text AS context,
-               CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
+               (jsonb_build_object('action', CASE WHEN w.refused THEN 'refused'
+                                                  WHEN NOT w.linked THEN 'create'
+                                                  WHEN w.body IS NULL THEN 'unchanged'
+                                                  ELSE 'update' END,
+                                   'id', w.dynamics_id, 'seq', w.change_seq,
+                                   'generation', w.generation, 'base', w.base,
+                                   'values', w.cur, 'sent', CASE WHEN NOT w.refused THEN w.body END)
+                || CASE WHEN w.refused
+                        THEN jsonb_build_object('error_code', 'd365sync.link', 'error',
+                                 format('holds Dynamics 365 id %%s in its link column, which d365sync did not link to it; nothing was sent',
+                                        w.link))
+                        ELSE '{}' END)::text AS context,
+               CASE WHEN NOT w.linked AND NOT w.refused AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
                                           WHERE e.value IN ('null'::jsonb, '""'::jsonb))
                     THEN w.match_values::text END AS lookup
@@ -207,9 +213,12 @@ BEGIN
                                           AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
                        END AS body
                   FROM (SELECT c.%1$I::text AS item_key,
-                               c.dynamics365_related_id IS NOT NULL AS linked,
-                               coalesce(c.dynamics365_related_id,
-                                        d365._contact_guid(c.%1$I::text, g.generation)) AS dynamics_id,
+                               c.dynamics365_related_id IS NOT NULL AND NOT %7$s AS linked,
+                               %7$s AS refused,
+                               c.dynamics365_related_id AS link,
+                               CASE WHEN %7$s THEN s.dynamics_id
+                                    ELSE coalesce(c.dynamics365_related_id,
+                                                  d365._contact_guid(c.%1$I::text, g.generation)) END AS dynamics_id,
                                coalesce(s.change_seq, 0) AS change_seq,
                                g.generation, s.generation AS base,
                                CASE WHEN %6$s THEN NULL ELSE s.synced END AS synced,
@@ -221,7 +230,7 @@ BEGIN
                          WHERE %4$s
                         OFFSET 0) v) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql());
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql());
 END;
 $$;
 
@@ -352,7 +361,9 @@ BEGIN
                    (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
                       FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
               FROM unnest(outcomes) x,
+                   -- a refused row keeps the id d365sync linked its key to
                    LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                          OR x.action = 'refused'
                                         THEN x.dynamics_id END AS link_id) l) o
      WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
 
@@ -399,5 +410,90 @@ AS 'MODULE_PATHNAME', 'd365_sync_contacts'
 LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION d365.d365_sync_contacts() IS
     'The scheduled contact sync: creates qualifying contacts and sends the changed fields of linked ones';
+
+/*
+ * A linked row d365sync must not trust: its link column holds an id other
+ * than the one d365sync linked its key to (d365.contact_state.dynamics_id),
+ * or its key has no such id.  Only d365sync's link writer passes the guard
+ * on the link columns (src/link_guard.c); a value that got there another
+ * way -- the table's owner with the guard disabled, a superuser, a release
+ * before the guard -- never makes d365sync write to that Dynamics record:
+ * the contact sync refuses the row (error code d365sync.link), the pull
+ * and the activity sync pass it by.  Aliases: c the contact row, s its
+ * state (LEFT JOIN).
+ */
+CREATE FUNCTION d365._contact_untrusted_sql()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT '(c.dynamics365_related_id IS NOT NULL AND s.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)' $$;
+
+/*
+ * Whether d365sync linked the contact with this key to the Dynamics id:
+ * the state's id.  For callers without rights on d365's tables (the push
+ * of incoming changes runs with its caller's); reads nothing else.
+ */
+CREATE FUNCTION d365._contact_link_trusted(contact_key text, dynamics_id uuid)
+RETURNS boolean
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM d365.contact_state s
+                    WHERE s.contact_key = _contact_link_trusted.contact_key
+                      AND s.dynamics_id = _contact_link_trusted.dynamics_id)
+$$;
+
+/*
+ * Links a contact to an existing Dynamics 365 contact by hand: the one way
+ * to put a chosen id into the link column (the guard refuses any other,
+ * src/link_guard.c).  The next sync sends the contact's mapped values to
+ * that record.  Needs the UPDATE right on the link columns (checked by
+ * d365._contact_set_links) and on d365.contact_state.
+ */
+CREATE FUNCTION d365.d365_link_contact(contact_key anyelement, dynamics_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    k text := d365._key_text(contact_key);
+    cur uuid;
+    holder text;
+    found_key text;
+BEGIN
+    EXECUTE format('SELECT %I::text, dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.key_column, src.contact_table, src.key_column)
+       INTO found_key, cur USING k;
+    IF found_key IS NULL THEN
+        RAISE EXCEPTION 'contact % does not exist', k
+            USING ERRCODE = 'no_data_found',
+                  HINT = format('The key is looked up in %s.', src.contact_table);
+    END IF;
+    EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1 AND %I::text <> $2',
+                   src.key_column, src.contact_table, src.key_column)
+       INTO holder USING dynamics_id, k;
+    IF holder IS NOT NULL THEN
+        RAISE EXCEPTION 'Dynamics 365 contact % is linked to contact % already', dynamics_id, holder
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'A Dynamics 365 record belongs to one contact: unlink the other one first (set its dynamics365_related_id to NULL).';
+    END IF;
+    IF d365._contact_set_links(ARRAY[k], ARRAY[dynamics_id], ARRAY[cur]) IS NULL THEN
+        RAISE EXCEPTION 'contact % could not be linked: another transaction holds it locked or changed it', k
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'Try again.';
+    END IF;
+    INSERT INTO d365.contact_state AS s (contact_key, change_seq, synced_seq, dynamics_id)
+    VALUES (k, 1, 0, dynamics_id)
+    ON CONFLICT ON CONSTRAINT contact_state_pkey DO UPDATE
+       SET dynamics_id = EXCLUDED.dynamics_id, synced = NULL, remote_deleted_at = NULL,
+           attempts = 0, next_attempt_at = NULL, last_error_code = NULL, last_error = NULL,
+           pending_since = now();
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_link_contact(anyelement, uuid) IS
+    'Links a contact to an existing Dynamics 365 contact (the only way to set its dynamics365_related_id); the next sync sends its mapped values there';
 
 -- ---------------------------------------------------------------------------

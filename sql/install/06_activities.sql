@@ -298,6 +298,8 @@ BEGIN
 
     -- nothing pending: no metadata request, no work
     EXECUTE format('SELECT EXISTS (SELECT FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                   ' JOIN d365.contact_state cs ON cs.contact_key = a.contact_key'
+                   '  AND cs.dynamics_id = c.dynamics365_related_id'
                    ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL AND %s)',
                    src.contact_table, src.key_column,
                    CASE mode WHEN 'one' THEN 'a.id = $1' ELSE sel END)
@@ -342,6 +344,9 @@ BEGIN
                jsonb_build_object('entity', t.entity, 'error', x.err)::text AS context
           FROM d365.activity a
           JOIN %1$s c ON c.%2$I::text = a.contact_key AND c.dynamics365_related_id IS NOT NULL
+          -- only a link d365sync wrote (d365._contact_untrusted_sql)
+          JOIN d365.contact_state cs ON cs.contact_key = a.contact_key
+                                    AND cs.dynamics_id = c.dynamics365_related_id
           LEFT JOIN d365.activity_type_map tm ON tm.activity_type = a.activity_type
           CROSS JOIN LATERAL (SELECT coalesce(tm.dynamics_entity, a.activity_type) AS entity) t
           LEFT JOIN ent ON ent.name = t.entity

@@ -165,7 +165,8 @@ $$;
  * column rounded is not sent back).
  *
  * Returns {column: new value}, '{}' when nothing differed, NULL when no
- * contact is linked to the row.  It runs with its caller's rights and reads
+ * contact is linked to the row (a link column holding the id counts only
+ * when d365sync linked that contact to it).  It runs with its caller's rights and reads
  * the contact table with built-in conversions only; the conversions into the
  * columns' types, the incoming mapper and the update run as the table's
  * owner in a security-restricted operation (d365._contact_convert,
@@ -227,7 +228,9 @@ BEGIN
     EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
                    src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
        INTO k, cur USING cid;
-    IF k IS NULL THEN
+    -- a link d365sync did not write is no link: nothing is copied into
+    -- that row (see d365._contact_untrusted_sql)
+    IF k IS NULL OR NOT d365._contact_link_trusted(k, cid) THEN
         RETURN NULL;
     END IF;
     snap := d365._contact_snapshot(k, NULL);
@@ -408,7 +411,8 @@ BEGIN
             IF d365._is_guid(r ->> 'id') THEN
                 k := d365._contact_unlink((r ->> 'id')::uuid);
             END IF;
-            IF k IS NOT NULL THEN
+            -- (a link d365sync did not write is cleared, and that is all)
+            IF k IS NOT NULL AND d365._contact_link_trusted(k, (r ->> 'id')::uuid) THEN
                 PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
                             ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
                 unlinked := unlinked + 1;

@@ -17,5 +17,6 @@ GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
       d365._outgoing_only_columns(), d365._is_guid(text), d365._bind_guid(text),
       d365._incoming_mapper(), d365._contact_snapshot(text, jsonb),
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
-      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
+      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text),
+      d365._contact_link_trusted(text, uuid) TO PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA d365 FROM PUBLIC;
