@@ -9,7 +9,7 @@ OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_pages.o src
 	src/contact_source.o src/metadata.o src/pipeline.o src/contacts_out.o \
 	src/activities.o src/incoming.o src/whoami.o src/table_owner.o src/capture.o \
 	src/worker.o src/worker_shmem.o src/progress.o \
-	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o
+	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o src/odata_path.o
 
 # The install script of the version being made is built from the parts in
 # sql/install/ (one per subsystem, in file-name order), the one place each
@@ -24,7 +24,7 @@ DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.2.sql \
 	sql/$(EXTENSION)--0.1--0.2.sql sql/$(EXTENSION)--0.2--0.3.sql
 INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_data operations cron fdw
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_dynamics redteam_data operations cron fdw
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -28,6 +28,8 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <math.h>
 #include "d365_json.h"
 
 #include "common/cryptohash.h"
@@ -52,6 +54,46 @@ typedef struct TokenSlot
 } TokenSlot;
 
 static TokenSlot slots[TOKEN_SLOTS];
+
+/* A token lifetime is taken between these bounds, in seconds. */
+#define TOKEN_MIN_LIFETIME_SECS 60
+#define TOKEN_MAX_LIFETIME_SECS 86400
+
+/*
+ * token_lifetime
+ *		The lifetime an expires_in value (a number, or a string of digits
+ *		as v1 endpoints send it) gives a token, clamped to a minute..a day:
+ *		an absurd value must neither overflow the renewal time nor make
+ *		every call fetch a token.  0 when there is no such value.
+ */
+static long
+token_lifetime(json_t *expires)
+{
+	double		secs;
+
+	if (json_is_integer(expires))
+		secs = (double) json_integer_value(expires);
+	else if (json_is_real(expires))
+		secs = json_real_value(expires);
+	else if (json_is_string(expires))
+	{
+		const char *s = json_string_value(expires);
+		char	   *end;
+
+		secs = strtod(s, &end);
+		if (end == s || *end != '\0')
+			return 0;
+	}
+	else
+		return 0;
+	if (isnan(secs))
+		return 0;
+	if (secs < TOKEN_MIN_LIFETIME_SECS)
+		return TOKEN_MIN_LIFETIME_SECS;
+	if (secs > TOKEN_MAX_LIFETIME_SECS)
+		return TOKEN_MAX_LIFETIME_SECS;
+	return (long) secs;
+}
 
 /*
  * credentials_key
@@ -298,12 +340,7 @@ d365_auth_token(D365Client *client, D365Lane *lane, bool refresh, bool missing_o
 
 	token = d365_json_str(op->json, "access_token");
 	expires = op->json ? json_object_get(op->json, "expires_in") : NULL;
-	if (json_is_integer(expires))
-		lifetime = (long) json_integer_value(expires);
-	else if (json_is_string(expires))	/* v1 endpoints send a string */
-		lifetime = atol(json_string_value(expires));
-	else
-		lifetime = 0;
+	lifetime = token_lifetime(expires);
 	if ((token == NULL || token[0] == '\0' || lifetime <= 0) && missing_ok)
 	{
 		lane->problem = pstrdup("the token response has no access_token or expires_in");

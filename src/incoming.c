@@ -42,16 +42,20 @@
 
 PG_FUNCTION_INFO_V1(d365_pull_changes);
 
-/* Add one page's counts from d365._pull_record() to the run. */
+/*
+ * Add one page's counts from d365._pull_record() to the run.  The rows go
+ * as json text, not jsonb: a string holding U+0000 fails its row alone
+ * there, not the page.
+ */
 static void
-record_page(D365Run *run, const char *body)
+record_page(D365Run *run, json_t *rows)
 {
 	Oid			types[1] = {TEXTOID};
-	Datum		args[1] = {CStringGetTextDatum(body)};
+	Datum		args[1] = {CStringGetTextDatum(d365_json_dump(rows))};
 
 	d365_run_add_counts(run,
 						SPI_execute_with_args("SELECT updated, unchanged, failed, unlinked"
-											  " FROM d365._pull_record(($1::jsonb) -> 'value')",
+											  " FROM d365._pull_record($1::pg_catalog.json)",
 											  1, types, args, NULL, false, 1),
 						"d365._pull_record");
 }
@@ -130,7 +134,7 @@ pull_body(D365Run *run, void *arg)
 					 errcontext("Dynamics 365 request: GET %s", pages->path)));
 
 		old = MemoryContextSwitchTo(pages->cxt);
-		record_page(run, op->http->response);
+		record_page(run, json_object_get(op->json, "value"));
 		MemoryContextSwitchTo(old);
 		npages++;
 	}

@@ -473,9 +473,17 @@ classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
 		char	   *ra = d365_http_header(h, "Retry-After");
 		long		ms;
 
-		/* delta-seconds; an HTTP-date or anything else means back off */
+		/*
+		 * delta-seconds, at most a day (more digits than that cannot be
+		 * read without overflow); an HTTP-date or anything else means back
+		 * off
+		 */
 		if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
-			ms = Min(atol(ra), 86400L) * 1000L;
+		{
+			const char *digits = ra + strspn(ra, "0");
+
+			ms = (strlen(digits) > 5 ? 86400L : Min(atol(digits), 86400L)) * 1000L;
+		}
 		else
 			ms = backoff_ms(*attempts);
 
@@ -762,6 +770,9 @@ d365_client_start(D365Client *client, D365Op **ops, int n)
 	st->attempts = palloc0(sizeof(int) * Max(n, 1));
 	st->pending = palloc(sizeof(int) * Max(n, 1));
 	st->retry_list = palloc(sizeof(int) * Max(n, 1));
+	/* nothing is sent when one path would leave the Web API */
+	for (i = 0; i < n; i++)
+		d365_check_op_path(client, ops[i]);
 	for (i = 0; i < n; i++)
 		st->pending[i] = i;
 	st->npending = n;

@@ -102,6 +102,8 @@ extern void d365_client_add_lane(D365Client *client, const char *client_id,
 extern char *d365_client_skipped(D365Client *client);
 extern int	d365_client_slots(D365Client *client);
 extern D365Op *d365_op_make(const char *method, const char *path, const char *body);
+/* in odata_path.c */
+extern void d365_check_op_path(const D365Client *client, const D365Op *op);
 /* the first round of d365_client_execute in flight (see d365_client_start) */
 typedef struct D365Sending D365Sending;
 

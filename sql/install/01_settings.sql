@@ -342,9 +342,14 @@ BEGIN
     IF d365_set_secret_from_file.client_id IS NULL THEN
         UPDATE d365.settings SET client_secret = secret;
     ELSE
-        INSERT INTO d365.app_users AS u (client_id, client_secret)
-        VALUES (d365_set_secret_from_file.client_id, secret)
-        ON CONFLICT ON CONSTRAINT app_users_pkey DO UPDATE SET client_secret = EXCLUDED.client_secret;
+        -- (no ON CONFLICT: the table's trigger refuses an existing id before
+        -- the conflict could be seen)
+        UPDATE d365.app_users u SET client_secret = secret
+         WHERE u.client_id = d365_set_secret_from_file.client_id;
+        IF NOT FOUND THEN
+            INSERT INTO d365.app_users (client_id, client_secret)
+            VALUES (d365_set_secret_from_file.client_id, secret);
+        END IF;
     END IF;
 END;
 $$;
@@ -373,7 +378,11 @@ COMMENT ON COLUMN d365.app_users.enabled IS
 /*
  * Checks a row of d365.app_users before PostgreSQL does: its own NOT NULL
  * errors would print the whole row, the secret included, as "Failing row
- * contains (...)".
+ * contains (...)", and any error raised past this trigger -- the primary
+ * key's "already exists" among them -- comes with a COPY's context, the
+ * line with the secret.  So a client_id that exists already is refused
+ * here, quietly, under a lock that serializes the writers of the table (a
+ * concurrent insert of the same id waits, then sees it).
  */
 CREATE FUNCTION d365._app_users_check()
 RETURNS trigger
@@ -387,6 +396,14 @@ DECLARE
     hnt text;
 BEGIN
     PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF TG_OP = 'INSERT' OR NEW.client_id IS DISTINCT FROM OLD.client_id THEN
+        LOCK TABLE d365.app_users IN SHARE ROW EXCLUSIVE MODE;
+        IF EXISTS (SELECT FROM d365.app_users u WHERE u.client_id = NEW.client_id) THEN
+            RAISE EXCEPTION 'application user % exists already', NEW.client_id
+                USING ERRCODE = 'unique_violation',
+                      HINT = 'Change its secret with d365_set_secret_from_file(path, client_id), or UPDATE its row.';
+        END IF;
+    END IF;
     IF NEW.client_secret = '' THEN
         RAISE EXCEPTION 'the client secret of application user % is empty', NEW.client_id
             USING ERRCODE = 'invalid_parameter_value',

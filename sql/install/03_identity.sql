@@ -330,8 +330,9 @@ LANGUAGE C;
 
 /*
  * Whether tbl has a unique index on dynamics365_related_id alone (no
- * expression, no predicate): no two rows then hold one Dynamics id, and the
- * incoming changes find a contact by its id through it.
+ * expression; no predicate, or the one d365sync gives it): no two rows then
+ * hold one Dynamics id, and the incoming changes find a contact by its id
+ * through it.
  */
 CREATE FUNCTION d365._link_index_exists(tbl regclass)
 RETURNS boolean
@@ -341,8 +342,9 @@ AS $$
     SELECT EXISTS (SELECT FROM pg_index i
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                     WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indnatts = 1
-                      AND i.indexprs IS NULL AND i.indpred IS NULL
-                      AND a.attname = 'dynamics365_related_id')
+                      AND i.indexprs IS NULL AND a.attname = 'dynamics365_related_id'
+                      AND (i.indpred IS NULL
+                           OR pg_get_expr(i.indpred, i.indrelid) = '(dynamics365_related_id IS NOT NULL)'))
 $$;
 
 /*
@@ -374,7 +376,10 @@ BEGIN
                                   CASE WHEN n > 10 THEN ', ...' ELSE '' END),
                   HINT = format('A Dynamics 365 record belongs to one contact: keep the link of the right row and unlink the others (UPDATE %s SET dynamics365_related_id = NULL WHERE ...), then call d365_attach_contacts() again.', tbl);
     END IF;
-    EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)', tbl);
+    -- unlinked rows are not in it: inserting them, and updating them
+    -- outside HOT, costs the application nothing more
+    EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)'
+                   ' WHERE dynamics365_related_id IS NOT NULL', tbl);
 END;
 $$;
 

@@ -215,7 +215,7 @@ BEGIN
     IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
         CREATE TEMP TABLE d365_lookup_hits (
             i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
-            ids text[]
+            ids text[], unreadable text
         ) ON COMMIT DROP;
     ELSE
         TRUNCATE d365_lookup_hits;
@@ -224,17 +224,18 @@ BEGIN
     -- fields equal its values (one hash join on a normalised key)
     fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
     WITH grp AS MATERIALIZED (
-        SELECT x.g, x.a::jsonb AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
+        SELECT x.g, d365._lookup_answer(x.a) AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
     items AS MATERIALIZED (
         SELECT u.i, u.k, u.c, u.l, u.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+               gr.j ->> '@d365sync.unreadable' AS unreadable,
                d365._match_key(u.l::jsonb, fields) AS key
           FROM unnest(item_keys, lookups, contexts, groups) WITH ORDINALITY u(k, l, c, g, i)
           LEFT JOIN grp gr ON gr.g = u.g),
     hits AS MATERIALIZED (
         SELECT gr.g, v, d365._match_key(v, fields) AS key
-          FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
+          FROM grp gr, jsonb_array_elements(CASE WHEN jsonb_typeof(gr.j -> 'value') = 'array' THEN gr.j -> 'value' ELSE '[]' END) v)
     INSERT INTO d365_lookup_hits
-    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids
+    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids, t.unreadable
       FROM items t
       LEFT JOIN (SELECT h.g, h.key, count(*) AS n, (array_agg(h.v))[1] AS first_hit,
                         array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid') AS ids
@@ -247,11 +248,12 @@ BEGIN
                        '  FROM %s t JOIN pg_catalog.unnest($1) u(id) ON t.dynamics365_related_id = u.id',
                        src.key_column, src.contact_table)
            INTO taken
-          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h
+                  WHERE h.n = 1 AND d365._is_guid(h.first_hit ->> 'contactid'));
         SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
           FROM (SELECT h.first_hit ->> 'contactid' AS id,
                        string_agg(h.k, ', ' ORDER BY h.i) AS keys
-                  FROM d365_lookup_hits h WHERE h.n = 1
+                  FROM d365_lookup_hits h WHERE h.n = 1 AND d365._is_guid(h.first_hit ->> 'contactid')
                  GROUP BY 1 HAVING count(*) > 1) d
          WHERE NOT taken ? d.id;
     END IF;
@@ -262,7 +264,12 @@ BEGIN
     RETURN QUERY
     WITH judged AS (
         SELECT h.*,
-               CASE WHEN h.n > 1
+               CASE WHEN h.unreadable IS NOT NULL
+                        THEN 'could not be matched: ' || h.unreadable
+                    WHEN h.n >= 1 AND EXISTS (SELECT FROM unnest(h.ids) x WHERE NOT d365._is_guid(x))
+                        THEN format('could not be matched: its look-up answer names contact id %s, which is not a GUID',
+                                    (SELECT to_jsonb(x) FROM unnest(h.ids) x WHERE NOT d365._is_guid(x) LIMIT 1))
+                    WHEN h.n > 1
                         THEN format('matches %s Dynamics 365 contacts (%s%s)', h.n,
                                     array_to_string(h.ids[1:10], ', '),
                                     CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
@@ -305,5 +312,31 @@ BEGIN
            END
       FROM diffed d
      ORDER BY d.i;
+END;
+$$;
+
+/*
+ * The body of a look-up answer as jsonb.  jsonb holds no U+0000: a string
+ * holding one is read with U+FFFD in its place (the value only takes part
+ * in comparisons, where it then equals no local value; a matched contact's
+ * local values are sent over it).  A body that cannot be read still is
+ * {"@d365sync.unreadable": why}: the contacts of that look-up fail alone,
+ * the rest of the run goes on.
+ */
+CREATE FUNCTION d365._lookup_answer(body text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN body::jsonb;
+EXCEPTION WHEN data_exception THEN
+    BEGIN
+        -- \u0000 not preceded by an escaped backslash
+        RETURN regexp_replace(body, '(?<!\\)((?:\\\\)*)\\u0000', '\1\\ufffd', 'g')::jsonb;
+    EXCEPTION WHEN data_exception THEN
+        RETURN jsonb_build_object('@d365sync.unreadable',
+                   'the answer to its look-up cannot be read: ' || SQLERRM);
+    END;
 END;
 $$;

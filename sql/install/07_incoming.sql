@@ -375,17 +375,18 @@ AS $$
 $$;
 
 /*
- * The record stage of a pull: one page of change-tracking rows.  Changed
- * rows of linked contacts are applied as d365_update_contact() would; a
- * $deletedEntity entry unlinks its contact (reported, re-created only if it
- * qualifies again).  A row that does not fit -- a value its column cannot
- * hold, a constraint, trigger or generated column of the contact table
- * refusing it -- fails alone: a WARNING names the field and column, the
- * contact's d365.contact_state.last_error keeps the reason, it is counted as
- * failed, and the rest of the page (and the pull) goes on.  Other errors
- * (rights, a missing table) stop the pull.
+ * The record stage of a pull: one page of change-tracking rows, as json (a
+ * row may hold what jsonb cannot: U+0000).  Changed rows of linked contacts
+ * are applied as d365_update_contact() would; a $deletedEntity entry
+ * unlinks its contact (reported, re-created only if it qualifies again).
+ * A row that does not fit -- a string holding U+0000, a value its column
+ * cannot hold, a constraint, trigger or generated column of the contact
+ * table refusing it -- fails alone: a WARNING names the field and column,
+ * the contact's d365.contact_state.last_error keeps the reason, it is
+ * counted as failed, and the rest of the page (and the pull) goes on.
+ * Other errors (rights, a missing table) stop the pull.
  */
-CREATE FUNCTION d365._pull_record(page jsonb,
+CREATE FUNCTION d365._pull_record(page json,
     OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
 RETURNS record
 SET search_path = pg_catalog, pg_temp
@@ -393,7 +394,9 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     src d365.contact_source := d365._contact_source();
+    e json;
     r jsonb;
+    cid text;
     changed jsonb;
     k text;
     code text;
@@ -401,37 +404,53 @@ DECLARE
     detail text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+    IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR r IN SELECT jsonb_array_elements(page) LOOP
-        IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
-            k := NULL;
-            IF d365._is_guid(r ->> 'id') THEN
-                k := d365._contact_unlink((r ->> 'id')::uuid);
-            END IF;
-            -- (a link d365sync did not write is cleared, and that is all)
-            IF k IS NOT NULL AND d365._contact_link_trusted(k, (r ->> 'id')::uuid) THEN
-                PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
-                            ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
-                unlinked := unlinked + 1;
-            END IF;
-            CONTINUE;
-        END IF;
+    FOR e IN SELECT json_array_elements(page) LOOP
+        -- the contactid as sent, read from the text (json's operators would
+        -- unescape every string of the row, U+0000 included, and fail)
+        cid := CASE WHEN json_typeof(e) = 'object'
+                    THEN substring(e::text FROM '"contactid"\s*:\s*"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"') END;
+        r := NULL;
         BEGIN
+            r := e::jsonb;
+            IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+                k := NULL;
+                IF d365._is_guid(r ->> 'id') THEN
+                    k := d365._contact_unlink((r ->> 'id')::uuid);
+                END IF;
+                -- (a link d365sync did not write is cleared, and that is all)
+                IF k IS NOT NULL AND d365._contact_link_trusted(k, (r ->> 'id')::uuid) THEN
+                    PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
+                                ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
+                    unlinked := unlinked + 1;
+                END IF;
+                CONTINUE;
+            END IF;
             changed := d365._incoming_apply(r, false);
         EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
                        OR raise_exception OR with_check_option_violation THEN
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+            IF r IS NULL THEN
+                -- jsonb holds no U+0000 (nor does any text column)
+                msg := 'a value of the Dynamics 365 row holds a character PostgreSQL cannot store';
+                detail := CASE WHEN code = '22P05'
+                               THEN 'A string holds U+0000 (a NUL character); the row was refused as a whole.'
+                               ELSE detail END;
+            END IF;
             k := NULL;
-            IF r ->> 'contactid' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+            IF cid IS NOT NULL THEN
                 EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
                                src.key_column, src.contact_table)
-                   INTO k USING (r ->> 'contactid')::uuid;
+                   INTO k USING cid::uuid;
+                IF k IS NOT NULL AND NOT d365._contact_link_trusted(k, cid::uuid) THEN
+                    k := NULL;
+                END IF;
             END IF;
             RAISE WARNING 'incoming change of contact % was not applied: %',
-                          coalesce(k, format('(Dynamics id %s)', r ->> 'contactid')), msg
+                          coalesce(k, format('(Dynamics id %s)', coalesce(cid, 'unknown'))), msg
                 USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
             IF k IS NOT NULL THEN
                 UPDATE d365.contact_state

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# test/redteam_data.sh: attacks that need two sessions or the server log.
+#
+#   1. An application session holds FOR UPDATE on a contact the sync is
+#      about to link (0.2: the sync waited for it, with no end): the sync
+#      finishes, that contact stays pending, and the next sync after the
+#      lock is gone links it to the same Dynamics record.
+#   2. A duplicate application user loaded with psql's \copy, with
+#      log_statement = 'all' (0.2: "Key (client_id)=(...) already exists"
+#      came with the COPY's context, the line with the secret): neither the
+#      client nor the server log sees the secret.
+#
+# scripts/test.sh runs it with the cluster and simulator it started; run by
+# itself it starts its own (scripts/lib.sh, d365_start_standalone).  Prints
+# "ok N - ..." / "not ok N - ..." and always exits 0.
+set -uo pipefail
+
+DB=d365rddata
+SECRET=rd-secret-4711-never-shown
+TMPD=$(mktemp -d /tmp/d365rddata.XXXXXX)
+chmod 755 "$TMPD"
+STANDALONE=0
+LOCKER=
+cleanup() {
+    [ -n "$LOCKER" ] && kill "$LOCKER" 2>/dev/null
+    psql -X -q -d postgres -c "ALTER SYSTEM RESET log_statement" -c "SELECT pg_reload_conf()" >/dev/null 2>&1
+    timeout 60 dropdb --if-exists --force "$DB" >/dev/null 2>&1
+    rm -rf "$TMPD"
+    [ "$STANDALONE" = 0 ] || d365_stop_all
+}
+trap cleanup EXIT
+if [ -z "${D365_SIM_URL:-}" ]; then
+    STANDALONE=1
+    . "$(dirname "$0")/../scripts/lib.sh"
+    d365_start_standalone "$TMPD/start.log" || exit 0
+fi
+LOG=${D365_WORK:-$(dirname "${PGDATA:-/nonexistent/x}")}/postgres.log
+
+n=0
+ok() { n=$((n + 1)); echo "ok $n - $*"; }
+notok() {
+    n=$((n + 1))
+    echo "not ok $n - $1"
+    shift
+    local l
+    for l in "$@"; do printf '# %s\n' "$l"; done
+}
+psqlq() { timeout "${PSQL_TIMEOUT:-120}" psql -X -q -At -P pager=off -v ON_ERROR_STOP=1 -d "$DB" "$@"; }
+
+timeout 60 dropdb --if-exists --force "$DB" >/dev/null 2>&1
+timeout 60 createdb "$DB" || { notok "set-up: createdb"; exit 0; }
+"$D365_SIMCTL" reset >/dev/null
+psqlq -v sim_url="$D365_SIM_URL" >"$TMPD/setup.log" 2>&1 <<'SQL' || { notok "set-up failed" "$(tail -n 5 "$TMPD/setup.log")"; exit 0; }
+CREATE EXTENSION d365sync CASCADE;
+UPDATE d365.settings
+   SET org_url = :'sim_url', authority_url = :'sim_url',
+       tenant_id = '11111111-1111-1111-1111-111111111111',
+       client_id = '22222222-2222-2222-2222-222222222222',
+       client_secret = 'sim-secret', contact_sync_enabled = true, min_score = 10;
+CREATE TABLE rd_person (id integer PRIMARY KEY, name text, score integer);
+INSERT INTO rd_person VALUES (1, 'Ada', 50), (2, 'Bob', 50);
+SELECT d365.d365_attach_contacts('rd_person');
+INSERT INTO d365.field_map VALUES ('name', 'firstname');
+SQL
+
+# -- 1. a writer holds FOR UPDATE on a contact the sync links
+psqlq -c "BEGIN" -c "SELECT id FROM rd_person WHERE id = 1 FOR UPDATE" -c "SELECT pg_sleep(60)" \
+    >/dev/null 2>&1 &
+LOCKER=$!
+for i in $(seq 1 100); do
+    held=$(psqlq -c "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                      WHERE a.datname = '$DB' AND a.query LIKE '%pg_sleep(60)%' AND l.granted
+                        AND l.locktype = 'transactionid'" 2>/dev/null)
+    [ "${held:-0}" -ge 1 ] && break
+    sleep 0.1
+done
+out=$(PSQL_TIMEOUT=40 psqlq -c "SELECT created, failed FROM d365.d365_sync_contacts()" 2>&1)
+rc=$?
+links=$(psqlq -c "SELECT string_agg(id || ':' || (dynamics365_related_id IS NOT NULL), ',' ORDER BY id) FROM rd_person" 2>&1)
+if [ $rc = 0 ] && [ "$links" = "1:false,2:true" ]; then
+    ok "a sync does not wait for a row another session holds FOR UPDATE: it links the others and leaves that one pending ($out)"
+else
+    notok "a sync does not wait for a row another session holds FOR UPDATE: it links the others and leaves that one pending" \
+        "exit $rc: $out" "links: $links"
+fi
+kill "$LOCKER" 2>/dev/null
+wait "$LOCKER" 2>/dev/null
+LOCKER=
+psqlq -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '$DB' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()" >/dev/null 2>&1
+sleep 0.5
+out=$(psqlq -c "SELECT created, failed FROM d365.d365_sync_contacts()" 2>&1)
+same=$(psqlq -c "SELECT dynamics365_related_id = d365._contact_guid('1', 0) FROM rd_person WHERE id = 1" 2>&1)
+count=$("$D365_SIMCTL" rows contact --copy | grep -c '"firstname":"Ada"')
+if [ "$same" = t ] && [ "$count" = 1 ]; then
+    ok "once the lock is gone the next sync links it to the record the first one created ($out; Dynamics holds $count Ada)"
+else
+    notok "once the lock is gone the next sync links it to the record the first one created" \
+        "$out" "same id: $same" "Ada in Dynamics: $count"
+fi
+
+# -- 2. a duplicate application user in a \copy, with log_statement = all
+psqlq -c "ALTER SYSTEM SET log_statement = 'all'" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 1
+start=$(wc -l <"$LOG" 2>/dev/null || echo 0)
+printf '44444444-4444-4444-4444-444444444444\tfirst-%s\ttrue\n' "$SECRET" >"$TMPD/users1.tsv"
+printf '55555555-5555-5555-5555-555555555555\tother-%s\ttrue\n44444444-4444-4444-4444-444444444444\t%s\ttrue\n' \
+    "$SECRET" "$SECRET" >"$TMPD/users2.tsv"
+(cd "$TMPD" && psql -X -q -P pager=off -d "$DB" >"$TMPD/copy.log" 2>&1 <<'SQL'
+\set VERBOSITY verbose
+\set SHOW_CONTEXT always
+\copy d365.app_users FROM 'users1.tsv'
+\copy d365.app_users FROM 'users2.tsv'
+INSERT INTO d365.app_users (client_id, client_secret)
+SELECT '66666666-6666-6666-6666-666666666666', client_secret FROM d365.app_users;
+UPDATE d365.app_users SET client_id = '44444444-4444-4444-4444-444444444444'
+ WHERE client_id = '66666666-6666-6666-6666-666666666666';
+SELECT count(*) AS users FROM d365.app_users;
+SQL
+)
+sleep 1
+tail -n +"$((start + 1))" "$LOG" >"$TMPD/log" 2>/dev/null
+if grep -q 'exists already' "$TMPD/copy.log" && grep -q '^ *2$' "$TMPD/copy.log" \
+   && ! grep -q "$SECRET" "$TMPD/copy.log"; then
+    ok "a duplicate application user in a \\copy is refused without showing the secret to the client"
+else
+    notok "a duplicate application user in a \\copy is refused without showing the secret to the client" \
+        "$(sed 's/^/  /' "$TMPD/copy.log" | head -n 20)"
+fi
+if grep -q 'COPY' "$TMPD/log" && ! grep -q "$SECRET" "$TMPD/log"; then
+    ok "with log_statement = all the server log holds the COPY and no secret ($(wc -l <"$TMPD/log") lines)"
+else
+    notok "with log_statement = all the server log holds the COPY and no secret" \
+        "$(grep -n "$SECRET\|COPY" "$TMPD/log" | head -n 10)"
+fi
+# d365_set_secret_from_file still changes an existing user's secret
+printf 'new-secret\n' >"$TMPD/secret.txt"
+chmod 644 "$TMPD/secret.txt"
+out=$(psqlq -v f="$TMPD/secret.txt" 2>&1 <<'SQL'
+SELECT d365.d365_set_secret_from_file(:'f', '44444444-4444-4444-4444-444444444444');
+SELECT client_secret FROM d365.app_users WHERE client_id = '44444444-4444-4444-4444-444444444444';
+SQL
+)
+if [ "$(tail -n 1 <<<"$out")" = new-secret ]; then
+    ok "d365_set_secret_from_file changes the secret of an existing application user"
+else
+    notok "d365_set_secret_from_file changes the secret of an existing application user" "$out"
+fi
+exit 0
