@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (116), as
+ *   - the 0.3 install script: every function and procedure (123), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -31,6 +31,10 @@
 -- reads must exist); drops of functions whose signature, return type,
 -- argument names or defaults change, with the views and triggers that
 -- depend on them.
+
+-- The pull's record stage takes its page as json (a row may hold U+0000,
+-- which jsonb cannot).
+DROP FUNCTION d365._pull_record(jsonb);
 
 -- ==========================================================================
 -- The functions of 0.3
@@ -316,9 +320,14 @@ BEGIN
     IF d365_set_secret_from_file.client_id IS NULL THEN
         UPDATE d365.settings SET client_secret = secret;
     ELSE
-        INSERT INTO d365.app_users AS u (client_id, client_secret)
-        VALUES (d365_set_secret_from_file.client_id, secret)
-        ON CONFLICT ON CONSTRAINT app_users_pkey DO UPDATE SET client_secret = EXCLUDED.client_secret;
+        -- (no ON CONFLICT: the table's trigger refuses an existing id before
+        -- the conflict could be seen)
+        UPDATE d365.app_users u SET client_secret = secret
+         WHERE u.client_id = d365_set_secret_from_file.client_id;
+        IF NOT FOUND THEN
+            INSERT INTO d365.app_users (client_id, client_secret)
+            VALUES (d365_set_secret_from_file.client_id, secret);
+        END IF;
     END IF;
 END;
 $$;
@@ -329,7 +338,11 @@ COMMENT ON FUNCTION d365.d365_set_secret_from_file(text, uuid) IS
 /*
  * Checks a row of d365.app_users before PostgreSQL does: its own NOT NULL
  * errors would print the whole row, the secret included, as "Failing row
- * contains (...)".
+ * contains (...)", and any error raised past this trigger -- the primary
+ * key's "already exists" among them -- comes with a COPY's context, the
+ * line with the secret.  So a client_id that exists already is refused
+ * here, quietly, under a lock that serializes the writers of the table (a
+ * concurrent insert of the same id waits, then sees it).
  */
 CREATE OR REPLACE FUNCTION d365._app_users_check()
 RETURNS trigger
@@ -343,6 +356,14 @@ DECLARE
     hnt text;
 BEGIN
     PERFORM d365._check_row_quietly(NEW, TG_RELID);
+    IF TG_OP = 'INSERT' OR NEW.client_id IS DISTINCT FROM OLD.client_id THEN
+        LOCK TABLE d365.app_users IN SHARE ROW EXCLUSIVE MODE;
+        IF EXISTS (SELECT FROM d365.app_users u WHERE u.client_id = NEW.client_id) THEN
+            RAISE EXCEPTION 'application user % exists already', NEW.client_id
+                USING ERRCODE = 'unique_violation',
+                      HINT = 'Change its secret with d365_set_secret_from_file(path, client_id), or UPDATE its row.';
+        END IF;
+    END IF;
     IF NEW.client_secret = '' THEN
         RAISE EXCEPTION 'the client secret of application user % is empty', NEW.client_id
             USING ERRCODE = 'invalid_parameter_value',
@@ -644,23 +665,24 @@ $$;
  * The statements that d365sync runs on the attached contact table as the
  * table's owner, in a security-restricted operation (see src/table_owner.c
  * and docs/security.md): the code the table's owner controls -- triggers,
- * index expressions, defaults, domain checks, casts, row security, the
- * incoming mapper -- then runs with the owner's rights, never with ours or
- * a superuser caller's.  The statements take their data as parameters (the
+ * index expressions, defaults, domain checks, casts, row security -- then
+ * runs with the owner's rights, never with ours or a superuser caller's.  The statements take their data as parameters (the
  * table's owner has no rights on d365's tables) and name every object with
  * its schema.  columns: the columns the statement writes (or converts),
  * whose UPDATE right the caller must hold.
  *
  *   links    $1 text[] keys, $2 uuid[] ids, $3 uuid[] the ids the rows must
  *            still be linked to (NULL: still unlinked): sets the link
- *            columns; returns the keys changed
+ *            columns (rows locked by another transaction, and ids another
+ *            row holds, are skipped); returns the keys changed.  The only
+ *            writes the link-column guard lets through (src/link_guard.c)
  *   unlink   $1 uuid: unlinks the contact linked to that Dynamics id;
  *            returns its key
  *   convert  $1 jsonb {column: JSON value}: each value as its column holds
  *            it, as {dynamics_field: value} (d365._json_expr's form)
  *   apply    $1 jsonb {column: JSON value}, $2 text key: the update
- *   map      $1 jsonb Dynamics row, $2 jsonb mapping, $3 text key: the
- *            incoming mapper's {column: value} for the contact
+ *   row      $1 text key: the contact's row as jsonb, for the incoming
+ *            mapper (which then runs as its own function's owner)
  */
 CREATE OR REPLACE FUNCTION d365._owner_sql(op text, only_columns name[],
     OUT sql text, OUT tbl regclass, OUT columns name[])
@@ -706,6 +728,14 @@ BEGIN
                       '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
                       ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
                       '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
+                      -- a row another transaction holds locked is left for
+                      -- the next run (its state stays pending), not waited for
+                      '   AND t.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT l.ctid FROM %1$s l'
+                      '        WHERE l.%2$I OPERATOR(pg_catalog.=) ANY ($1::%3$s[]) FOR UPDATE SKIP LOCKED))'
+                      -- an id another row holds is not linked twice
+                      '   AND (u.id IS NULL OR NOT EXISTS (SELECT FROM %1$s o'
+                      '        WHERE o.dynamics365_related_id OPERATOR(pg_catalog.=) u.id'
+                      '          AND o.%2$I OPERATOR(pg_catalog.<>) u.k::%3$s))'
                       ' RETURNING t.%2$I::pg_catalog.text AS k)'
                       ' SELECT pg_catalog.array_agg(k) FROM u',
                       tbl, src.key_column, key_type);
@@ -729,15 +759,10 @@ BEGIN
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
                       src.key_column, key_type, d365._column_defs(tbl, columns));
-    WHEN 'map' THEN
+    WHEN 'row' THEN
         columns := NULL;
-        IF (SELECT incoming_mapper FROM d365.settings) IS NULL THEN
-            RAISE EXCEPTION 'no incoming mapper is set'
-                USING ERRCODE = 'object_not_in_prerequisite_state';
-        END IF;
-        sql := format('SELECT %1$s($1, pg_catalog.to_jsonb(c), $2) FROM %2$s c'
-                      ' WHERE c.%3$I OPERATOR(pg_catalog.=) $3::%4$s',
-                      (SELECT incoming_mapper::oid::regproc FROM d365.settings),
+        sql := format('SELECT pg_catalog.to_jsonb(c) FROM %1$s c'
+                      ' WHERE c.%2$I OPERATOR(pg_catalog.=) $1::%3$s',
                       tbl, src.key_column, key_type);
     ELSE
         RAISE EXCEPTION 'unknown table-owner operation "%"', op
@@ -933,6 +958,9 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
     END IF;
+    -- no two rows linked to one Dynamics record; incoming changes find
+    -- their contact through it
+    PERFORM d365._link_index_create(contact_table);
 
     INSERT INTO d365.contact_source AS s (contact_table, key_column, score_column)
     VALUES (contact_table, key_column, score_column)
@@ -952,7 +980,7 @@ END;
 $$;
 
 COMMENT ON FUNCTION d365.d365_attach_contacts(regclass, name, name) IS
-    'Registers the contact table: adds the link columns, the change-capture triggers and the sync state';
+    'Registers the contact table: adds the link columns (with a unique index), the change-capture triggers, the guard of the link columns and the sync state';
 
 CREATE OR REPLACE FUNCTION d365.d365_detach_contacts()
 RETURNS void
@@ -1046,7 +1074,7 @@ BEGIN
     END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
-                               'd365_capture_truncate'] LOOP
+                               'd365_capture_truncate', 'd365_link_guard'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
@@ -1055,6 +1083,9 @@ BEGIN
                           trg, src.contact_table);
         END IF;
     END LOOP;
+    IF NOT d365._link_index_exists(src.contact_table) THEN
+        RETURN format('the unique index on dynamics365_related_id of %s is missing', src.contact_table);
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -1105,14 +1136,27 @@ $$;
 /*
  * Rows whose key changed (old_keys[i] became new_keys[i]): the old key is a
  * tombstone, and so is whatever state the new key had (it belonged to an
- * earlier person).  The moved row keeps its link column, so it stays linked
+ * earlier person).  The moved row keeps its link column, and the new key
+ * the Dynamics id d365sync had linked the old one to, so it stays linked
  * to its own Dynamics record and is sent in full at the next sync.
  */
 CREATE OR REPLACE FUNCTION d365._contact_keys_moved(old_keys text[], new_keys text[])
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT d365._contact_tombstone(old_keys || new_keys) $$;
+AS $$
+DECLARE
+    ids uuid[];
+BEGIN
+    SELECT array_agg(s.dynamics_id ORDER BY m.i) INTO ids
+      FROM unnest(old_keys) WITH ORDINALITY m(k, i)
+      LEFT JOIN d365.contact_state s ON s.contact_key = m.k;
+    PERFORM d365._contact_tombstone(old_keys || new_keys);
+    UPDATE d365.contact_state s SET dynamics_id = m.id
+      FROM unnest(new_keys, ids) m(k, id)
+     WHERE s.contact_key = m.k AND m.id IS NOT NULL;
+END;
+$$;
 
 -- AFTER DELETE, per statement: every deleted key becomes a tombstone.
 -- Reads only the key column of the transition table (a built-in type).
@@ -1244,6 +1288,10 @@ BEGIN
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                    src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard'
+                   ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()',
+                   src.contact_table);
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table
         USING ERRCODE = 'insufficient_privilege',
@@ -1267,6 +1315,71 @@ BEGIN
                   AND p.pronamespace = 'd365'::regnamespace LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
     END LOOP;
+END;
+$$;
+
+/*
+ * The guard of the link columns (src/link_guard.c), put on the attached
+ * table with the capture triggers.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_link_guard()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_link_guard'
+LANGUAGE C;
+
+/*
+ * Whether tbl has a unique index on dynamics365_related_id alone (no
+ * expression; no predicate, or the one d365sync gives it): no two rows then
+ * hold one Dynamics id, and the incoming changes find a contact by its id
+ * through it.
+ */
+CREATE OR REPLACE FUNCTION d365._link_index_exists(tbl regclass)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM pg_index i
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indnatts = 1
+                      AND i.indexprs IS NULL AND a.attname = 'dynamics365_related_id'
+                      AND (i.indpred IS NULL
+                           OR pg_get_expr(i.indpred, i.indrelid) = '(dynamics365_related_id IS NOT NULL)'))
+$$;
+
+/*
+ * Makes the unique index on the link column of tbl when it has none.  Rows
+ * sharing a Dynamics id are reported, not changed: the error names them and
+ * says how to unlink all but one.
+ */
+CREATE OR REPLACE FUNCTION d365._link_index_create(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    dups text;
+    n bigint;
+BEGIN
+    IF d365._link_index_exists(tbl) THEN
+        RETURN;
+    END IF;
+    EXECUTE format('SELECT count(*), string_agg(d.id::text, '', '' ORDER BY d.id) FILTER (WHERE d.r <= 10)'
+                   '  FROM (SELECT dynamics365_related_id AS id, row_number() OVER (ORDER BY dynamics365_related_id) AS r'
+                   '          FROM %s WHERE dynamics365_related_id IS NOT NULL'
+                   '         GROUP BY 1 HAVING count(*) > 1) d', tbl)
+       INTO n, dups;
+    IF n > 0 THEN
+        RAISE EXCEPTION 'rows of % share a Dynamics 365 id', tbl
+            USING ERRCODE = 'unique_violation',
+                  DETAIL = format('%s Dynamics 365 id(s) are held by more than one row: %s%s.', n, dups,
+                                  CASE WHEN n > 10 THEN ', ...' ELSE '' END),
+                  HINT = format('A Dynamics 365 record belongs to one contact: keep the link of the right row and unlink the others (UPDATE %s SET dynamics365_related_id = NULL WHERE ...), then call d365_attach_contacts() again.', tbl);
+    END IF;
+    -- unlinked rows are not in it: inserting them, and updating them
+    -- outside HOT, costs the application nothing more
+    EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)'
+                   ' WHERE dynamics365_related_id IS NOT NULL', tbl);
 END;
 $$;
 
@@ -1557,19 +1670,19 @@ AS $$
 $$;
 
 /*
- * Whose sync state is it?  A row's own link column says whether it is
- * linked.  A state row that names a Dynamics contact other than the row's
- * link (the row is unlinked, or linked elsewhere) belongs to an earlier
- * person under the same key (deleted while detached, restored from a dump,
- * link cleared by hand): its snapshot, failures and back-off are not the
- * row's, and an unlinked row gets the next generation -- a Dynamics id of
- * its own.  Aliases: c the contact row, s its state (LEFT JOIN).
+ * Whose sync state is it?  A state row that names a Dynamics contact while
+ * the row is unlinked belongs to an earlier person under the same key
+ * (deleted while detached, restored from a dump, link cleared by hand): its
+ * snapshot, failures and back-off are not the row's, and the row gets the
+ * next generation -- a Dynamics id of its own.  (A linked row whose link
+ * differs from the state's id is untrusted: d365._contact_untrusted_sql.)
+ * Aliases: c the contact row, s its state (LEFT JOIN).
  */
 CREATE OR REPLACE FUNCTION d365._contact_foreign_sql()
 RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT '(s.dynamics_id IS NOT NULL AND s.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)' $$;
+AS $$ SELECT '(s.dynamics_id IS NOT NULL AND c.dynamics365_related_id IS NULL)' $$;
 
 /*
  * The one "pending" condition, used by the work query of the scheduled
@@ -1594,7 +1707,7 @@ DECLARE
         score_column, own_or, changed);
     update_cond text := format(
         '(c.dynamics365_related_id IS NOT NULL AND (%s OR s.synced IS NULL OR %s))',
-        own_or, changed);
+        d365._contact_untrusted_sql(), changed);
     backoff text := format('(%s OR s.next_attempt_at IS NULL OR s.next_attempt_at <= now())', own_or);
 BEGIN
     RETURN CASE what WHEN 'create' THEN create_cond
@@ -1674,7 +1787,7 @@ BEGIN
 
     RETURN format($q$
         SELECT w.item_key,
-               CASE WHEN w.body IS NULL THEN '[]'
+               CASE WHEN w.body IS NULL OR w.refused THEN '[]'
                     ELSE jsonb_build_array(jsonb_build_object(
                              'method', 'PATCH',
                              'path', 'contacts(' || w.dynamics_id || ')',
@@ -1682,13 +1795,19 @@ BEGIN
                              'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
                                              ELSE '[]'::jsonb END))::text
                END AS requests,
-               jsonb_build_object('action', CASE WHEN NOT w.linked THEN 'create'
-                                                 WHEN w.body IS NULL THEN 'unchanged'
-                                                 ELSE 'update' END,
-                                  'id', w.dynamics_id, 'seq', w.change_seq,
-                                  'generation', w.generation, 'base', w.base,
-                                  'values', w.cur, 'sent', w.body)::text AS context,
-               CASE WHEN NOT w.linked AND w.match_values IS NOT NULL
+               (jsonb_build_object('action', CASE WHEN w.refused THEN 'refused'
+                                                  WHEN NOT w.linked THEN 'create'
+                                                  WHEN w.body IS NULL THEN 'unchanged'
+                                                  ELSE 'update' END,
+                                   'id', w.dynamics_id, 'seq', w.change_seq,
+                                   'generation', w.generation, 'base', w.base,
+                                   'values', w.cur, 'sent', CASE WHEN NOT w.refused THEN w.body END)
+                || CASE WHEN w.refused
+                        THEN jsonb_build_object('error_code', 'd365sync.link', 'error',
+                                 format('holds Dynamics 365 id %%s in its link column, which d365sync did not link to it; nothing was sent',
+                                        w.link))
+                        ELSE '{}' END)::text AS context,
+               CASE WHEN NOT w.linked AND NOT w.refused AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
                                           WHERE e.value IN ('null'::jsonb, '""'::jsonb))
                     THEN w.match_values::text END AS lookup
@@ -1701,9 +1820,12 @@ BEGIN
                                           AND e.value IS DISTINCT FROM coalesce(v.synced -> e.key, 'null'::jsonb)))
                        END AS body
                   FROM (SELECT c.%1$I::text AS item_key,
-                               c.dynamics365_related_id IS NOT NULL AS linked,
-                               coalesce(c.dynamics365_related_id,
-                                        d365._contact_guid(c.%1$I::text, g.generation)) AS dynamics_id,
+                               c.dynamics365_related_id IS NOT NULL AND NOT %7$s AS linked,
+                               %7$s AS refused,
+                               c.dynamics365_related_id AS link,
+                               CASE WHEN %7$s THEN s.dynamics_id
+                                    ELSE coalesce(c.dynamics365_related_id,
+                                                  d365._contact_guid(c.%1$I::text, g.generation)) END AS dynamics_id,
                                coalesce(s.change_seq, 0) AS change_seq,
                                g.generation, s.generation AS base,
                                CASE WHEN %6$s THEN NULL ELSE s.synced END AS synced,
@@ -1715,7 +1837,7 @@ BEGIN
                          WHERE %4$s
                         OFFSET 0) v) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql());
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql());
 END;
 $$;
 
@@ -1835,7 +1957,9 @@ BEGIN
                    (SELECT t.dynamics_id IS NOT NULL AND t.dynamics_id IS DISTINCT FROM l.link_id
                       FROM d365.contact_state t WHERE t.contact_key = x.item_key) AS foreign
               FROM unnest(outcomes) x,
+                   -- a refused row keeps the id d365sync linked its key to
                    LATERAL (SELECT CASE WHEN x.action = 'update' AND NOT x.matched
+                                          OR x.action = 'refused'
                                         THEN x.dynamics_id END AS link_id) l) o
      WHERE NOT o.ok AND NOT o.gone AND o.current AND s.contact_key = o.item_key;
 
@@ -1884,6 +2008,92 @@ LANGUAGE C VOLATILE;
 
 COMMENT ON FUNCTION d365.d365_sync_contacts() IS
     'The scheduled contact sync: creates qualifying contacts and sends the changed fields of linked ones';
+
+/*
+ * A linked row d365sync must not trust: its link column holds an id other
+ * than the one d365sync linked its key to (d365.contact_state.dynamics_id),
+ * or its key has no such id.  Only d365sync's link writer passes the guard
+ * on the link columns (src/link_guard.c); a value that got there another
+ * way -- the table's owner with the guard disabled, a superuser, a release
+ * before the guard -- never makes d365sync write to that Dynamics record:
+ * the contact sync refuses the row (error code d365sync.link), the pull
+ * and the activity sync pass it by.  Aliases: c the contact row, s its
+ * state (LEFT JOIN).
+ */
+CREATE OR REPLACE FUNCTION d365._contact_untrusted_sql()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT '(c.dynamics365_related_id IS NOT NULL AND s.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)' $$;
+
+/*
+ * Whether d365sync linked the contact with this key to the Dynamics id:
+ * the state's id.  For callers without rights on d365's tables (the push
+ * of incoming changes runs with its caller's); reads nothing else.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_link_trusted(contact_key text, dynamics_id uuid)
+RETURNS boolean
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM d365.contact_state s
+                    WHERE s.contact_key = _contact_link_trusted.contact_key
+                      AND s.dynamics_id = _contact_link_trusted.dynamics_id)
+$$;
+
+/*
+ * Links a contact to an existing Dynamics 365 contact by hand: the one way
+ * to put a chosen id into the link column (the guard refuses any other,
+ * src/link_guard.c).  The next sync sends the contact's mapped values to
+ * that record.  Needs the UPDATE right on the link columns (checked by
+ * d365._contact_set_links) and on d365.contact_state.
+ */
+CREATE OR REPLACE FUNCTION d365.d365_link_contact(contact_key anyelement, dynamics_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    k text := d365._key_text(contact_key);
+    cur uuid;
+    holder text;
+    found_key text;
+BEGIN
+    EXECUTE format('SELECT %I::text, dynamics365_related_id FROM %s WHERE %I::text = $1',
+                   src.key_column, src.contact_table, src.key_column)
+       INTO found_key, cur USING k;
+    IF found_key IS NULL THEN
+        RAISE EXCEPTION 'contact % does not exist', k
+            USING ERRCODE = 'no_data_found',
+                  HINT = format('The key is looked up in %s.', src.contact_table);
+    END IF;
+    EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1 AND %I::text <> $2',
+                   src.key_column, src.contact_table, src.key_column)
+       INTO holder USING dynamics_id, k;
+    IF holder IS NOT NULL THEN
+        RAISE EXCEPTION 'Dynamics 365 contact % is linked to contact % already', dynamics_id, holder
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'A Dynamics 365 record belongs to one contact: unlink the other one first (set its dynamics365_related_id to NULL).';
+    END IF;
+    IF d365._contact_set_links(ARRAY[k], ARRAY[dynamics_id], ARRAY[cur]) IS NULL THEN
+        RAISE EXCEPTION 'contact % could not be linked: another transaction holds it locked or changed it', k
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'Try again.';
+    END IF;
+    INSERT INTO d365.contact_state AS s (contact_key, change_seq, synced_seq, dynamics_id)
+    VALUES (k, 1, 0, dynamics_id)
+    ON CONFLICT ON CONSTRAINT contact_state_pkey DO UPDATE
+       SET dynamics_id = EXCLUDED.dynamics_id, synced = NULL, remote_deleted_at = NULL,
+           attempts = 0, next_attempt_at = NULL, last_error_code = NULL, last_error = NULL,
+           pending_since = now();
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_link_contact(anyelement, uuid) IS
+    'Links a contact to an existing Dynamics 365 contact (the only way to set its dynamics365_related_id); the next sync sends its mapped values there';
 
 /*
  * The match fields of the field map: column, Dynamics field and how its
@@ -2097,7 +2307,7 @@ BEGIN
     IF to_regclass('pg_temp.d365_lookup_hits') IS NULL THEN
         CREATE TEMP TABLE d365_lookup_hits (
             i integer, k text, c jsonb, look jsonb, n integer, more boolean, first_hit jsonb,
-            ids text[]
+            ids text[], unreadable text
         ) ON COMMIT DROP;
     ELSE
         TRUNCATE d365_lookup_hits;
@@ -2106,17 +2316,18 @@ BEGIN
     -- fields equal its values (one hash join on a normalised key)
     fields := (SELECT array_agg(m.dynamics_field) FROM d365._match_fields() m);
     WITH grp AS MATERIALIZED (
-        SELECT x.g, x.a::jsonb AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
+        SELECT x.g, d365._lookup_answer(x.a) AS j FROM unnest(answers) WITH ORDINALITY x(a, g)),
     items AS MATERIALIZED (
         SELECT u.i, u.k, u.c, u.l, u.g, coalesce(gr.j ? '@odata.nextLink', false) AS more,
+               gr.j ->> '@d365sync.unreadable' AS unreadable,
                d365._match_key(u.l::jsonb, fields) AS key
           FROM unnest(item_keys, lookups, contexts, groups) WITH ORDINALITY u(k, l, c, g, i)
           LEFT JOIN grp gr ON gr.g = u.g),
     hits AS MATERIALIZED (
         SELECT gr.g, v, d365._match_key(v, fields) AS key
-          FROM grp gr, jsonb_array_elements(coalesce(gr.j -> 'value', '[]')) v)
+          FROM grp gr, jsonb_array_elements(CASE WHEN jsonb_typeof(gr.j -> 'value') = 'array' THEN gr.j -> 'value' ELSE '[]' END) v)
     INSERT INTO d365_lookup_hits
-    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids
+    SELECT t.i, t.k, t.c::jsonb, t.l::jsonb, x.n, t.more, x.first_hit, x.ids, t.unreadable
       FROM items t
       LEFT JOIN (SELECT h.g, h.key, count(*) AS n, (array_agg(h.v))[1] AS first_hit,
                         array_agg(h.v ->> 'contactid' ORDER BY h.v ->> 'contactid') AS ids
@@ -2129,11 +2340,12 @@ BEGIN
                        '  FROM %s t JOIN pg_catalog.unnest($1) u(id) ON t.dynamics365_related_id = u.id',
                        src.key_column, src.contact_table)
            INTO taken
-          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h WHERE h.n = 1);
+          USING (SELECT array_agg((h.first_hit ->> 'contactid')::uuid) FROM d365_lookup_hits h
+                  WHERE h.n = 1 AND d365._is_guid(h.first_hit ->> 'contactid'));
         SELECT taken || coalesce(jsonb_object_agg(d.id, d.keys), '{}') INTO taken
           FROM (SELECT h.first_hit ->> 'contactid' AS id,
                        string_agg(h.k, ', ' ORDER BY h.i) AS keys
-                  FROM d365_lookup_hits h WHERE h.n = 1
+                  FROM d365_lookup_hits h WHERE h.n = 1 AND d365._is_guid(h.first_hit ->> 'contactid')
                  GROUP BY 1 HAVING count(*) > 1) d
          WHERE NOT taken ? d.id;
     END IF;
@@ -2144,7 +2356,12 @@ BEGIN
     RETURN QUERY
     WITH judged AS (
         SELECT h.*,
-               CASE WHEN h.n > 1
+               CASE WHEN h.unreadable IS NOT NULL
+                        THEN 'could not be matched: ' || h.unreadable
+                    WHEN h.n >= 1 AND EXISTS (SELECT FROM unnest(h.ids) x WHERE NOT d365._is_guid(x))
+                        THEN format('could not be matched: its look-up answer names contact id %s, which is not a GUID',
+                                    (SELECT to_jsonb(x) FROM unnest(h.ids) x WHERE NOT d365._is_guid(x) LIMIT 1))
+                    WHEN h.n > 1
                         THEN format('matches %s Dynamics 365 contacts (%s%s)', h.n,
                                     array_to_string(h.ids[1:10], ', '),
                                     CASE WHEN h.n > 10 THEN format(' and %s more', h.n - 10) ELSE '' END)
@@ -2187,6 +2404,32 @@ BEGIN
            END
       FROM diffed d
      ORDER BY d.i;
+END;
+$$;
+
+/*
+ * The body of a look-up answer as jsonb.  jsonb holds no U+0000: a string
+ * holding one is read with U+FFFD in its place (the value only takes part
+ * in comparisons, where it then equals no local value; a matched contact's
+ * local values are sent over it).  A body that cannot be read still is
+ * {"@d365sync.unreadable": why}: the contacts of that look-up fail alone,
+ * the rest of the run goes on.
+ */
+CREATE OR REPLACE FUNCTION d365._lookup_answer(body text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN body::jsonb;
+EXCEPTION WHEN data_exception THEN
+    BEGIN
+        -- \u0000 not preceded by an escaped backslash
+        RETURN regexp_replace(body, '(?<!\\)((?:\\\\)*)\\u0000', '\1\\ufffd', 'g')::jsonb;
+    EXCEPTION WHEN data_exception THEN
+        RETURN jsonb_build_object('@d365sync.unreadable',
+                   'the answer to its look-up cannot be read: ' || SQLERRM);
+    END;
 END;
 $$;
 
@@ -2433,6 +2676,8 @@ BEGIN
 
     -- nothing pending: no metadata request, no work
     EXECUTE format('SELECT EXISTS (SELECT FROM d365.activity a JOIN %s c ON c.%I::text = a.contact_key'
+                   ' JOIN d365.contact_state cs ON cs.contact_key = a.contact_key'
+                   '  AND cs.dynamics_id = c.dynamics365_related_id'
                    ' WHERE a.synced_at IS NULL AND c.dynamics365_related_id IS NOT NULL AND %s)',
                    src.contact_table, src.key_column,
                    CASE mode WHEN 'one' THEN 'a.id = $1' ELSE sel END)
@@ -2477,6 +2722,9 @@ BEGIN
                jsonb_build_object('entity', t.entity, 'error', x.err)::text AS context
           FROM d365.activity a
           JOIN %1$s c ON c.%2$I::text = a.contact_key AND c.dynamics365_related_id IS NOT NULL
+          -- only a link d365sync wrote (d365._contact_untrusted_sql)
+          JOIN d365.contact_state cs ON cs.contact_key = a.contact_key
+                                    AND cs.dynamics_id = c.dynamics365_related_id
           LEFT JOIN d365.activity_type_map tm ON tm.activity_type = a.activity_type
           CROSS JOIN LATERAL (SELECT coalesce(tm.dynamics_entity, a.activity_type) AS entity) t
           LEFT JOIN ent ON ent.name = t.entity
@@ -2872,7 +3120,8 @@ $$;
  * column rounded is not sent back).
  *
  * Returns {column: new value}, '{}' when nothing differed, NULL when no
- * contact is linked to the row.  It runs with its caller's rights and reads
+ * contact is linked to the row (a link column holding the id counts only
+ * when d365sync linked that contact to it).  It runs with its caller's rights and reads
  * the contact table with built-in conversions only; the conversions into the
  * columns' types, the incoming mapper and the update run as the table's
  * owner in a security-restricted operation (d365._contact_convert,
@@ -2934,7 +3183,9 @@ BEGIN
     EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
                    src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
        INTO k, cur USING cid;
-    IF k IS NULL THEN
+    -- a link d365sync did not write is no link: nothing is copied into
+    -- that row (see d365._contact_untrusted_sql)
+    IF k IS NULL OR NOT d365._contact_link_trusted(k, cid) THEN
         RETURN NULL;
     END IF;
     snap := d365._contact_snapshot(k, NULL);
@@ -3069,17 +3320,18 @@ AS $$
 $$;
 
 /*
- * The record stage of a pull: one page of change-tracking rows.  Changed
- * rows of linked contacts are applied as d365_update_contact() would; a
- * $deletedEntity entry unlinks its contact (reported, re-created only if it
- * qualifies again).  A row that does not fit -- a value its column cannot
- * hold, a constraint, trigger or generated column of the contact table
- * refusing it -- fails alone: a WARNING names the field and column, the
- * contact's d365.contact_state.last_error keeps the reason, it is counted as
- * failed, and the rest of the page (and the pull) goes on.  Other errors
- * (rights, a missing table) stop the pull.
+ * The record stage of a pull: one page of change-tracking rows, as json (a
+ * row may hold what jsonb cannot: U+0000).  Changed rows of linked contacts
+ * are applied as d365_update_contact() would; a $deletedEntity entry
+ * unlinks its contact (reported, re-created only if it qualifies again).
+ * A row that does not fit -- a string holding U+0000, a value its column
+ * cannot hold, a constraint, trigger or generated column of the contact
+ * table refusing it -- fails alone: a WARNING names the field and column,
+ * the contact's d365.contact_state.last_error keeps the reason, it is
+ * counted as failed, and the rest of the page (and the pull) goes on.
+ * Other errors (rights, a missing table) stop the pull.
  */
-CREATE OR REPLACE FUNCTION d365._pull_record(page jsonb,
+CREATE OR REPLACE FUNCTION d365._pull_record(page json,
     OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
 RETURNS record
 SET search_path = pg_catalog, pg_temp
@@ -3087,7 +3339,9 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     src d365.contact_source := d365._contact_source();
+    e json;
     r jsonb;
+    cid text;
     changed jsonb;
     k text;
     code text;
@@ -3095,36 +3349,53 @@ DECLARE
     detail text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+    IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR r IN SELECT jsonb_array_elements(page) LOOP
-        IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
-            k := NULL;
-            IF d365._is_guid(r ->> 'id') THEN
-                k := d365._contact_unlink((r ->> 'id')::uuid);
-            END IF;
-            IF k IS NOT NULL THEN
-                PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
-                            ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
-                unlinked := unlinked + 1;
-            END IF;
-            CONTINUE;
-        END IF;
+    FOR e IN SELECT json_array_elements(page) LOOP
+        -- the contactid as sent, read from the text (json's operators would
+        -- unescape every string of the row, U+0000 included, and fail)
+        cid := CASE WHEN json_typeof(e) = 'object'
+                    THEN substring(e::text FROM '"contactid"\s*:\s*"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"') END;
+        r := NULL;
         BEGIN
+            r := e::jsonb;
+            IF jsonb_typeof(r) = 'object' AND r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+                k := NULL;
+                IF d365._is_guid(r ->> 'id') THEN
+                    k := d365._contact_unlink((r ->> 'id')::uuid);
+                END IF;
+                -- (a link d365sync did not write is cleared, and that is all)
+                IF k IS NOT NULL AND d365._contact_link_trusted(k, (r ->> 'id')::uuid) THEN
+                    PERFORM d365._contact_remote_deleted(ARRAY[k], ARRAY[NULL::integer], ARRAY[NULL::text],
+                                ARRAY['deleted in Dynamics 365 (change tracking), unlinked']);
+                    unlinked := unlinked + 1;
+                END IF;
+                CONTINUE;
+            END IF;
             changed := d365._incoming_apply(r, false);
         EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
                        OR raise_exception OR with_check_option_violation THEN
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+            IF r IS NULL THEN
+                -- jsonb holds no U+0000 (nor does any text column)
+                msg := 'a value of the Dynamics 365 row holds a character PostgreSQL cannot store';
+                detail := CASE WHEN code = '22P05'
+                               THEN 'A string holds U+0000 (a NUL character); the row was refused as a whole.'
+                               ELSE detail END;
+            END IF;
             k := NULL;
-            IF r ->> 'contactid' ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
+            IF cid IS NOT NULL THEN
                 EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id = $1',
                                src.key_column, src.contact_table)
-                   INTO k USING (r ->> 'contactid')::uuid;
+                   INTO k USING cid::uuid;
+                IF k IS NOT NULL AND NOT d365._contact_link_trusted(k, cid::uuid) THEN
+                    k := NULL;
+                END IF;
             END IF;
             RAISE WARNING 'incoming change of contact % was not applied: %',
-                          coalesce(k, format('(Dynamics id %s)', r ->> 'contactid')), msg
+                          coalesce(k, format('(Dynamics id %s)', coalesce(cid, 'unknown'))), msg
                 USING ERRCODE = '01000', DETAIL = coalesce(detail, '');
             IF k IS NOT NULL THEN
                 UPDATE d365.contact_state
@@ -3490,7 +3761,8 @@ GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
       d365._outgoing_only_columns(), d365._is_guid(text), d365._bind_guid(text),
       d365._incoming_mapper(), d365._contact_snapshot(text, jsonb),
       d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
-      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text) TO PUBLIC;
+      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text),
+      d365._contact_link_trusted(text, uuid) TO PUBLIC;
 
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA d365 FROM PUBLIC;
 
@@ -3692,3 +3964,45 @@ CREATE FOREIGN DATA WRAPPER d365_fdw
     VALIDATOR d365._fdw_validator;
 COMMENT ON FOREIGN DATA WRAPPER d365_fdw IS
     'Dataverse tables as read-only foreign tables, through d365sync''s connection (d365.settings)';
+
+-- The link columns of an attached table: the guard trigger (with the
+-- capture triggers) and the unique index.  Rows sharing a Dynamics id, or
+-- holding a link d365sync's sync state does not confirm, are reported, not
+-- changed: the update goes on, and until they are fixed the attachment is
+-- reported broken (no index) or the rows are refused (d365sync.link).
+DO $upgrade_links$
+DECLARE
+    src d365.contact_source;
+    n bigint;
+    msg text;
+    det text;
+    hnt text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND OR NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+       OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = src.contact_table
+                         AND a.attname = 'dynamics365_related_id' AND NOT a.attisdropped) THEN
+        RETURN;
+    END IF;
+    PERFORM d365._contact_capture_install();
+    BEGIN
+        PERFORM d365._link_index_create(src.contact_table);
+    EXCEPTION WHEN unique_violation THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+        RAISE WARNING 'd365sync 0.3: %; the unique index on dynamics365_related_id was not made', msg
+            USING DETAIL = det, HINT = hnt;
+    END;
+    IF NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = src.contact_table
+                      AND a.attname = src.key_column AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN;     -- a broken attachment: d365_status() says why
+    END IF;
+    EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                   ' WHERE %s', src.contact_table, src.key_column, d365._contact_untrusted_sql())
+       INTO n;
+    IF n > 0 THEN
+        RAISE WARNING 'd365sync 0.3: % row(s) of % hold a link d365sync''s sync state does not confirm', n, src.contact_table
+            USING DETAIL = 'Their dynamics365_related_id differs from the Dynamics id d365sync linked their key to (d365.contact_state.dynamics_id), or their key has none: the contact sync refuses them (d365sync.link) and incoming changes pass them by.',
+                  HINT = 'Confirm a right link with d365_link_contact(key, id), or set a wrong one to NULL to have the contact created anew.';
+    END IF;
+END;
+$upgrade_links$;

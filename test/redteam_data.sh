@@ -9,6 +9,11 @@
 #      log_statement = 'all' (0.2: "Key (client_id)=(...) already exists"
 #      came with the COPY's context, the line with the secret): neither the
 #      client nor the server log sees the secret.
+#   3. An installation of 0.2 whose contact table has two rows sharing a
+#      Dynamics id and a link its state does not confirm is updated: the
+#      update succeeds and warns, nothing is lost, the attachment says the
+#      index is missing until the rows are fixed and the table attached
+#      again, and the unconfirmed link is refused.
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run by
 # itself it starts its own (scripts/lib.sh, d365_start_standalone).  Prints
@@ -145,4 +150,48 @@ if [ "$(tail -n 1 <<<"$out")" = new-secret ]; then
 else
     notok "d365_set_secret_from_file changes the secret of an existing application user" "$out"
 fi
+
+# -- 3. an update of 0.2 with duplicate and unconfirmed links
+UDB=${DB}_upd
+timeout 60 dropdb --if-exists --force "$UDB" >/dev/null 2>&1
+timeout 60 createdb "$UDB" || { notok "set-up: createdb $UDB"; exit 0; }
+"$D365_SIMCTL" reset >/dev/null
+out=$(timeout 120 psql -X -q -At -P pager=off -v ON_ERROR_STOP=1 -d "$UDB" -v sim_url="$D365_SIM_URL" 2>&1 <<'SQL'
+CREATE EXTENSION d365sync VERSION '0.2' CASCADE;
+UPDATE d365.settings
+   SET org_url = :'sim_url', authority_url = :'sim_url',
+       tenant_id = '11111111-1111-1111-1111-111111111111',
+       client_id = '22222222-2222-2222-2222-222222222222',
+       client_secret = 'sim-secret', contact_sync_enabled = true, min_score = 10;
+CREATE TABLE rd_person (id integer PRIMARY KEY, name text, score integer);
+INSERT INTO rd_person VALUES (1, 'Ada', 50), (2, 'Bob', 50);
+SELECT d365.d365_attach_contacts('rd_person');
+INSERT INTO d365.field_map VALUES ('name', 'firstname');
+SELECT created FROM d365.d365_sync_contacts();
+-- what 0.2 let any writer do
+INSERT INTO rd_person SELECT 3, 'Mallory', 50, dynamics365_related_id FROM rd_person WHERE id = 1;
+INSERT INTO rd_person VALUES (4, 'Eve', 50, 'dddddddd-0000-4000-8000-000000000004');
+ALTER EXTENSION d365sync UPDATE TO '0.3';
+SELECT 'rows ' || count(*) FILTER (WHERE dynamics365_related_id IS NOT NULL) FROM rd_person;
+SELECT 'attachment ' || value FROM d365.d365_status() WHERE item = 'attachment';
+UPDATE rd_person SET dynamics365_related_id = NULL WHERE id = 3;
+SELECT d365.d365_attach_contacts('rd_person');
+SELECT 'attachment ' || value FROM d365.d365_status() WHERE item = 'attachment';
+SELECT 'sync ' || created || ' ' || updated || ' ' || failed FROM d365.d365_sync_contacts();
+SELECT 'refused ' || contact_key || ' ' || last_error_code FROM d365.contact_state WHERE last_error_code IS NOT NULL;
+SQL
+)
+rc=$?
+if [ $rc = 0 ] && grep -q 'WARNING:.*share a Dynamics 365 id' <<<"$out" \
+   && grep -q "WARNING:.*2 row(s) of public.rd_person hold a link" <<<"$out" \
+   && grep -qx 'rows 4' <<<"$out" \
+   && grep -q '^attachment broken: the unique index on dynamics365_related_id of public.rd_person is missing' <<<"$out" \
+   && grep -qx 'attachment ok' <<<"$out" && grep -qx 'sync 1 0 1' <<<"$out" \
+   && grep -qx 'refused 4 d365sync.link' <<<"$out"; then
+    ok "an update of 0.2 with links sharing an id warns, keeps every row, reports the missing index until fixed, and refuses the unconfirmed link"
+else
+    notok "an update of 0.2 with links sharing an id warns, keeps every row, reports the missing index until fixed, and refuses the unconfirmed link" \
+        "exit $rc" "$(sed 's/^/  /' <<<"$out" | head -n 30)"
+fi
+timeout 60 dropdb --if-exists --force "$UDB" >/dev/null 2>&1
 exit 0

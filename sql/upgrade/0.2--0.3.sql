@@ -12,6 +12,10 @@
 -- argument names or defaults change, with the views and triggers that
 -- depend on them.
 
+-- The pull's record stage takes its page as json (a row may hold U+0000,
+-- which jsonb cannot).
+DROP FUNCTION d365._pull_record(jsonb);
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
@@ -23,3 +27,45 @@ CREATE FOREIGN DATA WRAPPER d365_fdw
     VALIDATOR d365._fdw_validator;
 COMMENT ON FOREIGN DATA WRAPPER d365_fdw IS
     'Dataverse tables as read-only foreign tables, through d365sync''s connection (d365.settings)';
+
+-- The link columns of an attached table: the guard trigger (with the
+-- capture triggers) and the unique index.  Rows sharing a Dynamics id, or
+-- holding a link d365sync's sync state does not confirm, are reported, not
+-- changed: the update goes on, and until they are fixed the attachment is
+-- reported broken (no index) or the rows are refused (d365sync.link).
+DO $upgrade_links$
+DECLARE
+    src d365.contact_source;
+    n bigint;
+    msg text;
+    det text;
+    hnt text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND OR NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table)
+       OR NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = src.contact_table
+                         AND a.attname = 'dynamics365_related_id' AND NOT a.attisdropped) THEN
+        RETURN;
+    END IF;
+    PERFORM d365._contact_capture_install();
+    BEGIN
+        PERFORM d365._link_index_create(src.contact_table);
+    EXCEPTION WHEN unique_violation THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+        RAISE WARNING 'd365sync 0.3: %; the unique index on dynamics365_related_id was not made', msg
+            USING DETAIL = det, HINT = hnt;
+    END;
+    IF NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = src.contact_table
+                      AND a.attname = src.key_column AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN;     -- a broken attachment: d365_status() says why
+    END IF;
+    EXECUTE format('SELECT count(*) FROM %s c LEFT JOIN d365.contact_state s ON s.contact_key = c.%I::text'
+                   ' WHERE %s', src.contact_table, src.key_column, d365._contact_untrusted_sql())
+       INTO n;
+    IF n > 0 THEN
+        RAISE WARNING 'd365sync 0.3: % row(s) of % hold a link d365sync''s sync state does not confirm', n, src.contact_table
+            USING DETAIL = 'Their dynamics365_related_id differs from the Dynamics id d365sync linked their key to (d365.contact_state.dynamics_id), or their key has none: the contact sync refuses them (d365sync.link) and incoming changes pass them by.',
+                  HINT = 'Confirm a right link with d365_link_contact(key, id), or set a wrong one to NULL to have the contact created anew.';
+    END IF;
+END;
+$upgrade_links$;
