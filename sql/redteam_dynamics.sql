@@ -100,3 +100,9 @@ DELETE FROM d365.pull_state;
 -- paths of the Web API itself, and filters holding dots and slashes, work
 SELECT count(*) = 1 AS ok FROM d365._get_all('WhoAmI');
 SELECT count(*) >= 1 AS ok FROM d365._get_all('contacts?$select=contactid&$filter=' || d365._uri_escape('emailaddress1 eq ''a.b/c@example.com'' or statecode eq 0'));
+
+-- 8. U+0000 in a list Dynamics returns (metadata, owners) is read as
+-- U+FFFD (0.2: the whole list failed)
+\! "$D365_SIMCTL" fault '{"path_regex": "WhoAmI", "status": 200, "json": {"fullname": "Sam\u0000Manager"}}'
+SELECT r ->> 'fullname' = 'Sam' || U&'\FFFD' || 'Manager' AS replaced FROM d365._get_all('WhoAmI') r;
+\! "$D365_SIMCTL" clear-faults

@@ -33,5 +33,6 @@ extern void d365_json_init(void);
 extern json_t *d365_json_parse(const char *data, size_t len, const char *what);
 extern char *d365_json_dump(const json_t *value);
 extern const char *d365_json_str(const json_t *obj, const char *key);
+extern void d365_json_scrub_nul(json_t *value);
 
 #endif							/* D365_JSON_H */

@@ -18,6 +18,7 @@
 #include "postgres.h"
 #include "d365_json.h"
 
+#include "lib/stringinfo.h"
 #include "utils/memutils.h"
 
 static void *
@@ -98,4 +99,50 @@ d365_json_str(const json_t *obj, const char *key)
 		return NULL;
 	member = json_object_get(obj, key);
 	return json_is_string(member) ? json_string_value(member) : NULL;
+}
+
+/*
+ * d365_json_scrub_nul
+ *		Replace U+0000 in every string of value (keys excepted) with U+FFFD,
+ *		in place: PostgreSQL's text and jsonb cannot hold U+0000, and one
+ *		such character in a list that Dynamics returns must not fail the
+ *		whole list.  For values that are only shown or compared, never
+ *		stored as a contact's data.
+ */
+void
+d365_json_scrub_nul(json_t *value)
+{
+	size_t		i;
+	const char *key;
+	json_t	   *item;
+
+	if (json_is_object(value))
+	{
+		json_object_foreach(value, key, item)
+			d365_json_scrub_nul(item);
+	}
+	else if (json_is_array(value))
+	{
+		json_array_foreach(value, i, item)
+			d365_json_scrub_nul(item);
+	}
+	else if (json_is_string(value))
+	{
+		const char *s = json_string_value(value);
+		size_t		len = json_string_length(value);
+		StringInfoData buf;
+
+		if (strlen(s) == len)
+			return;
+		initStringInfo(&buf);
+		for (i = 0; i < len; i++)
+		{
+			if (s[i] == '\0')
+				appendBinaryStringInfo(&buf, "\xEF\xBF\xBD", 3);
+			else
+				appendStringInfoChar(&buf, s[i]);
+		}
+		json_string_setn(value, buf.data, buf.len);
+		pfree(buf.data);
+	}
 }

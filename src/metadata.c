@@ -23,12 +23,18 @@ PG_FUNCTION_INFO_V1(d365_get_all);
 /* Pages past this many are an error: a runaway list, not a real one. */
 #define GET_ALL_MAX_PAGES 10000
 
-/* Append one JSON value to the result as a jsonb row. */
+/*
+ * Append one JSON value to the result as a jsonb row (U+0000, which jsonb
+ * cannot hold, as U+FFFD: one such name must not fail the whole list).
+ */
 static void
 put_row(ReturnSetInfo *rsinfo, json_t *value)
 {
-	Datum		d = DirectFunctionCall1(jsonb_in, CStringGetDatum(d365_json_dump(value)));
+	Datum		d;
 	bool		isnull = false;
+
+	d365_json_scrub_nul(value);
+	d = DirectFunctionCall1(jsonb_in, CStringGetDatum(d365_json_dump(value)));
 
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, &d, &isnull);
 }
