@@ -50,6 +50,10 @@
  *							08_status_schedule reads
  *	  (08_status_schedule -- d365_status, d365_schedule, d365_run_job --
  *	  and 09_privileges are SQL only)
+ *	  src/fdw.c				10_fdw: the foreign data wrapper d365_fdw (options,
+ *							planning, costs, EXPLAIN, IMPORT FOREIGN SCHEMA)
+ *	  src/fdw_deparse.c		10_fdw: conditions and orderings sent as OData
+ *	  src/fdw_scan.c		10_fdw: the foreign scan, page by page
  *
  * One contact's way out: its capture trigger marks it pending; the engine
  * (contacts_out.c) runs the work query of 05_contacts_out, which selects

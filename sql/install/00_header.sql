@@ -14,6 +14,7 @@
  *   07_incoming         incoming changes: push payloads and the pull
  *   08_status_schedule  d365_status and the pg_cron schedule
  *   09_privileges       nothing for PUBLIC; the few explicit grants
+ *   10_fdw              foreign tables (d365_fdw), d365_tables, d365_describe
  *
  * Everything lives in schema d365, which CREATE EXTENSION creates.  Nothing
  * here is granted to PUBLIC: an application role gets exactly the GRANTs
