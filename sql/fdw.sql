@@ -175,6 +175,31 @@ REVOKE USAGE ON FOREIGN SERVER dataverse FROM regress_fdw_owner;
 SET ROLE regress_fdw_owner;
 SELECT count(*) FROM dv.my_accounts;
 RESET ROLE;
+-- a domain's CHECK is code of the domain's owner: a foreign table of such
+-- a type never makes a reader (here the superuser) run it
+GRANT USAGE ON FOREIGN SERVER dataverse TO regress_fdw_owner;
+SET ROLE regress_fdw_owner;
+CREATE FUNCTION dv.spy(text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE NOTICE 'spy runs as %', current_user;
+    RETURN true;
+END;
+$$;
+CREATE DOMAIN dv.spied AS text CHECK (dv.spy(VALUE));
+CREATE TYPE dv.spied_pair AS (a dv.spied, b text);
+CREATE FOREIGN TABLE dv.evil (name dv.spied) SERVER dataverse OPTIONS (entity_set 'accounts');
+CREATE FOREIGN TABLE dv.evil2 (name dv.spied_pair) SERVER dataverse OPTIONS (entity_set 'accounts');
+CREATE FOREIGN TABLE dv.evil3 (name dv.spied[]) SERVER dataverse OPTIONS (entity_set 'accounts');
+RESET ROLE;
+SELECT count(name) FROM dv.evil WHERE name = 'ALPHA';
+SELECT count(name) FROM dv.evil2;
+SELECT count(name) FROM dv.evil3;
+SELECT count(*) FROM dv.evil;
+DROP FOREIGN TABLE dv.evil, dv.evil2, dv.evil3;
+DROP TYPE dv.spied_pair;
+DROP DOMAIN dv.spied;
+DROP FUNCTION dv.spy(text);
+REVOKE USAGE ON FOREIGN SERVER dataverse FROM regress_fdw_owner;
 DROP FOREIGN TABLE dv.my_accounts;
 REVOKE ALL ON SCHEMA dv FROM regress_fdw_reader, regress_fdw_owner;
 REVOKE ALL ON dv.accounts FROM regress_fdw_reader;

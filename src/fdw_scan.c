@@ -79,6 +79,35 @@ value_context(void *arg)
 }
 
 /*
+ * check_column_type
+ *		Refuse a column type whose input would run code that a role other
+ *		than the reader controls: a domain (its CHECK constraints), and a
+ *		composite, range or array type holding one.  Base types other than
+ *		the built-in ones take a superuser to create, so their input
+ *		functions are trusted as any installed code is.
+ */
+static void
+check_column_type(Oid type, const char *column, const char *relname)
+{
+	char		typtype = get_typtype(type);
+	Oid			elem = get_element_type(type);
+
+	if (typtype == TYPTYPE_BASE && !OidIsValid(elem))
+		return;
+	if (typtype == TYPTYPE_BASE && get_typtype(elem) == TYPTYPE_BASE &&
+		!OidIsValid(get_element_type(elem)))
+		return;
+	if (typtype == TYPTYPE_ENUM)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("column \"%s\" of foreign table \"%s\" has type %s, which d365_fdw cannot read into",
+					column, relname, format_type_be(type)),
+			 errdetail("Reading into a domain, or a composite, range or array type of one, would run code of the type's owner as the reader."),
+			 errhint("Declare the column with a base type (text, integer, uuid, ...) and cast in the query or in a view.")));
+}
+
+/*
  * d365_fdw_begin
  *		Prepare the scan from the plan's fdw_private; open the client and the
  *		page iterator (no request yet).  Nothing is opened for EXPLAIN.
@@ -125,6 +154,7 @@ d365_fdw_begin(ForeignScanState *node, int eflags)
 		st->attnums[i] = list_nth_int(attrs, i);
 		st->fields[i] = strVal(list_nth(fields, i));
 		att = TupleDescAttr(desc, st->attnums[i] - 1);
+		check_column_type(att->atttypid, NameStr(att->attname), st->relname);
 		st->types[i] = att->atttypid;
 		st->typmods[i] = att->atttypmod;
 		getTypeInputInfo(att->atttypid, &input, &st->ioparams[i]);
