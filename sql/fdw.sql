@@ -99,6 +99,12 @@ SELECT name FROM dv.accounts WHERE name <> 'ALPHA' AND accountnumber LIKE 'A%' O
 SELECT name FROM dv.accounts WHERE name ILIKE 'alpha%' ORDER BY name COLLATE "C";
 SELECT * FROM pg_temp.sent(:'simctl');
 
+-- U+0000, which text cannot hold, reads as U+FFFD
+\! "$D365_SIMCTL" edit account '{"op":"create","id":"a0000000-0000-4000-8000-0000000000ff","values":{"name":"Nul\u0000Byte","numberofemployees":999}}'
+SELECT name, name = 'Nul' || U&'\FFFD' || 'Byte' AS replaced FROM dv.accounts WHERE numberofemployees = 999;
+\! "$D365_SIMCTL" edit account '{"op":"delete","id":"a0000000-0000-4000-8000-0000000000ff"}'
+SELECT * FROM pg_temp.sent(:'simctl');
+
 -- uuids, timestamps (in UTC), lookups
 SELECT name FROM dv.accounts WHERE accountid = 'a0000000-0000-4000-8000-000000000005';
 SELECT count(*) FROM dv.accounts WHERE createdon > '2001-02-03 04:05:06.5+01';

@@ -26,8 +26,9 @@
  * its shortest round-trip form) and read the same way, a boolean is a
  * boolean; an object or array is read from its JSON text (for json and
  * jsonb columns).  A value a column cannot take is an ERROR naming the
- * column and its Dataverse field.  A string holding U+0000 is refused
- * (PostgreSQL text cannot hold it).
+ * column and its Dataverse field.  U+0000 in a string, which PostgreSQL
+ * text cannot hold, reads as U+FFFD (as in d365._get_all): one such
+ * character must not fail a scan.
  *
  *-------------------------------------------------------------------------
  */
@@ -177,11 +178,9 @@ value_text(D365FdwScan *st, json_t *v)
 	switch (json_typeof(v))
 	{
 		case JSON_STRING:
+			/* U+0000, which text cannot hold, reads as U+FFFD */
 			if (memchr(json_string_value(v), '\0', json_string_length(v)) != NULL)
-				ereport(ERROR,
-						(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
-						 errmsg("Dataverse returned a string holding U+0000"),
-						 errdetail("PostgreSQL text cannot hold the character U+0000.")));
+				d365_json_scrub_nul(v);
 			return (char *) json_string_value(v);
 		case JSON_INTEGER:
 			snprintf(buf, sizeof(buf), "%lld", (long long) json_integer_value(v));
@@ -228,7 +227,7 @@ column_value(D365FdwScan *st, int i, json_t *row, bool *isnull)
 			if (json_is_string(v))
 			{
 				s = value_text(st, v);
-				return PointerGetDatum(cstring_to_text_with_len(s, json_string_length(v)));
+				return PointerGetDatum(cstring_to_text_with_len(s, strlen(s)));
 			}
 			break;
 	}
