@@ -127,7 +127,7 @@ SELECT count(*) FROM (SELECT name FROM dv.accounts WHERE name LIKE 'A%' LIMIT 1)
 SELECT * FROM pg_temp.sent(:'simctl');
 
 -- a join with a local table: one request, hashed, not one per local row
-CREATE TABLE tier (account uuid PRIMARY KEY, tier text);
+CREATE TABLE public.tier (account uuid PRIMARY KEY, tier text);
 INSERT INTO tier SELECT ('a0000000-0000-4000-8000-00000000000' || g)::uuid,
                         CASE WHEN g % 2 = 0 THEN 'gold' ELSE 'silver' END
   FROM generate_series(1, 6) g;
@@ -136,6 +136,25 @@ ANALYZE tier;
 EXPLAIN (COSTS OFF) SELECT t.tier, a.name FROM tier t JOIN dv.accounts a ON a.accountid = t.account;
 SELECT t.tier, a.name FROM tier t JOIN dv.accounts a ON a.accountid = t.account
  WHERE a.revenue > 50 ORDER BY a.name COLLATE "C";
+SELECT * FROM pg_temp.sent(:'simctl');
+
+-- a correlated subquery runs once per outer row: each run sends the outer
+-- row's value (one small request, not a scan of the table)
+EXPLAIN (VERBOSE, COSTS OFF)
+SELECT t.tier, (SELECT a.name FROM dv.accounts a WHERE a.accountid = t.account) FROM tier t;
+SELECT t.tier, (SELECT a.name FROM dv.accounts a WHERE a.accountid = t.account) AS name
+  FROM tier t WHERE t.tier <> 'none' ORDER BY t.account;
+SELECT * FROM pg_temp.sent(:'simctl');
+-- parameters of a generic prepared plan, NULL included; an uncorrelated
+-- subquery's value
+PREPARE big(int) AS
+    SELECT name FROM dv.accounts WHERE numberofemployees > $1 OR revenue IS NULL ORDER BY name COLLATE "C";
+SET plan_cache_mode = force_generic_plan;
+EXECUTE big(40);
+EXECUTE big(NULL);
+RESET plan_cache_mode;
+DEALLOCATE big;
+SELECT name FROM dv.accounts WHERE numberofemployees = (SELECT max(x) FROM (VALUES (3), (5)) v(x));
 SELECT * FROM pg_temp.sent(:'simctl');
 
 -- a foreign table of a Dataverse table that does not exist: Dataverse's error

@@ -446,6 +446,8 @@ get_plan(PlannerInfo *root, RelOptInfo *baserel, Oid relid, ForeignPath *best_pa
 	List	   *fields = NIL;
 	StringInfoData select;
 	List	   *priv;
+	List	   *params = NIL;
+	List	   *param_exprs = NIL;
 	ListCell   *lc;
 	bool		whole_row;
 	int			i;
@@ -482,7 +484,45 @@ get_plan(PlannerInfo *root, RelOptInfo *baserel, Oid relid, ForeignPath *best_pa
 	priv = lappend(priv, makeInteger(frel->page_size));
 	priv = lappend(priv, attrs);
 	priv = lappend(priv, fields);
-	return make_foreignscan(tlist, local, baserel->relid, NIL, priv, NIL, NIL, outer_plan);
+	foreach(lc, frel->params)
+	{
+		D365FdwParam *p = lfirst(lc);
+
+		params = lappend(params, list_make2(makeString(p->field), makeInteger(p->op)));
+		param_exprs = lappend(param_exprs, p->expr);
+	}
+	priv = lappend(priv, params);
+	return make_foreignscan(tlist, local, baserel->relid, param_exprs, priv, NIL, NIL,
+							outer_plan);
+}
+
+/*
+ * explain_filter
+ *		The $filter with each parameter comparison written with $n (n from
+ *		1) in place of the value the scan will send.
+ */
+static char *
+explain_filter(const char *filter, List *params)
+{
+	StringInfoData buf;
+	const char *p;
+
+	initStringInfo(&buf);
+	for (p = filter; *p; p++)
+	{
+		List	   *param;
+
+		if (*p != D365_FDW_PARAM_MARK)
+		{
+			appendStringInfoChar(&buf, *p);
+			continue;
+		}
+		param = list_nth(params, atoi(p + 1));
+		appendStringInfo(&buf, "%s %s $%d", strVal(linitial(param)),
+						 d365_fdw_op_name(intVal(lsecond(param))), atoi(p + 1) + 1);
+		p = strchr(p + 1, D365_FDW_PARAM_MARK);
+	}
+	return buf.data;
 }
 
 /* EXPLAIN: the OData request (VERBOSE) */
@@ -497,7 +537,8 @@ explain_scan(ForeignScanState *node, ExplainState *es)
 						psprintf("GET %s",
 								 d365_fdw_request_text(strVal(list_nth(priv, D365_FDW_PRIV_SET)),
 													   strVal(list_nth(priv, D365_FDW_PRIV_SELECT)),
-													   strVal(list_nth(priv, D365_FDW_PRIV_FILTER)),
+													   explain_filter(strVal(list_nth(priv, D365_FDW_PRIV_FILTER)),
+																	  list_nth(priv, D365_FDW_PRIV_PARAMS)),
 													   strVal(list_nth(priv, D365_FDW_PRIV_ORDERBY)),
 													   intVal(list_nth(priv, D365_FDW_PRIV_TOP)),
 													   false)),

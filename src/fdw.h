@@ -50,11 +50,28 @@ typedef struct D365FdwRel
 	List	   *local_conds;	/* RestrictInfos evaluated here (including
 								 * those sent but only as a superset) */
 	char	   *filter;			/* the $filter text, or NULL */
+	List	   *params;			/* D365FdwParam of the parameter markers in
+								 * filter, by number */
 	Bitmapset  *attrs_used;		/* columns the query reads
 								 * (FirstLowInvalidHeapAttributeNumber
 								 * offset) */
 	double		remote_rows;	/* rows the request is expected to return */
 } D365FdwRel;
+
+/*
+ * A comparison of a column with a parameter (fdw_deparse.c): written into
+ * the $filter as D365_FDW_PARAM_MARK, its number, D365_FDW_PARAM_MARK, and
+ * by the scan with the parameter's value.  A string literal holding the
+ * mark is never sent.
+ */
+#define D365_FDW_PARAM_MARK '\x1F'
+
+typedef struct D365FdwParam
+{
+	char	   *field;
+	int			op;				/* fdw_deparse.c's CmpOp */
+	Expr	   *expr;			/* the Param */
+} D365FdwParam;
 
 /* ForeignScan.fdw_private */
 typedef enum D365FdwPrivateIndex
@@ -66,7 +83,10 @@ typedef enum D365FdwPrivateIndex
 	D365_FDW_PRIV_TOP,			/* Integer: $top, or 0 */
 	D365_FDW_PRIV_PAGE_SIZE,	/* Integer: odata.maxpagesize */
 	D365_FDW_PRIV_ATTRS,		/* IntList: the attnums $select returns */
-	D365_FDW_PRIV_FIELDS		/* List of String: their remote names */
+	D365_FDW_PRIV_FIELDS,		/* List of String: their remote names */
+	D365_FDW_PRIV_PARAMS		/* List of (String field, Integer op): the
+								 * parameter comparisons, whose values are
+								 * ForeignScan.fdw_exprs in the same order */
 } D365FdwPrivateIndex;
 
 /* fdw_deparse.c */
@@ -74,6 +94,9 @@ extern bool d365_fdw_deparse_qual(RelOptInfo *rel, D365FdwRel *frel, Expr *claus
 								  StringInfo out, bool *exact);
 extern char *d365_fdw_deparse_orderby(PlannerInfo *root, RelOptInfo *rel,
 									  D365FdwRel *frel, List *pathkeys);
+extern const char *d365_fdw_op_name(int op);
+extern void d365_fdw_param_text(StringInfo buf, const char *field, int op, Oid type,
+								Datum v, bool isnull);
 extern char *d365_fdw_request_text(const char *entity_set, const char *select,
 								   const char *filter, const char *orderby,
 								   int top, bool encode);

@@ -33,6 +33,9 @@
  *	   timestamps with time zone (written in UTC) and, for equality only,
  *	   uuids (SQL Server orders uniqueidentifiers differently).  Only
  *	   built-in operators, between a column and a constant of the same kind.
+ *	 - Parameters.  A comparison with a value known only when the scan
+ *	   starts is sent with that value (see deparse_param) and also checked
+ *	   locally.
  *	 - Ordering.  Dataverse sorts nulls first ascending and last descending;
  *	   an ORDER BY is sent only when PostgreSQL asks for the same (or the
  *	   column is NOT NULL).
@@ -85,6 +88,8 @@ typedef struct Deparse
 	D365FdwRel *frel;
 	StringInfo	buf;
 	bool		exact;			/* false once a superset part was written */
+	List	   *params;			/* comparisons with a parameter written so
+								 * far (see D365FdwParam) */
 } Deparse;
 
 static bool deparse_expr(Deparse *d, Expr *expr, bool negated);
@@ -212,6 +217,8 @@ append_literal(StringInfo buf, TypeKind k, Oid type, Datum value, bool quoted)
 				return false;	/* NaN, Infinity */
 			break;
 	}
+	if (strchr(s, D365_FDW_PARAM_MARK) != NULL)
+		return false;			/* the character that marks parameters */
 	if (k == TK_STRING || quoted)
 		append_string_literal(buf, s);
 	else
@@ -337,6 +344,74 @@ collation_ok(Oid collid)
 }
 
 /*
+ * deparse_param
+ *		column op parameter: a value known only when the scan starts (a
+ *		correlated subquery's outer value, a prepared statement's
+ *		parameter).  Written as a marker, D365_FDW_PARAM_MARK, the
+ *		comparison's number and the marker again; the scan writes the
+ *		comparison with the parameter's value (d365_fdw_param_text).  Such a
+ *		condition is always also checked locally, so a value that has no
+ *		OData literal can be sent as a condition that holds for every row.
+ */
+static bool
+deparse_param(Deparse *d, OpExpr *e, AttrNumber att, Oid vtype, Param *p, CmpOp op)
+{
+	TypeKind	k = type_kind(vtype);
+	D365FdwParam *dp;
+
+	if (op == OP_NONE || op == OP_LIKE || k == TK_NONE || type_kind(p->paramtype) != k ||
+		(p->paramkind != PARAM_EXTERN && p->paramkind != PARAM_EXEC))
+		return false;
+	if (k == TK_STRING && (op != OP_EQ || !collation_ok(e->inputcollid)))
+		return false;
+	if ((k == TK_UUID || k == TK_BOOL) && op != OP_EQ && op != OP_NE)
+		return false;
+	dp = palloc0(sizeof(D365FdwParam));
+	dp->field = d->frel->fields[att];
+	dp->op = op;
+	dp->expr = (Expr *) p;
+	d->params = lappend(d->params, dp);
+	d->exact = false;
+	appendStringInfo(d->buf, "%c%d%c", D365_FDW_PARAM_MARK,
+					 list_length(d->frel->params) + list_length(d->params) - 1,
+					 D365_FDW_PARAM_MARK);
+	return true;
+}
+
+/* the OData name of a comparison (for EXPLAIN) */
+const char *
+d365_fdw_op_name(int op)
+{
+	return (op >= OP_EQ && op <= OP_GE) ? op_odata[op] : "?";
+}
+
+/*
+ * d365_fdw_param_text
+ *		The OData text of parameter comparison number n with the value v
+ *		(type type): "field op literal", with the null guard of ne; a NULL
+ *		makes a comparison that holds for no row (PostgreSQL's comparison is
+ *		NULL, and in negation normal form NULL and false select the same
+ *		rows), a value without an OData literal one that holds for every row
+ *		(the condition is checked locally anyway).
+ */
+void
+d365_fdw_param_text(StringInfo buf, const char *field, int op, Oid type,
+					Datum v, bool isnull)
+{
+	StringInfoData lit;
+
+	initStringInfo(&lit);
+	if (isnull)
+		appendStringInfo(buf, "(%s eq null and %s ne null)", field, field);
+	else if (!append_literal(&lit, type_kind(type), type, v, false))
+		appendStringInfo(buf, "(%s eq null or %s ne null)", field, field);
+	else if (op == OP_NE)
+		appendStringInfo(buf, "(%s ne %s and %s ne null)", field, lit.data, field);
+	else
+		appendStringInfo(buf, "%s %s %s", field, op_odata[op], lit.data);
+}
+
+/*
  * deparse_comparison
  *		column op constant (either way round).
  */
@@ -363,6 +438,11 @@ deparse_comparison(Deparse *d, OpExpr *e, bool negated)
 		c = (Const *) l;
 		op = commute(op);
 	}
+	else if ((att = column_of(d, l, &vtype)) != 0 && IsA(r, Param))
+		return deparse_param(d, e, att, vtype, (Param *) r, negated ? negate(op) : op);
+	else if ((att = column_of(d, r, &vtype)) != 0 && IsA(l, Param))
+		return deparse_param(d, e, att, vtype, (Param *) l,
+							 negated ? negate(commute(op)) : commute(op));
 	else
 		return false;
 	k = type_kind(vtype);
@@ -388,7 +468,7 @@ deparse_comparison(Deparse *d, OpExpr *e, bool negated)
 			if (c->consttype != TEXTOID)
 				return false;
 			prefix = like_prefix(TextDatumGetCString(c->constvalue), &whole);
-			if (prefix == NULL)
+			if (prefix == NULL || strchr(prefix, D365_FDW_PARAM_MARK) != NULL)
 				return false;
 			appendStringInfo(d->buf, whole ? "%s eq " : "startswith(%s,", field);
 			append_string_literal(d->buf, prefix);
@@ -587,10 +667,12 @@ d365_fdw_deparse_qual(RelOptInfo *rel, D365FdwRel *frel, Expr *clause,
 	d.frel = frel;
 	d.buf = &buf;
 	d.exact = true;
+	d.params = NIL;
 	if (contain_volatile_functions((Node *) clause) ||
 		!deparse_expr(&d, clause, false) || buf.len > D365_FDW_MAX_QUAL_LEN)
 		return false;
 	appendBinaryStringInfo(out, buf.data, buf.len);
+	frel->params = list_concat(frel->params, d.params);
 	*exact = d.exact;
 	return true;
 }
@@ -615,6 +697,7 @@ d365_fdw_deparse_orderby(PlannerInfo *root, RelOptInfo *rel, D365FdwRel *frel,
 	d.rel = rel;
 	d.frel = frel;
 	d.buf = &buf;
+	d.params = NIL;
 	foreach(lc, pathkeys)
 	{
 		PathKey    *pk = lfirst(lc);

@@ -39,6 +39,8 @@
 #include "common/shortest_dec.h"
 #include "executor/executor.h"
 #include "miscadmin.h"
+#include "nodes/nodeFuncs.h"
+#include "utils/memutils.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
@@ -48,6 +50,11 @@
 typedef struct D365FdwScan
 {
 	char	   *path;			/* the first page's path, percent-encoded */
+	List	   *priv;			/* the plan's fdw_private */
+	List	   *param_states;	/* ExprStates of the parameters, or NIL */
+	List	   *param_info;		/* (field, op) of each parameter comparison */
+	MemoryContext path_cxt;		/* where path lives (rebuilt on a new
+								 * parameter value) */
 	int			top;			/* at most this many rows; 0: all */
 	int			ncols;			/* columns in each row */
 	AttrNumber *attnums;		/* their attribute numbers */
@@ -63,6 +70,7 @@ typedef struct D365FdwScan
 	size_t		next;			/* its next row */
 	int64		returned;		/* rows returned since the scan (re)started */
 	bool		done;			/* the last page has been read */
+	bool		need_path;		/* build path before the next page */
 
 	/* for error context */
 	const char *relname;
@@ -109,6 +117,54 @@ check_column_type(Oid type, const char *column, const char *relname)
 }
 
 /*
+ * build_path
+ *		The first page's path (percent-encoded), with the current values of
+ *		the parameters written into the $filter.
+ */
+static void
+build_path(ForeignScanState *node, D365FdwScan *st)
+{
+	ExprContext *econtext = node->ss.ps.ps_ExprContext;
+	const char *filter = strVal(list_nth(st->priv, D365_FDW_PRIV_FILTER));
+	StringInfoData buf;
+	MemoryContext old;
+	const char *p;
+
+	MemoryContextReset(st->path_cxt);
+	old = MemoryContextSwitchTo(st->path_cxt);
+	initStringInfo(&buf);
+	for (p = filter; *p; p++)
+	{
+		int			n;
+		ExprState  *es;
+		List	   *info;
+		Datum		v;
+		bool		isnull;
+
+		if (*p != D365_FDW_PARAM_MARK)
+		{
+			appendStringInfoChar(&buf, *p);
+			continue;
+		}
+		n = atoi(p + 1);
+		p = strchr(p + 1, D365_FDW_PARAM_MARK);
+		es = list_nth(st->param_states, n);
+		info = list_nth(st->param_info, n);
+		MemoryContextSwitchTo(econtext->ecxt_per_tuple_memory);
+		v = ExecEvalExpr(es, econtext, &isnull);
+		MemoryContextSwitchTo(st->path_cxt);
+		d365_fdw_param_text(&buf, strVal(linitial(info)), intVal(lsecond(info)),
+							exprType((Node *) es->expr), v, isnull);
+	}
+	st->path = d365_fdw_request_text(strVal(list_nth(st->priv, D365_FDW_PRIV_SET)),
+									 strVal(list_nth(st->priv, D365_FDW_PRIV_SELECT)),
+									 buf.data,
+									 strVal(list_nth(st->priv, D365_FDW_PRIV_ORDERBY)),
+									 st->top, true);
+	MemoryContextSwitchTo(old);
+}
+
+/*
  * d365_fdw_begin
  *		Prepare the scan from the plan's fdw_private; open the client and the
  *		page iterator (no request yet).  Nothing is opened for EXPLAIN.
@@ -131,11 +187,15 @@ d365_fdw_begin(ForeignScanState *node, int eflags)
 	st = palloc0(sizeof(D365FdwScan));
 	st->relname = RelationGetRelationName(node->ss.ss_currentRelation);
 	st->top = intVal(list_nth(priv, D365_FDW_PRIV_TOP));
-	st->path = d365_fdw_request_text(strVal(list_nth(priv, D365_FDW_PRIV_SET)),
-									 strVal(list_nth(priv, D365_FDW_PRIV_SELECT)),
-									 strVal(list_nth(priv, D365_FDW_PRIV_FILTER)),
-									 strVal(list_nth(priv, D365_FDW_PRIV_ORDERBY)),
-									 st->top, true);
+	st->priv = priv;
+	st->param_info = list_nth(priv, D365_FDW_PRIV_PARAMS);
+	if (plan->fdw_exprs != NIL)
+		st->param_states = ExecInitExprList(plan->fdw_exprs, (PlanState *) node);
+	st->path_cxt = AllocSetContextCreate(CurrentMemoryContext, "d365_fdw request",
+										 ALLOCSET_SMALL_SIZES);
+	/* parameters have their values only once the scan runs */
+	st->path = "";
+	st->need_path = true;
 	page_size = intVal(list_nth(priv, D365_FDW_PRIV_PAGE_SIZE));
 	attrs = list_nth(priv, D365_FDW_PRIV_ATTRS);
 	fields = list_nth(priv, D365_FDW_PRIV_FIELDS);
@@ -276,6 +336,12 @@ d365_fdw_iterate(ForeignScanState *node)
 
 	ExecClearTuple(slot);
 	CHECK_FOR_INTERRUPTS();
+	if (st->need_path)
+	{
+		build_path(node, st);
+		d365_pages_restart(st->pages, st->path);
+		st->need_path = false;
+	}
 	for (;;)
 	{
 		if (st->top > 0 && st->returned >= st->top)
@@ -331,7 +397,11 @@ d365_fdw_rescan(ForeignScanState *node)
 	st->rows = NULL;
 	st->done = false;
 	st->returned = 0;
-	d365_pages_restart(st->pages, st->path);
+	/* a parameter changed (the next outer row of a correlated subquery) */
+	if (st->param_states != NIL && node->ss.ps.chgParam != NULL)
+		st->need_path = true;
+	else
+		d365_pages_restart(st->pages, st->path);
 }
 
 /* d365_fdw_end: free the last page. */
