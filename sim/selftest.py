@@ -707,6 +707,19 @@ def run(sim, a):
               H)
     check("CreateMultiple activity", r.status == 200, r)
 
+    # ---------------------------------------------------------------- many rows at once
+    sim.control("POST", "reset")
+    r = sim.control("POST", "rows/account/generate",
+                    {"count": 300, "values": {"name": "Gen {i}", "numberofemployees": {"mod": 7}}})
+    H["Authorization"] = "Bearer " + sim.token().json()["access_token"]
+    r2 = c.req("GET", API + "accounts?$select=name&$orderby=numberofemployees%20desc,name%20asc&$top=3"
+               "&$filter=" + quote("numberofemployees eq 6 and startswith(name,'gen 1')"), headers=H)
+    check("generate: rows with {i} and mod, filtered, ordered and topped",
+          r == {"created": 300} and r2.status == 200 and
+          [v["name"] for v in r2.json()["value"]] == ["Gen 104", "Gen 111", "Gen 118"], r2)
+    r = sim.ctl.req("POST", "/_sim/rows/account/generate", {"count": 0})
+    check("generate: a count out of range 400", r.status == 400, r)
+
     # ---------------------------------------------------------------- change tracking
     sim.control("POST", "reset")
     r = sim.token()

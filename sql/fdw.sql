@@ -52,6 +52,15 @@ SELECT c.relname, ft.ftoptions FROM pg_foreign_table ft JOIN pg_class c ON c.oid
  ORDER BY 1;
 SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
  WHERE attrelid = 'dv.accounts'::regclass AND attnum > 0 ORDER BY attnum;
+CREATE SCHEMA dv_rest;
+IMPORT FOREIGN SCHEMA dataverse EXCEPT (accounts, contacts, emails) FROM SERVER dataverse INTO dv_rest;
+SELECT c.relname, ft.ftoptions FROM pg_foreign_table ft JOIN pg_class c ON c.oid = ft.ftrelid
+ WHERE c.relnamespace = 'dv_rest'::regnamespace ORDER BY 1;
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'dv_rest.new_pageviews'::regclass AND attnum > 0 ORDER BY attnum LIMIT 4;
+SET client_min_messages = warning;
+DROP SCHEMA dv_rest CASCADE;
+RESET client_min_messages;
 IMPORT FOREIGN SCHEMA dataverse LIMIT TO (nosuchthings) FROM SERVER dataverse INTO dv;
 IMPORT FOREIGN SCHEMA crm FROM SERVER dataverse INTO dv;
 SELECT * FROM pg_temp.sent(:'simctl') WHERE false;
