@@ -84,7 +84,24 @@ else
     notok "a selective query fetches only its rows" "result: $out" "sent: $sent"
 fi
 
-# -- 3. a cancel in the middle of a scan returns at once: pages of 1,000
+# -- 3. a page answered with 429 (service protection) is asked for again
+# after Retry-After, as the sync's requests are: the scan is whole
+simctl clear-requests >/dev/null
+simctl fault '{"method": "GET", "path_regex": "accounts\\?.*skiptoken", "skip": 3, "status": 429,
+               "headers": {"Retry-After": "1"},
+               "json": {"error": {"code": "0x80072321", "message": "Combined execution time of incoming requests exceeded limit"}}}' >/dev/null
+out=$(psqlq -c "SELECT count(*) FROM dv.accounts" 2>&1)
+statuses=$(simctl requests --kind api | python3 -c '
+import json, sys
+print(" ".join(str(r["status"]) for r in json.load(sys.stdin)["requests"] if "/accounts?" in r["path"]))')
+simctl clear-faults >/dev/null
+if [ "$out" = 50002 ] && [ "$statuses" = "200 200 200 200 429 200 200 200 200 200 200 200" ]; then
+    ok "a page throttled with 429 is fetched again after Retry-After and the scan is whole"
+else
+    notok "a 429 mid-scan" "result: $out" "statuses: $statuses"
+fi
+
+# -- 4. a cancel in the middle of a scan returns at once: pages of 1,000
 # rows, the third held back by Dataverse for 30 s
 psqlq -c "ALTER SERVER dataverse OPTIONS (ADD page_size '1000')" >/dev/null
 simctl clear-requests >/dev/null
