@@ -148,7 +148,7 @@ d365_send_activity(PG_FUNCTION_ARGS)
 	{
 		SPI_connect();
 		run_activities(&run, "one", id);
-		if (run.counts.failed > 0 && run.first_failure != NULL)
+		if ((run.counts.failed > 0 || run.deferred > 0) && run.first_failure != NULL)
 			d365_op_report(run.first_failure->op, ERROR);
 	}
 	else
@@ -172,14 +172,17 @@ d365_send_activity(PG_FUNCTION_ARGS)
 	MemoryContextSwitchTo(spicxt);
 	if (pending)
 	{
-		error = d365_sql_text("SELECT coalesce(last_error, 'the contact is not linked or activity sync is off')"
-							  " FROM d365.activity WHERE id = $1", 1, types, args);
+		if (run.deferred > 0 && run.first_failure != NULL)
+			error = d365_op_summary(run.first_failure->op);	/* not recorded */
+		else
+			error = d365_sql_text("SELECT coalesce(last_error, 'the contact is not linked or activity sync is off')"
+								  " FROM d365.activity WHERE id = $1", 1, types, args);
 		if (strict)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("activity %lld was not created in Dynamics 365", (long long) id),
 					 errdetail_internal("%s", error)));
-		else if (run.counts.failed > 0)
+		else if (run.counts.failed > 0 || run.deferred > 0)
 			ereport(WARNING,
 					(errcode(ERRCODE_WARNING),
 					 errmsg("activity %lld was not created in Dynamics 365 and stays pending",

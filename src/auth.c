@@ -241,7 +241,8 @@ aadsts_hint(const char *message)
  *		Load the settings and the enabled application users of
  *		d365.app_users (as the tables' owner), check that a connection is
  *		configured, and prepare a client for this SQL call whose token
- *		source is d365_auth_token.  No request is made here.
+ *		source is d365_auth_token.  No request is made here.  ERROR on a
+ *		hot standby (nothing is sent from there).
  */
 D365Client *
 d365_client_open(void)
@@ -252,6 +253,7 @@ d365_client_open(void)
 	int			n;
 	int			i;
 
+	d365_http_require_primary();
 	d365_settings_require_connection(settings);
 	client = d365_client_init(settings, d365_auth_token);
 	users = d365_app_users_load(false, &n);

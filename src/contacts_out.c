@@ -73,6 +73,24 @@ contacts_body(D365Run *run, void *arg)
 }
 
 /*
+ * fold_body
+ *		A contact run's first step: fold the changes the capture trigger
+ *		queued into d365.contact_state.  Run before the body and kept when
+ *		the body fails (Dynamics unreachable, say), so that failed runs
+ *		during an outage do not fold the whole queue and roll it back again
+ *		each time, and the queue holds at most the statements since the
+ *		last run, not since the outage began.  Nothing when the extension's
+ *		SQL objects predate the queue.
+ */
+static void
+fold_body(D365Run *run, void *arg)
+{
+	if (d365_sql_bool("SELECT to_regprocedure('d365._contact_fold_changes()') IS NOT NULL",
+					  0, NULL, NULL, NULL))
+		(void) d365_sql_text("SELECT d365._contact_fold_changes()::text", 0, NULL, NULL);
+}
+
+/*
  * d365_job_contacts
  *		The scheduled contacts run under the job's lock (see jobs.h).
  */
@@ -80,6 +98,7 @@ bool
 d365_job_contacts(D365Run *run)
 {
 	run->kind = "contacts";
+	run->prepare = fold_body;
 	return d365_run_execute(run, "d365-contact-sync", contacts_body, NULL);
 }
 
@@ -147,7 +166,8 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 		SPI_finish();
 		PG_RETURN_NULL();
 	}
-	if (run.counts.failed > 0 && run.first_failure != NULL)
+	/* failed, or throttled / unreachable (then pending, without back-off) */
+	if ((run.counts.failed > 0 || run.deferred > 0) && run.first_failure != NULL)
 		d365_op_report(run.first_failure->op, ERROR);
 	if (run.counts.failed > 0)
 	{

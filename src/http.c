@@ -21,6 +21,10 @@
  *	 CHECK_FOR_INTERRUPTS().  So statement_timeout and pg_cancel_backend()
  *	 end a transfer within about 100 ms with the standard SQLSTATE 57014,
  *	 and no PostgreSQL error is ever thrown from inside a libcurl callback.
+ *	 The same loop, and every start of a call, looks for the postmaster: if
+ *	 it died, the process exits (FATAL) before sending anything more, so a
+ *	 backlog being sent never outlives the server by more than that
+ *	 100 ms and never holds up its restart.
  *	 While it waits, and during a back-off (d365_http_sleep, on the latch),
  *	 the backend reports the wait event Extension, so pg_stat_activity
  *	 shows a run waiting on the network as waiting, not as busy.
@@ -33,6 +37,11 @@
  *	 the handles from the multi handle and frees them.  (The call's context
  *	 is a child of the caller's, so it goes before the response buffers
  *	 the transfers write into.)
+ *
+ * - Nothing is sent from a server in recovery (a hot standby): whatever a
+ *	 sync sends must be recorded, and a standby cannot write.  Every call
+ *	 refuses there (d365_http_require_primary), and so do the run and the
+ *	 client before them, so the refusal comes before the first request.
  *
  * - Policy, enforced for every request: http and https only, no redirects,
  *	 TLS peer and host always verified (d365sync.ca_file adds a CA bundle),
@@ -52,10 +61,12 @@
 #include "d365sync.h"
 #include "http.h"
 
+#include "access/xlog.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "portability/instr_time.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "utils/memutils.h"
 
 #define D365_USER_AGENT "d365sync/0.2"
@@ -410,10 +421,45 @@ finish_transfer(HttpTransfer *t, CURLcode result)
 	t->headers = NULL;
 }
 
+/*
+ * d365_http_require_primary
+ *		ERROR on a server in recovery (a hot standby): nothing is sent to
+ *		Dynamics from there.  Cheap; called before every call, and by the
+ *		run and the client before their first request.
+ */
+void
+d365_http_require_primary(void)
+{
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("d365sync sends nothing to Dynamics 365 from a server in recovery"),
+				 errdetail("This server is a hot standby or is still recovering: what a sync sends must be recorded here, and nothing can be written."),
+				 errhint("Run the sync on the primary server; d365_status() on this one shows the settings and the queue.")));
+}
+
+/*
+ * exit_if_orphaned
+ *		The postmaster is gone (killed, crashed): exit now, sending nothing
+ *		more, so that the server can be started again at once.  FATAL, not
+ *		ERROR: no caller may catch it and go on sending.
+ */
+static void
+exit_if_orphaned(void)
+{
+	if (!PostmasterIsAlive())
+		ereport(FATAL,
+				(errcode(ERRCODE_ADMIN_SHUTDOWN),
+				 errmsg("terminating connection due to unexpected postmaster exit"),
+				 errdetail("d365sync stopped sending to Dynamics 365; what was not recorded stays pending.")));
+}
+
 /* Start transfers of a call up to its bound on requests in flight. */
 static void
 fill(HttpCall *call)
 {
+	if (call->next < call->n)
+		exit_if_orphaned();
 	while (call->running < call->max_parallel && call->next < call->n)
 	{
 		start_transfer(call, call->next++);
@@ -487,6 +533,8 @@ d365_http_start(D365HttpRequest **reqs, int n, int max_parallel)
 	int			i;
 	int			spins;
 
+	d365_http_require_primary();
+	exit_if_orphaned();
 	if (multi_handle == NULL)
 	{
 		multi_handle = curl_multi_init();
@@ -555,6 +603,7 @@ d365_http_wait(D365HttpCall *handle)
 	while (call->done < call->n)
 	{
 		CHECK_FOR_INTERRUPTS();
+		exit_if_orphaned();
 		fill(call);
 		pump();
 		if (call->done < call->n)

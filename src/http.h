@@ -44,6 +44,7 @@ extern void d365_http_wait(D365HttpCall *call);
 extern char *d365_http_header(const D365HttpRequest *req, const char *name);
 extern char *d365_http_url_problem(const char *url);
 extern void d365_http_sleep(long ms);
+extern void d365_http_require_primary(void);
 extern void d365_http_init(void);
 
 #endif							/* D365_HTTP_H */

@@ -144,6 +144,8 @@ typedef struct PipelineItem
 	json_t	   *requests;		/* JSON array of request objects */
 	size_t		step;			/* next request to send */
 	bool		failed;
+	bool		deferred;		/* failed, but not by an answer about it:
+								 * left pending, not recorded */
 	bool		sent;			/* at least one request was sent */
 	int			status;			/* of the last request sent */
 	char	   *error_code;
@@ -284,8 +286,38 @@ step_start(D365Run *run, Chunk *c)
 }
 
 /*
+ * about_item
+ *		Whether a failed operation's outcome is an answer about its item
+ *		(Dynamics judged this record: a 4xx, or a 500 of the item's own
+ *		request or $batch part) rather than about the whole request: no
+ *		usable answer (a transport failure), throttled (429), the service
+ *		unavailable (502, 503, 504), the token refused (401 after a
+ *		refresh), or a $batch that failed as a whole (the outcome the item
+ *		got is the envelope's).  Only answers about an item fail it; the
+ *		others say nothing about the record and leave it pending.
+ */
+static bool
+about_item(const D365Op *op)
+{
+	const char *url = op->http ? op->http->url : NULL;
+	size_t		len = url ? strlen(url) : 0;
+
+	if (op->transport_failure || op->status == 0)
+		return false;
+	if (op->status == 429 || op->status == 401 ||
+		op->status == 502 || op->status == 503 || op->status == 504)
+		return false;
+	if (len >= 6 && strcmp(url + len - 6, "$batch") == 0)
+		return false;
+	return true;
+}
+
+/*
  * fail_item
- *		Mark an item failed by a request that was made on its behalf.
+ *		Mark an item failed by a request that was made on its behalf.  When
+ *		the outcome is not about the item (about_item), the item is only
+ *		deferred: no further step is sent, it is not recorded (no failure,
+ *		no back-off) and the next run sends it again.
  */
 static void
 fail_item(D365Run *run, PipelineItem *it, D365Op *op)
@@ -293,6 +325,11 @@ fail_item(D365Run *run, PipelineItem *it, D365Op *op)
 	it->sent = true;
 	it->status = op->status;
 	it->failed = true;
+	if (!about_item(op))
+	{
+		it->deferred = true;
+		run->deferred++;
+	}
 	it->error_code = op->error_code;
 	it->error_message = op->transport_failure
 		? psprintf("could not reach Dynamics 365: %s", op->error_message)
@@ -486,21 +523,32 @@ record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_
 	Oid			rtypes[5] = {TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
 	TEXTARRAYOID, TEXTARRAYOID};
 	int			i;
+	int			n = 0;
 
+	/* deferred items are left as they are: pending, without back-off */
 	for (i = 0; i < c->n; i++)
 	{
-		keys[i] = c->items[i].key;
-		contexts[i] = c->items[i].context;
-		statuses[i] = c->items[i].status;
-		status_null[i] = !c->items[i].sent;
-		codes[i] = c->items[i].error_code;
-		messages[i] = c->items[i].error_message;
+		if (c->items[i].deferred)
+			continue;
+		keys[n] = c->items[i].key;
+		contexts[n] = c->items[i].context;
+		statuses[n] = c->items[i].status;
+		status_null[n] = !c->items[i].sent;
+		codes[n] = c->items[i].error_code;
+		messages[n] = c->items[i].error_message;
+		n++;
 	}
-	rargs[0] = text_array(keys, c->n);
-	rargs[1] = text_array(contexts, c->n);
-	rargs[2] = int_array(statuses, status_null, c->n);
-	rargs[3] = text_array(codes, c->n);
-	rargs[4] = text_array(messages, c->n);
+	if (n == 0)
+	{
+		MemoryContextSwitchTo(old);
+		d365_run_publish(run);
+		return;
+	}
+	rargs[0] = text_array(keys, n);
+	rargs[1] = text_array(contexts, n);
+	rargs[2] = int_array(statuses, status_null, n);
+	rargs[3] = text_array(codes, n);
+	rargs[4] = text_array(messages, n);
 	d365_run_add_counts(run, SPI_execute_with_args(record_sql, 5, rtypes, rargs,
 												   NULL, false, 1),
 						record_fn);
@@ -631,4 +679,14 @@ d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 	SPI_cursor_close(portal);
 	MemoryContextDelete(chunks[0].cxt);
 	MemoryContextDelete(chunks[1].cxt);
+
+	if (run->deferred > 0 && run->message == NULL)
+	{
+		MemoryContext m = MemoryContextSwitchTo(run->cxt);
+
+		run->message = psprintf("%lld items not sent: Dynamics 365 throttled the requests or could not be reached (%s); they stay pending, without back-off",
+								(long long) run->deferred,
+								run->first_failure ? d365_op_summary(run->first_failure->op) : "no answer");
+		MemoryContextSwitchTo(m);
+	}
 }

@@ -40,11 +40,14 @@
 
 /*
  * d365_run_init
- *		Start a run of the given kind (d365.sync_run.kind).
+ *		Start a run of the given kind (d365.sync_run.kind).  ERROR on a hot
+ *		standby, before anything is selected or sent: a run must record
+ *		what it sent, and a standby cannot.
  */
 void
 d365_run_init(D365Run *run, const char *kind)
 {
+	d365_http_require_primary();
 	memset(run, 0, sizeof(D365Run));
 	run->kind = kind;
 	run->started = GetCurrentTimestamp();
@@ -212,7 +215,8 @@ d365_run_publish(D365Run *run)
  *		NULL and another transaction holds that job's lock, the run is
  *		skipped (run->skipped is set, and it is recorded with a message
  *		unless run->no_record) and false is returned.  The body runs
- *		guarded (d365_run_guarded).  The run is recorded in
+ *		guarded (d365_run_guarded), after run->prepare if set (guarded on
+ *		its own, so that a failing body does not undo it).  The run is recorded in
  *		d365.sync_run unless run->no_record.  Connects to SPI itself.
  */
 bool
@@ -244,7 +248,10 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 	}
 
 	reporting = d365_progress_start(run->kind);
-	completed = d365_run_guarded(run, body, arg);
+	/* what prepare did stays even when the body fails and rolls back */
+	completed = run->prepare == NULL || d365_run_guarded(run, run->prepare, arg);
+	if (completed)
+		completed = d365_run_guarded(run, body, arg);
 	d365_run_publish(run);
 
 	if (!run->no_record)

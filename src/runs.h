@@ -38,6 +38,8 @@ typedef struct D365Run
 	D365Client *client;			/* opened on first use: no work, no token */
 	D365Counts	counts;
 	int64		items;			/* rows the work queries returned */
+	int64		deferred;		/* items left pending, not failed: their
+								 * request was throttled or got no answer */
 	char	   *message;		/* why the run stopped early, or NULL */
 	D365Failure *first_failure;
 	MemoryContext cxt;			/* lives as long as the run */
@@ -45,6 +47,13 @@ typedef struct D365Run
 	bool		skipped;		/* d365_run_execute: the job's lock was taken */
 	bool		quiet;			/* d365_run_guarded: keep a failure in message
 								 * only, no WARNING (the worker logs once) */
+
+	/*
+	 * d365_run_execute: run under the job's lock before the body, guarded
+	 * on its own, so that what it did stays when the body fails (NULL:
+	 * nothing)
+	 */
+	void		(*prepare) (struct D365Run *run, void *arg);
 } D365Run;
 
 typedef void (*D365RunBody) (D365Run *run, void *arg);

@@ -66,6 +66,7 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
+#include "storage/pmsignal.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
 #include "tcop/tcopprot.h"
@@ -74,6 +75,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "auth.h"
 #include "d365sync.h"
 #include "jobs.h"
 #include "worker.h"
@@ -94,6 +96,8 @@
 #define BACKOFF_MAX_MS			60000
 /* retry after a job was skipped because a scheduled run held its lock */
 #define SKIPPED_RETRY_MS		2000
+/* while Dynamics is down: one cheap request this often instead of a run */
+#define PROBE_MS				1000
 /* the longest pull_interval honoured (a year); longer ones pull yearly */
 #define PULL_MS_MAX				INT64CONST(31536000000)
 
@@ -280,7 +284,9 @@ worker_attach(void)
  * wait_latch
  *		Sleep until the latch is set or timeout_ms passed (no transaction
  *		open); returns whether a commit (or anyone) woke us.  Reloads the
- *		configuration on SIGHUP; SIGTERM ends the process here (die).
+ *		configuration on SIGHUP; SIGTERM ends the process here (die), and
+ *		so does the postmaster's death, even when there is no time to sleep
+ *		(the HTTP layer also looks for it while requests are in flight).
  */
 static bool
 wait_latch(long timeout_ms)
@@ -293,6 +299,8 @@ wait_latch(long timeout_ms)
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   timeout_ms, PG_WAIT_EXTENSION);
 	}
+	else if (!PostmasterIsAlive())
+		proc_exit(1);			/* a backlog: no sleep between passes */
 	ResetLatch(MyLatch);
 	CHECK_FOR_INTERRUPTS();
 	if (ConfigReloadPending)
@@ -376,10 +384,24 @@ static WorkerJob jobs[] = {
 #define JOB_PULL		2
 
 /*
+ * Outage detection.  After a job failed, a probe (probe_dynamics) looks
+ * whether Dynamics 365 answers at all.  While it does not, failing jobs are
+ * not run (a run would select its work, fail and roll back); the probe is
+ * repeated every PROBE_MS and the contact queue is folded at every pass, so
+ * that it holds the rows changed rather than every statement of the
+ * outage.  The first probe that gets an answer ends the outage: the failing
+ * jobs run at once, whatever their back-off.
+ */
+static TimestampTz probe_at = 0;	/* next probe; 0: none (no job failed
+									 * since the last answer) */
+static bool dynamics_down = false;	/* the last probe found no answer */
+
+/*
  * run_failure
  *		Why a completed run should count as failed for the worker's back-off:
- *		every request it sent failed to reach Dynamics (the items themselves
- *		are backed off by the record stage).  NULL when it did not.
+ *		every request it sent failed to reach Dynamics or was throttled (the
+ *		items stay pending without back-off of their own, see pipeline.c).
+ *		NULL when it did not.
  */
 static char *
 run_failure(D365Run *run)
@@ -390,7 +412,7 @@ run_failure(D365Run *run)
 		run->counts.created + run->counts.updated + run->counts.unchanged > 0)
 		return NULL;
 	op = run->first_failure->op;
-	if (!op->transport_failure && op->status < 500)
+	if (!op->transport_failure && op->status < 500 && op->status != 429)
 		return NULL;
 	return psprintf("%s: %s", d365_op_summary(op),
 					op->error_message ? op->error_message : "no answer");
@@ -434,6 +456,9 @@ note_outcome(WorkerJob *job, JobOutcome outcome, const char *error)
 	job->backoff_ms = job->backoff_ms == 0 ? BACKOFF_MIN_MS
 		: Min(job->backoff_ms * 2, BACKOFF_MAX_MS);
 	job->retry_at = TimestampTzPlusMilliseconds(now, job->backoff_ms);
+	/* is Dynamics down? a probe at the next pass tells */
+	if (probe_at == 0)
+		probe_at = now;
 	SpinLockAcquire(&d365_shared->mutex);
 	snprintf(d365_shared->last_error, sizeof(d365_shared->last_error), "%s: %s",
 			 job->name, error);
@@ -532,6 +557,155 @@ run_job(WorkerJob *job)
 	return outcome;
 }
 
+static long
+ms_until(TimestampTz t)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	return t <= now ? 0 : (long) ((t - now) / 1000) + 1;
+}
+
+/*
+ * probe_dynamics
+ *		One cheap request, GET WhoAmI as the settings' application user,
+ *		without retries, in a short transaction.  false when Dynamics 365
+ *		or its token authority gave no usable answer: unreachable, throttled
+ *		(429; *retry_after_ms is then its Retry-After, else 0) or a server
+ *		error (5xx); true when it answered anything else (a job that still
+ *		fails then reports its own error).
+ */
+static bool
+probe_dynamics(long *retry_after_ms)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	int			retries = d365_max_retries;
+	volatile bool up = true;
+	volatile long wait = 0;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PG_TRY();
+	{
+		D365Client *client;
+		D365Op	   *op;
+
+		PushActiveSnapshot(GetTransactionSnapshot());
+		d365_max_retries = 0;
+		client = d365_client_open();
+		client->nlanes = 1;
+		op = d365_op_make("GET", "WhoAmI", NULL);
+		d365_client_execute(client, &op, 1);
+		d365_max_retries = retries;
+		up = !(op->transport_failure || op->status == 429 || op->status >= 500);
+		if (op->status == 429 && op->http != NULL)
+		{
+			char	   *ra = d365_http_header(op->http, "Retry-After");
+
+			/* throttled: the next probe not before the server asks */
+			if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
+				wait = Min(atol(ra), 3600L) * 1000L;
+		}
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		d365_max_retries = retries;
+		MemoryContextSwitchTo(caller);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		/* the token request's failures, as d365_op_report classes them */
+		up = !(edata->sqlerrcode == ERRCODE_CONNECTION_FAILURE ||
+			   edata->sqlerrcode == ERRCODE_CONFIGURATION_LIMIT_EXCEEDED ||
+			   edata->sqlerrcode == ERRCODE_EXTERNAL_ROUTINE_EXCEPTION);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(caller);
+	*retry_after_ms = wait;
+	return up;
+}
+
+/*
+ * fold_queue
+ *		While Dynamics is down: fold the contact changes queued since the
+ *		last pass into d365.contact_state (d365._contact_fold_changes), in a
+ *		short transaction, sending nothing.  An error (the extension being
+ *		dropped, say) is ignored: the next pass tries again.
+ */
+static void
+fold_queue(void)
+{
+	MemoryContext caller = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PG_TRY();
+	{
+		PushActiveSnapshot(GetTransactionSnapshot());
+		SPI_connect();
+		if (SPI_execute("SELECT d365._contact_fold_changes()"
+						" WHERE to_regprocedure('d365._contact_fold_changes()') IS NOT NULL",
+						false, 0) < 0)
+			elog(ERROR, "could not fold the contact queue");
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(caller);
+		FlushErrorState();
+		AbortCurrentTransaction();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(caller);
+}
+
+/*
+ * outage_pass
+ *		The outage part of a pass (see probe_at): probe when due, fold the
+ *		queue while down, and when the probe gets an answer after an outage
+ *		let the failing jobs run at once.
+ */
+static void
+outage_pass(bool realtime)
+{
+	bool		failing = false;
+	int			i;
+
+	for (i = 0; i < lengthof(jobs); i++)
+		failing |= jobs[i].backoff_ms > 0;
+	if (!failing)
+	{
+		probe_at = 0;
+		dynamics_down = false;
+		return;
+	}
+	if (probe_at > 0 && ms_until(probe_at) == 0)
+	{
+		long		retry_after = 0;
+		bool		up = probe_dynamics(&retry_after);
+
+		if (up && dynamics_down)
+		{
+			for (i = 0; i < lengthof(jobs); i++)
+				jobs[i].retry_at = 0;
+			ereport(LOG,
+					(errmsg("d365sync worker: Dynamics 365 answers again; the failing jobs run now")));
+		}
+		dynamics_down = !up;
+		/* after an answer, probe again only once a job has failed again */
+		probe_at = up ? 0 : TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														 Max(PROBE_MS, retry_after));
+	}
+	if (dynamics_down && realtime)
+		fold_queue();
+}
+
 /*
  * read_settings
  *		In a short transaction: whether the extension exists in this
@@ -594,14 +768,6 @@ read_settings(bool *realtime, int64 *pull_ms)
 	return present;
 }
 
-static long
-ms_until(TimestampTz t)
-{
-	TimestampTz now = GetCurrentTimestamp();
-
-	return t <= now ? 0 : (long) ((t - now) / 1000) + 1;
-}
-
 /*
  * worker_pass
  *		One pass: read the settings, send (realtime), pull (when due).
@@ -645,6 +811,8 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 		}
 	}
 
+	outage_pass(realtime);
+
 	timeout = realtime ? REALTIME_POLL_MS : IDLE_POLL_MS;
 	if (realtime)
 	{
@@ -652,6 +820,9 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 		{
 			JobOutcome o;
 
+			/* a failing job waits for the probe while Dynamics is down */
+			if (dynamics_down && jobs[i].backoff_ms > 0)
+				continue;
 			if (ms_until(jobs[i].retry_at) > 0)
 			{
 				timeout = Min(timeout, ms_until(jobs[i].retry_at));
@@ -668,7 +839,8 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 	}
 	if (pull_ms > 0)
 	{
-		if (ms_until(*next_pull) == 0 && ms_until(jobs[JOB_PULL].retry_at) == 0)
+		if (ms_until(*next_pull) == 0 && ms_until(jobs[JOB_PULL].retry_at) == 0 &&
+			!(dynamics_down && jobs[JOB_PULL].backoff_ms > 0))
 		{
 			JobOutcome o = run_job(&jobs[JOB_PULL]);
 
@@ -693,6 +865,8 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 	}
 	else
 		*next_pull = 0;
+	if (probe_at > 0)
+		timeout = Min(timeout, ms_until(probe_at));
 
 	SpinLockAcquire(&d365_shared->mutex);
 	d365_shared->passes++;
