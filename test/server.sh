@@ -6,7 +6,8 @@
 #
 #   1. on the standby every function that talks to Dynamics refuses with
 #      SQLSTATE 25006 before its first request (the simulator's request
-#      log does not move) and no worker runs there;
+#      log does not move), no worker runs there, and d365_status() says
+#      the server is a standby;
 #   2. kill -9 of the postmaster while the worker sends a backlog to a slow
 #      simulator: the worker exits within a second or two, the simulator's
 #      request log stops growing, pg_ctl start works at once, and the
@@ -92,11 +93,17 @@ sent=$(requests_since "$seq0")
 refusals=$(grep -c '^ERROR:  25006: d365sync sends nothing to Dynamics 365 from a server in recovery$' <<<"$out")
 hint=$(grep -c '^HINT:  Run the sync on the primary server' <<<"$out")
 workers=$(on_standby -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'd365sync worker'" 2>&1)
+status=$(on_standby -c "SELECT value FROM d365.d365_status() WHERE item = 'worker'" 2>&1)
 diag "standby: $refusals refusals, $sent requests in the simulator's log, worker on the standby: $workers"
 if [ "$refusals" = 6 ] && [ "$hint" = 6 ] && [ "$sent" = 0 ] && [ "$workers" = 0 ]; then
     ok "on a streaming standby sync_contact, sync_contacts, pull_changes, sync_activities, whoami and run_job refuse (25006) and send nothing; no worker runs there"
 else
     notok "on a standby nothing is sent" "refusals: $refusals (hints $hint), requests: $sent, workers: $workers" "$out"
+fi
+if [[ "$status" == "not running: this server is a hot standby (in recovery); nothing is sent"* ]]; then
+    ok "d365_status() on the standby says so: $status"
+else
+    notok "d365_status() on the standby says it is a standby" "$status"
 fi
 (cd "$D365_WORK" && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STANDBY" -m fast stop >/dev/null 2>&1)
 
@@ -136,15 +143,17 @@ sleep 3
 s2=$(simctl last-seq)
 # pg_ctl start as soon as it works (every 0.5 s, for 20 s)
 started=timeout
+tries=none
 for i in $(seq 1 40); do
     if (cd "$D365_WORK" && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGDATA" -w \
             -l "$D365_WORK/postgres.log" start) >"$TMPD/start.out" 2>&1; then
         started=$(( $(now_ms) - t0 ))
+        tries=$i
         break
     fi
     sleep 0.5
 done
-diag "postmaster killed (worker $wpid sending: $sending): worker gone after $gone ms; simulator log +$(( s2 - s1 )) entries between 0.5 s and 3.5 s after; pg_ctl start worked $started ms after the kill"
+diag "postmaster killed (worker $wpid sending: $sending): worker gone after $gone ms; simulator log +$(( s2 - s1 )) entries between 0.5 s and 3.5 s after; pg_ctl start worked $started ms after the kill (attempt $tries, begun after 3.5 s of watching the log)"
 if [ "$sending" = yes ] && [ "$gone" != timeout ] && [ "$gone" -le 2000 ] && [ "$s1" = "$s2" ]; then
     ok "kill -9 of the postmaster: the worker exits in $gone ms and sends nothing more"
 else

@@ -39,6 +39,8 @@ BEGIN
     SELECT * INTO w FROM d365._worker_state();
     item := 'worker';
     value := CASE
+        WHEN pg_catalog.pg_is_in_recovery()
+            THEN 'not running: this server is a hot standby (in recovery); nothing is sent to Dynamics 365 from here, and the worker starts when the server is promoted'
         WHEN NOT w.preloaded THEN 'not running (d365sync is not in shared_preload_libraries)'
         WHEN NOT w.running THEN 'not running (the server starts it again within seconds)'
         WHEN w.database IS DISTINCT FROM current_database()
