@@ -22,46 +22,23 @@ set -uo pipefail
 
 DB=d365rddata
 SECRET=rd-secret-4711-never-shown
-TMPD=$(mktemp -d /tmp/d365rddata.XXXXXX)
-chmod 755 "$TMPD"
-STANDALONE=0
 LOCKER=
-cleanup() {
+. "$(dirname "$0")/lib.sh"
+t_begin rddata
+t_on_exit() {
     [ -n "$LOCKER" ] && kill "$LOCKER" 2>/dev/null
     psql -X -q -d postgres -c "ALTER SYSTEM RESET log_statement" -c "SELECT pg_reload_conf()" >/dev/null 2>&1
     timeout 60 dropdb --if-exists --force "$DB" >/dev/null 2>&1
-    rm -rf "$TMPD"
-    [ "$STANDALONE" = 0 ] || d365_stop_all
 }
-trap cleanup EXIT
-if [ -z "${D365_SIM_URL:-}" ]; then
-    STANDALONE=1
-    . "$(dirname "$0")/../scripts/lib.sh"
-    d365_start_standalone "$TMPD/start.log" || exit 0
-fi
+t_standalone || exit 0
 LOG=${D365_WORK:-$(dirname "${PGDATA:-/nonexistent/x}")}/postgres.log
-
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $*"; }
-notok() {
-    n=$((n + 1))
-    echo "not ok $n - $1"
-    shift
-    local l
-    for l in "$@"; do printf '# %s\n' "$l"; done
-}
-psqlq() { timeout "${PSQL_TIMEOUT:-120}" psql -X -q -At -P pager=off -v ON_ERROR_STOP=1 -d "$DB" "$@"; }
+PSQL_TIMEOUT=120
 
 timeout 60 dropdb --if-exists --force "$DB" >/dev/null 2>&1
 timeout 60 createdb "$DB" || { notok "set-up: createdb"; exit 0; }
 "$D365_SIMCTL" reset >/dev/null
-psqlq -v sim_url="$D365_SIM_URL" >"$TMPD/setup.log" 2>&1 <<'SQL' || { notok "set-up failed" "$(tail -n 5 "$TMPD/setup.log")"; exit 0; }
-CREATE EXTENSION d365sync CASCADE;
-UPDATE d365.settings
-   SET org_url = :'sim_url', authority_url = :'sim_url',
-       tenant_id = '11111111-1111-1111-1111-111111111111',
-       client_id = '22222222-2222-2222-2222-222222222222',
-       client_secret = 'sim-secret', contact_sync_enabled = true, min_score = 10;
+{ t_configure_sql; cat <<'SQL'; } | psqlq >"$TMPD/setup.log" 2>&1 || { notok "set-up failed" "$(tail -n 5 "$TMPD/setup.log")"; exit 0; }
+UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
 CREATE TABLE rd_person (id integer PRIMARY KEY, name text, score integer);
 INSERT INTO rd_person VALUES (1, 'Ada', 50), (2, 'Bob', 50);
 SELECT d365.d365_attach_contacts('rd_person');
