@@ -187,7 +187,7 @@ class Api(QueryMixin, TrackingMixin, MetadataMixin):
         return Resp(204, [("OData-Version", "4.0")], b"", nrec=1)
 
     def bulk(self, rq, ent, action):
-        if ent.name not in ("contact", "account") and not ent.is_activity:
+        if ent.name not in ("contact", "account") and not ent.is_activity and not ent.custom:
             raise ApiError(400, "0x80040800",
                            "The message %s is not supported for entity '%s'." % (action, ent.name))
         body = self._json_body(rq)

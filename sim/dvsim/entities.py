@@ -14,7 +14,7 @@ def build_schema():
                change_tracking=True, primary_name="fullname")
     c.add(Attr("contactid", "Uniqueidentifier", "Contact", update=False))
     c.add(_string("firstname", "First Name", 50))
-    c.add(_string("lastname", "Last Name", 50))
+    c.add(_string("lastname", "Last Name", 50, required="ApplicationRequired"))
     c.add(_string("middlename", "Middle Name", 50))
     c.add(_string("fullname", "Full Name", 160, create=False, update=False))
     c.add(_string("jobtitle", "Job Title", 100))
@@ -45,7 +45,9 @@ def build_schema():
                "Preferred Method of Contact",
                options=[(1, "Any"), (2, "Email"), (3, "Phone")]))
     c.add(Attr("parentcustomerid", "Customer", "Company Name",
-               targets=["account", "contact"]))
+               targets=["account", "contact"], schema="ParentCustomerId",
+               rels={"account": "contact_customer_accounts",
+                     "contact": "contact_customer_contacts"}))
     _state_status(c, [(0, "Active", 1, "Active"), (1, "Inactive", 2, "Inactive")],
                   [(1, "Active", 0), (2, "Inactive", 1)], create_status=True)
     _common_tail(c)
@@ -55,7 +57,7 @@ def build_schema():
     a = Entity("account", "accounts", "accountid", "Account", "Accounts", 1,
                change_tracking=True, primary_name="name")
     a.add(Attr("accountid", "Uniqueidentifier", "Account", update=False))
-    a.add(_string("name", "Account Name", 160))
+    a.add(_string("name", "Account Name", 160, required="ApplicationRequired"))
     a.add(_string("accountnumber", "Account Number", 20))
     a.add(_string("telephone1", "Main Phone", 50))
     a.add(_string("emailaddress1", "Email", 100))
@@ -65,8 +67,11 @@ def build_schema():
     a.add(Attr("revenue", "Money", "Annual Revenue", minv=0.0, maxv=MONEY_MAX))
     a.add(Attr("numberofemployees", "Integer", "Number of Employees", minv=0,
                maxv=1000000000))
-    a.add(Attr("parentaccountid", "Lookup", "Parent Account", targets=["account"]))
-    a.add(Attr("primarycontactid", "Lookup", "Primary Contact", targets=["contact"]))
+    a.add(Attr("industrycode", "Picklist", "Industry", options=INDUSTRIES))
+    a.add(Attr("parentaccountid", "Lookup", "Parent Account", targets=["account"],
+               schema="ParentAccountId", rels={"account": "account_parent_account"}))
+    a.add(Attr("primarycontactid", "Lookup", "Primary Contact", targets=["contact"],
+               schema="PrimaryContactId", rels={"contact": "account_primary_contact"}))
     _state_status(a, [(0, "Active", 1, "Active"), (1, "Inactive", 2, "Inactive")],
                   [(1, "Active", 0), (2, "Inactive", 1)], create_status=True)
     _common_tail(a)
@@ -174,9 +179,57 @@ def build_schema():
              [Attr("new_url", "String", "URL", maxlen=500, custom=True)],
              custom=True)
 
+    # new_project: a custom table with a lookup to account, a choice and
+    # a multi-select choice --------------------------------------------
+    p = Entity("new_project", "new_projects", "new_projectid", "Project", "Projects",
+               10002, change_tracking=True, custom=True, primary_name="new_name")
+    p.add(Attr("new_projectid", "Uniqueidentifier", "Project", update=False, custom=True,
+               schema="new_projectId"))
+    p.add(_string("new_name", "Name", 100, custom=True, schema="new_Name",
+                  required="ApplicationRequired"))
+    p.add(Attr("new_accountid", "Lookup", "Account", targets=["account"], custom=True,
+               schema="new_AccountId", nav="new_AccountId",
+               rels={"account": "new_new_project_AccountId_account"}))
+    p.add(Attr("new_stage", "Picklist", "Stage", custom=True, schema="new_Stage",
+               options=[(100000000, "Proposed"), (100000001, "Active"),
+                        (100000002, "On Hold"), (100000003, "Completed")]))
+    p.add(Attr("new_services", "MultiSelectPicklist", "Services", custom=True,
+               schema="new_Services",
+               options=[(100000000, "Consulting"), (100000001, "Implementation"),
+                        (100000002, "Training"), (100000003, "Support")]))
+    p.add(Attr("new_budget", "Money", "Budget", minv=0.0, maxv=MONEY_MAX, custom=True,
+               schema="new_Budget"))
+    p.add(Attr("new_startdate", "DateTime", "Start Date", date_only=True, custom=True,
+               schema="new_StartDate"))
+    p.add(Attr("new_description", "Memo", "Description", maxlen=4000, custom=True,
+               schema="new_Description"))
+    _state_status(p, [(0, "Active", 1, "Active"), (1, "Inactive", 2, "Inactive")],
+                  [(1, "Active", 0), (2, "Inactive", 1)], create_status=True)
+    _common_tail(p)
+    ents["new_project"] = p
+
     for e in ents.values():
         e.finish()
     return ents
+
+
+# account.industrycode, as Dataverse ships it
+INDUSTRIES = [
+    (1, "Accounting"), (2, "Agriculture and Non-petrol Natural Resource Extraction"),
+    (3, "Broadcasting Printing and Publishing"), (4, "Brokers"),
+    (5, "Building Supply Retail"), (6, "Business Services"), (7, "Consulting"),
+    (8, "Consumer Services"), (9, "Design, Direction and Creative Management"),
+    (10, "Distributors, Dispatchers and Processors"), (11, "Doctor's Offices and Clinics"),
+    (12, "Durable Manufacturing"), (13, "Eating and Drinking Places"),
+    (14, "Entertainment Retail"), (15, "Equipment Rental and Leasing"), (16, "Financial"),
+    (17, "Food and Tobacco Processing"), (18, "Inbound Capital Intensive Processing"),
+    (19, "Inbound Repair and Services"), (20, "Insurance"), (21, "Legal Services"),
+    (22, "Non-Durable Merchandise Retail"), (23, "Outbound Consumer Service"),
+    (24, "Petrochemical Extraction and Distribution"), (25, "Service Retail"),
+    (26, "SIG Affiliations"), (27, "Social Services"),
+    (28, "Special Outbound Trade Contractors"), (29, "Specialty Realty"),
+    (30, "Transportation"), (31, "Utility Creation and Distribution"),
+    (32, "Vehicle Retail"), (33, "Wholesale")]
 
 
 ENTITIES = build_schema()

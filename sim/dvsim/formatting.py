@@ -30,9 +30,8 @@ def format_row(state, ent, row, cols, formatted=False, expand_parties=False):
                     if nm is not None:
                         out[n + "@OData.Community.Display.V1.FormattedValue"] = nm
                     out[n + "@Microsoft.Dynamics.CRM.associatednavigationproperty"] = (
-                        c if at.type == "Owner" or c not in ("parentcustomerid",
-                                                               "regardingobjectid")
-                        else "%s_%s" % (c, v[0]))
+                        "%s_%s" % (c, v[0]) if at.type == "Customer" or
+                        c == "regardingobjectid" else (at.nav or c))
                 out[n + "@Microsoft.Dynamics.CRM.lookuplogicalname"] = v[0]
                 out[n] = v[1]
         else:
@@ -43,6 +42,9 @@ def format_row(state, ent, row, cols, formatted=False, expand_parties=False):
                         if o[0] == v and type(o[0]) is type(v):
                             fv = o[1]
                             break
+                elif at.type == "MultiSelectPicklist":
+                    labels = {o[0]: o[1] for o in at.options}
+                    fv = "; ".join(labels.get(int(x), x) for x in v.split(","))
                 elif at.type == "Money":
                     fv = "$%s" % format(v, ",.2f")
                 elif at.type == "Integer" or at.type == "BigInt":

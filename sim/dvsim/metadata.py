@@ -1,11 +1,11 @@
 """Metadata: EntityDefinitions, Attributes (with casts to the attribute
-metadata types) and option sets."""
+metadata types), option sets, many-to-one and one-to-many relationships."""
 
 import collections
 import re
 
 from .common import (ApiError, bad_segment, det_uuid, guid_or_none, json_resp,
-    LOOKUP_TYPES, NS)
+    LOOKUP_TYPES, no_property, NS)
 from .entities import ENTITIES
 from .formatting import dict_resolver
 from .odata_filter import compile_filter, FilterError
@@ -36,7 +36,11 @@ def attribute_meta(ent, at, expand_optionset=False):
     d["LogicalName"] = at.name
     d["SchemaName"] = at.schema
     d["EntityLogicalName"] = ent.name
-    d["AttributeType"] = at.type
+    if at.type == "MultiSelectPicklist":
+        # as Dataverse reports a multi-select choice
+        d["AttributeType"] = "Virtual"
+    else:
+        d["AttributeType"] = at.type
     d["AttributeTypeName"] = {"Value": at.type + "Type"}
     d["IsValidForCreate"] = at.create
     d["IsValidForUpdate"] = at.update
@@ -46,7 +50,8 @@ def attribute_meta(ent, at, expand_optionset=False):
     d["IsCustomAttribute"] = at.custom
     d["IsLogical"] = False
     d["AttributeOf"] = None
-    d["RequiredLevel"] = {"Value": "SystemRequired" if at.primary_id else "None",
+    d["RequiredLevel"] = {"Value": at.required or ("SystemRequired" if at.primary_id
+                                                   else "None"),
                           "CanBeChanged": False,
                           "ManagedPropertyLogicalName": "canmodifyrequirementlevelsettings"}
     d["DisplayName"] = label(at.label)
@@ -66,11 +71,12 @@ def attribute_meta(ent, at, expand_optionset=False):
         d["DateTimeBehavior"] = {"Value": "DateOnly" if at.date_only else "UserLocal"}
     if at.type in LOOKUP_TYPES:
         d["Targets"] = list(at.targets)
-    if expand_optionset and at.type in ("Picklist", "State", "Status", "Boolean"):
+    if expand_optionset and at.type in ("Picklist", "State", "Status", "Boolean",
+                                        "MultiSelectPicklist"):
         os_ = {"MetadataId": det_uuid("optionset", ent.name, at.name),
                "Name": at.optionset_name or "%s_%s" % (ent.name, at.name),
                "IsGlobal": False, "IsCustomOptionSet": at.custom,
-               "OptionSetType": at.type if at.type != "Boolean" else "Boolean",
+               "OptionSetType": "Picklist" if at.type == "MultiSelectPicklist" else at.type,
                "DisplayName": label(at.label)}
         if at.type == "Boolean":
             f = next(o for o in at.options if o[0] is False)
@@ -105,7 +111,8 @@ def select_meta(d, select, always=("LogicalName", "MetadataId")):
 def entity_meta(ent):
     d = collections.OrderedDict()
     d["LogicalName"] = ent.name
-    d["SchemaName"] = ent.name.capitalize() if not ent.custom else ent.name
+    d["SchemaName"] = ent.name.capitalize() if not ent.custom else \
+        ent.name.split("_", 1)[0] + "_" + ent.name.split("_", 1)[1].capitalize()
     d["EntitySetName"] = ent.set_name
     d["LogicalCollectionName"] = ent.set_name
     d["CollectionSchemaName"] = ent.plural.replace(" ", "")
@@ -120,6 +127,82 @@ def entity_meta(ent):
     d["DisplayCollectionName"] = label(ent.plural)
     d["MetadataId"] = det_uuid("entity", ent.name)
     return d
+
+
+def relationship_meta(ent, rel):
+    """A many-to-one relationship of ent (OneToManyRelationshipMetadata)."""
+    name, attr, target, nav = rel
+    d = collections.OrderedDict()
+    d["MetadataId"] = det_uuid("relationship", ent.name, attr, target)
+    d["SchemaName"] = name
+    d["RelationshipType"] = "OneToManyRelationship"
+    d["IsCustomRelationship"] = ent.attrs[attr].custom
+    d["IsHierarchical"] = False
+    d["IsValidForAdvancedFind"] = True
+    d["ReferencedAttribute"] = ENTITIES[target].key
+    d["ReferencedEntity"] = target
+    d["ReferencingAttribute"] = attr
+    d["ReferencingEntity"] = ent.name
+    d["ReferencedEntityNavigationPropertyName"] = name
+    d["ReferencingEntityNavigationPropertyName"] = nav
+    return d
+
+
+def relationships(ent, kind):
+    """The relationship metadata of ent: ManyToOne (its lookups) or
+    OneToMany (lookups of any entity to it)."""
+    if kind == "ManyToOneRelationships":
+        return [relationship_meta(ent, r) for r in ent.relationships]
+    return [relationship_meta(e, r) for e in ENTITIES.values()
+            for r in e.relationships if r[2] == ent.name]
+
+
+ENTITY_NAVS = ("Attributes", "ManyToOneRelationships", "OneToManyRelationships", "Keys")
+
+
+def parse_expand(text):
+    """'A($select=x,y;$filter=...),B' -> [('A', {'$select': 'x,y', ...}), ('B', {})]"""
+    out = []
+    for item in re.split(r",(?![^()]*\))", text or ""):
+        item = item.strip()
+        if not item:
+            continue
+        m = re.match(r"^([A-Za-z]\w*)(?:\((.*)\))?$", item)
+        if not m:
+            raise ApiError(400, "0x0", "Invalid $expand item '%s'." % item)
+        opts = {}
+        for o in (m.group(2) or "").split(";"):
+            if "=" in o:
+                k, v = o.split("=", 1)
+                opts[k.strip()] = v.strip()
+        out.append((m.group(1), opts))
+    return out
+
+
+def meta_collection(items, q):
+    """$filter and $select (of a query or of a nested $expand) on metadata."""
+    if q.get("$filter"):
+        try:
+            pred = compile_filter(q["$filter"], dict_resolver)
+        except FilterError as e:
+            raise ApiError(400, "0x0", str(e))
+        items = [d for d in items if pred(d)]
+    sel = [s.strip() for s in q["$select"].split(",")] if q.get("$select") else None
+    return [select_meta(d, sel) for d in items]
+
+
+def entity_nav(ent, name, q):
+    """The items of a collection-valued navigation property of an entity's
+    metadata (Attributes, relationships, Keys)."""
+    if name == "Attributes":
+        items = [attribute_meta(ent, a) for a in ent.attrs.values()]
+    elif name == "Keys":
+        items = []     # alternate keys are not simulated
+    elif name in ENTITY_NAVS:
+        items = relationships(ent, name)
+    else:
+        raise no_property(name, NS + "EntityMetadata")
+    return meta_collection(items, q)
 
 
 class MetadataMixin:
@@ -153,9 +236,17 @@ class MetadataMixin:
             out = collections.OrderedDict([("@odata.context",
                                             base + "/$metadata#EntityDefinitions/$entity")])
             out.update(d)
-            if q.get("$expand", "").split("(")[0].strip() == "Attributes":
-                out["Attributes"] = [attribute_meta(ent, a) for a in ent.attrs.values()]
+            for name, opts in parse_expand(q.get("$expand")):
+                out[name] = entity_nav(ent, name, opts)
             return json_resp(200, out)
+        if segs[1] in ENTITY_NAVS[1:]:
+            if len(segs) > 2:
+                raise bad_segment(segs[2])
+            ctx = base + "/$metadata#EntityDefinitions('%s')/%s" % (ent.name, segs[1])
+            if sel:
+                ctx += "(%s)" % ",".join(sel)
+            return json_resp(200, {"@odata.context": ctx,
+                                   "value": entity_nav(ent, segs[1], q)})
         am = re.match(r"^Attributes(?:\((.*)\))?$", segs[1])
         if not am:
             raise bad_segment(segs[1])

@@ -11,11 +11,13 @@ class Attr:
     __slots__ = ("name", "type", "label", "maxlen", "create", "update",
                  "targets", "options", "date_only", "minv", "maxv",
                  "schema", "custom", "status_state", "state_default",
-                 "primary_id", "primary_name", "optionset_name")
+                 "primary_id", "primary_name", "optionset_name", "required",
+                 "nav", "rels")
 
     def __init__(self, name, typ, label, maxlen=None, create=True,
                  update=True, targets=None, options=None, date_only=False,
-                 minv=None, maxv=None, custom=False):
+                 minv=None, maxv=None, custom=False, required=None, nav=None,
+                 schema=None, rels=None):
         self.name = name
         self.type = typ
         self.label = label
@@ -28,8 +30,16 @@ class Attr:
         self.minv = minv
         self.maxv = maxv
         self.custom = custom
-        self.schema = "".join(p.capitalize() for p in name.split("_")) \
-            if not custom else name
+        self.schema = schema or ("".join(p.capitalize() for p in name.split("_"))
+                                 if not custom else name)
+        # RequiredLevel in the metadata (the Web API enforces only
+        # SystemRequired, as Dataverse does)
+        self.required = required
+        # a lookup's single-valued navigation property when it is not the
+        # attribute's name (custom lookups: the schema name, case-sensitive)
+        self.nav = nav
+        # a lookup's relationship schema names by target, where known
+        self.rels = rels or {}
         self.primary_id = False
         self.primary_name = False
         self.optionset_name = None
@@ -62,7 +72,7 @@ class Entity:
 
     def add(self, attr):
         self.attrs[attr.name] = attr
-        if attr.type in ("State", "Status", "Picklist"):
+        if attr.type in ("State", "Status", "Picklist", "MultiSelectPicklist"):
             attr.optionset_name = "%s_%s" % (self.name, attr.name)
         return attr
 
@@ -90,8 +100,32 @@ class Entity:
                         self.navs["regardingobjectid_%s_%s" % (t, self.name)] = \
                             (a.name, [t])
                 else:
-                    self.navs[a.name] = (a.name, list(a.targets))
+                    self.navs[a.nav or a.name] = (a.name, list(a.targets))
         self.read_cols = list(self.attrs.keys())
+        self.relationships = [self._relationship(a, t) for a in self.attrs.values()
+                              if a.type in ("Lookup", "Customer", "Owner")
+                              for t in a.targets]
+
+    def _relationship(self, a, target):
+        """One many-to-one relationship of lookup a to target: (schema name,
+        attribute, target, single-valued navigation property)."""
+        if a.type == "Customer":
+            nav = "%s_%s" % (a.name, target)
+        elif a.name == "regardingobjectid":
+            nav = "regardingobjectid_%s_%s" % (target, self.name)
+        else:
+            nav = a.nav or a.name
+        name = a.rels.get(target)
+        if name is None:
+            if a.type == "Owner":
+                name = "%s_%s" % ("user" if target == "systemuser" else target, self.set_name)
+            elif a.name in ("createdby", "modifiedby"):
+                name = "lk_%s_%s" % (self.name, a.name)
+            elif a.name == "regardingobjectid":
+                name = "%s_%s" % (target.capitalize(), self.set_name.capitalize())
+            else:
+                name = "%s_%s_%s" % (self.name, a.name, target)
+        return (name, a.name, target, nav)
 
 
 def _string(name, label, maxlen, **kw):
@@ -124,6 +158,7 @@ EDM_NAMES = {"String": "Edm.String", "Memo": "Edm.String",
              "Integer": "Edm.Int32", "Money": "Edm.Decimal",
              "Boolean": "Edm.Boolean", "DateTime": "Edm.DateTimeOffset",
              "Picklist": "Edm.Int32", "State": "Edm.Int32",
+             "MultiSelectPicklist": "Edm.String",
              "Status": "Edm.Int32", "BigInt": "Edm.Int64",
              "Uniqueidentifier": "Edm.Guid", "EntityName": "Edm.String"}
 
@@ -134,6 +169,7 @@ META_TYPE = {"String": "StringAttributeMetadata",
              "Boolean": "BooleanAttributeMetadata",
              "DateTime": "DateTimeAttributeMetadata",
              "Picklist": "PicklistAttributeMetadata",
+             "MultiSelectPicklist": "MultiSelectPicklistAttributeMetadata",
              "Lookup": "LookupAttributeMetadata",
              "Customer": "LookupAttributeMetadata",
              "Owner": "LookupAttributeMetadata",

@@ -117,6 +117,31 @@ def coerce(ent, a, v):
                            "A validation error occurred. The value %d of '%s' on record of "
                            "type '%s' is outside the valid range." % (v, a.name, ent.name))
         return v
+    if t == "MultiSelectPicklist":
+        # written as a string of comma-separated values ("1, 9"), read back
+        # without spaces ("1,9")
+        if not isinstance(v, str):
+            raise _type_error(ent, a, v)
+        if not v.strip():
+            return None
+        allowed = {o[0] for o in a.options}
+        picked = []
+        for part in v.split(","):
+            try:
+                n = int(part.strip())
+            except ValueError:
+                raise _type_error(ent, a, v, "Expected a string of comma-separated "
+                                  "option values, e.g. \"100000000,100000002\".")
+            if n not in allowed:
+                raise ApiError(400, ERR_TYPE,
+                               "A validation error occurred. The value %d of '%s' on record "
+                               "of type '%s' is outside the valid range." % (n, a.name, ent.name))
+            if n not in picked:
+                picked.append(n)
+        if len(picked) > 150:
+            raise ApiError(400, ERR_TYPE, "At most 150 options can be selected in '%s'."
+                           % a.name)
+        return ",".join(str(n) for n in picked)
     if t == "Uniqueidentifier":
         g = guid_or_none(v)
         if g is None:
