@@ -162,7 +162,8 @@ def run(sim):
     q = ("EntityDefinitions(LogicalName='new_project')?$select=LogicalName,SchemaName,"
          "EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute,IsCustomEntity,"
          "ChangeTrackingEnabled&$expand=Attributes($select=LogicalName,SchemaName,"
-         "AttributeType,AttributeTypeName,MaxLength,RequiredLevel,IsCustomAttribute),"
+         "AttributeType,AttributeTypeName,MaxLength,RequiredLevel,IsCustomAttribute;"
+         "$filter=startswith(LogicalName,'new_')),"
          "ManyToOneRelationships($select=SchemaName,ReferencingAttribute,ReferencedEntity,"
          "ReferencingEntityNavigationPropertyName;$filter=ReferencingAttribute%20eq%20"
          "'new_accountid'),Keys")
@@ -170,11 +171,12 @@ def run(sim):
     j = r.json() if r.status == 200 else {}
     at = {a["LogicalName"]: a for a in j.get("Attributes", [])}
     rel = j.get("ManyToOneRelationships", [])
-    check("new_project's definition with Attributes, ManyToOneRelationships and Keys expanded",
+    check("new_project's definition with Attributes (nested $select and $filter), "
+          "ManyToOneRelationships and Keys expanded",
           j.get("SchemaName") == "new_Project" and j["EntitySetName"] == "new_projects" and
           j["PrimaryIdAttribute"] == "new_projectid" and j["PrimaryNameAttribute"] ==
           "new_name" and j["IsCustomEntity"] is True and j["ChangeTrackingEnabled"] is True and
-          j["Keys"] == [] and
+          j["Keys"] == [] and "statecode" not in at and len(at) == 8 and
           at["new_services"]["AttributeType"] == "Virtual" and
           at["new_services"]["AttributeTypeName"]["Value"] == "MultiSelectPicklistType" and
           at["new_accountid"]["SchemaName"] == "new_AccountId" and

@@ -160,10 +160,29 @@ def relationships(ent, kind):
 ENTITY_NAVS = ("Attributes", "ManyToOneRelationships", "OneToManyRelationships", "Keys")
 
 
+def split_top(text, sep):
+    """Split text at sep outside parentheses and quotes."""
+    parts, depth, quoted, cur = [], 0, False, []
+    for ch in text:
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        if ch == sep and depth == 0 and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
 def parse_expand(text):
     """'A($select=x,y;$filter=...),B' -> [('A', {'$select': 'x,y', ...}), ('B', {})]"""
     out = []
-    for item in re.split(r",(?![^()]*\))", text or ""):
+    for item in split_top(text or "", ","):
         item = item.strip()
         if not item:
             continue
@@ -171,7 +190,7 @@ def parse_expand(text):
         if not m:
             raise ApiError(400, "0x0", "Invalid $expand item '%s'." % item)
         opts = {}
-        for o in (m.group(2) or "").split(";"):
+        for o in split_top(m.group(2) or "", ";"):
             if "=" in o:
                 k, v = o.split("=", 1)
                 opts[k.strip()] = v.strip()
