@@ -5,7 +5,7 @@ Customer lookup parentcustomerid of contacts, the custom table new_project
 and a multi-select choice), their metadata (attributes, option sets,
 relationships), change tracking and deletes, and a save/load round trip.
 
-Starts its own simulator (through selftest.Sim) and prints one
+Starts its own simulator (through simtest.Sim) and prints one
 "ok N - ..." or "not ok N - ..." line per check (test/sim_tables.sh runs
 it); exits 0 when every check passed."""
 
@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import selftest  # noqa: E402
-from selftest import API, Client, Sim  # noqa: E402
+import simtest  # noqa: E402
+from simtest import API, Client, Sim  # noqa: E402
 
 N = [0, 0]
 
@@ -253,7 +253,7 @@ def state_round_trip(tmp):
     def start():
         if os.path.exists(pf):
             os.unlink(pf)
-        p = subprocess.Popen(["/usr/bin/python3", selftest.SIM, "--port", "0", "--port-file",
+        p = subprocess.Popen(["/usr/bin/python3", simtest.SIM, "--port", "0", "--port-file",
                               pf, "--state-file", path], stdout=subprocess.DEVNULL)
         procs.append(p)
         deadline = time.time() + 10
