@@ -789,6 +789,51 @@ def run(sim, a):
         reqs = sim.control("GET", "requests?since=0")["requests"]
         check("scheme logged", any(e["scheme"] == "https" for e in reqs))
 
+    # ------------------------------------------------- rate-limit headers
+    # the time left is what the user has as the answer leaves (the batch's
+    # own server time spent); ratelimit_headers false leaves both out; a
+    # request sent while throttled is refused with a longer Retry-After
+    # and counted
+    sim.control("POST", "config", {"latency_ms": 10, "per_record_ms": 100,
+                                   "exec_budget_s": 10, "window_s": 5})
+    sim.control("POST", "reset-stats")
+    rb = c.req("POST", API + "$batch", batch_body(B, [
+        op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()), {"firstname": "Left%d" % i})
+        for i in range(6)]), dict(H, **{"Content-Type": "multipart/mixed; boundary=" + B}))
+    left = rb.headers.get("x-ms-ratelimit-time-remaining-xrm-requests", "")
+    check("time left as the answer leaves", rb.status == 200 and
+          9.3 <= float(left.replace(",", "") or 0) <= 9.45 and
+          rb.headers.get("x-ms-ratelimit-burst-remaining-xrm-requests") is not None, (rb, left))
+    sim.control("POST", "config", {"ratelimit_headers": False})
+    rn = c.req("GET", API + "WhoAmI", headers=H)
+    check("rate-limit headers left out", rn.status == 200 and
+          "x-ms-ratelimit-time-remaining-xrm-requests" not in rn.headers and
+          "x-ms-ratelimit-burst-remaining-xrm-requests" not in rn.headers and
+          rn.headers.get("x-ms-dop-hint") is not None, rn.headers)
+    sim.control("POST", "config", {"ratelimit_headers": True, "exec_budget_s": 0.5,
+                                   "window_s": 2})
+    sim.control("POST", "reset-stats")
+    c.req("POST", API + "$batch", batch_body(B, [
+        op("PATCH", API + "contacts(%s)" % str(uuid.uuid4()), {"firstname": "Wall%d" % i})
+        for i in range(6)]), dict(H, **{"Content-Type": "multipart/mixed; boundary=" + B}))
+    t1 = c.req("GET", API + "WhoAmI", headers=H)
+    ra1 = int(t1.headers.get("retry-after", "0"))
+    t2 = c.req("GET", API + "WhoAmI", headers=H)
+    ra2 = int(t2.headers.get("retry-after", "0"))
+    st = sim.control("GET", "stats")
+    check("sent while throttled: a longer Retry-After, counted", t1.status == 429 and
+          t2.status == 429 and t2.code() == "0x80072321" and ra2 > ra1 >= 1 and
+          st["sent_while_throttled"] == 1 and
+          st["users"][CLIENT]["sent_while_throttled"] == 1 and
+          st["users"][CLIENT]["throttled"] == 2, (t1, ra1, t2, ra2, st))
+    time.sleep(ra2)
+    t3 = c.req("GET", API + "WhoAmI", headers=H)
+    st = sim.control("GET", "stats")
+    check("after the Retry-After, admitted and not counted", t3.status == 200 and
+          st["sent_while_throttled"] == 1, (t3, st))
+    sim.control("POST", "config", {"latency_ms": 0, "per_record_ms": 0, "exec_budget_s": 1200,
+                                   "window_s": 300})
+
     # ---------------------------------------------------------------- reset
     sim.control("POST", "reset")
     st = sim.control("GET", "stats")

@@ -37,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--max-concurrent", type=int, default=None)
     ap.add_argument("--bulk-target-ms", type=float, default=None,
                     help="server time per target of a bulk message (default per-record-ms)")
+    ap.add_argument("--no-ratelimit-headers", action="store_true",
+                    help="leave x-ms-ratelimit-*-remaining-xrm-requests out of answers")
     ap.add_argument("--app-user", action="append", default=[], metavar="CLIENT_ID:SECRET",
                     help="another application user (repeatable)")
     ap.add_argument("--no-check-audience", action="store_true",
@@ -55,7 +57,8 @@ def main(argv=None):
                 "exec_budget_s": args.exec_budget_s or None,
                 "bulk_target_ms": args.bulk_target_ms, "max_page_size": 5000,
                 "app_users": dict(u.split(":", 1) for u in args.app_user if ":" in u),
-                "check_audience": not args.no_check_audience, "secret_expired": False,
+                "check_audience": not args.no_check_audience,
+                "ratelimit_headers": not args.no_ratelimit_headers, "secret_expired": False,
                 "log_bodies": True, "log_limit": 300000, "max_batch": 1000, "max_bulk": 1000}
     state = State(defaults)
     if args.state_file:

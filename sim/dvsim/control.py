@@ -19,7 +19,7 @@ CONFIG_KEYS = {"token_lifetime": int, "latency_ms": float, "per_record_ms": floa
                "secret_expired": bool, "log_bodies": bool, "log_limit": int,
                "max_batch": int, "max_bulk": int, "tenant": str, "client_id": str,
                "client_secret": str, "exec_budget_s": float, "bulk_target_ms": float,
-               "app_users": dict}
+               "app_users": dict, "ratelimit_headers": bool}
 
 
 class Control:
@@ -103,6 +103,7 @@ class Control:
                         for u in S.users.values():
                             u.window.clear()
                             u.exec.clear()
+                            u.clear_throttle()
             return self.ok({"config": S.config})
         if p == "/_sim/expire-tokens" and method == "POST":
             with S.lock:
@@ -121,6 +122,7 @@ class Control:
                                  "inner": st.get("requests_inner", 0)},
                     "tokens_issued": st.get("tokens_issued", 0),
                     "throttled": st.get("throttled", 0),
+                    "sent_while_throttled": st.get("sent_while_throttled", 0),
                     "faults_fired": st.get("faults_fired", 0),
                     "rows": {k: len(v) for k, v in S.rows.items()},
                     "version": S.version,

@@ -157,6 +157,8 @@ class Handler(TokenMixin, BatchMixin, ServiceProtection, BaseHTTPRequestHandler)
         nrec = 0
         server_s = 0.0
         user = None
+        api_client = False          # a Web API answer (client id or None)
+        protection = None           # the ApiError of service protection's 429
         try:
             fault = S.match_fault(self.command, raw_path, body, False)
             resp = None
@@ -179,7 +181,7 @@ class Handler(TokenMixin, BatchMixin, ServiceProtection, BaseHTTPRequestHandler)
                     resp, client = self.check_auth(S, hd)
                     entry.client = client
                     if resp is None:
-                        resp = self.throttle(S, client)
+                        resp, protection = self.throttle(S, client)
                         if resp is None:
                             with S.lock:
                                 user = S.user(client)
@@ -196,7 +198,7 @@ class Handler(TokenMixin, BatchMixin, ServiceProtection, BaseHTTPRequestHandler)
                                 # the server works on it from its arrival
                                 with S.lock:
                                     user.exec.append((arrived, arrived + server_s))
-                    resp.headers.extend(self.api_headers(S, client))
+                    api_client = client
             elif kind == "token":
                 entry.client = self.token_client(body)
             entry.status = resp.status
@@ -207,7 +209,14 @@ class Handler(TokenMixin, BatchMixin, ServiceProtection, BaseHTTPRequestHandler)
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
+            if api_client is not False:
+                # what the user has left as the answer leaves
+                resp.headers.extend(self.api_headers(S, api_client))
             self.send(resp)
+            if protection is not None:
+                # throttled from now on, the moment the client can know it
+                with S.lock:
+                    S.user(api_client).throttle_sent(protection, time.time())
         finally:
             if user is not None:
                 with S.lock:

@@ -1,0 +1,275 @@
+/*-------------------------------------------------------------------------
+ *
+ * odata_governor.c
+ *	  The throttling governor: how many requests each application user may
+ *	  have in flight, and when it may send at all.
+ *
+ * Dataverse gives each application user an execution-time budget of
+ * 1,200 s of server time per 300 s: 4 s of server time per second.  A
+ * request's server time never exceeds its duration, so a user with at most
+ * 4 requests in flight can never spend more than that, whatever each
+ * operation costs, and with 4 requests that are mostly server time (a
+ * $batch of writes) it spends nearly all of it.  The server's x-ms-dop-hint
+ * says how many requests in flight it wants at most; it knows nothing of
+ * what the operations cost (plug-ins, workflows, table size), so it may be
+ * above what the budget sustains, and a client that follows it there is
+ * paced by 429s.  Hence, per user:
+ *
+ *	 - the hint (with d365sync.max_parallel) caps the requests in flight;
+ *	   the pace comes from the budget: the level, the requests the user may
+ *	   have in flight, is min(cap, 4);
+ *
+ *	 - where responses carry the budget headers, they stop a user before
+ *	   the wall: while the last response said no execution time is left
+ *	   (x-ms-ratelimit-time-remaining-xrm-requests) or no request is
+ *	   (x-ms-ratelimit-burst-remaining-xrm-requests), no further request
+ *	   goes out until one in flight answers with news, and the requests in
+ *	   flight never outnumber the requests left.  The level never rises
+ *	   above min(cap, 4) on their word: the time left falls by what the
+ *	   user spends less what leaves the window, and what leaves is unseen,
+ *	   so it cannot show that more would be sustained;
+ *
+ *	 - a 429 (the whole request's, or a $batch part's) holds the user: not
+ *	   one more request goes out as that user until its Retry-After has
+ *	   passed (counted from when the 429 arrived; Dataverse lengthens the
+ *	   wait of a client that keeps sending), exponential back-off without
+ *	   one.  The level drops below the one that met the wall (by a quarter,
+ *	   at least one), once for the requests that were out together, and
+ *	   for the next 300 s (Dataverse's window) stays below it; it climbs
+ *	   back one request per second or two.  A 429 at the base level means
+ *	   the budget is smaller than documented or shared with another client
+ *	   of the same user: the level finds it from below.
+ *
+ * The HTTP layer asks d365_governor_admit() before each request of a user
+ * starts and tells d365_governor_done() each outcome as soon as it is in
+ * (D365HttpPacer), so a 429 stops the rest of a round at once.  Other
+ * users keep sending; a round gives a held user no share while others are
+ * free.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "utils/timestamp.h"
+
+#include "d365sync.h"
+#include "odata.h"
+
+/* seconds of server time per second Dataverse grants a user (1,200 / 300) */
+#define D365_BUDGET_RATE 4
+/* how long a wall is remembered: Dataverse's window */
+#define D365_WALL_MEMORY_MS (300 * 1000L)
+
+/* The level the budget sustains for requests that are all server time. */
+static int
+base_level(D365Client *client)
+{
+	return Max(1, Min(client->dop_limit, D365_BUDGET_RATE));
+}
+
+/*
+ * d365_governor_init
+ *		A new user's governor, at the base level.
+ */
+void
+d365_governor_init(D365Lane *lane)
+{
+	memset(&lane->gov, 0, sizeof(D365Governor));
+	lane->gov.requests_left = -1;
+	lane->max_parallel = base_level(lane->client);
+}
+
+/*
+ * d365_governor_cap
+ *		The client's cap (x-ms-dop-hint, d365sync.max_parallel) changed: no
+ *		user above it, none below the base unless a 429 put it there.
+ */
+void
+d365_governor_cap(D365Client *client)
+{
+	int			l;
+
+	for (l = 0; l < client->nlanes; l++)
+	{
+		D365Lane   *lane = &client->lanes[l];
+
+		lane->max_parallel = Min(lane->max_parallel, client->dop_limit);
+		if (lane->gov.wall == 0)
+			lane->max_parallel = Max(lane->max_parallel, base_level(client));
+		lane->max_parallel = Max(lane->max_parallel, 1);
+	}
+}
+
+/*
+ * d365_governor_held
+ *		Whether a user waits out a 429's Retry-After now.
+ */
+bool
+d365_governor_held(D365Lane *lane)
+{
+	return GetCurrentTimestamp() < lane->gov.hold_until;
+}
+
+/*
+ * d365_governor_admit
+ *		D365HttpPacer's admit for a user: 0 when one more request may start
+ *		now (it counts as in flight from here), else how many milliseconds
+ *		to wait before asking again.
+ */
+long
+d365_governor_admit(void *arg)
+{
+	D365Lane   *lane = (D365Lane *) arg;
+	D365Governor *g = &lane->gov;
+	TimestampTz now = GetCurrentTimestamp();
+	int			limit = lane->max_parallel;
+
+	if (now < g->hold_until)
+		return Max(1, (long) ((g->hold_until - now + 999) / 1000));
+	if (g->requests_left >= 0)
+		limit = Min(limit, Max(1, (int) Min(g->requests_left, (int64) PG_INT32_MAX)));
+	if (g->inflight >= limit)
+		return 100;				/* asked again when one of them answers */
+	if (g->inflight > 0 &&
+		((g->has_time_left && g->time_left <= 0.0) || g->requests_left == 0))
+		return 100;				/* wait for their answers' news of the budget */
+	g->inflight++;
+	return 0;
+}
+
+/* The value of a ratelimit header: digits with "," grouping, a "." fraction. */
+static bool
+header_number(D365HttpRequest *h, const char *name, double *value)
+{
+	char	   *v = d365_http_header(h, name);
+	char		digits[64];
+	int			n = 0;
+	char	   *end;
+	double		d;
+
+	if (v == NULL || v[0] == '\0')
+		return false;
+	for (; *v && n < (int) sizeof(digits) - 1; v++)
+	{
+		if (*v == ',')
+			continue;
+		if (!((*v >= '0' && *v <= '9') || *v == '.'))
+			return false;
+		digits[n++] = *v;
+	}
+	if (*v != '\0' || n == 0)
+		return false;
+	digits[n] = '\0';
+	d = strtod(digits, &end);
+	if (*end != '\0' || !isfinite(d) || d < 0)
+		return false;
+	*value = d;
+	return true;
+}
+
+/* How long a level is kept before the next step back up after a 429. */
+static long
+settle_ms(D365Governor *g)
+{
+	return Max(1000L, (long) (2.0 * g->mean_ms));
+}
+
+/* What a response says of the user's budget. */
+static void
+note_budget(D365Governor *g, D365HttpRequest *h)
+{
+	double		v;
+
+	g->has_time_left = header_number(h, "x-ms-ratelimit-time-remaining-xrm-requests", &v);
+	if (g->has_time_left)
+		g->time_left = v;
+	if (header_number(h, "x-ms-ratelimit-burst-remaining-xrm-requests", &v))
+		g->requests_left = (int64) Min(v, 1e12);
+	else
+		g->requests_left = -1;
+}
+
+/* After a response that was not a 429: back to the base, one at a time. */
+static void
+adjust(D365Lane *lane, TimestampTz now)
+{
+	D365Governor *g = &lane->gov;
+	int			top = base_level(lane->client);
+
+	if (g->wall > 0 && now - g->wall_at > D365_WALL_MEMORY_MS * 1000L)
+		g->wall = 0;
+	if (g->wall > 0)
+		top = Max(1, Min(top, g->wall - 1));
+	if (lane->max_parallel > top)
+	{
+		lane->max_parallel = top;
+		g->changed_at = now;
+	}
+	else if (lane->max_parallel < top &&
+			 now - g->changed_at >= (TimestampTz) settle_ms(g) * 1000)
+	{
+		lane->max_parallel++;
+		g->changed_at = now;
+	}
+}
+
+/*
+ * d365_governor_done
+ *		D365HttpPacer's done for a user: one of its requests has its outcome.
+ */
+void
+d365_governor_done(D365HttpRequest *req, void *arg)
+{
+	D365Lane   *lane = (D365Lane *) arg;
+	D365Governor *g = &lane->gov;
+	TimestampTz now = GetCurrentTimestamp();
+
+	g->inflight = Max(0, g->inflight - 1);
+	if (req->transport_error != 0 || req->status == 0)
+		return;
+	note_budget(g, req);
+	if (req->status == 429)
+	{
+		d365_governor_throttled(lane, req);
+		return;
+	}
+	g->throttled_streak = 0;
+	g->mean_ms = g->mean_ms > 0 ? 0.8 * g->mean_ms + 0.2 * req->elapsed_ms : req->elapsed_ms;
+	adjust(lane, now);
+}
+
+/*
+ * d365_governor_throttled
+ *		A 429 for a user (h: the request's, or a $batch part's): hold the
+ *		user for its Retry-After and lower its level (see the top).
+ */
+void
+d365_governor_throttled(D365Lane *lane, D365HttpRequest *h)
+{
+	D365Governor *g = &lane->gov;
+	TimestampTz now = GetCurrentTimestamp();
+	char	   *ra = d365_http_header(h, "Retry-After");
+	TimestampTz sent = now - (TimestampTz) (h->elapsed_ms * 1000.0);
+	long		ms;
+
+	g->throttled_streak++;
+	elog(WARNING, "GOVDBG 429 t=%ld lvl=%d inflight=%d ra=%s elapsed=%.0f", (long) (now / 1000 % 1000000), lane->max_parallel, g->inflight, ra ? ra : "-", h->elapsed_ms);
+	/* delta-seconds; an HTTP-date or anything else means back off */
+	if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
+		ms = Min(atol(ra), 86400L) * 1000L;
+	else
+		ms = 1000L << Min(g->throttled_streak - 1, 6);
+	g->hold_until = Max(g->hold_until, now + (TimestampTz) ms * 1000);
+
+	/* requests that went out together meet the wall together: lower once */
+	if (h->elapsed_ms <= 0 || sent >= g->changed_at || g->wall == 0)
+	{
+		g->wall = lane->max_parallel;
+		g->wall_at = now;
+		lane->max_parallel = Max(1, Min(lane->max_parallel - 1,
+										lane->max_parallel * 3 / 4));
+		g->changed_at = now;
+	}
+}
