@@ -4,7 +4,7 @@ EXTENSION = d365sync
 EXTVERSION = 0.3
 
 MODULE_big = d365sync
-OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_pages.o src/auth.o \
+OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_governor.o src/odata_pages.o src/auth.o \
 	src/jsonutil.o src/spi_util.o src/settings.o src/runs.o \
 	src/contact_source.o src/metadata.o src/pipeline.o src/contacts_out.o \
 	src/activities.o src/incoming.o src/whoami.o src/table_owner.o src/capture.o \

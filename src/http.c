@@ -31,6 +31,11 @@
  *	 Callbacks only copy bytes; they allocate with NO_OOM and report failure
  *	 by returning a short count, which makes libcurl stop the transfer.
  *
+ * - A call may have a pacer (d365_http_start_paced): the caller's
+ *	 throttling governor, asked before each of its requests starts and told
+ *	 each outcome the moment it is in, so that a 429 holds back the rest of
+ *	 the call at once rather than after the call.
+ *
  * - Ownership: the easy handles and header lists of a call belong to a
  *	 memory context made for that call, through a reset callback.  When an
  *	 ERROR (a cancel, say) unwinds, the context goes and the callback detaches
@@ -111,6 +116,8 @@ struct HttpCall
 	int			running;
 	int			done;
 	int			max_parallel;
+	D365HttpPacer pacer;		/* admit and done hooks, or none */
+	long		held_ms;		/* the pacer held the next start this long */
 	MemoryContextCallback cb;
 };
 
@@ -454,14 +461,28 @@ exit_if_orphaned(void)
 				 errdetail("d365sync stopped sending to Dynamics 365; what was not recorded stays pending.")));
 }
 
-/* Start transfers of a call up to its bound on requests in flight. */
+/*
+ * Start transfers of a call up to its bound on requests in flight, as far
+ * as its pacer admits them.
+ */
 static void
 fill(HttpCall *call)
 {
+	call->held_ms = 0;
 	if (call->next < call->n)
 		exit_if_orphaned();
 	while (call->running < call->max_parallel && call->next < call->n)
 	{
+		if (call->pacer.admit != NULL)
+		{
+			long		hold = call->pacer.admit(call->pacer.arg);
+
+			if (hold > 0)
+			{
+				call->held_ms = hold;
+				break;
+			}
+		}
 		start_transfer(call, call->next++);
 		call->running++;
 	}
@@ -497,6 +518,8 @@ pump(void)
 		finish_transfer(t, msg->data.result);
 		t->call->running--;
 		t->call->done++;
+		if (t->call->pacer.done != NULL)
+			t->call->pacer.done(t->req, t->call->pacer.arg);
 	}
 }
 
@@ -528,6 +551,18 @@ transfer_sent(HttpTransfer *t)
 D365HttpCall *
 d365_http_start(D365HttpRequest **reqs, int n, int max_parallel)
 {
+	return d365_http_start_paced(reqs, n, max_parallel, NULL);
+}
+
+/*
+ * d365_http_start_paced
+ *		d365_http_start, each request started only when pacer admits it
+ *		(see D365HttpPacer); NULL: no pacer.
+ */
+D365HttpCall *
+d365_http_start_paced(D365HttpRequest **reqs, int n, int max_parallel,
+					  const D365HttpPacer *pacer)
+{
 	HttpCall   *call;
 	MemoryContext cxt;
 	int			i;
@@ -556,6 +591,8 @@ d365_http_start(D365HttpRequest **reqs, int n, int max_parallel)
 	call->cxt = cxt;
 	call->n = n;
 	call->max_parallel = Max(max_parallel, 1);
+	if (pacer != NULL)
+		call->pacer = *pacer;
 	call->transfers = MemoryContextAllocZero(cxt, sizeof(HttpTransfer) * Max(n, 1));
 	for (i = 0; i < n; i++)
 	{
@@ -598,27 +635,61 @@ d365_http_start(D365HttpRequest **reqs, int n, int max_parallel)
 void
 d365_http_wait(D365HttpCall *handle)
 {
-	HttpCall   *call = (HttpCall *) handle;
+	d365_http_wait_many(&handle, 1);
+}
 
-	while (call->done < call->n)
+/*
+ * d365_http_wait_many
+ *		d365_http_wait for several calls at once (NULL entries are skipped):
+ *		each call keeps starting its requests while any of them is waited
+ *		for, so one call's queue does not stand still while another's ends.
+ */
+void
+d365_http_wait_many(D365HttpCall **handles, int ncalls)
+{
+	int			c;
+
+	for (;;)
 	{
+		CURLMcode	mrc;
+		int			timeout = 100;
+		bool		busy = false;
+
 		CHECK_FOR_INTERRUPTS();
 		exit_if_orphaned();
-		fill(call);
-		pump();
-		if (call->done < call->n)
+		for (c = 0; c < ncalls; c++)
 		{
-			CURLMcode	mrc;
+			HttpCall   *call = (HttpCall *) handles[c];
 
-			pgstat_report_wait_start(PG_WAIT_EXTENSION);
-			mrc = curl_multi_poll(multi_handle, NULL, 0, 100, NULL);
-			pgstat_report_wait_end();
-
-			if (mrc != CURLM_OK)
-				elog(ERROR, "curl_multi_poll failed: %s", curl_multi_strerror(mrc));
+			if (call != NULL && call->done < call->n)
+				fill(call);
 		}
+		pump();
+		for (c = 0; c < ncalls; c++)
+		{
+			HttpCall   *call = (HttpCall *) handles[c];
+
+			if (call == NULL || call->done >= call->n)
+				continue;
+			busy = true;
+			/* a held start is asked about again when its hold ends */
+			if (call->held_ms > 0 && call->held_ms < timeout)
+				timeout = (int) call->held_ms;
+		}
+		if (!busy)
+			break;
+		pgstat_report_wait_start(PG_WAIT_EXTENSION);
+		mrc = curl_multi_poll(multi_handle, NULL, 0, timeout, NULL);
+		pgstat_report_wait_end();
+		if (mrc != CURLM_OK)
+			elog(ERROR, "curl_multi_poll failed: %s", curl_multi_strerror(mrc));
 	}
-	MemoryContextDelete(call->cxt);
+	for (c = 0; c < ncalls; c++)
+		if (handles[c] != NULL)
+		{
+			MemoryContextDelete(((HttpCall *) handles[c])->cxt);
+			handles[c] = NULL;
+		}
 }
 
 /*

@@ -38,9 +38,27 @@ typedef struct D365HttpRequest
 /* a call started by d365_http_start, completed by d365_http_wait */
 typedef struct D365HttpCall D365HttpCall;
 
+/*
+ * The pace of a call (d365_http_start_paced).  Before each request of the
+ * call starts, admit(arg) is asked: 0 lets it start now (and the pacer
+ * counts it as in flight); a positive number of milliseconds holds it, and
+ * the call asks again after at most that long, or when one of its requests
+ * finishes.  done(req, arg) is told each request's outcome as soon as it
+ * is in, before anything else of the call starts.  Neither may raise.
+ */
+typedef struct D365HttpPacer
+{
+	long		(*admit) (void *arg);
+	void		(*done) (D365HttpRequest *req, void *arg);
+	void	   *arg;
+} D365HttpPacer;
+
 extern void d365_http_execute(D365HttpRequest **reqs, int n, int max_parallel);
 extern D365HttpCall *d365_http_start(D365HttpRequest **reqs, int n, int max_parallel);
+extern D365HttpCall *d365_http_start_paced(D365HttpRequest **reqs, int n, int max_parallel,
+										   const D365HttpPacer *pacer);
 extern void d365_http_wait(D365HttpCall *call);
+extern void d365_http_wait_many(D365HttpCall **calls, int n);
 extern char *d365_http_header(const D365HttpRequest *req, const char *name);
 extern char *d365_http_url_problem(const char *url);
 extern void d365_http_sleep(long ms);

@@ -11,8 +11,8 @@
  *
  *	 - the OData headers of every request and the bearer token;
  *	 - 401: fetch a new token once per call and send the operations again;
- *	 - 429: honour Retry-After (exponential back-off without it), halve the
- *	   number of requests in flight, count the response, try again;
+ *	 - 429: count the response; the throttling governor holds the user
+ *	   until Retry-After has passed and lowers its level; try again;
  *	 - 5xx and transport failures (timeouts, refused or dropped connections):
  *	   retry with bounded exponential back-off and jitter;
  *	 - anything else is final and is described in the operation: HTTP status,
@@ -21,15 +21,12 @@
  *	 - several operations travel in $batch requests (d365sync.batch_size
  *	   parts each, Prefer: odata.continue-on-error so each part has its own
  *	   outcome); a part's 429/5xx is retried like a request's;
- *	 - x-ms-dop-hint bounds the requests in flight (with d365sync.max_parallel);
+ *	 - x-ms-dop-hint caps the requests in flight (with d365sync.max_parallel);
  *	   until the server has sent it, one request goes alone (a tenth of a
- *	   batch when batches are large) to learn it; a 429 halves them, each
- *	   round without one adds one back.  Dataverse's execution-time budget
- *	   (1,200 s of server time per 300 s, 4 s per second, per application
- *	   user) can only be exceeded with more requests in flight than seconds
- *	   of budget per second, since a request's server time never exceeds
- *	   its duration; at the usual hint of 4, a client that keeps to the hint
- *	   rides that ceiling without being throttled;
+ *	   batch when batches are large) to learn it.  Within the cap, the
+ *	   throttling governor (odata_governor.c) paces each application user
+ *	   by Dataverse's execution-time budget: it says, before each request
+ *	   starts, whether it may, and hears each outcome as it comes in;
  *	 - application users (lanes): the one in d365.settings and the enabled
  *	   ones of d365.app_users.  Each round spreads its exchanges over the
  *	   users in proportion to the requests each may have in flight; each
@@ -98,10 +95,11 @@ d365_client_add_lane(D365Client *client, const char *client_id,
 		client->lanes = repalloc(client->lanes, sizeof(D365Lane) * (client->nlanes + 1));
 	lane = &client->lanes[client->nlanes++];
 	memset(lane, 0, sizeof(D365Lane));
+	lane->client = client;
 	lane->client_id = client_id ? MemoryContextStrdup(client->cxt, client_id) : NULL;
 	lane->client_secret = client_secret ?
 		MemoryContextStrdup(client->cxt, client_secret) : NULL;
-	lane->max_parallel = client->dop_limit;
+	d365_governor_init(lane);
 }
 
 /*
@@ -380,13 +378,9 @@ note_dop_hint(D365Client *client, D365HttpRequest *h)
 
 		if (v > 0 && v != client->dop_hint)
 		{
-			int			l;
-
 			client->dop_hint = v;
 			client->dop_limit = Max(1, Min(v, d365_max_parallel));
-			for (l = 0; l < client->nlanes; l++)
-				client->lanes[l].max_parallel = Min(client->lanes[l].max_parallel,
-													client->dop_limit);
+			d365_governor_cap(client);
 		}
 	}
 }
@@ -443,12 +437,12 @@ build_http(D365Client *client, D365Op *op, const char *token)
  * classify
  *		Decide what to do with one operation's exchange: true to send it
  *		again (raising *wait to the back-off it needs), false when the
- *		outcome is final.  Counts throttled responses and slows the client
- *		down on them.
+ *		outcome is final.  A 429 of an application user (paced) needs no
+ *		wait here: the governor holds the user until its Retry-After.
  */
 static bool
 classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
-		 bool refreshed, long *wait, bool *unauthorized)
+		 bool refreshed, bool paced, long *wait, bool *unauthorized)
 {
 	bool		can_retry = *attempts <= d365_max_retries;
 
@@ -489,7 +483,8 @@ classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
 
 		if (can_retry && ms <= d365_retry_max_wait_ms)
 		{
-			*wait = Max(*wait, ms);
+			if (!paced)
+				*wait = Max(*wait, ms);
 			return true;
 		}
 		return false;
@@ -541,7 +536,43 @@ struct D365Sending
 	D365HttpRequest **reqs;
 	int		   *exlane;			/* lane of each exchange; -1: anonymous */
 	D365HttpCall **calls;		/* one per lane, and one for anonymous */
+	D365HttpPacer *pacers;		/* the lanes' governors */
 };
+
+/*
+ * A round's exchanges go out in waves of the requests the users may have
+ * in flight.  When the round is large (at least half of a wave of full
+ * batches) and its last wave would be partly empty, its operations are
+ * spread evenly over whole waves instead (smaller batches, the same server
+ * time), so that the round does not end with a few requests alone while
+ * the budget of the others goes unused.  No batch gets smaller than a
+ * tenth of d365sync.batch_size.  Small rounds keep full batches: fewer
+ * requests, and the time saved would be small.
+ */
+static void
+spread_over_waves(D365Sending *st)
+{
+	D365Client *client = st->client;
+	int			slots = 0;
+	int			waves;
+	int			per;
+	int			l;
+
+	for (l = 0; l < client->nlanes; l++)
+		if (!client->lanes[l].dead)
+			slots += client->lanes[l].max_parallel;
+	if (slots <= 0 || st->nex % slots == 0 ||
+		(int64) st->npending * 2 < (int64) slots * st->per)
+		return;
+	waves = (st->nex + slots - 1) / slots;
+	per = (st->npending + waves * slots - 1) / (waves * slots);
+	per = Max(per, (st->per + 9) / 10);
+	if (per < st->per)
+	{
+		st->per = per;
+		st->nex = (st->npending + per - 1) / per;
+	}
+}
 
 /* Build and start one round: an exchange per group of pending operations. */
 static void
@@ -576,6 +607,8 @@ round_start(D365Sending *st)
 			st->per = (st->per + 9) / 10;
 		st->nex = 1;
 	}
+	else if (st->batching)
+		spread_over_waves(st);
 	st->unsent = Min(st->nex * st->per, st->npending);
 
 	/*
@@ -595,6 +628,23 @@ round_start(D365Sending *st)
 		caps[l] = tokens[l] ? client->lanes[l].max_parallel : 0;
 		total += caps[l];
 	}
+	/* users waiting out a 429 get no share while others are free */
+	if (total > 0)
+	{
+		int			free_total = 0;
+
+		for (l = 0; l < client->nlanes && !anonymous; l++)
+			if (caps[l] > 0 && !d365_governor_held(&client->lanes[l]))
+				free_total += caps[l];
+		if (free_total > 0)
+		{
+			for (l = 0; l < client->nlanes && !anonymous; l++)
+				if (caps[l] > 0 && d365_governor_held(&client->lanes[l]))
+					caps[l] = 0;
+			total = free_total;
+		}
+	}
+	st->pacers = palloc0(sizeof(D365HttpPacer) * client->nlanes);
 
 	st->reqs = palloc(sizeof(D365HttpRequest *) * st->nex);
 	st->exlane = palloc(sizeof(int) * st->nex);
@@ -626,12 +676,18 @@ round_start(D365Sending *st)
 				st->reqs[e] = build_http(client, ops[st->pending[first]],
 										 l < 0 ? NULL : tokens[l]);
 		}
-		if (end > start)
+		if (end > start && l < 0)
+			st->calls[0] = d365_http_start(st->reqs + start, end - start,
+										   client->dop_limit);
+		else if (end > start)
 		{
-			st->calls[l + 1] = d365_http_start(st->reqs + start, end - start,
-											   l < 0 ? client->dop_limit : caps[l]);
-			if (l >= 0)
-				client->lanes[l].requests += end - start;
+			/* the cap bounds the call; the governor paces it within */
+			st->pacers[l].admit = d365_governor_admit;
+			st->pacers[l].done = d365_governor_done;
+			st->pacers[l].arg = &client->lanes[l];
+			st->calls[l + 1] = d365_http_start_paced(st->reqs + start, end - start,
+													 client->dop_limit, &st->pacers[l]);
+			client->lanes[l].requests += end - start;
 		}
 	}
 	client->requests += st->nex;
@@ -650,15 +706,12 @@ round_finish(D365Sending *st)
 	int			nretry = 0;
 	long		wait = 0;
 	bool	   *unauthorized = palloc0(sizeof(bool) * client->nlanes);
-	bool	   *throttled = palloc0(sizeof(bool) * client->nlanes);
 	bool		dummy = false;
 	int			e;
 	int			i;
 	int			l;
 
-	for (l = 0; l <= client->nlanes; l++)
-		if (st->calls[l] != NULL)
-			d365_http_wait(st->calls[l]);
+	d365_http_wait_many(st->calls, client->nlanes + 1);
 
 	for (e = 0; e < st->nex; e++)
 	{
@@ -671,14 +724,12 @@ round_finish(D365Sending *st)
 		bool	   *unauth = lane ? &unauthorized[st->exlane[e]] : &dummy;
 
 		note_dop_hint(client, h);
+		/* the governor heard of a 429 of the request itself when it came */
 		if (h->status == 429)
 		{
 			client->throttled++;
 			if (lane)
-			{
 				lane->throttled++;
-				throttled[st->exlane[e]] = true;
-			}
 		}
 		if (st->batching && k > 1 && h->status == 200 && h->transport_error == 0)
 		{
@@ -708,29 +759,22 @@ round_finish(D365Sending *st)
 			{
 				client->throttled++;
 				lane->throttled++;
-				throttled[st->exlane[e]] = true;
+				/* sent when its $batch was */
+				op->http->elapsed_ms = h->elapsed_ms;
+				d365_governor_throttled(lane, op->http);
 			}
 			if (classify(client, op, op->http, &st->attempts[o], st->refreshed,
-						 &wait, unauth))
+						 lane != NULL, &wait, unauth))
 				st->retry_list[nretry++] = o;
 			else
 				judge_final(op);
 		}
 	}
 
-	/*
-	 * The throttling governor, per user: a 429 halves the requests it may
-	 * have in flight (after the wait its Retry-After asks for, below), each
-	 * round without one adds one back, up to the server's hint.
-	 */
 	for (l = 0; l < client->nlanes; l++)
 	{
 		D365Lane   *lane = &client->lanes[l];
 
-		if (throttled[l])
-			lane->max_parallel = Max(1, lane->max_parallel / 2);
-		else if (lane->max_parallel < client->dop_limit)
-			lane->max_parallel++;
 		if (unauthorized[l] && !lane->dead)
 		{
 			(void) client_token(client, lane, true);

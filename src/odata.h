@@ -12,10 +12,32 @@
 #define D365_ODATA_H
 
 #include "d365_json.h"
+#include "datatype/timestamp.h"
 #include "http.h"
 #include "settings.h"
 
 typedef struct D365Client D365Client;
+
+/*
+ * The throttling governor's state of one application user
+ * (odata_governor.c): what it has in flight, what the server said of its
+ * budget, and the 429 it last met.
+ */
+typedef struct D365Governor
+{
+	int			inflight;		/* requests of this user in flight now */
+	int			wall;			/* the level a 429 met (0: none remembered) */
+	TimestampTz wall_at;
+	TimestampTz hold_until;		/* nothing goes out before (Retry-After) */
+	int			throttled_streak;	/* 429s without a success between */
+	TimestampTz changed_at;		/* the level's last change */
+	double		mean_ms;		/* moving average of response times */
+	/* x-ms-ratelimit-time-remaining-xrm-requests: seconds of execution time */
+	bool		has_time_left;	/* the last response said */
+	double		time_left;		/* what it said */
+	/* x-ms-ratelimit-burst-remaining-xrm-requests; -1 while not said */
+	int64		requests_left;
+} D365Governor;
 
 /*
  * One application user the client sends as: the one in d365.settings
@@ -24,9 +46,12 @@ typedef struct D365Client D365Client;
  */
 typedef struct D365Lane
 {
+	D365Client *client;			/* the client it belongs to */
 	char	   *client_id;
 	char	   *client_secret;
-	int			max_parallel;	/* requests in flight now (the governor's) */
+	int			max_parallel;	/* requests it may have in flight (the
+								 * governor's level) */
+	D365Governor gov;
 	bool		dead;			/* no token could be had: skipped */
 	char	   *problem;		/* why it is dead, or NULL */
 	int64		requests;		/* exchanges sent as this user */
@@ -115,6 +140,14 @@ extern json_t *d365_client_call(D365Client *client, const char *method,
 extern void d365_op_report(D365Op *op, int elevel);
 extern char *d365_op_summary(const D365Op *op);
 extern char *d365_uri_escape(const char *s);
+
+/* odata_governor.c: the throttling governor (see there) */
+extern void d365_governor_init(D365Lane *lane);
+extern void d365_governor_cap(D365Client *client);
+extern bool d365_governor_held(D365Lane *lane);
+extern long d365_governor_admit(void *lane);
+extern void d365_governor_done(D365HttpRequest *req, void *lane);
+extern void d365_governor_throttled(D365Lane *lane, D365HttpRequest *h);
 
 /* odata_batch.c: a $batch of ops[idx[0..k-1]], and its response's parts */
 extern D365HttpRequest *d365_batch_build(D365Client *client, D365Op **ops,

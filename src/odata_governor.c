@@ -255,7 +255,6 @@ d365_governor_throttled(D365Lane *lane, D365HttpRequest *h)
 	long		ms;
 
 	g->throttled_streak++;
-	elog(WARNING, "GOVDBG 429 t=%ld lvl=%d inflight=%d ra=%s elapsed=%.0f", (long) (now / 1000 % 1000000), lane->max_parallel, g->inflight, ra ? ra : "-", h->elapsed_ms);
 	/* delta-seconds; an HTTP-date or anything else means back off */
 	if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
 		ms = Min(atol(ra), 86400L) * 1000L;
