@@ -551,22 +551,23 @@ transfer_sent(HttpTransfer *t)
 D365HttpCall *
 d365_http_start(D365HttpRequest **reqs, int n, int max_parallel)
 {
-	return d365_http_start_paced(reqs, n, max_parallel, NULL);
+	return d365_http_start_paced(reqs, n, max_parallel, NULL, true);
 }
 
 /*
  * d365_http_start_paced
  *		d365_http_start, each request started only when pacer admits it
- *		(see D365HttpPacer); NULL: no pacer.
+ *		(see D365HttpPacer; NULL: no pacer).  Without push it returns as
+ *		soon as the requests are started: the caller pushes several calls
+ *		out together with d365_http_push().
  */
 D365HttpCall *
 d365_http_start_paced(D365HttpRequest **reqs, int n, int max_parallel,
-					  const D365HttpPacer *pacer)
+					  const D365HttpPacer *pacer, bool push)
 {
 	HttpCall   *call;
 	MemoryContext cxt;
 	int			i;
-	int			spins;
 
 	d365_http_require_primary();
 	exit_if_orphaned();
@@ -608,19 +609,41 @@ d365_http_start_paced(D365HttpRequest **reqs, int n, int max_parallel,
 
 	/* send what can be sent now: the server starts on it while we wait */
 	fill(call);
-	for (spins = 0; spins < 50 && call->done < n; spins++)
+	if (push)
+		d365_http_push((D365HttpCall **) &call, 1);
+	return (D365HttpCall *) call;
+}
+
+/*
+ * d365_http_push
+ *		Push the requests the calls have started out to the server, for up
+ *		to 50 ms, and return (NULL entries are skipped).  Calls started
+ *		together are pushed together, so none waits for another's.
+ */
+void
+d365_http_push(D365HttpCall **handles, int ncalls)
+{
+	int			spins;
+
+	for (spins = 0; spins < 50; spins++)
 	{
 		bool		all_sent = true;
+		int			c;
+		int			i;
 
 		pump();
-		for (i = 0; i < call->next && all_sent; i++)
-			all_sent = transfer_sent(&call->transfers[i]);
+		for (c = 0; c < ncalls && all_sent; c++)
+		{
+			HttpCall   *call = (HttpCall *) handles[c];
+
+			for (i = 0; call != NULL && i < call->next && all_sent; i++)
+				all_sent = transfer_sent(&call->transfers[i]);
+		}
 		if (all_sent)
 			break;
 		if (curl_multi_poll(multi_handle, NULL, 0, 1, NULL) != CURLM_OK)
 			break;
 	}
-	return (D365HttpCall *) call;
 }
 
 /*

@@ -686,10 +686,13 @@ round_start(D365Sending *st)
 			st->pacers[l].done = d365_governor_done;
 			st->pacers[l].arg = &client->lanes[l];
 			st->calls[l + 1] = d365_http_start_paced(st->reqs + start, end - start,
-													 client->dop_limit, &st->pacers[l]);
+													 client->dop_limit, &st->pacers[l],
+													 false);
 			client->lanes[l].requests += end - start;
 		}
 	}
+	/* every user's requests go out together */
+	d365_http_push(st->calls + 1, client->nlanes);
 	client->requests += st->nex;
 }
 
