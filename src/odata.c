@@ -434,6 +434,26 @@ build_http(D365Client *client, D365Op *op, const char *token)
 }
 
 /*
+ * d365_retry_after_ms
+ *		A 429's Retry-After in milliseconds: delta-seconds, at most a day
+ *		(more digits than that cannot be read without overflow); -1 when
+ *		there is none, or an HTTP-date or anything else (then back off).
+ */
+long
+d365_retry_after_ms(D365HttpRequest *h)
+{
+	char	   *ra = d365_http_header(h, "Retry-After");
+
+	if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
+	{
+		const char *digits = ra + strspn(ra, "0");
+
+		return (strlen(digits) > 5 ? 86400L : Min(atol(digits), 86400L)) * 1000L;
+	}
+	return -1;
+}
+
+/*
  * classify
  *		Decide what to do with one operation's exchange: true to send it
  *		again (raising *wait to the back-off it needs), false when the
@@ -464,21 +484,9 @@ classify(D365Client *client, D365Op *op, D365HttpRequest *h, int *attempts,
 	}
 	if (h->status == 429)
 	{
-		char	   *ra = d365_http_header(h, "Retry-After");
-		long		ms;
+		long		ms = d365_retry_after_ms(h);
 
-		/*
-		 * delta-seconds, at most a day (more digits than that cannot be
-		 * read without overflow); an HTTP-date or anything else means back
-		 * off
-		 */
-		if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
-		{
-			const char *digits = ra + strspn(ra, "0");
-
-			ms = (strlen(digits) > 5 ? 86400L : Min(atol(digits), 86400L)) * 1000L;
-		}
-		else
+		if (ms < 0)
 			ms = backoff_ms(*attempts);
 
 		if (can_retry && ms <= d365_retry_max_wait_ms)

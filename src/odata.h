@@ -140,6 +140,7 @@ extern json_t *d365_client_call(D365Client *client, const char *method,
 extern void d365_op_report(D365Op *op, int elevel);
 extern char *d365_op_summary(const D365Op *op);
 extern char *d365_uri_escape(const char *s);
+extern long d365_retry_after_ms(D365HttpRequest *h);
 
 /* odata_governor.c: the throttling governor (see there) */
 extern void d365_governor_init(D365Lane *lane);

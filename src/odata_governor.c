@@ -33,7 +33,8 @@
  *	   one more request goes out as that user until its Retry-After has
  *	   passed (counted from when the 429 arrived; Dataverse lengthens the
  *	   wait of a client that keeps sending), exponential back-off without
- *	   one.  The level drops below the one that met the wall (by a quarter,
+ *	   one, but no longer than d365sync.retry_max_wait_ms (a longer wait
+ *	   fails the operation and leaves its item pending).  The level drops below the one that met the wall (by a quarter,
  *	   at least one), once for the requests that were out together, and
  *	   for the next 300 s (Dataverse's window) stays below it; it climbs
  *	   back one request per second or two.  A 429 at the base level means
@@ -250,16 +251,18 @@ d365_governor_throttled(D365Lane *lane, D365HttpRequest *h)
 {
 	D365Governor *g = &lane->gov;
 	TimestampTz now = GetCurrentTimestamp();
-	char	   *ra = d365_http_header(h, "Retry-After");
+	long		ms = d365_retry_after_ms(h);
 	TimestampTz sent = now - (TimestampTz) (h->elapsed_ms * 1000.0);
-	long		ms;
 
 	g->throttled_streak++;
-	/* delta-seconds; an HTTP-date or anything else means back off */
-	if (ra != NULL && ra[0] != '\0' && strspn(ra, "0123456789") == strlen(ra))
-		ms = Min(atol(ra), 86400L) * 1000L;
-	else
+	if (ms < 0)
 		ms = 1000L << Min(g->throttled_streak - 1, 6);
+	/*
+	 * a wait longer than d365sync.retry_max_wait_ms fails its operation
+	 * (classify); the user is held no longer than that either, so a run
+	 * never sits out a wait it has given up on
+	 */
+	ms = Min(ms, (long) d365_retry_max_wait_ms);
 	g->hold_until = Max(g->hold_until, now + (TimestampTz) ms * 1000);
 
 	/* requests that went out together meet the wall together: lower once */
