@@ -146,6 +146,11 @@ EXPLAIN (COSTS OFF) SELECT t.tier, a.name FROM tier t JOIN dv.accounts a ON a.ac
 SELECT t.tier, a.name FROM tier t JOIN dv.accounts a ON a.accountid = t.account
  WHERE a.revenue > 50 ORDER BY a.name COLLATE "C";
 SELECT * FROM pg_temp.sent(:'simctl');
+-- a join that cannot hash: the foreign table is read once, on the outer side
+EXPLAIN (COSTS OFF)
+SELECT count(*) FROM tier t JOIN dv.accounts a ON a.numberofemployees > length(t.tier);
+SELECT count(*) FROM tier t JOIN dv.accounts a ON a.numberofemployees > length(t.tier);
+SELECT * FROM pg_temp.sent(:'simctl');
 
 -- a correlated subquery runs once per outer row: each run sends the outer
 -- row's value (one small request, not a scan of the table)
