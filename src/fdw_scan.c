@@ -13,10 +13,12 @@
  * the client's.  A failed page is an ERROR in postgres_fdw's form (remote
  * text, HTTP status and Dynamics error code, the request in the context).
  *
- * Memory.  One page at a time: a page's JSON lives in the page iterator's
- * context, reset when the next page is fetched, and a row's values in the
- * executor's per-tuple context.  A scan of any length runs in the memory
- * of one page (at most page_size rows).
+ * Memory.  A page's JSON lives in the page iterator's context, reset when
+ * the page after it is taken, and a row's values in the executor's
+ * per-tuple context.  While a page is read, the next one is already asked
+ * for (d365_pages_prefetch), so that Dataverse prepares it meanwhile: a
+ * scan of any length runs in the memory of one parsed page (at most
+ * page_size rows) and the raw bytes of the next.
  *
  * Interrupts.  Waits on the network are interruptible (http.c), and every
  * row checks for interrupts: a cancel stops a scan at once.
@@ -316,6 +318,9 @@ next_page(D365FdwScan *st)
 							st->pages->path)));
 	st->rows = value;
 	st->next = 0;
+	/* let Dataverse prepare the next page while this one is read */
+	if (st->top == 0)
+		d365_pages_prefetch(st->pages);
 	return true;
 }
 

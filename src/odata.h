@@ -176,11 +176,16 @@ typedef struct D365Pages
 	D365Op	   *op;				/* the current page (in cxt), or NULL */
 	MemoryContext cxt;			/* the current page's memory */
 	MemoryContext owner_cxt;	/* where next lives */
+	/* the page asked for ahead (d365_pages_prefetch), or NULL */
+	D365Sending *sending;
+	D365Op	   *ahead;
+	MemoryContext ahead_cxt;	/* its memory */
 } D365Pages;
 
 extern D365Pages *d365_pages_open(D365Client *client, const char *path,
 								  const char *prefer, int max_pages);
 extern D365Op *d365_pages_next(D365Pages *pages);
+extern void d365_pages_prefetch(D365Pages *pages);
 extern void d365_pages_restart(D365Pages *pages, const char *path);
 extern void d365_pages_close(D365Pages *pages);
 

@@ -9,7 +9,11 @@
  * odata.track-changes) and sent through d365_client_execute(), so retries,
  * throttling and token refresh are the client's.  A next link is an
  * absolute URL; the client sends the token only when it points into the
- * organization's Web API.  Memory stays flat: one page at a time.
+ * organization's Web API.  Memory stays flat: one page at a time (when the
+ * caller asks for the next page ahead, with d365_pages_prefetch, as the
+ * foreign scans do so that Dataverse prepares a page while the backend
+ * converts the one before, that page's raw bytes arrive beside the current
+ * page, which is freed before they are parsed).
  *
  * Users: d365._get_all() (metadata.c), the change-tracking pull
  * (incoming.c) and the foreign tables' scans (fdw_scan.c).
@@ -59,20 +63,106 @@ set_next(D365Pages *p, const char *path)
 	p->next = path ? MemoryContextStrdup(p->owner_cxt, path) : NULL;
 }
 
+/* the GET of one page, with its Prefer header, in CurrentMemoryContext */
+static D365Op *
+page_op(D365Pages *p, const char *path)
+{
+	int			size = p->page_size > 0 ? p->page_size : d365_page_size;
+	D365Op	   *op = d365_op_make("GET", pstrdup(path), NULL);
+
+	if (p->prefer != NULL)
+		op->headers = list_make1(psprintf("Prefer: %s, odata.maxpagesize=%d",
+										  p->prefer, size));
+	else
+		op->headers = list_make1(psprintf("Prefer: odata.maxpagesize=%d", size));
+	return op;
+}
+
+/* Drop a page asked for ahead (its transfer is cancelled with its memory). */
+static void
+drop_prefetch(D365Pages *p)
+{
+	if (p->sending != NULL)
+	{
+		MemoryContextReset(p->ahead_cxt);
+		p->sending = NULL;
+		p->ahead = NULL;
+	}
+}
+
+/*
+ * d365_pages_prefetch
+ *		Send the GET of the page after the current one now, without waiting
+ *		for it, so that the server prepares it while the caller works
+ *		through the current page; the next d365_pages_next() waits for it.
+ *		Does nothing when the current page failed or has no next link.  The
+ *		arriving page's bytes are then in memory beside the current page; it
+ *		is parsed once the current page is freed.
+ */
+void
+d365_pages_prefetch(D365Pages *p)
+{
+	MemoryContext old;
+	const char *link;
+	D365Op	  **ops;
+
+	if (p->sending != NULL || p->op == NULL || !p->op->ok)
+		return;
+	link = d365_json_str(p->op->json, "@odata.nextLink");
+	if (link == NULL || (p->max_pages > 0 && p->pages >= p->max_pages))
+		return;
+	if (p->ahead_cxt == NULL)
+		p->ahead_cxt = AllocSetContextCreate(p->owner_cxt, "d365sync page ahead",
+											 ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(p->ahead_cxt);
+	ops = palloc(sizeof(D365Op *));
+	ops[0] = page_op(p, link);
+	p->ahead = ops[0];
+	p->sending = d365_client_start(p->client, ops, 1);
+	MemoryContextSwitchTo(old);
+}
+
 /*
  * d365_pages_next
  *		GET the next page and return its operation (allocated in p->cxt,
  *		valid until the next call); NULL when the page before had no
  *		@odata.nextLink (that page stays available as p->op).  A failed
  *		page is returned as it is: the caller reports it or restarts; a page
- *		that failed has no next link.
+ *		that failed has no next link.  A page asked for ahead
+ *		(d365_pages_prefetch) is waited for instead of sent.
  */
 D365Op *
 d365_pages_next(D365Pages *p)
 {
 	MemoryContext old;
 	D365Op	   *op;
-	int			size = p->page_size > 0 ? p->page_size : d365_page_size;
+
+	if (p->sending != NULL)
+	{
+		MemoryContext done;
+
+		CHECK_FOR_INTERRUPTS();
+		/*
+		 * The current page is no longer needed: free it before the page
+		 * ahead is parsed, so that only one parsed page is ever in memory
+		 * (beside the raw bytes of the one arriving).
+		 */
+		p->op = NULL;
+		MemoryContextReset(p->cxt);
+		old = MemoryContextSwitchTo(p->ahead_cxt);
+		d365_client_finish(p->sending);
+		MemoryContextSwitchTo(old);
+		/* the page ahead becomes the current one */
+		done = p->cxt;
+		p->cxt = p->ahead_cxt;
+		p->ahead_cxt = done;
+		p->op = p->ahead;
+		p->path = (char *) p->op->path;
+		p->sending = NULL;
+		p->ahead = NULL;
+		p->pages++;
+		return p->op;
+	}
 
 	if (p->op != NULL)
 	{
@@ -92,13 +182,8 @@ d365_pages_next(D365Pages *p)
 	p->op = NULL;
 	MemoryContextReset(p->cxt);
 	old = MemoryContextSwitchTo(p->cxt);
-	p->path = pstrdup(p->next);
-	op = d365_op_make("GET", p->path, NULL);
-	if (p->prefer != NULL)
-		op->headers = list_make1(psprintf("Prefer: %s, odata.maxpagesize=%d",
-										  p->prefer, size));
-	else
-		op->headers = list_make1(psprintf("Prefer: odata.maxpagesize=%d", size));
+	op = page_op(p, p->next);
+	p->path = op->path;
 	d365_client_execute(p->client, &op, 1);
 	MemoryContextSwitchTo(old);
 
@@ -115,6 +200,7 @@ d365_pages_next(D365Pages *p)
 void
 d365_pages_restart(D365Pages *p, const char *path)
 {
+	drop_prefetch(p);
 	p->op = NULL;
 	MemoryContextReset(p->cxt);
 	set_next(p, path);
@@ -127,6 +213,9 @@ d365_pages_restart(D365Pages *p, const char *path)
 void
 d365_pages_close(D365Pages *p)
 {
+	drop_prefetch(p);
+	if (p->ahead_cxt != NULL)
+		MemoryContextDelete(p->ahead_cxt);
 	MemoryContextDelete(p->cxt);
 	if (p->next != NULL)
 		pfree(p->next);
