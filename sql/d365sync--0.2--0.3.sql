@@ -1980,10 +1980,14 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source := d365._contact_source();
+    key_type text;
     result uuid;
 BEGIN
-    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
-                   src.contact_table, src.key_column)
+    -- compared in the key's own type, so that its primary key is used
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I = $1::%s',
+                   src.contact_table, src.key_column, key_type)
        INTO result USING contact_key;
     RETURN result;
 END;
@@ -3281,9 +3285,11 @@ BEGIN
     -- send it back.  Other fields keep their snapshot: a local change not
     -- yet sent still goes out.
     IF fields <> '{}' THEN
-        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
-                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
-           INTO cur USING k;
+        -- the row found above, by its link (the link column's unique index;
+        -- the key as text would read the whole table)
+        EXECUTE format('SELECT %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                       d365._contact_incoming_values_expr(), src.contact_table)
+           INTO cur USING cid;
         SELECT coalesce(array_agg(e.key), '{}') INTO settled
           FROM jsonb_each(fields) e
          WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))

@@ -384,10 +384,14 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     src d365.contact_source := d365._contact_source();
+    key_type text;
     result uuid;
 BEGIN
-    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I::text = $1',
-                   src.contact_table, src.key_column)
+    -- compared in the key's own type, so that its primary key is used
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
+    EXECUTE format('SELECT dynamics365_related_id FROM %s WHERE %I = $1::%s',
+                   src.contact_table, src.key_column, key_type)
        INTO result USING contact_key;
     RETURN result;
 END;

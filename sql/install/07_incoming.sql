@@ -326,9 +326,11 @@ BEGIN
     -- send it back.  Other fields keep their snapshot: a local change not
     -- yet sent still goes out.
     IF fields <> '{}' THEN
-        EXECUTE format('SELECT %s FROM %s c WHERE c.%I::text = $1',
-                       d365._contact_incoming_values_expr(), src.contact_table, src.key_column)
-           INTO cur USING k;
+        -- the row found above, by its link (the link column's unique index;
+        -- the key as text would read the whole table)
+        EXECUTE format('SELECT %s FROM %s c WHERE c.dynamics365_related_id = $1',
+                       d365._contact_incoming_values_expr(), src.contact_table)
+           INTO cur USING cid;
         SELECT coalesce(array_agg(e.key), '{}') INTO settled
           FROM jsonb_each(fields) e
          WHERE (mapper IS NOT NULL AND changes ? (e.value #>> '{}'))
