@@ -48,6 +48,11 @@ SELECT dynamics365_related_id AS bob FROM rd_person WHERE id = 2 \gset
 -- the attach made a unique index on the link column
 SELECT d365._link_index_exists('rd_person') AS unique_link_index;
 SELECT indexdef FROM pg_indexes WHERE tablename = 'rd_person' AND indexdef LIKE '%dynamics365_related_id%';
+-- ... which the look-up of an incoming change can use (as it does on a
+-- large table; this one is too small for the planner to prefer it)
+SET enable_seqscan = off;
+EXPLAIN (COSTS OFF) SELECT id FROM rd_person WHERE dynamics365_related_id = 'dddddddd-0000-4000-8000-000000000001';
+RESET enable_seqscan;
 
 -- 1. A role with only INSERT writes another person's Dynamics id into the
 -- link column of a new row (0.2: the next sync overwrote that record).

@@ -39,6 +39,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -74,7 +75,16 @@ typedef struct OwnerCall
 	char	   *sql;			/* the statement, from d365._owner_sql */
 	int			rc;				/* its SPI result */
 	bool		writes_links;	/* d365sync's own write of the link columns */
+	bool		waits_briefly;	/* gives up on a row lock after a while */
 } OwnerCall;
+
+/*
+ * How long an incoming change waits for a row another transaction holds
+ * locked (when the session sets no lock_timeout of its own): the pull then
+ * fails and starts again from the same changes next time, instead of
+ * waiting as long as the other transaction lasts.
+ */
+#define OWNER_LOCK_TIMEOUT "10s"
 
 typedef void (*RestrictedBody) (void *arg);
 
@@ -212,6 +222,11 @@ run_statement(void *arg)
 {
 	OwnerCall  *call = (OwnerCall *) arg;
 
+	/* set under the nest level as_owner_restricted opened */
+	if (call->waits_briefly && LockTimeout == 0)
+		(void) set_config_option("lock_timeout", OWNER_LOCK_TIMEOUT,
+								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+								 true, 0, false);
 	call->rc = SPI_execute_with_args(call->sql, call->nargs, call->types,
 									 call->values, call->nulls, false, 0);
 	if (call->rc < 0)
@@ -383,6 +398,7 @@ d365_contact_unlink(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	call.op = "unlink";
 	call.writes_links = true;
+	call.waits_briefly = true;
 	call.nargs = 1;
 	call.types = (Oid[]) {UUIDOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0)};
@@ -430,6 +446,7 @@ d365_contact_apply(PG_FUNCTION_ARGS)
 	if (call.columns == (Datum) 0)
 		PG_RETURN_VOID();
 	call.op = "apply";
+	call.waits_briefly = true;
 	call.nargs = 2;
 	call.types = (Oid[]) {JSONBOID, TEXTOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0), PG_GETARG_DATUM(1)};

@@ -9,7 +9,11 @@
 #      log_statement = 'all' (0.2: "Key (client_id)=(...) already exists"
 #      came with the COPY's context, the line with the secret): neither the
 #      client nor the server log sees the secret.
-#   3. An installation of 0.2 whose contact table has two rows sharing a
+#   3. The same lock held while the pull applies a Dynamics change to that
+#      contact (0.2: the pull waited as long as the lock): the pull gives up
+#      after 10 seconds with a clear error and keeps its delta link, and the
+#      next pull applies the change.
+#   4. An installation of 0.2 whose contact table has two rows sharing a
 #      Dynamics id and a link its state does not confirm is updated: the
 #      update succeeds and warns, nothing is lost, the attachment says the
 #      index is missing until the rows are fixed and the table attached
@@ -128,7 +132,34 @@ else
     notok "d365_set_secret_from_file changes the secret of an existing application user" "$out"
 fi
 
-# -- 3. an update of 0.2 with duplicate and unconfirmed links
+# -- 3. the pull meets a row another session holds FOR UPDATE
+psqlq -c "SELECT updated FROM d365.d365_pull_changes()" >/dev/null 2>&1
+ada=$(psqlq -c "SELECT dynamics365_related_id FROM rd_person WHERE id = 1")
+"$D365_SIMCTL" edit contact "{\"op\": \"update\", \"id\": \"$ada\", \"values\": {\"firstname\": \"Augusta\"}}" >/dev/null
+psqlq -c "BEGIN" -c "SELECT id FROM rd_person WHERE id = 1 FOR UPDATE" -c "SELECT pg_sleep(60)" \
+    >/dev/null 2>&1 &
+LOCKER=$!
+for i in $(seq 1 100); do
+    held=$(psqlq -c "SELECT count(*) FROM pg_stat_activity WHERE datname = '$DB' AND query LIKE '%pg_sleep(60)%' AND state = 'active'" 2>/dev/null)
+    [ "${held:-0}" -ge 1 ] && break
+    sleep 0.1
+done
+out=$(PSQL_TIMEOUT=40 psqlq -c "SELECT updated, failed FROM d365.d365_pull_changes()" 2>&1)
+rc=$?
+kill "$LOCKER" 2>/dev/null
+wait "$LOCKER" 2>/dev/null
+LOCKER=
+psqlq -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '$DB' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()" >/dev/null 2>&1
+sleep 0.5
+out2=$(psqlq -c "SELECT updated, failed FROM d365.d365_pull_changes()" -c "SELECT name FROM rd_person WHERE id = 1" 2>&1)
+if [ $rc = 0 ] && grep -q 'locked by another transaction' <<<"$out" && grep -qx 'Augusta' <<<"$out2"; then
+    ok "a pull gives up on a row another session holds FOR UPDATE with a clear error, and the next pull applies the change"
+else
+    notok "a pull gives up on a row another session holds FOR UPDATE with a clear error, and the next pull applies the change" \
+        "exit $rc: $out" "next pull: $out2"
+fi
+
+# -- 4. an update of 0.2 with duplicate and unconfirmed links
 UDB=${DB}_upd
 timeout 60 dropdb --if-exists --force "$UDB" >/dev/null 2>&1
 timeout 60 createdb "$UDB" || { notok "set-up: createdb $UDB"; exit 0; }

@@ -310,7 +310,12 @@ BEGIN
         END IF;
         BEGIN
             PERFORM d365._contact_apply(changes, k);
-        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE EXCEPTION 'contact % is locked by another transaction: its incoming change was not applied', k
+                USING ERRCODE = 'lock_not_available',
+                      DETAIL = 'An incoming change waits at most 10 seconds (or the session''s lock_timeout) for a row another transaction holds.',
+                      HINT = 'A pull that fails so starts again from the same changes next time; a push can be sent again.';
+        WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
             RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
                             (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
