@@ -1074,7 +1074,7 @@ BEGIN
     END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
-                               'd365_capture_truncate', 'd365_link_guard'] LOOP
+                               'd365_capture_truncate', 'd365_link_guard', 'd365_link_guard_update'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
@@ -1288,9 +1288,21 @@ BEGIN
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                    src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard'
-                   ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
-                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()',
+    -- the WHEN clauses (built-in operators on the built-in link types,
+    -- evaluated by the executor) keep the guard from being called for the
+    -- rows that need no look: inserted unlinked, or links left alone
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard BEFORE INSERT ON %s FOR EACH ROW'
+                   ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+                   '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+                   ' EXECUTE FUNCTION d365._contact_link_guard()',
+                   src.contact_table);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+                   ' BEFORE UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+                   ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+                   '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+                   '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+                   '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+                   ' EXECUTE FUNCTION d365._contact_link_guard()',
                    src.contact_table);
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table

@@ -88,6 +88,7 @@ RESET ROLE;
 SET ROLE regress_rt_app;
 -- (the guard of the link columns depends on them: the owner drops it first)
 DROP TRIGGER d365_link_guard ON rt_person;
+DROP TRIGGER d365_link_guard_update ON rt_person;
 ALTER TABLE rt_person ALTER COLUMN dynamics365_related_id TYPE rt_id USING ROW(dynamics365_related_id);
 RESET ROLE;
 SELECT item, value FROM d365_status() WHERE item = 'attachment';

@@ -73,7 +73,7 @@ RESET ROLE;
 UPDATE rd_person SET dynamics365_related_id = :'ada' WHERE id = 3;
 -- two rows never hold one id, even past the guard
 SET ROLE regress_rd_owner;
-ALTER TABLE rd_person DISABLE TRIGGER d365_link_guard;
+ALTER TABLE rd_person DISABLE TRIGGER d365_link_guard, DISABLE TRIGGER d365_link_guard_update;
 UPDATE rd_person SET dynamics365_related_id = :'ada' WHERE id = 3;
 -- the table's owner can switch the guard off: its forged link is not trusted
 UPDATE rd_person SET dynamics365_related_id = 'dddddddd-0000-4000-8000-000000000001' WHERE id = 3;
@@ -81,7 +81,7 @@ UPDATE rd_person SET dynamics365_related_id = 'dddddddd-0000-4000-8000-000000000
 RESET ROLE;
 SELECT * FROM d365_sync_contacts();
 SET ROLE regress_rd_owner;
-ALTER TABLE rd_person ENABLE TRIGGER d365_link_guard;
+ALTER TABLE rd_person ENABLE TRIGGER d365_link_guard, ENABLE TRIGGER d365_link_guard_update;
 RESET ROLE;
 
 -- 3. The sync never sends the forged row to the victim's record: the row is

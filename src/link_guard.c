@@ -7,11 +7,13 @@
  * A value that someone else writes there must never make d365sync send
  * that row's data to another person's record.  Two defences:
  *
- *	 d365_link_guard  BEFORE INSERT OR UPDATE OF the link columns, FOR EACH
- *		ROW (created with the capture triggers): a row may be inserted with
- *		both link columns NULL only, and an UPDATE may leave them as they
- *		are or clear them (unlink), nothing else -- unless d365sync's own
- *		link writer is running.  The writer (d365._contact_set_links and
+ *	 d365_link_guard, d365_link_guard_update  BEFORE INSERT, and BEFORE
+ *		UPDATE OF the link columns, FOR EACH ROW (created with the capture
+ *		triggers): a row may be inserted with both link columns NULL only,
+ *		and an UPDATE may leave them as they are or clear them (unlink),
+ *		nothing else -- unless d365sync's own link writer is running.  Their
+ *		WHEN clauses call the function only for a row that sets or changes
+ *		a link value, so an unlinked insert costs one NULL test.  The writer (d365._contact_set_links and
  *		_contact_unlink, src/table_owner.c) runs as the table's owner in a
  *		security-restricted operation, so it cannot be told apart by role:
  *		it is told apart by a flag of this backend that only C code sets,
@@ -25,9 +27,8 @@
  * A unique index on dynamics365_related_id (made by d365_attach_contacts)
  * keeps two rows from holding one Dynamics id.
  *
- * The trigger reads two attributes of the new row (and of the old one) and
- * compares uuids and timestamps: it runs no user code and costs an INSERT
- * little.
+ * The function reads two attributes of the new row (and of the old one)
+ * and compares uuids and timestamps: it runs no user code.
  *
  *-------------------------------------------------------------------------
  */
