@@ -70,7 +70,7 @@ SET ROLE regress_rd_owner;
 UPDATE rd_person SET dynamics365_related_id = 'dddddddd-0000-4000-8000-000000000001' WHERE id = 3;
 UPDATE rd_person SET dynamics365_related_id = dynamics365_related_id, name = 'Bob' WHERE id = 2;
 RESET ROLE;
-UPDATE rd_person SET dynamics365_related_id = :'ada' WHERE id = 3;
+UPDATE rd_person SET dynamics365_related_id = 'dddddddd-0000-4000-8000-000000000002' WHERE id = 3;
 -- two rows never hold one id, even past the guard
 SET ROLE regress_rd_owner;
 ALTER TABLE rd_person DISABLE TRIGGER d365_link_guard, DISABLE TRIGGER d365_link_guard_update;

@@ -7,13 +7,18 @@
  * A value that someone else writes there must never make d365sync send
  * that row's data to another person's record.  Two defences:
  *
- *	 d365_link_guard, d365_link_guard_update  BEFORE INSERT, and BEFORE
+ *	 d365_link_guard, d365_link_guard_update  AFTER INSERT, and AFTER
  *		UPDATE OF the link columns, FOR EACH ROW (created with the capture
  *		triggers): a row may be inserted with both link columns NULL only,
  *		and an UPDATE may leave them as they are or clear them (unlink),
- *		nothing else -- unless d365sync's own link writer is running.  Their
- *		WHEN clauses call the function only for a row that sets or changes
- *		a link value, so an unlinked insert costs one NULL test.  The writer (d365._contact_set_links and
+ *		nothing else -- unless d365sync's own link writer is running; the
+ *		error undoes the statement.  Their WHEN clauses call the function
+ *		only for a row that sets or changes a link value, so an unlinked
+ *		insert costs two NULL tests.  AFTER rather than BEFORE: an AFTER
+ *		UPDATE row trigger fetches no old row that the capture trigger does
+ *		not fetch already, and a BEFORE INSERT row trigger would turn off
+ *		COPY's batched inserts.  The writer's statement runs to its end,
+ *		its AFTER triggers included, inside the flag.  The writer (d365._contact_set_links and
  *		_contact_unlink, src/table_owner.c) runs as the table's owner in a
  *		security-restricted operation, so it cannot be told apart by role:
  *		it is told apart by a flag of this backend that only C code sets,
@@ -88,7 +93,7 @@ column_changes(HeapTuple newtup, HeapTuple oldtup, TupleDesc desc, int attnum)
 
 /*
  * d365._contact_link_guard() trigger
- *		BEFORE INSERT OR UPDATE OF dynamics365_related_id,
+ *		AFTER (or BEFORE) INSERT OR UPDATE OF dynamics365_related_id,
  *		dynamics365_synchronized_on, FOR EACH ROW: refuses a value in the
  *		link columns that d365sync's link writer did not put there.  NULL
  *		(unlinking) and the value already stored are always allowed.
@@ -103,12 +108,12 @@ d365_link_guard(PG_FUNCTION_ARGS)
 	static const char *const cols[] = {"dynamics365_related_id", "dynamics365_synchronized_on"};
 	int			i;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(td->tg_event) ||
+	if (!CALLED_AS_TRIGGER(fcinfo) || TRIGGER_FIRED_INSTEAD(td->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
 		!(TRIGGER_FIRED_BY_INSERT(td->tg_event) || TRIGGER_FIRED_BY_UPDATE(td->tg_event)))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("d365._contact_link_guard() must be fired BEFORE INSERT OR UPDATE FOR EACH ROW")));
+				 errmsg("d365._contact_link_guard() must be fired AFTER INSERT OR UPDATE FOR EACH ROW")));
 
 	if (TRIGGER_FIRED_BY_UPDATE(td->tg_event))
 	{

@@ -82,10 +82,10 @@ $$;
  *                              statement
  *   d365_capture_delete        AFTER DELETE, per statement: tombstones
  *   d365_capture_truncate      AFTER TRUNCATE: tombstones for every key
- *   d365_link_guard,           BEFORE INSERT, and BEFORE UPDATE OF the link
+ *   d365_link_guard,           AFTER INSERT, and AFTER UPDATE OF the link
  *   d365_link_guard_update     columns, per row, WHEN a link value is set or
  *                              changed: refuses link values d365sync did not
- *                              write (src/link_guard.c)
+ *                              write, undoing the statement (src/link_guard.c)
  * The key column is passed by attribute number, so renaming it never breaks
  * the application's writes (d365_status() reports the attachment broken
  * until the table is attached again under the new name).
@@ -289,16 +289,20 @@ BEGIN
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                    src.contact_table);
-    -- the WHEN clauses (built-in operators on the built-in link types,
-    -- evaluated by the executor) keep the guard from being called for the
-    -- rows that need no look: inserted unlinked, or links left alone
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard BEFORE INSERT ON %s FOR EACH ROW'
+    -- AFTER, not BEFORE: an AFTER row trigger fetches no old row the
+    -- capture trigger does not fetch already, and a BEFORE INSERT one would
+    -- take COPY's batched inserts away; the error still undoes the
+    -- statement.  The WHEN clauses (built-in operators on the built-in link
+    -- types, evaluated by the executor) keep the guard from being called
+    -- (or queued) for rows that need no look: inserted unlinked, or links
+    -- left alone.
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
                    ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
                    '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
                    ' EXECUTE FUNCTION d365._contact_link_guard()',
                    src.contact_table);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
-                   ' BEFORE UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+                   ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
                    ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
                    '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
                    '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
