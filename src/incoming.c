@@ -25,7 +25,8 @@
  *		and get only what changed, deletions as $deletedEntity entries
  *		(unlinked and reported).  A delta link Dynamics refuses (expired
  *		after 7 days, say) falls back to a new full read.  Pages are applied
- *		one at a time by d365._pull_record(), so memory stays flat.
+ *		one at a time by d365._pull_record(), so memory stays flat.  The
+ *		reading is the pipeline's change-tracking reader (pipeline_pull.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -37,42 +38,11 @@
 #include "fmgr.h"
 
 #include "jobs.h"
+#include "pipeline.h"
 #include "runs.h"
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_pull_changes);
-
-/*
- * Add one page's counts from d365._pull_record() to the run.  The rows go
- * as json text, not jsonb: a string holding U+0000 fails its row alone
- * there, not the page.
- */
-static void
-record_page(D365Run *run, json_t *rows)
-{
-	Oid			types[1] = {TEXTOID};
-	Datum		args[1] = {CStringGetTextDatum(d365_json_dump(rows))};
-
-	d365_run_add_counts(run,
-						SPI_execute_with_args("SELECT updated, unchanged, failed, unlinked"
-											  " FROM d365._pull_record($1::pg_catalog.json)",
-											  1, types, args, NULL, false, 1),
-						"d365._pull_record");
-}
-
-/*
- * delta_link_refused
- *		Whether a failed read of a stored delta link means Dynamics will not
- *		take that link any more (a 4xx other than the ones about the
- *		credentials or throttling), so that a new full read is the remedy.
- */
-static bool
-delta_link_refused(const D365Op *op)
-{
-	return !op->ok && !op->transport_failure &&
-		op->status >= 400 && op->status < 500 &&
-		op->status != 401 && op->status != 403 && op->status != 429;
-}
 
 /*
  * start_path
@@ -80,7 +50,7 @@ delta_link_refused(const D365Op *op)
  *		when there is nothing to read because no contact field is mapped.
  */
 static char *
-start_path(void)
+start_path(const D365PullEngine *engine)
 {
 	char	   *path = d365_sql_text("SELECT d365._pull_start_path()", 0, NULL, NULL);
 
@@ -92,75 +62,27 @@ start_path(void)
 	return path;
 }
 
+/* The contact pull: the pipeline's change-tracking reader on contacts. */
 static void
 pull_body(D365Run *run, void *arg)
 {
-	D365Pages  *pages;
-	D365Op	   *op;
-	char	   *path;
+	D365PullEngine engine = {0};
 	bool		full;
-	int			npages = 0;
-	const char *delta;
-	Oid			types[2] = {TEXTOID, BOOLOID};
-	MemoryContext old;
+	int			npages;
 
-	path = d365_sql_text("SELECT delta_link FROM d365.pull_state WHERE entity = 'contact'",
-						 0, NULL, NULL);
-	full = (path == NULL);
-	if (full)
-		path = start_path();
-
-	pages = d365_pages_open(d365_run_client(run), path, "odata.track-changes", 0);
-	while ((op = d365_pages_next(pages)) != NULL)
-	{
-		if (!full && delta_link_refused(op))
-		{
-			/* the delta link was refused: start over with a full read */
-			old = MemoryContextSwitchTo(run->cxt);
-			run->message = psprintf("the delta link was refused (%s); took a new baseline",
-									d365_op_summary(op));
-			path = start_path();
-			full = true;
-			MemoryContextSwitchTo(old);
-			d365_pages_restart(pages, path);
-			continue;
-		}
-		if (!op->ok)
-			d365_op_report(op, ERROR);
-		if (!json_is_object(op->json) || !json_is_array(json_object_get(op->json, "value")))
-			ereport(ERROR,
-					(errcode(ERRCODE_PROTOCOL_VIOLATION),
-					 errmsg("a change-tracking page from Dynamics 365 has no \"value\" array"),
-					 errcontext("Dynamics 365 request: GET %s", pages->path)));
-
-		old = MemoryContextSwitchTo(pages->cxt);
-		record_page(run, json_object_get(op->json, "value"));
-		MemoryContextSwitchTo(old);
-		npages++;
-	}
-
-	/* the last page carries the link the next pull continues from */
-	delta = d365_json_str(pages->op->json, "@odata.deltaLink");
-	if (delta == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("Dynamics 365 returned no delta link"),
-				 errdetail("The last page of a change-tracking read carries @odata.deltaLink."),
-				 errhint("Enable change tracking for the contact table in Dynamics 365 (Power Apps: Tables, Contact, Properties, Track changes).")));
-
-	old = MemoryContextSwitchTo(pages->cxt);
-	d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
-				  " VALUES ('contact', $1, CASE WHEN $2 THEN now() END, now())"
-				  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
-				  " baseline_at = coalesce(EXCLUDED.baseline_at, p.baseline_at),"
-				  " last_pull_at = EXCLUDED.last_pull_at RETURNING entity",
-				  2, types,
-				  (Datum[]) {CStringGetTextDatum(delta), BoolGetDatum(full)});
-	MemoryContextSwitchTo(run->cxt);
+	engine.state_key = "contact";
+	engine.start_path = start_path;
+	engine.record_sql = "SELECT updated, unchanged, failed, unlinked"
+		" FROM d365._pull_record($1)";
+	engine.no_delta_hint = "Enable change tracking for the contact table in Dynamics 365 (Power Apps: Tables, Contact, Properties, Track changes).";
+	npages = d365_pipeline_pull(run, &engine, &full);
 	if (full && run->message == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(run->cxt);
+
 		run->message = psprintf("baseline: read all contacts in %d page(s)", npages);
-	MemoryContextSwitchTo(old);
-	d365_pages_close(pages);
+		MemoryContextSwitchTo(old);
+	}
 }
 
 /*

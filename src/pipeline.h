@@ -29,4 +29,22 @@ extern void d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 										 const char *record_fn,
 										 const char *lookup_fn);
 
+/*
+ * The incoming half (pipeline_pull.c): a change-tracking read of one
+ * Dataverse table, recorded page by page.
+ */
+typedef struct D365PullEngine
+{
+	const char *state_key;		/* d365.pull_state.entity */
+	/* the first request of a full read; may raise when there is none */
+	char	   *(*start_path) (const struct D365PullEngine *engine);
+	const char *record_sql;		/* $1 json page rows, $2 text arg -> counts */
+	const char *arg;			/* $2 of record_sql, or NULL */
+	const char *no_delta_hint;	/* HINT when Dynamics returns no delta link */
+	void	   *private;		/* the engine's own */
+} D365PullEngine;
+
+extern int	d365_pipeline_pull(D365Run *run, const D365PullEngine *engine,
+							   bool *baseline);
+
 #endif							/* D365_PIPELINE_H */
