@@ -9,7 +9,8 @@ OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_governor.o 
 	src/contact_source.o src/metadata.o src/pipeline.o src/contacts_out.o \
 	src/activities.o src/incoming.o src/whoami.o src/table_owner.o src/capture.o \
 	src/worker.o src/worker_shmem.o src/progress.o \
-	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o src/odata_path.o
+	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o src/odata_path.o \
+	src/pipeline_pull.o src/table_maps.o src/map_owner.o
 
 # The install script of the version being made is built from the parts in
 # sql/install/ (one per subsystem, in file-name order), the one place each

@@ -50,6 +50,7 @@
 #include "utils/rls.h"
 #include "utils/syscache.h"
 #include "catalog/pg_proc.h"
+#include "table_owner.h"
 
 #include "link_guard.h"
 
@@ -638,4 +639,59 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
 	if (call->isnull)
 		PG_RETURN_NULL();
 	PG_RETURN_DATUM(mc.result);
+}
+
+/*
+ * d365_owner_statement
+ *		The same gate for other application tables (the table maps,
+ *		src/map_owner.c): check that the caller holds UPDATE on every column
+ *		in columns (a name[]; NULL: SELECT on the table) and is not bound by
+ *		the table's row security, then run sql with its nargs parameters as
+ *		the owner of relid in a security-restricted operation with
+ *		search_path = pg_catalog, pg_temp.  The statement comes from
+ *		d365sync's own SQL, never from the caller.  When restype is set, the
+ *		first column of the first row is returned in the caller's memory
+ *		context (*isnull when there is none).
+ */
+Datum
+d365_owner_statement(Oid relid, const char *op, const char *sql, Datum columns,
+					 int nargs, Oid *types, Datum *values, char *nulls,
+					 Oid restype, bool *isnull)
+{
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	OwnerCall	call = {0};
+	Oid			owner;
+
+	call.op = op;
+	call.sql = pstrdup(sql);
+	call.nargs = nargs;
+	call.types = types;
+	call.values = values;
+	call.nulls = nulls;
+	call.restype = restype;
+
+	check_caller_rights(relid, columns, columns == (Datum) 0);
+	owner = relation_owner(relid);
+
+	SPI_connect();
+	as_owner_restricted(owner, run_statement, &call);
+	call.result_null = true;
+	if (OidIsValid(restype) && SPI_tuptable != NULL && SPI_processed > 0)
+	{
+		if (SPI_gettypeid(SPI_tuptable->tupdesc, 1) != restype)
+			elog(ERROR, "table-owner statement \"%s\" returned the wrong type", op);
+		call.result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+									&call.result_null);
+		if (!call.result_null)
+		{
+			MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+
+			call.result = datumCopy(call.result, get_typbyval(restype), get_typlen(restype));
+			MemoryContextSwitchTo(old);
+		}
+	}
+	SPI_finish();
+	if (isnull)
+		*isnull = call.result_null;
+	return call.result;
 }

@@ -15,6 +15,86 @@
 -- The pull's record stage takes its page as json (a row may hold U+0000,
 -- which jsonb cannot).
 DROP FUNCTION d365._pull_record(jsonb);
+-- Table maps (11_table_maps.sql, 12_map_sync.sql): their tables and the
+-- record stage's row type.
+CREATE TABLE d365.table_map (
+    name             text PRIMARY KEY
+                     CONSTRAINT table_map_name_check CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    local_table      regclass UNIQUE NOT NULL,
+    entity_set       text NOT NULL
+                     CONSTRAINT table_map_entity_set_check CHECK (entity_set ~ '^[A-Za-z][A-Za-z0-9_]*$'),
+    key_column       name NOT NULL,
+    direction        text NOT NULL DEFAULT 'both'
+                     CONSTRAINT table_map_direction_check CHECK (direction IN ('both', 'in', 'out')),
+    load             boolean NOT NULL DEFAULT false,
+    on_local_delete  text NOT NULL DEFAULT 'unlink'
+                     CONSTRAINT table_map_on_local_delete_check
+                     CHECK (on_local_delete IN ('unlink', 'deactivate', 'delete')),
+    on_remote_delete text NOT NULL DEFAULT 'unlink'
+                     CONSTRAINT table_map_on_remote_delete_check
+                     CHECK (on_remote_delete IN ('unlink', 'delete')),
+    conflict         text NOT NULL DEFAULT 'dynamics_wins'
+                     CONSTRAINT table_map_conflict_check
+                     CHECK (conflict IN ('dynamics_wins', 'local_wins')),
+    enabled          boolean NOT NULL DEFAULT true
+);
+COMMENT ON TABLE d365.table_map IS
+    'Table maps: a local table synced with a Dataverse table (d365_map_table, d365_unmap_table)';
+SELECT pg_catalog.pg_extension_config_dump('d365.table_map', '');
+
+CREATE TABLE d365.column_map (
+    map       text REFERENCES d365.table_map ON DELETE CASCADE,
+    "column"  name,
+    field     text NOT NULL
+              CONSTRAINT column_map_field_check CHECK (field ~ '^[a-z][a-z0-9_]*$'),
+    direction text NOT NULL DEFAULT 'both'
+              CONSTRAINT column_map_direction_check CHECK (direction IN ('both', 'in', 'out')),
+    match     boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (map, "column")
+);
+COMMENT ON TABLE d365.column_map IS
+    'Columns of a table map and the Dataverse field (attribute logical name) each is synced with (d365_map_column)';
+SELECT pg_catalog.pg_extension_config_dump('d365.column_map', '');
+
+-- Per-row sync state of a map: the Dynamics record, what it holds as far
+-- as d365sync knows (synced: {wire field: value}), changes not yet sent
+-- (change_seq > synced_seq), failures and back-off.
+CREATE TABLE d365.map_row (
+    map              text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    row_key          text NOT NULL,
+    dynamics_id      uuid,
+    synced           jsonb,
+    change_seq       bigint NOT NULL DEFAULT 0,
+    synced_seq       bigint NOT NULL DEFAULT 0,
+    generation       integer NOT NULL DEFAULT 0,
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz,
+    last_attempt_at  timestamptz,
+    last_status      integer,
+    last_error_code  text,
+    last_error       text,
+    remote_deleted_at timestamptz,
+    PRIMARY KEY (map, row_key)
+);
+CREATE INDEX map_row_dynamics_idx ON d365.map_row (map, dynamics_id);
+COMMENT ON TABLE d365.map_row IS
+    'Sync state of each row of a table map: its Dynamics record, the values last synced, failures';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_row', '');
+
+-- Keys noted by the capture triggers, folded into map_row by the next sync.
+CREATE TABLE d365.map_change (
+    map      text NOT NULL,
+    keys     text[] NOT NULL,
+    noted_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365.map_change IS
+    'Keys of mapped rows changed since the last sync of their map (capture triggers)';
+
+CREATE TYPE d365._map_outcome AS (
+    item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+    vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+    ok boolean, gone boolean
+);
 
 -- @functions
 -- After the functions: triggers and views that use new functions, data
@@ -69,3 +149,5 @@ BEGIN
     END IF;
 END;
 $upgrade_links$;
+-- Table maps: their tables are not for PUBLIC.
+REVOKE ALL ON d365.table_map, d365.column_map, d365.map_row, d365.map_change FROM PUBLIC;

@@ -1,0 +1,554 @@
+-- The table-map engine: the select and record stages of the outgoing sync
+-- (the send stage is the pipeline, src/pipeline.c) and the record stage of
+-- the pull (the reading is the pipeline's change-tracking reader,
+-- src/pipeline_pull.c); src/table_maps.c runs them for each map.
+-- ---------------------------------------------------------------------------
+
+/*
+ * The Dynamics id of a new row of a map: a name-based UUID of the
+ * installation, the map, the key and the number of times the row's record
+ * was deleted in Dynamics, so creating with an upsert on it is idempotent
+ * (a retry after a lost commit reaches the same record).
+ */
+CREATE FUNCTION d365._map_guid(map text, row_key text, generation integer)
+RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT overlay(overlay(h PLACING '3' FROM 13 FOR 1)
+                   PLACING substr('89ab', (('x' || substr(h, 17, 1))::bit(4)::int & 3) + 1, 1)
+                   FROM 17 FOR 1)::uuid
+      FROM (SELECT md5(s.instance_id::text || '/map/' || map || '/' || row_key || '/' || generation) AS h
+              FROM d365.settings s) x
+$$;
+
+/*
+ * The maps in dependency order: a map after every map its lookups point to
+ * (a lookup of a map to itself does not count; a cycle is broken by name).
+ */
+CREATE FUNCTION d365._map_order(OUT name text, OUT depth integer)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE edge AS (
+        SELECT DISTINCT t.name AS child, d365._map_fk_target(t.local_table, c."column") AS parent
+          FROM d365.table_map t
+          JOIN d365.column_map c ON c.map = t.name
+         WHERE EXISTS (SELECT FROM pg_class r WHERE r.oid = t.local_table)),
+    walk AS (
+        SELECT t.name, 0 AS depth, ARRAY[t.name] AS path FROM d365.table_map t
+        UNION ALL
+        SELECT e.child, w.depth + 1, w.path || e.child
+          FROM walk w JOIN edge e ON e.parent = w.name
+         WHERE e.child <> e.parent AND e.child <> ALL (w.path))
+    SELECT w.name, max(w.depth)::integer FROM walk w GROUP BY w.name ORDER BY 2, 1
+$$;
+
+-- The first changes noted since the last sync become change_seq increments.
+CREATE FUNCTION d365._map_fold_changes(map text)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365.map_change q
+         WHERE q.ctid = ANY (ARRAY(SELECT x.ctid FROM d365.map_change x WHERE x.map = _map_fold_changes.map
+                                    FOR UPDATE SKIP LOCKED))
+        RETURNING q.keys)
+    INSERT INTO d365.map_row AS r (map, row_key, change_seq)
+    SELECT _map_fold_changes.map, k, 1 FROM (SELECT DISTINCT k FROM gone g, unnest(g.keys) k) x
+    ON CONFLICT ON CONSTRAINT map_row_pkey DO UPDATE SET change_seq = r.change_seq + 1
+$$;
+
+/*
+ * The outgoing expressions of a map over its row "c": the JSON body
+ * ({wire property: value}), the problems that keep a row from being sent
+ * (a label that is not an option of its choice), and whether the row waits
+ * for a parent not linked yet.  Values are converted with built-in
+ * functions only (d365._json_expr): no code of the application's making
+ * runs.  Raises when a mapped column cannot be synced.
+ */
+CREATE FUNCTION d365._map_out_exprs(map text, OUT body text, OUT problems text, OUT waiting text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record;
+    pm d365.table_map;
+    col_ref text;
+    val text;
+    parent_id text;
+    labels text;
+BEGIN
+    body := '''{}''::pg_catalog.jsonb';
+    problems := 'NULL::pg_catalog.text';
+    waiting := 'false';
+    FOR col IN SELECT * FROM d365._map_columns(map) x WHERE x.direction <> 'in' LOOP
+        IF col.problem IS NOT NULL THEN
+            RAISE EXCEPTION 'column "%" of map "%" cannot be synced: %', col."column", map, col.problem
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = format('Fix the column or the field, or DELETE FROM d365.column_map WHERE map = %L AND "column" = %L;',
+                                    map, col."column");
+        END IF;
+        col_ref := format('c.%I', col."column");
+        labels := format('%L', (SELECT string_agg(o ->> 'label', ', ' ORDER BY (o ->> 'value')::integer)
+                                  FROM jsonb_array_elements(coalesce(col.options, '[]')) o));
+        CASE col.kind
+        WHEN 'lookup' THEN
+            IF col.parent IS NOT NULL THEN
+                SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p WHERE p.%I OPERATOR(pg_catalog.=) %s)',
+                                    pm.local_table, pm.key_column, col_ref);
+                waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
+            ELSE
+                parent_id := col_ref;
+            END IF;
+            val := format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) (%s)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                          '/' || col.bind_set || '(', parent_id);
+        WHEN 'choice' THEN
+            val := format('(SELECT pg_catalog.to_jsonb((o OPERATOR(pg_catalog.->>) ''value'')::pg_catalog.int4)'
+                          '   FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                          '  WHERE o OPERATOR(pg_catalog.->>) ''label'' OPERATOR(pg_catalog.=) (%s)::pg_catalog.text LIMIT 1)',
+                          col.options, col_ref);
+            problems := format('NULLIF(pg_catalog.concat_ws(''; '', %s, CASE WHEN %s IS NOT NULL AND %s IS NULL'
+                               ' THEN pg_catalog.format(''%%s is not an option of %s (column %s); allowed: %%s'','
+                               ' pg_catalog.quote_literal((%s)::pg_catalog.text), %s) END), '''')',
+                               problems, col_ref, val, col.field, col."column", col_ref, labels);
+        WHEN 'choice_value' THEN
+            val := format('pg_catalog.to_jsonb((%s)::pg_catalog.int4)', col_ref);
+        WHEN 'multi' THEN
+            val := format('(SELECT pg_catalog.to_jsonb(pg_catalog.string_agg(o OPERATOR(pg_catalog.->>) ''value'', '',''
+                                   ORDER BY (o OPERATOR(pg_catalog.->>) ''value'')::pg_catalog.int4))'
+                          '   FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                          '  WHERE o OPERATOR(pg_catalog.->>) ''label'' OPERATOR(pg_catalog.=) ANY ((%s)::pg_catalog.text[]))',
+                          col.options, col_ref);
+            problems := format('NULLIF(pg_catalog.concat_ws(''; '', %s, (SELECT pg_catalog.format(''%%s %%s not an option of %s (column %s); allowed: %%s'','
+                               ' pg_catalog.string_agg(pg_catalog.quote_literal(l), '', ''),'
+                               ' CASE WHEN pg_catalog.count(*) > 1 THEN ''are'' ELSE ''is'' END, %s)'
+                               '   FROM pg_catalog.unnest((%s)::pg_catalog.text[]) l'
+                               '  WHERE l IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                               '                   WHERE o OPERATOR(pg_catalog.->>) ''label'' OPERATOR(pg_catalog.=) l)'
+                               ' HAVING pg_catalog.count(*) > 0)), '''')',
+                               problems, col.field, col."column", labels, col_ref, col.options);
+        WHEN 'multi_value' THEN
+            val := format('(SELECT pg_catalog.to_jsonb(pg_catalog.string_agg(v::pg_catalog.text, '','' ORDER BY v))'
+                          '   FROM pg_catalog.unnest((%s)::pg_catalog.int8[]) v)', col_ref);
+        ELSE
+            val := d365._json_expr(col_ref, col.typ);
+        END CASE;
+        body := body || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)', col.wire, val);
+    END LOOP;
+    problems := format('NULLIF(%s, '''')', problems);
+END;
+$$;
+
+/*
+ * The work query of one map's sync: one row per row to consider (unlinked,
+ * or changed since it was last synced, past its back-off), with the request
+ * to send -- a create is an upsert on the row's own id (PATCH without
+ * If-Match), an update carries If-Match: * and only what differs from what
+ * Dynamics holds -- and a context for d365._map_record().  A row whose
+ * lookup points to a parent row not linked yet is left out: it waits,
+ * pending, for a later run (d365_sync() sends parents first).
+ */
+CREATE FUNCTION d365._map_work_sql(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    e record;
+BEGIN
+    PERFORM d365._map_fold_changes(m.name);
+    e := d365._map_out_exprs(m.name);
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.problem IS NOT NULL OR w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', %2$L || '(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
+               jsonb_build_object('map', %1$L,
+                                  'action', CASE WHEN w.problem IS NOT NULL THEN 'invalid'
+                                                 WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation,
+                                  'values', w.cur, 'sent', w.body, 'error', w.problem)::text AS context
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(x.key, x.value)
+                                    FROM jsonb_each(v.cur) x
+                                   WHERE (v.synced IS NULL AND x.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND x.value IS DISTINCT FROM coalesce(v.synced -> x.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%4$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._map_guid(%1$L, c.%4$I::text, coalesce(r.generation, 0))) AS dynamics_id,
+                               coalesce(r.change_seq, 0) AS change_seq,
+                               coalesce(r.generation, 0) AS generation,
+                               CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
+                                    THEN NULL ELSE r.synced END AS synced,
+                               %5$s AS cur, %6$s AS problem, (%7$s) AS waiting
+                          FROM %3$s c
+                          LEFT JOIN d365.map_row r ON r.map = %1$L AND r.row_key = c.%4$I::text
+                         WHERE c.%4$I IS NOT NULL
+                           AND ((c.dynamics365_related_id IS NULL
+                                 AND (r.row_key IS NULL OR r.remote_deleted_at IS NULL
+                                      OR r.change_seq > r.synced_seq))
+                                OR (c.dynamics365_related_id IS NOT NULL
+                                    AND (r.row_key IS NULL OR r.synced IS NULL
+                                         OR r.change_seq > r.synced_seq
+                                         OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)))
+                           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+                        OFFSET 0) v
+                 WHERE NOT v.waiting) w
+    $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting);
+END;
+$$;
+
+/*
+ * The record stage of a map's sync: link columns (as the table's owner,
+ * d365._map_set_links: a create links only a row still unlinked, an update
+ * only a row still linked to that record), the synced values, failures and
+ * back-off; a 404 on an update (deleted in Dynamics) unlinks the row, which
+ * is created anew only after it changes.  Returns the chunk's counts.
+ */
+CREATE TYPE d365._map_outcome AS (
+    item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+    vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+    ok boolean, gone boolean
+);
+
+CREATE FUNCTION d365._map_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    mname text := (contexts[1])::jsonb ->> 'map';
+    done text[];
+    outcomes d365._map_outcome[];
+BEGIN
+    SELECT array_agg(ROW(
+               o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+               (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+               o.st, o.code, coalesce(o.msg, x.c ->> 'error'),
+               coalesce((x.c ->> 'action') = 'unchanged'
+                        OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
+                            AND o.msg IS NULL), false),
+               coalesce((x.c ->> 'action') = 'update' AND o.st = 404, false)
+           )::d365._map_outcome)
+      INTO outcomes
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages) AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    INSERT INTO d365.map_row (map, row_key)
+    SELECT mname, o.item_key FROM unnest(outcomes) o
+    ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
+
+    SELECT d365._map_set_links(mname, array_agg(o.item_key), array_agg(o.dynamics_id),
+                               array_agg(CASE WHEN o.action = 'update' THEN o.dynamics_id END))
+      INTO done
+      FROM unnest(outcomes) o WHERE o.ok AND o.action IN ('create', 'update');
+
+    UPDATE d365.map_row r
+       SET synced = CASE WHEN o.action = 'create' OR r.synced IS NULL OR r.dynamics_id IS DISTINCT FROM o.dynamics_id
+                         THEN o.vals ELSE r.synced || coalesce(o.sent, '{}') END,
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, r.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM unnest(outcomes) o
+     WHERE o.ok AND r.map = mname AND r.row_key = o.item_key
+       AND (o.item_key = ANY (coalesce(done, '{}')) OR o.action = 'unchanged');
+
+    -- deleted in Dynamics: unlink; created anew only after it changes
+    SELECT d365._map_set_links(mname, array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM unnest(outcomes) o WHERE o.gone;
+    UPDATE d365.map_row r
+       SET dynamics_id = NULL, synced = NULL, synced_seq = r.change_seq, generation = r.generation + 1,
+           remote_deleted_at = now(), last_attempt_at = now(), last_status = o.status,
+           last_error_code = o.error_code,
+           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
+      FROM unnest(outcomes) o
+     WHERE o.gone AND r.map = mname AND r.row_key = o.item_key AND o.item_key = ANY (coalesce(done, '{}'));
+
+    -- other failures stay pending: back off 5 min, 10, ... up to a day (a
+    -- row refused before sending is tried again as soon as it changes)
+    UPDATE d365.map_row r
+       SET attempts = r.attempts + 1,
+           next_attempt_at = CASE WHEN o.action = 'invalid' THEN NULL ELSE d365._next_attempt(r.attempts + 1) END,
+           synced_seq = CASE WHEN o.action = 'invalid' THEN o.seq ELSE r.synced_seq END,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = left(o.error_message, 2000)
+      FROM unnest(outcomes) o
+     WHERE NOT o.ok AND NOT o.gone AND r.map = mname AND r.row_key = o.item_key;
+
+    SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
+           count(*) FILTER (WHERE o.ok AND o.action = 'update'),
+           count(*) FILTER (WHERE o.action = 'unchanged'),
+           count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
+           count(*) FILTER (WHERE o.gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM unnest(outcomes) o;
+END;
+$$;
+
+-- The first request of a full read of a map's Dataverse table with change
+-- tracking: its id and every field mapped for incoming changes.
+CREATE FUNCTION d365._map_pull_start_path(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+    fields text;
+BEGIN
+    SELECT string_agg(DISTINCT x.read, ',') INTO fields
+      FROM d365._map_columns(m.name) x WHERE x.direction <> 'out' AND x.problem IS NULL;
+    IF fields IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN m.entity_set || '?$select=' || fields || ',' || ent.primary_id;
+END;
+$$;
+
+/*
+ * One incoming row of a map: {column: local value as JSON} for what changed
+ * in Dynamics since the last sync, and {wire property: value} to remember
+ * as synced.  A lookup becomes the key of the local row linked to that
+ * record (an error when none is); a choice its label (text) or value, a
+ * multi-select its labels or values as an array.
+ */
+CREATE FUNCTION d365._map_incoming(map text, rec jsonb, synced jsonb,
+    OUT vals jsonb, OUT wires jsonb)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record;
+    pm d365.table_map;
+    v jsonb;
+    wire jsonb;
+    loc jsonb;
+    ids integer[];
+BEGIN
+    vals := '{}'; wires := '{}';
+    FOR col IN SELECT * FROM d365._map_columns(map) x WHERE x.direction <> 'out' AND x.problem IS NULL LOOP
+        IF NOT rec ? col.read THEN
+            CONTINUE;
+        END IF;
+        v := rec -> col.read;
+        IF v = 'null'::jsonb THEN
+            wire := 'null'; loc := 'null';
+        ELSIF col.kind = 'lookup' THEN
+            IF NOT d365._is_guid(v #>> '{}') THEN
+                RAISE EXCEPTION 'field %: % is not a GUID', col.read, v USING ERRCODE = 'invalid_text_representation';
+            END IF;
+            wire := to_jsonb('/' || col.bind_set || '(' || (v #>> '{}') || ')');
+            IF col.parent IS NULL THEN
+                loc := v;
+            ELSE
+                SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p WHERE p.dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                               pm.key_column, pm.local_table) INTO loc USING (v #>> '{}')::uuid;
+                IF loc IS NULL THEN
+                    RAISE EXCEPTION 'field %: record % is linked to no row of map "%"', col.field, v #>> '{}', col.parent
+                        USING ERRCODE = 'foreign_key_violation',
+                              HINT = format('Sync map %s first, or link the row by its dynamics365_related_id.', col.parent);
+                END IF;
+            END IF;
+        ELSIF col.kind IN ('choice', 'choice_value') THEN
+            wire := v;
+            IF col.kind = 'choice_value' THEN
+                loc := v;
+            ELSE
+                SELECT to_jsonb(o ->> 'label') INTO loc FROM jsonb_array_elements(col.options) o
+                 WHERE o -> 'value' = v;
+                IF loc IS NULL THEN
+                    RAISE EXCEPTION 'field %: % is not an option of the choice', col.field, v
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            END IF;
+        ELSIF col.kind IN ('multi', 'multi_value') THEN
+            ids := ARRAY(SELECT DISTINCT trim(x)::integer FROM unnest(string_to_array(v #>> '{}', ',')) x
+                          WHERE trim(x) <> '' ORDER BY 1);
+            wire := to_jsonb(array_to_string(ids, ','));
+            IF col.kind = 'multi_value' THEN
+                loc := to_jsonb(ids);
+            ELSE
+                loc := (SELECT jsonb_agg(o -> 'label' ORDER BY (o ->> 'value')::integer)
+                          FROM jsonb_array_elements(col.options) o
+                         WHERE (o ->> 'value')::integer = ANY (ids));
+                IF jsonb_array_length(coalesce(loc, '[]')) <> cardinality(ids) THEN
+                    RAISE EXCEPTION 'field %: % holds a value that is not an option of the choice', col.field, v
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            END IF;
+        ELSE
+            wire := v; loc := v;
+        END IF;
+        IF wire IS DISTINCT FROM coalesce(synced -> col.wire, 'null'::jsonb) THEN
+            vals := vals || jsonb_build_object(col."column", loc);
+            wires := wires || jsonb_build_object(col.wire, wire);
+        END IF;
+    END LOOP;
+END;
+$$;
+
+/*
+ * The record stage of a map's pull: one page of change-tracking rows.  A
+ * changed row linked to a local row updates the columns whose field
+ * changed in Dynamics since the last sync (as the table's owner,
+ * d365._map_apply), and remembers the values as synced, so the next sync
+ * sends nothing back.  A deleted record unlinks its row (on_remote_delete
+ * 'unlink').  A row that does not fit fails alone (WARNING, last_error).
+ */
+CREATE FUNCTION d365._map_pull_record(page jsonb, map text,
+    OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+    r jsonb;
+    id uuid;
+    k text;
+    st d365.map_row;
+    inc record;
+    msg text;
+    code text;
+BEGIN
+    updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a change-tracking page is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR r IN SELECT jsonb_array_elements(page) LOOP
+        IF jsonb_typeof(r) <> 'object' THEN
+            CONTINUE;
+        END IF;
+        IF r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            IF NOT d365._is_guid(r ->> 'id') THEN
+                CONTINUE;
+            END IF;
+            id := (r ->> 'id')::uuid;
+            EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                           m.key_column, m.local_table) INTO k USING id;
+            IF k IS NOT NULL AND d365._map_set_links(m.name, ARRAY[k], ARRAY[NULL::uuid], ARRAY[id]) IS NOT NULL THEN
+                INSERT INTO d365.map_row AS s (map, row_key) VALUES (m.name, k)
+                ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
+                UPDATE d365.map_row s
+                   SET dynamics_id = NULL, synced = NULL, synced_seq = s.change_seq,
+                       generation = s.generation + 1, remote_deleted_at = now(),
+                       last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
+                 WHERE s.map = m.name AND s.row_key = k;
+                unlinked := unlinked + 1;
+            END IF;
+            CONTINUE;
+        END IF;
+        IF NOT d365._is_guid(r ->> ent.primary_id) THEN
+            CONTINUE;
+        END IF;
+        id := (r ->> ent.primary_id)::uuid;
+        k := NULL;
+        EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                       m.key_column, m.local_table) INTO k USING id;
+        IF k IS NULL THEN
+            CONTINUE;       -- not linked here
+        END IF;
+        INSERT INTO d365.map_row AS s (map, row_key, dynamics_id) VALUES (m.name, k, id)
+        ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
+        SELECT * INTO st FROM d365.map_row s WHERE s.map = m.name AND s.row_key = k;
+        BEGIN
+            inc := d365._map_incoming(m.name, r,
+                                      CASE WHEN st.dynamics_id = id THEN st.synced END);
+            IF inc.vals = '{}' THEN
+                unchanged := unchanged + 1;
+                CONTINUE;
+            END IF;
+            PERFORM d365._map_apply(m.name, inc.vals, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                       OR invalid_parameter_value OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE WARNING 'incoming change of row % of map "%" was not applied: %', k, m.name, msg
+                USING ERRCODE = '01000';
+            UPDATE d365.map_row s
+               SET last_attempt_at = now(), last_error_code = code,
+                   last_error = left('incoming change not applied: ' || msg, 2000)
+             WHERE s.map = m.name AND s.row_key = k;
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        UPDATE d365.map_row s
+           SET synced = CASE WHEN s.dynamics_id = id THEN coalesce(s.synced, '{}') ELSE '{}' END || inc.wires,
+               dynamics_id = id
+         WHERE s.map = m.name AND s.row_key = k;
+        updated := updated + 1;
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_sync(
+    map text DEFAULT NULL,
+    OUT map text, OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT deleted integer, OUT requests integer)
+RETURNS SETOF record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_sync'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365.d365_sync(text) IS
+    'Sends the pending local changes of one table map or of every enabled map (parents first), one row per map; the contact table is the map "contact"';
+
+CREATE FUNCTION d365.d365_pull(
+    map text DEFAULT NULL,
+    OUT map text, OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT deleted integer, OUT requests integer)
+RETURNS SETOF record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_pull'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365.d365_pull(text) IS
+    'Applies the Dynamics changes (change tracking) of one table map or of every enabled map, one row per map; the contact table is the map "contact"';
+
+-- Privileges of the table maps: nothing for PUBLIC.
+REVOKE ALL ON d365.table_map, d365.column_map, d365.map_row, d365.map_change FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365._table_map(text), d365._map_entity(text),
+       d365._map_metadata_refresh(text), d365._map_attributes(text),
+       d365._map_fk_target(regclass, name), d365._map_columns(text),
+       d365._map_capture(), d365._map_capture_install(regclass),
+       d365.d365_map_table(text, regclass, text, name), d365.d365_unmap_table(text),
+       d365.d365_map_column(text, name, text, text, boolean),
+       d365._map_owner_sql(text, text, name[]), d365._map_set_links(text, text[], uuid[], uuid[]),
+       d365._map_apply(text, jsonb, text), d365._map_guid(text, text, integer),
+       d365._map_order(), d365._map_fold_changes(text), d365._map_out_exprs(text),
+       d365._map_work_sql(text),
+       d365._map_record(text[], text[], integer[], text[], text[]),
+       d365._map_pull_start_path(text), d365._map_incoming(text, jsonb, jsonb),
+       d365._map_pull_record(jsonb, text), d365.d365_sync(text), d365.d365_pull(text)
+    FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------

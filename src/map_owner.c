@@ -1,0 +1,135 @@
+/*-------------------------------------------------------------------------
+ *
+ * map_owner.c
+ *	  Writes to a mapped table as its owner, in a security-restricted
+ *	  operation: the table maps' side of src/table_owner.c.
+ *
+ * The statements come from d365._map_owner_sql(map, op, columns)
+ * (sql/install/11_table_maps.sql), never from the caller; they run through
+ * d365_owner_statement(), which checks that the caller holds the UPDATE
+ * right on the columns written and is not bound by the table's row
+ * security, then runs them as the table's owner under search_path =
+ * pg_catalog, pg_temp.  So the triggers, defaults, domains and index
+ * expressions of a mapped table run with its owner's rights, never with
+ * those of whoever runs the sync.
+ *
+ *	 d365._map_set_links(map, keys, ids, expect)  link columns
+ *	 d365._map_apply(map, vals, key)			   incoming values
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+
+#include "table_owner.h"
+
+PG_FUNCTION_INFO_V1(d365_map_set_links);
+PG_FUNCTION_INFO_V1(d365_map_apply);
+
+/* The statement of op for map, its table and the columns it writes. */
+static char *
+owner_sql(Datum map, const char *op, Datum columns, Oid *relid, Datum *cols)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	Datum		args[3] = {map, CStringGetTextDatum(op), columns};
+	char		nulls[3] = {' ', ' ', columns ? ' ' : 'n'};
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	char	   *sql;
+	Datum		c;
+	MemoryContext old;
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT sql, tbl::pg_catalog.oid, columns FROM d365._map_owner_sql($1, $2, $3)",
+							  3, (Oid[]) {TEXTOID, TEXTOID, NAMEARRAYOID}, args, nulls,
+							  true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "d365._map_owner_sql returned no statement");
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	old = MemoryContextSwitchTo(caller);
+	sql = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
+	*relid = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
+	c = SPI_getbinval(tup, desc, 3, &isnull);
+	*cols = isnull ? (Datum) 0 : PointerGetDatum(DatumGetArrayTypePCopy(c));
+	MemoryContextSwitchTo(old);
+	SPI_finish();
+	return sql;
+}
+
+/*
+ * d365._map_set_links(map text, keys text[], ids uuid[], expect uuid[]) -> text[]
+ *		Sets the link columns of the rows with these keys (an id NULL
+ *		unlinks), only where the row is still linked to expect (NULL: only
+ *		where it is still unlinked).  Returns the keys changed.
+ */
+Datum
+d365_map_set_links(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	Datum		cols;
+	char	   *sql;
+	char		nulls[3];
+	Datum		values[3];
+	bool		isnull;
+	Datum		result;
+	int			i;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	for (i = 0; i < 3; i++)
+	{
+		nulls[i] = PG_ARGISNULL(i + 1) ? 'n' : ' ';
+		values[i] = PG_ARGISNULL(i + 1) ? (Datum) 0 : PG_GETARG_DATUM(i + 1);
+	}
+	sql = owner_sql(PG_GETARG_DATUM(0), "links", (Datum) 0, &relid, &cols);
+	result = d365_owner_statement(relid, "links", sql, cols, 3,
+								  (Oid[]) {TEXTARRAYOID, UUIDARRAYOID, UUIDARRAYOID},
+								  values, nulls, TEXTARRAYOID, &isnull);
+	if (isnull)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(result);
+}
+
+/*
+ * d365._map_apply(map text, vals jsonb, row_key text) -> void
+ *		Updates the columns named in vals ({column: JSON value}) of the row
+ *		with that key.
+ */
+Datum
+d365_map_apply(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	Datum		cols;
+	Datum		names;
+	char	   *sql;
+	bool		isnull;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		PG_RETURN_VOID();
+
+	/* the columns named in vals */
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT pg_catalog.array_agg(k::pg_catalog.name ORDER BY k)"
+							  " FROM pg_catalog.jsonb_object_keys($1) k",
+							  1, (Oid[]) {JSONBOID}, (Datum[]) {PG_GETARG_DATUM(1)},
+							  NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not list the columns of an incoming change");
+	names = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	names = isnull ? (Datum) 0 : SPI_datumTransfer(names, false, -1);
+	SPI_finish();
+	if (names == (Datum) 0)
+		PG_RETURN_VOID();
+
+	sql = owner_sql(PG_GETARG_DATUM(0), "apply", names, &relid, &cols);
+	(void) d365_owner_statement(relid, "apply", sql, cols, 2,
+								(Oid[]) {JSONBOID, TEXTOID},
+								(Datum[]) {PG_GETARG_DATUM(1), PG_GETARG_DATUM(2)},
+								NULL, InvalidOid, NULL);
+	PG_RETURN_VOID();
+}

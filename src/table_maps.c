@@ -1,0 +1,224 @@
+/*-------------------------------------------------------------------------
+ *
+ * table_maps.c
+ *	  Table maps: any local table <-> any Dataverse table, as one more
+ *	  engine on the pipeline.
+ *
+ * A map's outgoing sync is the pipeline (src/pipeline.c) with the work
+ * query d365._map_work_sql(map) and the record function d365._map_record
+ * (sql/install/12_map_sync.sql): rows unlinked or changed since their last
+ * sync become upserts (a create, on the row's own id) or updates (If-Match:
+ * *, only what differs), lookups bound to the parent row's record
+ * (<navigation property>@odata.bind), choices sent as their values.  A
+ * map's pull is the pipeline's change-tracking reader (src/pipeline_pull.c)
+ * with the record statement d365._map_pull_record.  Nothing here knows a
+ * table, a column or a Dataverse field: that is all in the SQL.
+ *
+ *	 d365_sync(map)  one run per map (of one, or every enabled map in
+ *		dependency order: parents before children), each under its own
+ *		lock and recorded in d365.sync_run as kind "map:<name>"; the
+ *		attached contact table is the map "contact", synced by the contact
+ *		engine (src/contacts_out.c) last
+ *	 d365_pull(map)  the same for incoming changes; the contact table's
+ *		pull is src/incoming.c's
+ *
+ * Each returns one row per map: map, created, updated, unchanged, failed,
+ * deleted (unlinked because the record was deleted), requests.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "d365_json.h"
+#include "utils/tuplestore.h"
+
+#include "jobs.h"
+#include "pipeline.h"
+#include "runs.h"
+#include "spi_util.h"
+
+PG_FUNCTION_INFO_V1(d365_sync);
+PG_FUNCTION_INFO_V1(d365_pull);
+
+/* The maps a call covers, in dependency order, and whether the contact
+ * table (map "contact") is among them. */
+static List *
+maps_to_run(FunctionCallInfo fcinfo, bool outgoing, bool *contact)
+{
+	char	   *only = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	bool		attached;
+	List	   *names = NIL;
+	uint64		i;
+	MemoryContext caller = CurrentMemoryContext;
+
+	SPI_connect();
+	attached = d365_sql_bool("SELECT EXISTS (SELECT FROM d365.contact_source)", 0, NULL, NULL, NULL);
+	*contact = attached && (only == NULL || strcmp(only, "contact") == 0);
+	if (only != NULL && strcmp(only, "contact") == 0)
+	{
+		if (!attached)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("table map \"contact\" does not exist"),
+					 errhint("The map \"contact\" is the contact table attached with d365_attach_contacts().")));
+		SPI_finish();
+		return NIL;
+	}
+	if (only != NULL)
+	{
+		/* an error when there is no such map */
+		(void) d365_sql_text("SELECT (d365._table_map($1)).name", 1, (Oid[]) {TEXTOID},
+							 (Datum[]) {CStringGetTextDatum(only)});
+	}
+	if (SPI_execute_with_args(outgoing
+							  ? "SELECT o.name FROM d365._map_order() o JOIN d365.table_map t USING (name)"
+							  " WHERE ($1 IS NULL AND t.enabled OR t.name = $1) AND t.direction <> 'in'"
+							  " ORDER BY o.depth, o.name"
+							  : "SELECT o.name FROM d365._map_order() o JOIN d365.table_map t USING (name)"
+							  " WHERE ($1 IS NULL AND t.enabled OR t.name = $1) AND t.direction <> 'out'"
+							  " ORDER BY o.depth, o.name",
+							  1, (Oid[]) {TEXTOID},
+							  (Datum[]) {only ? CStringGetTextDatum(only) : (Datum) 0},
+							  only ? " " : "n", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not list the table maps");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		char	   *name = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		MemoryContext old = MemoryContextSwitchTo(caller);
+
+		names = lappend(names, pstrdup(name));
+		MemoryContextSwitchTo(old);
+	}
+	SPI_finish();
+	return names;
+}
+
+/* One result row from a finished run. */
+static void
+put_row(ReturnSetInfo *rsinfo, const char *map, D365Run *run)
+{
+	Datum		values[7];
+	bool		nulls[7] = {false};
+
+	values[0] = CStringGetTextDatum(map);
+	values[1] = Int32GetDatum((int32) run->counts.created);
+	values[2] = Int32GetDatum((int32) run->counts.updated);
+	values[3] = Int32GetDatum((int32) run->counts.unchanged);
+	values[4] = Int32GetDatum((int32) run->counts.failed);
+	values[5] = Int32GetDatum((int32) run->counts.unlinked);
+	values[6] = Int32GetDatum(run->client ? (int32) run->client->requests : 0);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/* The outgoing run of one map: its work query through the pipeline. */
+static void
+sync_body(D365Run *run, void *arg)
+{
+	const char *map = (const char *) arg;
+	char	   *work_sql;
+
+	work_sql = d365_sql_text("SELECT d365._map_work_sql($1)", 1, (Oid[]) {TEXTOID},
+							 (Datum[]) {CStringGetTextDatum(map)});
+	d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._map_record");
+}
+
+/* The first request of a full read of a map (nothing mapped: an error). */
+static char *
+pull_start_path(const D365PullEngine *engine)
+{
+	char	   *path = d365_sql_text("SELECT d365._map_pull_start_path($1)", 1,
+									 (Oid[]) {TEXTOID},
+									 (Datum[]) {CStringGetTextDatum(engine->arg)});
+
+	if (path == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("no column of map \"%s\" is mapped for incoming changes", engine->arg),
+				 errhint("Map columns with d365_map_column(), direction both or in.")));
+	return path;
+}
+
+/* The incoming run of one map: the change-tracking reader on its table. */
+static void
+pull_body(D365Run *run, void *arg)
+{
+	const char *map = (const char *) arg;
+	D365PullEngine engine = {0};
+	bool		full;
+	int			npages;
+
+	engine.state_key = psprintf("map:%s", map);
+	engine.start_path = pull_start_path;
+	engine.record_sql = "SELECT updated, unchanged, failed, unlinked"
+		" FROM d365._map_pull_record(($1::jsonb) -> 'value', $2)";
+	engine.arg = map;
+	engine.no_delta_hint = "Enable change tracking for the table in Dynamics 365 (Power Apps: Tables, the table, Properties, Track changes).";
+	npages = d365_pipeline_pull(run, &engine, &full);
+	if (full && run->message == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(run->cxt);
+
+		run->message = psprintf("baseline: read map %s in %d page(s)", map, npages);
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/* d365_sync() and d365_pull(): one run per map, one row per run. */
+static Datum
+run_maps(FunctionCallInfo fcinfo, bool outgoing)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	bool		contact;
+	List	   *maps;
+	ListCell   *lc;
+
+	InitMaterializedSRF(fcinfo, 0);
+	maps = maps_to_run(fcinfo, outgoing, &contact);
+	foreach(lc, maps)
+	{
+		char	   *map = (char *) lfirst(lc);
+		D365Run		run;
+
+		d365_run_init(&run, psprintf(outgoing ? "map:%s" : "map-pull:%s", map));
+		(void) d365_run_execute(&run, psprintf(outgoing ? "d365-map-sync:%s" : "d365-map-pull:%s", map),
+								outgoing ? sync_body : pull_body, map);
+		put_row(rsinfo, map, &run);
+	}
+	if (contact)
+	{
+		D365Run		run;
+
+		d365_run_init(&run, outgoing ? "contacts" : "pull");
+		if (outgoing)
+			(void) d365_job_contacts(&run);
+		else
+			(void) d365_job_pull(&run);
+		put_row(rsinfo, "contact", &run);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * d365_sync(map text DEFAULT NULL) -> SETOF (map, created, updated,
+ *		unchanged, failed, deleted, requests)
+ */
+Datum
+d365_sync(PG_FUNCTION_ARGS)
+{
+	return run_maps(fcinfo, true);
+}
+
+/*
+ * d365_pull(map text DEFAULT NULL) -> SETOF (map, created, updated,
+ *		unchanged, failed, deleted, requests)
+ */
+Datum
+d365_pull(PG_FUNCTION_ARGS)
+{
+	return run_maps(fcinfo, false);
+}
