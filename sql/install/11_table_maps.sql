@@ -78,6 +78,7 @@ CREATE TABLE d365.map_change (
 );
 COMMENT ON TABLE d365.map_change IS
     'Keys of mapped rows changed since the last sync of their map (capture triggers)';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_change', '');
 
 /*
  * A map by name, with a clear error when there is none.

@@ -89,6 +89,7 @@ CREATE TABLE d365.map_change (
 );
 COMMENT ON TABLE d365.map_change IS
     'Keys of mapped rows changed since the last sync of their map (capture triggers)';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_change', '');
 
 CREATE TYPE d365._map_outcome AS (
     item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
