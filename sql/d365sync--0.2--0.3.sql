@@ -4352,8 +4352,9 @@ BEGIN
 END;
 $$;
 
--- (Re)creates the capture triggers of a map; as the caller, who must own
--- the table.
+-- (Re)creates the capture triggers of a map and the guard of its link
+-- columns (src/link_guard.c: only d365sync's own link writer may set them);
+-- as the caller, who must own the table.
 CREATE OR REPLACE FUNCTION d365._map_capture_install(tbl regclass)
 RETURNS void
 LANGUAGE plpgsql
@@ -4371,6 +4372,10 @@ BEGIN
                    ' EXECUTE FUNCTION d365._map_capture()', tbl);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture()', tbl);
+    -- the link columns belong to d365sync, as on the contact table
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard'
+                   ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()', tbl);
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'permission denied to create the capture triggers of %', tbl
         USING ERRCODE = 'insufficient_privilege',
@@ -4502,7 +4507,8 @@ BEGIN
         END IF;
         FOR trg IN SELECT g.tgname FROM pg_trigger g
                     WHERE g.tgrelid = m.local_table
-                      AND g.tgfoid = 'd365._map_capture()'::regprocedure LOOP
+                      AND g.tgfoid IN ('d365._map_capture()'::regprocedure,
+                                       'd365._contact_link_guard()'::regprocedure) LOOP
             EXECUTE format('DROP TRIGGER %I ON %s', trg, m.local_table);
         END LOOP;
     END IF;
@@ -5040,7 +5046,7 @@ $$;
  * sends nothing back.  A deleted record unlinks its row (on_remote_delete
  * 'unlink').  A row that does not fit fails alone (WARNING, last_error).
  */
-CREATE OR REPLACE FUNCTION d365._map_pull_record(page jsonb, map text,
+CREATE OR REPLACE FUNCTION d365._map_pull_record(page json, map text,
     OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
 RETURNS record
 LANGUAGE plpgsql
@@ -5049,6 +5055,7 @@ AS $$
 DECLARE
     m d365.table_map := d365._table_map(map);
     ent record := d365._map_entity(m.entity_set);
+    e json;
     r jsonb;
     id uuid;
     k text;
@@ -5058,11 +5065,21 @@ DECLARE
     code text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+    IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR r IN SELECT jsonb_array_elements(page) LOOP
+    FOR e IN SELECT json_array_elements(page) LOOP
+        -- a row holding U+0000 (which jsonb cannot) fails alone
+        BEGIN
+            r := e::jsonb;
+        EXCEPTION WHEN untranslatable_character OR invalid_text_representation THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+            RAISE WARNING 'an incoming change of map "%" was not applied: %', m.name, msg
+                USING ERRCODE = '01000';
+            failed := failed + 1;
+            CONTINUE;
+        END;
         IF jsonb_typeof(r) <> 'object' THEN
             CONTINUE;
         END IF;
@@ -5163,7 +5180,7 @@ REVOKE ALL ON FUNCTION d365._table_map(text), d365._map_entity(text),
        d365._map_work_sql(text),
        d365._map_record(text[], text[], integer[], text[], text[]),
        d365._map_pull_start_path(text), d365._map_incoming(text, jsonb, jsonb),
-       d365._map_pull_record(jsonb, text), d365.d365_sync(text), d365.d365_pull(text)
+       d365._map_pull_record(json, text), d365.d365_sync(text), d365.d365_pull(text)
     FROM PUBLIC;
 
 -- ==========================================================================

@@ -155,7 +155,7 @@ pull_body(D365Run *run, void *arg)
 	engine.state_key = psprintf("map:%s", map);
 	engine.start_path = pull_start_path;
 	engine.record_sql = "SELECT updated, unchanged, failed, unlinked"
-		" FROM d365._map_pull_record(($1::jsonb) -> 'value', $2)";
+		" FROM d365._map_pull_record($1, $2)";
 	engine.arg = map;
 	engine.no_delta_hint = "Enable change tracking for the table in Dynamics 365 (Power Apps: Tables, the table, Properties, Track changes).";
 	npages = d365_pipeline_pull(run, &engine, &full);

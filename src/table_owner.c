@@ -648,8 +648,9 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
  *		in columns (a name[]; NULL: SELECT on the table) and is not bound by
  *		the table's row security, then run sql with its nargs parameters as
  *		the owner of relid in a security-restricted operation with
- *		search_path = pg_catalog, pg_temp.  The statement comes from
- *		d365sync's own SQL, never from the caller.  When restype is set, the
+ *		search_path = pg_catalog, pg_temp (op "links": as d365sync's own
+ *		link writer, which the link columns' guard lets through).  The
+ *		statement comes from d365sync's own SQL, never from the caller.  When restype is set, the
  *		first column of the first row is returned in the caller's memory
  *		context (*isnull when there is none).
  */
@@ -674,7 +675,10 @@ d365_owner_statement(Oid relid, const char *op, const char *sql, Datum columns,
 	owner = relation_owner(relid);
 
 	SPI_connect();
-	as_owner_restricted(owner, run_statement, &call);
+	if (strcmp(op, "links") == 0)
+		as_link_writer(owner, &call);
+	else
+		as_owner_restricted(owner, run_statement, &call);
 	call.result_null = true;
 	if (OidIsValid(restype) && SPI_tuptable != NULL && SPI_processed > 0)
 	{

@@ -235,6 +235,15 @@ else
     notok "the capture function is d365sync's own" "$out"
 fi
 
+# -- 10b. the link columns belong to d365sync: a writer cannot point a row
+# at another row's Dynamics record (its data would go there)
+out=$(q "UPDATE people SET dynamics365_related_id = '$contoso' WHERE id = 3")
+if grep -q 'ERROR' <<<"$out" && [ "$(q "SELECT count(*) FROM people WHERE dynamics365_related_id = '$contoso'")" = 0 ]; then
+    ok "setting a mapped row's link column by hand is refused (the link guard)"
+else
+    notok "the link guard on a mapped table" "$out"
+fi
+
 # -- 11. unmapping removes the triggers, keeps the links
 out=$(q "SELECT d365_unmap_table('project');
          SELECT count(*) FROM pg_trigger WHERE tgrelid = 'projects'::regclass AND tgname LIKE 'd365%';

@@ -381,8 +381,9 @@ BEGIN
 END;
 $$;
 
--- (Re)creates the capture triggers of a map; as the caller, who must own
--- the table.
+-- (Re)creates the capture triggers of a map and the guard of its link
+-- columns (src/link_guard.c: only d365sync's own link writer may set them);
+-- as the caller, who must own the table.
 CREATE FUNCTION d365._map_capture_install(tbl regclass)
 RETURNS void
 LANGUAGE plpgsql
@@ -400,6 +401,10 @@ BEGIN
                    ' EXECUTE FUNCTION d365._map_capture()', tbl);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture()', tbl);
+    -- the link columns belong to d365sync, as on the contact table
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard'
+                   ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()', tbl);
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'permission denied to create the capture triggers of %', tbl
         USING ERRCODE = 'insufficient_privilege',
@@ -530,7 +535,8 @@ BEGIN
         END IF;
         FOR trg IN SELECT g.tgname FROM pg_trigger g
                     WHERE g.tgrelid = m.local_table
-                      AND g.tgfoid = 'd365._map_capture()'::regprocedure LOOP
+                      AND g.tgfoid IN ('d365._map_capture()'::regprocedure,
+                                       'd365._contact_link_guard()'::regprocedure) LOOP
             EXECUTE format('DROP TRIGGER %I ON %s', trg, m.local_table);
         END LOOP;
     END IF;

@@ -425,7 +425,7 @@ $$;
  * sends nothing back.  A deleted record unlinks its row (on_remote_delete
  * 'unlink').  A row that does not fit fails alone (WARNING, last_error).
  */
-CREATE FUNCTION d365._map_pull_record(page jsonb, map text,
+CREATE FUNCTION d365._map_pull_record(page json, map text,
     OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
 RETURNS record
 LANGUAGE plpgsql
@@ -434,6 +434,7 @@ AS $$
 DECLARE
     m d365.table_map := d365._table_map(map);
     ent record := d365._map_entity(m.entity_set);
+    e json;
     r jsonb;
     id uuid;
     k text;
@@ -443,11 +444,21 @@ DECLARE
     code text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    IF page IS NULL OR jsonb_typeof(page) <> 'array' THEN
+    IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR r IN SELECT jsonb_array_elements(page) LOOP
+    FOR e IN SELECT json_array_elements(page) LOOP
+        -- a row holding U+0000 (which jsonb cannot) fails alone
+        BEGIN
+            r := e::jsonb;
+        EXCEPTION WHEN untranslatable_character OR invalid_text_representation THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+            RAISE WARNING 'an incoming change of map "%" was not applied: %', m.name, msg
+                USING ERRCODE = '01000';
+            failed := failed + 1;
+            CONTINUE;
+        END;
         IF jsonb_typeof(r) <> 'object' THEN
             CONTINUE;
         END IF;
@@ -548,7 +559,7 @@ REVOKE ALL ON FUNCTION d365._table_map(text), d365._map_entity(text),
        d365._map_work_sql(text),
        d365._map_record(text[], text[], integer[], text[], text[]),
        d365._map_pull_start_path(text), d365._map_incoming(text, jsonb, jsonb),
-       d365._map_pull_record(jsonb, text), d365.d365_sync(text), d365.d365_pull(text)
+       d365._map_pull_record(json, text), d365.d365_sync(text), d365.d365_pull(text)
     FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
