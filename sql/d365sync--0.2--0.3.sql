@@ -4372,10 +4372,19 @@ BEGIN
                    ' EXECUTE FUNCTION d365._map_capture()', tbl);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture()', tbl);
-    -- the link columns belong to d365sync, as on the contact table
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard'
-                   ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
-                   ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()', tbl);
+    -- the link columns belong to d365sync: the contact table's guard, with
+    -- the same triggers (called only for rows that set a link value)
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
+                   ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+                   '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+                   ' EXECUTE FUNCTION d365._contact_link_guard()', tbl);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+                   ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+                   ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+                   '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+                   '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+                   '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+                   ' EXECUTE FUNCTION d365._contact_link_guard()', tbl);
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'permission denied to create the capture triggers of %', tbl
         USING ERRCODE = 'insufficient_privilege',
