@@ -245,6 +245,21 @@ REVOKE ALL ON dv.accounts FROM regress_fdw_reader;
 DROP ROLE regress_fdw_reader;
 DROP ROLE regress_fdw_owner;
 
+-- a custom table: its lookup joins to accounts, a multi-select choice reads
+-- as Dataverse sends it, date-only and choice conditions are sent
+SELECT * FROM pg_temp.sent(:'simctl') WHERE false;
+SELECT logical_name, attribute_type, options, column_name, column_type
+  FROM d365_describe('new_project') WHERE logical_name IN ('new_services', 'new_startdate');
+IMPORT FOREIGN SCHEMA dataverse LIMIT TO (new_projects) FROM SERVER dataverse INTO dv;
+\! "$D365_SIMCTL" edit new_project '{"op":"create","id":"b0000000-0000-4000-8000-000000000001","values":{"new_name":"Rollout","new_services":"100000000,100000002","new_stage":100000001,"new_startdate":"2026-03-01","new_budget":12500.5,"new_AccountId@odata.bind":"/accounts(a0000000-0000-4000-8000-000000000002)"}}'
+\! "$D365_SIMCTL" edit new_project '{"op":"create","id":"b0000000-0000-4000-8000-000000000002","values":{"new_name":"Pilot","new_stage":100000000,"new_startdate":"2025-11-15"}}'
+SELECT p.new_name, p.new_services, p.new_stage, p.new_startdate, p.new_budget, a.name AS account
+  FROM dv.new_projects p LEFT JOIN dv.accounts a ON a.accountid = p._new_accountid_value
+ ORDER BY p.new_startdate NULLS FIRST;
+SELECT new_name FROM dv.new_projects
+ WHERE new_startdate >= '2026-01-01' AND new_stage IN (100000001, 100000002);
+SELECT * FROM pg_temp.sent(:'simctl');
+
 -- read-only
 UPDATE dv.accounts SET name = 'x' WHERE numberofemployees = 200;
 DELETE FROM dv.accounts;

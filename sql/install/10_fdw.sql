@@ -80,7 +80,7 @@ AS $$
                        ORDER BY (o ->> 'Value')::integer)
               FROM jsonb_array_elements(coalesce(a #> '{OptionSet,Options}', '[]')) o)
       FROM unnest(ARRAY['PicklistAttributeMetadata', 'StateAttributeMetadata',
-                        'StatusAttributeMetadata']) cast_name,
+                        'StatusAttributeMetadata', 'MultiSelectPicklistAttributeMetadata']) cast_name,
            LATERAL jsonb_array_elements(d365._get_cached(format(
                'EntityDefinitions(LogicalName=''%s'')/Attributes/Microsoft.Dynamics.CRM.%s?$select=LogicalName&$expand=OptionSet',
                entity, cast_name))) a
@@ -104,8 +104,11 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT a ->> 'LogicalName',
-           coalesce(nullif(a #>> '{AttributeTypeName,Value}', a ->> 'AttributeType' || 'Type'),
-                    a ->> 'AttributeType'),
+           -- Virtual attributes say what they are in AttributeTypeName
+           -- (MultiSelectPicklistType: a multi-select choice)
+           CASE WHEN a ->> 'AttributeType' = 'Virtual' AND a #>> '{AttributeTypeName,Value}' IS NOT NULL
+                THEN regexp_replace(a #>> '{AttributeTypeName,Value}', 'Type$', '')
+                ELSE a ->> 'AttributeType' END,
            (a ->> 'MaxLength')::integer,
            coalesce(a #>> '{RequiredLevel,Value}' IN ('SystemRequired', 'ApplicationRequired'), false),
            CASE WHEN jsonb_typeof(a -> 'Targets') = 'array'
