@@ -63,7 +63,7 @@ DROP SCHEMA dv_rest CASCADE;
 RESET client_min_messages;
 IMPORT FOREIGN SCHEMA dataverse LIMIT TO (nosuchthings) FROM SERVER dataverse INTO dv;
 IMPORT FOREIGN SCHEMA crm FROM SERVER dataverse INTO dv;
-SELECT * FROM pg_temp.sent(:'simctl') WHERE false;
+SELECT count(*) >= 0 AS cleared FROM pg_temp.sent(:'simctl');
 
 -- a plain scan: the columns used, nothing else
 SELECT name, revenue, numberofemployees FROM dv.accounts ORDER BY name COLLATE "C";
@@ -247,7 +247,7 @@ DROP ROLE regress_fdw_owner;
 
 -- a custom table: its lookup joins to accounts, a multi-select choice reads
 -- as Dataverse sends it, date-only and choice conditions are sent
-SELECT * FROM pg_temp.sent(:'simctl') WHERE false;
+SELECT count(*) >= 0 AS cleared FROM pg_temp.sent(:'simctl');
 SELECT logical_name, attribute_type, options, column_name, column_type
   FROM d365_describe('new_project') WHERE logical_name IN ('new_services', 'new_startdate');
 IMPORT FOREIGN SCHEMA dataverse LIMIT TO (new_projects) FROM SERVER dataverse INTO dv;
