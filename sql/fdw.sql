@@ -260,6 +260,20 @@ SELECT new_name FROM dv.new_projects
  WHERE new_startdate >= '2026-01-01' AND new_stage IN (100000001, 100000002);
 SELECT * FROM pg_temp.sent(:'simctl');
 
+-- ANALYZE reads the table once and gives the planner its rows and values
+SELECT count(*) >= 0 AS cleared FROM pg_temp.sent(:'simctl');
+ANALYZE dv.accounts;
+SELECT reltuples, relpages FROM pg_class WHERE oid = 'dv.accounts'::regclass;
+SELECT attname, n_distinct, null_frac FROM pg_stats
+ WHERE schemaname = 'dv' AND tablename = 'accounts' AND attname IN ('numberofemployees', 'revenue')
+ ORDER BY 1;
+SELECT * FROM pg_temp.sent(:'simctl');
+-- the table's rows option, when set, stays the planner's estimate
+ALTER FOREIGN TABLE dv.accounts OPTIONS (ADD rows '123456');
+EXPLAIN SELECT accountid FROM dv.accounts;
+ALTER FOREIGN TABLE dv.accounts OPTIONS (DROP rows);
+EXPLAIN SELECT accountid FROM dv.accounts;
+
 -- read-only
 UPDATE dv.accounts SET name = 'x' WHERE numberofemployees = 200;
 DELETE FROM dv.accounts;

@@ -327,9 +327,9 @@ get_rel_size(PlannerInfo *root, RelOptInfo *baserel, Oid relid)
 		pull_varattnos((Node *) ((RestrictInfo *) lfirst(lc))->clause, baserel->relid,
 					   &frel->attrs_used);
 
-	/* rows: ANALYZE's count if any, else the table's rows option, else 1000 */
-	tuples = baserel->tuples >= 0 && baserel->pages > 0 ? baserel->tuples :
-		rows_option >= 0 ? rows_option : DEFAULT_ROWS;
+	/* rows: the table's rows option if set, else ANALYZE's count, else 1000 */
+	tuples = rows_option >= 0 ? rows_option :
+		baserel->tuples >= 0 && baserel->pages > 0 ? baserel->tuples : DEFAULT_ROWS;
 	baserel->tuples = tuples;
 	frel->remote_rows = clamp_row_est(tuples *
 									  clauselist_selectivity(root, frel->remote_conds,
@@ -621,21 +621,68 @@ import_schema(ImportForeignSchemaStmt *stmt, Oid serverOid)
 	return a.commands;
 }
 
-/* The scan owner's right to the server, checked when a scan starts. */
+/* A foreign table reads Dataverse only while its owner holds USAGE on its server. */
 static void
-begin_scan(ForeignScanState *node, int eflags)
+check_owner_usage(Relation rel)
 {
-	Relation	rel = node->ss.ss_currentRelation;
 	ForeignTable *ft = GetForeignTable(RelationGetRelid(rel));
 
-	if (!(eflags & EXEC_FLAG_EXPLAIN_ONLY) &&
-		pg_foreign_server_aclcheck(ft->serverid, rel->rd_rel->relowner, ACL_USAGE) != ACLCHECK_OK)
+	if (pg_foreign_server_aclcheck(ft->serverid, rel->rd_rel->relowner, ACL_USAGE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("owner of foreign table \"%s\" has no USAGE on server \"%s\"",
 						RelationGetRelationName(rel), GetForeignServer(ft->serverid)->servername),
 				 errhint("A d365_fdw foreign table reads Dataverse only while its owner holds USAGE on its server.")));
+}
+
+/* The scan owner's right to the server, checked when a scan starts. */
+static void
+begin_scan(ForeignScanState *node, int eflags)
+{
+	if (!(eflags & EXEC_FLAG_EXPLAIN_ONLY))
+		check_owner_usage(node->ss.ss_currentRelation);
 	d365_fdw_begin(node, eflags);
+}
+
+/*
+ * acquire_sample_rows
+ *		ANALYZE: read every column of every row and keep a sample
+ *		(d365_fdw_sample); the row count becomes the planner's estimate.
+ */
+static int
+acquire_sample_rows(Relation rel, int elevel, HeapTuple *rows, int targrows,
+					double *totalrows, double *totaldeadrows)
+{
+	double		rows_option;
+	D365FdwRel *frel;
+	List	   *attrs = NIL;
+	List	   *fields = NIL;
+	StringInfoData select;
+	int			i;
+
+	check_owner_usage(rel);
+	frel = table_info(RelationGetRelid(rel), &rows_option);
+	initStringInfo(&select);
+	for (i = 1; i <= frel->natts; i++)
+	{
+		if (frel->fields[i] == NULL)
+			continue;
+		attrs = lappend_int(attrs, i);
+		fields = lappend(fields, makeString(frel->fields[i]));
+		appendStringInfo(&select, "%s%s", select.len ? "," : "", frel->fields[i]);
+	}
+	*totaldeadrows = 0;
+	return d365_fdw_sample(rel, frel->entity_set, select.data, attrs, fields,
+						   frel->page_size, elevel, rows, targrows, totalrows);
+}
+
+/* ANALYZE of a foreign table: supported, by reading it (acquire_sample_rows). */
+static bool
+analyze_table(Relation rel, AcquireSampleRowsFunc *func, BlockNumber *totalpages)
+{
+	*func = acquire_sample_rows;
+	*totalpages = 1;
+	return true;
 }
 
 /*
@@ -655,6 +702,7 @@ d365_fdw_handler(PG_FUNCTION_ARGS)
 	r->ReScanForeignScan = d365_fdw_rescan;
 	r->EndForeignScan = d365_fdw_end;
 	r->ExplainForeignScan = explain_scan;
+	r->AnalyzeForeignTable = analyze_table;
 	r->ImportForeignSchema = import_schema;
 	PG_RETURN_POINTER(r);
 }

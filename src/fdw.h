@@ -25,6 +25,7 @@
 #include "nodes/execnodes.h"
 #include "commands/explain.h"
 #include "nodes/pathnodes.h"
+#include "utils/relcache.h"
 
 /* Rows per request when the server sets no page_size (Dataverse's maximum). */
 #define D365_FDW_MAX_PAGE 5000
@@ -106,5 +107,8 @@ extern void d365_fdw_begin(ForeignScanState *node, int eflags);
 extern TupleTableSlot *d365_fdw_iterate(ForeignScanState *node);
 extern void d365_fdw_rescan(ForeignScanState *node);
 extern void d365_fdw_end(ForeignScanState *node);
+extern int	d365_fdw_sample(Relation rel, const char *entity_set, const char *select,
+							List *attrs, List *fields, int page_size, int elevel,
+							HeapTuple *rows, int targrows, double *totalrows);
 
 #endif							/* D365_FDW_H */

@@ -40,11 +40,13 @@
 #include "catalog/pg_type.h"
 #include "common/shortest_dec.h"
 #include "executor/executor.h"
+#include "commands/vacuum.h"
 #include "miscadmin.h"
 #include "nodes/nodeFuncs.h"
 #include "utils/memutils.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/sampling.h"
 
 #include "auth.h"
 #include "fdw.h"
@@ -78,6 +80,8 @@ typedef struct D365FdwScan
 	const char *relname;
 	const char *field;
 } D365FdwScan;
+
+static void setup_columns(D365FdwScan *st, TupleDesc desc, List *attrs, List *fields);
 
 /* Error context: which column of which table was being read. */
 static void
@@ -181,7 +185,6 @@ d365_fdw_begin(ForeignScanState *node, int eflags)
 	List	   *attrs;
 	List	   *fields;
 	int			page_size;
-	int			i;
 
 	if (eflags & EXEC_FLAG_EXPLAIN_ONLY)
 		return;
@@ -201,6 +204,24 @@ d365_fdw_begin(ForeignScanState *node, int eflags)
 	page_size = intVal(list_nth(priv, D365_FDW_PRIV_PAGE_SIZE));
 	attrs = list_nth(priv, D365_FDW_PRIV_ATTRS);
 	fields = list_nth(priv, D365_FDW_PRIV_FIELDS);
+	setup_columns(st, desc, attrs, fields);
+
+	st->client = d365_client_open();
+	st->pages = d365_pages_open(st->client, st->path, NULL, 0);
+	/* with $top, ask for no more rows than that in one page */
+	st->pages->page_size = st->top > 0 ? Min(st->top, page_size) : page_size;
+	node->fdw_state = st;
+}
+
+/*
+ * setup_columns
+ *		The columns a scan reads (attribute numbers and Dataverse names),
+ *		their types checked and their input functions looked up.
+ */
+static void
+setup_columns(D365FdwScan *st, TupleDesc desc, List *attrs, List *fields)
+{
+	int			i;
 
 	st->ncols = list_length(attrs);
 	st->attnums = palloc(sizeof(AttrNumber) * Max(st->ncols, 1));
@@ -223,12 +244,6 @@ d365_fdw_begin(ForeignScanState *node, int eflags)
 		getTypeInputInfo(att->atttypid, &input, &st->ioparams[i]);
 		fmgr_info(input, &st->inputs[i]);
 	}
-
-	st->client = d365_client_open();
-	st->pages = d365_pages_open(st->client, st->path, NULL, 0);
-	/* with $top, ask for no more rows than that in one page */
-	st->pages->page_size = st->top > 0 ? Min(st->top, page_size) : page_size;
-	node->fdw_state = st;
 }
 
 /* A JSON value as the text a type's input function reads. */
@@ -419,4 +434,95 @@ d365_fdw_end(ForeignScanState *node)
 		return;
 	d365_pages_close(st->pages);
 	node->fdw_state = NULL;
+}
+
+/*
+ * d365_fdw_sample
+ *		ANALYZE's sample of a foreign table: every row of the entity set is
+ *		read (columns attrs, Dataverse names fields, $select select), page by
+ *		page, and up to targrows of them are kept by reservoir sampling, as
+ *		postgres_fdw does for its remote tables.  *totalrows is the number
+ *		of rows read.  Memory: one page, the sample, one row at a time.
+ */
+int
+d365_fdw_sample(Relation rel, const char *entity_set, const char *select, List *attrs,
+				List *fields, int page_size, int elevel, HeapTuple *rows, int targrows,
+				double *totalrows)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	D365FdwScan st;
+	ReservoirStateData rstate;
+	ErrorContextCallback errcb;
+	MemoryContext rowcxt;
+	MemoryContext old;
+	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
+	double		seen = 0;
+	double		skip = -1;
+	int			kept = 0;
+
+	memset(&st, 0, sizeof(st));
+	st.relname = RelationGetRelationName(rel);
+	setup_columns(&st, desc, attrs, fields);
+	st.path = d365_fdw_request_text(entity_set, select, "", "", 0, true);
+	st.client = d365_client_open();
+	st.pages = d365_pages_open(st.client, st.path, NULL, 0);
+	st.pages->page_size = page_size;
+	rowcxt = AllocSetContextCreate(CurrentMemoryContext, "d365_fdw analyze row",
+								   ALLOCSET_DEFAULT_SIZES);
+	reservoir_init_selection_state(&rstate, targrows);
+	errcb.callback = value_context;
+	errcb.arg = &st;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+
+	while ((st.rows != NULL && st.next < json_array_size(st.rows)) || next_page(&st))
+	{
+		json_t	   *row = json_array_get(st.rows, st.next++);
+		bool		keep;
+		int			slot = kept;
+		int			i;
+
+		vacuum_delay_point();
+		if (kept < targrows)
+			keep = true;
+		else
+		{
+			if (skip < 0)
+				skip = reservoir_get_next_S(&rstate, seen, targrows);
+			keep = (skip <= 0);
+			if (keep)
+				slot = (int) (targrows * sampler_random_fract(&rstate.randstate));
+			skip -= 1;
+		}
+		seen += 1;
+		if (!keep || !json_is_object(row))
+			continue;
+
+		memset(nulls, true, sizeof(bool) * desc->natts);
+		old = MemoryContextSwitchTo(rowcxt);
+		for (i = 0; i < st.ncols; i++)
+		{
+			AttrNumber	a = st.attnums[i] - 1;
+
+			st.field = st.fields[i];
+			values[a] = column_value(&st, i, row, &nulls[a]);
+		}
+		st.field = NULL;
+		MemoryContextSwitchTo(old);
+		if (slot < kept)
+			heap_freetuple(rows[slot]);
+		rows[slot] = heap_form_tuple(desc, values, nulls);
+		if (slot == kept)
+			kept++;
+		MemoryContextReset(rowcxt);
+	}
+	error_context_stack = errcb.previous;
+	d365_pages_close(st.pages);
+	MemoryContextDelete(rowcxt);
+	*totalrows = seen;
+	ereport(elevel,
+			(errmsg("\"%s\": read %.0f rows from Dataverse, %d rows in sample",
+					RelationGetRelationName(rel), seen, kept)));
+	return kept;
 }

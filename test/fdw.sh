@@ -86,6 +86,18 @@ else
     notok "a selective query fetches only its rows" "result: $out" "sent: $sent"
 fi
 
+# -- ANALYZE reads the rows once: the planner then expects about 500 rows
+# (1 %) of the query above, not the 5 of a table it knows nothing about
+out=$(psqlq -c "ANALYZE dv.accounts" \
+            -c "SELECT reltuples FROM pg_class WHERE oid = 'dv.accounts'::regclass" \
+            -c "EXPLAIN SELECT * FROM dv.accounts WHERE numberofemployees = 7" 2>&1)
+est=$(sed -n 's/.*Foreign Scan.* rows=\([0-9]*\).*/\1/p' <<<"$out")
+if [ "$(sed -n 1p <<<"$out")" = 50002 ] && [ -n "$est" ] && [ "$est" -ge 300 ] && [ "$est" -le 700 ]; then
+    ok "ANALYZE counts the 50,002 rows and the planner expects $est rows of the 1 % query"
+else
+    notok "ANALYZE of a foreign table" "$out"
+fi
+
 # -- 3. a page answered with 429 (service protection) is asked for again
 # after Retry-After, as the sync's requests are: the scan is whole
 simctl clear-requests >/dev/null
