@@ -192,10 +192,46 @@ note_key(text *key, text *old_key)
 }
 
 /*
+ * capture_key_attnum
+ *		The key column a capture trigger watches: its arguments are the
+ *		key's attribute number and (since 0.3) its name.  A table rebuilt
+ *		by a restore numbers its columns afresh (dropped columns are not
+ *		recreated), so where the name is given and a column has it, that
+ *		column is the key; otherwise (the key column renamed) the number
+ *		is.  The same rule as d365._capture_key_attnum() and
+ *		d365._attachment_problem().  0 when neither names a live column.
+ */
+static int
+capture_key_attnum(Trigger *trigger, TupleDesc tupdesc)
+{
+	int			attnum = atoi(trigger->tgargs[0]);
+	int			i;
+
+	if (trigger->tgnargs > 1)
+	{
+		if (attnum >= 1 && attnum <= tupdesc->natts &&
+			!TupleDescAttr(tupdesc, attnum - 1)->attisdropped &&
+			strcmp(NameStr(TupleDescAttr(tupdesc, attnum - 1)->attname), trigger->tgargs[1]) == 0)
+			return attnum;
+		for (i = 0; i < tupdesc->natts; i++)
+		{
+			Form_pg_attribute a = TupleDescAttr(tupdesc, i);
+
+			if (!a->attisdropped && strcmp(NameStr(a->attname), trigger->tgargs[1]) == 0)
+				return i + 1;
+		}
+	}
+	if (attnum < 1 || attnum > tupdesc->natts || TupleDescAttr(tupdesc, attnum - 1)->attisdropped)
+		return 0;
+	return attnum;
+}
+
+/*
  * d365._contact_capture_row() -> trigger
  *		AFTER UPDATE FOR EACH ROW (behind the WHEN clause): notes NEW's key,
  *		and OLD's when the key changed.  tgargs[0] is the key column's
- *		attribute number.  Runs as the writing user; runs d365's SQL only
+ *		attribute number, tgargs[1] (when given) its name: see
+ *		capture_key_attnum.  Runs as the writing user; runs d365's SQL only
  *		every FLUSH_CHUNK keys (flush_as_owner).
  */
 Datum
@@ -215,18 +251,16 @@ d365_capture_row(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
 		!TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ||
-		trigdata->tg_trigger->tgnargs != 1)
+		trigdata->tg_trigger->tgnargs < 1 || trigdata->tg_trigger->tgnargs > 2)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("d365._contact_capture_row() must be an AFTER UPDATE row trigger with one argument")));
+				 errmsg("d365._contact_capture_row() must be an AFTER UPDATE row trigger with one or two arguments")));
 
 	tupdesc = RelationGetDescr(trigdata->tg_relation);
-	attnum = atoi(trigdata->tg_trigger->tgargs[0]);
-	if (attnum < 1 || attnum > tupdesc->natts)
+	attnum = capture_key_attnum(trigdata->tg_trigger, tupdesc);
+	if (attnum < 1)
 		return PointerGetDatum(NULL);
 	att = TupleDescAttr(tupdesc, attnum - 1);
-	if (att->attisdropped)
-		return PointerGetDatum(NULL);
 
 	oldcxt = MemoryContextSwitchTo(TopTransactionContext);
 	value = heap_getattr(trigdata->tg_newtuple, attnum, tupdesc, &isnull);

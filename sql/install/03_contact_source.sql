@@ -412,7 +412,10 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE sql STABLE
 AS $$ SELECT now() + least(interval '5 minutes' * power(2, greatest(failures - 1, 0)), interval '1 day') $$;
 
--- Field map validation: the column must exist and be mappable.
+-- Field map validation: the column must exist and be mappable.  Checks the
+-- attached table, not its capture triggers: a restore (pg_restore, or psql
+-- running a plain dump) loads the map in its data section and the
+-- application table's triggers only after all data.
 CREATE FUNCTION d365._field_map_check()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -423,7 +426,7 @@ DECLARE
     typ regtype;
     generated boolean;
 BEGIN
-    src := d365._contact_source();
+    src := d365._contact_source_table();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
         RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
             USING ERRCODE = 'invalid_parameter_value',
@@ -490,7 +493,16 @@ RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    src d365.contact_source;
 BEGIN
+    -- Only while the table is attached with its capture triggers.  In a
+    -- restore they come after the data (the map is the one they were made
+    -- for, not a change); a broken attachment is repaired by attaching again.
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND OR d365._attachment_problem(src) IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
     UPDATE d365.contact_state SET change_seq = change_seq + 1, pending_since = now()
      WHERE synced IS NOT NULL AND change_seq = synced_seq;
     PERFORM d365._contact_capture_install();
@@ -628,5 +640,38 @@ AS $$
 $$;
 COMMENT ON FUNCTION d365.d365_contact_fields() IS
     'Columns of the contact table that can be mapped, with their type and current mapping';
+
+/*
+ * The attached table for a check of the field map (whose writers hold
+ * EXECUTE on d365's functions): as d365._contact_source()
+ * but without requiring the capture triggers (d365._attachment_table_problem).
+ * A restore loads the field map with the data, before the application
+ * table's triggers; d365_status() and every sync still require them.
+ */
+CREATE FUNCTION d365._contact_source_table()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    problem text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    problem := d365._attachment_table_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
+    END IF;
+    RETURN src;
+END;
+$$;
 
 -- ---------------------------------------------------------------------------

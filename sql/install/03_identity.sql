@@ -28,35 +28,22 @@ DECLARE
     key_att pg_attribute;
     trg text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
-        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    trg := d365._attachment_table_problem(src);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
     END IF;
     SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
-    IF NOT FOUND THEN
-        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
-    END IF;
-    IF key_att.atttypid <> ALL (d365._key_types()) THEN
-        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
-                      src.key_column, src.contact_table, key_att.atttypid::regtype);
-    END IF;
-    -- the score and link columns are compared and converted by d365's own
-    -- expressions: a type of the owner's making there (by ALTER TABLE after
-    -- attaching) would run its casts and operators with the caller's rights.
-    -- Checked under the table's lock, so that no ALTER TABLE comes between
-    -- this check and the statements that rely on it.
-    trg := d365._contact_table_problem(src.contact_table, src.score_column);
-    IF trg IS NOT NULL THEN
-        RETURN trg;
-    END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
                                'd365_capture_truncate', 'd365_link_guard', 'd365_link_guard_update'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
-                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+                          AND (t.tgnargs = 0 OR
+                               d365._capture_key_attnum(src.contact_table, d365._trigger_args(t.tgargs))
+                                   = key_att.attnum)) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
         END IF;
@@ -86,9 +73,11 @@ $$;
  *   d365_link_guard_update     columns, per row, WHEN a link value is set or
  *                              changed: refuses link values d365sync did not
  *                              write, undoing the statement (src/link_guard.c)
- * The key column is passed by attribute number, so renaming it never breaks
- * the application's writes (d365_status() reports the attachment broken
- * until the table is attached again under the new name).
+ * The key column is passed by attribute number and by name
+ * (d365._capture_key_attnum): renaming it never breaks the application's
+ * writes (d365_status() reports the attachment broken until the table is
+ * attached again under the new name), and a copy of the table restored by
+ * pg_restore, which numbers the columns afresh, watches the same column.
  */
 
 /*
@@ -172,7 +161,7 @@ DECLARE
     keys text[];
 BEGIN
     SELECT a.attname INTO key_name FROM pg_attribute a
-     WHERE a.attrelid = TG_RELID AND a.attnum = TG_ARGV[0]::smallint
+     WHERE a.attrelid = TG_RELID AND a.attnum = d365._capture_key_attnum(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1]])
        AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types());
     IF key_name IS NULL THEN
         RETURN NULL;        -- broken attachment: d365_status() reports it
@@ -274,8 +263,8 @@ BEGIN
        AND (a.attnum = key_num
             OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
-                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
-                   src.contact_table, changed, key_num);
+                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
+                   src.contact_table, changed, key_num, src.key_column);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
                    src.contact_table);
@@ -284,8 +273,8 @@ BEGIN
                    src.contact_table);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
                    ' REFERENCING OLD TABLE AS d365_gone'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L)',
-                   src.contact_table, key_num);
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
+                   src.contact_table, key_num, src.key_column);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                    src.contact_table);
@@ -401,3 +390,69 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------
+
+/*
+ * The arguments of a trigger, from pg_trigger.tgargs.
+ */
+CREATE FUNCTION d365._trigger_args(tgargs bytea)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(replace(a, '\\', '\') ORDER BY n) FILTER (WHERE n < total), '{}')
+      FROM (SELECT a, n, count(*) OVER () AS total
+              FROM regexp_split_to_table(encode(tgargs, 'escape'), '\\000') WITH ORDINALITY x(a, n)) y
+$$;
+
+/*
+ * The column a capture trigger watches, from its arguments (key attribute
+ * number, key name): the column of that name where one exists -- a table
+ * restored by pg_restore numbers its columns afresh, without the dropped
+ * ones -- otherwise (the key renamed) the column of that number.  NULL
+ * when neither is a live column.  src/capture.c applies the same rule.
+ */
+CREATE FUNCTION d365._capture_key_attnum(tbl regclass, args text[])
+RETURNS smallint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(
+        (SELECT a.attnum FROM pg_attribute a
+          WHERE a.attrelid = tbl AND cardinality(args) > 1 AND a.attname = args[2]
+            AND a.attnum > 0 AND NOT a.attisdropped),
+        (SELECT a.attnum FROM pg_attribute a
+          WHERE a.attrelid = tbl AND args[1] ~ '^[0-9]{1,4}$' AND a.attnum = args[1]::smallint
+            AND a.attnum > 0 AND NOT a.attisdropped))
+$$;
+
+-- The table part of d365._attachment_problem: the table, its key, score and
+-- link columns; not the capture triggers.
+CREATE FUNCTION d365._attachment_table_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    RETURN d365._contact_table_problem(src.contact_table, src.score_column);
+END;
+$$;
