@@ -70,15 +70,23 @@ SELECT * FROM d365_contact_fields();
 SELECT * FROM d365_dynamics_fields()
  WHERE logical_name IN ('emailaddress1', 'fullname', 'contactid', 'gendercode', 'parentcustomerid', 'birthdate');
 SELECT * FROM d365_validate_mapping();
--- bad mappings are reported with the reason
+-- bad mappings are refused when written, with the reason (Dynamics metadata)
+INSERT INTO d365.field_map VALUES ('note', 'no_such_field');
+INSERT INTO d365.field_map VALUES ('score', 'jobtitle');
+INSERT INTO d365.field_map VALUES ('note', 'fullname');
+INSERT INTO d365.field_map VALUES ('score', 'ownerid');
+INSERT INTO d365.field_map VALUES ('score', 'donotphone');
+-- written while the metadata cannot be read, they are accepted with a
+-- WARNING, and d365_validate_mapping() reports them
+DELETE FROM d365.metadata_cache;
+\! "$D365_SIMCTL" fault '{"path_regex": "EntityDefinitions", "status": 400, "json": {"error": {"code": "0x80060888", "message": "Metadata is unavailable."}}, "times": null}'
 INSERT INTO d365.field_map VALUES ('note', 'no_such_field'), ('score', 'jobtitle');
+\! "$D365_SIMCTL" clear-faults
 SELECT * FROM d365_validate_mapping();
-UPDATE d365.field_map SET dynamics_field = 'fullname' WHERE column_name = 'note';
-UPDATE d365.field_map SET dynamics_field = 'ownerid' WHERE column_name = 'score';
-SELECT * FROM d365_validate_mapping();
+-- a field that can be set on create only is reported, not refused
 UPDATE d365.field_map SET dynamics_field = 'contactid' WHERE column_name = 'note';
 UPDATE d365.field_map SET dynamics_field = 'birthdate' WHERE column_name = 'birthday';
-UPDATE d365.field_map SET dynamics_field = 'donotphone' WHERE column_name = 'score';
+DELETE FROM d365.field_map WHERE column_name = 'score';
 SELECT * FROM d365_validate_mapping();
 DELETE FROM d365.field_map WHERE column_name IN ('note', 'score');
 

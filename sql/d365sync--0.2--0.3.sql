@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (148), as
+ *   - the 0.3 install script: every function and procedure (155), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -251,6 +251,18 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       DETAIL = format('The value was %L.', NEW.org_url),
                       HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+        -- the organization's root: d365sync adds /api/data/<version>/, and
+        -- Entra ID issues tokens for the root only (AADSTS500011 otherwise).
+        -- A value kept from an earlier release is refused once it is changed.
+        IF NEW.org_url ~ '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*[/?#]' AND
+           (TG_OP = 'INSERT' OR NEW.org_url IS DISTINCT FROM OLD.org_url) THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": it must be the organization''s root URL, without a path'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L; its path is %L.', NEW.org_url,
+                                      substring(NEW.org_url FROM '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(.*)$')),
+                      HINT = format('Remove the path: set org_url = %L.',
+                                    substring(NEW.org_url FROM '^([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)'));
         END IF;
     END IF;
 
@@ -585,6 +597,22 @@ AS $$
 $$;
 
 /*
+ * Whether a type (not a domain: pass the base type) is text-like: text
+ * itself, or a type with a binary-coercible cast to text, such as citext.
+ * Only a superuser can declare a cast binary-coercible, so converting such
+ * a value to text runs no function at all, whoever owns the type.
+ */
+CREATE OR REPLACE FUNCTION d365._text_like(typ regtype)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT typ = 'text'::regtype OR EXISTS (
+        SELECT FROM pg_cast c
+         WHERE c.castsource = typ AND c.casttarget = 'text'::regtype AND c.castmethod = 'b')
+$$;
+
+/*
  * The JSON expression of one mapped column, as Dynamics takes the value;
  * NULL when the column's type cannot be converted.  bind_set turns a uuid
  * into a lookup bind path /<entity set>(<uuid>).
@@ -594,7 +622,8 @@ $$;
  * types of the user's making), an enum through its output function
  * (enum_out, never a cast the application defined), a domain as its base
  * type.  A timestamp without time zone is read as UTC, whatever the
- * session's TimeZone.
+ * session's TimeZone.  Text-like types (citext; d365._text_like) go as
+ * their text.
  */
 CREATE OR REPLACE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
 RETURNS text
@@ -612,6 +641,7 @@ AS $$
                       'double precision'::regtype, 'boolean'::regtype)
             THEN format('pg_catalog.to_jsonb(%s)', expr)
         WHEN base = 'uuid'::regtype THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
+        WHEN d365._text_like(base) THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
         WHEN base = 'date'::regtype
             THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD''))', expr)
         WHEN base = 'timestamp without time zone'::regtype
@@ -643,6 +673,7 @@ AS $$
         WHEN b.typtype = 'e' THEN 'text'
         WHEN b.oid IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
                        'name'::regtype) THEN 'text'
+        WHEN d365._text_like(b.oid::regtype) THEN 'text'
         WHEN b.oid IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
                        'numeric'::regtype) THEN 'number'
         WHEN b.oid = 'boolean'::regtype THEN 'boolean'
@@ -895,7 +926,10 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE sql STABLE
 AS $$ SELECT now() + least(interval '5 minutes' * power(2, greatest(failures - 1, 0)), interval '1 day') $$;
 
--- Field map validation: the column must exist and be mappable.
+-- Field map validation: the column must exist and be mappable.  Checks the
+-- attached table, not its capture triggers: a restore (pg_restore, or psql
+-- running a plain dump) loads the map in its data section and the
+-- application table's triggers only after all data.
 CREATE OR REPLACE FUNCTION d365._field_map_check()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -906,7 +940,7 @@ DECLARE
     typ regtype;
     generated boolean;
 BEGIN
-    src := d365._contact_source();
+    src := d365._contact_source_table();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
         RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
             USING ERRCODE = 'invalid_parameter_value',
@@ -940,7 +974,7 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
                                 THEN 'A lookup (@odata.bind) is written from a uuid column.'
-                                ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
+                                ELSE 'Supported types: text, varchar, char, citext, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid, enums, and domains over them.' END,
                   HINT = 'Map a column of a supported type, or a generated column (direction ''out'') that converts this one.';
     END IF;
     IF NEW.match AND (NEW.dynamics_field LIKE '%@odata.bind' OR d365._match_type(typ) IS NULL) THEN
@@ -956,6 +990,13 @@ BEGIN
             USING ERRCODE = 'unique_violation',
                   HINT = 'Each Dynamics field takes its value from one column.';
     END IF;
+    -- against Dynamics metadata: the field exists and takes the column's type
+    IF TG_OP = 'INSERT' OR (NEW.column_name, NEW.dynamics_field, NEW.direction)
+                           IS DISTINCT FROM (OLD.column_name, OLD.dynamics_field, OLD.direction) THEN
+        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction, typ,
+            (SELECT a.atttypmod FROM pg_attribute a
+              WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name));
+    END IF;
     RETURN NEW;
 END;
 $$;
@@ -969,7 +1010,16 @@ RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    src d365.contact_source;
 BEGIN
+    -- Only while the table is attached with its capture triggers.  In a
+    -- restore they come after the data (the map is the one they were made
+    -- for, not a change); a broken attachment is repaired by attaching again.
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND OR d365._attachment_problem(src) IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
     UPDATE d365.contact_state SET change_seq = change_seq + 1, pending_since = now()
      WHERE synced IS NOT NULL AND change_seq = synced_seq;
     PERFORM d365._contact_capture_install();
@@ -1108,6 +1158,39 @@ COMMENT ON FUNCTION d365.d365_contact_fields() IS
     'Columns of the contact table that can be mapped, with their type and current mapping';
 
 /*
+ * The attached table for a check of the field map (whose writers hold
+ * EXECUTE on d365's functions): as d365._contact_source()
+ * but without requiring the capture triggers (d365._attachment_table_problem).
+ * A restore loads the field map with the data, before the application
+ * table's triggers; d365_status() and every sync still require them.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_source_table()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    problem text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    problem := d365._attachment_table_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
+    END IF;
+    RETURN src;
+END;
+$$;
+
+/*
  * What is wrong with an attachment, or NULL when nothing is: the table was
  * dropped, the key or score column renamed or dropped, the type of the key,
  * score or link columns changed, or a capture trigger is missing or no
@@ -1131,35 +1214,22 @@ DECLARE
     key_att pg_attribute;
     trg text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
-        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    trg := d365._attachment_table_problem(src);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
     END IF;
     SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
-    IF NOT FOUND THEN
-        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
-    END IF;
-    IF key_att.atttypid <> ALL (d365._key_types()) THEN
-        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
-                      src.key_column, src.contact_table, key_att.atttypid::regtype);
-    END IF;
-    -- the score and link columns are compared and converted by d365's own
-    -- expressions: a type of the owner's making there (by ALTER TABLE after
-    -- attaching) would run its casts and operators with the caller's rights.
-    -- Checked under the table's lock, so that no ALTER TABLE comes between
-    -- this check and the statements that rely on it.
-    trg := d365._contact_table_problem(src.contact_table, src.score_column);
-    IF trg IS NOT NULL THEN
-        RETURN trg;
-    END IF;
     FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
                                'd365_capture_insert_flush', 'd365_capture_delete',
                                'd365_capture_truncate', 'd365_link_guard', 'd365_link_guard_update'] LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
-                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+                          AND (t.tgnargs = 0 OR
+                               d365._capture_key_attnum(src.contact_table, d365._trigger_args(t.tgargs))
+                                   = key_att.attnum)) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
         END IF;
@@ -1252,7 +1322,7 @@ DECLARE
     keys text[];
 BEGIN
     SELECT a.attname INTO key_name FROM pg_attribute a
-     WHERE a.attrelid = TG_RELID AND a.attnum = TG_ARGV[0]::smallint
+     WHERE a.attrelid = TG_RELID AND a.attnum = d365._capture_key_attnum(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1]])
        AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types());
     IF key_name IS NULL THEN
         RETURN NULL;        -- broken attachment: d365_status() reports it
@@ -1354,8 +1424,8 @@ BEGIN
        AND (a.attnum = key_num
             OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
-                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
-                   src.contact_table, changed, key_num);
+                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
+                   src.contact_table, changed, key_num, src.key_column);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
                    src.contact_table);
@@ -1364,8 +1434,8 @@ BEGIN
                    src.contact_table);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
                    ' REFERENCING OLD TABLE AS d365_gone'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L)',
-                   src.contact_table, key_num);
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
+                   src.contact_table, key_num, src.key_column);
     EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                    ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                    src.contact_table);
@@ -1477,6 +1547,72 @@ BEGIN
     -- outside HOT, costs the application nothing more
     EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)'
                    ' WHERE dynamics365_related_id IS NOT NULL', tbl);
+END;
+$$;
+
+/*
+ * The arguments of a trigger, from pg_trigger.tgargs.
+ */
+CREATE OR REPLACE FUNCTION d365._trigger_args(tgargs bytea)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(replace(a, '\\', '\') ORDER BY n) FILTER (WHERE n < total), '{}')
+      FROM (SELECT a, n, count(*) OVER () AS total
+              FROM regexp_split_to_table(encode(tgargs, 'escape'), '\\000') WITH ORDINALITY x(a, n)) y
+$$;
+
+/*
+ * The column a capture trigger watches, from its arguments (key attribute
+ * number, key name): the column of that name where one exists -- a table
+ * restored by pg_restore numbers its columns afresh, without the dropped
+ * ones -- otherwise (the key renamed) the column of that number.  NULL
+ * when neither is a live column.  src/capture.c applies the same rule.
+ */
+CREATE OR REPLACE FUNCTION d365._capture_key_attnum(tbl regclass, args text[])
+RETURNS smallint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(
+        (SELECT a.attnum FROM pg_attribute a
+          WHERE a.attrelid = tbl AND cardinality(args) > 1 AND a.attname = args[2]
+            AND a.attnum > 0 AND NOT a.attisdropped),
+        (SELECT a.attnum FROM pg_attribute a
+          WHERE a.attrelid = tbl AND args[1] ~ '^[0-9]{1,4}$' AND a.attnum = args[1]::smallint
+            AND a.attnum > 0 AND NOT a.attisdropped))
+$$;
+
+-- The table part of d365._attachment_problem: the table, its key, score and
+-- link columns; not the capture triggers.
+CREATE OR REPLACE FUNCTION d365._attachment_table_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    RETURN d365._contact_table_problem(src.contact_table, src.score_column);
 END;
 $$;
 
@@ -1645,8 +1781,8 @@ AS $$
          maps AS (SELECT f.column_name, f.dynamics_field, f.direction,
                          split_part(f.dynamics_field, '@', 1) AS nav,
                          f.dynamics_field LIKE '%@odata.bind' AS is_bind,
-                         -- a domain is judged by its base type, an enum is sent as text
-                         CASE WHEN b.typtype = 'e' THEN 'text'
+                         -- a domain is judged by its base type, an enum and citext are sent as text
+                         CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
                               ELSE format_type(b.oid, NULL) END AS ctype
                     FROM d365.field_map f
                     CROSS JOIN d365.contact_source s
@@ -1705,6 +1841,145 @@ $$;
 
 COMMENT ON FUNCTION d365.d365_owners() IS
     'Dynamics users (interactive ones) and teams that can own synced records, with the bind path for default_owner';
+
+/*
+ * The maximum length of the text attributes (String and Memo) of an entity,
+ * {logical name: MaxLength}.  refresh = true reads them through the metadata
+ * cache (fetched when older than an hour), as the check of a field map
+ * written does.  refresh = false reads the cache whatever its age (a field's
+ * length rarely changes) and never sends a request, as the sync does; '{}'
+ * when they were never fetched.  What Dynamics sends is data: a MaxLength
+ * that is not a small whole number is left out.
+ */
+CREATE OR REPLACE FUNCTION d365._max_lengths(entity text, refresh boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    paths text[];
+    result jsonb;
+BEGIN
+    IF entity IS NULL OR entity !~ '^[a-z][a-z0-9_]*$' THEN
+        RAISE EXCEPTION 'invalid entity logical name %', coalesce(quote_literal(entity), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    paths := ARRAY(SELECT format('EntityDefinitions(LogicalName=''%s'')/Attributes/Microsoft.Dynamics.CRM.%s?$select=LogicalName,MaxLength',
+                                 entity, t)
+                     FROM unnest(ARRAY['StringAttributeMetadata', 'MemoAttributeMetadata']) t);
+    IF refresh THEN
+        PERFORM d365._get_cached(p) FROM unnest(paths) p;
+    END IF;
+    SELECT coalesce(jsonb_object_agg(a ->> 'LogicalName', (a ->> 'MaxLength')::integer), '{}')
+      INTO result
+      FROM d365.metadata_cache c,
+           LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(c.body) = 'array' THEN c.body ELSE '[]' END) a
+     WHERE c.path = ANY (paths)
+       AND jsonb_typeof(a) = 'object'
+       AND a ->> 'LogicalName' IS NOT NULL
+       AND a ->> 'MaxLength' ~ '^[0-9]{1,9}$';
+    RETURN result;
+END;
+$$;
+
+/*
+ * The check of a field map row against Dynamics metadata, when it is
+ * written (d365._field_map_check): the attribute must exist on contact, be
+ * writable when the column is sent, and take the column's type
+ * (d365._type_problem, as d365_validate_mapping() judges it); otherwise the
+ * write is refused.  A column declared longer than the attribute's maximum
+ * length (varchar(200) to a field of 50) gets a WARNING: its longer values
+ * fail their contact before sending.  Nothing is checked while d365sync is
+ * not configured (a restore loads the map before the settings); when the
+ * metadata cannot be read (Dynamics unreachable) the row is accepted with a
+ * WARNING, and d365_validate_mapping() checks it later.  SECURITY DEFINER:
+ * the metadata is read with the settings' credentials, which the writer of
+ * the map need not be able to read.
+ */
+CREATE OR REPLACE FUNCTION d365._field_map_metadata_check(column_name name, dynamics_field text,
+                                               direction text, typ regtype, typmod integer)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    nav text := split_part(dynamics_field, '@', 1);
+    is_bind boolean := dynamics_field LIKE '%@odata.bind';
+    attr jsonb;
+    maxlen integer;
+    collen integer;
+    ctype text;
+    problem text;
+    msg text;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    IF s.org_url IS NULL OR s.tenant_id IS NULL OR s.client_id IS NULL OR s.client_secret IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        FOR i IN 1 .. 2 LOOP
+            SELECT a INTO attr FROM d365._metadata('contact') a
+             WHERE (NOT is_bind AND a ->> 'LogicalName' = nav)
+                OR (is_bind AND (nav = a ->> 'LogicalName'
+                                 OR EXISTS (SELECT FROM jsonb_array_elements_text(coalesce(a -> 'Targets', '[]')) t
+                                             WHERE nav = (a ->> 'LogicalName') || '_' || t)))
+             LIMIT 1;
+            EXIT WHEN attr IS NOT NULL OR i = 2;
+            -- not in the cached list: it may be a field made in the last hour
+            DELETE FROM d365.metadata_cache c
+             WHERE c.path LIKE 'EntityDefinitions(LogicalName=''contact'')/Attributes%';
+        END LOOP;
+        IF attr IS NOT NULL AND attr ->> 'AttributeType' IN ('String', 'Memo') THEN
+            maxlen := (d365._max_lengths('contact', true) ->> (attr ->> 'LogicalName'))::integer;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+        RAISE WARNING 'the mapping of column "%" to Dynamics field "%" was not checked: the Dynamics 365 metadata could not be read',
+                      column_name, dynamics_field
+            USING DETAIL = msg,
+                  HINT = 'd365_validate_mapping() checks the map once Dynamics 365 can be reached; until then a value that does not fit fails its contact at sync time.';
+        RETURN;
+    END;
+    IF attr IS NULL THEN
+        RAISE EXCEPTION 'Dynamics field "%" does not exist on contact', dynamics_field
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'd365_dynamics_fields() lists the attributes of contact; a lookup is mapped as <lookup>_<target>@odata.bind.';
+    END IF;
+    -- a domain is judged by its base type; an enum and citext go as text
+    SELECT CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
+                ELSE format_type(b.oid, NULL) END,
+           CASE WHEN b.oid IN ('character varying'::regtype, 'character'::regtype)
+                     AND coalesce(nullif(typmod, -1), nullif(t.typtypmod, -1)) > 4
+                THEN coalesce(nullif(typmod, -1), nullif(t.typtypmod, -1)) - 4 END
+      INTO ctype, collen
+      FROM pg_type t JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)
+     WHERE t.oid = typ;
+    problem := d365._type_problem(attr ->> 'AttributeType', ctype, is_bind, attr ->> 'LogicalName');
+    IF problem IS NULL AND direction <> 'in'
+       AND (attr ->> 'IsValidForCreate') = 'false' AND (attr ->> 'IsValidForUpdate') = 'false' THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": attribute % is read-only in Dynamics',
+                        column_name, dynamics_field, attr ->> 'LogicalName'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Dynamics 365 lets the attribute be set neither on create nor on update.',
+                  HINT = 'Map it with direction ''in'' to receive its value, or map another field.';
+    END IF;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": %', column_name, dynamics_field, problem
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = format('Dynamics 365 says %s is of type %s; the column is of type %s.',
+                                  attr ->> 'LogicalName', attr ->> 'AttributeType', typ),
+                  HINT = 'Map a column of a matching type, or a generated column (direction ''out'') that converts this one; d365_dynamics_fields() lists the fields with their types.';
+    END IF;
+    IF maxlen IS NOT NULL AND collen > maxlen AND direction <> 'in' THEN
+        RAISE WARNING 'column "%" holds up to % characters, Dynamics field "%" at most %', column_name, collen, nav, maxlen
+            USING DETAIL = 'A longer value fails its contact before it is sent (error code d365sync.length); the other contacts are sent.',
+                  HINT = format('Keep the values within %s characters, or shorten the column to varchar(%s).', maxlen, maxlen);
+    END IF;
+END;
+$$;
 
 /*
  * The map stage of contacts as one jsonb expression over the row alias
@@ -1865,12 +2140,21 @@ DECLARE
     cur text;
     sel text;
     match text;
+    limits jsonb;
 BEGIN
     src := d365._contact_source();
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
     match := d365._contact_match_expr();
+    -- the maximum lengths of the text fields sent, as last fetched (never
+    -- fetched here): a longer value fails its contact before sending
+    SELECT coalesce(jsonb_object_agg(f.dynamics_field,
+                                     jsonb_build_object('max', l.value::integer, 'column', f.column_name)), '{}')
+      INTO limits
+      FROM d365.field_map f
+      JOIN jsonb_each_text(d365._max_lengths('contact', false)) l ON l.key = f.dynamics_field
+     WHERE f.direction <> 'in';
 
     IF scheduled THEN
         PERFORM d365._contact_fold_changes();
@@ -1884,7 +2168,7 @@ BEGIN
 
     RETURN format($q$
         SELECT w.item_key,
-               CASE WHEN w.body IS NULL OR w.refused THEN '[]'
+               CASE WHEN w.body IS NULL OR w.refused OR w.too_long IS NOT NULL THEN '[]'
                     ELSE jsonb_build_array(jsonb_build_object(
                              'method', 'PATCH',
                              'path', 'contacts(' || w.dynamics_id || ')',
@@ -1903,11 +2187,22 @@ BEGIN
                         THEN jsonb_build_object('error_code', 'd365sync.link', 'error',
                                  format('holds Dynamics 365 id %%s in its link column, which d365sync did not link to it; nothing was sent',
                                         w.link))
+                        WHEN w.too_long IS NOT NULL
+                        THEN jsonb_build_object('error_code', 'd365sync.length',
+                                                'error', 'value too long for Dynamics 365: ' || w.too_long || '; not sent')
                         ELSE '{}' END)::text AS context,
-               CASE WHEN NOT w.linked AND NOT w.refused AND w.match_values IS NOT NULL
+               CASE WHEN NOT w.linked AND NOT w.refused AND w.too_long IS NULL AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
                                           WHERE e.value IN ('null'::jsonb, '""'::jsonb))
                     THEN w.match_values::text END AS lookup
+          FROM (SELECT x.*,
+                       (SELECT string_agg(format('%%s has %%s characters, at most %%s (column %%s)', e.key,
+                                                 char_length(e.value #>> '{}'), l.value ->> 'max',
+                                                 l.value ->> 'column'), '; ' ORDER BY e.key)
+                          FROM jsonb_each(x.body) e
+                          JOIN jsonb_each(%8$L::jsonb) l ON l.key = e.key
+                         WHERE NOT x.refused AND jsonb_typeof(e.value) = 'string'
+                           AND char_length(e.value #>> '{}') > (l.value ->> 'max')::integer) AS too_long
           FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(e.key, e.value)
@@ -1932,9 +2227,9 @@ BEGIN
                                LATERAL (SELECT coalesce(s.generation, 0)
                                                + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
                          WHERE %4$s
-                        OFFSET 0) v) w
+                        OFFSET 0) v) x) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql(), d365._contact_untrusted_sql());
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits);
 END;
 $$;
 
@@ -3689,8 +3984,15 @@ BEGIN
         value := format('activity %s: %s', r.id, r.last_error);
         RETURN NEXT;
     END IF;
+    -- the newest failed run of a job that has not completed a run since
+    -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
      WHERE sr.message LIKE 'failed:%'
+       AND NOT EXISTS (SELECT FROM d365.sync_run ok
+                        WHERE ok.kind = sr.kind AND ok.id > sr.id
+                          AND (ok.message IS NULL OR
+                               NOT (ok.message LIKE 'failed:%' OR ok.message LIKE 'skipped:%'
+                                    OR ok.message LIKE '% sync is disabled (%')))
      ORDER BY sr.id DESC LIMIT 1;
     IF FOUND THEN
         item := 'last run error';

@@ -68,6 +68,7 @@ SELECT column_name, dynamics_field, match, direction FROM d365.field_map ORDER B
 INSERT INTO d365.field_map (column_name, dynamics_field) VALUES ('level', 'address1_city');
 UPDATE d365.field_map SET dynamics_field = 'fullname', direction = 'in' WHERE column_name = 'phone';
 SELECT * FROM d365_validate_mapping();
+-- sent, a read-only field is refused
 UPDATE d365.field_map SET direction = 'out' WHERE column_name = 'phone';
 SELECT * FROM d365_validate_mapping();
 UPDATE d365.field_map SET dynamics_field = 'telephone1', direction = 'in' WHERE column_name = 'phone';

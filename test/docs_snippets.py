@@ -236,15 +236,30 @@ class Cluster:
             raise RuntimeError("initdb failed: " + r.stderr)
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
             f.write(STOCK_HBA)
+        # in the documented order: the database first, then the server
+        # set up for pg_cron and restarted
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
-            f.write("\n# from docs/operations.md\n" + conf)
             f.write("\n# the test's own\nlisten_addresses = ''\nunix_socket_directories = '%s'\n"
                     "fsync = off\nlog_min_messages = warning\n" % self.sock)
+        self.pg_ctl("start")
+        rc, out, err = self.psql("postgres", "CREATE DATABASE %s" % DB)
+        if rc != 0:
+            raise RuntimeError("CREATE DATABASE failed: " + err)
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write("\n# from docs/operations.md\n" + conf)
+        self.pg_ctl("restart")
+        # pg_cron's launcher connects at once; a missing database shows as
+        # a FATAL within its one-second retry
+        time.sleep(2)
+        log = open(os.path.join(self.dir, "postgres.log")).read()
+        self.order_problems = [l for l in log.split("\n") if "FATAL" in l and "does not exist" in l]
+
+    def pg_ctl(self, action):
         r = subprocess.run(["runuser", "-u", "postgres", "--", os.path.join(PG_BIN, "pg_ctl"),
                             "-D", self.data, "-w", "-l", os.path.join(self.dir, "postgres.log"),
-                            "start"], cwd=self.dir, capture_output=True, text=True)
+                            action], cwd=self.dir, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError("the cluster did not start: " + self.log_tail())
+            raise RuntimeError("the cluster did not %s: %s" % (action, self.log_tail()))
 
     def log_tail(self, n=20):
         try:
@@ -529,6 +544,12 @@ def main():
 
         cl = Cluster(work, "pages", conf)
         clusters.append(cl)
+        if cl.order_problems:
+            say("not ok docs install order - the database exists before pg_cron is pointed at it")
+            diag("\n".join(cl.order_problems))
+        else:
+            say("ok docs install order - the database exists before pg_cron is pointed at it:"
+                " no FATAL in the server log")
         for p in pages:
             blocks, dirs = parsed[p]
             needs_readme = p != "README.md" and "standalone" not in dirs

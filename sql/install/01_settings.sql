@@ -185,6 +185,18 @@ BEGIN
                       DETAIL = format('The value was %L.', NEW.org_url),
                       HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
         END IF;
+        -- the organization's root: d365sync adds /api/data/<version>/, and
+        -- Entra ID issues tokens for the root only (AADSTS500011 otherwise).
+        -- A value kept from an earlier release is refused once it is changed.
+        IF NEW.org_url ~ '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*[/?#]' AND
+           (TG_OP = 'INSERT' OR NEW.org_url IS DISTINCT FROM OLD.org_url) THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": it must be the organization''s root URL, without a path'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L; its path is %L.', NEW.org_url,
+                                      substring(NEW.org_url FROM '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(.*)$')),
+                      HINT = format('Remove the path: set org_url = %L.',
+                                    substring(NEW.org_url FROM '^([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)'));
+        END IF;
     END IF;
 
     NEW.authority_url := rtrim(NEW.authority_url, '/');

@@ -102,6 +102,22 @@ AS $$
 $$;
 
 /*
+ * Whether a type (not a domain: pass the base type) is text-like: text
+ * itself, or a type with a binary-coercible cast to text, such as citext.
+ * Only a superuser can declare a cast binary-coercible, so converting such
+ * a value to text runs no function at all, whoever owns the type.
+ */
+CREATE FUNCTION d365._text_like(typ regtype)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT typ = 'text'::regtype OR EXISTS (
+        SELECT FROM pg_cast c
+         WHERE c.castsource = typ AND c.casttarget = 'text'::regtype AND c.castmethod = 'b')
+$$;
+
+/*
  * The JSON expression of one mapped column, as Dynamics takes the value;
  * NULL when the column's type cannot be converted.  bind_set turns a uuid
  * into a lookup bind path /<entity set>(<uuid>).
@@ -111,7 +127,8 @@ $$;
  * types of the user's making), an enum through its output function
  * (enum_out, never a cast the application defined), a domain as its base
  * type.  A timestamp without time zone is read as UTC, whatever the
- * session's TimeZone.
+ * session's TimeZone.  Text-like types (citext; d365._text_like) go as
+ * their text.
  */
 CREATE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
 RETURNS text
@@ -129,6 +146,7 @@ AS $$
                       'double precision'::regtype, 'boolean'::regtype)
             THEN format('pg_catalog.to_jsonb(%s)', expr)
         WHEN base = 'uuid'::regtype THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
+        WHEN d365._text_like(base) THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
         WHEN base = 'date'::regtype
             THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD''))', expr)
         WHEN base = 'timestamp without time zone'::regtype
@@ -160,6 +178,7 @@ AS $$
         WHEN b.typtype = 'e' THEN 'text'
         WHEN b.oid IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
                        'name'::regtype) THEN 'text'
+        WHEN d365._text_like(b.oid::regtype) THEN 'text'
         WHEN b.oid IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
                        'numeric'::regtype) THEN 'number'
         WHEN b.oid = 'boolean'::regtype THEN 'boolean'
@@ -460,7 +479,7 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
                                 THEN 'A lookup (@odata.bind) is written from a uuid column.'
-                                ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
+                                ELSE 'Supported types: text, varchar, char, citext, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid, enums, and domains over them.' END,
                   HINT = 'Map a column of a supported type, or a generated column (direction ''out'') that converts this one.';
     END IF;
     IF NEW.match AND (NEW.dynamics_field LIKE '%@odata.bind' OR d365._match_type(typ) IS NULL) THEN
@@ -475,6 +494,13 @@ BEGIN
         RAISE EXCEPTION 'Dynamics field "%" is already mapped', NEW.dynamics_field
             USING ERRCODE = 'unique_violation',
                   HINT = 'Each Dynamics field takes its value from one column.';
+    END IF;
+    -- against Dynamics metadata: the field exists and takes the column's type
+    IF TG_OP = 'INSERT' OR (NEW.column_name, NEW.dynamics_field, NEW.direction)
+                           IS DISTINCT FROM (OLD.column_name, OLD.dynamics_field, OLD.direction) THEN
+        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction, typ,
+            (SELECT a.atttypmod FROM pg_attribute a
+              WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name));
     END IF;
     RETURN NEW;
 END;

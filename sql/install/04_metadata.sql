@@ -173,8 +173,8 @@ AS $$
          maps AS (SELECT f.column_name, f.dynamics_field, f.direction,
                          split_part(f.dynamics_field, '@', 1) AS nav,
                          f.dynamics_field LIKE '%@odata.bind' AS is_bind,
-                         -- a domain is judged by its base type, an enum is sent as text
-                         CASE WHEN b.typtype = 'e' THEN 'text'
+                         -- a domain is judged by its base type, an enum and citext are sent as text
+                         CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
                               ELSE format_type(b.oid, NULL) END AS ctype
                     FROM d365.field_map f
                     CROSS JOIN d365.contact_source s
@@ -231,5 +231,144 @@ AS $$
 $$;
 COMMENT ON FUNCTION d365.d365_owners() IS
     'Dynamics users (interactive ones) and teams that can own synced records, with the bind path for default_owner';
+
+/*
+ * The maximum length of the text attributes (String and Memo) of an entity,
+ * {logical name: MaxLength}.  refresh = true reads them through the metadata
+ * cache (fetched when older than an hour), as the check of a field map
+ * written does.  refresh = false reads the cache whatever its age (a field's
+ * length rarely changes) and never sends a request, as the sync does; '{}'
+ * when they were never fetched.  What Dynamics sends is data: a MaxLength
+ * that is not a small whole number is left out.
+ */
+CREATE FUNCTION d365._max_lengths(entity text, refresh boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    paths text[];
+    result jsonb;
+BEGIN
+    IF entity IS NULL OR entity !~ '^[a-z][a-z0-9_]*$' THEN
+        RAISE EXCEPTION 'invalid entity logical name %', coalesce(quote_literal(entity), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    paths := ARRAY(SELECT format('EntityDefinitions(LogicalName=''%s'')/Attributes/Microsoft.Dynamics.CRM.%s?$select=LogicalName,MaxLength',
+                                 entity, t)
+                     FROM unnest(ARRAY['StringAttributeMetadata', 'MemoAttributeMetadata']) t);
+    IF refresh THEN
+        PERFORM d365._get_cached(p) FROM unnest(paths) p;
+    END IF;
+    SELECT coalesce(jsonb_object_agg(a ->> 'LogicalName', (a ->> 'MaxLength')::integer), '{}')
+      INTO result
+      FROM d365.metadata_cache c,
+           LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(c.body) = 'array' THEN c.body ELSE '[]' END) a
+     WHERE c.path = ANY (paths)
+       AND jsonb_typeof(a) = 'object'
+       AND a ->> 'LogicalName' IS NOT NULL
+       AND a ->> 'MaxLength' ~ '^[0-9]{1,9}$';
+    RETURN result;
+END;
+$$;
+
+/*
+ * The check of a field map row against Dynamics metadata, when it is
+ * written (d365._field_map_check): the attribute must exist on contact, be
+ * writable when the column is sent, and take the column's type
+ * (d365._type_problem, as d365_validate_mapping() judges it); otherwise the
+ * write is refused.  A column declared longer than the attribute's maximum
+ * length (varchar(200) to a field of 50) gets a WARNING: its longer values
+ * fail their contact before sending.  Nothing is checked while d365sync is
+ * not configured (a restore loads the map before the settings); when the
+ * metadata cannot be read (Dynamics unreachable) the row is accepted with a
+ * WARNING, and d365_validate_mapping() checks it later.  SECURITY DEFINER:
+ * the metadata is read with the settings' credentials, which the writer of
+ * the map need not be able to read.
+ */
+CREATE FUNCTION d365._field_map_metadata_check(column_name name, dynamics_field text,
+                                               direction text, typ regtype, typmod integer)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    nav text := split_part(dynamics_field, '@', 1);
+    is_bind boolean := dynamics_field LIKE '%@odata.bind';
+    attr jsonb;
+    maxlen integer;
+    collen integer;
+    ctype text;
+    problem text;
+    msg text;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    IF s.org_url IS NULL OR s.tenant_id IS NULL OR s.client_id IS NULL OR s.client_secret IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        FOR i IN 1 .. 2 LOOP
+            SELECT a INTO attr FROM d365._metadata('contact') a
+             WHERE (NOT is_bind AND a ->> 'LogicalName' = nav)
+                OR (is_bind AND (nav = a ->> 'LogicalName'
+                                 OR EXISTS (SELECT FROM jsonb_array_elements_text(coalesce(a -> 'Targets', '[]')) t
+                                             WHERE nav = (a ->> 'LogicalName') || '_' || t)))
+             LIMIT 1;
+            EXIT WHEN attr IS NOT NULL OR i = 2;
+            -- not in the cached list: it may be a field made in the last hour
+            DELETE FROM d365.metadata_cache c
+             WHERE c.path LIKE 'EntityDefinitions(LogicalName=''contact'')/Attributes%';
+        END LOOP;
+        IF attr IS NOT NULL AND attr ->> 'AttributeType' IN ('String', 'Memo') THEN
+            maxlen := (d365._max_lengths('contact', true) ->> (attr ->> 'LogicalName'))::integer;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+        RAISE WARNING 'the mapping of column "%" to Dynamics field "%" was not checked: the Dynamics 365 metadata could not be read',
+                      column_name, dynamics_field
+            USING DETAIL = msg,
+                  HINT = 'd365_validate_mapping() checks the map once Dynamics 365 can be reached; until then a value that does not fit fails its contact at sync time.';
+        RETURN;
+    END;
+    IF attr IS NULL THEN
+        RAISE EXCEPTION 'Dynamics field "%" does not exist on contact', dynamics_field
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'd365_dynamics_fields() lists the attributes of contact; a lookup is mapped as <lookup>_<target>@odata.bind.';
+    END IF;
+    -- a domain is judged by its base type; an enum and citext go as text
+    SELECT CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
+                ELSE format_type(b.oid, NULL) END,
+           CASE WHEN b.oid IN ('character varying'::regtype, 'character'::regtype)
+                     AND coalesce(nullif(typmod, -1), nullif(t.typtypmod, -1)) > 4
+                THEN coalesce(nullif(typmod, -1), nullif(t.typtypmod, -1)) - 4 END
+      INTO ctype, collen
+      FROM pg_type t JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)
+     WHERE t.oid = typ;
+    problem := d365._type_problem(attr ->> 'AttributeType', ctype, is_bind, attr ->> 'LogicalName');
+    IF problem IS NULL AND direction <> 'in'
+       AND (attr ->> 'IsValidForCreate') = 'false' AND (attr ->> 'IsValidForUpdate') = 'false' THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": attribute % is read-only in Dynamics',
+                        column_name, dynamics_field, attr ->> 'LogicalName'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Dynamics 365 lets the attribute be set neither on create nor on update.',
+                  HINT = 'Map it with direction ''in'' to receive its value, or map another field.';
+    END IF;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": %', column_name, dynamics_field, problem
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = format('Dynamics 365 says %s is of type %s; the column is of type %s.',
+                                  attr ->> 'LogicalName', attr ->> 'AttributeType', typ),
+                  HINT = 'Map a column of a matching type, or a generated column (direction ''out'') that converts this one; d365_dynamics_fields() lists the fields with their types.';
+    END IF;
+    IF maxlen IS NOT NULL AND collen > maxlen AND direction <> 'in' THEN
+        RAISE WARNING 'column "%" holds up to % characters, Dynamics field "%" at most %', column_name, collen, nav, maxlen
+            USING DETAIL = 'A longer value fails its contact before it is sent (error code d365sync.length); the other contacts are sent.',
+                  HINT = format('Keep the values within %s characters, or shorten the column to varchar(%s).', maxlen, maxlen);
+    END IF;
+END;
+$$;
 
 -- ---------------------------------------------------------------------------

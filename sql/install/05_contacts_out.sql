@@ -161,12 +161,21 @@ DECLARE
     cur text;
     sel text;
     match text;
+    limits jsonb;
 BEGIN
     src := d365._contact_source();
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
     match := d365._contact_match_expr();
+    -- the maximum lengths of the text fields sent, as last fetched (never
+    -- fetched here): a longer value fails its contact before sending
+    SELECT coalesce(jsonb_object_agg(f.dynamics_field,
+                                     jsonb_build_object('max', l.value::integer, 'column', f.column_name)), '{}')
+      INTO limits
+      FROM d365.field_map f
+      JOIN jsonb_each_text(d365._max_lengths('contact', false)) l ON l.key = f.dynamics_field
+     WHERE f.direction <> 'in';
 
     IF scheduled THEN
         PERFORM d365._contact_fold_changes();
@@ -180,7 +189,7 @@ BEGIN
 
     RETURN format($q$
         SELECT w.item_key,
-               CASE WHEN w.body IS NULL OR w.refused THEN '[]'
+               CASE WHEN w.body IS NULL OR w.refused OR w.too_long IS NOT NULL THEN '[]'
                     ELSE jsonb_build_array(jsonb_build_object(
                              'method', 'PATCH',
                              'path', 'contacts(' || w.dynamics_id || ')',
@@ -199,11 +208,22 @@ BEGIN
                         THEN jsonb_build_object('error_code', 'd365sync.link', 'error',
                                  format('holds Dynamics 365 id %%s in its link column, which d365sync did not link to it; nothing was sent',
                                         w.link))
+                        WHEN w.too_long IS NOT NULL
+                        THEN jsonb_build_object('error_code', 'd365sync.length',
+                                                'error', 'value too long for Dynamics 365: ' || w.too_long || '; not sent')
                         ELSE '{}' END)::text AS context,
-               CASE WHEN NOT w.linked AND NOT w.refused AND w.match_values IS NOT NULL
+               CASE WHEN NOT w.linked AND NOT w.refused AND w.too_long IS NULL AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
                                           WHERE e.value IN ('null'::jsonb, '""'::jsonb))
                     THEN w.match_values::text END AS lookup
+          FROM (SELECT x.*,
+                       (SELECT string_agg(format('%%s has %%s characters, at most %%s (column %%s)', e.key,
+                                                 char_length(e.value #>> '{}'), l.value ->> 'max',
+                                                 l.value ->> 'column'), '; ' ORDER BY e.key)
+                          FROM jsonb_each(x.body) e
+                          JOIN jsonb_each(%8$L::jsonb) l ON l.key = e.key
+                         WHERE NOT x.refused AND jsonb_typeof(e.value) = 'string'
+                           AND char_length(e.value #>> '{}') > (l.value ->> 'max')::integer) AS too_long
           FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(e.key, e.value)
@@ -228,9 +248,9 @@ BEGIN
                                LATERAL (SELECT coalesce(s.generation, 0)
                                                + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
                          WHERE %4$s
-                        OFFSET 0) v) w
+                        OFFSET 0) v) x) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql(), d365._contact_untrusted_sql());
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits);
 END;
 $$;
 

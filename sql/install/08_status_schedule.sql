@@ -153,8 +153,15 @@ BEGIN
         value := format('activity %s: %s', r.id, r.last_error);
         RETURN NEXT;
     END IF;
+    -- the newest failed run of a job that has not completed a run since
+    -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
      WHERE sr.message LIKE 'failed:%'
+       AND NOT EXISTS (SELECT FROM d365.sync_run ok
+                        WHERE ok.kind = sr.kind AND ok.id > sr.id
+                          AND (ok.message IS NULL OR
+                               NOT (ok.message LIKE 'failed:%' OR ok.message LIKE 'skipped:%'
+                                    OR ok.message LIKE '% sync is disabled (%')))
      ORDER BY sr.id DESC LIMIT 1;
     IF FOUND THEN
         item := 'last run error';
