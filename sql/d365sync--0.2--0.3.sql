@@ -3905,7 +3905,14 @@ BEGIN
         problem := d365._attachment_problem(src);
         item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
         item := 'mapped fields';
-        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+        SELECT count(*)::text INTO value FROM d365.field_map;
+        -- linked contacts and no map: nothing is sent or received for them
+        -- (a map lost in a restore that refused it, or deleted by hand)
+        IF value = '0' AND EXISTS (SELECT FROM d365.contact_state cs WHERE cs.synced IS NOT NULL) THEN
+            value := '0 -- WARNING: contacts are linked but no field is mapped, so nothing is sent or received;'
+                     ' restore d365.field_map (see "Backup and restore" in docs/operations.md) or map the fields again';
+        END IF;
+        RETURN NEXT;
     END IF;
     IF attached AND problem IS NULL THEN
         -- the queue's age: folded changes not backing off after a failure

@@ -253,6 +253,7 @@ class Cluster:
         time.sleep(2)
         log = open(os.path.join(self.dir, "postgres.log")).read()
         self.order_problems = [l for l in log.split("\n") if "FATAL" in l and "does not exist" in l]
+        self.fresh = True
 
     def pg_ctl(self, action):
         r = subprocess.run(["runuser", "-u", "postgres", "--", os.path.join(PG_BIN, "pg_ctl"),
@@ -290,6 +291,11 @@ class Cluster:
 
 
 def fresh_db(cl):
+    if cl.fresh:
+        # made by the cluster's set-up, with pg_cron's launcher connected:
+        # dropping it would end the launcher for good (a clean exit)
+        cl.fresh = False
+        return
     cl.psql("postgres", "DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB)
     # roles are per cluster: drop the ones the previous page made
     rc, out, err = cl.psql("postgres", "SELECT rolname FROM pg_roles"

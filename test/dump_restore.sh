@@ -31,7 +31,7 @@ t_on_exit() {
         runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$CLUSTER2/data" -m immediate stop >/dev/null 2>&1
     fi
     [ -n "${KEEP:-}" ] ||
-    for db in $SRC d365dump_custom d365dump_plain; do
+    for db in $SRC d365dump_custom d365dump_plain d365dump_nomap; do
         psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
     done
 }
@@ -177,6 +177,18 @@ if pg_dump -Fc -d $SRC -f "$TMPD/src.dump" 2>"$TMPD/dump.log" &&
 else
     notok "custom format: pg_dump -Fc and pg_restore --exit-on-error succeed"
     sed 's/^/# /' "$TMPD/dump.log" "$TMPD/restore.log" | head -20
+fi
+
+# a restore that lost the field map (as 0.2's did, or pg_restore -j when the
+# map's COPY is refused): d365_status() says so
+restore_db d365dump_nomap
+pg_restore -l "$TMPD/src.dump" | grep -v 'TABLE DATA d365 field_map ' >"$TMPD/nomap.list"
+if pg_restore --exit-on-error -L "$TMPD/nomap.list" -d d365dump_nomap "$TMPD/src.dump" >"$TMPD/restore.log" 2>&1; then
+    out=$(psql_db d365dump_nomap -At -c "SELECT value FROM d365.d365_status() WHERE item = 'mapped fields'" 2>&1)
+    check "without its field map, the restored database's d365_status() says so loudly" \
+          "0 -- WARNING: contacts are linked but no field is mapped, so nothing is sent or received; restore d365.field_map (see \"Backup and restore\" in docs/operations.md) or map the fields again" "$out"
+else
+    notok "without its field map, the restored database's d365_status() says so loudly" "$(cat "$TMPD/restore.log")"
 fi
 
 # plain format, psql stopping at the first error
