@@ -3,7 +3,7 @@
  * fdw.c
  *	  d365_fdw: Dataverse tables as read-only foreign tables.  The handler
  *	  and validator, the options, the planner callbacks with their costs,
- *	  EXPLAIN, and IMPORT FOREIGN SCHEMA.
+ *	  EXPLAIN, ANALYZE and IMPORT FOREIGN SCHEMA.
  *
  * Where requests go.  A d365_fdw server has no address of its own: every
  * foreign table reads the organization configured in d365.settings, with
@@ -15,8 +15,8 @@
  * of {org_url}/api/data/{version}/<entity set>?<query options>.
  *
  * Who may do what.  Creating a server needs USAGE on the wrapper (the
- * extension's owner; d365_grant(role, 'admin') gives it to admins), and
- * only the server's owner may change its options.  USAGE on a server lets a
+ * superuser's, given to d365sync admins), and only the server's owner may
+ * change its options.  USAGE on a server lets a
  * role create foreign tables of any Dataverse table that d365's application
  * user can read; a scan checks that the foreign table's owner still holds
  * it, so revoking USAGE disables that role's tables.  Reading a foreign
@@ -28,7 +28,11 @@
  * sent and evaluated here.  $select names the columns used.  The ORDER BY
  * of a one-table query is sent when it means the same thing on both sides,
  * and a LIMIT becomes $top when nothing is left to evaluate locally (so the
- * first rows Dataverse returns are the first rows of the answer).  Costs:
+ * first rows Dataverse returns are the first rows of the answer).  A
+ * comparison with a parameter (a correlated subquery's outer value) is
+ * sent with the value the scan starts with (ForeignScan.fdw_exprs).  Row
+ * estimates come from the table's rows option, else ANALYZE (which reads
+ * the table once and samples it, fdw_scan.c), else 1000.  Costs:
  * one request costs request_cost (default 100, a round trip's worth of
  * sequential page reads), each row received row_cost (default 0.05, JSON
  * decoding): a selective condition sent to Dataverse is always cheaper than
