@@ -23,7 +23,11 @@
 -- triggers, views and types; data moves; drops).  Never a function: every
 -- function and procedure of 0.3 is copied from sql/install/ into
 -- sql/d365sync--0.2--0.3.sql by scripts/gen-sql.py (make regen), between
--- the part above the line "-- @functions" and the part below it.
+-- the part above the line "-- The metadata cache is dumped with the configuration (a restored
+-- database's next sync sends no request for metadata).
+SELECT pg_catalog.pg_extension_config_dump('d365.metadata_cache', '');
+
+-- @functions" and the part below it.
 -- docs/development.md says which step goes where.
 --
 -- Before the functions: new tables, columns, types and indexes (a

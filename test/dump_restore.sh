@@ -10,7 +10,8 @@
 #      attached table whose key column follows a dropped column (its
 #      attribute number changes in a restored copy), a field map, linked
 #      contacts, activities sent and pending, change tracking state, run
-#      history with a failed run;
+#      history with a failed run, a table map with a column map and linked
+#      rows;
 #   2. dumps it as a superuser (custom format, plain format, pg_dumpall)
 #      and restores each into a fresh database (pg_dumpall: a fresh
 #      cluster), stopping at the first error;
@@ -84,6 +85,13 @@ SELECT d365.d365_log_activity(1, 'call', 'Called Ada', '{"direction": "outgoing"
 SELECT d365.d365_log_activity(3, 'task', 'Not linked: stays pending');
 SELECT * FROM d365.d365_sync_activities();
 SELECT * FROM d365.d365_pull_changes();
+-- a table map, its key after a dropped column too
+CREATE TABLE companies (legacy_id integer, id integer PRIMARY KEY, name text NOT NULL);
+ALTER TABLE companies DROP COLUMN legacy_id;
+SELECT d365.d365_map_table('account', 'companies', 'accounts');
+SELECT d365.d365_map_column('account', 'name', 'name');
+INSERT INTO companies VALUES (1, 'Contoso'), (2, 'Fabrikam');
+SELECT * FROM d365.d365_sync('account');
 SQL
 then
     notok "set-up: a database using d365sync"
@@ -97,17 +105,19 @@ psql_db $SRC -c "SELECT * FROM d365.d365_sync_contacts()" >/dev/null 2>&1
 psql_db $SRC -c "UPDATE d365.settings SET org_url = '$D365_SIM_URL'" \
              -c "UPDATE d365.contact_state SET next_attempt_at = NULL" \
              -c "SELECT * FROM d365.d365_sync_contacts()" >/dev/null 2>&1
-out=$(psql_db $SRC -At -c "SELECT count(*) FILTER (WHERE dynamics365_related_id IS NOT NULL) FROM person" \
+out=$(psql_db $SRC -At -c "SELECT (SELECT count(*) FILTER (WHERE dynamics365_related_id IS NOT NULL) FROM person)
+                             + (SELECT count(*) FILTER (WHERE dynamics365_related_id IS NOT NULL) FROM companies)" \
                        -c "SELECT count(*) FROM d365.sync_run WHERE message LIKE 'failed%'" \
                        -c "SELECT count(*) FROM d365.activity WHERE synced_at IS NULL" 2>&1)
-check "set-up: 2 contacts linked, a failed run recorded, 1 activity pending" "$(printf '2\n1\n1')" "$out"
+check "set-up: 2 contacts and 2 mapped companies linked, a failed run recorded, 1 activity pending" "$(printf '4\n1\n1')" "$out"
 
 # every row of d365's tables (all columns, the secrets included: a
 # superuser reads them) and of the application's table
 dump_rows() {
     local db=$1 t
     for t in settings app_users contact_source field_map contact_state contact_change \
-             activity activity_type_map activity_mapper sync_run pull_state; do
+             activity activity_type_map activity_mapper sync_run pull_state \
+             table_map column_map map_row map_change metadata_cache; do
         echo "== $t"
         psql_db "$db" -At -c "SELECT t::text FROM d365.$t t ORDER BY 1" 2>&1
     done
@@ -116,9 +126,11 @@ dump_rows() {
                       -c "SELECT last_value FROM d365.activity_id_seq" 2>&1
     echo "== person"
     psql_db "$db" -At -c "SELECT p::text FROM person p ORDER BY id" 2>&1
+    echo "== companies"
+    psql_db "$db" -At -c "SELECT c::text FROM companies c ORDER BY id" 2>&1
     echo "== triggers"
-    psql_db "$db" -At -c "SELECT tgname, tgenabled, pg_get_triggerdef(t.oid) FROM pg_trigger t
-                           WHERE tgrelid = 'person'::regclass AND NOT tgisinternal ORDER BY 1" 2>&1 |
+    psql_db "$db" -At -c "SELECT tgrelid::regclass, tgname, tgenabled, pg_get_triggerdef(t.oid) FROM pg_trigger t
+                           WHERE tgrelid IN ('person'::regclass, 'companies'::regclass) AND NOT tgisinternal ORDER BY 1::text, 2" 2>&1 |
         sed 's/EXECUTE FUNCTION d365._contact_capture_\(row\|delete\)(.*)/EXECUTE FUNCTION d365._contact_capture_\1(key)/'
 }
 status() { psql_db "$1" -At -F' | ' -c "SELECT item, value FROM d365.d365_status()" 2>&1; }
@@ -146,9 +158,10 @@ verify() {   # verify DB HOW [PSQL-ENV...]: checks 3 and 4 on a restored databas
 
     "$D365_SIMCTL" clear-requests >/dev/null
     out=$(psql_db "$db" -At -F' ' -c "SELECT created, updated, failed FROM d365.d365_sync_contacts()" \
-                                  -c "SELECT created, failed FROM d365.d365_sync_activities()" 2>&1)
-    check "$how: the next sync sends no request (contacts 0 0 0, activities 0 0; simulator's log empty)" \
-          "0 0 0;0 0;requests:" "$(echo "$out" | tr '\n' ';')requests:$(api_requests | tr '\n' ' ')"
+                                  -c "SELECT created, failed FROM d365.d365_sync_activities()" \
+                                  -c "SELECT created, updated, failed FROM d365.d365_sync('account')" 2>&1)
+    check "$how: the next sync sends no request (contacts 0 0 0, activities 0 0, table map 0 0 0; simulator's log empty)" \
+          "0 0 0;0 0;0 0 0;requests:" "$(echo "$out" | tr '\n' ';')requests:$(api_requests | tr '\n' ' ')"
 
     "$D365_SIMCTL" clear-requests >/dev/null
     out=$(psql_db "$db" -At -F' ' -c "UPDATE person SET email = 'ada.$how@example.com' WHERE id = 1" \
@@ -160,6 +173,9 @@ for r in json.load(sys.stdin)["requests"]:
     print(r.get("method"), r.get("path"), json.dumps(r.get("body"), sort_keys=True))' | sed 's/batch_[0-9a-f-]*/batch/')
     if [ "$out" = "0 1 0" ] && echo "$sent" | grep -q "$id" && echo "$sent" | grep -q "ada.$how@example.com"; then
         ok "$how: an edit after the restore is captured and sent as one update of the linked record"
+        out=$(psql_db "$db" -At -F' ' -c "UPDATE companies SET name = 'Contoso $how' WHERE id = 1" \
+                                      -c "SELECT created, updated, failed FROM d365.d365_sync('account')" 2>&1)
+        check "$how: an edit of a mapped table after the restore is sent as one update" "0 1 0" "$out"
     else
         notok "$how: an edit after the restore is captured and sent as one update of the linked record"
         echo "# counts: $out"; echo "$sent" | sed 's/^/# /' | head -10

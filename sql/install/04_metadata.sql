@@ -8,6 +8,9 @@ CREATE TABLE d365.metadata_cache (
 );
 COMMENT ON TABLE d365.metadata_cache IS
     'Web API metadata responses, kept for an hour; DELETE FROM d365.metadata_cache to fetch them again';
+-- dumped with the configuration: a restored database's next sync finds
+-- the metadata its source had, and sends no request for it
+SELECT pg_catalog.pg_extension_config_dump('d365.metadata_cache', '');
 
 -- GET a Web API path (relative to the service root), following every
 -- @odata.nextLink; one row per element of "value" (or the body itself).
