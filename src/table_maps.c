@@ -15,8 +15,9 @@
  * table, a column or a Dataverse field: that is all in the SQL.
  *
  *	 d365_sync(map)  one run per map (of one, or every enabled map in
- *		dependency order: parents before children), each under its own
- *		lock and recorded in d365.sync_run as kind "map:<name>"; the
+ *		dependency order: parents before children), each under the lock of
+ *		its row in d365.table_map (a sync and a pull of one map never run
+ *		at once) and recorded in d365.sync_run as kind "map:<name>"; the
  *		attached contact table is the map "contact", synced by the contact
  *		engine (src/contacts_out.c) last
  *	 d365_pull(map)  the same for incoming changes; the contact table's
@@ -115,12 +116,39 @@ put_row(ReturnSetInfo *rsinfo, const char *map, D365Run *run)
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
 
+/*
+ * map_lock
+ *		The map's row of d365.table_map, locked FOR NO KEY UPDATE to the end
+ *		of the transaction, unless another run holds it: false then (the run
+ *		says it skipped).  A row lock, not an advisory lock: only a role that
+ *		may update the maps can hold it, so no other role can keep a map
+ *		from syncing.
+ */
+static bool
+map_lock(D365Run *run, const char *map)
+{
+	if (d365_sql_int64("SELECT pg_catalog.count(*) FROM (SELECT FROM d365.table_map t"
+					   " WHERE t.name OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE SKIP LOCKED) x",
+					   1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(map)}, NULL) == 1)
+		return true;
+	{
+		MemoryContext old = MemoryContextSwitchTo(run->cxt);
+
+		run->message = psprintf("skipped: another run of map %s is in progress", map);
+		MemoryContextSwitchTo(old);
+	}
+	return false;
+}
+
 /* The outgoing run of one map: its work query through the pipeline. */
 static void
 sync_body(D365Run *run, void *arg)
 {
 	const char *map = (const char *) arg;
 	char	   *work_sql;
+
+	if (!map_lock(run, map))
+		return;
 
 	work_sql = d365_sql_text("SELECT d365._map_work_sql($1)", 1, (Oid[]) {TEXTOID},
 							 (Datum[]) {CStringGetTextDatum(map)});
@@ -152,6 +180,8 @@ pull_body(D365Run *run, void *arg)
 	bool		full;
 	int			npages;
 
+	if (!map_lock(run, map))
+		return;
 	engine.state_key = psprintf("map:%s", map);
 	engine.start_path = pull_start_path;
 	engine.record_sql = "SELECT updated, unchanged, failed, unlinked"
@@ -185,8 +215,7 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 		D365Run		run;
 
 		d365_run_init(&run, psprintf(outgoing ? "map:%s" : "map-pull:%s", map));
-		(void) d365_run_execute(&run, psprintf(outgoing ? "d365-map-sync:%s" : "d365-map-pull:%s", map),
-								outgoing ? sync_body : pull_body, map);
+		(void) d365_run_execute(&run, NULL, outgoing ? sync_body : pull_body, map);
 		put_row(rsinfo, map, &run);
 	}
 	if (contact)

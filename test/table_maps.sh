@@ -244,6 +244,21 @@ else
     notok "the link guard on a mapped table" "$out"
 fi
 
+# -- 10c. one run of a map at a time: a second skips while the first holds
+# the map's row
+psqlq -c "BEGIN" -c "SELECT FROM d365.table_map WHERE name = 'account' FOR NO KEY UPDATE" \
+      -c "SELECT pg_sleep(4)" -c "COMMIT" >/dev/null 2>&1 &
+holder=$!
+sleep 1.5
+out=$(q "SELECT requests FROM d365_sync('account')")
+msg=$(q "SELECT message FROM d365.sync_run WHERE kind = 'map:account' ORDER BY id DESC LIMIT 1")
+wait "$holder"
+if [ "$out" = "0" ] && [ "$msg" = "skipped: another run of map account is in progress" ]; then
+    ok "a sync of a map another run holds skips, and says so"
+else
+    notok "one run of a map at a time" "$out" "$msg"
+fi
+
 # -- 11. unmapping removes the triggers, keeps the links
 out=$(q "SELECT d365_unmap_table('project');
          SELECT count(*) FROM pg_trigger WHERE tgrelid = 'projects'::regclass AND tgname LIKE 'd365%';
