@@ -146,6 +146,23 @@ EXPLAIN (COSTS OFF) SELECT t.tier, a.name FROM tier t JOIN dv.accounts a ON a.ac
 SELECT t.tier, a.name FROM tier t JOIN dv.accounts a ON a.accountid = t.account
  WHERE a.revenue > 50 ORDER BY a.name COLLATE "C";
 SELECT * FROM pg_temp.sent(:'simctl');
+-- a few local rows against a large Dataverse table: the join clause is sent
+-- with each local row's value (one small request per row) instead of
+-- reading the whole table; the costs decide
+CREATE TABLE public.few (account uuid, note text);
+INSERT INTO few VALUES ('a0000000-0000-4000-8000-000000000002', 'two'),
+                       ('a0000000-0000-4000-8000-000000000005', 'five'), (NULL, 'none');
+ANALYZE few;
+ALTER FOREIGN TABLE dv.accounts OPTIONS (ADD rows '100000');
+EXPLAIN (VERBOSE, COSTS OFF)
+SELECT f.note, a.name FROM few f LEFT JOIN dv.accounts a ON a.accountid = f.account;
+SELECT f.note, a.name FROM few f LEFT JOIN dv.accounts a ON a.accountid = f.account ORDER BY 1;
+SELECT * FROM pg_temp.sent(:'simctl');
+ALTER FOREIGN TABLE dv.accounts OPTIONS (DROP rows);
+EXPLAIN (COSTS OFF)
+SELECT f.note, a.name FROM few f LEFT JOIN dv.accounts a ON a.accountid = f.account;
+DROP TABLE few;
+
 -- a join that cannot hash: the foreign table is read once, on the outer side
 EXPLAIN (COSTS OFF)
 SELECT count(*) FROM tier t JOIN dv.accounts a ON a.numberofemployees > length(t.tier);

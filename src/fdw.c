@@ -65,6 +65,7 @@
 #include "optimizer/cost.h"
 #include "optimizer/optimizer.h"
 #include "optimizer/pathnode.h"
+#include "optimizer/paths.h"
 #include "optimizer/planmain.h"
 #include "optimizer/restrictinfo.h"
 #include "utils/acl.h"
@@ -314,7 +315,8 @@ get_rel_size(PlannerInfo *root, RelOptInfo *baserel, Oid relid)
 		bool		exact;
 
 		initStringInfo(&one);
-		if (d365_fdw_deparse_qual(baserel, frel, ri->clause, &one, &exact))
+		if (d365_fdw_deparse_qual(baserel, frel, ri->clause, &one, &exact, &frel->params,
+								  false))
 		{
 			appendStringInfo(&filter, "%s%s", filter.len ? " and " : "", one.data);
 			frel->remote_conds = lappend(frel->remote_conds, ri);
@@ -391,10 +393,89 @@ path_costs(PlannerInfo *root, D365FdwRel *frel, double rows, Cost *startup, Cost
 		rows * (frel->row_cost + cpu_tuple_cost + qcost.per_tuple);
 }
 
+/* generate_implied_equalities_for_column's callback: the column at hand */
+typedef struct EcColumn
+{
+	Expr	   *current;		/* the member matched this round */
+	List	   *already_used;	/* members matched in earlier rounds */
+} EcColumn;
+
+static bool
+ec_member_is_column(PlannerInfo *root, RelOptInfo *rel, EquivalenceClass *ec,
+					EquivalenceMember *em, void *arg)
+{
+	EcColumn   *state = arg;
+	Expr	   *expr = em->em_expr;
+
+	if (state->current != NULL)
+		return equal(expr, state->current);
+	if (list_member(state->already_used, expr))
+		return false;
+	state->current = expr;
+	return true;
+}
+
+/*
+ * param_path_infos
+ *		The parameterizations worth a path: one per set of outer tables that
+ *		a join clause the wrapper can send needs (x = outer.y, from the
+ *		query's equivalence classes or its other join clauses).
+ */
+static List *
+param_path_infos(PlannerInfo *root, RelOptInfo *baserel, D365FdwRel *frel)
+{
+	List	   *ppis = NIL;
+	List	   *clauses = NIL;
+	ListCell   *lc;
+	EcColumn	state;
+
+	foreach(lc, baserel->joininfo)
+		clauses = lappend(clauses, lfirst(lc));
+	if (baserel->has_eclass_joins)
+	{
+		state.already_used = NIL;
+		for (;;)
+		{
+			List	   *found;
+
+			state.current = NULL;
+			found = generate_implied_equalities_for_column(root, baserel, ec_member_is_column,
+														   &state, baserel->lateral_referencers);
+			if (state.current == NULL)
+				break;
+			clauses = list_concat(clauses, found);
+			state.already_used = lappend(state.already_used, state.current);
+		}
+	}
+	foreach(lc, clauses)
+	{
+		RestrictInfo *ri = lfirst(lc);
+		Relids		outer;
+		StringInfoData one;
+		List	   *params = NIL;
+		bool		exact;
+
+		if (!join_clause_is_movable_to(ri, baserel))
+			continue;
+		initStringInfo(&one);
+		if (!d365_fdw_deparse_qual(baserel, frel, ri->clause, &one, &exact, &params, true))
+			continue;
+		outer = bms_del_members(bms_union(ri->clause_relids, baserel->lateral_relids),
+								baserel->relids);
+		if (bms_is_empty(outer))
+			continue;
+		ppis = list_append_unique_ptr(ppis, get_baserel_parampathinfo(root, baserel, outer));
+	}
+	return ppis;
+}
+
 /*
  * get_paths
  *		The plain scan; when the query's ORDER BY can be sent, a sorted one;
- *		with a LIMIT that can be sent, the scan that carries it.
+ *		with a LIMIT that can be sent, the scan that carries it; and
+ *		parameterized scans that send a join clause with the outer row's
+ *		value (x eq <value>): for a few outer rows, a few small requests
+ *		cost less than reading the whole table, and the costs say so.
  */
 static void
 get_paths(PlannerInfo *root, RelOptInfo *baserel, Oid relid)
@@ -419,6 +500,23 @@ get_paths(PlannerInfo *root, RelOptInfo *baserel, Oid relid)
 									 startup, total, NIL, baserel->lateral_relids, NULL,
 									 list_make2(makeString(""),
 												makeInteger(root->query_pathkeys == NIL ? top : 0))));
+
+	if (baserel->reloptkind == RELOPT_BASEREL)
+	{
+		ListCell   *lc;
+
+		foreach(lc, param_path_infos(root, baserel, frel))
+		{
+			ParamPathInfo *ppi = lfirst(lc);
+			double		prows = get_parameterized_baserel_size(root, baserel, ppi->ppi_clauses);
+
+			path_costs(root, frel, prows, &startup, &total);
+			add_path(baserel, (Path *)
+					 create_foreignscan_path(root, baserel, NULL, prows, startup, total, NIL,
+											 ppi->ppi_req_outer, NULL,
+											 list_make2(makeString(""), makeInteger(0))));
+		}
+	}
 
 	if (orderby != NULL)
 	{
@@ -456,14 +554,34 @@ get_plan(PlannerInfo *root, RelOptInfo *baserel, Oid relid, ForeignPath *best_pa
 	bool		whole_row;
 	int			i;
 
+	List	   *all_params = list_copy(frel->params);
+	StringInfoData filter;
+
+	initStringInfo(&filter);
+	if (frel->filter != NULL)
+		appendStringInfoString(&filter, frel->filter);
 	foreach(lc, scan_clauses)
 	{
 		RestrictInfo *ri = lfirst(lc);
+		bool		exact;
 
 		if (ri->pseudoconstant)
 			continue;
 		if (list_member_ptr(frel->local_conds, ri) || !list_member_ptr(frel->remote_conds, ri))
 			local = lappend(local, ri->clause);
+		/*
+		 * A join clause of a parameterized scan: sent with the outer row's
+		 * value (and checked locally too, as every parameter comparison).
+		 */
+		if (best_path->path.param_info != NULL &&
+			!list_member_ptr(baserel->baserestrictinfo, ri))
+		{
+			StringInfoData one;
+
+			initStringInfo(&one);
+			if (d365_fdw_deparse_qual(baserel, frel, ri->clause, &one, &exact, &all_params, true))
+				appendStringInfo(&filter, "%s%s", filter.len ? " and " : "", one.data);
+		}
 	}
 
 	whole_row = bms_is_member(0 - FirstLowInvalidHeapAttributeNumber, frel->attrs_used);
@@ -483,12 +601,12 @@ get_plan(PlannerInfo *root, RelOptInfo *baserel, Oid relid, ForeignPath *best_pa
 			appendStringInfoString(&select, frel->fields[i]);
 
 	priv = list_make5(makeString(frel->entity_set), makeString(select.data),
-					  makeString(frel->filter ? frel->filter : ""),
+					  makeString(filter.data),
 					  linitial(best_path->fdw_private), lsecond(best_path->fdw_private));
 	priv = lappend(priv, makeInteger(frel->page_size));
 	priv = lappend(priv, attrs);
 	priv = lappend(priv, fields);
-	foreach(lc, frel->params)
+	foreach(lc, all_params)
 	{
 		D365FdwParam *p = lfirst(lc);
 

@@ -72,7 +72,8 @@ typedef struct D365FdwParam
 {
 	char	   *field;
 	int			op;				/* fdw_deparse.c's CmpOp */
-	Expr	   *expr;			/* the Param */
+	Expr	   *expr;			/* the Param (or, in a join clause, the other
+								 * table's column, which becomes one) */
 } D365FdwParam;
 
 /* ForeignScan.fdw_private */
@@ -93,7 +94,8 @@ typedef enum D365FdwPrivateIndex
 
 /* fdw_deparse.c */
 extern bool d365_fdw_deparse_qual(RelOptInfo *rel, D365FdwRel *frel, Expr *clause,
-								  StringInfo out, bool *exact);
+								  StringInfo out, bool *exact, List **params,
+								  bool outer_vars);
 extern char *d365_fdw_deparse_orderby(PlannerInfo *root, RelOptInfo *rel,
 									  D365FdwRel *frel, List *pathkeys);
 extern const char *d365_fdw_op_name(int op);

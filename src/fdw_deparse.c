@@ -90,6 +90,10 @@ typedef struct Deparse
 	bool		exact;			/* false once a superset part was written */
 	List	   *params;			/* comparisons with a parameter written so
 								 * far (see D365FdwParam) */
+	int			first_param;	/* the number of the first of them */
+	bool		outer_vars;		/* a column of another table counts as a
+								 * parameter (a parameterized scan's join
+								 * clause) */
 } Deparse;
 
 static bool deparse_expr(Deparse *d, Expr *expr, bool negated);
@@ -354,13 +358,12 @@ collation_ok(Oid collid)
  *		OData literal can be sent as a condition that holds for every row.
  */
 static bool
-deparse_param(Deparse *d, OpExpr *e, AttrNumber att, Oid vtype, Param *p, CmpOp op)
+deparse_param(Deparse *d, OpExpr *e, AttrNumber att, Oid vtype, Expr *p, CmpOp op)
 {
 	TypeKind	k = type_kind(vtype);
 	D365FdwParam *dp;
 
-	if (op == OP_NONE || op == OP_LIKE || k == TK_NONE || type_kind(p->paramtype) != k ||
-		(p->paramkind != PARAM_EXTERN && p->paramkind != PARAM_EXEC))
+	if (op == OP_NONE || op == OP_LIKE || k == TK_NONE || type_kind(exprType((Node *) p)) != k)
 		return false;
 	if (k == TK_STRING && (op != OP_EQ || !collation_ok(e->inputcollid)))
 		return false;
@@ -373,9 +376,29 @@ deparse_param(Deparse *d, OpExpr *e, AttrNumber att, Oid vtype, Param *p, CmpOp 
 	d->params = lappend(d->params, dp);
 	d->exact = false;
 	appendStringInfo(d->buf, "%c%d%c", D365_FDW_PARAM_MARK,
-					 list_length(d->frel->params) + list_length(d->params) - 1,
-					 D365_FDW_PARAM_MARK);
+					 d->first_param + list_length(d->params) - 1, D365_FDW_PARAM_MARK);
 	return true;
+}
+
+/*
+ * is_value_source
+ *		Whether expr gives a comparison its value when the scan starts: a
+ *		parameter (of a prepared statement, or set by an outer plan), or in
+ *		a parameterized scan's join clause a column of another table of the
+ *		same query level, which the planner turns into a parameter.
+ */
+static bool
+is_value_source(Deparse *d, Expr *expr)
+{
+	while (expr && IsA(expr, RelabelType))
+		expr = ((RelabelType *) expr)->arg;
+	if (expr == NULL)
+		return false;
+	if (IsA(expr, Param))
+		return ((Param *) expr)->paramkind == PARAM_EXTERN ||
+			((Param *) expr)->paramkind == PARAM_EXEC;
+	return d->outer_vars && IsA(expr, Var) && ((Var *) expr)->varlevelsup == 0 &&
+		!bms_is_member(((Var *) expr)->varno, d->rel->relids);
 }
 
 /* the OData name of a comparison (for EXPLAIN) */
@@ -438,10 +461,10 @@ deparse_comparison(Deparse *d, OpExpr *e, bool negated)
 		c = (Const *) l;
 		op = commute(op);
 	}
-	else if ((att = column_of(d, l, &vtype)) != 0 && IsA(r, Param))
-		return deparse_param(d, e, att, vtype, (Param *) r, negated ? negate(op) : op);
-	else if ((att = column_of(d, r, &vtype)) != 0 && IsA(l, Param))
-		return deparse_param(d, e, att, vtype, (Param *) l,
+	else if ((att = column_of(d, l, &vtype)) != 0 && is_value_source(d, r))
+		return deparse_param(d, e, att, vtype, r, negated ? negate(op) : op);
+	else if ((att = column_of(d, r, &vtype)) != 0 && is_value_source(d, l))
+		return deparse_param(d, e, att, vtype, l,
 							 negated ? negate(commute(op)) : commute(op));
 	else
 		return false;
@@ -654,10 +677,13 @@ deparse_expr(Deparse *d, Expr *expr, bool negated)
  *		Append clause as an OData condition to out; false (out unchanged)
  *		when it cannot be sent.  *exact is set false when Dataverse's answer
  *		is only a superset, so the clause must also be evaluated locally.
+ *		Comparisons with parameters are appended to *params (numbered on from
+ *		its length); with outer_vars, a column of another table is such a
+ *		parameter (a parameterized scan's join clause).
  */
 bool
 d365_fdw_deparse_qual(RelOptInfo *rel, D365FdwRel *frel, Expr *clause,
-					  StringInfo out, bool *exact)
+					  StringInfo out, bool *exact, List **params, bool outer_vars)
 {
 	StringInfoData buf;
 	Deparse		d;
@@ -668,11 +694,13 @@ d365_fdw_deparse_qual(RelOptInfo *rel, D365FdwRel *frel, Expr *clause,
 	d.buf = &buf;
 	d.exact = true;
 	d.params = NIL;
+	d.first_param = list_length(*params);
+	d.outer_vars = outer_vars;
 	if (contain_volatile_functions((Node *) clause) ||
 		!deparse_expr(&d, clause, false) || buf.len > D365_FDW_MAX_QUAL_LEN)
 		return false;
 	appendBinaryStringInfo(out, buf.data, buf.len);
-	frel->params = list_concat(frel->params, d.params);
+	*params = list_concat(*params, d.params);
 	*exact = d.exact;
 	return true;
 }
@@ -698,6 +726,8 @@ d365_fdw_deparse_orderby(PlannerInfo *root, RelOptInfo *rel, D365FdwRel *frel,
 	d.frel = frel;
 	d.buf = &buf;
 	d.params = NIL;
+	d.first_param = 0;
+	d.outer_vars = false;
 	foreach(lc, pathkeys)
 	{
 		PathKey    *pk = lfirst(lc);
