@@ -76,8 +76,7 @@ SELECT j->>'method' AS method, j->'body' AS body FROM sim_req ORDER BY (j->>'seq
 -- the caller needs SELECT and UPDATE on the contact table (UPDATE on each
 -- column it changes): it reads and changes contacts with its own rights
 CREATE ROLE regress_hook;
-GRANT USAGE ON SCHEMA d365 TO regress_hook;
-GRANT EXECUTE ON FUNCTION d365.d365_update_contact(jsonb) TO regress_hook;
+SELECT d365.d365_grant('regress_hook', 'app');
 SET ROLE regress_hook;
 SELECT d365.d365_update_contact(jsonb_build_object('contactid', :'bob', 'firstname', 'Rob'));
 RESET ROLE;
@@ -86,9 +85,7 @@ SET ROLE regress_hook;
 SELECT d365.d365_update_contact(jsonb_build_object('contactid', :'bob', 'firstname', 'Rob'));
 SELECT d365.d365_update_contact(jsonb_build_object('contactid', :'bob', 'emailaddress1', 'rob@example.com'));
 RESET ROLE;
-REVOKE ALL ON person FROM regress_hook;
-REVOKE ALL ON FUNCTION d365.d365_update_contact(jsonb) FROM regress_hook;
-REVOKE ALL ON SCHEMA d365 FROM regress_hook;
+DROP OWNED BY regress_hook;
 DROP ROLE regress_hook;
 
 -- an incoming mapper replaces the changed-column computation

@@ -8,9 +8,7 @@ UPDATE d365.settings SET activity_sync_enabled = true;
 -- an application role that only logs activities and pushes Dynamics edits
 -- (d365_update_contact reads and updates the contact table as its caller)
 CREATE ROLE regress_app;
-GRANT USAGE ON SCHEMA d365 TO regress_app;
-GRANT EXECUTE ON FUNCTION d365.d365_log_activity(anyelement, text, text, jsonb, timestamptz),
-                          d365.d365_update_contact(jsonb) TO regress_app;
+SELECT d365.d365_grant('regress_app', 'app');
 GRANT SELECT, UPDATE ON person TO regress_app;
 SELECT dynamics365_related_id AS ada FROM person WHERE id = 1 \gset
 SET ROLE regress_app;
@@ -39,16 +37,7 @@ SELECT contact_key, dynamics_id IS NULL AND synced IS NULL AS tombstone,
 
 -- an operator: runs and watches the sync, never sees the secret
 CREATE ROLE regress_operator;
-GRANT USAGE ON SCHEMA d365 TO regress_operator;
-GRANT SELECT (org_url, tenant_id, client_id, authority_url, api_version, contact_sync_enabled,
-              min_score, activity_sync_enabled, default_owner, incoming_mapper, instance_id)
-      ON d365.settings TO regress_operator;
-GRANT SELECT ON d365.contact_source, d365.field_map, d365.activity_type_map,
-                d365.activity_mapper TO regress_operator;
-GRANT SELECT, INSERT, UPDATE, DELETE ON d365.contact_state, d365.activity, d365.sync_run,
-                d365.metadata_cache, d365.pull_state TO regress_operator;
-GRANT USAGE ON ALL SEQUENCES IN SCHEMA d365 TO regress_operator;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA d365 TO regress_operator;
+SELECT d365.d365_grant('regress_operator', 'operator');
 GRANT SELECT, UPDATE ON person TO regress_operator;
 SET ROLE regress_operator;
 UPDATE person SET email = 'ada@operator.example' WHERE id = 1;
@@ -59,8 +48,7 @@ RESET ROLE;
 
 -- a monitor sees the status and nothing else
 CREATE ROLE regress_monitor;
-GRANT USAGE ON SCHEMA d365 TO regress_monitor;
-GRANT EXECUTE ON FUNCTION d365.d365_status() TO regress_monitor;
+SELECT d365.d365_grant('regress_monitor', 'monitor');
 SET ROLE regress_monitor;
 SELECT count(*) > 10 AS status_rows FROM d365.d365_status();
 SELECT count(*) FROM d365.sync_run;
@@ -90,8 +78,7 @@ CREATE FUNCTION regress_note_user() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO public.regress_seen VALUES (current_user); RETURN NEW; END $$;
 CREATE TRIGGER regress_note_user BEFORE UPDATE ON person FOR EACH ROW EXECUTE FUNCTION regress_note_user();
 CREATE ROLE regress_hook2;
-GRANT USAGE ON SCHEMA d365 TO regress_hook2;
-GRANT EXECUTE ON FUNCTION d365.d365_update_contact(jsonb) TO regress_hook2;
+SELECT d365.d365_grant('regress_hook2', 'app');
 GRANT SELECT, UPDATE ON person TO regress_hook2;
 GRANT INSERT ON regress_seen TO regress_hook2;
 SET ROLE regress_hook2;

@@ -189,8 +189,7 @@ ALTER TABLE rt_person ENABLE ROW LEVEL SECURITY;
 CREATE POLICY rt_tenant_a ON rt_person USING (tenant = 'a');
 RESET ROLE;
 CREATE ROLE regress_rt_tenant_a;
-GRANT USAGE ON SCHEMA d365 TO regress_rt_tenant_a;
-GRANT EXECUTE ON FUNCTION d365_update_contact(jsonb) TO regress_rt_tenant_a;
+SELECT d365.d365_grant('regress_rt_tenant_a', 'app');
 GRANT SELECT, UPDATE ON rt_person TO regress_rt_tenant_a;
 SELECT dynamics365_related_id AS bob FROM rt_person WHERE id = 2 \gset
 SET ROLE regress_rt_tenant_a;

@@ -58,6 +58,7 @@
 #include "utils/timestamp.h"
 #include "utils/syscache.h"
 
+#include "capture.h"
 #include "spi_util.h"
 #include "worker_shmem.h"
 
@@ -68,6 +69,7 @@ PG_FUNCTION_INFO_V1(d365_capture_flush);
 typedef struct NotedKey
 {
 	int			level;			/* transaction nest level that noted it */
+	Oid			relid;			/* the table whose trigger noted it */
 	text	   *key;
 	text	   *old_key;		/* NULL unless the key changed */
 } NotedKey;
@@ -129,7 +131,7 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 }
 
 /*
- * key_text
+ * d365_key_text
  *		The text form of a key (the same text as key::text in SQL), through
  *		its type's output function.  Attach accepts only key types whose
  *		output function is built in (d365._key_types()), and the capture
@@ -137,8 +139,8 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
  *		the table is attached; the row function runs as the writing user
  *		anyway.  The function is looked up once per type.
  */
-static text *
-key_text(Datum value, Oid typid)
+text *
+d365_key_text(Datum value, Oid typid)
 {
 	static Oid	cached_type = InvalidOid;
 	static FmgrInfo cached_out;
@@ -167,7 +169,7 @@ key_text(Datum value, Oid typid)
  *		Allocates in TopTransactionContext; errors only on out-of-memory.
  */
 static void
-note_key(text *key, text *old_key)
+note_key(Oid relid, text *key, text *old_key)
 {
 	if (!callbacks_registered)
 	{
@@ -186,13 +188,14 @@ note_key(text *key, text *old_key)
 		max_noted = new_max;
 	}
 	noted[n_noted].level = GetCurrentTransactionNestLevel();
+	noted[n_noted].relid = relid;
 	noted[n_noted].key = key;
 	noted[n_noted].old_key = old_key;
 	n_noted++;
 }
 
 /*
- * capture_key_attnum
+ * d365_capture_key_attnum
  *		The key column a capture trigger watches: its arguments are the
  *		key's attribute number and (since 0.3) its name.  A table rebuilt
  *		by a restore numbers its columns afresh (dropped columns are not
@@ -201,8 +204,8 @@ note_key(text *key, text *old_key)
  *		is.  The same rule as d365._capture_key_attnum() and
  *		d365._attachment_problem().  0 when neither names a live column.
  */
-static int
-capture_key_attnum(Trigger *trigger, TupleDesc tupdesc)
+int
+d365_capture_key_attnum(Trigger *trigger, TupleDesc tupdesc)
 {
 	int			attnum = atoi(trigger->tgargs[0]);
 	int			i;
@@ -231,7 +234,7 @@ capture_key_attnum(Trigger *trigger, TupleDesc tupdesc)
  *		AFTER UPDATE FOR EACH ROW (behind the WHEN clause): notes NEW's key,
  *		and OLD's when the key changed.  tgargs[0] is the key column's
  *		attribute number, tgargs[1] (when given) its name: see
- *		capture_key_attnum.  Runs as the writing user; runs d365's SQL only
+ *		d365_capture_key_attnum.  Runs as the writing user; runs d365's SQL only
  *		every FLUSH_CHUNK keys (flush_as_owner).
  */
 Datum
@@ -247,26 +250,29 @@ d365_capture_row(PG_FUNCTION_ARGS)
 	text	   *old_key;
 	MemoryContext oldcxt;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) ||
-		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
-		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
-		!TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ||
-		trigdata->tg_trigger->tgnargs < 1 || trigdata->tg_trigger->tgnargs > 2)
+	/*
+	 * Only as d365sync's own trigger (its name, AFTER UPDATE, per row).  The
+	 * table is checked when the keys are written (flush_level), which runs
+	 * with the rights of d365's owner: this function runs as the writer.
+	 */
+	d365_capture_check(fcinfo, "d365._contact_capture_row()", "d365_capture_update",
+					   TRIGGER_EVENT_UPDATE, true, false);
+	if (trigdata->tg_trigger->tgnargs < 1 || trigdata->tg_trigger->tgnargs > 2)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("d365._contact_capture_row() must be an AFTER UPDATE row trigger with one or two arguments")));
 
 	tupdesc = RelationGetDescr(trigdata->tg_relation);
-	attnum = capture_key_attnum(trigdata->tg_trigger, tupdesc);
+	attnum = d365_capture_key_attnum(trigdata->tg_trigger, tupdesc);
 	if (attnum < 1)
 		return PointerGetDatum(NULL);
 	att = TupleDescAttr(tupdesc, attnum - 1);
 
 	oldcxt = MemoryContextSwitchTo(TopTransactionContext);
 	value = heap_getattr(trigdata->tg_newtuple, attnum, tupdesc, &isnull);
-	new_key = isnull ? NULL : key_text(value, att->atttypid);
+	new_key = isnull ? NULL : d365_key_text(value, att->atttypid);
 	value = heap_getattr(trigdata->tg_trigtuple, attnum, tupdesc, &isnull);
-	old_key = isnull ? NULL : key_text(value, att->atttypid);
+	old_key = isnull ? NULL : d365_key_text(value, att->atttypid);
 	MemoryContextSwitchTo(oldcxt);
 
 	if (new_key == NULL && old_key == NULL)
@@ -279,7 +285,7 @@ d365_capture_row(PG_FUNCTION_ARGS)
 		old_key = NULL;
 	}
 	/* old_key set: the key changed (to new_key, or to NULL) */
-	note_key(new_key, old_key);
+	note_key(RelationGetRelid(trigdata->tg_relation), new_key, old_key);
 	if (n_noted % FLUSH_CHUNK == 0 &&
 		n_noted - first_at_level(GetCurrentTransactionNestLevel()) >= FLUSH_CHUNK)
 		flush_as_owner(GetCurrentTransactionNestLevel());
@@ -393,12 +399,14 @@ insert_direct(Datum keys)
  * flush_level
  *		Writes the keys noted at nest level >= level -- key changes through
  *		d365._contact_keys_moved(), changed keys into d365.contact_change,
- *		one row per FLUSH_CHUNK keys -- and forgets them.  The caller holds
- *		the rights of d365's owner.
+ *		one row per FLUSH_CHUNK keys -- and forgets them.  Keys that a
+ *		trigger on another table noted are forgotten unwritten.  The caller
+ *		holds the rights of d365's owner.
  */
 static void
 flush_level(int level)
 {
+	Oid			attached = d365_attached_relid();
 	int			first = first_at_level(level);
 	int			n = n_noted - first;
 	Datum	   *olds = palloc(sizeof(Datum) * Max(n, 1));
@@ -411,6 +419,17 @@ flush_level(int level)
 	if (n <= 0)
 		return;
 	SPI_connect();
+	for (i = first; i < n_noted; i++)
+		if (noted[i].relid != attached &&
+			!d365_is_attached_relation(noted[i].relid, attached))
+		{
+			if (noted[i].key != NULL)
+				pfree(noted[i].key);
+			if (noted[i].old_key != NULL)
+				pfree(noted[i].old_key);
+			noted[i].key = NULL;
+			noted[i].old_key = NULL;
+		}
 	for (i = first; i < n_noted; i++)
 		if (noted[i].old_key != NULL)
 		{
@@ -488,10 +507,13 @@ flush_as_owner(int level)
 Datum
 d365_capture_flush(PG_FUNCTION_ARGS)
 {
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("d365._contact_capture_flush() must be called as a trigger")));
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	bool		insert = CALLED_AS_TRIGGER(fcinfo) && TRIGGER_FIRED_BY_INSERT(td->tg_event);
+
+	/* only as d365sync's own statement triggers of the attached table */
+	d365_capture_check(fcinfo, "d365._contact_capture_flush()",
+					   insert ? "d365_capture_insert_flush" : "d365_capture_update_flush",
+					   insert ? TRIGGER_EVENT_INSERT : TRIGGER_EVENT_UPDATE, false, true);
 	/*
 	 * New rows are found by the contact job's work query, not through the
 	 * queue: an INSERT wakes the background worker (with realtime on) at

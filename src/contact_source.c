@@ -22,6 +22,7 @@
  */
 #include "postgres.h"
 
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -46,6 +47,9 @@ typedef struct SnapshotCall
 	MemoryContext result_cxt;	/* where the result is copied */
 	Oid			contact_table;
 	bool		no_table;
+	char	   *key_column;
+	char	   *columns;		/* the columns involved, comma-separated */
+	bool		unknown_field;	/* settle names a field that is not mapped */
 	Datum		result;
 	bool		result_null;
 } SnapshotCall;
@@ -58,6 +62,47 @@ read_contact_table(void *arg)
 
 	c->contact_table = d365_sql_oid("SELECT contact_table::oid FROM d365.contact_source",
 									0, NULL, NULL, &c->no_table);
+	if (c->no_table)
+		return;
+	c->key_column = d365_sql_text("SELECT key_column::text FROM d365.contact_source", 0, NULL, NULL);
+	/*
+	 * The columns whose values the snapshot holds: to read it, every mapped
+	 * column; to settle, the columns of the fields settled.
+	 */
+	if (c->settle_null)
+		c->columns = d365_sql_text("SELECT pg_catalog.string_agg(f.column_name::text, ',')"
+								   " FROM d365.field_map f", 0, NULL, NULL);
+	else
+	{
+		c->columns = d365_sql_text("SELECT pg_catalog.string_agg(f.column_name::text, ',')"
+								   " FROM d365.field_map f"
+								   " WHERE f.dynamics_field IN (SELECT pg_catalog.jsonb_object_keys($1))",
+								   1, (Oid[]) {JSONBOID}, (Datum[]) {c->settle});
+		c->unknown_field = d365_sql_bool("SELECT EXISTS (SELECT FROM pg_catalog.jsonb_object_keys($1) k"
+										 " WHERE k NOT IN (SELECT f.dynamics_field FROM d365.field_map f))",
+										 1, (Oid[]) {JSONBOID}, (Datum[]) {c->settle}, NULL);
+	}
+}
+
+/*
+ * check_column_right
+ *		ERROR unless the caller holds mode (ACL_SELECT, ACL_UPDATE) on the
+ *		column of the contact table.
+ */
+static void
+check_column_right(Oid relid, const char *column, AclMode mode, Oid caller)
+{
+	AttrNumber	attnum = get_attnum(relid, column);
+
+	if (attnum != InvalidAttrNumber &&
+		(pg_class_aclcheck(relid, caller, mode) == ACLCHECK_OK ||
+		 pg_attribute_aclcheck(relid, attnum, caller, mode) == ACLCHECK_OK))
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied for the sync state of contacts"),
+			 errdetail("The sync state holds the values of the mapped columns: reading it takes SELECT on each of them and on the key, settling a field takes SELECT and UPDATE on its column; column \"%s\" is missing the %s right.",
+					   column, mode == ACL_SELECT ? "SELECT" : "UPDATE")));
 }
 
 /* as the owner: read the snapshot, or merge settle into it */
@@ -86,8 +131,9 @@ read_or_settle(void *arg)
  * d365._contact_snapshot(contact_key text, settle jsonb) -> jsonb
  *		The gate through which d365_update_contact(), running with its
  *		caller's rights, reads and writes a contact's synced snapshot.  The
- *		caller must be allowed to update the attached contact table (any
- *		column); then d365.contact_state is read (settle NULL: returns the
+ *		caller must hold SELECT on the key and on every mapped column to
+ *		read it, SELECT and UPDATE on the column of each field it settles
+ *		(only mapped fields can be); then d365.contact_state is read (settle NULL: returns the
  *		snapshot) or settle's fields are recorded as synced, as the owner of
  *		d365's tables, in a restricted operation that runs no user code.
  */
@@ -114,13 +160,23 @@ d365_contact_snapshot(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("no contact table is attached")));
 
-	if (pg_class_aclcheck(c.contact_table, caller, ACL_UPDATE) != ACLCHECK_OK &&
-		pg_attribute_aclcheck_all(c.contact_table, caller, ACL_UPDATE,
-								  ACLMASK_ANY) != ACLCHECK_OK)
+	if (c.unknown_field)
 		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied for the sync state of contacts"),
-				 errdetail("Only a role that may update the contact table may read or settle its sync state.")));
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("only mapped Dynamics fields can be settled")));
+	check_column_right(c.contact_table, c.key_column, ACL_SELECT, caller);
+	if (c.columns != NULL)
+	{
+		char	   *col;
+		char	   *save;
+
+		for (col = strtok_r(c.columns, ",", &save); col != NULL; col = strtok_r(NULL, ",", &save))
+		{
+			check_column_right(c.contact_table, col, ACL_SELECT, caller);
+			if (!c.settle_null)
+				check_column_right(c.contact_table, col, ACL_UPDATE, caller);
+		}
+	}
 
 	d365_as_table_owner(owner, read_or_settle, &c);
 	SPI_finish();
@@ -141,6 +197,28 @@ static char *
 regtype_text(Oid typid)
 {
 	return DatumGetCString(DirectFunctionCall1(regtypeout, ObjectIdGetDatum(typid)));
+}
+
+/* what a relation of that kind is called in a message */
+static const char *
+relkind_name(char relkind)
+{
+	switch (relkind)
+	{
+		case RELKIND_VIEW:
+			return "view";
+		case RELKIND_MATVIEW:
+			return "materialized view";
+		case RELKIND_FOREIGN_TABLE:
+			return "foreign table";
+		case RELKIND_SEQUENCE:
+			return "sequence";
+		case RELKIND_INDEX:
+		case RELKIND_PARTITIONED_INDEX:
+			return "index";
+		default:
+			return "relation of another kind";
+	}
 }
 
 /*
@@ -187,6 +265,7 @@ d365_contact_table_problem(PG_FUNCTION_ARGS)
 	static const Oid link_type[] = {UUIDOID};
 	static const Oid stamp_type[] = {TIMESTAMPTZOID};
 	Oid			relid;
+	char		relkind;
 	char	   *problem;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
@@ -196,6 +275,16 @@ d365_contact_table_problem(PG_FUNCTION_ARGS)
 		LockRelationOid(relid, AccessShareLock);
 	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
 		PG_RETURN_TEXT_P(cstring_to_text(psprintf("the attached table (OID %u) was dropped", relid)));
+
+	/*
+	 * A table only: a view (CREATE RULE "_RETURN" turns an empty table into
+	 * one), a foreign table or anything else in the table's place would run
+	 * code of its owner's making whenever d365sync reads it.
+	 */
+	relkind = get_rel_relkind(relid);
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s is a %s, not a table",
+												  regclass_text(relid), relkind_name(relkind))));
 
 	problem = column_problem(relid, "score", NameStr(*PG_GETARG_NAME(1)),
 							 score_types, lengthof(score_types));

@@ -68,14 +68,6 @@
 #ifndef D365SYNC_H
 #define D365SYNC_H
 
-/*
- * Class id of d365sync's advisory locks (ASCII "D365"), taken in the
- * two-key form pg_try_advisory_xact_lock(D365_LOCK_CLASSID, job): 1 is the
- * contact job, 2 the activity job, 3 the pull.  docs/operations.md lists
- * them so that an application using two-key advisory locks avoids them.
- */
-#define D365_LOCK_CLASSID 1144206901
-
 /* GUC variables (d365sync.c) */
 extern int	d365_connect_timeout_ms;
 extern int	d365_request_timeout_ms;

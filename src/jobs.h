@@ -6,7 +6,7 @@
  *	  background worker (src/worker.c) runs in its own transactions.
  *
  * Each takes a run from d365_run_init() (its kind is set here), runs the
- * engine's body under the job's advisory lock through d365_run_execute(),
+ * engine's body under the job's lock through d365_run_execute(),
  * so a job never runs twice at once whoever starts it, and returns whether
  * the body completed.  Each needs a transaction and connects to SPI itself.
  *

@@ -6,8 +6,9 @@
  *	  d365.sync_run and the result row of the SQL function that ran it.
  *
  * d365_run_execute() wraps an engine's body for the scheduled jobs: it
- * takes a transaction-level advisory lock (a second run of the same job
- * skips instead of duplicating work), runs the body in a subtransaction so
+ * takes the job's row lock in d365.job_lock, to the end of the transaction
+ * (a second run of the same job skips instead of duplicating work; no role
+ * that may not run the jobs can hold it), runs the body in a subtransaction so
  * that a failure (no token, a dropped mapping) is recorded in d365.sync_run
  * and reported as a WARNING instead of being lost with the transaction, and
  * re-throws cancels and timeouts so they keep their SQLSTATE.  Remote
@@ -210,6 +211,35 @@ d365_run_publish(D365Run *run)
 }
 
 /*
+ * take_job_lock
+ *		Lock the job's row of d365.job_lock (FOR NO KEY UPDATE, to the end
+ *		of the transaction) unless another transaction holds it: false then.
+ *		Only a role that may run the jobs (UPDATE on d365.job_lock) can hold
+ *		such a lock.  An ERROR when the row is missing.
+ */
+static bool
+take_job_lock(const char *lock_name)
+{
+	const char *job = strcmp(lock_name, "d365-contact-sync") == 0 ? "contacts"
+		: strcmp(lock_name, "d365-activity-sync") == 0 ? "activities"
+		: strcmp(lock_name, "d365-pull-changes") == 0 ? "pull" : lock_name;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1] = {CStringGetTextDatum(job)};
+
+	if (d365_sql_int64("SELECT pg_catalog.count(*) FROM (SELECT FROM d365.job_lock l"
+					   " WHERE l.job OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE SKIP LOCKED) x",
+					   1, argtypes, args, NULL) == 1)
+		return true;
+	if (!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.job_lock l WHERE l.job OPERATOR(pg_catalog.=) $1)",
+					   1, argtypes, args, NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the lock row of job \"%s\" is missing from d365.job_lock", job),
+				 errhint("INSERT INTO d365.job_lock (job) VALUES ('%s');", job)));
+	return false;
+}
+
+/*
  * d365_run_execute
  *		Run body(run, arg) as one scheduled-job run.  When lock_name is not
  *		NULL and another transaction holds that job's lock, the run is
@@ -227,24 +257,14 @@ d365_run_execute(D365Run *run, const char *lock_name, D365RunBody body, void *ar
 
 	SPI_connect();
 
-	if (lock_name != NULL)
+	if (lock_name != NULL && !take_job_lock(lock_name))
 	{
-		Oid			argtypes[1] = {TEXTOID};
-		Datum		args[1] = {CStringGetTextDatum(lock_name)};
-
-		if (!d365_sql_bool("SELECT pg_try_advisory_xact_lock(" CppAsString2(D365_LOCK_CLASSID) ","
-						   " CASE $1 WHEN 'd365-contact-sync' THEN 1"
-						   " WHEN 'd365-activity-sync' THEN 2"
-						   " WHEN 'd365-pull-changes' THEN 3 ELSE hashtext($1) END)",
-						   1, argtypes, args, NULL))
-		{
-			run->message = psprintf("skipped: another %s run is in progress", run->kind);
-			run->skipped = true;
-			if (!run->no_record)
-				d365_run_record(run);
-			SPI_finish();
-			return false;
-		}
+		run->message = psprintf("skipped: another %s run is in progress", run->kind);
+		run->skipped = true;
+		if (!run->no_record)
+			d365_run_record(run);
+		SPI_finish();
+		return false;
 	}
 
 	reporting = d365_progress_start(run->kind);

@@ -53,6 +53,7 @@
 #include "table_owner.h"
 
 #include "link_guard.h"
+#include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_set_links);
 PG_FUNCTION_INFO_V1(d365_contact_unlink);
@@ -87,18 +88,17 @@ typedef struct OwnerCall
  */
 #define OWNER_LOCK_TIMEOUT "10s"
 
-typedef void (*RestrictedBody) (void *arg);
 
 /*
- * as_owner_restricted
+ * d365_as_owner_restricted
  *		Run body(arg) as role owner in a security-restricted operation under
  *		a new GUC nest level with search_path = pg_catalog, pg_temp: the way
  *		REFRESH MATERIALIZED VIEW runs code of a view's owner.  Any ERROR
  *		comes back with the caller's user and security context restored; the
  *		GUC nest level is then popped by the (sub)transaction abort.
  */
-static void
-as_owner_restricted(Oid owner, RestrictedBody body, void *arg)
+void
+d365_as_owner_restricted(Oid owner, D365OwnerBody body, void *arg)
 {
 	Oid			save_userid;
 	int			save_sec;
@@ -200,6 +200,56 @@ check_caller_rights(Oid relid, Datum columns, bool columns_null)
 	check_row_security(relid, caller);
 }
 
+/* as d365's owner: the key column of the attached table */
+static void
+read_key_column(void *arg)
+{
+	*(char **) arg = d365_sql_text("SELECT key_column::pg_catalog.text FROM d365.contact_source",
+								   0, NULL, NULL);
+}
+
+/*
+ * check_caller_reads
+ *		An UPDATE ... WHERE needs SELECT on the columns its WHERE reads:
+ *		the key (apply, links) and the link column (links, unlink).  The
+ *		caller must hold that too, so that nobody updates rows through these
+ *		functions that they could not find with their own rights.
+ */
+static void
+check_caller_reads(Oid relid, const char *op)
+{
+	Oid			caller = GetUserId();
+	char	   *key_column = NULL;
+	const char *cols[2];
+	int			n = 0;
+	int			i;
+
+	if (strcmp(op, "apply") == 0 || strcmp(op, "links") == 0)
+	{
+		d365_as_table_owner(d365_table_owner("contact_source"), read_key_column, &key_column);
+		if (key_column != NULL)
+			cols[n++] = key_column;
+	}
+	if (strcmp(op, "links") == 0 || strcmp(op, "unlink") == 0)
+		cols[n++] = "dynamics365_related_id";
+	if (n == 0 || pg_class_aclcheck(relid, caller, ACL_SELECT) == ACLCHECK_OK)
+		return;
+	for (i = 0; i < n; i++)
+	{
+		AttrNumber	attnum = get_attnum(relid, cols[i]);
+
+		if (attnum == InvalidAttrNumber ||
+			pg_attribute_aclcheck(relid, attnum, caller, ACL_SELECT) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to read column \"%s\" of %s",
+							cols[i], relation_name(relid)),
+					 errdetail("d365sync finds the rows it writes only where the role that runs it may."),
+					 errhint("GRANT SELECT ON %s TO %s;", relation_name(relid),
+							 quote_identifier(GetUserNameFromId(caller, false)))));
+	}
+}
+
 /* Owner of a relation; ERROR when it is gone. */
 static Oid
 relation_owner(Oid relid)
@@ -248,7 +298,7 @@ as_link_writer(Oid owner, OwnerCall *call)
 
 	PG_TRY();
 	{
-		as_owner_restricted(owner, run_statement, call);
+		d365_as_owner_restricted(owner, run_statement, call);
 	}
 	PG_CATCH();
 	{
@@ -300,12 +350,13 @@ run_as_owner(OwnerCall *call)
 	columns = SPI_getbinval(tup, desc, 3, &columns_null);
 
 	check_caller_rights(relid, columns, columns_null);
+	check_caller_reads(relid, call->op);
 	owner = relation_owner(relid);
 
 	if (call->writes_links)
 		as_link_writer(owner, call);
 	else
-		as_owner_restricted(owner, run_statement, call);
+		d365_as_owner_restricted(owner, run_statement, call);
 
 	call->result_null = true;
 	if (OidIsValid(call->restype) && SPI_tuptable != NULL && SPI_processed > 0)
@@ -519,7 +570,7 @@ call_mapper_as_owner(Oid fn, int nargs, Datum *args, bool *argnulls, bool *isnul
 		}
 	}
 	mc.fcinfo = call;
-	as_owner_restricted(owner, invoke_mapper, &mc);
+	d365_as_owner_restricted(owner, invoke_mapper, &mc);
 	*isnull = call->isnull;
 	return mc.result;
 }
@@ -635,7 +686,7 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
 	}
 
 	mc.fcinfo = call;
-	as_owner_restricted(owner, invoke_mapper, &mc);
+	d365_as_owner_restricted(owner, invoke_mapper, &mc);
 	if (call->isnull)
 		PG_RETURN_NULL();
 	PG_RETURN_DATUM(mc.result);
@@ -678,7 +729,7 @@ d365_owner_statement(Oid relid, const char *op, const char *sql, Datum columns,
 	if (strcmp(op, "links") == 0)
 		as_link_writer(owner, &call);
 	else
-		as_owner_restricted(owner, run_statement, &call);
+		d365_as_owner_restricted(owner, run_statement, &call);
 	call.result_null = true;
 	if (OidIsValid(restype) && SPI_tuptable != NULL && SPI_processed > 0)
 	{

@@ -9,7 +9,7 @@
  * names.  It is a thin driver over the engines: every pass runs the same
  * job entry points as d365_sync_contacts(), d365_sync_activities() and
  * d365_pull_changes() (src/jobs.h), each in a transaction of its own and
- * under the same advisory lock, so the worker and the pg_cron jobs never
+ * under the same job lock (d365.job_lock), so the worker and the pg_cron jobs never
  * work on the same items at once.  The engines' ids make a crash anywhere
  * harmless: a contact's Dynamics id is derived from committed state (key
  * and generation), an activity's was chosen when it was logged, and both

@@ -75,7 +75,11 @@ LANGUAGE C VOLATILE;
  * wins where both exist.
  * SECURITY DEFINER: the activity text of another role's backend is hidden
  * from a caller without pg_read_all_stats; this shows only the numbers of
- * d365sync runs in this database.
+ * d365sync runs in this database.  An activity text counts only from a
+ * session whose role may run the jobs (a superuser, or UPDATE on
+ * d365.job_lock: the operator set), with numbers that fit a bigint and a
+ * time that parses, so that another session can neither show a made-up run
+ * nor make this fail for everyone.
  */
 CREATE FUNCTION d365.d365_run_progress(
     OUT pid integer, OUT kind text, OUT started_at timestamptz,
@@ -89,12 +93,16 @@ AS $$
     WITH shm AS (SELECT * FROM d365._run_progress_shared())
     SELECT shm.*, 'shared memory' FROM shm
     UNION ALL
-    SELECT a.pid, m[1], m[2]::timestamptz, m[3]::bigint, m[4]::bigint,
+    SELECT a.pid, m[1], d365._safe_timestamptz(m[2]), m[3]::bigint, m[4]::bigint,
            nullif(m[5], '?')::bigint, m[6]::bigint, m[7]::bigint, 'pg_stat_activity'
       FROM pg_stat_activity a,
-           regexp_match(a.query, '^/\* d365sync: ([a-z]+) run since ([0-9: -]+ UTC): ([0-9]+) done, ([0-9]+) failed, ([0-9]+|\?) remaining, ([0-9]+) requests, ([0-9]+) throttled') m
+           regexp_match(a.query, '^/\* d365sync: ([a-z]+) run since ([0-9: -]+ UTC): ([0-9]{1,18}) done, ([0-9]{1,18}) failed, ([0-9]{1,18}|\?) remaining, ([0-9]{1,18}) requests, ([0-9]{1,18}) throttled') m
      WHERE a.state = 'active' AND a.datname = current_database() AND m IS NOT NULL
        AND a.pid NOT IN (SELECT shm.pid FROM shm)
+       -- only sessions that may run the jobs report runs: anyone else can
+       -- write a query text of the same shape
+       AND (EXISTS (SELECT FROM pg_roles r WHERE r.oid = a.usesysid AND r.rolsuper)
+            OR has_table_privilege(a.usesysid, 'd365.job_lock', 'UPDATE'))
     ORDER BY 3, 1
 $$;
 COMMENT ON FUNCTION d365.d365_run_progress() IS

@@ -27,6 +27,7 @@ AS $$
 DECLARE
     key_att pg_attribute;
     trg text;
+    fn text;
 BEGIN
     trg := d365._attachment_table_problem(src);
     IF trg IS NOT NULL THEN
@@ -35,9 +36,34 @@ BEGIN
     SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
-    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
-                               'd365_capture_insert_flush', 'd365_capture_delete',
-                               'd365_capture_truncate', 'd365_link_guard', 'd365_link_guard_update'] LOOP
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    trg := d365._contact_table_problem(src.contact_table, src.score_column);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
+    -- each capture trigger, by its name AND the d365 function it calls (a
+    -- trigger of the same name calling the owner's function captures
+    -- nothing); a table only (a view or another relation standing in the
+    -- table's place is refused by d365._contact_table_problem above)
+    FOR trg, fn IN SELECT * FROM (VALUES
+            ('d365_capture_update', 'd365._contact_capture_row()'),
+            ('d365_capture_update_flush', 'd365._contact_capture_flush()'),
+            ('d365_capture_insert_flush', 'd365._contact_capture_flush()'),
+            ('d365_capture_delete', 'd365._contact_capture_delete()'),
+            ('d365_capture_truncate', 'd365._contact_capture_truncate()'),
+            ('d365_link_guard', 'd365._contact_link_guard()'),
+            ('d365_link_guard_update', 'd365._contact_link_guard()')) v LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
@@ -46,6 +72,12 @@ BEGIN
                                    = key_att.attnum)) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgfoid = fn::regprocedure
+                          AND (trg <> 'd365_capture_delete' OR t.tgoldtable IS NOT NULL)) THEN
+            RETURN format('capture trigger %s on %s does not call %s', trg, src.contact_table, fn);
         END IF;
     END LOOP;
     IF NOT d365._link_index_exists(src.contact_table) THEN
@@ -149,30 +181,20 @@ END;
 $$;
 
 -- AFTER DELETE, per statement: every deleted key becomes a tombstone.
--- Reads only the key column of the transition table (a built-in type).
+-- Reads only the key column of the trigger's own transition table, handed
+-- over by the executor (src/capture_guard.c).  SECURITY DEFINER: the
+-- writers of the table need no rights in d365.  Runs only as d365sync's
+-- trigger d365_capture_delete of the attached table, and raises elsewhere.
 CREATE FUNCTION d365._contact_capture_delete()
 RETURNS trigger
-LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    key_name name;
-    keys text[];
-BEGIN
-    SELECT a.attname INTO key_name FROM pg_attribute a
-     WHERE a.attrelid = TG_RELID AND a.attnum = d365._capture_key_attnum(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1]])
-       AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types());
-    IF key_name IS NULL THEN
-        RETURN NULL;        -- broken attachment: d365_status() reports it
-    END IF;
-    EXECUTE format('SELECT array_agg(g.%I::text) FROM d365_gone g', key_name) INTO keys;
-    PERFORM d365._contact_tombstone(keys);
-    RETURN NULL;
-END;
-$$;
+AS 'MODULE_PATHNAME', 'd365_capture_delete'
+LANGUAGE C;
 
 -- AFTER TRUNCATE: every key the state knows becomes a tombstone.
+-- SECURITY DEFINER (the writers need no rights in d365); runs only as
+-- d365sync's trigger d365_capture_truncate of the attached table.
 CREATE FUNCTION d365._contact_capture_truncate()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -180,6 +202,14 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF TG_NAME <> 'd365_capture_truncate' OR TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'STATEMENT'
+       OR TG_OP <> 'TRUNCATE'
+       OR TG_RELID IS DISTINCT FROM (SELECT s.contact_table::oid FROM d365.contact_source s) THEN
+        RAISE EXCEPTION 'd365._contact_capture_truncate() cannot run in trigger "%" on %', TG_NAME, TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365sync''s capture functions run only in the capture triggers that d365sync puts on the attached contact table.',
+                  HINT = 'Attach the table with d365.d365_attach_contacts(), which creates them.';
+    END IF;
     PERFORM d365._contact_tombstone(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
     DELETE FROM d365.contact_change;
     RETURN NULL;
@@ -231,17 +261,17 @@ AS $$
 $$;
 
 /*
- * (Re)creates the capture triggers on the attached table; the WHEN clause of
- * d365_capture_update lists the key and the mapped columns that are sent
- * (direction both or out) and exist, each
+ * The statements that (re)create the capture triggers on the attached
+ * table, and the table; both NULL when nothing is attached or the key
+ * column is gone.  The WHEN clause of d365_capture_update lists the key and
+ * the mapped columns that are sent (direction both or out) and exist, each
  * compared with IS DISTINCT FROM (the column type's own equality, evaluated
  * as the writing user), so an UPDATE of other columns costs no trigger
- * call.  Runs as the caller: creating triggers
- * takes the table owner's rights.
+ * call.  d365._contact_capture_install() runs them.
  */
-CREATE FUNCTION d365._contact_capture_install()
-RETURNS void
-LANGUAGE plpgsql
+CREATE FUNCTION d365._contact_capture_sql(OUT tbl regclass, OUT statements text[])
+RETURNS record
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -262,49 +292,58 @@ BEGIN
      WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
        AND (a.attnum = key_num
             OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
-                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
-                   src.contact_table, changed, key_num, src.key_column);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
-                   src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_insert_flush AFTER INSERT ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
-                   src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
-                   ' REFERENCING OLD TABLE AS d365_gone'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
-                   src.contact_table, key_num, src.key_column);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
-                   src.contact_table);
-    -- AFTER, not BEFORE: an AFTER row trigger fetches no old row the
-    -- capture trigger does not fetch already, and a BEFORE INSERT one would
-    -- take COPY's batched inserts away; the error still undoes the
-    -- statement.  The WHEN clauses (built-in operators on the built-in link
-    -- types, evaluated by the executor) keep the guard from being called
-    -- (or queued) for rows that need no look: inserted unlinked, or links
-    -- left alone.
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
-                   ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
-                   '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
-                   ' EXECUTE FUNCTION d365._contact_link_guard()',
-                   src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
-                   ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
-                   ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
-                   '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
-                   '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
-                   '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
-                   ' EXECUTE FUNCTION d365._contact_link_guard()',
-                   src.contact_table);
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table
-        USING ERRCODE = 'insufficient_privilege',
-              DETAIL = 'The capture trigger watches the mapped columns, so attaching the table and changing the field map re-create it.',
-              HINT = 'Do this as the owner of the table, or as a member of its owning role.';
+    tbl := src.contact_table;
+    statements := ARRAY[
+        format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+               ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
+               src.contact_table, changed, key_num, src.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_capture_insert_flush AFTER INSERT ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
+               ' REFERENCING OLD TABLE AS d365_gone'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
+               src.contact_table, key_num, src.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
+               src.contact_table),
+        -- AFTER, not BEFORE: an AFTER row trigger fetches no old row the
+        -- capture trigger does not fetch already, and a BEFORE INSERT one
+        -- would take COPY's batched inserts away; the error still undoes the
+        -- statement.  The WHEN clauses (built-in operators on the built-in
+        -- link types, evaluated by the executor) keep the guard from being
+        -- called (or queued) for rows that need no look: inserted unlinked,
+        -- or links left alone.
+        format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
+               ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+               '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+               ' EXECUTE FUNCTION d365._contact_link_guard()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+               ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+               ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+               '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+               '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+               '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+               ' EXECUTE FUNCTION d365._contact_link_guard()',
+               src.contact_table)];
 END;
 $$;
+
+/*
+ * (Re)creates the capture triggers on the attached table: the statements
+ * of d365._contact_capture_sql(), run as the owner of schema d365 (the only
+ * role that may use the trigger functions) once the caller is found to own
+ * the table, as CREATE TRIGGER itself requires (src/capture_guard.c).
+ */
+CREATE FUNCTION d365._contact_capture_install()
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_capture_install'
+LANGUAGE C;
 
 -- Every trigger d365sync put on a table (by the functions they call, so
 -- triggers of earlier releases are found too).

@@ -275,7 +275,7 @@ BEGIN
             USING ERRCODE = 'undefined_object',
                   HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
     END IF;
-    host := coalesce(current_setting('cron.host', true), 'localhost');
+    host := coalesce(d365._cron_host(), 'localhost');
     FOR j IN SELECT * FROM d365._jobs() LOOP
         i := i + 1;
         SELECT c.jobid, c.schedule, c.command, c.nodename INTO cur

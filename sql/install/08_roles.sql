@@ -1,0 +1,194 @@
+-- Roles: the sets of rights d365_grant() gives, and the small helpers that
+-- let those sets do their work without more rights.
+-- See docs/security.md ("Roles") and src/roles.c.
+-- ---------------------------------------------------------------------------
+
+/*
+ * pg_cron's cron.host, which pg_cron lets only superusers and members of
+ * pg_read_all_settings read; d365_schedule() needs it to point the jobs at
+ * the server pg_cron connects to.  Reading one setting of another
+ * extension tells nothing secret, so it is read without that restriction.
+ */
+CREATE FUNCTION d365._cron_host()
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_cron_host'
+LANGUAGE C STABLE;
+
+/*
+ * The rights of each set d365_grant() gives (docs/security.md): one row per
+ * GRANT, as the object's kind (SCHEMA, ROUTINE, TABLE, SEQUENCE), the
+ * object and the privileges.  The sets nest: monitor, operator (+ monitor),
+ * admin (+ operator, app, and the rest of d365); app stands alone.  No set
+ * holds TRIGGER, REFERENCES or TRUNCATE on a table of d365, nor EXECUTE on
+ * a trigger function.  Computed from the catalog, so that functions and
+ * tables added later are covered.
+ */
+CREATE FUNCTION d365._grant_set(what text)
+RETURNS TABLE (kind text, object text, privileges text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    monitor_functions text[] := ARRAY['d365_status', 'd365_run_progress'];
+    operator_functions text[] := ARRAY['d365_sync_contacts', 'd365_sync_contact', 'd365_sync_activities',
+        'd365_pull_changes', 'd365_run_job', 'd365_schedule', 'd365_unschedule', 'd365_whoami',
+        'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
+        'd365_contact_fields'];
+    app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
+        'd365_update_contact',
+        -- what d365_update_contact() calls with its caller's rights
+        '_incoming_apply', '_incoming_value', '_incoming_convert', '_contact_source', '_incoming_fields',
+        '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
+        '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
+        '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
+        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted'];
+    config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
+        'activity_type_map', 'activity_mapper'];
+    state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state'];
+BEGIN
+    IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
+        RAISE EXCEPTION 'unknown set of rights "%"', what
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The sets are monitor, operator, admin and app (docs/security.md).';
+    END IF;
+    kind := 'SCHEMA'; object := 'd365'; privileges := 'USAGE'; RETURN NEXT;
+
+    -- routines: never a trigger function
+    RETURN QUERY
+    SELECT 'ROUTINE', p.oid::regprocedure::text, 'EXECUTE'
+      FROM pg_proc p
+     WHERE p.pronamespace = 'd365'::regnamespace AND p.prorettype <> 'trigger'::regtype
+       AND CASE what
+           WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
+           WHEN 'app' THEN p.proname = ANY (app_functions)
+           -- the jobs run with their caller's rights and call d365's
+           -- internal functions; each of those runs with its caller's
+           -- rights or checks them (docs/security.md)
+           WHEN 'operator' THEN p.proname = ANY (monitor_functions || operator_functions)
+                                OR p.proname LIKE '\_%'
+           ELSE true END
+     ORDER BY 2;
+
+    -- tables and views: the secrets stay with the administrators
+    RETURN QUERY
+    SELECT 'TABLE', c.oid::regclass::text,
+           CASE
+           WHEN what = 'monitor' THEN 'SELECT'
+           WHEN what = 'admin' THEN 'SELECT, INSERT, UPDATE, DELETE'
+           WHEN c.relname = 'job_lock' THEN 'SELECT, UPDATE'
+           WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
+           WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
+               THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+                                             FROM pg_attribute a
+                                            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                              AND a.attname <> 'client_secret'))
+           ELSE 'SELECT' END
+      FROM pg_class c
+     WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+       AND CASE what
+           WHEN 'monitor' THEN c.relname IN ('sync_run', 'run_progress')
+           WHEN 'app' THEN false
+           ELSE c.relname <> 'contact_change' END
+     ORDER BY 2;
+
+    IF what IN ('operator', 'admin') THEN
+        RETURN QUERY
+        SELECT 'SEQUENCE', c.oid::regclass::text, 'USAGE'
+          FROM pg_class c
+         WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind = 'S'
+         ORDER BY 2;
+    END IF;
+    -- to schedule with pg_cron
+    IF what IN ('operator', 'admin') AND to_regnamespace('cron') IS NOT NULL THEN
+        kind := 'SCHEMA'; object := 'cron'; privileges := 'USAGE'; RETURN NEXT;
+    END IF;
+    IF what = 'admin' THEN
+        -- nothing more: every routine, table and sequence is above
+        NULL;
+    END IF;
+END;
+$$;
+
+/*
+ * Who may grant and revoke a set: a superuser, or a role holding the admin
+ * set (which has its rights WITH GRANT OPTION, so that it can pass them on
+ * but never more than them: PostgreSQL itself refuses the rest).
+ */
+CREATE FUNCTION d365._check_granter(verb text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+       AND NOT has_table_privilege('d365.settings', 'UPDATE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'permission denied to % d365sync''s rights', verb
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only a superuser or a role given the admin set may.',
+                  HINT = 'Ask a superuser to run SELECT d365.d365_grant(''your_role'', ''admin'').';
+    END IF;
+END;
+$$;
+
+CREATE FUNCTION d365.d365_grant(role regrole, what text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g record;
+    skipped text[] := '{}';
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'no role to grant to'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM d365._grant_set(what);          -- validates what
+    PERFORM d365._check_granter('grant');
+    FOR g IN SELECT * FROM d365._grant_set(what) LOOP
+        -- another extension's schema: only who may pass its right on
+        IF g.kind = 'SCHEMA' AND g.object <> 'd365'
+           AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+           AND NOT has_schema_privilege(g.object, 'USAGE WITH GRANT OPTION') THEN
+            skipped := skipped || format('USAGE ON SCHEMA %s', g.object);
+            CONTINUE;
+        END IF;
+        EXECUTE format('GRANT %s ON %s %s TO %s%s', g.privileges, g.kind, g.object, role,
+                       CASE WHEN what = 'admin' THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+    IF skipped <> '{}' THEN
+        RAISE WARNING 'not granted to %: %', role, array_to_string(skipped, ', ')
+            USING HINT = 'Ask a superuser to grant it (scheduling with pg_cron needs it).';
+    END IF;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_grant(regrole, text) IS
+    'Gives a role one set of rights: monitor (status, history, progress), operator (+ run and schedule the jobs), admin (+ settings, maps, secrets, granting), app (log activities, apply Dynamics edits); only a superuser or an admin may';
+
+CREATE FUNCTION d365.d365_revoke(role regrole, what text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g record;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'no role to revoke from'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM d365._grant_set(what);
+    PERFORM d365._check_granter('revoke');
+    FOR g IN SELECT * FROM d365._grant_set(what) LOOP
+        CONTINUE WHEN g.kind = 'SCHEMA' AND g.object <> 'd365'
+                      AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+                      AND NOT has_schema_privilege(g.object, 'USAGE WITH GRANT OPTION');
+        EXECUTE format('REVOKE %s ON %s %s FROM %s CASCADE', g.privileges, g.kind, g.object, role);
+    END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION d365.d365_revoke(regrole, text) IS
+    'Takes back the rights of one set (monitor, operator, admin or app) that the caller gave, also where another set of the role shares them';
+
+-- ---------------------------------------------------------------------------
