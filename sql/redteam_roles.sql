@@ -237,16 +237,12 @@ SELECT score FROM app_contact WHERE id = 1;
 -- progress comment showed a made-up run in d365_status(), or broke it for
 -- everyone with a number too large for bigint.
 -- ---------------------------------------------------------------------------
-SELECT pg_advisory_lock(1144206901, 1) AS grabbed;
-UPDATE app_contact SET email = 'ada@three.example' WHERE id = 1;
-SELECT updated, failed FROM d365.d365_sync_contacts();
-SELECT message FROM d365.sync_run WHERE kind = 'contacts' ORDER BY id DESC LIMIT 1;
-SELECT pg_advisory_unlock(1144206901, 1) AS released;
--- the progress comment, written by a role that may not run the jobs
+-- a role that may not run the jobs holds 0.2's lock of the contact job and
+-- reports a made-up run in its query text
 CREATE ROLE regress_rr_spoof LOGIN;
 SELECT current_database() AS db \gset
 \setenv RR_DB :db
-\! psql -X -q -U regress_rr_spoof -d "$RR_DB" -c "/* d365sync: contacts run since 2020-01-01 00:00:00 UTC: 99999999999999999999 done, 0 failed, 0 remaining, 0 requests, 0 throttled */ SELECT pg_sleep(3)" >/dev/null 2>&1 &
+\! psql -X -q -U regress_rr_spoof -d "$RR_DB" -c "/* d365sync: contacts run since 2020-01-01 00:00:00 UTC: 99999999999999999999 done, 0 failed, 0 remaining, 0 requests, 0 throttled */ SELECT pg_advisory_lock(1144206901, 1), pg_sleep(4)" >/dev/null 2>&1 &
 DO $$
 BEGIN
     FOR i IN 1..100 LOOP
@@ -257,9 +253,18 @@ BEGIN
 END $$;
 SELECT count(*) AS spoofing_sessions FROM pg_stat_activity
  WHERE usename = 'regress_rr_spoof' AND query LIKE '/* d365sync: contacts run since%';
+SELECT count(*) AS advisory_locks_held FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+ WHERE a.usename = 'regress_rr_spoof' AND l.locktype = 'advisory' AND l.granted;
+UPDATE app_contact SET email = 'ada@three.example' WHERE id = 1;
+SELECT updated, failed FROM d365.d365_sync_contacts();
+SELECT coalesce(message, 'ran') AS last_contacts_run FROM d365.sync_run WHERE kind = 'contacts' ORDER BY id DESC LIMIT 1;
 SELECT count(*) AS made_up_runs FROM d365.d365_run_progress();
 SELECT count(*) > 10 AS status_works FROM d365.d365_status();
 SELECT count(*) AS made_up_rows FROM d365.d365_status() WHERE item LIKE 'running:%';
+-- the job's row lock is out of its reach
+SET ROLE regress_rr_spoof;
+SELECT job FROM d365.job_lock FOR UPDATE;
+RESET ROLE;
 DO $$
 BEGIN
     FOR i IN 1..200 LOOP
