@@ -78,6 +78,7 @@
 #include "auth.h"
 #include "d365sync.h"
 #include "jobs.h"
+#include "spi_util.h"
 #include "worker.h"
 
 /* seconds before the postmaster starts the worker again after it exited */
@@ -132,6 +133,7 @@ d365_worker_init(void)
 							   "The worker runs only when d365sync is in shared_preload_libraries.",
 							   &d365_worker_database, "postgres",
 							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	d365_worker_role_init();
 
 	d365_shmem_init();
 
@@ -313,25 +315,39 @@ wait_latch(long timeout_ms)
 
 /*
  * probe_database
- *		Connected to no database, wait until d365sync.database_name exists,
- *		then exit so that the postmaster starts us again, connected to it.
- *		Logs once that it waits.  Does not return.
+ *		Connected to no database, wait until d365sync.database_name exists
+ *		and the role of d365sync.worker_role (if set) can connect, then exit
+ *		so that the postmaster starts us again, connected to it as that
+ *		role.  Logs once that it waits.  Does not return.
  */
 static void
 probe_database(void)
 {
 	bool		logged = false;
+	char	   *role_logged = NULL;
 
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	worker_attach();
 	for (;;)
 	{
 		Oid			dboid;
+		char	   *role_problem;
 
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		dboid = get_database_oid(d365_worker_database, true);
+		role_problem = d365_worker_role_problem();
+		if (role_problem != NULL)
+			role_problem = MemoryContextStrdup(TopMemoryContext, role_problem);
 		CommitTransactionCommand();
+		/* the role it is to connect as must be fit to connect first */
+		d365_worker_note_role_problem(role_problem, &role_logged);
+		if (role_problem != NULL)
+		{
+			pfree(role_problem);
+			(void) wait_latch(DATABASE_POLL_MS);
+			continue;
+		}
 		if (OidIsValid(dboid))
 		{
 			SpinLockAcquire(&d365_shared->mutex);
@@ -707,18 +723,45 @@ outage_pass(bool realtime)
 }
 
 /*
+ * settings_query
+ *		The worker's read of d365.settings: realtime and pull_interval only
+ *		(never the row, whose secret a worker role may not read), each as
+ *		"off" where a database still on an older version of the extension
+ *		lacks the column.  Needs an open SPI connection.
+ */
+static const char *
+settings_query(void)
+{
+	bool		isnull;
+	int64		cols;
+
+	cols = d365_sql_int64("SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a"
+						  " WHERE a.attrelid OPERATOR(pg_catalog.=) 'd365.settings'::pg_catalog.regclass"
+						  "   AND a.attname OPERATOR(pg_catalog.=) ANY ('{realtime,pull_interval}'::pg_catalog.name[])"
+						  "   AND NOT a.attisdropped", 0, NULL, NULL, &isnull);
+	if (cols == 2)
+		return "SELECT coalesce(s.realtime, false),"
+			" coalesce((pg_catalog.date_part('epoch', s.pull_interval) * 1000)::bigint, 0)"
+			" FROM d365.settings s";
+	return "SELECT false, 0::bigint";
+}
+
+/*
  * read_settings
  *		In a short transaction: whether the extension exists in this
- *		database and, if so, realtime and pull_interval (ms, 0 = none).
+ *		database and, if so, realtime and pull_interval (ms, 0 = none), and
+ *		in *role_problem what keeps the worker role from running the jobs
+ *		(NULL: nothing).
  *		Read through to_jsonb so that a database still on an older
  *		version of the extension (no such columns) reads as "off".  An
  *		error (the extension dropped while we look) reads as "not there":
  *		the next pass looks again.
  */
 static bool
-read_settings(bool *realtime, int64 *pull_ms)
+read_settings(bool *realtime, int64 *pull_ms, char **role_problem)
 {
 	MemoryContext caller = CurrentMemoryContext;
+	char	   *volatile problem = NULL;
 	volatile bool present = false;
 	volatile bool on = false;
 	volatile int64 ms = 0;
@@ -732,10 +775,11 @@ read_settings(bool *realtime, int64 *pull_ms)
 		if (present)
 		{
 			SPI_connect();
-			if (SPI_execute("SELECT coalesce((to_jsonb(s) ->> 'realtime')::boolean, false),"
-							" coalesce((extract(epoch FROM (to_jsonb(s) ->> 'pull_interval')::interval)"
-							" * 1000)::bigint, 0)"
-							" FROM d365.settings s", true, 1) == SPI_OK_SELECT &&
+			problem = d365_worker_operator_problem();
+			if (problem != NULL)
+				problem = MemoryContextStrdup(caller, problem);
+			if (problem == NULL &&
+				SPI_execute(settings_query(), true, 1) == SPI_OK_SELECT &&
 				SPI_processed == 1)
 			{
 				bool		isnull;
@@ -759,9 +803,11 @@ read_settings(bool *realtime, int64 *pull_ms)
 		present = false;
 		on = false;
 		ms = 0;
+		problem = NULL;
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
+	*role_problem = problem;
 	*realtime = on;
 	/* an interval of centuries would overflow the time of the next pull */
 	*pull_ms = Min(ms, PULL_MS_MAX);
@@ -781,8 +827,10 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 	int64		pull_ms;
 	long		timeout;
 	int			i;
+	char	   *role_problem = NULL;
+	static char *role_logged = NULL;
 
-	if (!read_settings(&realtime, &pull_ms))
+	if (!read_settings(&realtime, &pull_ms, &role_problem))
 	{
 		SpinLockAcquire(&d365_shared->mutex);
 		d365_shared->realtime = false;
@@ -797,6 +845,9 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 		return EXTENSION_POLL_MS;
 	}
 	*extension_logged = false;
+	d365_worker_note_role_problem(role_problem, &role_logged);
+	if (role_problem != NULL)
+		return EXTENSION_POLL_MS;
 	SpinLockAcquire(&d365_shared->mutex);
 	d365_shared->realtime = realtime;
 	SpinLockRelease(&d365_shared->mutex);
@@ -889,6 +940,7 @@ void
 d365_worker_main(Datum main_arg)
 {
 	bool		connect;
+	char	   *connected_role;
 	TimestampTz next_pull = 0;
 	bool		extension_logged = false;
 	MemoryContext pass_cxt;
@@ -904,19 +956,26 @@ d365_worker_main(Datum main_arg)
 	if (!connect)
 		probe_database();
 
-	/* FATAL (and a restart into probe_database) if the database is gone */
-	BackgroundWorkerInitializeConnection(d365_worker_database, NULL, 0);
+	/*
+	 * FATAL (and a restart into probe_database) if the database is gone.
+	 * As d365sync.worker_role when set (probe_database checked it can
+	 * connect), else as the bootstrap superuser.
+	 */
+	connected_role = d365_worker_role_name() ? pstrdup(d365_worker_role_name()) : NULL;
+	BackgroundWorkerInitializeConnection(d365_worker_database, connected_role, 0);
 
 	/*
-	 * The worker runs as the bootstrap superuser and parses SQL of its own
-	 * (the settings read, the work queries): ALTER DATABASE ... SET
-	 * search_path, which the database's owner may run, must not decide
-	 * which functions and operators those statements call.
+	 * The worker parses and runs SQL of its own (the settings read, the
+	 * work queries): ALTER DATABASE / ALTER ROLE ... SET, which the
+	 * database's or the role's owner may run, must not decide which
+	 * functions and operators those statements call, make its transactions
+	 * read-only, change its role or time it out.
 	 */
-	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	d365_worker_pin_settings();
 	worker_attach();
 	ereport(LOG,
-			(errmsg("d365sync worker started in database \"%s\"", d365_worker_database)));
+			(errmsg("d365sync worker started in database \"%s\" as %s", d365_worker_database,
+					connected_role ? quote_identifier(connected_role) : "the bootstrap superuser")));
 
 	pass_cxt = AllocSetContextCreate(TopMemoryContext, "d365sync worker pass",
 									 ALLOCSET_DEFAULT_SIZES);
@@ -935,6 +994,14 @@ d365_worker_main(Datum main_arg)
 			d365_shared->wakes++;
 			d365_shared->last_wake = GetCurrentTimestamp();
 			SpinLockRelease(&d365_shared->mutex);
+		}
+		/* d365sync.worker_role changed: connect again (through the probe) */
+		if ((d365_worker_role_name() == NULL) != (connected_role == NULL) ||
+			(connected_role != NULL && strcmp(connected_role, d365_worker_role_name()) != 0))
+		{
+			ereport(LOG,
+					(errmsg("d365sync worker restarts: d365sync.worker_role changed")));
+			proc_exit(1);
 		}
 	}
 }

@@ -17,4 +17,13 @@ extern char *d365_worker_database;
 
 extern void d365_worker_init(void);
 
+/* in worker_role.c */
+extern char *d365_worker_role;
+extern void d365_worker_role_init(void);
+extern const char *d365_worker_role_name(void);
+extern char *d365_worker_role_problem(void);
+extern char *d365_worker_operator_problem(void);
+extern void d365_worker_note_role_problem(const char *problem, char **logged);
+extern void d365_worker_pin_settings(void);
+
 #endif							/* D365_WORKER_H */
