@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (155), as
+ *   - the 0.3 install script: every function and procedure (162), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -120,6 +120,16 @@ CREATE TYPE d365._map_outcome AS (
     vals jsonb, sent jsonb, status integer, error_code text, error_message text,
     ok boolean, gone boolean
 );
+
+-- Job locks: the jobs lock a row each instead of an advisory lock anyone
+-- could hold (sql/install/02_job_lock.sql).
+CREATE TABLE d365.job_lock (
+    job text PRIMARY KEY
+);
+INSERT INTO d365.job_lock (job) VALUES ('contacts'), ('activities'), ('pull');
+COMMENT ON TABLE d365.job_lock IS
+    'One row per scheduled job; a run holds its row''s lock so that two runs of one job never overlap';
+REVOKE ALL ON d365.job_lock FROM PUBLIC;
 
 -- ==========================================================================
 -- The functions of 0.3
@@ -504,6 +514,22 @@ COMMENT ON FUNCTION d365.d365_whoami_all() IS
     'Calls WhoAmI as every configured application user (d365.settings and d365.app_users): one row each, with its problem if it cannot sign in or call';
 
 /*
+ * A timestamptz from text, or NULL where it is not one: for values read
+ * from text others may write (the activity text of another session).
+ */
+CREATE OR REPLACE FUNCTION d365._safe_timestamptz(value text)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN value::timestamptz;
+EXCEPTION WHEN data_exception OR syntax_error THEN
+    RETURN NULL;
+END;
+$$;
+
+/*
  * Deletes the runs older than d365.settings.run_history_retention, keeping
  * the newest run of each kind whatever its age (d365_status shows it), at
  * most 10,000 rows per call so that a first prune after a long time stays
@@ -555,7 +581,11 @@ LANGUAGE C VOLATILE;
  * wins where both exist.
  * SECURITY DEFINER: the activity text of another role's backend is hidden
  * from a caller without pg_read_all_stats; this shows only the numbers of
- * d365sync runs in this database.
+ * d365sync runs in this database.  An activity text counts only from a
+ * session whose role may run the jobs (a superuser, or UPDATE on
+ * d365.job_lock: the operator set), with numbers that fit a bigint and a
+ * time that parses, so that another session can neither show a made-up run
+ * nor make this fail for everyone.
  */
 CREATE OR REPLACE FUNCTION d365.d365_run_progress(
     OUT pid integer, OUT kind text, OUT started_at timestamptz,
@@ -569,12 +599,16 @@ AS $$
     WITH shm AS (SELECT * FROM d365._run_progress_shared())
     SELECT shm.*, 'shared memory' FROM shm
     UNION ALL
-    SELECT a.pid, m[1], m[2]::timestamptz, m[3]::bigint, m[4]::bigint,
+    SELECT a.pid, m[1], d365._safe_timestamptz(m[2]), m[3]::bigint, m[4]::bigint,
            nullif(m[5], '?')::bigint, m[6]::bigint, m[7]::bigint, 'pg_stat_activity'
       FROM pg_stat_activity a,
-           regexp_match(a.query, '^/\* d365sync: ([a-z]+) run since ([0-9: -]+ UTC): ([0-9]+) done, ([0-9]+) failed, ([0-9]+|\?) remaining, ([0-9]+) requests, ([0-9]+) throttled') m
+           regexp_match(a.query, '^/\* d365sync: ([a-z]+) run since ([0-9: -]+ UTC): ([0-9]{1,18}) done, ([0-9]{1,18}) failed, ([0-9]{1,18}|\?) remaining, ([0-9]{1,18}) requests, ([0-9]{1,18}) throttled') m
      WHERE a.state = 'active' AND a.datname = current_database() AND m IS NOT NULL
        AND a.pid NOT IN (SELECT shm.pid FROM shm)
+       -- only sessions that may run the jobs report runs: anyone else can
+       -- write a query text of the same shape
+       AND (EXISTS (SELECT FROM pg_roles r WHERE r.oid = a.usesysid AND r.rolsuper)
+            OR has_table_privilege(a.usesysid, 'd365.job_lock', 'UPDATE'))
     ORDER BY 3, 1
 $$;
 
@@ -1217,6 +1251,7 @@ AS $$
 DECLARE
     key_att pg_attribute;
     trg text;
+    fn text;
 BEGIN
     trg := d365._attachment_table_problem(src);
     IF trg IS NOT NULL THEN
@@ -1225,9 +1260,34 @@ BEGIN
     SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
        AND a.attnum > 0 AND NOT a.attisdropped;
-    FOREACH trg IN ARRAY ARRAY['d365_capture_update', 'd365_capture_update_flush',
-                               'd365_capture_insert_flush', 'd365_capture_delete',
-                               'd365_capture_truncate', 'd365_link_guard', 'd365_link_guard_update'] LOOP
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    trg := d365._contact_table_problem(src.contact_table, src.score_column);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
+    END IF;
+    -- each capture trigger, by its name AND the d365 function it calls (a
+    -- trigger of the same name calling the owner's function captures
+    -- nothing); a table only (a view or another relation standing in the
+    -- table's place is refused by d365._contact_table_problem above)
+    FOR trg, fn IN SELECT * FROM (VALUES
+            ('d365_capture_update', 'd365._contact_capture_row()'),
+            ('d365_capture_update_flush', 'd365._contact_capture_flush()'),
+            ('d365_capture_insert_flush', 'd365._contact_capture_flush()'),
+            ('d365_capture_delete', 'd365._contact_capture_delete()'),
+            ('d365_capture_truncate', 'd365._contact_capture_truncate()'),
+            ('d365_link_guard', 'd365._contact_link_guard()'),
+            ('d365_link_guard_update', 'd365._contact_link_guard()')) v LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
@@ -1236,6 +1296,12 @@ BEGIN
                                    = key_att.attnum)) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = src.contact_table AND t.tgname = trg
+                          AND t.tgfoid = fn::regprocedure
+                          AND (trg <> 'd365_capture_delete' OR t.tgoldtable IS NOT NULL)) THEN
+            RETURN format('capture trigger %s on %s does not call %s', trg, src.contact_table, fn);
         END IF;
     END LOOP;
     IF NOT d365._link_index_exists(src.contact_table) THEN
@@ -1314,30 +1380,20 @@ END;
 $$;
 
 -- AFTER DELETE, per statement: every deleted key becomes a tombstone.
--- Reads only the key column of the transition table (a built-in type).
+-- Reads only the key column of the trigger's own transition table, handed
+-- over by the executor (src/capture_guard.c).  SECURITY DEFINER: the
+-- writers of the table need no rights in d365.  Runs only as d365sync's
+-- trigger d365_capture_delete of the attached table, and raises elsewhere.
 CREATE OR REPLACE FUNCTION d365._contact_capture_delete()
 RETURNS trigger
-LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    key_name name;
-    keys text[];
-BEGIN
-    SELECT a.attname INTO key_name FROM pg_attribute a
-     WHERE a.attrelid = TG_RELID AND a.attnum = d365._capture_key_attnum(TG_RELID, ARRAY[TG_ARGV[0], TG_ARGV[1]])
-       AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types());
-    IF key_name IS NULL THEN
-        RETURN NULL;        -- broken attachment: d365_status() reports it
-    END IF;
-    EXECUTE format('SELECT array_agg(g.%I::text) FROM d365_gone g', key_name) INTO keys;
-    PERFORM d365._contact_tombstone(keys);
-    RETURN NULL;
-END;
-$$;
+AS 'MODULE_PATHNAME', 'd365_capture_delete'
+LANGUAGE C;
 
 -- AFTER TRUNCATE: every key the state knows becomes a tombstone.
+-- SECURITY DEFINER (the writers need no rights in d365); runs only as
+-- d365sync's trigger d365_capture_truncate of the attached table.
 CREATE OR REPLACE FUNCTION d365._contact_capture_truncate()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -1345,6 +1401,14 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF TG_NAME <> 'd365_capture_truncate' OR TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'STATEMENT'
+       OR TG_OP <> 'TRUNCATE'
+       OR TG_RELID IS DISTINCT FROM (SELECT s.contact_table::oid FROM d365.contact_source s) THEN
+        RAISE EXCEPTION 'd365._contact_capture_truncate() cannot run in trigger "%" on %', TG_NAME, TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'd365sync''s capture functions run only in the capture triggers that d365sync puts on the attached contact table.',
+                  HINT = 'Attach the table with d365.d365_attach_contacts(), which creates them.';
+    END IF;
     PERFORM d365._contact_tombstone(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
     DELETE FROM d365.contact_change;
     RETURN NULL;
@@ -1396,17 +1460,17 @@ AS $$
 $$;
 
 /*
- * (Re)creates the capture triggers on the attached table; the WHEN clause of
- * d365_capture_update lists the key and the mapped columns that are sent
- * (direction both or out) and exist, each
+ * The statements that (re)create the capture triggers on the attached
+ * table, and the table; both NULL when nothing is attached or the key
+ * column is gone.  The WHEN clause of d365_capture_update lists the key and
+ * the mapped columns that are sent (direction both or out) and exist, each
  * compared with IS DISTINCT FROM (the column type's own equality, evaluated
  * as the writing user), so an UPDATE of other columns costs no trigger
- * call.  Runs as the caller: creating triggers
- * takes the table owner's rights.
+ * call.  d365._contact_capture_install() runs them.
  */
-CREATE OR REPLACE FUNCTION d365._contact_capture_install()
-RETURNS void
-LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION d365._contact_capture_sql(OUT tbl regclass, OUT statements text[])
+RETURNS record
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1427,49 +1491,58 @@ BEGIN
      WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped
        AND (a.attnum = key_num
             OR a.attname IN (SELECT f.column_name FROM d365.field_map f WHERE f.direction <> 'in'));
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
-                   ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
-                   src.contact_table, changed, key_num, src.key_column);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
-                   src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_insert_flush AFTER INSERT ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
-                   src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
-                   ' REFERENCING OLD TABLE AS d365_gone'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
-                   src.contact_table, key_num, src.key_column);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
-                   src.contact_table);
-    -- AFTER, not BEFORE: an AFTER row trigger fetches no old row the
-    -- capture trigger does not fetch already, and a BEFORE INSERT one would
-    -- take COPY's batched inserts away; the error still undoes the
-    -- statement.  The WHEN clauses (built-in operators on the built-in link
-    -- types, evaluated by the executor) keep the guard from being called
-    -- (or queued) for rows that need no look: inserted unlinked, or links
-    -- left alone.
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
-                   ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
-                   '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
-                   ' EXECUTE FUNCTION d365._contact_link_guard()',
-                   src.contact_table);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
-                   ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
-                   ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
-                   '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
-                   '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
-                   '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
-                   ' EXECUTE FUNCTION d365._contact_link_guard()',
-                   src.contact_table);
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE EXCEPTION 'permission denied to change the capture triggers of %', src.contact_table
-        USING ERRCODE = 'insufficient_privilege',
-              DETAIL = 'The capture trigger watches the mapped columns, so attaching the table and changing the field map re-create it.',
-              HINT = 'Do this as the owner of the table, or as a member of its owning role.';
+    tbl := src.contact_table;
+    statements := ARRAY[
+        format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+               ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
+               src.contact_table, changed, key_num, src.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_capture_insert_flush AFTER INSERT ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
+               ' REFERENCING OLD TABLE AS d365_gone'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
+               src.contact_table, key_num, src.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
+               src.contact_table),
+        -- AFTER, not BEFORE: an AFTER row trigger fetches no old row the
+        -- capture trigger does not fetch already, and a BEFORE INSERT one
+        -- would take COPY's batched inserts away; the error still undoes the
+        -- statement.  The WHEN clauses (built-in operators on the built-in
+        -- link types, evaluated by the executor) keep the guard from being
+        -- called (or queued) for rows that need no look: inserted unlinked,
+        -- or links left alone.
+        format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
+               ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+               '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+               ' EXECUTE FUNCTION d365._contact_link_guard()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+               ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+               ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+               '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+               '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+               '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+               ' EXECUTE FUNCTION d365._contact_link_guard()',
+               src.contact_table)];
 END;
 $$;
+
+/*
+ * (Re)creates the capture triggers on the attached table: the statements
+ * of d365._contact_capture_sql(), run as the owner of schema d365 (the only
+ * role that may use the trigger functions) once the caller is found to own
+ * the table, as CREATE TRIGGER itself requires (src/capture_guard.c).
+ */
+CREATE OR REPLACE FUNCTION d365._contact_capture_install()
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_capture_install'
+LANGUAGE C;
 
 -- Every trigger d365sync put on a table (by the functions they call, so
 -- triggers of earlier releases are found too).
@@ -3836,6 +3909,196 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION d365.d365_pull_changes() IS
     'Pulls contact changes from Dynamics with change tracking (delta links) and applies them; needs no inbound port';
 
+/*
+ * pg_cron's cron.host, which pg_cron lets only superusers and members of
+ * pg_read_all_settings read; d365_schedule() needs it to point the jobs at
+ * the server pg_cron connects to.  Reading one setting of another
+ * extension tells nothing secret, so it is read without that restriction.
+ */
+CREATE OR REPLACE FUNCTION d365._cron_host()
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_cron_host'
+LANGUAGE C STABLE;
+
+/*
+ * The rights of each set d365_grant() gives (docs/security.md): one row per
+ * GRANT, as the object's kind (SCHEMA, ROUTINE, TABLE, SEQUENCE), the
+ * object and the privileges.  The sets nest: monitor, operator (+ monitor),
+ * admin (+ operator, app, and the rest of d365); app stands alone.  No set
+ * holds TRIGGER, REFERENCES or TRUNCATE on a table of d365, nor EXECUTE on
+ * a trigger function.  Computed from the catalog, so that functions and
+ * tables added later are covered.
+ */
+CREATE OR REPLACE FUNCTION d365._grant_set(what text)
+RETURNS TABLE (kind text, object text, privileges text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    monitor_functions text[] := ARRAY['d365_status', 'd365_run_progress'];
+    operator_functions text[] := ARRAY['d365_sync_contacts', 'd365_sync_contact', 'd365_sync_activities',
+        'd365_pull_changes', 'd365_run_job', 'd365_schedule', 'd365_unschedule', 'd365_whoami',
+        'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
+        'd365_contact_fields'];
+    app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
+        'd365_update_contact',
+        -- what d365_update_contact() calls with its caller's rights
+        '_incoming_apply', '_incoming_value', '_incoming_convert', '_contact_source', '_incoming_fields',
+        '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
+        '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
+        '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
+        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted'];
+    config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
+        'activity_type_map', 'activity_mapper'];
+    state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state'];
+BEGIN
+    IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
+        RAISE EXCEPTION 'unknown set of rights "%"', what
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The sets are monitor, operator, admin and app (docs/security.md).';
+    END IF;
+    kind := 'SCHEMA'; object := 'd365'; privileges := 'USAGE'; RETURN NEXT;
+
+    -- routines: never a trigger function
+    RETURN QUERY
+    SELECT 'ROUTINE', p.oid::regprocedure::text, 'EXECUTE'
+      FROM pg_proc p
+     WHERE p.pronamespace = 'd365'::regnamespace AND p.prorettype <> 'trigger'::regtype
+       AND CASE what
+           WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
+           WHEN 'app' THEN p.proname = ANY (app_functions)
+           -- the jobs run with their caller's rights and call d365's
+           -- internal functions; each of those runs with its caller's
+           -- rights or checks them (docs/security.md)
+           WHEN 'operator' THEN p.proname = ANY (monitor_functions || operator_functions)
+                                OR p.proname LIKE '\_%'
+           ELSE true END
+     ORDER BY 2;
+
+    -- tables and views: the secrets stay with the administrators
+    RETURN QUERY
+    SELECT 'TABLE', c.oid::regclass::text,
+           CASE
+           WHEN what = 'monitor' THEN 'SELECT'
+           WHEN what = 'admin' THEN 'SELECT, INSERT, UPDATE, DELETE'
+           WHEN c.relname = 'job_lock' THEN 'SELECT, UPDATE'
+           WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
+           WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
+               THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+                                             FROM pg_attribute a
+                                            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                              AND a.attname <> 'client_secret'))
+           ELSE 'SELECT' END
+      FROM pg_class c
+     WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+       AND CASE what
+           WHEN 'monitor' THEN c.relname IN ('sync_run', 'run_progress')
+           WHEN 'app' THEN false
+           ELSE c.relname <> 'contact_change' END
+     ORDER BY 2;
+
+    IF what IN ('operator', 'admin') THEN
+        RETURN QUERY
+        SELECT 'SEQUENCE', c.oid::regclass::text, 'USAGE'
+          FROM pg_class c
+         WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind = 'S'
+         ORDER BY 2;
+    END IF;
+    -- to schedule with pg_cron
+    IF what IN ('operator', 'admin') AND to_regnamespace('cron') IS NOT NULL THEN
+        kind := 'SCHEMA'; object := 'cron'; privileges := 'USAGE'; RETURN NEXT;
+    END IF;
+    IF what = 'admin' THEN
+        -- nothing more: every routine, table and sequence is above
+        NULL;
+    END IF;
+END;
+$$;
+
+/*
+ * Who may grant and revoke a set: a superuser, or a role holding the admin
+ * set (which has its rights WITH GRANT OPTION, so that it can pass them on
+ * but never more than them: PostgreSQL itself refuses the rest).
+ */
+CREATE OR REPLACE FUNCTION d365._check_granter(verb text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+       AND NOT has_table_privilege('d365.settings', 'UPDATE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'permission denied to % d365sync''s rights', verb
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only a superuser or a role given the admin set may.',
+                  HINT = 'Ask a superuser to run SELECT d365.d365_grant(''your_role'', ''admin'').';
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_grant(role regrole, what text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g record;
+    skipped text[] := '{}';
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'no role to grant to'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM d365._grant_set(what);          -- validates what
+    PERFORM d365._check_granter('grant');
+    FOR g IN SELECT * FROM d365._grant_set(what) LOOP
+        -- another extension's schema: only who may pass its right on
+        IF g.kind = 'SCHEMA' AND g.object <> 'd365'
+           AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+           AND NOT has_schema_privilege(g.object, 'USAGE WITH GRANT OPTION') THEN
+            skipped := skipped || format('USAGE ON SCHEMA %s', g.object);
+            CONTINUE;
+        END IF;
+        EXECUTE format('GRANT %s ON %s %s TO %s%s', g.privileges, g.kind, g.object, role,
+                       CASE WHEN what = 'admin' THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+    IF skipped <> '{}' THEN
+        RAISE WARNING 'not granted to %: %', role, array_to_string(skipped, ', ')
+            USING HINT = 'Ask a superuser to grant it (scheduling with pg_cron needs it).';
+    END IF;
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_grant(regrole, text) IS
+    'Gives a role one set of rights: monitor (status, history, progress), operator (+ run and schedule the jobs), admin (+ settings, maps, secrets, granting), app (log activities, apply Dynamics edits); only a superuser or an admin may';
+
+CREATE OR REPLACE FUNCTION d365.d365_revoke(role regrole, what text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    g record;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'no role to revoke from'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM d365._grant_set(what);
+    PERFORM d365._check_granter('revoke');
+    FOR g IN SELECT * FROM d365._grant_set(what) LOOP
+        CONTINUE WHEN g.kind = 'SCHEMA' AND g.object <> 'd365'
+                      AND NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+                      AND NOT has_schema_privilege(g.object, 'USAGE WITH GRANT OPTION');
+        EXECUTE format('REVOKE %s ON %s %s FROM %s CASCADE', g.privileges, g.kind, g.object, role);
+    END LOOP;
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_revoke(regrole, text) IS
+    'Takes back the rights of one set (monitor, operator, admin or app) that the caller gave, also where another set of the role shares them';
+
 CREATE OR REPLACE FUNCTION d365.d365_status(OUT item text, OUT value text)
 RETURNS SETOF record
 LANGUAGE plpgsql STABLE
@@ -4112,7 +4375,7 @@ BEGIN
             USING ERRCODE = 'undefined_object',
                   HINT = 'Add pg_cron to shared_preload_libraries, set cron.database_name to this database, and run CREATE EXTENSION pg_cron.';
     END IF;
-    host := coalesce(current_setting('cron.host', true), 'localhost');
+    host := coalesce(d365._cron_host(), 'localhost');
     FOR j IN SELECT * FROM d365._jobs() LOOP
         i := i + 1;
         SELECT c.jobid, c.schedule, c.command, c.nodename INTO cur
@@ -4170,22 +4433,6 @@ COMMENT ON FUNCTION d365.d365_unschedule() IS
     'Removes the d365sync pg_cron jobs; returns how many there were';
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
-
--- The internals of d365_update_contact(), which runs with its caller's
--- rights.  Safe for anyone: they run as the caller, or run no user code,
--- or check the caller's right to update contacts (_contact_snapshot).
--- Without EXECUTE on d365_update_contact and USAGE on schema d365 a role
--- cannot reach them anyway.
--- The table-owner helpers (_contact_convert, _contact_apply, _contact_map)
--- check that their caller may update the columns they write.
-GRANT EXECUTE ON FUNCTION d365._incoming_apply(jsonb, boolean),
-      d365._incoming_value(jsonb, regtype, text, name), d365._incoming_convert(jsonb, jsonb),
-      d365._contact_source(), d365._incoming_fields(), d365._contact_values_expr(), d365._contact_incoming_values_expr(),
-      d365._outgoing_only_columns(), d365._is_guid(text), d365._bind_guid(text),
-      d365._incoming_mapper(), d365._contact_snapshot(text, jsonb),
-      d365._owner_sql(text, name[]), d365._contact_convert(jsonb),
-      d365._contact_apply(jsonb, text), d365._contact_map(jsonb, jsonb, text),
-      d365._contact_link_trusted(text, uuid) TO PUBLIC;
 
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA d365 FROM PUBLIC;
 

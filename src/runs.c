@@ -25,10 +25,12 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
@@ -226,6 +228,16 @@ take_job_lock(const char *lock_name)
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1] = {CStringGetTextDatum(job)};
 
+	/*
+	 * An installation not yet updated to this version (ALTER EXTENSION
+	 * d365sync UPDATE) has no d365.job_lock: the advisory lock of earlier
+	 * versions, until it is updated.
+	 */
+	if (!OidIsValid(get_relname_relid("job_lock", get_namespace_oid("d365", false))))
+		return d365_sql_bool("SELECT pg_catalog.pg_try_advisory_xact_lock(1144206901,"
+							 " CASE $1 WHEN 'contacts' THEN 1 WHEN 'activities' THEN 2"
+							 " WHEN 'pull' THEN 3 ELSE pg_catalog.hashtext($1) END)",
+							 1, argtypes, args, NULL);
 	if (d365_sql_int64("SELECT pg_catalog.count(*) FROM (SELECT FROM d365.job_lock l"
 					   " WHERE l.job OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE SKIP LOCKED) x",
 					   1, argtypes, args, NULL) == 1)

@@ -101,6 +101,16 @@ CREATE TYPE d365._map_outcome AS (
     ok boolean, gone boolean
 );
 
+-- Job locks: the jobs lock a row each instead of an advisory lock anyone
+-- could hold (sql/install/02_job_lock.sql).
+CREATE TABLE d365.job_lock (
+    job text PRIMARY KEY
+);
+INSERT INTO d365.job_lock (job) VALUES ('contacts'), ('activities'), ('pull');
+COMMENT ON TABLE d365.job_lock IS
+    'One row per scheduled job; a run holds its row''s lock so that two runs of one job never overlap';
+REVOKE ALL ON d365.job_lock FROM PUBLIC;
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
