@@ -49,7 +49,7 @@ SELECT p.oid::regprocedure AS routine,
        has_function_privilege('regress_rm_none', p.oid, 'EXECUTE') AS "none"
   FROM pg_proc p
  WHERE p.pronamespace = 'd365'::regnamespace AND p.proname NOT LIKE '\_%'
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text;
 -- the internal functions: the trigger functions for nobody; the others for
 -- the operator and the admin (the jobs call them with their caller's
 -- rights), and those of d365_update_contact() for the application
@@ -68,7 +68,7 @@ SELECT p.oid::regprocedure AS internal_for_app
   FROM pg_proc p
  WHERE p.pronamespace = 'd365'::regnamespace AND p.proname LIKE '\_%'
    AND has_function_privilege('regress_rm_app', p.oid, 'EXECUTE')
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text;
 
 -- Each routine called as each role, with NULL arguments, in a
 -- subtransaction that is rolled back: "denied" when PostgreSQL refused the

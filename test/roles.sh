@@ -274,6 +274,14 @@ else
 fi
 PSQL_DB=$DB psqlq -c "SET ROLE regress_cron_operator" -c "SELECT d365.d365_unschedule()" >/dev/null 2>&1
 
+# every SECURITY DEFINER function of the catalog is in docs/security.md's
+# list, with why
+missing=""
+for f in $(psqlq -c "SELECT proname FROM pg_proc WHERE pronamespace = 'd365'::regnamespace AND prosecdef ORDER BY 1"); do
+    grep -q "\`$f()\`" "$RR_REPO/docs/security.md" || missing="$missing $f"
+done
+check "docs/security.md lists every SECURITY DEFINER function of d365" "${missing:-none}" none
+
 # no secret in the log
 if grep -q 'sim-secret' "$LOG"; then
     notok "the client secret appears nowhere in the server log"

@@ -34,7 +34,7 @@ DECLARE
     operator_functions text[] := ARRAY['d365_sync_contacts', 'd365_sync_contact', 'd365_sync_activities',
         'd365_pull_changes', 'd365_run_job', 'd365_schedule', 'd365_unschedule', 'd365_whoami',
         'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
-        'd365_contact_fields'];
+        'd365_contact_fields', 'd365_tables', 'd365_describe'];
     app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
         'd365_update_contact',
         -- what d365_update_contact() calls with its caller's rights
