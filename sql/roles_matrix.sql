@@ -138,6 +138,8 @@ SELECT c.oid::regclass AS relation,
        s.set_name
   FROM pg_class c CROSS JOIN rm_sets s
  WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'p', 'v') AND s.set_name <> 'none'
+   AND EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                  AND d.deptype = 'e')
  ORDER BY 3, 1 \crosstabview relation set_name privileges
 -- the secrets: only the admin set reads them
 SELECT s.set_name, has_column_privilege(s.role_name, 'd365.settings', 'client_secret', 'SELECT') AS settings_secret,

@@ -16,6 +16,21 @@ AS 'MODULE_PATHNAME', 'd365_cron_host'
 LANGUAGE C STABLE;
 
 /*
+ * Whether an object belongs to the extension (not something a user made in
+ * schema d365): the sets cover d365sync's own objects only.
+ */
+CREATE FUNCTION d365._is_member(catalog regclass, objid oid)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM pg_depend d
+                    WHERE d.classid = catalog AND d.objid = objid AND d.deptype = 'e'
+                      AND d.refclassid = 'pg_extension'::regclass
+                      AND d.refobjid = (SELECT e.oid FROM pg_extension e WHERE e.extname = 'd365sync'))
+$$;
+
+/*
  * The rights of each set d365_grant() gives (docs/security.md): one row per
  * GRANT, as the object's kind (SCHEMA, ROUTINE, TABLE, SEQUENCE), the
  * object and the privileges.  The sets nest: monitor, operator (+ monitor),
@@ -59,6 +74,7 @@ BEGIN
     SELECT 'ROUTINE', p.oid::regprocedure::text, 'EXECUTE'
       FROM pg_proc p
      WHERE p.pronamespace = 'd365'::regnamespace AND p.prorettype <> 'trigger'::regtype
+       AND d365._is_member('pg_proc'::regclass, p.oid)
        AND CASE what
            WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
            WHEN 'app' THEN p.proname = ANY (app_functions)
@@ -86,6 +102,7 @@ BEGIN
            ELSE 'SELECT' END
       FROM pg_class c
      WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+       AND d365._is_member('pg_class'::regclass, c.oid)
        AND CASE what
            WHEN 'monitor' THEN c.relname IN ('sync_run', 'run_progress')
            WHEN 'app' THEN false
@@ -97,6 +114,7 @@ BEGIN
         SELECT 'SEQUENCE', c.oid::regclass::text, 'USAGE'
           FROM pg_class c
          WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind = 'S'
+           AND d365._is_member('pg_class'::regclass, c.oid)
          ORDER BY 2;
     END IF;
     -- to schedule with pg_cron
