@@ -78,7 +78,6 @@
 #include "auth.h"
 #include "d365sync.h"
 #include "jobs.h"
-#include "spi_util.h"
 #include "worker.h"
 
 /* seconds before the postmaster starts the worker again after it exited */
@@ -723,30 +722,6 @@ outage_pass(bool realtime)
 }
 
 /*
- * settings_query
- *		The worker's read of d365.settings: realtime and pull_interval only
- *		(never the row, whose secret a worker role may not read), each as
- *		"off" where a database still on an older version of the extension
- *		lacks the column.  Needs an open SPI connection.
- */
-static const char *
-settings_query(void)
-{
-	bool		isnull;
-	int64		cols;
-
-	cols = d365_sql_int64("SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a"
-						  " WHERE a.attrelid OPERATOR(pg_catalog.=) 'd365.settings'::pg_catalog.regclass"
-						  "   AND a.attname OPERATOR(pg_catalog.=) ANY ('{realtime,pull_interval}'::pg_catalog.name[])"
-						  "   AND NOT a.attisdropped", 0, NULL, NULL, &isnull);
-	if (cols == 2)
-		return "SELECT coalesce(s.realtime, false),"
-			" coalesce((pg_catalog.date_part('epoch', s.pull_interval) * 1000)::bigint, 0)"
-			" FROM d365.settings s";
-	return "SELECT false, 0::bigint";
-}
-
-/*
  * read_settings
  *		In a short transaction: whether the extension exists in this
  *		database and, if so, realtime and pull_interval (ms, 0 = none), and
@@ -779,7 +754,7 @@ read_settings(bool *realtime, int64 *pull_ms, char **role_problem)
 			if (problem != NULL)
 				problem = MemoryContextStrdup(caller, problem);
 			if (problem == NULL &&
-				SPI_execute(settings_query(), true, 1) == SPI_OK_SELECT &&
+				SPI_execute(d365_worker_settings_query(), true, 1) == SPI_OK_SELECT &&
 				SPI_processed == 1)
 			{
 				bool		isnull;

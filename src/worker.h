@@ -25,5 +25,6 @@ extern char *d365_worker_role_problem(void);
 extern char *d365_worker_operator_problem(void);
 extern void d365_worker_note_role_problem(const char *problem, char **logged);
 extern void d365_worker_pin_settings(void);
+extern const char *d365_worker_settings_query(void);
 
 #endif							/* D365_WORKER_H */

@@ -35,6 +35,7 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
+#include "spi_util.h"
 #include "worker.h"
 
 /* d365sync.worker_role: empty for the bootstrap superuser */
@@ -132,6 +133,30 @@ d365_worker_operator_problem(void)
 		return psprintf("role \"%s\" named by d365sync.worker_role does not hold the operator set (SELECT d365.d365_grant('%s', 'operator');)",
 						name, name);
 	return NULL;
+}
+
+/*
+ * d365_worker_settings_query
+ *		The worker's read of d365.settings: realtime and pull_interval only
+ *		(never the row, whose secret a worker role may not read), each as
+ *		"off" where a database still on an older version of the extension
+ *		lacks the column.  Needs an open SPI connection.
+ */
+const char *
+d365_worker_settings_query(void)
+{
+	bool		isnull;
+	int64		cols;
+
+	cols = d365_sql_int64("SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a"
+						  " WHERE a.attrelid OPERATOR(pg_catalog.=) 'd365.settings'::pg_catalog.regclass"
+						  "   AND a.attname OPERATOR(pg_catalog.=) ANY ('{realtime,pull_interval}'::pg_catalog.name[])"
+						  "   AND NOT a.attisdropped", 0, NULL, NULL, &isnull);
+	if (cols == 2)
+		return "SELECT coalesce(s.realtime, false),"
+			" coalesce((pg_catalog.date_part('epoch', s.pull_interval) * 1000)::bigint, 0)"
+			" FROM d365.settings s";
+	return "SELECT false, 0::bigint";
 }
 
 /*
