@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (131), as
+ *   - the 0.3 install script: every function and procedure (163), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -23,7 +23,11 @@
 -- triggers, views and types; data moves; drops).  Never a function: every
 -- function and procedure of 0.3 is copied from sql/install/ into
 -- sql/d365sync--0.2--0.3.sql by scripts/gen-sql.py (make regen), between
--- the part above the line "-- @functions" and the part below it.
+-- the part above the line "-- The metadata cache is dumped with the configuration (a restored
+-- database's next sync sends no request for metadata).
+SELECT pg_catalog.pg_extension_config_dump('d365.metadata_cache', '');
+
+-- @functions" and the part below it.
 -- docs/development.md says which step goes where.
 --
 -- Before the functions: new tables, columns, types and indexes (a
@@ -35,6 +39,87 @@
 -- The pull's record stage takes its page as json (a row may hold U+0000,
 -- which jsonb cannot).
 DROP FUNCTION d365._pull_record(jsonb);
+-- Table maps (11_table_maps.sql, 12_map_sync.sql): their tables and the
+-- record stage's row type.
+CREATE TABLE d365.table_map (
+    name             text PRIMARY KEY
+                     CONSTRAINT table_map_name_check CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    local_table      regclass UNIQUE NOT NULL,
+    entity_set       text NOT NULL
+                     CONSTRAINT table_map_entity_set_check CHECK (entity_set ~ '^[A-Za-z][A-Za-z0-9_]*$'),
+    key_column       name NOT NULL,
+    direction        text NOT NULL DEFAULT 'both'
+                     CONSTRAINT table_map_direction_check CHECK (direction IN ('both', 'in', 'out')),
+    load             boolean NOT NULL DEFAULT false,
+    on_local_delete  text NOT NULL DEFAULT 'unlink'
+                     CONSTRAINT table_map_on_local_delete_check
+                     CHECK (on_local_delete IN ('unlink', 'deactivate', 'delete')),
+    on_remote_delete text NOT NULL DEFAULT 'unlink'
+                     CONSTRAINT table_map_on_remote_delete_check
+                     CHECK (on_remote_delete IN ('unlink', 'delete')),
+    conflict         text NOT NULL DEFAULT 'dynamics_wins'
+                     CONSTRAINT table_map_conflict_check
+                     CHECK (conflict IN ('dynamics_wins', 'local_wins')),
+    enabled          boolean NOT NULL DEFAULT true
+);
+COMMENT ON TABLE d365.table_map IS
+    'Table maps: a local table synced with a Dataverse table (d365_map_table, d365_unmap_table)';
+SELECT pg_catalog.pg_extension_config_dump('d365.table_map', '');
+
+CREATE TABLE d365.column_map (
+    map       text REFERENCES d365.table_map ON DELETE CASCADE,
+    "column"  name,
+    field     text NOT NULL
+              CONSTRAINT column_map_field_check CHECK (field ~ '^[a-z][a-z0-9_]*$'),
+    direction text NOT NULL DEFAULT 'both'
+              CONSTRAINT column_map_direction_check CHECK (direction IN ('both', 'in', 'out')),
+    match     boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (map, "column")
+);
+COMMENT ON TABLE d365.column_map IS
+    'Columns of a table map and the Dataverse field (attribute logical name) each is synced with (d365_map_column)';
+SELECT pg_catalog.pg_extension_config_dump('d365.column_map', '');
+
+-- Per-row sync state of a map: the Dynamics record, what it holds as far
+-- as d365sync knows (synced: {wire field: value}), changes not yet sent
+-- (change_seq > synced_seq), failures and back-off.
+CREATE TABLE d365.map_row (
+    map              text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    row_key          text NOT NULL,
+    dynamics_id      uuid,
+    synced           jsonb,
+    change_seq       bigint NOT NULL DEFAULT 0,
+    synced_seq       bigint NOT NULL DEFAULT 0,
+    generation       integer NOT NULL DEFAULT 0,
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz,
+    last_attempt_at  timestamptz,
+    last_status      integer,
+    last_error_code  text,
+    last_error       text,
+    remote_deleted_at timestamptz,
+    PRIMARY KEY (map, row_key)
+);
+CREATE INDEX map_row_dynamics_idx ON d365.map_row (map, dynamics_id);
+COMMENT ON TABLE d365.map_row IS
+    'Sync state of each row of a table map: its Dynamics record, the values last synced, failures';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_row', '');
+
+-- Keys noted by the capture triggers, folded into map_row by the next sync.
+CREATE TABLE d365.map_change (
+    map      text NOT NULL,
+    keys     text[] NOT NULL,
+    noted_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365.map_change IS
+    'Keys of mapped rows changed since the last sync of their map (capture triggers)';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_change', '');
+
+CREATE TYPE d365._map_outcome AS (
+    item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
+    vals jsonb, sent jsonb, status integer, error_code text, error_message text,
+    ok boolean, gone boolean
+);
 
 -- Job locks: the jobs lock a row each instead of an advisory lock anyone
 -- could hold (sql/install/02_job_lock.sql).
@@ -180,6 +265,18 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       DETAIL = format('The value was %L.', NEW.org_url),
                       HINT = 'Use the address of the organization, e.g. https://contoso.crm4.dynamics.com; http:// is accepted only for 127.0.0.1, ::1 and localhost.';
+        END IF;
+        -- the organization's root: d365sync adds /api/data/<version>/, and
+        -- Entra ID issues tokens for the root only (AADSTS500011 otherwise).
+        -- A value kept from an earlier release is refused once it is changed.
+        IF NEW.org_url ~ '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*[/?#]' AND
+           (TG_OP = 'INSERT' OR NEW.org_url IS DISTINCT FROM OLD.org_url) THEN
+            RAISE EXCEPTION 'invalid value for setting "org_url": it must be the organization''s root URL, without a path'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('The value was %L; its path is %L.', NEW.org_url,
+                                      substring(NEW.org_url FROM '^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(.*)$')),
+                      HINT = format('Remove the path: set org_url = %L.',
+                                    substring(NEW.org_url FROM '^([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)'));
         END IF;
     END IF;
 
@@ -538,6 +635,22 @@ AS $$
 $$;
 
 /*
+ * Whether a type (not a domain: pass the base type) is text-like: text
+ * itself, or a type with a binary-coercible cast to text, such as citext.
+ * Only a superuser can declare a cast binary-coercible, so converting such
+ * a value to text runs no function at all, whoever owns the type.
+ */
+CREATE OR REPLACE FUNCTION d365._text_like(typ regtype)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT typ = 'text'::regtype OR EXISTS (
+        SELECT FROM pg_cast c
+         WHERE c.castsource = typ AND c.casttarget = 'text'::regtype AND c.castmethod = 'b')
+$$;
+
+/*
  * The JSON expression of one mapped column, as Dynamics takes the value;
  * NULL when the column's type cannot be converted.  bind_set turns a uuid
  * into a lookup bind path /<entity set>(<uuid>).
@@ -547,7 +660,8 @@ $$;
  * types of the user's making), an enum through its output function
  * (enum_out, never a cast the application defined), a domain as its base
  * type.  A timestamp without time zone is read as UTC, whatever the
- * session's TimeZone.
+ * session's TimeZone.  Text-like types (citext; d365._text_like) go as
+ * their text.
  */
 CREATE OR REPLACE FUNCTION d365._json_expr(expr text, typ regtype, bind_set text DEFAULT NULL)
 RETURNS text
@@ -565,6 +679,7 @@ AS $$
                       'double precision'::regtype, 'boolean'::regtype)
             THEN format('pg_catalog.to_jsonb(%s)', expr)
         WHEN base = 'uuid'::regtype THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
+        WHEN d365._text_like(base) THEN format('pg_catalog.to_jsonb((%s)::pg_catalog.text)', expr)
         WHEN base = 'date'::regtype
             THEN format('pg_catalog.to_jsonb(pg_catalog.to_char(%s, ''YYYY-MM-DD''))', expr)
         WHEN base = 'timestamp without time zone'::regtype
@@ -596,6 +711,7 @@ AS $$
         WHEN b.typtype = 'e' THEN 'text'
         WHEN b.oid IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype,
                        'name'::regtype) THEN 'text'
+        WHEN d365._text_like(b.oid::regtype) THEN 'text'
         WHEN b.oid IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype,
                        'numeric'::regtype) THEN 'number'
         WHEN b.oid = 'boolean'::regtype THEN 'boolean'
@@ -848,7 +964,10 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE sql STABLE
 AS $$ SELECT now() + least(interval '5 minutes' * power(2, greatest(failures - 1, 0)), interval '1 day') $$;
 
--- Field map validation: the column must exist and be mappable.
+-- Field map validation: the column must exist and be mappable.  Checks the
+-- attached table, not its capture triggers: a restore (pg_restore, or psql
+-- running a plain dump) loads the map in its data section and the
+-- application table's triggers only after all data.
 CREATE OR REPLACE FUNCTION d365._field_map_check()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -859,7 +978,7 @@ DECLARE
     typ regtype;
     generated boolean;
 BEGIN
-    src := d365._contact_source();
+    src := d365._contact_source_table();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
         RAISE EXCEPTION 'column "%" cannot be mapped', NEW.column_name
             USING ERRCODE = 'invalid_parameter_value',
@@ -893,7 +1012,7 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
                                 THEN 'A lookup (@odata.bind) is written from a uuid column.'
-                                ELSE 'Supported types: text, varchar, char, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid and enums.' END,
+                                ELSE 'Supported types: text, varchar, char, citext, integers, numeric, real, double precision, boolean, date, timestamp, timestamptz, uuid, enums, and domains over them.' END,
                   HINT = 'Map a column of a supported type, or a generated column (direction ''out'') that converts this one.';
     END IF;
     IF NEW.match AND (NEW.dynamics_field LIKE '%@odata.bind' OR d365._match_type(typ) IS NULL) THEN
@@ -909,6 +1028,13 @@ BEGIN
             USING ERRCODE = 'unique_violation',
                   HINT = 'Each Dynamics field takes its value from one column.';
     END IF;
+    -- against Dynamics metadata: the field exists and takes the column's type
+    IF TG_OP = 'INSERT' OR (NEW.column_name, NEW.dynamics_field, NEW.direction)
+                           IS DISTINCT FROM (OLD.column_name, OLD.dynamics_field, OLD.direction) THEN
+        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction, typ,
+            (SELECT a.atttypmod FROM pg_attribute a
+              WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name));
+    END IF;
     RETURN NEW;
 END;
 $$;
@@ -922,7 +1048,16 @@ RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    src d365.contact_source;
 BEGIN
+    -- Only while the table is attached with its capture triggers.  In a
+    -- restore they come after the data (the map is the one they were made
+    -- for, not a change); a broken attachment is repaired by attaching again.
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND OR d365._attachment_problem(src) IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
     UPDATE d365.contact_state SET change_seq = change_seq + 1, pending_since = now()
      WHERE synced IS NOT NULL AND change_seq = synced_seq;
     PERFORM d365._contact_capture_install();
@@ -1061,6 +1196,39 @@ COMMENT ON FUNCTION d365.d365_contact_fields() IS
     'Columns of the contact table that can be mapped, with their type and current mapping';
 
 /*
+ * The attached table for a check of the field map (whose writers hold
+ * EXECUTE on d365's functions): as d365._contact_source()
+ * but without requiring the capture triggers (d365._attachment_table_problem).
+ * A restore loads the field map with the data, before the application
+ * table's triggers; d365_status() and every sync still require them.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_source_table()
+RETURNS d365.contact_source
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    src d365.contact_source;
+    problem text;
+BEGIN
+    SELECT * INTO src FROM d365.contact_source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no contact table is attached'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
+    END IF;
+    problem := d365._attachment_table_problem(src);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Attach the table again with d365_attach_contacts(), or call d365_detach_contacts().';
+    END IF;
+    RETURN src;
+END;
+$$;
+
+/*
  * What is wrong with an attachment, or NULL when nothing is: the table was
  * dropped, the key or score column renamed or dropped, the type of the key,
  * score or link columns changed, or a capture trigger is missing or no
@@ -1085,8 +1253,9 @@ DECLARE
     trg text;
     fn text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
-        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    trg := d365._attachment_table_problem(src);
+    IF trg IS NOT NULL THEN
+        RETURN trg;
     END IF;
     SELECT * INTO key_att FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
@@ -1117,11 +1286,14 @@ BEGIN
             ('d365_capture_insert_flush', 'd365._contact_capture_flush()'),
             ('d365_capture_delete', 'd365._contact_capture_delete()'),
             ('d365_capture_truncate', 'd365._contact_capture_truncate()'),
-            ('d365_link_guard', 'd365._contact_link_guard()')) v LOOP
+            ('d365_link_guard', 'd365._contact_link_guard()'),
+            ('d365_link_guard_update', 'd365._contact_link_guard()')) v LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
                           AND t.tgenabled <> 'D'
-                          AND (t.tgnargs = 0 OR encode(t.tgargs, 'escape') = key_att.attnum || '\000')) THEN
+                          AND (t.tgnargs = 0 OR
+                               d365._capture_key_attnum(src.contact_table, d365._trigger_args(t.tgargs))
+                                   = key_att.attnum)) THEN
             RETURN format('capture trigger %s on %s is missing, disabled or watches another key column',
                           trg, src.contact_table);
         END IF;
@@ -1322,8 +1494,8 @@ BEGIN
     tbl := src.contact_table;
     statements := ARRAY[
         format('CREATE OR REPLACE TRIGGER d365_capture_update AFTER UPDATE ON %s FOR EACH ROW'
-               ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L)',
-               src.contact_table, changed, key_num),
+               ' WHEN (%s) EXECUTE FUNCTION d365._contact_capture_row(%L, %L)',
+               src.contact_table, changed, key_num, src.key_column),
         format('CREATE OR REPLACE TRIGGER d365_capture_update_flush AFTER UPDATE ON %s'
                ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_flush()',
                src.contact_table),
@@ -1332,14 +1504,30 @@ BEGIN
                src.contact_table),
         format('CREATE OR REPLACE TRIGGER d365_capture_delete AFTER DELETE ON %s'
                ' REFERENCING OLD TABLE AS d365_gone'
-               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L)',
-               src.contact_table, key_num),
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_delete(%L, %L)',
+               src.contact_table, key_num, src.key_column),
         format('CREATE OR REPLACE TRIGGER d365_capture_truncate AFTER TRUNCATE ON %s'
                ' FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_capture_truncate()',
                src.contact_table),
-        format('CREATE OR REPLACE TRIGGER d365_link_guard'
-               ' BEFORE INSERT OR UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s'
-               ' FOR EACH ROW EXECUTE FUNCTION d365._contact_link_guard()',
+        -- AFTER, not BEFORE: an AFTER row trigger fetches no old row the
+        -- capture trigger does not fetch already, and a BEFORE INSERT one
+        -- would take COPY's batched inserts away; the error still undoes the
+        -- statement.  The WHEN clauses (built-in operators on the built-in
+        -- link types, evaluated by the executor) keep the guard from being
+        -- called (or queued) for rows that need no look: inserted unlinked,
+        -- or links left alone.
+        format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
+               ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+               '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+               ' EXECUTE FUNCTION d365._contact_link_guard()',
+               src.contact_table),
+        format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+               ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+               ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+               '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+               '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+               '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+               ' EXECUTE FUNCTION d365._contact_link_guard()',
                src.contact_table)];
 END;
 $$;
@@ -1436,6 +1624,72 @@ BEGIN
     -- outside HOT, costs the application nothing more
     EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)'
                    ' WHERE dynamics365_related_id IS NOT NULL', tbl);
+END;
+$$;
+
+/*
+ * The arguments of a trigger, from pg_trigger.tgargs.
+ */
+CREATE OR REPLACE FUNCTION d365._trigger_args(tgargs bytea)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(replace(a, '\\', '\') ORDER BY n) FILTER (WHERE n < total), '{}')
+      FROM (SELECT a, n, count(*) OVER () AS total
+              FROM regexp_split_to_table(encode(tgargs, 'escape'), '\\000') WITH ORDINALITY x(a, n)) y
+$$;
+
+/*
+ * The column a capture trigger watches, from its arguments (key attribute
+ * number, key name): the column of that name where one exists -- a table
+ * restored by pg_restore numbers its columns afresh, without the dropped
+ * ones -- otherwise (the key renamed) the column of that number.  NULL
+ * when neither is a live column.  src/capture.c applies the same rule.
+ */
+CREATE OR REPLACE FUNCTION d365._capture_key_attnum(tbl regclass, args text[])
+RETURNS smallint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(
+        (SELECT a.attnum FROM pg_attribute a
+          WHERE a.attrelid = tbl AND cardinality(args) > 1 AND a.attname = args[2]
+            AND a.attnum > 0 AND NOT a.attisdropped),
+        (SELECT a.attnum FROM pg_attribute a
+          WHERE a.attrelid = tbl AND args[1] ~ '^[0-9]{1,4}$' AND a.attnum = args[1]::smallint
+            AND a.attnum > 0 AND NOT a.attisdropped))
+$$;
+
+-- The table part of d365._attachment_problem: the table, its key, score and
+-- link columns; not the capture triggers.
+CREATE OR REPLACE FUNCTION d365._attachment_table_problem(src d365.contact_source)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key_att pg_attribute;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = src.contact_table) THEN
+        RETURN format('the attached table (OID %s) was dropped', src.contact_table::oid);
+    END IF;
+    SELECT * INTO key_att FROM pg_attribute a
+     WHERE a.attrelid = src.contact_table AND a.attname = src.key_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RETURN format('key column "%s" of %s was renamed or dropped', src.key_column, src.contact_table);
+    END IF;
+    IF key_att.atttypid <> ALL (d365._key_types()) THEN
+        RETURN format('key column "%s" of %s has type %s, which d365sync does not support',
+                      src.key_column, src.contact_table, key_att.atttypid::regtype);
+    END IF;
+    -- the score and link columns are compared and converted by d365's own
+    -- expressions: a type of the owner's making there (by ALTER TABLE after
+    -- attaching) would run its casts and operators with the caller's rights.
+    -- Checked under the table's lock, so that no ALTER TABLE comes between
+    -- this check and the statements that rely on it.
+    RETURN d365._contact_table_problem(src.contact_table, src.score_column);
 END;
 $$;
 
@@ -1604,8 +1858,8 @@ AS $$
          maps AS (SELECT f.column_name, f.dynamics_field, f.direction,
                          split_part(f.dynamics_field, '@', 1) AS nav,
                          f.dynamics_field LIKE '%@odata.bind' AS is_bind,
-                         -- a domain is judged by its base type, an enum is sent as text
-                         CASE WHEN b.typtype = 'e' THEN 'text'
+                         -- a domain is judged by its base type, an enum and citext are sent as text
+                         CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
                               ELSE format_type(b.oid, NULL) END AS ctype
                     FROM d365.field_map f
                     CROSS JOIN d365.contact_source s
@@ -1664,6 +1918,145 @@ $$;
 
 COMMENT ON FUNCTION d365.d365_owners() IS
     'Dynamics users (interactive ones) and teams that can own synced records, with the bind path for default_owner';
+
+/*
+ * The maximum length of the text attributes (String and Memo) of an entity,
+ * {logical name: MaxLength}.  refresh = true reads them through the metadata
+ * cache (fetched when older than an hour), as the check of a field map
+ * written does.  refresh = false reads the cache whatever its age (a field's
+ * length rarely changes) and never sends a request, as the sync does; '{}'
+ * when they were never fetched.  What Dynamics sends is data: a MaxLength
+ * that is not a small whole number is left out.
+ */
+CREATE OR REPLACE FUNCTION d365._max_lengths(entity text, refresh boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    paths text[];
+    result jsonb;
+BEGIN
+    IF entity IS NULL OR entity !~ '^[a-z][a-z0-9_]*$' THEN
+        RAISE EXCEPTION 'invalid entity logical name %', coalesce(quote_literal(entity), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    paths := ARRAY(SELECT format('EntityDefinitions(LogicalName=''%s'')/Attributes/Microsoft.Dynamics.CRM.%s?$select=LogicalName,MaxLength',
+                                 entity, t)
+                     FROM unnest(ARRAY['StringAttributeMetadata', 'MemoAttributeMetadata']) t);
+    IF refresh THEN
+        PERFORM d365._get_cached(p) FROM unnest(paths) p;
+    END IF;
+    SELECT coalesce(jsonb_object_agg(a ->> 'LogicalName', (a ->> 'MaxLength')::integer), '{}')
+      INTO result
+      FROM d365.metadata_cache c,
+           LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(c.body) = 'array' THEN c.body ELSE '[]' END) a
+     WHERE c.path = ANY (paths)
+       AND jsonb_typeof(a) = 'object'
+       AND a ->> 'LogicalName' IS NOT NULL
+       AND a ->> 'MaxLength' ~ '^[0-9]{1,9}$';
+    RETURN result;
+END;
+$$;
+
+/*
+ * The check of a field map row against Dynamics metadata, when it is
+ * written (d365._field_map_check): the attribute must exist on contact, be
+ * writable when the column is sent, and take the column's type
+ * (d365._type_problem, as d365_validate_mapping() judges it); otherwise the
+ * write is refused.  A column declared longer than the attribute's maximum
+ * length (varchar(200) to a field of 50) gets a WARNING: its longer values
+ * fail their contact before sending.  Nothing is checked while d365sync is
+ * not configured (a restore loads the map before the settings); when the
+ * metadata cannot be read (Dynamics unreachable) the row is accepted with a
+ * WARNING, and d365_validate_mapping() checks it later.  SECURITY DEFINER:
+ * the metadata is read with the settings' credentials, which the writer of
+ * the map need not be able to read.
+ */
+CREATE OR REPLACE FUNCTION d365._field_map_metadata_check(column_name name, dynamics_field text,
+                                               direction text, typ regtype, typmod integer)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s d365.settings;
+    nav text := split_part(dynamics_field, '@', 1);
+    is_bind boolean := dynamics_field LIKE '%@odata.bind';
+    attr jsonb;
+    maxlen integer;
+    collen integer;
+    ctype text;
+    problem text;
+    msg text;
+BEGIN
+    SELECT * INTO s FROM d365.settings;
+    IF s.org_url IS NULL OR s.tenant_id IS NULL OR s.client_id IS NULL OR s.client_secret IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        FOR i IN 1 .. 2 LOOP
+            SELECT a INTO attr FROM d365._metadata('contact') a
+             WHERE (NOT is_bind AND a ->> 'LogicalName' = nav)
+                OR (is_bind AND (nav = a ->> 'LogicalName'
+                                 OR EXISTS (SELECT FROM jsonb_array_elements_text(coalesce(a -> 'Targets', '[]')) t
+                                             WHERE nav = (a ->> 'LogicalName') || '_' || t)))
+             LIMIT 1;
+            EXIT WHEN attr IS NOT NULL OR i = 2;
+            -- not in the cached list: it may be a field made in the last hour
+            DELETE FROM d365.metadata_cache c
+             WHERE c.path LIKE 'EntityDefinitions(LogicalName=''contact'')/Attributes%';
+        END LOOP;
+        IF attr IS NOT NULL AND attr ->> 'AttributeType' IN ('String', 'Memo') THEN
+            maxlen := (d365._max_lengths('contact', true) ->> (attr ->> 'LogicalName'))::integer;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+        RAISE WARNING 'the mapping of column "%" to Dynamics field "%" was not checked: the Dynamics 365 metadata could not be read',
+                      column_name, dynamics_field
+            USING DETAIL = msg,
+                  HINT = 'd365_validate_mapping() checks the map once Dynamics 365 can be reached; until then a value that does not fit fails its contact at sync time.';
+        RETURN;
+    END;
+    IF attr IS NULL THEN
+        RAISE EXCEPTION 'Dynamics field "%" does not exist on contact', dynamics_field
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'd365_dynamics_fields() lists the attributes of contact; a lookup is mapped as <lookup>_<target>@odata.bind.';
+    END IF;
+    -- a domain is judged by its base type; an enum and citext go as text
+    SELECT CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
+                ELSE format_type(b.oid, NULL) END,
+           CASE WHEN b.oid IN ('character varying'::regtype, 'character'::regtype)
+                     AND coalesce(nullif(typmod, -1), nullif(t.typtypmod, -1)) > 4
+                THEN coalesce(nullif(typmod, -1), nullif(t.typtypmod, -1)) - 4 END
+      INTO ctype, collen
+      FROM pg_type t JOIN pg_type b ON b.oid = coalesce(nullif(t.typbasetype, 0), t.oid)
+     WHERE t.oid = typ;
+    problem := d365._type_problem(attr ->> 'AttributeType', ctype, is_bind, attr ->> 'LogicalName');
+    IF problem IS NULL AND direction <> 'in'
+       AND (attr ->> 'IsValidForCreate') = 'false' AND (attr ->> 'IsValidForUpdate') = 'false' THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": attribute % is read-only in Dynamics',
+                        column_name, dynamics_field, attr ->> 'LogicalName'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Dynamics 365 lets the attribute be set neither on create nor on update.',
+                  HINT = 'Map it with direction ''in'' to receive its value, or map another field.';
+    END IF;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": %', column_name, dynamics_field, problem
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = format('Dynamics 365 says %s is of type %s; the column is of type %s.',
+                                  attr ->> 'LogicalName', attr ->> 'AttributeType', typ),
+                  HINT = 'Map a column of a matching type, or a generated column (direction ''out'') that converts this one; d365_dynamics_fields() lists the fields with their types.';
+    END IF;
+    IF maxlen IS NOT NULL AND collen > maxlen AND direction <> 'in' THEN
+        RAISE WARNING 'column "%" holds up to % characters, Dynamics field "%" at most %', column_name, collen, nav, maxlen
+            USING DETAIL = 'A longer value fails its contact before it is sent (error code d365sync.length); the other contacts are sent.',
+                  HINT = format('Keep the values within %s characters, or shorten the column to varchar(%s).', maxlen, maxlen);
+    END IF;
+END;
+$$;
 
 /*
  * The map stage of contacts as one jsonb expression over the row alias
@@ -1824,12 +2217,21 @@ DECLARE
     cur text;
     sel text;
     match text;
+    limits jsonb;
 BEGIN
     src := d365._contact_source();
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
     match := d365._contact_match_expr();
+    -- the maximum lengths of the text fields sent, as last fetched (never
+    -- fetched here): a longer value fails its contact before sending
+    SELECT coalesce(jsonb_object_agg(f.dynamics_field,
+                                     jsonb_build_object('max', l.value::integer, 'column', f.column_name)), '{}')
+      INTO limits
+      FROM d365.field_map f
+      JOIN jsonb_each_text(d365._max_lengths('contact', false)) l ON l.key = f.dynamics_field
+     WHERE f.direction <> 'in';
 
     IF scheduled THEN
         PERFORM d365._contact_fold_changes();
@@ -1843,7 +2245,7 @@ BEGIN
 
     RETURN format($q$
         SELECT w.item_key,
-               CASE WHEN w.body IS NULL OR w.refused THEN '[]'
+               CASE WHEN w.body IS NULL OR w.refused OR w.too_long IS NOT NULL THEN '[]'
                     ELSE jsonb_build_array(jsonb_build_object(
                              'method', 'PATCH',
                              'path', 'contacts(' || w.dynamics_id || ')',
@@ -1862,11 +2264,22 @@ BEGIN
                         THEN jsonb_build_object('error_code', 'd365sync.link', 'error',
                                  format('holds Dynamics 365 id %%s in its link column, which d365sync did not link to it; nothing was sent',
                                         w.link))
+                        WHEN w.too_long IS NOT NULL
+                        THEN jsonb_build_object('error_code', 'd365sync.length',
+                                                'error', 'value too long for Dynamics 365: ' || w.too_long || '; not sent')
                         ELSE '{}' END)::text AS context,
-               CASE WHEN NOT w.linked AND NOT w.refused AND w.match_values IS NOT NULL
+               CASE WHEN NOT w.linked AND NOT w.refused AND w.too_long IS NULL AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) e
                                           WHERE e.value IN ('null'::jsonb, '""'::jsonb))
                     THEN w.match_values::text END AS lookup
+          FROM (SELECT x.*,
+                       (SELECT string_agg(format('%%s has %%s characters, at most %%s (column %%s)', e.key,
+                                                 char_length(e.value #>> '{}'), l.value ->> 'max',
+                                                 l.value ->> 'column'), '; ' ORDER BY e.key)
+                          FROM jsonb_each(x.body) e
+                          JOIN jsonb_each(%8$L::jsonb) l ON l.key = e.key
+                         WHERE NOT x.refused AND jsonb_typeof(e.value) = 'string'
+                           AND char_length(e.value #>> '{}') > (l.value ->> 'max')::integer) AS too_long
           FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(e.key, e.value)
@@ -1891,9 +2304,9 @@ BEGIN
                                LATERAL (SELECT coalesce(s.generation, 0)
                                                + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
                          WHERE %4$s
-                        OFFSET 0) v) w
+                        OFFSET 0) v) x) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql(), d365._contact_untrusted_sql());
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits);
 END;
 $$;
 
@@ -3325,7 +3738,12 @@ BEGIN
         END IF;
         BEGIN
             PERFORM d365._contact_apply(changes, k);
-        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE EXCEPTION 'contact % is locked by another transaction: its incoming change was not applied', k
+                USING ERRCODE = 'lock_not_available',
+                      DETAIL = 'An incoming change waits at most 10 seconds (or the session''s lock_timeout) for a row another transaction holds.',
+                      HINT = 'A pull that fails so starts again from the same changes next time; a push can be sent again.';
+        WHEN data_exception OR integrity_constraint_violation OR generated_always THEN
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
             RAISE EXCEPTION 'contact % refused the change of column(s) %', k,
                             (SELECT string_agg(format('"%s"', c), ', ' ORDER BY c) FROM jsonb_object_keys(changes) c)
@@ -3537,7 +3955,7 @@ DECLARE
     operator_functions text[] := ARRAY['d365_sync_contacts', 'd365_sync_contact', 'd365_sync_activities',
         'd365_pull_changes', 'd365_run_job', 'd365_schedule', 'd365_unschedule', 'd365_whoami',
         'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
-        'd365_contact_fields', 'd365_tables', 'd365_describe'];
+        'd365_contact_fields', 'd365_tables', 'd365_describe', 'd365_sync', 'd365_pull'];
     app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
         'd365_update_contact',
         -- what d365_update_contact() calls with its caller's rights
@@ -3545,10 +3963,11 @@ DECLARE
         '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
         '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
         '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
-        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted'];
+        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type'];
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
-    state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state'];
+    state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
+        'map_row', 'map_change'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
@@ -3581,6 +4000,9 @@ BEGIN
            WHEN what = 'monitor' THEN 'SELECT'
            WHEN what = 'admin' THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN c.relname = 'job_lock' THEN 'SELECT, UPDATE'
+           -- a map's run locks its row (FOR NO KEY UPDATE needs an UPDATE
+           -- right); the operator may switch a map on and off, nothing more
+           WHEN c.relname = 'table_map' THEN 'SELECT, UPDATE (enabled)'
            WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
@@ -3772,7 +4194,14 @@ BEGIN
         problem := d365._attachment_problem(src);
         item := 'attachment'; value := coalesce('broken: ' || problem, 'ok'); RETURN NEXT;
         item := 'mapped fields';
-        SELECT count(*)::text INTO value FROM d365.field_map; RETURN NEXT;
+        SELECT count(*)::text INTO value FROM d365.field_map;
+        -- linked contacts and no map: nothing is sent or received for them
+        -- (a map lost in a restore that refused it, or deleted by hand)
+        IF value = '0' AND EXISTS (SELECT FROM d365.contact_state cs WHERE cs.synced IS NOT NULL) THEN
+            value := '0 -- WARNING: contacts are linked but no field is mapped, so nothing is sent or received;'
+                     ' restore d365.field_map (see "Backup and restore" in docs/operations.md) or map the fields again';
+        END IF;
+        RETURN NEXT;
     END IF;
     IF attached AND problem IS NULL THEN
         -- the queue's age: folded changes not backing off after a failure
@@ -3851,8 +4280,15 @@ BEGIN
         value := format('activity %s: %s', r.id, r.last_error);
         RETURN NEXT;
     END IF;
+    -- the newest failed run of a job that has not completed a run since
+    -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
      WHERE sr.message LIKE 'failed:%'
+       AND NOT EXISTS (SELECT FROM d365.sync_run ok
+                        WHERE ok.kind = sr.kind AND ok.id > sr.id
+                          AND (ok.message IS NULL OR
+                               NOT (ok.message LIKE 'failed:%' OR ok.message LIKE 'skipped:%'
+                                    OR ok.message LIKE '% sync is disabled (%')))
      ORDER BY sr.id DESC LIMIT 1;
     IF FOUND THEN
         item := 'last run error';
@@ -4098,7 +4534,7 @@ AS $$
                        ORDER BY (o ->> 'Value')::integer)
               FROM jsonb_array_elements(coalesce(a #> '{OptionSet,Options}', '[]')) o)
       FROM unnest(ARRAY['PicklistAttributeMetadata', 'StateAttributeMetadata',
-                        'StatusAttributeMetadata']) cast_name,
+                        'StatusAttributeMetadata', 'MultiSelectPicklistAttributeMetadata']) cast_name,
            LATERAL jsonb_array_elements(d365._get_cached(format(
                'EntityDefinitions(LogicalName=''%s'')/Attributes/Microsoft.Dynamics.CRM.%s?$select=LogicalName&$expand=OptionSet',
                entity, cast_name))) a
@@ -4122,8 +4558,11 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT a ->> 'LogicalName',
-           coalesce(nullif(a #>> '{AttributeTypeName,Value}', a ->> 'AttributeType' || 'Type'),
-                    a ->> 'AttributeType'),
+           -- Virtual attributes say what they are in AttributeTypeName
+           -- (MultiSelectPicklistType: a multi-select choice)
+           CASE WHEN a ->> 'AttributeType' = 'Virtual' AND a #>> '{AttributeTypeName,Value}' IS NOT NULL
+                THEN regexp_replace(a #>> '{AttributeTypeName,Value}', 'Type$', '')
+                ELSE a ->> 'AttributeType' END,
            (a ->> 'MaxLength')::integer,
            coalesce(a #>> '{RequiredLevel,Value}' IN ('SystemRequired', 'ApplicationRequired'), false),
            CASE WHEN jsonb_typeof(a -> 'Targets') = 'array'
@@ -4207,6 +4646,1137 @@ REVOKE ALL ON FUNCTION d365._entities(), d365.d365_tables(), d365._fdw_column(js
     d365._fdw_import(text, text, text, text[]),
     d365._fdw_handler(), d365._fdw_validator(text[], oid) FROM PUBLIC;
 
+/*
+ * A map by name, with a clear error when there is none.
+ */
+CREATE OR REPLACE FUNCTION d365._table_map(map text)
+RETURNS d365.table_map
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.name = map;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table map "%" does not exist', map
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'SELECT name FROM d365.table_map lists the maps; d365_map_table() adds one.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = m.local_table) THEN
+        RAISE EXCEPTION 'the table of map "%" (OID %) was dropped', map, m.local_table::oid
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('SELECT d365_unmap_table(%L);', map);
+    END IF;
+    RETURN m;
+END;
+$$;
+
+/*
+ * The Dataverse table of an entity set (from the cached list of tables):
+ * logical name, primary id attribute, change tracking.
+ */
+CREATE OR REPLACE FUNCTION d365._map_entity(entity_set text,
+    OUT logical_name text, OUT primary_id text, OUT change_tracking boolean)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT e ->> 'LogicalName', e ->> 'PrimaryIdAttribute',
+           coalesce((e ->> 'ChangeTrackingEnabled')::boolean, false)
+      INTO logical_name, primary_id, change_tracking
+      FROM d365._entities() e
+     WHERE e ->> 'EntitySetName' = entity_set
+       AND e ->> 'LogicalName' ~ '^[a-z][a-z0-9_]*$'
+       AND e ->> 'PrimaryIdAttribute' ~ '^[a-z][a-z0-9_]*$';
+    IF logical_name IS NULL THEN
+        RAISE EXCEPTION 'Dynamics 365 has no table with entity set "%"', entity_set
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'd365_tables() lists the tables and their entity sets (e.g. accounts, contacts, new_projects).';
+    END IF;
+END;
+$$;
+
+-- Forget the cached metadata of one Dataverse table (and the list of
+-- tables), so that the next look-up reads it anew.
+CREATE OR REPLACE FUNCTION d365._map_metadata_refresh(entity text)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    DELETE FROM d365.metadata_cache c
+     WHERE c.path LIKE 'EntityDefinitions(LogicalName=''' || entity || ''')%'
+        OR c.path LIKE 'EntityDefinitions?%'
+$$;
+
+/*
+ * What Dynamics metadata says about the attributes of a Dataverse table,
+ * one row per attribute: its type ('MultiSelectPicklist' for a
+ * multi-select choice), whether it can be written, its lookup targets with
+ * the navigation property of each ({target: navigation property}, from
+ * ManyToOneRelationships: case-sensitive for custom lookups), and the
+ * options of a choice ([{value, label}]).  Cached (d365._get_cached).
+ */
+CREATE OR REPLACE FUNCTION d365._map_attributes(entity text,
+    OUT logical_name text, OUT attribute_type text, OUT valid_for_create boolean,
+    OUT valid_for_update boolean, OUT navs jsonb, OUT options jsonb)
+RETURNS SETOF record
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH attrs AS (
+        SELECT a FROM jsonb_array_elements(d365._get_cached(format(
+                   'EntityDefinitions(LogicalName=''%s'')/Attributes?$select=LogicalName,AttributeType,AttributeTypeName,IsValidForCreate,IsValidForUpdate,Targets',
+                   entity))) a),
+    rels AS (
+        SELECT r ->> 'ReferencingAttribute' AS attribute,
+               jsonb_object_agg(r ->> 'ReferencedEntity',
+                                r ->> 'ReferencingEntityNavigationPropertyName') AS navs
+          FROM jsonb_array_elements(d365._get_cached(format(
+                   'EntityDefinitions(LogicalName=''%s'')/ManyToOneRelationships?$select=ReferencingAttribute,ReferencedEntity,ReferencingEntityNavigationPropertyName',
+                   entity))) r
+         WHERE r ->> 'ReferencingEntityNavigationPropertyName' ~ '^[A-Za-z_][A-Za-z0-9_]*$'
+         GROUP BY 1),
+    multi AS (
+        SELECT a ->> 'LogicalName' AS attribute,
+               (SELECT jsonb_agg(jsonb_build_object(
+                           'value', (o ->> 'Value')::integer,
+                           'label', o #>> '{Label,UserLocalizedLabel,Label}')
+                           ORDER BY (o ->> 'Value')::integer)
+                  FROM jsonb_array_elements(coalesce(a #> '{OptionSet,Options}', '[]')) o) AS options
+          FROM jsonb_array_elements(d365._get_cached(format(
+                   'EntityDefinitions(LogicalName=''%s'')/Attributes/Microsoft.Dynamics.CRM.MultiSelectPicklistAttributeMetadata?$select=LogicalName&$expand=OptionSet',
+                   entity))) a)
+    SELECT x.a ->> 'LogicalName',
+           CASE WHEN x.a #>> '{AttributeTypeName,Value}' = 'MultiSelectPicklistType'
+                THEN 'MultiSelectPicklist' ELSE x.a ->> 'AttributeType' END,
+           coalesce((x.a ->> 'IsValidForCreate')::boolean, false),
+           coalesce((x.a ->> 'IsValidForUpdate')::boolean, false),
+           r.navs,
+           coalesce(m.options, c.options)
+      FROM attrs x
+      LEFT JOIN rels r ON r.attribute = x.a ->> 'LogicalName'
+      LEFT JOIN multi m ON m.attribute = x.a ->> 'LogicalName'
+      LEFT JOIN d365._choice_options(entity) c ON c.attribute = x.a ->> 'LogicalName'
+$$;
+
+/*
+ * The map a column's foreign key points to: a single-column foreign key
+ * from tbl.col to the key column of another mapped table.
+ */
+CREATE OR REPLACE FUNCTION d365._map_fk_target(tbl regclass, col name)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.name
+      FROM pg_constraint k
+      JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+      JOIN d365.table_map t ON t.local_table = k.confrelid
+      JOIN pg_attribute p ON p.attrelid = k.confrelid AND p.attnum = k.confkey[1]
+     WHERE k.contype = 'f' AND k.conrelid = tbl AND cardinality(k.conkey) = 1
+       AND a.attname = col AND p.attname = t.key_column
+     ORDER BY t.name
+     LIMIT 1
+$$;
+
+/*
+ * The column map of a map as the sync uses it, one row per mapped column:
+ *   kind      'value', 'lookup', 'choice' (a text column: labels),
+ *             'choice_value' (an integer: values), 'multi' (text[]:
+ *             labels), 'multi_value' (int[]: values)
+ *   wire      the property sent and compared (<nav>@odata.bind for a lookup)
+ *   read      the property read back (_<field>_value for a lookup)
+ *   parent    the map a lookup points to (NULL: the column holds the
+ *             Dynamics id itself), bind_set the entity set it binds to
+ *   options   the choice's options [{value, label}]
+ *   problem   why the pair cannot be synced (NULL when it can)
+ */
+CREATE OR REPLACE FUNCTION d365._map_columns(map text,
+    OUT "column" name, OUT field text, OUT direction text, OUT match boolean,
+    OUT typ regtype, OUT kind text, OUT wire text, OUT read text,
+    OUT parent text, OUT bind_set text, OUT options jsonb, OUT problem text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+    c record;
+    a record;
+    base regtype;
+    elem regtype;
+    pm d365.table_map;
+    pent record;
+    target text;
+BEGIN
+    FOR c IN SELECT cm.*, att.atttypid::regtype AS t, ty.typelem, ty.typbasetype
+               FROM d365.column_map cm
+               LEFT JOIN pg_attribute att ON att.attrelid = m.local_table
+                    AND att.attname = cm."column" AND att.attnum > 0 AND NOT att.attisdropped
+               LEFT JOIN pg_type ty ON ty.oid = att.atttypid
+              WHERE cm.map = _map_columns.map
+              ORDER BY cm."column" LOOP
+        "column" := c."column"; field := c.field; direction := c.direction; match := c.match;
+        typ := c.t; kind := 'value'; wire := c.field; read := c.field;
+        parent := NULL; bind_set := NULL; options := NULL; problem := NULL;
+        SELECT * INTO a FROM d365._map_attributes(ent.logical_name) x WHERE x.logical_name = c.field;
+        base := CASE WHEN c.typbasetype <> 0 THEN c.typbasetype::regtype ELSE c.t END;
+        elem := CASE WHEN c.typelem <> 0 AND c.t::text LIKE '%[]' THEN c.typelem::regtype END;
+        IF c.t IS NULL THEN
+            problem := format('column "%s" no longer exists in %s', c."column", m.local_table);
+        ELSIF a.logical_name IS NULL THEN
+            problem := format('Dynamics table %s has no attribute %s', ent.logical_name, c.field);
+        ELSIF c.direction <> 'in' AND NOT (a.valid_for_create AND a.valid_for_update) THEN
+            problem := format('attribute %s of %s cannot be written in Dynamics; map it with direction ''in''',
+                              c.field, ent.logical_name);
+        ELSIF a.attribute_type IN ('Lookup', 'Customer', 'Owner') THEN
+            kind := 'lookup';
+            read := '_' || c.field || '_value';
+            parent := d365._map_fk_target(m.local_table, c."column");
+            IF parent IS NOT NULL THEN
+                SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
+                pent := d365._map_entity(pm.entity_set);
+                target := pent.logical_name;
+                bind_set := pm.entity_set;
+            ELSIF base = 'uuid'::regtype AND jsonb_typeof(a.navs) = 'object'
+                  AND (SELECT count(*) FROM jsonb_object_keys(a.navs)) = 1 THEN
+                target := (SELECT k FROM jsonb_object_keys(a.navs) k);
+                bind_set := d365._entity_set(target);
+            ELSE
+                problem := format('attribute %s is a lookup: map a column with a foreign key to the key of a mapped table%s',
+                                  c.field, CASE WHEN (SELECT count(*) FROM jsonb_object_keys(coalesce(a.navs, '{}'))) = 1
+                                                THEN ', or a uuid column holding the Dynamics id' ELSE '' END);
+            END IF;
+            IF problem IS NULL THEN
+                IF a.navs ->> target IS NULL THEN
+                    problem := format('attribute %s of %s cannot refer to %s (it refers to %s)',
+                                      c.field, ent.logical_name, target,
+                                      coalesce((SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(a.navs) k), 'nothing'));
+                ELSIF bind_set IS NULL THEN
+                    problem := format('Dynamics table %s has no entity set', target);
+                ELSE
+                    wire := (a.navs ->> target) || '@odata.bind';
+                END IF;
+            END IF;
+        ELSIF a.attribute_type IN ('Picklist', 'State', 'Status', 'MultiSelectPicklist') THEN
+            options := coalesce(a.options, '[]');
+            IF a.attribute_type = 'MultiSelectPicklist' THEN
+                IF elem IN ('text'::regtype, 'character varying'::regtype) THEN
+                    kind := 'multi';
+                ELSIF elem IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype) THEN
+                    kind := 'multi_value';
+                ELSE
+                    problem := format('attribute %s is a multi-select choice: map a text[] column (labels) or an integer[] column (values), not %s',
+                                      c.field, c.t);
+                END IF;
+            ELSIF base IN ('text'::regtype, 'character varying'::regtype) THEN
+                kind := 'choice';
+            ELSIF base IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype) THEN
+                kind := 'choice_value';
+            ELSE
+                problem := format('attribute %s is a choice: map a text column (labels) or an integer column (values), not %s',
+                                  c.field, c.t);
+            END IF;
+        ELSE
+            problem := d365._type_problem(a.attribute_type, format_type(base, NULL), false, c.field);
+            IF problem IS NULL AND d365._json_expr('x', c.t) IS NULL THEN
+                problem := format('column "%s" of type %s cannot be sent to Dynamics', c."column", c.t);
+            END IF;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._map_capture()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+    keys text[];
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.local_table = TG_RELID;
+    IF NOT FOUND OR NOT EXISTS (
+           SELECT FROM pg_trigger g
+            WHERE g.tgrelid = TG_RELID AND g.tgname = TG_NAME
+              AND g.tgfoid = 'd365._map_capture()'::regprocedure
+              AND g.tgname IN ('d365_map_capture_insert', 'd365_map_capture_update',
+                               'd365_map_capture_delete', 'd365_map_capture_truncate')
+              AND (TG_OP = 'TRUNCATE'
+                   OR coalesce(g.tgnewtable, g.tgoldtable) = 'd365_rows')) THEN
+        RAISE EXCEPTION 'd365._map_capture() runs only as d365sync''s capture trigger of a mapped table'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM d365.map_row r WHERE r.map = m.name;
+        DELETE FROM d365.map_change q WHERE q.map = m.name;
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute a
+                    WHERE a.attrelid = TG_RELID AND a.attname = m.key_column
+                      AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types())) THEN
+        RETURN NULL;        -- broken map: d365_sync() reports it
+    END IF;
+    EXECUTE format('SELECT array_agg(DISTINCT r.%1$I::text) FROM d365_rows r WHERE r.%1$I IS NOT NULL',
+                   m.key_column) INTO keys;
+    IF keys IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM d365.map_row r WHERE r.map = m.name AND r.row_key = ANY (keys);
+    ELSE
+        INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- (Re)creates the capture triggers of a map and the guard of its link
+-- columns (src/link_guard.c: only d365sync's own link writer may set them);
+-- as the caller, who must own the table.
+CREATE OR REPLACE FUNCTION d365._map_capture_install(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s'
+                   ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
+                   ' EXECUTE FUNCTION d365._map_capture()', tbl);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s'
+                   ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
+                   ' EXECUTE FUNCTION d365._map_capture()', tbl);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_delete AFTER DELETE ON %s'
+                   ' REFERENCING OLD TABLE AS d365_rows FOR EACH STATEMENT'
+                   ' EXECUTE FUNCTION d365._map_capture()', tbl);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_truncate AFTER TRUNCATE ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture()', tbl);
+    -- the link columns belong to d365sync: the contact table's guard, with
+    -- the same triggers (called only for rows that set a link value)
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
+                   ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+                   '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+                   ' EXECUTE FUNCTION d365._contact_link_guard()', tbl);
+    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+                   ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+                   ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+                   '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+                   '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+                   '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+                   ' EXECUTE FUNCTION d365._contact_link_guard()', tbl);
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE EXCEPTION 'permission denied to create the capture triggers of %', tbl
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Map the table as its owner, or as a member of its owning role.';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_map_table(
+    name text, local_table regclass, entity_set text, key_column name DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key name := key_column;
+    ent record;
+    bad text;
+BEGIN
+    IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid map name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A map is named in lowercase letters, digits and underscores, e.g. account.';
+    END IF;
+    IF name = 'contact' THEN
+        RAISE EXCEPTION 'the map name "contact" is the attached contact table''s'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Attach the contact table with d365_attach_contacts(); name other maps otherwise.';
+    END IF;
+    IF local_table IS NULL OR entity_set IS NULL THEN
+        RAISE EXCEPTION 'a table map needs a local table and an entity set'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = local_table) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', local_table
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Map an ordinary or partitioned table, not a view or a foreign table.';
+    END IF;
+    IF NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = local_table), 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of % to map it', local_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Map the table as its owner, or as a member of its owning role.';
+    END IF;
+    IF local_table = (SELECT s.contact_table FROM d365.contact_source s) THEN
+        RAISE EXCEPTION '% is the attached contact table', local_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'The contact table is synced by the contact engine (map "contact").';
+    END IF;
+    -- no ALTER TABLE between the checks and the map
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', local_table);
+    IF key IS NULL THEN
+        SELECT a.attname INTO key
+          FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = local_table AND i.indisprimary AND i.indnatts = 1;
+        IF key IS NULL THEN
+            RAISE EXCEPTION '% has no single-column primary key', local_table
+                USING ERRCODE = 'invalid_table_definition',
+                      HINT = 'Pass the key column: d365_map_table(name, table, entity_set, key_column).';
+        END IF;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a
+                            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = local_table AND i.indisunique AND i.indnatts = 1
+                      AND i.indpred IS NULL AND a.attname = key) THEN
+        RAISE EXCEPTION 'column "%" of % is not a unique key', key, local_table
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'The key column needs a PRIMARY KEY or UNIQUE constraint of its own.';
+    END IF;
+    PERFORM d365._check_key_type(local_table, key);
+    ent := d365._map_entity(entity_set);
+
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = local_table
+                      AND attname = 'dynamics365_related_id' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_related_id uuid', local_table);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = local_table
+                      AND attname = 'dynamics365_synchronized_on' AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN dynamics365_synchronized_on timestamptz', local_table);
+    END IF;
+    -- link columns that were there already are of the table owner's making:
+    -- d365's statements compare them, so they must be the built-in types
+    SELECT string_agg(format('%s is %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ') INTO bad
+      FROM pg_attribute a
+     WHERE a.attrelid = local_table AND NOT a.attisdropped
+       AND ((a.attname = 'dynamics365_related_id' AND a.atttypid <> 'uuid'::regtype)
+            OR (a.attname = 'dynamics365_synchronized_on' AND a.atttypid <> 'timestamptz'::regtype));
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot map %: %', local_table, bad
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
+    END IF;
+    -- one row per Dynamics record
+    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a
+                            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = local_table AND i.indisunique AND i.indnatts = 1
+                      AND i.indpred IS NULL AND i.indexprs IS NULL
+                      AND a.attname = 'dynamics365_related_id') THEN
+        EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)', local_table);
+    END IF;
+
+    INSERT INTO d365.table_map AS t (name, local_table, entity_set, key_column)
+    VALUES (d365_map_table.name, local_table, entity_set, key);
+    PERFORM d365._map_capture_install(local_table);
+    -- rows linked before (by hand, or by an earlier map): their state
+    -- starts without a snapshot, so the first sync sends every mapped value
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_map_table(text, regclass, text, name) IS
+    'Maps a local table to a Dataverse table (entity set): adds the link columns, their unique index and the capture triggers';
+
+CREATE OR REPLACE FUNCTION d365.d365_unmap_table(name text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+    trg name;
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.name = d365_unmap_table.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table map "%" does not exist', name
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF EXISTS (SELECT FROM pg_class c WHERE c.oid = m.local_table) THEN
+        IF NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = m.local_table), 'USAGE') THEN
+            RAISE EXCEPTION 'must be the owner of % to unmap it', m.local_table
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        FOR trg IN SELECT g.tgname FROM pg_trigger g
+                    WHERE g.tgrelid = m.local_table
+                      AND g.tgfoid IN ('d365._map_capture()'::regprocedure,
+                                       'd365._contact_link_guard()'::regprocedure) LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', trg, m.local_table);
+        END LOOP;
+    END IF;
+    DELETE FROM d365.map_change q WHERE q.map = m.name;
+    DELETE FROM d365.pull_state p WHERE p.entity = 'map:' || m.name;
+    DELETE FROM d365.table_map t WHERE t.name = m.name;
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_unmap_table(text) IS
+    'Removes a table map, its column map, sync state and capture triggers; the link columns and their values stay';
+
+CREATE OR REPLACE FUNCTION d365.d365_map_column(
+    map text, "column" name, field text, direction text DEFAULT 'both',
+    match boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record;
+    problem text;
+BEGIN
+    IF NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = m.local_table), 'USAGE') THEN
+        RAISE EXCEPTION 'must be the owner of % to map its columns', m.local_table
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF "column" IN (m.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped', "column"
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The key and the link columns belong to the map itself.';
+    END IF;
+    IF direction IS NULL OR direction NOT IN ('both', 'in', 'out') THEN
+        RAISE EXCEPTION 'direction must be both, in or out'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    ent := d365._map_entity(m.entity_set);
+    INSERT INTO d365.column_map AS c (map, "column", field, direction, match)
+    VALUES (m.name, "column", field, direction, coalesce(match, false))
+    ON CONFLICT ON CONSTRAINT column_map_pkey DO UPDATE
+       SET field = EXCLUDED.field, direction = EXCLUDED.direction, match = EXCLUDED.match;
+    SELECT x.problem INTO problem FROM d365._map_columns(m.name) x WHERE x."column" = d365_map_column."column";
+    IF problem LIKE 'Dynamics table % has no attribute %' THEN
+        -- a field added in Dynamics since the metadata was read
+        PERFORM d365._map_metadata_refresh(ent.logical_name);
+        SELECT x.problem INTO problem FROM d365._map_columns(m.name) x WHERE x."column" = d365_map_column."column";
+    END IF;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot map column "%" to %: %', "column", field, problem
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = format('d365_describe(%L) lists the attributes of %s.', ent.logical_name, ent.logical_name);
+    END IF;
+    -- the next sync compares every linked row with what it sent
+    UPDATE d365.map_row r SET synced = NULL WHERE r.map = m.name AND r.synced IS NOT NULL;
+END;
+$$;
+
+COMMENT ON FUNCTION d365.d365_map_column(text, name, text, text, boolean) IS
+    'Maps a column of a table map to a Dataverse field (checked against Dynamics metadata): lookups, choices and multi-select choices included';
+
+CREATE OR REPLACE FUNCTION d365._map_owner_sql(map text, op text, only_columns name[],
+    OUT sql text, OUT tbl regclass, OUT columns name[])
+RETURNS record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    key_type text;
+    col name;
+BEGIN
+    tbl := m.local_table;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = m.key_column;
+    IF op = 'links' THEN
+        columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
+        sql := format('WITH u AS (UPDATE %1$s t'
+                      '   SET dynamics365_related_id = u.id,'
+                      '       dynamics365_synchronized_on = CASE WHEN u.id IS NULL THEN NULL'
+                      '                                         ELSE pg_catalog.now() END'
+                      '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),'
+                      '                  pg_catalog.unnest($2::pg_catalog.uuid[]),'
+                      '                  pg_catalog.unnest($3::pg_catalog.uuid[])) u(k, id, expect)'
+                      ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
+                      '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
+                      ' RETURNING t.%2$I::pg_catalog.text AS k)'
+                      ' SELECT pg_catalog.array_agg(k) FROM u',
+                      tbl, m.key_column, key_type);
+    ELSIF op = 'apply' THEN
+        columns := coalesce(only_columns, '{}');
+        IF columns = '{}' THEN
+            RAISE EXCEPTION 'no column to write'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOREACH col IN ARRAY columns LOOP
+            IF col IS NULL OR NOT EXISTS (SELECT FROM d365.column_map c
+                                           WHERE c.map = m.name AND c."column" = col
+                                             AND c.direction <> 'out') THEN
+                RAISE EXCEPTION 'column "%" of % is not mapped for incoming changes', col, tbl
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record($1) AS r(%6$s))'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      m.key_column, key_type, d365._column_defs(tbl, columns));
+    ELSE
+        RAISE EXCEPTION 'unknown table-owner operation "%"', op
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._map_set_links(map text, keys text[], ids uuid[], expect uuid[])
+RETURNS text[]
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_set_links'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._map_apply(map text, vals jsonb, row_key text)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_apply'
+LANGUAGE C VOLATILE;
+
+/*
+ * The Dynamics id of a new row of a map: a name-based UUID of the
+ * installation, the map, the key and the number of times the row's record
+ * was deleted in Dynamics, so creating with an upsert on it is idempotent
+ * (a retry after a lost commit reaches the same record).
+ */
+CREATE OR REPLACE FUNCTION d365._map_guid(map text, row_key text, generation integer)
+RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT overlay(overlay(h PLACING '3' FROM 13 FOR 1)
+                   PLACING substr('89ab', (('x' || substr(h, 17, 1))::bit(4)::int & 3) + 1, 1)
+                   FROM 17 FOR 1)::uuid
+      FROM (SELECT md5(s.instance_id::text || '/map/' || map || '/' || row_key || '/' || generation) AS h
+              FROM d365.settings s) x
+$$;
+
+/*
+ * The maps in dependency order: a map after every map its lookups point to
+ * (a lookup of a map to itself does not count; a cycle is broken by name).
+ */
+CREATE OR REPLACE FUNCTION d365._map_order(OUT name text, OUT depth integer)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE edge AS (
+        SELECT DISTINCT t.name AS child, d365._map_fk_target(t.local_table, c."column") AS parent
+          FROM d365.table_map t
+          JOIN d365.column_map c ON c.map = t.name
+         WHERE EXISTS (SELECT FROM pg_class r WHERE r.oid = t.local_table)),
+    walk AS (
+        SELECT t.name, 0 AS depth, ARRAY[t.name] AS path FROM d365.table_map t
+        UNION ALL
+        SELECT e.child, w.depth + 1, w.path || e.child
+          FROM walk w JOIN edge e ON e.parent = w.name
+         WHERE e.child <> e.parent AND e.child <> ALL (w.path))
+    SELECT w.name, max(w.depth)::integer FROM walk w GROUP BY w.name ORDER BY 2, 1
+$$;
+
+-- The first changes noted since the last sync become change_seq increments.
+CREATE OR REPLACE FUNCTION d365._map_fold_changes(map text)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365.map_change q
+         WHERE q.ctid = ANY (ARRAY(SELECT x.ctid FROM d365.map_change x WHERE x.map = _map_fold_changes.map
+                                    FOR UPDATE SKIP LOCKED))
+        RETURNING q.keys)
+    INSERT INTO d365.map_row AS r (map, row_key, change_seq)
+    SELECT _map_fold_changes.map, k, 1 FROM (SELECT DISTINCT k FROM gone g, unnest(g.keys) k) x
+    ON CONFLICT ON CONSTRAINT map_row_pkey DO UPDATE SET change_seq = r.change_seq + 1
+$$;
+
+/*
+ * The outgoing expressions of a map over its row "c": the JSON body
+ * ({wire property: value}), the problems that keep a row from being sent
+ * (a label that is not an option of its choice), and whether the row waits
+ * for a parent not linked yet.  Values are converted with built-in
+ * functions only (d365._json_expr): no code of the application's making
+ * runs.  Raises when a mapped column cannot be synced.
+ */
+CREATE OR REPLACE FUNCTION d365._map_out_exprs(map text, OUT body text, OUT problems text, OUT waiting text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record;
+    pm d365.table_map;
+    col_ref text;
+    val text;
+    parent_id text;
+    labels text;
+BEGIN
+    body := '''{}''::pg_catalog.jsonb';
+    problems := 'NULL::pg_catalog.text';
+    waiting := 'false';
+    FOR col IN SELECT * FROM d365._map_columns(map) x WHERE x.direction <> 'in' LOOP
+        IF col.problem IS NOT NULL THEN
+            RAISE EXCEPTION 'column "%" of map "%" cannot be synced: %', col."column", map, col.problem
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = format('Fix the column or the field, or DELETE FROM d365.column_map WHERE map = %L AND "column" = %L;',
+                                    map, col."column");
+        END IF;
+        col_ref := format('c.%I', col."column");
+        labels := format('%L', (SELECT string_agg(o ->> 'label', ', ' ORDER BY (o ->> 'value')::integer)
+                                  FROM jsonb_array_elements(coalesce(col.options, '[]')) o));
+        CASE col.kind
+        WHEN 'lookup' THEN
+            IF col.parent IS NOT NULL THEN
+                SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p WHERE p.%I OPERATOR(pg_catalog.=) %s)',
+                                    pm.local_table, pm.key_column, col_ref);
+                waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
+            ELSE
+                parent_id := col_ref;
+            END IF;
+            val := format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) (%s)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                          '/' || col.bind_set || '(', parent_id);
+        WHEN 'choice' THEN
+            val := format('(SELECT pg_catalog.to_jsonb((o OPERATOR(pg_catalog.->>) ''value'')::pg_catalog.int4)'
+                          '   FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                          '  WHERE o OPERATOR(pg_catalog.->>) ''label'' OPERATOR(pg_catalog.=) (%s)::pg_catalog.text LIMIT 1)',
+                          col.options, col_ref);
+            problems := format('NULLIF(pg_catalog.concat_ws(''; '', %s, CASE WHEN %s IS NOT NULL AND %s IS NULL'
+                               ' THEN pg_catalog.format(''%%s is not an option of %s (column %s); allowed: %%s'','
+                               ' pg_catalog.quote_literal((%s)::pg_catalog.text), %s) END), '''')',
+                               problems, col_ref, val, col.field, col."column", col_ref, labels);
+        WHEN 'choice_value' THEN
+            val := format('pg_catalog.to_jsonb((%s)::pg_catalog.int4)', col_ref);
+        WHEN 'multi' THEN
+            val := format('(SELECT pg_catalog.to_jsonb(pg_catalog.string_agg(o OPERATOR(pg_catalog.->>) ''value'', '',''
+                                   ORDER BY (o OPERATOR(pg_catalog.->>) ''value'')::pg_catalog.int4))'
+                          '   FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                          '  WHERE o OPERATOR(pg_catalog.->>) ''label'' OPERATOR(pg_catalog.=) ANY ((%s)::pg_catalog.text[]))',
+                          col.options, col_ref);
+            problems := format('NULLIF(pg_catalog.concat_ws(''; '', %s, (SELECT pg_catalog.format(''%%s %%s not an option of %s (column %s); allowed: %%s'','
+                               ' pg_catalog.string_agg(pg_catalog.quote_literal(l), '', ''),'
+                               ' CASE WHEN pg_catalog.count(*) > 1 THEN ''are'' ELSE ''is'' END, %s)'
+                               '   FROM pg_catalog.unnest((%s)::pg_catalog.text[]) l'
+                               '  WHERE l IS NULL OR NOT EXISTS (SELECT FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                               '                   WHERE o OPERATOR(pg_catalog.->>) ''label'' OPERATOR(pg_catalog.=) l)'
+                               ' HAVING pg_catalog.count(*) > 0)), '''')',
+                               problems, col.field, col."column", labels, col_ref, col.options);
+        WHEN 'multi_value' THEN
+            val := format('(SELECT pg_catalog.to_jsonb(pg_catalog.string_agg(v::pg_catalog.text, '','' ORDER BY v))'
+                          '   FROM pg_catalog.unnest((%s)::pg_catalog.int8[]) v)', col_ref);
+        ELSE
+            val := d365._json_expr(col_ref, col.typ);
+        END CASE;
+        body := body || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)', col.wire, val);
+    END LOOP;
+    problems := format('NULLIF(%s, '''')', problems);
+END;
+$$;
+
+/*
+ * The work query of one map's sync: one row per row to consider (unlinked,
+ * or changed since it was last synced, past its back-off), with the request
+ * to send -- a create is an upsert on the row's own id (PATCH without
+ * If-Match), an update carries If-Match: * and only what differs from what
+ * Dynamics holds -- and a context for d365._map_record().  A row whose
+ * lookup points to a parent row not linked yet is left out: it waits,
+ * pending, for a later run (d365_sync() sends parents first).
+ */
+CREATE OR REPLACE FUNCTION d365._map_work_sql(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    e record;
+BEGIN
+    PERFORM d365._map_fold_changes(m.name);
+    e := d365._map_out_exprs(m.name);
+    RETURN format($q$
+        SELECT w.item_key,
+               CASE WHEN w.problem IS NOT NULL OR w.body IS NULL THEN '[]'
+                    ELSE jsonb_build_array(jsonb_build_object(
+                             'method', 'PATCH',
+                             'path', %2$L || '(' || w.dynamics_id || ')',
+                             'body', w.body::text,
+                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
+                                             ELSE '[]'::jsonb END))::text
+               END AS requests,
+               jsonb_build_object('map', %1$L,
+                                  'action', CASE WHEN w.problem IS NOT NULL THEN 'invalid'
+                                                 WHEN NOT w.linked THEN 'create'
+                                                 WHEN w.body IS NULL THEN 'unchanged'
+                                                 ELSE 'update' END,
+                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'generation', w.generation,
+                                  'values', w.cur, 'sent', w.body, 'error', w.problem)::text AS context
+          FROM (SELECT v.*,
+                       CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
+                            ELSE (SELECT jsonb_object_agg(x.key, x.value)
+                                    FROM jsonb_each(v.cur) x
+                                   WHERE (v.synced IS NULL AND x.value <> 'null'::jsonb)
+                                      OR (v.synced IS NOT NULL
+                                          AND x.value IS DISTINCT FROM coalesce(v.synced -> x.key, 'null'::jsonb)))
+                       END AS body
+                  FROM (SELECT c.%4$I::text AS item_key,
+                               c.dynamics365_related_id IS NOT NULL AS linked,
+                               coalesce(c.dynamics365_related_id,
+                                        d365._map_guid(%1$L, c.%4$I::text, coalesce(r.generation, 0))) AS dynamics_id,
+                               coalesce(r.change_seq, 0) AS change_seq,
+                               coalesce(r.generation, 0) AS generation,
+                               CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
+                                    THEN NULL ELSE r.synced END AS synced,
+                               %5$s AS cur, %6$s AS problem, (%7$s) AS waiting
+                          FROM %3$s c
+                          LEFT JOIN d365.map_row r ON r.map = %1$L AND r.row_key = c.%4$I::text
+                         WHERE c.%4$I IS NOT NULL
+                           AND ((c.dynamics365_related_id IS NULL
+                                 AND (r.row_key IS NULL OR r.remote_deleted_at IS NULL
+                                      OR r.change_seq > r.synced_seq))
+                                OR (c.dynamics365_related_id IS NOT NULL
+                                    AND (r.row_key IS NULL OR r.synced IS NULL
+                                         OR r.change_seq > r.synced_seq
+                                         OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)))
+                           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
+                        OFFSET 0) v
+                 WHERE NOT v.waiting) w
+    $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365._map_record(
+    item_keys text[], contexts text[], statuses integer[],
+    error_codes text[], error_messages text[],
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+-- a chunk against the whole table: always by index
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    mname text := (contexts[1])::jsonb ->> 'map';
+    done text[];
+    outcomes d365._map_outcome[];
+BEGIN
+    SELECT array_agg(ROW(
+               o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
+               (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
+               o.st, o.code, coalesce(o.msg, x.c ->> 'error'),
+               coalesce((x.c ->> 'action') = 'unchanged'
+                        OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
+                            AND o.msg IS NULL), false),
+               coalesce((x.c ->> 'action') = 'update' AND o.st = 404, false)
+           )::d365._map_outcome)
+      INTO outcomes
+      FROM unnest(item_keys, contexts, statuses, error_codes, error_messages) AS o(k, ctx, st, code, msg),
+           LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    INSERT INTO d365.map_row (map, row_key)
+    SELECT mname, o.item_key FROM unnest(outcomes) o
+    ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
+
+    SELECT d365._map_set_links(mname, array_agg(o.item_key), array_agg(o.dynamics_id),
+                               array_agg(CASE WHEN o.action = 'update' THEN o.dynamics_id END))
+      INTO done
+      FROM unnest(outcomes) o WHERE o.ok AND o.action IN ('create', 'update');
+
+    UPDATE d365.map_row r
+       SET synced = CASE WHEN o.action = 'create' OR r.synced IS NULL OR r.dynamics_id IS DISTINCT FROM o.dynamics_id
+                         THEN o.vals ELSE r.synced || coalesce(o.sent, '{}') END,
+           dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
+           attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
+           last_status = coalesce(o.status, r.last_status),
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+      FROM unnest(outcomes) o
+     WHERE o.ok AND r.map = mname AND r.row_key = o.item_key
+       AND (o.item_key = ANY (coalesce(done, '{}')) OR o.action = 'unchanged');
+
+    -- deleted in Dynamics: unlink; created anew only after it changes
+    SELECT d365._map_set_links(mname, array_agg(o.item_key), array_agg(NULL::uuid), array_agg(o.dynamics_id))
+      INTO done
+      FROM unnest(outcomes) o WHERE o.gone;
+    UPDATE d365.map_row r
+       SET dynamics_id = NULL, synced = NULL, synced_seq = r.change_seq, generation = r.generation + 1,
+           remote_deleted_at = now(), last_attempt_at = now(), last_status = o.status,
+           last_error_code = o.error_code,
+           last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
+      FROM unnest(outcomes) o
+     WHERE o.gone AND r.map = mname AND r.row_key = o.item_key AND o.item_key = ANY (coalesce(done, '{}'));
+
+    -- other failures stay pending: back off 5 min, 10, ... up to a day (a
+    -- row refused before sending is tried again as soon as it changes)
+    UPDATE d365.map_row r
+       SET attempts = r.attempts + 1,
+           next_attempt_at = CASE WHEN o.action = 'invalid' THEN NULL ELSE d365._next_attempt(r.attempts + 1) END,
+           synced_seq = CASE WHEN o.action = 'invalid' THEN o.seq ELSE r.synced_seq END,
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = left(o.error_message, 2000)
+      FROM unnest(outcomes) o
+     WHERE NOT o.ok AND NOT o.gone AND r.map = mname AND r.row_key = o.item_key;
+
+    SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
+           count(*) FILTER (WHERE o.ok AND o.action = 'update'),
+           count(*) FILTER (WHERE o.action = 'unchanged'),
+           count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
+           count(*) FILTER (WHERE o.gone)
+      INTO created, updated, unchanged, failed, unlinked
+      FROM unnest(outcomes) o;
+END;
+$$;
+
+-- The first request of a full read of a map's Dataverse table with change
+-- tracking: its id and every field mapped for incoming changes.
+CREATE OR REPLACE FUNCTION d365._map_pull_start_path(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+    fields text;
+BEGIN
+    SELECT string_agg(DISTINCT x.read, ',') INTO fields
+      FROM d365._map_columns(m.name) x WHERE x.direction <> 'out' AND x.problem IS NULL;
+    IF fields IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN m.entity_set || '?$select=' || fields || ',' || ent.primary_id;
+END;
+$$;
+
+/*
+ * One incoming row of a map: {column: local value as JSON} for what changed
+ * in Dynamics since the last sync, and {wire property: value} to remember
+ * as synced.  A lookup becomes the key of the local row linked to that
+ * record (an error when none is); a choice its label (text) or value, a
+ * multi-select its labels or values as an array.
+ */
+CREATE OR REPLACE FUNCTION d365._map_incoming(map text, rec jsonb, synced jsonb,
+    OUT vals jsonb, OUT wires jsonb)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record;
+    pm d365.table_map;
+    v jsonb;
+    wire jsonb;
+    loc jsonb;
+    ids integer[];
+BEGIN
+    vals := '{}'; wires := '{}';
+    FOR col IN SELECT * FROM d365._map_columns(map) x WHERE x.direction <> 'out' AND x.problem IS NULL LOOP
+        IF NOT rec ? col.read THEN
+            CONTINUE;
+        END IF;
+        v := rec -> col.read;
+        IF v = 'null'::jsonb THEN
+            wire := 'null'; loc := 'null';
+        ELSIF col.kind = 'lookup' THEN
+            IF NOT d365._is_guid(v #>> '{}') THEN
+                RAISE EXCEPTION 'field %: % is not a GUID', col.read, v USING ERRCODE = 'invalid_text_representation';
+            END IF;
+            wire := to_jsonb('/' || col.bind_set || '(' || (v #>> '{}') || ')');
+            IF col.parent IS NULL THEN
+                loc := v;
+            ELSE
+                SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p WHERE p.dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                               pm.key_column, pm.local_table) INTO loc USING (v #>> '{}')::uuid;
+                IF loc IS NULL THEN
+                    RAISE EXCEPTION 'field %: record % is linked to no row of map "%"', col.field, v #>> '{}', col.parent
+                        USING ERRCODE = 'foreign_key_violation',
+                              HINT = format('Sync map %s first, or link the row by its dynamics365_related_id.', col.parent);
+                END IF;
+            END IF;
+        ELSIF col.kind IN ('choice', 'choice_value') THEN
+            wire := v;
+            IF col.kind = 'choice_value' THEN
+                loc := v;
+            ELSE
+                SELECT to_jsonb(o ->> 'label') INTO loc FROM jsonb_array_elements(col.options) o
+                 WHERE o -> 'value' = v;
+                IF loc IS NULL THEN
+                    RAISE EXCEPTION 'field %: % is not an option of the choice', col.field, v
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            END IF;
+        ELSIF col.kind IN ('multi', 'multi_value') THEN
+            ids := ARRAY(SELECT DISTINCT trim(x)::integer FROM unnest(string_to_array(v #>> '{}', ',')) x
+                          WHERE trim(x) <> '' ORDER BY 1);
+            wire := to_jsonb(array_to_string(ids, ','));
+            IF col.kind = 'multi_value' THEN
+                loc := to_jsonb(ids);
+            ELSE
+                loc := (SELECT jsonb_agg(o -> 'label' ORDER BY (o ->> 'value')::integer)
+                          FROM jsonb_array_elements(col.options) o
+                         WHERE (o ->> 'value')::integer = ANY (ids));
+                IF jsonb_array_length(coalesce(loc, '[]')) <> cardinality(ids) THEN
+                    RAISE EXCEPTION 'field %: % holds a value that is not an option of the choice', col.field, v
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            END IF;
+        ELSE
+            wire := v; loc := v;
+        END IF;
+        IF wire IS DISTINCT FROM coalesce(synced -> col.wire, 'null'::jsonb) THEN
+            vals := vals || jsonb_build_object(col."column", loc);
+            wires := wires || jsonb_build_object(col.wire, wire);
+        END IF;
+    END LOOP;
+END;
+$$;
+
+/*
+ * The record stage of a map's pull: one page of change-tracking rows.  A
+ * changed row linked to a local row updates the columns whose field
+ * changed in Dynamics since the last sync (as the table's owner,
+ * d365._map_apply), and remembers the values as synced, so the next sync
+ * sends nothing back.  A deleted record unlinks its row (on_remote_delete
+ * 'unlink').  A row that does not fit fails alone (WARNING, last_error).
+ */
+CREATE OR REPLACE FUNCTION d365._map_pull_record(page json, map text,
+    OUT updated integer, OUT unchanged integer, OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+    e json;
+    r jsonb;
+    id uuid;
+    k text;
+    st d365.map_row;
+    inc record;
+    msg text;
+    code text;
+BEGIN
+    updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF page IS NULL OR json_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a change-tracking page is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR e IN SELECT json_array_elements(page) LOOP
+        -- a row holding U+0000 (which jsonb cannot) fails alone
+        BEGIN
+            r := e::jsonb;
+        EXCEPTION WHEN untranslatable_character OR invalid_text_representation THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+            RAISE WARNING 'an incoming change of map "%" was not applied: %', m.name, msg
+                USING ERRCODE = '01000';
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        IF jsonb_typeof(r) <> 'object' THEN
+            CONTINUE;
+        END IF;
+        IF r ->> '@odata.context' LIKE '%$deletedEntity' THEN
+            IF NOT d365._is_guid(r ->> 'id') THEN
+                CONTINUE;
+            END IF;
+            id := (r ->> 'id')::uuid;
+            EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                           m.key_column, m.local_table) INTO k USING id;
+            IF k IS NOT NULL AND d365._map_set_links(m.name, ARRAY[k], ARRAY[NULL::uuid], ARRAY[id]) IS NOT NULL THEN
+                INSERT INTO d365.map_row AS s (map, row_key) VALUES (m.name, k)
+                ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
+                UPDATE d365.map_row s
+                   SET dynamics_id = NULL, synced = NULL, synced_seq = s.change_seq,
+                       generation = s.generation + 1, remote_deleted_at = now(),
+                       last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
+                 WHERE s.map = m.name AND s.row_key = k;
+                unlinked := unlinked + 1;
+            END IF;
+            CONTINUE;
+        END IF;
+        IF NOT d365._is_guid(r ->> ent.primary_id) THEN
+            CONTINUE;
+        END IF;
+        id := (r ->> ent.primary_id)::uuid;
+        k := NULL;
+        EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                       m.key_column, m.local_table) INTO k USING id;
+        IF k IS NULL THEN
+            CONTINUE;       -- not linked here
+        END IF;
+        INSERT INTO d365.map_row AS s (map, row_key, dynamics_id) VALUES (m.name, k, id)
+        ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
+        SELECT * INTO st FROM d365.map_row s WHERE s.map = m.name AND s.row_key = k;
+        BEGIN
+            inc := d365._map_incoming(m.name, r,
+                                      CASE WHEN st.dynamics_id = id THEN st.synced END);
+            IF inc.vals = '{}' THEN
+                unchanged := unchanged + 1;
+                CONTINUE;
+            END IF;
+            PERFORM d365._map_apply(m.name, inc.vals, k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                       OR invalid_parameter_value OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE WARNING 'incoming change of row % of map "%" was not applied: %', k, m.name, msg
+                USING ERRCODE = '01000';
+            UPDATE d365.map_row s
+               SET last_attempt_at = now(), last_error_code = code,
+                   last_error = left('incoming change not applied: ' || msg, 2000)
+             WHERE s.map = m.name AND s.row_key = k;
+            failed := failed + 1;
+            CONTINUE;
+        END;
+        UPDATE d365.map_row s
+           SET synced = CASE WHEN s.dynamics_id = id THEN coalesce(s.synced, '{}') ELSE '{}' END || inc.wires,
+               dynamics_id = id
+         WHERE s.map = m.name AND s.row_key = k;
+        updated := updated + 1;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION d365.d365_sync(
+    map text DEFAULT NULL,
+    OUT map text, OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT deleted integer, OUT requests integer)
+RETURNS SETOF record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_sync'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION d365.d365_sync(text) IS
+    'Sends the pending local changes of one table map or of every enabled map (parents first), one row per map; the contact table is the map "contact"';
+
+CREATE OR REPLACE FUNCTION d365.d365_pull(
+    map text DEFAULT NULL,
+    OUT map text, OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT deleted integer, OUT requests integer)
+RETURNS SETOF record
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_pull'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION d365.d365_pull(text) IS
+    'Applies the Dynamics changes (change tracking) of one table map or of every enabled map, one row per map; the contact table is the map "contact"';
+
+REVOKE ALL ON FUNCTION d365._table_map(text), d365._map_entity(text),
+       d365._map_metadata_refresh(text), d365._map_attributes(text),
+       d365._map_fk_target(regclass, name), d365._map_columns(text),
+       d365._map_capture(), d365._map_capture_install(regclass),
+       d365.d365_map_table(text, regclass, text, name), d365.d365_unmap_table(text),
+       d365.d365_map_column(text, name, text, text, boolean),
+       d365._map_owner_sql(text, text, name[]), d365._map_set_links(text, text[], uuid[], uuid[]),
+       d365._map_apply(text, jsonb, text), d365._map_guid(text, text, integer),
+       d365._map_order(), d365._map_fold_changes(text), d365._map_out_exprs(text),
+       d365._map_work_sql(text),
+       d365._map_record(text[], text[], integer[], text[], text[]),
+       d365._map_pull_start_path(text), d365._map_incoming(text, jsonb, jsonb),
+       d365._map_pull_record(json, text), d365.d365_sync(text), d365.d365_pull(text)
+    FROM PUBLIC;
+
 -- ==========================================================================
 -- After the functions (sql/upgrade/0.2--0.3.sql)
 -- ==========================================================================
@@ -4262,3 +5832,5 @@ BEGIN
     END IF;
 END;
 $upgrade_links$;
+-- Table maps: their tables are not for PUBLIC.
+REVOKE ALL ON d365.table_map, d365.column_map, d365.map_row, d365.map_change FROM PUBLIC;

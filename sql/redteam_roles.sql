@@ -167,6 +167,7 @@ DROP TRIGGER d365_capture_insert_flush ON app_contact;
 DROP TRIGGER d365_capture_delete ON app_contact;
 DROP TRIGGER d365_capture_truncate ON app_contact;
 DROP TRIGGER d365_link_guard ON app_contact;
+DROP TRIGGER d365_link_guard_update ON app_contact;
 SELECT format('DROP INDEX %s', indexrelid::regclass) FROM pg_index
  WHERE indrelid = 'app_contact'::regclass AND NOT indisprimary \gexec
 ALTER TABLE app_contact DROP CONSTRAINT app_contact_pkey;

@@ -49,7 +49,7 @@ DECLARE
     operator_functions text[] := ARRAY['d365_sync_contacts', 'd365_sync_contact', 'd365_sync_activities',
         'd365_pull_changes', 'd365_run_job', 'd365_schedule', 'd365_unschedule', 'd365_whoami',
         'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
-        'd365_contact_fields', 'd365_tables', 'd365_describe'];
+        'd365_contact_fields', 'd365_tables', 'd365_describe', 'd365_sync', 'd365_pull'];
     app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
         'd365_update_contact',
         -- what d365_update_contact() calls with its caller's rights
@@ -57,10 +57,11 @@ DECLARE
         '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
         '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
         '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
-        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted'];
+        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type'];
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
-    state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state'];
+    state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
+        'map_row', 'map_change'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
@@ -93,6 +94,9 @@ BEGIN
            WHEN what = 'monitor' THEN 'SELECT'
            WHEN what = 'admin' THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN c.relname = 'job_lock' THEN 'SELECT, UPDATE'
+           -- a map's run locks its row (FOR NO KEY UPDATE needs an UPDATE
+           -- right); the operator may switch a map on and off, nothing more
+           WHEN c.relname = 'table_map' THEN 'SELECT, UPDATE (enabled)'
            WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
