@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (163), as
+ *   - the 0.3 install script: every function and procedure (165), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -118,7 +118,7 @@ SELECT pg_catalog.pg_extension_config_dump('d365.map_change', '');
 CREATE TYPE d365._map_outcome AS (
     item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
     vals jsonb, sent jsonb, status integer, error_code text, error_message text,
-    ok boolean, gone boolean
+    ok boolean, gone boolean, matched boolean
 );
 
 -- Job locks: the jobs lock a row each instead of an advisory lock anyone
@@ -4886,6 +4886,9 @@ BEGIN
                 problem := format('column "%s" of type %s cannot be sent to Dynamics', c."column", c.t);
             END IF;
         END IF;
+        IF problem IS NULL AND c.match AND (kind <> 'value' OR d365._match_type(c.t) IS NULL) THEN
+            problem := format('a match column must hold text, a number, a boolean, a uuid or a date, not %s', c.t);
+        END IF;
         RETURN NEXT;
     END LOOP;
 END;
@@ -5295,9 +5298,12 @@ $$;
  * (a label that is not an option of its choice), and whether the row waits
  * for a parent not linked yet.  Values are converted with built-in
  * functions only (d365._json_expr): no code of the application's making
- * runs.  Raises when a mapped column cannot be synced.
+ * runs.  match: the values of the match columns ({field: value}), or
+ * NULL when the map has none.  Raises when a mapped column cannot be
+ * synced.
  */
-CREATE OR REPLACE FUNCTION d365._map_out_exprs(map text, OUT body text, OUT problems text, OUT waiting text)
+CREATE OR REPLACE FUNCTION d365._map_out_exprs(map text, OUT body text, OUT problems text, OUT waiting text,
+    OUT match text)
 RETURNS record
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -5367,6 +5373,10 @@ BEGIN
             val := d365._json_expr(col_ref, col.typ);
         END CASE;
         body := body || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)', col.wire, val);
+        IF col.match THEN
+            match := coalesce(match || ' OPERATOR(pg_catalog.||) ', '')
+                     || format('pg_catalog.jsonb_build_object(%L, %s)', col.wire, val);
+        END IF;
     END LOOP;
     problems := format('NULLIF(%s, '''')', problems);
 END;
@@ -5409,7 +5419,11 @@ BEGIN
                                                  ELSE 'update' END,
                                   'id', w.dynamics_id, 'seq', w.change_seq,
                                   'generation', w.generation,
-                                  'values', w.cur, 'sent', w.body, 'error', w.problem)::text AS context
+                                  'values', w.cur, 'sent', w.body, 'error', w.problem)::text AS context,
+               CASE WHEN NOT w.linked AND w.problem IS NULL AND w.match_values IS NOT NULL
+                         AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) x
+                                          WHERE x.value IN ('null'::jsonb, '""'::jsonb))
+                    THEN jsonb_build_object('map', %1$L, 'values', w.match_values)::text END AS lookup
           FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(x.key, x.value)
@@ -5426,7 +5440,7 @@ BEGIN
                                coalesce(r.generation, 0) AS generation,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE r.synced END AS synced,
-                               %5$s AS cur, %6$s AS problem, (%7$s) AS waiting
+                               %5$s AS cur, %6$s AS problem, (%7$s) AS waiting, %8$s AS match_values
                           FROM %3$s c
                           LEFT JOIN d365.map_row r ON r.map = %1$L AND r.row_key = c.%4$I::text
                          WHERE c.%4$I IS NOT NULL
@@ -5440,7 +5454,8 @@ BEGIN
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
                  WHERE NOT v.waiting) w
-    $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting);
+    $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
+         coalesce(e.match, 'NULL::pg_catalog.jsonb'));
 END;
 $$;
 
@@ -5465,10 +5480,11 @@ BEGIN
                o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
                (x.c ->> 'generation')::integer, x.c -> 'values', nullif(x.c -> 'sent', 'null'),
                o.st, o.code, coalesce(o.msg, x.c ->> 'error'),
-               coalesce((x.c ->> 'action') = 'unchanged'
+               coalesce((x.c ->> 'action') IN ('unchanged', 'link')
                         OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
                             AND o.msg IS NULL), false),
-               coalesce((x.c ->> 'action') = 'update' AND o.st = 404, false)
+               coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
+               x.c -> 'matched' IS NOT NULL
            )::d365._map_outcome)
       INTO outcomes
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages) AS o(k, ctx, st, code, msg),
@@ -5478,13 +5494,17 @@ BEGIN
     SELECT mname, o.item_key FROM unnest(outcomes) o
     ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
 
+    -- a create or a match links a row still unlinked, an update a row still
+    -- linked to that record
     SELECT d365._map_set_links(mname, array_agg(o.item_key), array_agg(o.dynamics_id),
-                               array_agg(CASE WHEN o.action = 'update' THEN o.dynamics_id END))
+                               array_agg(CASE WHEN o.action = 'update' AND NOT o.matched
+                                              THEN o.dynamics_id END))
       INTO done
-      FROM unnest(outcomes) o WHERE o.ok AND o.action IN ('create', 'update');
+      FROM unnest(outcomes) o WHERE o.ok AND o.action IN ('create', 'update', 'link');
 
     UPDATE d365.map_row r
-       SET synced = CASE WHEN o.action = 'create' OR r.synced IS NULL OR r.dynamics_id IS DISTINCT FROM o.dynamics_id
+       SET synced = CASE WHEN o.action = 'create' OR o.matched OR r.synced IS NULL
+                              OR r.dynamics_id IS DISTINCT FROM o.dynamics_id
                          THEN o.vals ELSE r.synced || coalesce(o.sent, '{}') END,
            dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
            attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
@@ -5519,11 +5539,142 @@ BEGIN
 
     SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
            count(*) FILTER (WHERE o.ok AND o.action = 'update'),
-           count(*) FILTER (WHERE o.action = 'unchanged'),
+           count(*) FILTER (WHERE o.action IN ('unchanged', 'link')),
            count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
       FROM unnest(outcomes) o;
+END;
+$$;
+
+/*
+ * Matching: the look-up stage of the pipeline for unlinked rows of a map
+ * with match columns (d365.column_map.match).  The look-up of a group of
+ * rows is one GET of the records whose match fields equal one row's values
+ * (an "or" chain of "and" groups), with every mapped field selected.
+ */
+CREATE OR REPLACE FUNCTION d365._map_lookup_path(lookups text[])
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+    ent record;
+    cond text;
+    sel text;
+BEGIN
+    IF lookups IS NULL OR cardinality(lookups) = 0 THEN
+        RETURN NULL;
+    END IF;
+    m := d365._table_map((lookups[1])::jsonb ->> 'map');
+    ent := d365._map_entity(m.entity_set);
+    SELECT string_agg(DISTINCT g, ' or ') INTO cond
+      FROM (SELECT '(' || string_agg(format('%s eq %s', x.field,
+                                            d365._odata_literal(l::jsonb -> 'values' -> x.field,
+                                                                d365._match_type(x.typ))),
+                                     ' and ' ORDER BY x.field) || ')' AS g
+              FROM unnest(lookups) WITH ORDINALITY u(l, i)
+              CROSS JOIN d365._map_columns(m.name) x
+             WHERE l IS NOT NULL AND x.match
+             GROUP BY i) y;
+    IF cond IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT string_agg(DISTINCT x.read, ',') INTO sel
+      FROM d365._map_columns(m.name) x WHERE x.problem IS NULL;
+    RETURN m.entity_set || '?$select=' || ent.primary_id || coalesce(',' || sel, '')
+           || '&$filter=' || d365._uri_escape(cond);
+END;
+$$;
+
+/*
+ * The judge of a map's look-ups (as d365._contact_lookup_resolve for
+ * contacts): one hit links the row to it and sends only the fields whose
+ * local value is set and differs (action 'update', or 'link' with nothing
+ * to send); several hits, or a hit linked to another row already, fail the
+ * row naming the records; none keeps the create.
+ */
+CREATE OR REPLACE FUNCTION d365._map_lookup_resolve(item_keys text[], lookups text[],
+    contexts text[], groups integer[], answers text[],
+    OUT item_key text, OUT requests text, OUT context text)
+RETURNS SETOF record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map((lookups[1])::jsonb ->> 'map');
+    ent record := d365._map_entity(m.entity_set);
+    fields text[];
+    reads jsonb;
+    i integer;
+    look jsonb;
+    ctx jsonb;
+    answer jsonb;
+    hits jsonb[];
+    hit jsonb;
+    id text;
+    other text;
+    body jsonb;
+BEGIN
+    SELECT array_agg(x.field ORDER BY x.field) FILTER (WHERE x.match),
+           coalesce(jsonb_object_agg(x.wire, x.read) FILTER (WHERE x.problem IS NULL), '{}')
+      INTO fields, reads
+      FROM d365._map_columns(m.name) x;
+    FOR i IN 1 .. cardinality(item_keys) LOOP
+        item_key := item_keys[i];
+        look := lookups[i]::jsonb;
+        ctx := contexts[i]::jsonb;
+        requests := NULL; context := NULL;
+        IF look IS NULL THEN
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        answer := d365._lookup_answer(answers[groups[i]]);
+        hits := ARRAY(SELECT v FROM jsonb_array_elements(CASE WHEN jsonb_typeof(answer -> 'value') = 'array'
+                                                               THEN answer -> 'value' ELSE '[]' END) v
+                       WHERE d365._match_key(v, fields) = d365._match_key(look -> 'values', fields));
+        IF answer ? '@d365sync.unreadable' OR answer ? '@odata.nextLink' OR cardinality(hits) > 1 THEN
+            requests := '[]';
+            context := (ctx || jsonb_build_object('action', 'invalid', 'sent', NULL, 'error',
+                           CASE WHEN answer ? '@d365sync.unreadable' THEN 'could not be matched: ' || (answer ->> '@d365sync.unreadable')
+                                WHEN cardinality(hits) > 1
+                                    THEN format('matches %s Dynamics 365 records (%s); not created', cardinality(hits),
+                                                (SELECT string_agg(h ->> ent.primary_id, ', ') FROM unnest(hits[1:10]) h))
+                                ELSE 'could not be matched: its look-up found more than one page of records' END))::text;
+            RETURN NEXT;
+            CONTINUE;
+        ELSIF cardinality(hits) = 0 THEN
+            RETURN NEXT;        -- no record has these values: created
+            CONTINUE;
+        END IF;
+        hit := hits[1];
+        id := hit ->> ent.primary_id;
+        other := NULL;
+        IF d365._is_guid(id) THEN
+            EXECUTE format('SELECT %I::text FROM %s WHERE dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                           m.key_column, m.local_table) INTO other USING id::uuid;
+        END IF;
+        IF NOT d365._is_guid(id) OR other IS NOT NULL THEN
+            requests := '[]';
+            context := (ctx || jsonb_build_object('action', 'invalid', 'sent', NULL, 'error',
+                           format('matches Dynamics 365 record %s, which row %s is linked to; not created', id, other)))::text;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        SELECT jsonb_object_agg(e.key, e.value) INTO body
+          FROM jsonb_each(ctx -> 'values') e
+         WHERE e.value <> 'null'::jsonb
+           AND NOT d365._same_value(e.value, hit -> coalesce(reads ->> e.key, e.key),
+                                    e.key = ANY (fields));
+        requests := CASE WHEN body IS NULL THEN '[]'
+                         ELSE jsonb_build_array(jsonb_build_object(
+                                  'method', 'PATCH', 'path', m.entity_set || '(' || id || ')',
+                                  'body', body::text, 'headers', '["If-Match: *"]'::jsonb))::text END;
+        context := (ctx || jsonb_build_object('id', id, 'matched', true, 'sent', body,
+                                              'action', CASE WHEN body IS NULL THEN 'link' ELSE 'update' END))::text;
+        RETURN NEXT;
+    END LOOP;
 END;
 $$;
 
@@ -5773,6 +5924,8 @@ REVOKE ALL ON FUNCTION d365._table_map(text), d365._map_entity(text),
        d365._map_order(), d365._map_fold_changes(text), d365._map_out_exprs(text),
        d365._map_work_sql(text),
        d365._map_record(text[], text[], integer[], text[], text[]),
+       d365._map_lookup_path(text[]),
+       d365._map_lookup_resolve(text[], text[], text[], integer[], text[]),
        d365._map_pull_start_path(text), d365._map_incoming(text, jsonb, jsonb),
        d365._map_pull_record(json, text), d365.d365_sync(text), d365.d365_pull(text)
     FROM PUBLIC;

@@ -6,7 +6,9 @@
  *
  * A map's outgoing sync is the pipeline (src/pipeline.c) with the work
  * query d365._map_work_sql(map) and the record function d365._map_record
- * (sql/install/12_map_sync.sql): rows unlinked or changed since their last
+ * (sql/install/12_map_sync.sql), and, for unlinked rows with match
+ * columns, the look-up stage d365._map_lookup_path/_resolve (one hit is
+ * linked instead of created): rows unlinked or changed since their last
  * sync become upserts (a create, on the row's own id) or updates (If-Match:
  * *, only what differs), lookups bound to the parent row's record
  * (<navigation property>@odata.bind), choices sent as their values.  A
@@ -152,7 +154,8 @@ sync_body(D365Run *run, void *arg)
 
 	work_sql = d365_sql_text("SELECT d365._map_work_sql($1)", 1, (Oid[]) {TEXTOID},
 							 (Datum[]) {CStringGetTextDatum(map)});
-	d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._map_record");
+	d365_pipeline_process_lookup(run, work_sql, 0, NULL, NULL, "d365._map_record",
+								 "d365._map_lookup");
 }
 
 /* The first request of a full read of a map (nothing mapped: an error). */

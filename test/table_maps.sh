@@ -259,6 +259,29 @@ else
     notok "one run of a map at a time" "$out" "$msg"
 fi
 
+# -- 10d. match columns: an unlinked row is linked to the one record with
+# its values instead of creating another; several such records fail it
+v1=$(simctl -v edit account '{"op":"create","values":{"name":"Old Vendor Name","accountnumber":"V-1"}}' |
+     python3 -c 'import json,sys; print(json.load(sys.stdin)["accountid"])')
+simctl edit account '{"op":"create","values":{"name":"Twin A","accountnumber":"V-2"}}' >/dev/null
+simctl edit account '{"op":"create","values":{"name":"Twin B","accountnumber":"V-2"}}' >/dev/null
+n_before=$(simctl rows account | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["value"]))')
+out=$(q "CREATE TABLE vendors (code text PRIMARY KEY, name text NOT NULL, number text);
+         SELECT d365_map_table('vendor', 'vendors', 'accounts');
+         SELECT d365_map_column('vendor', 'name', 'name');
+         SELECT d365_map_column('vendor', 'number', 'accountnumber', match => true);
+         INSERT INTO vendors VALUES ('a', 'Vendor One', 'v-1'), ('b', 'Vendor Two', 'V-2'), ('c', 'Vendor Three', 'V-3');
+         SELECT created || '/' || updated || '/' || failed FROM d365_sync('vendor')" | tail -n 1)
+linked=$(q "SELECT string_agg(code || ':' || coalesce(dynamics365_related_id::text, '-'), ' ' ORDER BY code) FROM vendors")
+err=$(q "SELECT last_error FROM d365.map_row WHERE map = 'vendor' AND row_key = 'b'")
+n_after=$(simctl rows account | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["value"]))')
+if [ "$out" = "1/1/1" ] && grep -q "^a:$v1 b:- c:" <<<"$linked" && [ "$(sim_field account "$v1" name)" = "Vendor One" ] &&
+   grep -q '^matches 2 Dynamics 365 records (' <<<"$err" && [ "$n_after" = $((n_before + 1)) ]; then
+    ok "match columns: v-1 linked to the existing account V-1 (its name updated), V-2 matching two accounts fails, V-3 created"
+else
+    notok "match columns link instead of creating" "$out" "$linked" "$err" "$n_before -> $n_after"
+fi
+
 # -- 11. unmapping removes the triggers, keeps the links
 out=$(q "SELECT d365_unmap_table('project');
          SELECT count(*) FROM pg_trigger WHERE tgrelid = 'projects'::regclass AND tgname LIKE 'd365%';

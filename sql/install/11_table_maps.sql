@@ -320,6 +320,9 @@ BEGIN
                 problem := format('column "%s" of type %s cannot be sent to Dynamics', c."column", c.t);
             END IF;
         END IF;
+        IF problem IS NULL AND c.match AND (kind <> 'value' OR d365._match_type(c.t) IS NULL) THEN
+            problem := format('a match column must hold text, a number, a boolean, a uuid or a date, not %s', c.t);
+        END IF;
         RETURN NEXT;
     END LOOP;
 END;

@@ -98,7 +98,7 @@ SELECT pg_catalog.pg_extension_config_dump('d365.map_change', '');
 CREATE TYPE d365._map_outcome AS (
     item_key text, action text, dynamics_id uuid, seq bigint, generation integer,
     vals jsonb, sent jsonb, status integer, error_code text, error_message text,
-    ok boolean, gone boolean
+    ok boolean, gone boolean, matched boolean
 );
 
 -- Job locks: the jobs lock a row each instead of an advisory lock anyone
