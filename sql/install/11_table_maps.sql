@@ -518,9 +518,15 @@ BEGIN
 
     INSERT INTO d365.table_map AS t (name, local_table, entity_set, key_column)
     VALUES (d365_map_table.name, local_table, entity_set, key);
+    -- rows linked before (by hand, or by an earlier map) are linked by
+    -- whoever maps the table: their state names their record and starts
+    -- without a snapshot, so the first sync sends every mapped value.  A
+    -- link that appears later without d365sync writing it is never used.
+    EXECUTE format('INSERT INTO d365.map_row (map, row_key, dynamics_id)'
+                   ' SELECT $1, t.%1$I::pg_catalog.text, t.dynamics365_related_id FROM %2$s t'
+                   '  WHERE t.dynamics365_related_id IS NOT NULL AND t.%1$I IS NOT NULL',
+                   key, local_table) USING d365_map_table.name;
     PERFORM d365._map_capture_install(local_table);
-    -- rows linked before (by hand, or by an earlier map): their state
-    -- starts without a snapshot, so the first sync sends every mapped value
 END;
 $$;
 COMMENT ON FUNCTION d365.d365_map_table(text, regclass, text, name) IS

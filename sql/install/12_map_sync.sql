@@ -102,8 +102,14 @@ BEGIN
         WHEN 'lookup' THEN
             IF col.parent IS NOT NULL THEN
                 SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
-                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p WHERE p.%I OPERATOR(pg_catalog.=) %s)',
-                                    pm.local_table, pm.key_column, col_ref);
+                -- the parent's link only where d365sync linked it (its map_row
+                -- names the same record): a forged link is no parent
+                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p'
+                                    '   JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
+                                    '    AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
+                                    '    AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                                    '  WHERE p.%I OPERATOR(pg_catalog.=) %s)',
+                                    pm.local_table, pm.name, pm.key_column, pm.key_column, col_ref);
                 waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
             ELSE
                 parent_id := col_ref;
@@ -209,7 +215,16 @@ BEGIN
                                coalesce(r.generation, 0) AS generation,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE r.synced END AS synced,
-                               %5$s AS cur, %6$s AS problem, (%7$s) AS waiting, %8$s AS match_values
+                               %5$s AS cur,
+                               -- a link d365sync did not write (the state names
+                               -- another record, or none) is never used
+                               coalesce(CASE WHEN c.dynamics365_related_id IS NOT NULL
+                                              AND r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
+                                             THEN 'the link column holds Dynamics 365 id '
+                                                  || c.dynamics365_related_id
+                                                  || ', which d365sync did not link this row to: nothing sent; clear the link column (the row then gets a record of its own)'
+                                        END, %6$s) AS problem,
+                               (%7$s) AS waiting, %8$s AS match_values
                           FROM %3$s c
                           LEFT JOIN d365.map_row r ON r.map = %1$L AND r.row_key = c.%4$I::text
                          WHERE c.%4$I IS NOT NULL
@@ -519,8 +534,12 @@ BEGIN
                 loc := v;
             ELSE
                 SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
-                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p WHERE p.dynamics365_related_id OPERATOR(pg_catalog.=) $1',
-                               pm.key_column, pm.local_table) INTO loc USING (v #>> '{}')::uuid;
+                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p'
+                               '  JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
+                               '   AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
+                               '   AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                               ' WHERE p.dynamics365_related_id OPERATOR(pg_catalog.=) $1',
+                               pm.key_column, pm.local_table, pm.name, pm.key_column) INTO loc USING (v #>> '{}')::uuid;
                 IF loc IS NULL THEN
                     RAISE EXCEPTION 'field %: record % is linked to no row of map "%"', col.field, v #>> '{}', col.parent
                         USING ERRCODE = 'foreign_key_violation',
@@ -639,9 +658,12 @@ BEGIN
         IF k IS NULL THEN
             CONTINUE;       -- not linked here
         END IF;
-        INSERT INTO d365.map_row AS s (map, row_key, dynamics_id) VALUES (m.name, k, id)
-        ON CONFLICT ON CONSTRAINT map_row_pkey DO NOTHING;
         SELECT * INTO st FROM d365.map_row s WHERE s.map = m.name AND s.row_key = k;
+        -- a link d365sync did not write is no link: nothing is copied into
+        -- that row (its state names another record, or none)
+        IF st.dynamics_id IS DISTINCT FROM id THEN
+            CONTINUE;
+        END IF;
         BEGIN
             inc := d365._map_incoming(m.name, r,
                                       CASE WHEN st.dynamics_id = id THEN st.synced END);
