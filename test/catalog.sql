@@ -76,11 +76,31 @@ ext AS (
 nsp AS (
     SELECT format('schema %s acl %s comment %s', n.nspname, n.nspacl, obj_description(n.oid, 'pg_namespace'))
       FROM pg_namespace n WHERE n.nspname = 'd365'
+),
+-- the foreign data wrapper: its functions, who may use it, its options
+fdw AS (
+    SELECT format('foreign data wrapper %s owner %s handler %s validator %s acl %s options %s comment %s',
+                  w.fdwname, w.fdwowner::regrole, w.fdwhandler::regprocedure,
+                  w.fdwvalidator::regprocedure, w.fdwacl, w.fdwoptions,
+                  obj_description(w.oid, 'pg_foreign_data_wrapper'))
+      FROM pg_foreign_data_wrapper w
+      JOIN pg_depend d ON d.classid = 'pg_foreign_data_wrapper'::regclass AND d.objid = w.oid
+                      AND d.deptype = 'e'
+      JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'd365sync'
+),
+-- the privileges pg_dump takes as the extension's own (not dumped as grants)
+initpriv AS (
+    SELECT format('initial privileges %s %s sub %s %s', i.classoid::regclass,
+                  pg_describe_object(i.classoid, i.objoid, 0), i.objsubid, i.initprivs)
+      FROM pg_init_privs i
+      JOIN pg_depend d ON d.classid = i.classoid AND d.objid = i.objoid AND d.deptype = 'e'
+      JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'd365sync'
 )
 SELECT line FROM (
     SELECT line FROM fn UNION ALL SELECT * FROM fnargs UNION ALL SELECT * FROM rel
     UNION ALL SELECT * FROM col UNION ALL SELECT * FROM idx UNION ALL SELECT * FROM con
     UNION ALL SELECT * FROM trg UNION ALL SELECT * FROM vw UNION ALL SELECT * FROM typ
     UNION ALL SELECT * FROM member UNION ALL SELECT * FROM ext UNION ALL SELECT * FROM nsp
+    UNION ALL SELECT * FROM fdw UNION ALL SELECT * FROM initpriv
 ) s(line)
 ORDER BY line COLLATE "C";
