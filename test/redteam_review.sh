@@ -153,3 +153,68 @@ if [ "$(sim_field account "$acme" name)" = "Acme Pre" ]; then
 else
     notok "a row linked before mapping" "$out" "$(q "SELECT * FROM d365.map_row WHERE map = 'rtr_pre'")"
 fi
+
+# -- 7. row security of the table's owner: its policy is the owner's code and
+# must not run with the rights of a role that runs the sync (a non-superuser
+# operator or worker role; superusers are never bound by row security)
+PSQL_DB=postgres psqlq -c "DROP ROLE IF EXISTS rtr_op" -c "CREATE ROLE rtr_op" >/dev/null 2>&1
+out=$(q "GRANT USAGE ON SCHEMA d365 TO rtr_op;
+   GRANT ALL ON ALL TABLES IN SCHEMA d365 TO rtr_op; GRANT ALL ON ALL SEQUENCES IN SCHEMA d365 TO rtr_op;
+   GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA d365 TO rtr_op;
+   CREATE TABLE rtr_rls (id integer PRIMARY KEY, name text); ALTER TABLE rtr_rls OWNER TO rtr_owner;
+   SELECT d365_map_table('rtr_rls', 'rtr_rls', 'accounts'); SELECT d365_map_column('rtr_rls', 'name', 'name');
+   GRANT SELECT, INSERT, UPDATE ON rtr_rls TO rtr_op;
+   SET ROLE rtr_owner;
+   CREATE FUNCTION public.rtr_spy() RETURNS boolean LANGUAGE plpgsql AS
+     \$\$ BEGIN RAISE WARNING 'rtr_spy runs as %', current_user; RETURN true; END \$\$;
+   CREATE POLICY rtr_all ON rtr_rls USING (public.rtr_spy());
+   ALTER TABLE rtr_rls ENABLE ROW LEVEL SECURITY;
+   RESET ROLE;
+   INSERT INTO rtr_rls VALUES (1, 'Policy Co');
+   SELECT * FROM d365_sync('rtr_rls');
+   UPDATE rtr_rls SET name = 'Policy Co 2';")
+pol=$(q "SELECT dynamics365_related_id FROM rtr_rls WHERE id = 1")
+simctl clear-requests >/dev/null
+out=$(q "SET ROLE rtr_op; SELECT created, updated, failed FROM d365_sync('rtr_rls')")
+sent=$(simctl requests --kind api | grep -c 'Policy Co 2')
+if ! grep -q 'rtr_spy runs as rtr_op' <<<"$out" && grep -q 'row-level security of public.rtr_rls applies to role "rtr_op"' <<<"$out" &&
+   [ "$sent" = 0 ]; then
+    ok "a sync run by a role bound by the table's row security is refused before the owner's policy runs, nothing sent"
+else
+    notok "the table owner's row-security policy ran as the role running the sync" "$out" "requests with the row: $sent"
+fi
+simctl edit account "{\"op\":\"update\",\"id\":\"$pol\",\"values\":{\"name\":\"Policy Remote\"}}" >/dev/null
+out=$(q "SET ROLE rtr_op; SELECT updated, failed FROM d365_pull('rtr_rls')")
+if ! grep -q 'rtr_spy runs as rtr_op' <<<"$out" && grep -q 'row-level security' <<<"$out"; then
+    ok "a pull run by a role bound by the table's row security is refused before the owner's policy runs"
+else
+    notok "the table owner's row-security policy ran as the role running the pull" "$out"
+fi
+# ... and the same for the contact table, synced and pulled by its engine
+out=$(q "CREATE TABLE rtr_contact (id integer PRIMARY KEY, last_name text, score integer NOT NULL DEFAULT 50);
+   ALTER TABLE rtr_contact OWNER TO rtr_owner;
+   SELECT d365_attach_contacts('rtr_contact');
+   INSERT INTO d365.field_map VALUES ('last_name', 'lastname');
+   GRANT SELECT, UPDATE ON rtr_contact TO rtr_op;
+   SET ROLE rtr_owner;
+   CREATE POLICY rtr_c ON rtr_contact USING (public.rtr_spy());
+   ALTER TABLE rtr_contact ENABLE ROW LEVEL SECURITY;
+   RESET ROLE;
+   INSERT INTO rtr_contact VALUES (1, 'Contactson');
+   UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
+   SELECT * FROM d365_sync_contacts();
+   SELECT * FROM d365_pull_changes();
+   UPDATE rtr_contact SET last_name = 'Contactson 2';")
+cid=$(q "SELECT dynamics365_related_id FROM rtr_contact WHERE id = 1")
+simctl edit contact "{\"op\":\"update\",\"id\":\"$cid\",\"values\":{\"firstname\":\"Remote\"}}" >/dev/null
+simctl clear-requests >/dev/null
+out=$(q "SET ROLE rtr_op; SELECT created, failed FROM d365_sync_contacts()")
+out2=$(q "SET ROLE rtr_op; SELECT updated, failed FROM d365_pull_changes()")
+sent=$(simctl requests --kind api | grep -c 'Contactson 2')
+if ! grep -q 'rtr_spy runs as rtr_op' <<<"$out$out2" && [ "$sent" = 0 ] &&
+   grep -q 'row-level security of public.rtr_contact applies to role "rtr_op"' <<<"$out" &&
+   grep -q 'row-level security of public.rtr_contact applies to role "rtr_op"' <<<"$out2"; then
+    ok "the contact sync and pull run by a role bound by the contact table's row security are refused before its policy runs"
+else
+    notok "the contact table owner's policy ran as the role running the contact jobs" "$out" "$out2" "requests with the row: $sent" "link: $cid"
+fi
