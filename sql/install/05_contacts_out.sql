@@ -164,6 +164,7 @@ DECLARE
     limits jsonb;
 BEGIN
     src := d365._contact_source();
+    PERFORM d365._refuse_row_security(src.contact_table);
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();

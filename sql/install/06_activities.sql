@@ -289,6 +289,7 @@ DECLARE
     pending boolean;
 BEGIN
     src := d365._contact_source();
+    PERFORM d365._refuse_row_security(src.contact_table);
 
     sel := CASE mode
         WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'

@@ -411,6 +411,7 @@ DECLARE
     detail text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    PERFORM d365._refuse_row_security(src.contact_table);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';

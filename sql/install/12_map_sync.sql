@@ -175,6 +175,7 @@ DECLARE
     m d365.table_map := d365._table_map(map);
     e record;
 BEGIN
+    PERFORM d365._refuse_row_security(m.local_table);
     PERFORM d365._map_fold_changes(m.name);
     e := d365._map_out_exprs(m.name);
     RETURN format($q$
@@ -611,6 +612,7 @@ DECLARE
     code text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    PERFORM d365._refuse_row_security(m.local_table);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
