@@ -4967,45 +4967,50 @@ BEGIN
 END;
 $$;
 
--- (Re)creates the capture triggers of a map and the guard of its link
--- columns (src/link_guard.c: only d365sync's own link writer may set them);
--- as the caller, who must own the table.
-CREATE OR REPLACE FUNCTION d365._map_capture_install(tbl regclass)
-RETURNS void
-LANGUAGE plpgsql
+-- The statements that (re)create the capture triggers of a mapped table and
+-- the guard of its link columns (src/link_guard.c: only d365sync's own link
+-- writer may set them); d365._map_capture_install() runs them.
+CREATE OR REPLACE FUNCTION d365._map_capture_sql(tbl regclass)
+RETURNS text[]
+LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-BEGIN
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s'
-                   ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
-                   ' EXECUTE FUNCTION d365._map_capture()', tbl);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s'
-                   ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
-                   ' EXECUTE FUNCTION d365._map_capture()', tbl);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_delete AFTER DELETE ON %s'
-                   ' REFERENCING OLD TABLE AS d365_rows FOR EACH STATEMENT'
-                   ' EXECUTE FUNCTION d365._map_capture()', tbl);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_map_capture_truncate AFTER TRUNCATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture()', tbl);
-    -- the link columns belong to d365sync: the contact table's guard, with
-    -- the same triggers (called only for rows that set a link value)
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
-                   ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
-                   '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
-                   ' EXECUTE FUNCTION d365._contact_link_guard()', tbl);
-    EXECUTE format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
-                   ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
-                   ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
-                   '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
-                   '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
-                   '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
-                   ' EXECUTE FUNCTION d365._contact_link_guard()', tbl);
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE EXCEPTION 'permission denied to create the capture triggers of %', tbl
-        USING ERRCODE = 'insufficient_privilege',
-              HINT = 'Map the table as its owner, or as a member of its owning role.';
-END;
+    SELECT ARRAY[
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s'
+               ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
+               ' EXECUTE FUNCTION d365._map_capture()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s'
+               ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
+               ' EXECUTE FUNCTION d365._map_capture()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_delete AFTER DELETE ON %s'
+               ' REFERENCING OLD TABLE AS d365_rows FOR EACH STATEMENT'
+               ' EXECUTE FUNCTION d365._map_capture()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_truncate AFTER TRUNCATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_link_guard AFTER INSERT ON %s FOR EACH ROW'
+               ' WHEN (NEW.dynamics365_related_id IS NOT NULL'
+               '       OR NEW.dynamics365_synchronized_on IS NOT NULL)'
+               ' EXECUTE FUNCTION d365._contact_link_guard()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_link_guard_update'
+               ' AFTER UPDATE OF dynamics365_related_id, dynamics365_synchronized_on ON %s FOR EACH ROW'
+               ' WHEN ((NEW.dynamics365_related_id IS NOT NULL'
+               '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
+               '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
+               '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
+               ' EXECUTE FUNCTION d365._contact_link_guard()', tbl)]
 $$;
+
+REVOKE ALL ON FUNCTION d365._map_capture_sql(regclass) FROM PUBLIC;
+
+-- (Re)creates the capture triggers of a map: the statements of
+-- d365._map_capture_sql(), run as the owner of schema d365 (the only role
+-- that may use the trigger functions) once tbl is found to be a mapped
+-- table that the caller owns (src/capture_guard.c).
+CREATE OR REPLACE FUNCTION d365._map_capture_install(tbl regclass)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_capture_install'
+LANGUAGE C;
 
 CREATE OR REPLACE FUNCTION d365.d365_map_table(
     name text, local_table regclass, entity_set text, key_column name DEFAULT NULL)

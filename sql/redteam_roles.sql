@@ -279,6 +279,32 @@ BEGIN
 END $$;
 DROP ROLE regress_rr_spoof;
 
+-- ---------------------------------------------------------------------------
+-- Table maps: no role may use d365's trigger functions, so the capture
+-- triggers of a mapped table are created as d365's owner -- for a caller
+-- that owns the table (an admin mapping its own table), and for nobody else.
+-- (The extension was installed anew above: the sets are given again.)
+-- ---------------------------------------------------------------------------
+SELECT d365.d365_grant('regress_rr_admin', 'admin');
+SELECT d365.d365_grant('regress_rr_operator', 'operator');
+SET ROLE regress_rr_admin;
+CREATE TABLE public.rr_account (id integer PRIMARY KEY, name text);
+SELECT d365.d365_map_table('rr_accounts', 'public.rr_account'::regclass, 'accounts');
+SELECT tgname, tgfoid::regprocedure FROM pg_trigger
+ WHERE tgrelid = 'public.rr_account'::regclass ORDER BY 1;
+RESET ROLE;
+CREATE TABLE public.rr_other (id integer PRIMARY KEY, name text);
+SET ROLE regress_rr_operator;
+SELECT d365._map_capture_install('public.rr_other'::regclass);
+SELECT d365._map_capture_install('public.rr_account'::regclass);
+RESET ROLE;
+SELECT count(*) AS triggers_on_rr_other FROM pg_trigger WHERE tgrelid = 'public.rr_other'::regclass;
+SET ROLE regress_rr_admin;
+SELECT d365.d365_unmap_table('rr_accounts');
+DROP TABLE public.rr_account;
+RESET ROLE;
+DROP TABLE public.rr_other;
+
 SELECT * FROM rr_seen;
 SELECT rolsuper FROM pg_roles WHERE rolname = 'regress_rr_operator';
 SELECT d365.d365_revoke('regress_rr_operator', 'operator');

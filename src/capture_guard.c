@@ -55,6 +55,7 @@
 
 PG_FUNCTION_INFO_V1(d365_capture_delete);
 PG_FUNCTION_INFO_V1(d365_capture_install);
+PG_FUNCTION_INFO_V1(d365_map_capture_install);
 
 /* the attached table, looked up once per transaction */
 static Oid	attached_relid = InvalidOid;
@@ -251,23 +252,51 @@ run_install(void *arg)
 }
 
 /*
+ * install_as_d365_owner
+ *		Run the CREATE TRIGGER statements (a text[]) on relid as the owner
+ *		of schema d365, the only role that may use the trigger functions,
+ *		in a security-restricted operation with a safe search_path, once
+ *		the caller is found to own relid (or to be a member of its owning
+ *		role), as CREATE TRIGGER itself asks.  The statements are d365's
+ *		own, never the caller's.  Needs an open SPI connection.
+ */
+static void
+install_as_d365_owner(Oid relid, Datum statements)
+{
+	InstallCall call;
+	HeapTuple	tup;
+	Oid			d365_owner;
+
+	if (!pg_class_ownercheck(relid, GetUserId()))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to change the capture triggers of %s",
+						DatumGetCString(DirectFunctionCall1(regclassout, ObjectIdGetDatum(relid)))),
+				 errdetail("The capture triggers watch the mapped columns, so attaching or mapping the table and changing its map re-create them."),
+				 errhint("Do this as the owner of the table, or as a member of its owning role.")));
+
+	tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(get_namespace_oid("d365", false)));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for schema d365");
+	d365_owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
+	ReleaseSysCache(tup);
+
+	call.statements = statements;
+	d365_as_owner_restricted(d365_owner, run_install, &call);
+}
+
+/*
  * d365._contact_capture_install() -> void
  *		(Re)creates the capture triggers on the attached table.  The
  *		statements come from d365._contact_capture_sql() (d365's own SQL on
- *		the attached table and its field map, never the caller's).  The
- *		caller must own the table (or be a member of its owning role), as
- *		CREATE TRIGGER asks; the statements then run as the owner of schema
- *		d365, the only role that may use the trigger functions, in a
- *		security-restricted operation with a safe search_path.  Nothing
- *		attached, or a broken attachment: nothing to do.
+ *		the attached table and its field map, never the caller's); they run
+ *		as d365's owner (install_as_d365_owner).  Nothing attached, or a
+ *		broken attachment: nothing to do.
  */
 Datum
 d365_capture_install(PG_FUNCTION_ARGS)
 {
-	InstallCall call;
-	HeapTuple	tup;
 	Oid			relid;
-	Oid			d365_owner;
 	bool		isnull;
 	Datum		stmts;
 	int			rc;
@@ -277,33 +306,48 @@ d365_capture_install(PG_FUNCTION_ARGS)
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "d365._contact_capture_sql() returned no row");
 	relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (isnull)
+	if (!isnull)
 	{
-		SPI_finish();
-		PG_RETURN_VOID();
+		stmts = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+		if (!isnull)
+			install_as_d365_owner(relid, stmts);
 	}
-	stmts = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-	if (isnull)
-	{
-		SPI_finish();
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/*
+ * d365._map_capture_install(tbl regclass) -> void
+ *		(Re)creates the capture triggers of a mapped table: the statements
+ *		of d365._map_capture_sql(tbl), run as d365's owner
+ *		(install_as_d365_owner).  tbl must be the local table of a map in
+ *		d365.table_map.
+ */
+Datum
+d365_map_capture_install(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	bool		isnull;
+	Datum		stmts;
+	Datum		args[1];
+
+	if (PG_ARGISNULL(0))
 		PG_RETURN_VOID();
-	}
-	if (!pg_class_ownercheck(relid, GetUserId()))
+	relid = PG_GETARG_OID(0);
+	args[0] = ObjectIdGetDatum(relid);
+	SPI_connect();
+	if (!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.table_map t"
+					   " WHERE t.local_table OPERATOR(pg_catalog.=) $1)",
+					   1, (Oid[]) {REGCLASSOID}, args, NULL))
 		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to change the capture triggers of %s",
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is not the table of a map",
 						DatumGetCString(DirectFunctionCall1(regclassout, ObjectIdGetDatum(relid)))),
-				 errdetail("The capture trigger watches the mapped columns, so attaching the table and changing the field map re-create it."),
-				 errhint("Do this as the owner of the table, or as a member of its owning role.")));
-
-	tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(get_namespace_oid("d365", false)));
-	if (!HeapTupleIsValid(tup))
-		elog(ERROR, "cache lookup failed for schema d365");
-	d365_owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
-	ReleaseSysCache(tup);
-
-	call.statements = stmts;
-	d365_as_owner_restricted(d365_owner, run_install, &call);
+				 errhint("d365_map_table() maps a table and creates its capture triggers.")));
+	stmts = d365_sql_datum("SELECT d365._map_capture_sql($1)", 1, (Oid[]) {REGCLASSOID}, args,
+						   TEXTARRAYOID, &isnull);
+	if (!isnull)
+		install_as_d365_owner(relid, stmts);
 	SPI_finish();
 	PG_RETURN_VOID();
 }
