@@ -218,3 +218,20 @@ if ! grep -q 'rtr_spy runs as rtr_op' <<<"$out$out2" && [ "$sent" = 0 ] &&
 else
     notok "the contact table owner's policy ran as the role running the contact jobs" "$out" "$out2" "requests with the row: $sent" "link: $cid"
 fi
+
+# -- 10. a next link that leads back to a page already read ends the read with
+# an error instead of looping for ever (a foreign-table scan, a map's pull)
+simctl reset >/dev/null
+simctl fault '{"method":"GET","path_regex":"/accounts","status":200,"times":null,"json":{"value":[{"accountid":"a0000000-0000-4000-8000-0000000000aa","name":"Loop"}],"@odata.nextLink":"accounts?$select=accountid,name&$skiptoken=same"}}' >/dev/null
+out=$(psqlq -c "SET statement_timeout = '20s'" -c "CREATE SERVER rtr_dv FOREIGN DATA WRAPPER d365_fdw" \
+    -c "CREATE SCHEMA rtr_dv" -c "CREATE FOREIGN TABLE rtr_dv.accounts (accountid uuid, name text) SERVER rtr_dv OPTIONS (entity_set 'accounts')" \
+    -c "SELECT count(*) FROM rtr_dv.accounts" 2>&1)
+gets=$(simctl requests --kind api | grep -c '/accounts')
+out2=$(q "SET statement_timeout = '20s'; SELECT updated, failed FROM d365_pull('rtr_pre')")
+simctl clear-faults >/dev/null
+if grep -q 'Dynamics 365 sent a next link that was followed already' <<<"$out" &&
+   grep -q 'Dynamics 365 sent a next link that was followed already' <<<"$out2" && [ "$gets" -le 4 ]; then
+    ok "a next link back to a page already read stops the scan and the pull with an error ($gets requests)"
+else
+    notok "a looping next link keeps the read going" "scan: $out" "requests: $gets" "pull: $out2"
+fi
