@@ -180,6 +180,10 @@ typedef struct D365Pages
 	D365Sending *sending;
 	D365Op	   *ahead;
 	MemoryContext ahead_cxt;	/* its memory */
+	/* hashes of the next links followed so far (in owner_cxt) */
+	uint64	   *links;
+	int			nlinks;
+	int			maxlinks;
 } D365Pages;
 
 extern D365Pages *d365_pages_open(D365Client *client, const char *path,

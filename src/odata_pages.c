@@ -23,6 +23,7 @@
 #include "postgres.h"
 #include "d365_json.h"
 
+#include "common/hashfn.h"
 #include "miscadmin.h"
 #include "utils/memutils.h"
 
@@ -61,6 +62,39 @@ set_next(D365Pages *p, const char *path)
 	if (p->next != NULL)
 		pfree(p->next);
 	p->next = path ? MemoryContextStrdup(p->owner_cxt, path) : NULL;
+}
+
+/*
+ * follow_link
+ *		Note that link, a page's @odata.nextLink, is about to be followed;
+ *		ERROR when this iterator followed it before.  A next link that leads
+ *		back to a page already read (a server's fault, or a hostile one)
+ *		would otherwise make the reader loop forever -- a pull or a scan
+ *		that never ends, the same rows applied again and again.  Links are
+ *		kept as 64-bit hashes: 8 bytes a page.
+ */
+static void
+follow_link(D365Pages *p, const char *link)
+{
+	uint64		h = hash_bytes_extended((const unsigned char *) link, strlen(link), 0);
+	int			i;
+
+	for (i = 0; i < p->nlinks; i++)
+		if (p->links[i] == h)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("Dynamics 365 sent a next link that was followed already"),
+					 errdetail("Page %d of the results links back to an earlier page; reading on would never end.",
+							   p->pages),
+					 errhint("The read stops here; try it again later (a pull starts again from its last delta link).")));
+	if (p->nlinks == p->maxlinks)
+	{
+		p->maxlinks = p->maxlinks ? p->maxlinks * 2 : 16;
+		p->links = p->links
+			? repalloc(p->links, sizeof(uint64) * p->maxlinks)
+			: MemoryContextAlloc(p->owner_cxt, sizeof(uint64) * p->maxlinks);
+	}
+	p->links[p->nlinks++] = h;
 }
 
 /* the GET of one page, with its Prefer header, in CurrentMemoryContext */
@@ -111,6 +145,7 @@ d365_pages_prefetch(D365Pages *p)
 	link = d365_json_str(p->op->json, "@odata.nextLink");
 	if (link == NULL || (p->max_pages > 0 && p->pages >= p->max_pages))
 		return;
+	follow_link(p, link);
 	if (p->ahead_cxt == NULL)
 		p->ahead_cxt = AllocSetContextCreate(p->owner_cxt, "d365sync page ahead",
 											 ALLOCSET_DEFAULT_SIZES);
@@ -169,6 +204,7 @@ d365_pages_next(D365Pages *p)
 		set_next(p, p->op->ok ? d365_json_str(p->op->json, "@odata.nextLink") : NULL);
 		if (p->next == NULL)
 			return NULL;
+		follow_link(p, p->next);
 	}
 	if (p->next == NULL)
 		return NULL;
@@ -204,6 +240,7 @@ d365_pages_restart(D365Pages *p, const char *path)
 	p->op = NULL;
 	MemoryContextReset(p->cxt);
 	set_next(p, path);
+	p->nlinks = 0;				/* read again from there on purpose */
 }
 
 /*
@@ -219,5 +256,7 @@ d365_pages_close(D365Pages *p)
 	MemoryContextDelete(p->cxt);
 	if (p->next != NULL)
 		pfree(p->next);
+	if (p->links != NULL)
+		pfree(p->links);
 	pfree(p);
 }
