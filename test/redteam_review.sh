@@ -235,3 +235,15 @@ if grep -q 'Dynamics 365 sent a next link that was followed already' <<<"$out" &
 else
     notok "a looping next link keeps the read going" "scan: $out" "requests: $gets" "pull: $out2"
 fi
+
+# -- 11. a next link to another host is refused without the token, and the
+# error says where the address came from (not only the pull's delta link)
+simctl fault '{"method":"GET","path_regex":"/accounts","status":200,"times":null,"json":{"value":[{"accountid":"a0000000-0000-4000-8000-0000000000ab","name":"Away"}],"@odata.nextLink":"http://127.0.0.2:9/api/data/v9.2/accounts?$skiptoken=away"}}' >/dev/null
+out=$(psqlq -c "SELECT count(*) FROM rtr_dv.accounts" 2>&1)
+simctl clear-faults >/dev/null
+if grep -q "refusing to send the access token outside the organization's Web API" <<<"$out" &&
+   grep -q 'HINT:.*next link' <<<"$out"; then
+    ok "a next link to another host is refused, and the hint names the next link"
+else
+    notok "a next link to another host: refusal or hint" "$out"
+fi
