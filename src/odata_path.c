@@ -79,7 +79,7 @@ d365_check_op_path(const D365Client *client, const D365Op *op)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("refusing to send the access token outside the organization's Web API"),
 					 errdetail("A request URL does not start with %s.", client->service_root),
-					 errhint("Check d365.pull_state.delta_link, or DELETE FROM d365.pull_state to take a new baseline.")));
+					 errhint("The address came from Dynamics 365 (a page's next link) or from a stored delta link; for a pull, deleting its row of d365.pull_state (entity 'map:NAME' for a table map) takes a new baseline.")));
 		rest = op->path + strlen(client->service_root);
 	}
 	else
