@@ -247,3 +247,26 @@ if grep -q "refusing to send the access token outside the organization's Web API
 else
     notok "a next link to another host: refusal or hint" "$out"
 fi
+
+# -- 12. the guard holds for every way of writing rows: ON CONFLICT DO UPDATE,
+# MERGE (its UPDATE and its INSERT), COPY, and the second link column
+out=$(psqlq -v ON_ERROR_STOP=0 2>&1 <<'SQL'
+INSERT INTO rtr_contact (id, last_name) VALUES (1, 'x')
+    ON CONFLICT (id) DO UPDATE SET dynamics365_related_id = 'eeeeeeee-0000-4000-8000-000000000001';
+MERGE INTO rtr_contact c USING (VALUES (1)) v(id) ON c.id = v.id
+    WHEN MATCHED THEN UPDATE SET dynamics365_related_id = 'eeeeeeee-0000-4000-8000-000000000002';
+MERGE INTO rtr_contact c USING (VALUES (77)) v(id) ON c.id = v.id
+    WHEN NOT MATCHED THEN INSERT (id, last_name, dynamics365_related_id)
+    VALUES (77, 'm', 'eeeeeeee-0000-4000-8000-000000000003');
+COPY rtr_contact (id, last_name, dynamics365_related_id) FROM stdin;
+78	c	eeeeeeee-0000-4000-8000-000000000004
+\.
+UPDATE rtr_contact SET dynamics365_synchronized_on = now() + interval '1 day' WHERE id = 1;
+SELECT 'forged:' || count(*) FROM rtr_contact WHERE dynamics365_related_id::text LIKE 'eeeeeeee%' OR id IN (77, 78);
+SQL
+)
+if [ "$(grep -c 'is written by d365sync only' <<<"$out")" = 5 ] && grep -q 'forged:0' <<<"$out"; then
+    ok "the link guard refuses ON CONFLICT DO UPDATE, MERGE's UPDATE and INSERT, COPY and the synchronized_on column"
+else
+    notok "a way of writing rows passes the link guard" "$out"
+fi
