@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (167), as
+ *   - the 0.3 install script: every function and procedure (166), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -1229,30 +1229,6 @@ END;
 $$;
 
 /*
- * Row security of an application table is code of the table's owner (its
- * policies' expressions): reading the table with a role it binds would run
- * that code with the role's rights -- an operator's, the worker role's.
- * Every read of a job (the work queries, the pull, the activity sync) and
- * every write (src/table_owner.c) is refused for such a role, before the
- * table is read.  Superusers and BYPASSRLS roles are never bound; neither
- * is the owner unless it forces row security on itself.
- */
-CREATE OR REPLACE FUNCTION d365._refuse_row_security(tbl regclass)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF tbl IS NOT NULL AND row_security_active(tbl) THEN
-        RAISE EXCEPTION 'row-level security of % applies to role "%"', tbl, current_user
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
-                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
-    END IF;
-END;
-$$;
-
-/*
  * What is wrong with an attachment, or NULL when nothing is: the table was
  * dropped, the key or score column renamed or dropped, the type of the key,
  * score or link columns changed, or a capture trigger is missing or no
@@ -2244,7 +2220,14 @@ DECLARE
     limits jsonb;
 BEGIN
     src := d365._contact_source();
-    PERFORM d365._refuse_row_security(src.contact_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(src.contact_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', src.contact_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
@@ -3165,7 +3148,14 @@ DECLARE
     pending boolean;
 BEGIN
     src := d365._contact_source();
-    PERFORM d365._refuse_row_security(src.contact_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(src.contact_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', src.contact_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
 
     sel := CASE mode
         WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
@@ -3855,7 +3845,14 @@ DECLARE
     detail text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    PERFORM d365._refuse_row_security(src.contact_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(src.contact_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', src.contact_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
@@ -5444,7 +5441,14 @@ DECLARE
     m d365.table_map := d365._table_map(map);
     e record;
 BEGIN
-    PERFORM d365._refuse_row_security(m.local_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(m.local_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     PERFORM d365._map_fold_changes(m.name);
     e := d365._map_out_exprs(m.name);
     RETURN format($q$
@@ -5868,7 +5872,14 @@ DECLARE
     code text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    PERFORM d365._refuse_row_security(m.local_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(m.local_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';

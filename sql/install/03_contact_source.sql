@@ -700,28 +700,4 @@ BEGIN
 END;
 $$;
 
-/*
- * Row security of an application table is code of the table's owner (its
- * policies' expressions): reading the table with a role it binds would run
- * that code with the role's rights -- an operator's, the worker role's.
- * Every read of a job (the work queries, the pull, the activity sync) and
- * every write (src/table_owner.c) is refused for such a role, before the
- * table is read.  Superusers and BYPASSRLS roles are never bound; neither
- * is the owner unless it forces row security on itself.
- */
-CREATE FUNCTION d365._refuse_row_security(tbl regclass)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF tbl IS NOT NULL AND row_security_active(tbl) THEN
-        RAISE EXCEPTION 'row-level security of % applies to role "%"', tbl, current_user
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
-                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
-    END IF;
-END;
-$$;
-
 -- ---------------------------------------------------------------------------

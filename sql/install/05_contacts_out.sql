@@ -164,7 +164,14 @@ DECLARE
     limits jsonb;
 BEGIN
     src := d365._contact_source();
-    PERFORM d365._refuse_row_security(src.contact_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(src.contact_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', src.contact_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();

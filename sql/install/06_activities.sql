@@ -289,7 +289,14 @@ DECLARE
     pending boolean;
 BEGIN
     src := d365._contact_source();
-    PERFORM d365._refuse_row_security(src.contact_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(src.contact_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', src.contact_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
 
     sel := CASE mode
         WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'

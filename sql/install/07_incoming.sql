@@ -411,7 +411,14 @@ DECLARE
     detail text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    PERFORM d365._refuse_row_security(src.contact_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(src.contact_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', src.contact_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';

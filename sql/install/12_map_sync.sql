@@ -175,7 +175,14 @@ DECLARE
     m d365.table_map := d365._table_map(map);
     e record;
 BEGIN
-    PERFORM d365._refuse_row_security(m.local_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(m.local_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     PERFORM d365._map_fold_changes(m.name);
     e := d365._map_out_exprs(m.name);
     RETURN format($q$
@@ -612,7 +619,14 @@ DECLARE
     code text;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
-    PERFORM d365._refuse_row_security(m.local_table);
+    -- row security is the table owner's code: never run as the role running
+    -- the job (d365sync refuses such a role; docs/security.md)
+    IF row_security_active(m.local_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
