@@ -826,6 +826,9 @@ $$;
  *            columns (rows locked by another transaction, and ids another
  *            row holds, are skipped); returns the keys changed.  The only
  *            writes the link-column guard lets through (src/link_guard.c)
+ *   links_wait  the same, but a row another transaction holds locked is
+ *            waited for (up to lock_timeout) instead of skipped: the write
+ *            of d365_sync_contact(), whose caller wants the id now
  *   unlink   $1 uuid: unlinks the contact linked to that Dynamics id;
  *            returns its key
  *   convert  $1 jsonb {column: JSON value}: each value as its column holds
@@ -867,7 +870,7 @@ BEGIN
         END LOOP;
     END IF;
     CASE op
-    WHEN 'links' THEN
+    WHEN 'links', 'links_wait' THEN
         columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
         sql := format('WITH u AS (UPDATE %1$s t'
                       '   SET dynamics365_related_id = u.id,'
@@ -879,16 +882,18 @@ BEGIN
                       ' WHERE t.%2$I OPERATOR(pg_catalog.=) u.k::%3$s'
                       '   AND t.dynamics365_related_id IS NOT DISTINCT FROM u.expect'
                       -- a row another transaction holds locked is left for
-                      -- the next run (its state stays pending), not waited for
+                      -- the next run (its state stays pending), not waited
+                      -- for; links_wait waits for it
                       '   AND t.ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT l.ctid FROM %1$s l'
-                      '        WHERE l.%2$I OPERATOR(pg_catalog.=) ANY ($1::%3$s[]) FOR UPDATE SKIP LOCKED))'
+                      '        WHERE l.%2$I OPERATOR(pg_catalog.=) ANY ($1::%3$s[]) FOR UPDATE%4$s))'
                       -- an id another row holds is not linked twice
                       '   AND (u.id IS NULL OR NOT EXISTS (SELECT FROM %1$s o'
                       '        WHERE o.dynamics365_related_id OPERATOR(pg_catalog.=) u.id'
                       '          AND o.%2$I OPERATOR(pg_catalog.<>) u.k::%3$s))'
                       ' RETURNING t.%2$I::pg_catalog.text AS k)'
                       ' SELECT pg_catalog.array_agg(k) FROM u',
-                      tbl, src.key_column, key_type);
+                      tbl, src.key_column, key_type,
+                      CASE op WHEN 'links' THEN ' SKIP LOCKED' ELSE '' END);
     WHEN 'unlink' THEN
         columns := '{dynamics365_related_id,dynamics365_synchronized_on}';
         sql := format('WITH u AS (UPDATE %1$s t'

@@ -38,6 +38,7 @@
 #include "pipeline.h"
 #include "settings.h"
 #include "spi_util.h"
+#include "table_owner.h"
 
 PG_FUNCTION_INFO_V1(d365_sync_contacts);
 PG_FUNCTION_INFO_V1(d365_sync_contact);
@@ -139,6 +140,7 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	MemoryContext spicxt;
 	Datum		linked;
 	bool		unlinked;
+	bool		links_wait_was;
 
 	if (!OidIsValid(argtype))
 		elog(ERROR, "could not determine the type of the contact key");
@@ -149,8 +151,23 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	d365_run_init(&run, "contact");
 	SPI_connect();
 	work_sql = d365_sql_text("SELECT d365._contact_work_sql(false)", 0, NULL, NULL);
-	d365_pipeline_process_lookup(&run, work_sql, 1, types, args, "d365._contact_record",
-								 "d365._contact_lookup");
+
+	/*
+	 * The caller wants the id now: the link write waits for a row another
+	 * transaction holds locked (up to lock_timeout) instead of leaving it
+	 * for the next run, and says so when it gives up.
+	 */
+	links_wait_was = d365_links_wait_set(true);
+	PG_TRY();
+	{
+		d365_pipeline_process_lookup(&run, work_sql, 1, types, args, "d365._contact_record",
+									 "d365._contact_lookup");
+	}
+	PG_FINALLY();
+	{
+		d365_links_wait_set(links_wait_was);
+	}
+	PG_END_TRY();
 
 	if (run.items == 0)
 		ereport(ERROR,

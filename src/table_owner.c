@@ -37,6 +37,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "lib/stringinfo.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/proc.h"
@@ -87,7 +88,31 @@ typedef struct OwnerCall
  * waiting as long as the other transaction lasts.
  */
 #define OWNER_LOCK_TIMEOUT "10s"
+#define OWNER_LOCK_TIMEOUT_TEXT "10 seconds"
 
+/*
+ * Set only by d365_sync_contact() around its one contact's pipeline: its
+ * link write then waits for a row another transaction holds locked (up to
+ * lock_timeout, OWNER_LOCK_TIMEOUT when the session sets none) instead of
+ * skipping it, so that the caller gets the id or a clear error.  A
+ * scheduled run skips such a row and links it on its next run.  Only C
+ * code sets it; it changes how long a write waits, nothing it may do.
+ */
+static bool links_wait = false;
+
+/*
+ * d365_links_wait_set
+ *		Mark the start (true) or end (false) of a one-contact sync; returns
+ *		the earlier state, to be restored (also on error).
+ */
+bool
+d365_links_wait_set(bool wait)
+{
+	bool		was = links_wait;
+
+	links_wait = wait;
+	return was;
+}
 
 /*
  * d365_as_owner_restricted
@@ -406,18 +431,45 @@ object_columns(Datum vals)
 	return d;
 }
 
+/* The keys of a text[], comma-separated, for a message. */
+static char *
+key_list(ArrayType *keys)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	int			i;
+	StringInfoData buf;
+
+	deconstruct_array(keys, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	initStringInfo(&buf);
+	for (i = 0; i < n; i++)
+	{
+		if (nulls[i])
+			continue;
+		if (buf.len > 0)
+			appendStringInfoString(&buf, ", ");
+		appendStringInfoString(&buf, TextDatumGetCString(elems[i]));
+	}
+	return buf.data;
+}
+
 /*
  * d365._contact_set_links(keys text[], ids uuid[], expect uuid[]) -> text[]
  *		Sets the link columns of the contacts with these keys (an id NULL
  *		unlinks, stamp and all), only where the row is still linked to
  *		expect (expect NULL: only where the row is still unlinked), so a
  *		row that changed hands meanwhile is never linked to another
- *		person's record.  Returns the keys changed.
+ *		person's record.  Returns the keys changed.  Within
+ *		d365_sync_contact() (links_wait) a locked row is waited for, and a
+ *		lock timeout raises an error that names the contact.
  */
 Datum
 d365_contact_set_links(PG_FUNCTION_ARGS)
 {
+	MemoryContext fncxt = CurrentMemoryContext;
 	OwnerCall	call = {0};
+	ErrorData  *edata;
 	char		nulls[3];
 	int			i;
 
@@ -425,8 +477,9 @@ d365_contact_set_links(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	for (i = 0; i < 3; i++)
 		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
-	call.op = "links";
+	call.op = links_wait ? "links_wait" : "links";
 	call.writes_links = true;
+	call.waits_briefly = links_wait;
 	call.nargs = 3;
 	call.types = (Oid[]) {TEXTARRAYOID, UUIDARRAYOID, UUIDARRAYOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0),
@@ -434,7 +487,31 @@ d365_contact_set_links(PG_FUNCTION_ARGS)
 	PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2)};
 	call.nulls = nulls;
 	call.restype = TEXTARRAYOID;
-	return owner_result(fcinfo, &call);
+	if (!links_wait)
+		return owner_result(fcinfo, &call);
+	PG_TRY();
+	{
+		run_as_owner(&call);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(fncxt);
+		edata = CopyErrorData();
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+			PG_RE_THROW();
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("contact %s is locked by another transaction: its link was not written",
+						key_list(PG_GETARG_ARRAYTYPE_P(0))),
+				 errdetail("The contact was sent to Dynamics 365; d365_sync_contact() waits at most %s (or the session's lock_timeout) for its row to link it.",
+						   OWNER_LOCK_TIMEOUT_TEXT),
+				 errhint("The contact stays pending: once that transaction ends, the scheduled sync or another d365_sync_contact() call links it to the same Dynamics 365 record.")));
+	}
+	PG_END_TRY();
+	if (call.result_null)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(call.result);
 }
 
 /*
