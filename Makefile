@@ -26,7 +26,7 @@ DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.2.sql \
 	sql/$(EXTENSION)--0.1--0.2.sql sql/$(EXTENSION)--0.2--0.3.sql
 INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_dynamics redteam_data operations cron fdw governor ops_checks redteam_roles roles_matrix contact_lock
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_dynamics redteam_data operations cron fdw governor ops_checks redteam_roles roles_matrix contact_lock governor_burst
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src

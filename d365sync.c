@@ -18,6 +18,8 @@
  *	  batch_size			items per pipeline chunk
  *	  page_size				rows per page when reading from Dynamics
  *	  max_run_time_ms		time budget of one sync run
+ *	  budget_seconds		execution-time budget per window (superuser only)
+ *	  budget_window_seconds	its window (superuser only)
  *	  ca_file				extra CA bundle (superuser only)
  * Secrets are never GUCs: pg_db_role_setting is readable by everyone.
  *
@@ -47,6 +49,8 @@ int			d365_max_parallel = 8;
 int			d365_batch_size = 100;
 int			d365_page_size = 5000;
 int			d365_max_run_time_ms = 55 * 60 * 1000;
+int			d365_budget_seconds = 1200;
+int			d365_budget_window_seconds = 300;
 char	   *d365_ca_file = NULL;
 
 void		_PG_init(void);
@@ -94,6 +98,14 @@ _PG_init(void)
 							   "Extra CA bundle (PEM) trusted for Dynamics 365 and the token authority.",
 							   NULL, &d365_ca_file, NULL,
 							   PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.budget_seconds",
+							"Seconds of server execution time Dataverse grants an application user per window.",
+							NULL, &d365_budget_seconds, 1200, 1, 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("d365sync.budget_window_seconds",
+							"The window of Dataverse's execution-time budget, in seconds.",
+							NULL, &d365_budget_window_seconds, 300, 1, 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	/* with the preload: d365sync.database_name, shared memory, the worker */
 	d365_worker_init();
 	MarkGUCPrefixReserved("d365sync");

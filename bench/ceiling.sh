@@ -32,6 +32,9 @@
 #   CEIL_USERS="1 2"                             application users per run (up to 4)
 #   CEIL_REPEAT=1                                runs of each configuration
 #   CEIL_PRE_SQL=                                SQL before each sync (settings)
+#   CEIL_TELL_BUDGET=1                           tell the governor the model's budget and window
+#                                                (d365sync.budget_seconds, budget_window_seconds;
+#                                                0 for a version without them)
 #   CEIL_LOG_DIR=                                keep each run's request log (JSON) there
 #   D365_SKIP_BUILD=1                            use the installed extension
 set -uo pipefail
@@ -50,6 +53,9 @@ NPR=${CEIL_PER_RECORD:-2000}
 NSHORT=${CEIL_SHORT:-50}
 REPEAT=${CEIL_REPEAT:-1}
 PRE_SQL=${CEIL_PRE_SQL:-}
+if [ "${CEIL_TELL_BUDGET:-1}" = 1 ]; then
+    PRE_SQL="SET d365sync.budget_seconds = $BUDGET; SET d365sync.budget_window_seconds = $WINDOW; $PRE_SQL"
+fi
 DB=d365ceiling
 USER_COUNTS=${CEIL_USERS:-1 2}
 POOL_IDS=(33333333-3333-4333-8333-333333333333 44444444-4444-4444-8444-444444444444

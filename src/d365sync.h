@@ -75,6 +75,8 @@ extern int	d365_max_response_kb;
 extern int	d365_max_retries;
 extern int	d365_retry_max_wait_ms;
 extern int	d365_max_parallel;
+extern int	d365_budget_seconds;
+extern int	d365_budget_window_seconds;
 extern int	d365_batch_size;
 extern int	d365_page_size;
 extern int	d365_max_run_time_ms;

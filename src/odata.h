@@ -23,6 +23,11 @@ typedef struct D365Client D365Client;
  * (odata_governor.c): what it has in flight, what the server said of its
  * budget, and the 429 it last met.
  */
+/* the trailing window's accounting: slots per window, requests tracked */
+#define D365_GOV_SLOTS 64
+#define D365_GOV_WINDOW_SLOTS 60
+#define D365_GOV_TRACK 64
+
 typedef struct D365Governor
 {
 	int			inflight;		/* requests of this user in flight now */
@@ -37,6 +42,25 @@ typedef struct D365Governor
 	double		time_left;		/* what it said */
 	/* x-ms-ratelimit-burst-remaining-xrm-requests; -1 while not said */
 	int64		requests_left;
+	/*
+	 * The trailing window of the execution-time budget (d365sync.budget_
+	 * seconds per d365sync.budget_window_seconds), to spend what is unspent
+	 * above the sustained level: the durations of this user's requests by
+	 * the slot of the window they ended in, the start of each request in
+	 * flight, and what the window held before the first answer.
+	 */
+	double		budget_s;
+	double		window_s;
+	TimestampTz started_at;		/* the first answer (0: none yet) */
+	bool		prior_known;	/* the first answer said the time left */
+	double		prior_s;		/* the window's spending it showed */
+	int64		slot_id[D365_GOV_SLOTS];
+	double		slot_s[D365_GOV_SLOTS];
+	int			ntrack;
+	TimestampTz track[D365_GOV_TRACK];	/* starts of the requests in flight */
+	TimestampTz burst_at;		/* last start above the sustained level */
+	double		max_ms;			/* the longest answer so far */
+	int			answers;		/* answers so far (not 429s) */
 } D365Governor;
 
 /*

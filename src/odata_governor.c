@@ -58,8 +58,6 @@
 #include "d365sync.h"
 #include "odata.h"
 
-/* seconds of server time per second Dataverse grants a user (1,200 / 300) */
-#define D365_BUDGET_RATE 4
 /* how long a wall is remembered: Dataverse's window */
 #define D365_WALL_MEMORY_MS (300 * 1000L)
 
@@ -67,7 +65,10 @@
 static int
 base_level(D365Client *client)
 {
-	return Max(1, Min(client->dop_limit, D365_BUDGET_RATE));
+	int			rate = (int) floor((double) d365_budget_seconds /
+								   Max(d365_budget_window_seconds, 1));
+
+	return Max(1, Min(client->dop_limit, rate));
 }
 
 /*
@@ -79,6 +80,10 @@ d365_governor_init(D365Lane *lane)
 {
 	memset(&lane->gov, 0, sizeof(D365Governor));
 	lane->gov.requests_left = -1;
+	lane->gov.budget_s = d365_budget_seconds;
+	lane->gov.window_s = d365_budget_window_seconds;
+	for (int i = 0; i < D365_GOV_SLOTS; i++)
+		lane->gov.slot_id[i] = -1;
 	lane->max_parallel = base_level(lane->client);
 }
 
@@ -114,6 +119,123 @@ d365_governor_held(D365Lane *lane)
 }
 
 /*
+ * Seconds of server time set aside for a request in flight or about to
+ * start: one and a half times the longest answer so far (a round's first
+ * answers can be a small probe; the longest bounds the batches).
+ */
+static double
+reservation(D365Governor *g)
+{
+	return 1.5 * g->max_ms / 1000.0;
+}
+
+/* The width of a slot of the window, in microseconds. */
+static int64
+slot_width(D365Governor *g)
+{
+	return Max((int64) 1, (int64) (g->window_s * 1e6 / D365_GOV_WINDOW_SLOTS));
+}
+
+/* A request of this user ended now after elapsed_ms: into the window. */
+static void
+account_end(D365Governor *g, TimestampTz now, double elapsed_ms)
+{
+	int64		id = now / slot_width(g);
+	int			k = (int) (id % D365_GOV_SLOTS);
+	TimestampTz start = now - (TimestampTz) (Max(elapsed_ms, 0.0) * 1000.0);
+	int			best = -1;
+	int			i;
+
+	if (g->slot_id[k] != id)
+	{
+		g->slot_id[k] = id;
+		g->slot_s[k] = 0.0;
+	}
+	g->slot_s[k] += Max(elapsed_ms, 0.0) / 1000.0;
+	/* the one in flight whose start is nearest to this request's */
+	for (i = 0; i < g->ntrack; i++)
+		if (best < 0 || Abs(g->track[i] - start) < Abs(g->track[best] - start))
+			best = i;
+	if (best >= 0)
+		g->track[best] = g->track[--g->ntrack];
+}
+
+/*
+ * Whether n requests in flight (the one about to start among them) fit in
+ * the budget's window: an upper bound of what the server counts in it
+ * stays under the budget.  The bound: the durations of the requests that
+ * ended within the window (a slot counts until its end leaves it), the
+ * time each request in flight has run, what the window held before the
+ * first answer (while that can still be in it), and, for each of the n,
+ * a reservation still to come, plus one more as a margin.  Only once a
+ * wave at the sustained level has answered, so that the longest answer
+ * is one of the run's requests, not the probe before the hint was known.  Where the answers say the time left, the server's
+ * own count as of the last answer, with the same additions, bounds it as
+ * well, and the larger bound counts.  Without that word nothing is known
+ * of what was spent before this call or by another session: no room.
+ */
+static bool
+window_has_room(D365Lane *lane, D365Governor *g, TimestampTz now, int n)
+{
+	int64		width = slot_width(g);
+	int64		window_us = (int64) (g->window_s * 1e6);
+	double		est = reservation(g);
+	double		running = 0.0;
+	double		own = 0.0;
+	double		server;
+	int			i;
+
+	if (!g->prior_known || !g->has_time_left || est <= 0 ||
+		g->answers < lane->max_parallel || g->ntrack != g->inflight)
+		return false;
+	for (i = 0; i < D365_GOV_SLOTS; i++)
+		if (g->slot_id[i] >= 0 && (g->slot_id[i] + 1) * width + window_us > now)
+			own += g->slot_s[i];
+	for (i = 0; i < g->ntrack; i++)
+		running += Max(0, now - g->track[i]) / 1e6;
+	own += running;
+	if (now - g->started_at < window_us)
+		own += g->prior_s;
+	server = Max(0.0, g->budget_s - g->time_left) + running;
+	return Max(own, server) + (n + 1) * est <= g->budget_s;
+}
+
+/*
+ * Whether, at the sustained level, the server's stock says to hold back:
+ * the time left as of the last answer, less what the requests in flight
+ * have run since, would not cover a reservation for each of them and the
+ * next.  Only where the window holds several waves at the
+ * cap, so that a burst -- this call's, or an earlier session's as the same
+ * user -- can have left more in the window than the sustained level adds
+ * back; with a window smaller than that no burst ever passes
+ * window_has_room and the sustained level's proof stands alone.
+ */
+static bool
+stock_short(D365Lane *lane, D365Governor *g, TimestampTz now)
+{
+	double		est = reservation(g);
+	double		running = 0.0;
+	int			i;
+
+	if (!g->has_time_left || g->inflight == 0 || est <= 0 ||
+		g->budget_s < 4.0 * lane->client->dop_limit * est)
+		return false;
+	for (i = 0; i < g->ntrack; i++)
+		running += Max(0, now - g->track[i]) / 1e6;
+	return g->time_left - running < (g->inflight + 1) * est;
+}
+
+/* One more request of this user starts now. */
+static long
+admit_one(D365Governor *g, TimestampTz now)
+{
+	g->inflight++;
+	if (g->ntrack < D365_GOV_TRACK)
+		g->track[g->ntrack++] = now;
+	return 0;
+}
+
+/*
  * d365_governor_admit
  *		D365HttpPacer's admit for a user: 0 when one more request may start
  *		now (it counts as in flight from here), else how many milliseconds
@@ -126,18 +248,34 @@ d365_governor_admit(void *arg)
 	D365Governor *g = &lane->gov;
 	TimestampTz now = GetCurrentTimestamp();
 	int			limit = lane->max_parallel;
+	int			top;
 
 	if (now < g->hold_until)
 		return Max(1, (long) ((g->hold_until - now + 999) / 1000));
 	if (g->requests_left >= 0)
 		limit = Min(limit, Max(1, (int) Min(g->requests_left, (int64) PG_INT32_MAX)));
-	if (g->inflight >= limit)
-		return 100;				/* asked again when one of them answers */
 	if (g->inflight > 0 &&
 		((g->has_time_left && g->time_left <= 0.0) || g->requests_left == 0))
 		return 100;				/* wait for their answers' news of the budget */
-	g->inflight++;
-	return 0;
+	if (g->burst_at == 0 ||
+		now - g->burst_at > (TimestampTz) (g->window_s * 1e6 + 2000.0 * g->max_ms))
+	{
+		/* nothing above the sustained level in the window: today's proof */
+		g->burst_at = 0;
+		if (g->inflight < limit && !stock_short(lane, g, now))
+			return admit_one(g, now);
+		if (g->inflight < limit)
+			return 100;
+	}
+	/* above the level, or any request while a burst is in the window */
+	top = g->wall == 0 ? lane->client->dop_limit : limit;
+	if (g->requests_left >= 0)
+		top = Min(top, Max(1, (int) Min(g->requests_left, (int64) PG_INT32_MAX)));
+	if (g->inflight >= top || !window_has_room(lane, g, now, g->inflight + 1))
+		return 100;				/* asked again when one answers, or later */
+	if (g->inflight + 1 > limit)
+		g->burst_at = now;
+	return admit_one(g, now);
 }
 
 /* The value of a ratelimit header: digits with "," grouping, a "." fraction. */
@@ -228,9 +366,17 @@ d365_governor_done(D365HttpRequest *req, void *arg)
 	TimestampTz now = GetCurrentTimestamp();
 
 	g->inflight = Max(0, g->inflight - 1);
+	account_end(g, now, req->elapsed_ms);
 	if (req->transport_error != 0 || req->status == 0)
 		return;
 	note_budget(g, req);
+	if (g->started_at == 0)
+	{
+		/* what the window held before: the first answer shows it */
+		g->started_at = now;
+		g->prior_known = g->has_time_left;
+		g->prior_s = g->has_time_left ? Max(0.0, g->budget_s - g->time_left) : 0.0;
+	}
 	if (req->status == 429)
 	{
 		d365_governor_throttled(lane, req);
@@ -238,6 +384,8 @@ d365_governor_done(D365HttpRequest *req, void *arg)
 	}
 	g->throttled_streak = 0;
 	g->mean_ms = g->mean_ms > 0 ? 0.8 * g->mean_ms + 0.2 * req->elapsed_ms : req->elapsed_ms;
+	g->max_ms = Max(g->max_ms, req->elapsed_ms);
+	g->answers++;
 	adjust(lane, now);
 }
 
