@@ -5,29 +5,39 @@
  *	  have in flight, and when it may send at all.
  *
  * Dataverse gives each application user an execution-time budget of
- * 1,200 s of server time per 300 s: 4 s of server time per second.  A
+ * 1,200 s of server time per 300 s (d365sync.budget_seconds per
+ * d365sync.budget_window_seconds): 4 s of server time per second.  A
  * request's server time never exceeds its duration, so a user with at most
  * 4 requests in flight can never spend more than that, whatever each
  * operation costs, and with 4 requests that are mostly server time (a
  * $batch of writes) it spends nearly all of it.  The server's x-ms-dop-hint
  * says how many requests in flight it wants at most; it knows nothing of
  * what the operations cost (plug-ins, workflows, table size), so it may be
- * above what the budget sustains, and a client that follows it there is
+ * above what the budget sustains, and a client that follows it blindly is
  * paced by 429s.  Hence, per user:
  *
  *	 - the hint (with d365sync.max_parallel) caps the requests in flight;
- *	   the pace comes from the budget: the level, the requests the user may
- *	   have in flight, is min(cap, 4);
+ *	   the sustained level is min(cap, budget / window);
+ *
+ *	 - above it, up to the cap, a request starts only while the window
+ *	   provably has room (window_has_room): the durations of the user's
+ *	   requests that ended in the trailing window, the time run by those in
+ *	   flight and what the first answer showed the window held before, or
+ *	   the server's time left as of the last answer less what ran since,
+ *	   whichever is larger, plus a reservation per request, stay under the
+ *	   budget.  After such a burst the burst is still in the window and the
+ *	   sustained level would overfill it, so every request is checked the
+ *	   same way until a window has passed.  Without the budget headers
+ *	   nothing shows what other sessions spent: no burst;
  *
  *	 - where responses carry the budget headers, they stop a user before
  *	   the wall: while the last response said no execution time is left
  *	   (x-ms-ratelimit-time-remaining-xrm-requests) or no request is
  *	   (x-ms-ratelimit-burst-remaining-xrm-requests), no further request
  *	   goes out until one in flight answers with news, and the requests in
- *	   flight never outnumber the requests left.  The level never rises
- *	   above min(cap, 4) on their word: the time left falls by what the
- *	   user spends less what leaves the window, and what leaves is unseen,
- *	   so it cannot show that more would be sustained;
+ *	   flight never outnumber the requests left; where the window holds
+ *	   several waves at the cap, the sustained level also waits while the
+ *	   time left would not cover its requests (stock_short);
  *
  *	 - a 429 (the whole request's, or a $batch part's) holds the user: not
  *	   one more request goes out as that user until its Retry-After has
@@ -169,10 +179,12 @@ account_end(D365Governor *g, TimestampTz now, double elapsed_ms)
  * first answer (while that can still be in it), and, for each of the n,
  * a reservation still to come, plus one more as a margin.  Only once a
  * wave at the sustained level has answered, so that the longest answer
- * is one of the run's requests, not the probe before the hint was known.  Where the answers say the time left, the server's
- * own count as of the last answer, with the same additions, bounds it as
- * well, and the larger bound counts.  Without that word nothing is known
- * of what was spent before this call or by another session: no room.
+ * is one of the run's requests, not the probe before the hint was known.
+ * Where the answers say the time left, the server's own count as of the
+ * last answer, with the same additions, bounds it as well, and the larger
+ * bound counts.  Without the first answer's word nothing is known of what
+ * was spent before this call or by another session: no room; without the
+ * last answer's, no start above the sustained level (d365_governor_admit).
  */
 static bool
 window_has_room(D365Lane *lane, D365Governor *g, TimestampTz now, int n)
@@ -185,7 +197,7 @@ window_has_room(D365Lane *lane, D365Governor *g, TimestampTz now, int n)
 	double		server;
 	int			i;
 
-	if (!g->prior_known || !g->has_time_left || est <= 0 ||
+	if (!g->prior_known || est <= 0 ||
 		g->answers < lane->max_parallel || g->ntrack != g->inflight)
 		return false;
 	for (i = 0; i < D365_GOV_SLOTS; i++)
@@ -196,7 +208,7 @@ window_has_room(D365Lane *lane, D365Governor *g, TimestampTz now, int n)
 	own += running;
 	if (now - g->started_at < window_us)
 		own += g->prior_s;
-	server = Max(0.0, g->budget_s - g->time_left) + running;
+	server = g->has_time_left ? Max(0.0, g->budget_s - g->time_left) + running : 0.0;
 	return Max(own, server) + (n + 1) * est <= g->budget_s;
 }
 
@@ -260,7 +272,7 @@ d365_governor_admit(void *arg)
 	if (g->burst_at == 0 ||
 		now - g->burst_at > (TimestampTz) (g->window_s * 1e6 + 2000.0 * g->max_ms))
 	{
-		/* nothing above the sustained level in the window: today's proof */
+		/* nothing above the sustained level in the window: its proof holds */
 		g->burst_at = 0;
 		if (g->inflight < limit && !stock_short(lane, g, now))
 			return admit_one(g, now);
@@ -271,7 +283,8 @@ d365_governor_admit(void *arg)
 	top = g->wall == 0 ? lane->client->dop_limit : limit;
 	if (g->requests_left >= 0)
 		top = Min(top, Max(1, (int) Min(g->requests_left, (int64) PG_INT32_MAX)));
-	if (g->inflight >= top || !window_has_room(lane, g, now, g->inflight + 1))
+	if (g->inflight >= top || (g->inflight >= limit && !g->has_time_left) ||
+		!window_has_room(lane, g, now, g->inflight + 1))
 		return 100;				/* asked again when one answers, or later */
 	if (g->inflight + 1 > limit)
 		g->burst_at = now;
