@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (166), as
+ *   - the 0.3 install script: every function and procedure (169), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -130,6 +130,35 @@ INSERT INTO d365.job_lock (job) VALUES ('contacts'), ('activities'), ('pull');
 COMMENT ON TABLE d365.job_lock IS
     'One row per scheduled job; a run holds its row''s lock so that two runs of one job never overlap';
 REVOKE ALL ON d365.job_lock FROM PUBLIC;
+
+-- Deletes both ways (13_map_delete.sql): the pending deletes and their view.
+CREATE TABLE d365.map_delete (
+    map              text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    dynamics_id      uuid NOT NULL,
+    row_key          text NOT NULL,
+    action           text NOT NULL
+                     CONSTRAINT map_delete_action_check CHECK (action IN ('deactivate', 'delete')),
+    deleted_at       timestamptz NOT NULL DEFAULT now(),
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz,
+    last_attempt_at  timestamptz,
+    last_status      integer,
+    last_error_code  text,
+    last_error       text,
+    CONSTRAINT map_delete_pkey PRIMARY KEY (map, dynamics_id)
+);
+COMMENT ON TABLE d365.map_delete IS
+    'Dynamics records of rows deleted locally that the next sync deactivates or deletes (on_local_delete)';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_delete', '');
+
+CREATE VIEW d365.pending_delete AS
+SELECT d.map, d.row_key, d.dynamics_id, d.action, d.deleted_at, d.attempts,
+       d.next_attempt_at, d.last_attempt_at, d.last_status, d.last_error
+  FROM d365.map_delete d;
+COMMENT ON VIEW d365.pending_delete IS
+    'Rows deleted locally whose Dynamics record is not deactivated or deleted yet: the Dynamics id, the action, the last failure';
+
+REVOKE ALL ON d365.map_delete, d365.pending_delete FROM PUBLIC;
 
 -- ==========================================================================
 -- The functions of 0.3
@@ -4309,6 +4338,18 @@ BEGIN
         value := format('activity %s: %s', r.id, r.last_error);
         RETURN NEXT;
     END IF;
+    -- rows deleted locally whose Dynamics record is not deactivated or
+    -- deleted yet (d365.pending_delete)
+    FOR r IN SELECT d.map, count(*) AS n, min(d.deleted_at) AS oldest,
+                    (array_agg(d.dynamics_id ORDER BY d.deleted_at, d.dynamics_id))[1] AS first_id,
+                    (array_agg(d.last_error ORDER BY d.last_attempt_at DESC NULLS LAST))[1] AS last_error
+               FROM d365.map_delete d GROUP BY d.map ORDER BY d.map LOOP
+        item := format('pending deletes of map %s', r.map);
+        value := format('%s (oldest %s, Dynamics id %s)%s', r.n,
+                        to_char(r.oldest, 'YYYY-MM-DD HH24:MI:SS TZ'), r.first_id,
+                        coalesce('; last error: ' || r.last_error, ''));
+        RETURN NEXT;
+    END LOOP;
     -- the newest failed run of a job that has not completed a run since
     -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
@@ -4946,6 +4987,13 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
+        -- the records of the rows linked as far as the sync state knows
+        IF m.on_local_delete <> 'unlink' AND m.direction <> 'in' THEN
+            INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)
+            SELECT m.name, r.dynamics_id, r.row_key, m.on_local_delete
+              FROM d365.map_row r WHERE r.map = m.name AND r.dynamics_id IS NOT NULL
+            ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING;
+        END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name;
         DELETE FROM d365.map_change q WHERE q.map = m.name;
         RETURN NULL;
@@ -4961,6 +5009,19 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP = 'DELETE' THEN
+        -- on_local_delete deactivate/delete: the deleted rows' records wait
+        -- in d365.map_delete until Dynamics has done it (a link column of
+        -- another type than uuid would run the owner's cast: not read)
+        IF m.on_local_delete <> 'unlink' AND m.direction <> 'in'
+           AND EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = TG_RELID AND a.attname = 'dynamics365_related_id'
+                          AND NOT a.attisdropped AND a.atttypid = 'uuid'::regtype) THEN
+            EXECUTE format('INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)'
+                           ' SELECT $1, r.dynamics365_related_id, r.%1$I::text, $2 FROM d365_rows r'
+                           '  WHERE r.dynamics365_related_id IS NOT NULL AND r.%1$I IS NOT NULL'
+                           ' ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING', m.key_column)
+                USING m.name, m.on_local_delete;
+        END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name AND r.row_key = ANY (keys);
     ELSE
         INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
@@ -5256,6 +5317,14 @@ BEGIN
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
                       m.key_column, key_type, d365._column_defs(tbl, columns));
+    ELSIF op = 'remove' THEN
+        -- $1 text key: the row, only while it is unlinked (a record deleted
+        -- in Dynamics, on_remote_delete 'delete'); returns the key deleted
+        columns := NULL;
+        sql := format('DELETE FROM %1$s t WHERE t.%2$I OPERATOR(pg_catalog.=) $1::%3$s'
+                      '   AND t.dynamics365_related_id IS NULL'
+                      ' RETURNING t.%2$I::pg_catalog.text',
+                      tbl, m.key_column, key_type);
     ELSE
         RAISE EXCEPTION 'unknown table-owner operation "%"', op
             USING ERRCODE = 'invalid_parameter_value';
@@ -5435,7 +5504,9 @@ $$;
  * If-Match), an update carries If-Match: * and only what differs from what
  * Dynamics holds -- and a context for d365._map_record().  A row whose
  * lookup points to a parent row not linked yet is left out: it waits,
- * pending, for a later run (d365_sync() sends parents first).
+ * pending, for a later run (d365_sync() sends parents first).  The
+ * records of rows deleted locally (d365.map_delete) are deactivated or
+ * deleted by the same run (d365._map_delete_work_sql).
  */
 CREATE OR REPLACE FUNCTION d365._map_work_sql(map text)
 RETURNS text
@@ -5517,8 +5588,10 @@ BEGIN
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
                  WHERE NOT v.waiting) w
+        UNION ALL
+        SELECT d.*, NULL::text FROM (%9$s) d
     $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
-         coalesce(e.match, 'NULL::pg_catalog.jsonb'));
+         coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set));
 END;
 $$;
 
@@ -5538,6 +5611,9 @@ DECLARE
     mname text := (contexts[1])::jsonb ->> 'map';
     done text[];
     outcomes d365._map_outcome[];
+    remote_done integer;
+    remote_failed integer;
+    k text;
 BEGIN
     SELECT array_agg(ROW(
                o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
@@ -5545,13 +5621,34 @@ BEGIN
                o.st, o.code, coalesce(o.msg, x.c ->> 'error'),
                coalesce((x.c ->> 'action') IN ('unchanged', 'link')
                         OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
-                            AND o.msg IS NULL), false),
+                            AND o.msg IS NULL)
+                        OR ((x.c ->> 'action') IN ('remote_delete', 'remote_deactivate')
+                            AND (o.st BETWEEN 200 AND 299 OR o.st = 404) AND o.msg IS NULL), false),
                coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
                x.c -> 'matched' IS NOT NULL
            )::d365._map_outcome)
       INTO outcomes
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages) AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- the records of rows deleted locally: done (deleted, deactivated, or
+    -- gone already), or kept pending with a back-off
+    SELECT count(*) FILTER (WHERE o.ok), count(*) FILTER (WHERE NOT o.ok)
+      INTO remote_done, remote_failed
+      FROM unnest(outcomes) o WHERE o.action IN ('remote_delete', 'remote_deactivate');
+    DELETE FROM d365.map_delete d
+     USING unnest(outcomes) o
+     WHERE o.action IN ('remote_delete', 'remote_deactivate') AND o.ok
+       AND d.map = mname AND d.dynamics_id = o.dynamics_id;
+    UPDATE d365.map_delete d
+       SET attempts = d.attempts + 1, next_attempt_at = d365._next_attempt(d.attempts + 1),
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = left(o.error_message, 2000)
+      FROM unnest(outcomes) o
+     WHERE o.action IN ('remote_delete', 'remote_deactivate') AND NOT o.ok
+       AND d.map = mname AND d.dynamics_id = o.dynamics_id;
+    outcomes := ARRAY(SELECT o FROM unnest(outcomes) o
+                       WHERE o.action NOT IN ('remote_delete', 'remote_deactivate'));
 
     INSERT INTO d365.map_row (map, row_key)
     SELECT mname, o.item_key FROM unnest(outcomes) o
@@ -5588,6 +5685,12 @@ BEGIN
            last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
       FROM unnest(outcomes) o
      WHERE o.gone AND r.map = mname AND r.row_key = o.item_key AND o.item_key = ANY (coalesce(done, '{}'));
+    -- on_remote_delete 'delete': the unlinked rows go too
+    IF (SELECT t.on_remote_delete FROM d365.table_map t WHERE t.name = mname) = 'delete' THEN
+        FOREACH k IN ARRAY coalesce(done, '{}') LOOP
+            PERFORM d365._map_remove_row(mname, k);
+        END LOOP;
+    END IF;
 
     -- other failures stay pending: back off 5 min, 10, ... up to a day (a
     -- row refused before sending is tried again as soon as it changes)
@@ -5607,6 +5710,8 @@ BEGIN
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
       FROM unnest(outcomes) o;
+    failed := failed + remote_failed;
+    unlinked := unlinked + remote_done;
 END;
 $$;
 
@@ -5919,6 +6024,9 @@ BEGIN
                        last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
                  WHERE s.map = m.name AND s.row_key = k;
                 unlinked := unlinked + 1;
+                IF m.on_remote_delete = 'delete' AND NOT d365._map_remove_row(m.name, k) THEN
+                    failed := failed + 1;
+                END IF;
             END IF;
             CONTINUE;
         END IF;
@@ -6007,6 +6115,77 @@ REVOKE ALL ON FUNCTION d365._table_map(text), d365._map_entity(text),
        d365._map_pull_start_path(text), d365._map_incoming(text, jsonb, jsonb),
        d365._map_pull_record(json, text), d365.d365_sync(text), d365.d365_pull(text)
     FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION d365._map_remove(map text, row_key text)
+RETURNS boolean
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_remove'
+LANGUAGE C VOLATILE;
+
+/*
+ * The requests of the pending deletes of a map, as rows of its work query
+ * (d365._map_work_sql): a DELETE, or a PATCH of statecode 1 / statuscode 2
+ * (inactive); 404 (the record is gone already) counts as done.
+ */
+CREATE OR REPLACE FUNCTION d365._map_delete_work_sql(map text, entity_set text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format($q$
+        SELECT 'delete:' || d.dynamics_id::text AS item_key,
+               jsonb_build_array(CASE WHEN d.action = 'delete'
+                   THEN jsonb_build_object('method', 'DELETE',
+                                           'path', %2$L || '(' || d.dynamics_id || ')',
+                                           'headers', '[]'::jsonb, 'ok', '[404]'::jsonb)
+                   ELSE jsonb_build_object('method', 'PATCH',
+                                           'path', %2$L || '(' || d.dynamics_id || ')',
+                                           'body', '{"statecode":1,"statuscode":2}',
+                                           'headers', '["If-Match: *"]'::jsonb,
+                                           'ok', '[404]'::jsonb) END)::text AS requests,
+               jsonb_build_object('map', %1$L, 'action', 'remote_' || d.action,
+                                  'id', d.dynamics_id, 'key', d.row_key)::text AS context
+          FROM d365.map_delete d
+         WHERE d.map = %1$L AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
+    $q$, map, entity_set)
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_remove(text, text), d365._map_delete_work_sql(text, text)
+    FROM PUBLIC;
+
+/*
+ * on_remote_delete 'delete': the row of a record deleted in Dynamics (and
+ * unlinked already) is deleted as the table's owner.  A row that cannot be
+ * deleted (a foreign key of another table, the owner's trigger) stays,
+ * unlinked, with a WARNING and the error in its sync state; returns false
+ * then.
+ */
+CREATE OR REPLACE FUNCTION d365._map_remove_row(map text, row_key text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    msg text;
+    code text;
+BEGIN
+    PERFORM d365._map_remove(map, row_key);
+    RETURN true;
+EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+               OR insufficient_privilege OR object_not_in_prerequisite_state THEN
+    GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+    RAISE WARNING 'row % of map "%" was deleted in Dynamics 365 but could not be deleted here: %',
+                  row_key, map, msg
+        USING ERRCODE = '01000';
+    UPDATE d365.map_row s
+       SET last_error_code = code,
+           last_error = left('deleted in Dynamics 365, unlinked; the local delete failed: ' || msg, 2000)
+     WHERE s.map = _map_remove_row.map AND s.row_key = _map_remove_row.row_key;
+    RETURN false;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_remove_row(text, text) FROM PUBLIC;
 
 -- ==========================================================================
 -- After the functions (sql/upgrade/0.2--0.3.sql)

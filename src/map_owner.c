@@ -15,6 +15,7 @@
  *
  *	 d365._map_set_links(map, keys, ids, expect)  link columns
  *	 d365._map_apply(map, vals, key)			   incoming values
+ *	 d365._map_remove(map, key)				   a row deleted in Dynamics
  *
  *-------------------------------------------------------------------------
  */
@@ -30,6 +31,7 @@
 
 PG_FUNCTION_INFO_V1(d365_map_set_links);
 PG_FUNCTION_INFO_V1(d365_map_apply);
+PG_FUNCTION_INFO_V1(d365_map_remove);
 
 /* The statement of op for map, its table and the columns it writes. */
 static char *
@@ -132,4 +134,28 @@ d365_map_apply(PG_FUNCTION_ARGS)
 								(Datum[]) {PG_GETARG_DATUM(1), PG_GETARG_DATUM(2)},
 								NULL, InvalidOid, NULL);
 	PG_RETURN_VOID();
+}
+
+/*
+ * d365._map_remove(map text, row_key text) -> boolean
+ *		Deletes the row with that key, only while it is unlinked (its
+ *		record was deleted in Dynamics and on_remote_delete is 'delete').
+ *		The caller must hold DELETE on the table.  Returns whether a row
+ *		was deleted.
+ */
+Datum
+d365_map_remove(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	Datum		cols;
+	char	   *sql;
+	bool		isnull = true;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_BOOL(false);
+	sql = owner_sql(PG_GETARG_DATUM(0), "remove", (Datum) 0, &relid, &cols);
+	(void) d365_owner_statement(relid, "remove", sql, (Datum) 0, 1,
+								(Oid[]) {TEXTOID}, (Datum[]) {PG_GETARG_DATUM(1)},
+								NULL, TEXTOID, &isnull);
+	PG_RETURN_BOOL(!isnull);
 }

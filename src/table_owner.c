@@ -275,6 +275,26 @@ check_caller_reads(Oid relid, const char *op)
 	}
 }
 
+/*
+ * check_caller_may_delete
+ *		The caller must hold DELETE on the table (and not be bound by its
+ *		row security): d365sync deletes a row only where its caller could.
+ */
+static void
+check_caller_may_delete(Oid relid)
+{
+	Oid			caller = GetUserId();
+
+	if (pg_class_aclcheck(relid, caller, ACL_DELETE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to delete from table %s", relation_name(relid)),
+				 errdetail("d365sync deletes rows of a mapped table only where the role that runs it may."),
+				 errhint("GRANT DELETE ON %s TO %s;", relation_name(relid),
+						 quote_identifier(GetUserNameFromId(caller, false)))));
+	check_row_security(relid, caller);
+}
+
 /* Owner of a relation; ERROR when it is gone. */
 static Oid
 relation_owner(Oid relid)
@@ -773,7 +793,8 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
  * d365_owner_statement
  *		The same gate for other application tables (the table maps,
  *		src/map_owner.c): check that the caller holds UPDATE on every column
- *		in columns (a name[]; NULL: SELECT on the table) and is not bound by
+ *		in columns (a name[]; NULL: SELECT on the table; op "remove": DELETE
+ *		on the table) and is not bound by
  *		the table's row security, then run sql with its nargs parameters as
  *		the owner of relid in a security-restricted operation with
  *		search_path = pg_catalog, pg_temp (op "links": as d365sync's own
@@ -799,7 +820,10 @@ d365_owner_statement(Oid relid, const char *op, const char *sql, Datum columns,
 	call.nulls = nulls;
 	call.restype = restype;
 
-	check_caller_rights(relid, columns, columns == (Datum) 0);
+	if (strcmp(op, "remove") == 0)
+		check_caller_may_delete(relid);
+	else
+		check_caller_rights(relid, columns, columns == (Datum) 0);
 	owner = relation_owner(relid);
 
 	SPI_connect();

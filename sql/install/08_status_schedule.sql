@@ -160,6 +160,18 @@ BEGIN
         value := format('activity %s: %s', r.id, r.last_error);
         RETURN NEXT;
     END IF;
+    -- rows deleted locally whose Dynamics record is not deactivated or
+    -- deleted yet (d365.pending_delete)
+    FOR r IN SELECT d.map, count(*) AS n, min(d.deleted_at) AS oldest,
+                    (array_agg(d.dynamics_id ORDER BY d.deleted_at, d.dynamics_id))[1] AS first_id,
+                    (array_agg(d.last_error ORDER BY d.last_attempt_at DESC NULLS LAST))[1] AS last_error
+               FROM d365.map_delete d GROUP BY d.map ORDER BY d.map LOOP
+        item := format('pending deletes of map %s', r.map);
+        value := format('%s (oldest %s, Dynamics id %s)%s', r.n,
+                        to_char(r.oldest, 'YYYY-MM-DD HH24:MI:SS TZ'), r.first_id,
+                        coalesce('; last error: ' || r.last_error, ''));
+        RETURN NEXT;
+    END LOOP;
     -- the newest failed run of a job that has not completed a run since
     -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr

@@ -332,8 +332,9 @@ $$;
 -- Capture: one statement-level trigger per operation on a mapped table.
 -- INSERT and UPDATE note the statement's keys in d365.map_change (the next
 -- sync compares each noted row with what Dynamics holds and sends only what
--- differs); DELETE and TRUNCATE forget the rows' state (the Dynamics
--- records stay: on_local_delete 'unlink').  The function reads only the key
+-- differs); DELETE and TRUNCATE forget the rows' state; the Dynamics
+-- records stay (on_local_delete 'unlink') or wait in d365.map_delete to be
+-- deactivated or deleted by the next sync (13_map_delete.sql).  The function reads only the key
 -- column of the statement's transition table, of a built-in type, and
 -- refuses to run from any trigger but d365sync's own on a mapped table.
 -- ---------------------------------------------------------------------------
@@ -361,6 +362,13 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
+        -- the records of the rows linked as far as the sync state knows
+        IF m.on_local_delete <> 'unlink' AND m.direction <> 'in' THEN
+            INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)
+            SELECT m.name, r.dynamics_id, r.row_key, m.on_local_delete
+              FROM d365.map_row r WHERE r.map = m.name AND r.dynamics_id IS NOT NULL
+            ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING;
+        END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name;
         DELETE FROM d365.map_change q WHERE q.map = m.name;
         RETURN NULL;
@@ -376,6 +384,19 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP = 'DELETE' THEN
+        -- on_local_delete deactivate/delete: the deleted rows' records wait
+        -- in d365.map_delete until Dynamics has done it (a link column of
+        -- another type than uuid would run the owner's cast: not read)
+        IF m.on_local_delete <> 'unlink' AND m.direction <> 'in'
+           AND EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = TG_RELID AND a.attname = 'dynamics365_related_id'
+                          AND NOT a.attisdropped AND a.atttypid = 'uuid'::regtype) THEN
+            EXECUTE format('INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)'
+                           ' SELECT $1, r.dynamics365_related_id, r.%1$I::text, $2 FROM d365_rows r'
+                           '  WHERE r.dynamics365_related_id IS NOT NULL AND r.%1$I IS NOT NULL'
+                           ' ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING', m.key_column)
+                USING m.name, m.on_local_delete;
+        END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name AND r.row_key = ANY (keys);
     ELSE
         INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
@@ -624,6 +645,7 @@ COMMENT ON FUNCTION d365.d365_map_column(text, name, text, text, boolean) IS
 --   links  $1 text[] keys, $2 uuid[] ids, $3 uuid[] expected current links
 --          (NULL: still unlinked); returns the keys changed
 --   apply  $1 jsonb {column: value}, $2 text key: the update
+--   remove $1 text key: deletes the row if it is unlinked; returns the key
 -- ---------------------------------------------------------------------------
 
 CREATE FUNCTION d365._map_owner_sql(map text, op text, only_columns name[],
@@ -675,6 +697,14 @@ BEGIN
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
                       m.key_column, key_type, d365._column_defs(tbl, columns));
+    ELSIF op = 'remove' THEN
+        -- $1 text key: the row, only while it is unlinked (a record deleted
+        -- in Dynamics, on_remote_delete 'delete'); returns the key deleted
+        columns := NULL;
+        sql := format('DELETE FROM %1$s t WHERE t.%2$I OPERATOR(pg_catalog.=) $1::%3$s'
+                      '   AND t.dynamics365_related_id IS NULL'
+                      ' RETURNING t.%2$I::pg_catalog.text',
+                      tbl, m.key_column, key_type);
     ELSE
         RAISE EXCEPTION 'unknown table-owner operation "%"', op
             USING ERRCODE = 'invalid_parameter_value';

@@ -164,7 +164,9 @@ $$;
  * If-Match), an update carries If-Match: * and only what differs from what
  * Dynamics holds -- and a context for d365._map_record().  A row whose
  * lookup points to a parent row not linked yet is left out: it waits,
- * pending, for a later run (d365_sync() sends parents first).
+ * pending, for a later run (d365_sync() sends parents first).  The
+ * records of rows deleted locally (d365.map_delete) are deactivated or
+ * deleted by the same run (d365._map_delete_work_sql).
  */
 CREATE FUNCTION d365._map_work_sql(map text)
 RETURNS text
@@ -246,8 +248,10 @@ BEGIN
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
                  WHERE NOT v.waiting) w
+        UNION ALL
+        SELECT d.*, NULL::text FROM (%9$s) d
     $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
-         coalesce(e.match, 'NULL::pg_catalog.jsonb'));
+         coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set));
 END;
 $$;
 
@@ -280,6 +284,9 @@ DECLARE
     mname text := (contexts[1])::jsonb ->> 'map';
     done text[];
     outcomes d365._map_outcome[];
+    remote_done integer;
+    remote_failed integer;
+    k text;
 BEGIN
     SELECT array_agg(ROW(
                o.k, x.c ->> 'action', (x.c ->> 'id')::uuid, (x.c ->> 'seq')::bigint,
@@ -287,13 +294,34 @@ BEGIN
                o.st, o.code, coalesce(o.msg, x.c ->> 'error'),
                coalesce((x.c ->> 'action') IN ('unchanged', 'link')
                         OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
-                            AND o.msg IS NULL), false),
+                            AND o.msg IS NULL)
+                        OR ((x.c ->> 'action') IN ('remote_delete', 'remote_deactivate')
+                            AND (o.st BETWEEN 200 AND 299 OR o.st = 404) AND o.msg IS NULL), false),
                coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
                x.c -> 'matched' IS NOT NULL
            )::d365._map_outcome)
       INTO outcomes
       FROM unnest(item_keys, contexts, statuses, error_codes, error_messages) AS o(k, ctx, st, code, msg),
            LATERAL (SELECT o.ctx::jsonb AS c) x;
+
+    -- the records of rows deleted locally: done (deleted, deactivated, or
+    -- gone already), or kept pending with a back-off
+    SELECT count(*) FILTER (WHERE o.ok), count(*) FILTER (WHERE NOT o.ok)
+      INTO remote_done, remote_failed
+      FROM unnest(outcomes) o WHERE o.action IN ('remote_delete', 'remote_deactivate');
+    DELETE FROM d365.map_delete d
+     USING unnest(outcomes) o
+     WHERE o.action IN ('remote_delete', 'remote_deactivate') AND o.ok
+       AND d.map = mname AND d.dynamics_id = o.dynamics_id;
+    UPDATE d365.map_delete d
+       SET attempts = d.attempts + 1, next_attempt_at = d365._next_attempt(d.attempts + 1),
+           last_attempt_at = now(), last_status = nullif(o.status, 0),
+           last_error_code = o.error_code, last_error = left(o.error_message, 2000)
+      FROM unnest(outcomes) o
+     WHERE o.action IN ('remote_delete', 'remote_deactivate') AND NOT o.ok
+       AND d.map = mname AND d.dynamics_id = o.dynamics_id;
+    outcomes := ARRAY(SELECT o FROM unnest(outcomes) o
+                       WHERE o.action NOT IN ('remote_delete', 'remote_deactivate'));
 
     INSERT INTO d365.map_row (map, row_key)
     SELECT mname, o.item_key FROM unnest(outcomes) o
@@ -330,6 +358,12 @@ BEGIN
            last_error = 'deleted in Dynamics 365, unlinked: ' || coalesce(o.error_message, '')
       FROM unnest(outcomes) o
      WHERE o.gone AND r.map = mname AND r.row_key = o.item_key AND o.item_key = ANY (coalesce(done, '{}'));
+    -- on_remote_delete 'delete': the unlinked rows go too
+    IF (SELECT t.on_remote_delete FROM d365.table_map t WHERE t.name = mname) = 'delete' THEN
+        FOREACH k IN ARRAY coalesce(done, '{}') LOOP
+            PERFORM d365._map_remove_row(mname, k);
+        END LOOP;
+    END IF;
 
     -- other failures stay pending: back off 5 min, 10, ... up to a day (a
     -- row refused before sending is tried again as soon as it changes)
@@ -349,6 +383,8 @@ BEGIN
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
       FROM unnest(outcomes) o;
+    failed := failed + remote_failed;
+    unlinked := unlinked + remote_done;
 END;
 $$;
 
@@ -661,6 +697,9 @@ BEGIN
                        last_error = 'deleted in Dynamics 365 (change tracking), unlinked'
                  WHERE s.map = m.name AND s.row_key = k;
                 unlinked := unlinked + 1;
+                IF m.on_remote_delete = 'delete' AND NOT d365._map_remove_row(m.name, k) THEN
+                    failed := failed + 1;
+                END IF;
             END IF;
             CONTINUE;
         END IF;

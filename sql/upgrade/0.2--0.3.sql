@@ -111,6 +111,35 @@ COMMENT ON TABLE d365.job_lock IS
     'One row per scheduled job; a run holds its row''s lock so that two runs of one job never overlap';
 REVOKE ALL ON d365.job_lock FROM PUBLIC;
 
+-- Deletes both ways (13_map_delete.sql): the pending deletes and their view.
+CREATE TABLE d365.map_delete (
+    map              text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    dynamics_id      uuid NOT NULL,
+    row_key          text NOT NULL,
+    action           text NOT NULL
+                     CONSTRAINT map_delete_action_check CHECK (action IN ('deactivate', 'delete')),
+    deleted_at       timestamptz NOT NULL DEFAULT now(),
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz,
+    last_attempt_at  timestamptz,
+    last_status      integer,
+    last_error_code  text,
+    last_error       text,
+    CONSTRAINT map_delete_pkey PRIMARY KEY (map, dynamics_id)
+);
+COMMENT ON TABLE d365.map_delete IS
+    'Dynamics records of rows deleted locally that the next sync deactivates or deletes (on_local_delete)';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_delete', '');
+
+CREATE VIEW d365.pending_delete AS
+SELECT d.map, d.row_key, d.dynamics_id, d.action, d.deleted_at, d.attempts,
+       d.next_attempt_at, d.last_attempt_at, d.last_status, d.last_error
+  FROM d365.map_delete d;
+COMMENT ON VIEW d365.pending_delete IS
+    'Rows deleted locally whose Dynamics record is not deactivated or deleted yet: the Dynamics id, the action, the last failure';
+
+REVOKE ALL ON d365.map_delete, d365.pending_delete FROM PUBLIC;
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
