@@ -61,7 +61,7 @@ DECLARE
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
-        'map_row', 'map_change'];
+        'map_row', 'map_change', 'map_delete'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
