@@ -205,6 +205,18 @@ SELECT has_table_privilege('regress_rm_other', 'd365.activity', 'TRIGGER') AS ot
        has_function_privilege('regress_rm_other', 'd365.d365_sync_contacts()', 'EXECUTE') AS other_operator,
        has_function_privilege('regress_rm_other', 'd365.d365_log_activity(anyelement, text, text, jsonb, timestamptz)', 'EXECUTE') AS other_app;
 
+-- the admin set, and no other, may create a server for live reads
+SELECT has_foreign_data_wrapper_privilege('regress_rm_admin', 'd365_fdw', 'USAGE') AS admin_fdw,
+       has_foreign_data_wrapper_privilege('regress_rm_operator', 'd365_fdw', 'USAGE') AS operator_fdw,
+       has_foreign_data_wrapper_privilege('regress_rm_monitor', 'd365_fdw', 'USAGE') AS monitor_fdw,
+       has_foreign_data_wrapper_privilege('regress_rm_app', 'd365_fdw', 'USAGE') AS app_fdw;
+SET ROLE regress_rm_operator;
+CREATE SERVER rm_operator_server FOREIGN DATA WRAPPER d365_fdw;
+SET ROLE regress_rm_admin;
+CREATE SERVER rm_admin_server FOREIGN DATA WRAPPER d365_fdw;
+RESET ROLE;
+SELECT srvname, srvowner::regrole FROM pg_foreign_server WHERE srvname LIKE 'rm\_%';
+
 -- d365_revoke takes a set back
 SELECT d365.d365_revoke('regress_rm_operator', 'operator');
 SELECT has_function_privilege('regress_rm_operator', 'd365.d365_sync_contacts()', 'EXECUTE') AS can_sync,
@@ -220,6 +232,7 @@ SELECT has_function_privilege('regress_rm_other', 'd365.d365_sync_contacts()', '
        has_any_column_privilege('regress_rm_other', 'd365.settings', 'SELECT') AS other_reads_settings;
 SET client_min_messages = warning;
 SELECT d365.d365_revoke('regress_rm_admin', 'admin');
+SELECT has_foreign_data_wrapper_privilege('regress_rm_admin', 'd365_fdw', 'USAGE') AS admin_fdw_after_revoke;
 SELECT d365.d365_revoke('regress_rm_monitor', 'monitor');
 SELECT d365.d365_revoke('regress_rm_app', 'app');
 RESET client_min_messages;

@@ -32,7 +32,7 @@ $$;
 
 /*
  * The rights of each set d365_grant() gives (docs/security.md): one row per
- * GRANT, as the object's kind (SCHEMA, ROUTINE, TABLE, SEQUENCE), the
+ * GRANT, as the object's kind (SCHEMA, ROUTINE, TABLE, SEQUENCE, FOREIGN DATA WRAPPER), the
  * object and the privileges.  The sets nest: monitor, operator (+ monitor),
  * admin (+ operator, app, and the rest of d365); app stands alone.  No set
  * holds TRIGGER, REFERENCES or TRUNCATE on a table of d365, nor EXECUTE on
@@ -125,9 +125,10 @@ BEGIN
     IF what IN ('operator', 'admin') AND to_regnamespace('cron') IS NOT NULL THEN
         kind := 'SCHEMA'; object := 'cron'; privileges := 'USAGE'; RETURN NEXT;
     END IF;
-    IF what = 'admin' THEN
-        -- nothing more: every routine, table and sequence is above
-        NULL;
+    -- to create a foreign server for live reads (docs/foreign-tables.md)
+    IF what = 'admin' AND EXISTS (SELECT FROM pg_foreign_data_wrapper w WHERE w.fdwname = 'd365_fdw'
+                                     AND d365._is_member('pg_foreign_data_wrapper'::regclass, w.oid)) THEN
+        kind := 'FOREIGN DATA WRAPPER'; object := 'd365_fdw'; privileges := 'USAGE'; RETURN NEXT;
     END IF;
 END;
 $$;
