@@ -193,3 +193,26 @@ if grep -q 'permission denied to delete from table public.people' <<<"$out" && [
 else
     notok "delete needs the caller's DELETE right" "$out"
 fi
+
+# -- 9. a link that d365sync did not write never has it delete that record:
+# the owner of notes, past the guard, points a row at a company's record
+# (notes map to accounts too) and deletes the row
+q "INSERT INTO companies (name) VALUES ('Victim AG')" >/dev/null
+q "SELECT * FROM d365_sync('account')" >/dev/null
+q "INSERT INTO notes (name) VALUES ('Forger')" >/dev/null
+q "SELECT * FROM d365_sync('note')" >/dev/null
+victim=$(q "SELECT dynamics365_related_id FROM companies WHERE name = 'Victim AG'")
+forger=$(q "SELECT dynamics365_related_id FROM notes WHERE name = 'Forger'")
+q "SET ROLE mapdel_owner;
+   ALTER TABLE notes DISABLE TRIGGER d365_link_guard, DISABLE TRIGGER d365_link_guard_update;
+   UPDATE notes SET dynamics365_related_id = '$victim' WHERE name = 'Forger';
+   ALTER TABLE notes ENABLE TRIGGER d365_link_guard, ENABLE TRIGGER d365_link_guard_update;
+   DELETE FROM notes WHERE name = 'Forger'" >/dev/null
+pend=$(q "SELECT string_agg(dynamics_id::text, ',') FROM d365.pending_delete WHERE map = 'note'")
+q "SELECT * FROM d365_sync('note')" >/dev/null
+if [ -n "$victim" ] && [ -n "$forger" ] && [ "$(sim_field account "$victim" name)" = "Victim AG" ] \
+   && [ "$pend" = "$forger" ] && [ "$(sim_field account "$forger" name)" = "(gone)" ]; then
+    ok "a forged link on a deleted row queues the record d365sync linked it to, never the forged one (the victim's record stays)"
+else
+    notok "a forged link must not delete another record" "victim $victim: $(sim_field account "$victim" name)" "pending: $pend (the row's own record: $forger)"
+fi

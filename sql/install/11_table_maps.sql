@@ -385,17 +385,16 @@ BEGIN
     END IF;
     IF TG_OP = 'DELETE' THEN
         -- on_local_delete deactivate/delete: the deleted rows' records wait
-        -- in d365.map_delete until Dynamics has done it (a link column of
-        -- another type than uuid would run the owner's cast: not read)
-        IF m.on_local_delete <> 'unlink' AND m.direction <> 'in'
-           AND EXISTS (SELECT FROM pg_attribute a
-                        WHERE a.attrelid = TG_RELID AND a.attname = 'dynamics365_related_id'
-                          AND NOT a.attisdropped AND a.atttypid = 'uuid'::regtype) THEN
-            EXECUTE format('INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)'
-                           ' SELECT $1, r.dynamics365_related_id, r.%1$I::text, $2 FROM d365_rows r'
-                           '  WHERE r.dynamics365_related_id IS NOT NULL AND r.%1$I IS NOT NULL'
-                           ' ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING', m.key_column)
-                USING m.name, m.on_local_delete;
+        -- in d365.map_delete until Dynamics has done it.  The record is the
+        -- one d365sync linked the row to (d365.map_row), never what the
+        -- deleted row's link column held: a link written past the guard
+        -- must not have d365sync delete another row's record.
+        IF m.on_local_delete <> 'unlink' AND m.direction <> 'in' THEN
+            INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)
+            SELECT m.name, r.dynamics_id, r.row_key, m.on_local_delete
+              FROM d365.map_row r
+             WHERE r.map = m.name AND r.row_key = ANY (keys) AND r.dynamics_id IS NOT NULL
+            ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING;
         END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name AND r.row_key = ANY (keys);
     ELSE
