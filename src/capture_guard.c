@@ -337,7 +337,8 @@ d365_map_capture_install(PG_FUNCTION_ARGS)
 	args[0] = ObjectIdGetDatum(relid);
 	SPI_connect();
 	if (!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.table_map t"
-					   " WHERE t.local_table OPERATOR(pg_catalog.=) $1)",
+					   " WHERE t.local_table OPERATOR(pg_catalog.=) $1"
+					   " AND t.name OPERATOR(pg_catalog.<>) 'contact')",
 					   1, (Oid[]) {REGCLASSOID}, args, NULL))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -61,9 +61,10 @@ maps_to_run(FunctionCallInfo fcinfo, bool outgoing, bool *contact)
 
 	SPI_connect();
 	attached = d365_sql_bool("SELECT EXISTS (SELECT FROM d365.contact_source)", 0, NULL, NULL, NULL);
-	*contact = attached && (only == NULL || strcmp(only, "contact") == 0);
+
 	if (only != NULL && strcmp(only, "contact") == 0)
 	{
+		*contact = attached;
 		if (!attached)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -74,17 +75,31 @@ maps_to_run(FunctionCallInfo fcinfo, bool outgoing, bool *contact)
 	}
 	if (only != NULL)
 	{
+		*contact = false;
 		/* an error when there is no such map */
 		(void) d365_sql_text("SELECT (d365._table_map($1)).name", 1, (Oid[]) {TEXTOID},
 							 (Datum[]) {CStringGetTextDatum(only)});
 	}
+	else
+	{
+		/*
+		 * The contact table is the map "contact" of d365.table_map, listed
+		 * in its place in the dependency order (after the other maps of its
+		 * depth) and dispatched to the contact engine by run_maps.  An
+		 * attachment without that row (never made so) runs last.
+		 */
+		*contact = attached
+			&& !d365_sql_bool("SELECT EXISTS (SELECT FROM d365.table_map t"
+							  " WHERE t.name OPERATOR(pg_catalog.=) 'contact')",
+							  0, NULL, NULL, NULL);
+	}
 	if (SPI_execute_with_args(outgoing
 							  ? "SELECT o.name FROM d365._map_order() o JOIN d365.table_map t USING (name)"
 							  " WHERE ($1 IS NULL AND t.enabled OR t.name = $1) AND t.direction <> 'in'"
-							  " ORDER BY o.depth, o.name"
+							  " ORDER BY o.depth, o.name = 'contact', o.name"
 							  : "SELECT o.name FROM d365._map_order() o JOIN d365.table_map t USING (name)"
 							  " WHERE ($1 IS NULL AND t.enabled OR t.name = $1) AND t.direction <> 'out'"
-							  " ORDER BY o.depth, o.name",
+							  " ORDER BY o.depth, o.name = 'contact', o.name",
 							  1, (Oid[]) {TEXTOID},
 							  (Datum[]) {only ? CStringGetTextDatum(only) : (Datum) 0},
 							  only ? " " : "n", true, 0) != SPI_OK_SELECT)
@@ -116,6 +131,20 @@ put_row(ReturnSetInfo *rsinfo, const char *map, D365Run *run)
 	values[5] = Int32GetDatum((int32) run->counts.unlinked);
 	values[6] = Int32GetDatum(run->client ? (int32) run->client->requests : 0);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/* The contact engine's run of the map "contact": one result row. */
+static void
+run_contact(ReturnSetInfo *rsinfo, bool outgoing)
+{
+	D365Run		run;
+
+	d365_run_init(&run, outgoing ? "contacts" : "pull");
+	if (outgoing)
+		(void) d365_job_contacts(&run);
+	else
+		(void) d365_job_pull(&run);
+	put_row(rsinfo, "contact", &run);
 }
 
 /*
@@ -217,21 +246,17 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 		char	   *map = (char *) lfirst(lc);
 		D365Run		run;
 
+		if (strcmp(map, "contact") == 0)
+		{
+			run_contact(rsinfo, outgoing);
+			continue;
+		}
 		d365_run_init(&run, psprintf(outgoing ? "map:%s" : "map-pull:%s", map));
 		(void) d365_run_execute(&run, NULL, outgoing ? sync_body : pull_body, map);
 		put_row(rsinfo, map, &run);
 	}
 	if (contact)
-	{
-		D365Run		run;
-
-		d365_run_init(&run, outgoing ? "contacts" : "pull");
-		if (outgoing)
-			(void) d365_job_contacts(&run);
-		else
-			(void) d365_job_pull(&run);
-		put_row(rsinfo, "contact", &run);
-	}
+		run_contact(rsinfo, outgoing);
 	return (Datum) 0;
 }
 

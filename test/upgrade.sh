@@ -20,7 +20,10 @@
 #      included) with a fresh install of the target that attached the same
 #      table;
 #   5. checks the saved rows are unchanged and the next sync sends nothing,
-#      and that the updated installation still creates a new contact.
+#      that (for the current version) the attachment became the table map
+#      "contact" whose column map is the field map and d365_sync() sends
+#      nothing either, and that the updated installation still creates a
+#      new contact.
 # Then, for the current version:
 #   6. updates a 0.1 installation whose key column was renamed, and
 #      attaches it again;
@@ -181,6 +184,27 @@ SQL
         notok "$path: the next sync sends nothing"
         echo "# counts: $(echo $counts); API requests: $api"
         "$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; [print("#", r.get("method"), r.get("path")) for r in json.load(sys.stdin)["requests"]]'
+    fi
+
+    if [ "$to" = "$CURRENT" ]; then
+        # the attachment became the map "contact", its field map the column map
+        maps=$(psql_db $OLD -At -F' ' \
+                   -c "SELECT name, local_table, entity_set, key_column, direction, enabled FROM d365.table_map" \
+                   -c "SELECT 'column_map' WHERE (SELECT array_agg((\"column\", field, direction, match) ORDER BY \"column\")
+                                                    FROM d365.column_map WHERE map = 'contact')
+                                                = (SELECT array_agg((column_name, dynamics_field, direction, match) ORDER BY column_name)
+                                                    FROM d365.field_map)" \
+                   -c "SELECT count(*) FROM d365.column_map" 2>&1)
+        "$D365_SIMCTL" clear-requests >/dev/null
+        counts=$(psql_db $OLD -At -F' ' -c "SELECT map, created, updated, failed, requests FROM d365.d365_sync()" 2>&1)
+        api=$("$D365_SIMCTL" requests --kind api | /usr/bin/python3 -c 'import json,sys; print(len(json.load(sys.stdin)["requests"]))')
+        if [ "$maps" = "$(printf 'contact person contacts id both t\ncolumn_map\n3')" ] &&
+           [ "$counts" = "contact 0 0 0 0" ] && [ "$api" = 0 ]; then
+            ok "$path: the attachment is the map \"contact\" with the field map as its column map; d365_sync() sends nothing"
+        else
+            notok "$path: the attachment is the map \"contact\" with the field map as its column map; d365_sync() sends nothing"
+            echo "# maps: $(echo $maps); d365_sync(): $counts; API requests: $api"
+        fi
     fi
 
     out=$(psql_db $OLD -At -F' ' -c "INSERT INTO person VALUES (4, 'kat@example.com', 'Katherine', 'Johnson', 60)" \

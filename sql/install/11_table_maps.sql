@@ -570,6 +570,11 @@ BEGIN
         RAISE EXCEPTION 'table map "%" does not exist', name
             USING ERRCODE = 'undefined_object';
     END IF;
+    IF m.name = 'contact' THEN
+        RAISE EXCEPTION 'the table map "contact" is the attached contact table'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'd365_detach_contacts() removes it.';
+    END IF;
     IF EXISTS (SELECT FROM pg_class c WHERE c.oid = m.local_table) THEN
         IF NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = m.local_table), 'USAGE') THEN
             RAISE EXCEPTION 'must be the owner of % to unmap it', m.local_table
@@ -614,6 +619,11 @@ BEGIN
     IF direction IS NULL OR direction NOT IN ('both', 'in', 'out') THEN
         RAISE EXCEPTION 'direction must be both, in or out'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF m.name = 'contact' THEN
+        -- the contact table's column map is its field map
+        PERFORM d365._contact_map_column("column", field, direction, match);
+        RETURN;
     END IF;
     ent := d365._map_entity(m.entity_set);
     INSERT INTO d365.column_map AS c (map, "column", field, direction, match)

@@ -140,6 +140,16 @@ COMMENT ON VIEW d365.pending_delete IS
 
 REVOKE ALL ON d365.map_delete, d365.pending_delete FROM PUBLIC;
 
+-- The contact table as the map "contact" (14_contact_map.sql): its rows of
+-- the map tables are made from the attachment and the field map, not
+-- dumped; its column map holds the field map's fields as written there.
+SELECT pg_catalog.pg_extension_config_dump('d365.table_map', 'WHERE name <> ''contact''');
+SELECT pg_catalog.pg_extension_config_dump('d365.column_map', 'WHERE map <> ''contact''');
+ALTER TABLE d365.column_map DROP CONSTRAINT column_map_field_check;
+ALTER TABLE d365.column_map ADD CONSTRAINT column_map_field_check
+    CHECK (field ~ '^[a-z][a-z0-9_]*$'
+           OR (map = 'contact' AND field ~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$'));
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
@@ -195,3 +205,26 @@ END;
 $upgrade_links$;
 -- Table maps: their tables are not for PUBLIC.
 REVOKE ALL ON d365.table_map, d365.column_map, d365.map_row, d365.map_change FROM PUBLIC;
+
+-- The contact table becomes the map "contact": an attachment moves into
+-- its row of d365.table_map, its field map into d365.column_map (the sync
+-- state stays in d365.contact_state; nothing is sent).  Then the triggers
+-- that keep the map in step with the attachment and the field map.
+INSERT INTO d365.table_map (name, local_table, entity_set, key_column)
+SELECT 'contact', s.contact_table, 'contacts', s.key_column FROM d365.contact_source s;
+INSERT INTO d365.column_map (map, "column", field, direction, match)
+SELECT 'contact', f.column_name, f.dynamics_field, f.direction, f.match
+  FROM d365.field_map f
+ WHERE EXISTS (SELECT FROM d365.contact_source);
+CREATE TRIGGER contact_map_refresh
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON d365.contact_source
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_map_refresh();
+CREATE TRIGGER contact_map_refresh
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON d365.field_map
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._contact_map_refresh();
+CREATE TRIGGER contact_map_guard
+    BEFORE INSERT OR UPDATE OR DELETE ON d365.table_map
+    FOR EACH ROW EXECUTE FUNCTION d365._contact_map_guard();
+CREATE TRIGGER contact_map_guard
+    BEFORE INSERT OR UPDATE OR DELETE ON d365.column_map
+    FOR EACH ROW EXECUTE FUNCTION d365._contact_map_guard();

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# test/contact_map.sh: the attached contact table is the table map
+# "contact" (entity set contacts): its row of d365.table_map and its column
+# maps follow the attachment and the field map, d365_map_column('contact',
+# ...) writes the field map, the map cannot be changed behind the
+# attachment's back, and detaching removes it.
+#
+# scripts/test.sh runs it with the cluster and simulator it started; run
+# alone it starts its own:
+#   bash test/contact_map.sh                    # builds and installs first
+#   D365_SKIP_BUILD=1 bash test/contact_map.sh  # uses the installed extension
+# Prints "ok N - ..." / "not ok N - ..." and always exits 0.
+set -uo pipefail
+
+DB=d365contactmap
+. "$(dirname "$0")/lib.sh"
+t_begin contactmap
+t_on_exit() { simctl reset >/dev/null 2>&1; }
+t_standalone || exit 0
+
+simctl reset >/dev/null
+t_create_db "$DB"
+PSQL_DB=postgres psqlq -c "DROP ROLE IF EXISTS cm_owner" -c "CREATE ROLE cm_owner" \
+                       -c "DROP ROLE IF EXISTS cm_admin" -c "CREATE ROLE cm_admin" >/dev/null 2>&1
+if ! psqlq >"$TMPD/setup.log" 2>&1 <<SQL
+$(t_configure_sql)
+SET search_path = public, d365;
+UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
+CREATE TABLE accounts (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE crm_person (id serial PRIMARY KEY, first_name text, last_name text NOT NULL,
+                         email text, score integer NOT NULL DEFAULT 50,
+                         company_id integer REFERENCES accounts);
+GRANT USAGE, CREATE ON SCHEMA public TO cm_owner;
+GRANT USAGE ON SCHEMA public TO cm_admin;
+ALTER TABLE accounts OWNER TO cm_owner;
+ALTER TABLE crm_person OWNER TO cm_owner;
+SELECT d365_grant('cm_owner', 'admin');
+SELECT d365_grant('cm_admin', 'admin');
+SET ROLE cm_owner;
+SELECT d365_attach_contacts('crm_person');
+INSERT INTO d365.field_map (column_name, dynamics_field, match) VALUES ('email', 'emailaddress1', true);
+SELECT d365_map_column('contact', 'last_name', 'lastname');
+SQL
+then
+    notok "set-up: attaching the contact table failed" "$(tail -n 8 "$TMPD/setup.log")"
+    exit 0
+fi
+q() { psqlq -c "SET search_path = public, d365" -c "$1" 2>&1; }
+qas() { psqlq -c "SET search_path = public, d365" -c "SET ROLE $1" -c "$2" 2>&1; }
+# the column map of "contact" as d365.column_map shows it, and the field map
+column_maps() { q "SELECT string_agg(format('%s=%s/%s/%s', \"column\", field, direction, match), ' ' ORDER BY \"column\")
+                     FROM d365.column_map WHERE map = 'contact'"; }
+field_map() { q "SELECT string_agg(format('%s=%s/%s/%s', column_name, dynamics_field, direction, match), ' ' ORDER BY column_name)
+                   FROM d365.field_map"; }
+
+# -- 1. attaching made the map row, the field map shows as its column maps
+row=$(q "SELECT name, local_table, entity_set, key_column, direction, enabled FROM d365.table_map")
+cols=$(column_maps)
+if [ "$row" = "contact|crm_person|contacts|id|both|t" ] &&
+   [ "$cols" = "email=emailaddress1/both/t last_name=lastname/both/f" ] && [ "$cols" = "$(field_map)" ]; then
+    ok "attaching makes the table map \"contact\" (crm_person, contacts, key id) and the field map its column maps"
+else
+    notok "the map row and column maps after attach" "$row" "$cols" "$(field_map)"
+fi
+
+# -- 2. d365_map_column('contact', ...) adds a field map entry, checked
+# against the metadata as any field map entry is
+out=$(qas cm_owner "SELECT d365_map_column('contact', 'first_name', 'firstname', 'out')")
+cols=$(column_maps)
+fm=$(q "SELECT dynamics_field || '/' || direction FROM d365.field_map WHERE column_name = 'first_name'")
+if [ "$fm" = "firstname/out" ] && [ "$cols" = "$(field_map)" ] &&
+   grep -q 'first_name=firstname/out/f' <<<"$cols"; then
+    ok "d365_map_column('contact', 'first_name', 'firstname', 'out') adds the field map entry and its column map"
+else
+    notok "d365_map_column('contact', ...) writes the field map" "$out" "$fm" "$cols"
+fi
+out=$(qas cm_owner "SELECT d365_map_column('contact', 'first_name', 'nosuchfield')")
+if grep -q 'Dynamics field "nosuchfield" does not exist on contact' <<<"$out" &&
+   [ "$(q "SELECT dynamics_field FROM d365.field_map WHERE column_name = 'first_name'")" = "firstname" ]; then
+    ok "a field contact does not have is refused by the field map's check; the entry stays"
+else
+    notok "a bad field for the contact map is refused" "$out"
+fi
+q "DELETE FROM d365.field_map WHERE column_name = 'first_name'" >/dev/null
+if [ "$(column_maps)" = "$(field_map)" ]; then
+    ok "deleting a field map entry deletes its column map"
+else
+    notok "column maps follow a delete of the field map" "$(column_maps)" "$(field_map)"
+fi
+
+# -- 3. hostile shapes: a role that does not own the contact table cannot
+# map it or its columns; the map cannot be changed behind the attachment
+out=$(qas cm_admin "SELECT d365_map_column('contact', 'first_name', 'firstname')")
+if grep -q 'must be the owner of public.crm_person to map its columns' <<<"$out" &&
+   [ -z "$(q "SELECT 1 FROM d365.field_map WHERE column_name = 'first_name'")" ]; then
+    ok "an admin that does not own the contact table cannot map its columns (d365_map_column('contact', ...))"
+else
+    notok "a non-owner maps a contact column" "$out"
+fi
+out=$(qas cm_admin "SELECT d365_map_table('people', 'crm_person', 'contacts')")
+if grep -q 'must be the owner of public.crm_person to map it' <<<"$out"; then
+    ok "an admin that does not own the contact table cannot map it under another name"
+else
+    notok "a non-owner maps the contact table" "$out"
+fi
+out=$(qas cm_owner "SELECT d365_map_table('people', 'crm_person', 'contacts')")
+if grep -q 'crm_person is the attached contact table' <<<"$out"; then
+    ok "its owner cannot map it a second time either"
+else
+    notok "the contact table mapped twice" "$out"
+fi
+out1=$(qas cm_admin "UPDATE d365.table_map SET local_table = 'accounts' WHERE name = 'contact'")
+out2=$(qas cm_admin "INSERT INTO d365.column_map VALUES ('contact', 'first_name', 'firstname')")
+out3=$(qas cm_admin "DELETE FROM d365.table_map WHERE name = 'contact'")
+out4=$(qas cm_owner "SELECT d365_unmap_table('contact')")
+row=$(q "SELECT local_table FROM d365.table_map WHERE name = 'contact'")
+if grep -q 'the table map "contact" is the attached contact table' <<<"$out1" &&
+   grep -q 'the column map of map "contact" is the field map of the contact table' <<<"$out2" &&
+   grep -q 'the table map "contact" is the attached contact table' <<<"$out3" &&
+   grep -q 'd365_detach_contacts() removes it' <<<"$out4" && [ "$row" = "crm_person" ] &&
+   [ "$(q "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'crm_person'::regclass")" -ge 3 ]; then
+    ok "the map \"contact\" is not rewritten, extended or deleted behind the attachment (nor unmapped: its triggers stay)"
+else
+    notok "writes to the contact map are refused" "$out1" "$out2" "$out3" "$out4" "$row"
+fi
+
+# -- 4. d365_sync() runs the map through the contact engine; switched off,
+# d365_sync() passes it by
+q "INSERT INTO crm_person (first_name, last_name, email) VALUES ('Ada', 'Lovelace', 'ada@x.test')" >/dev/null
+out=$(q "SELECT map, created, failed FROM d365_sync()")
+if [ "$out" = "contact|1|0" ] && [ -n "$(q "SELECT dynamics365_related_id FROM crm_person WHERE id = 1")" ]; then
+    ok "d365_sync() runs the map \"contact\" with the contact engine (1 created)"
+else
+    notok "d365_sync() and the contact map" "$out"
+fi
+q "UPDATE crm_person SET last_name = 'King'" >/dev/null
+out=$(qas cm_admin "UPDATE d365.table_map SET enabled = false WHERE name = 'contact'; SELECT count(*) FROM d365_sync()")
+out2=$(q "UPDATE d365.table_map SET enabled = true WHERE name = 'contact'; SELECT map, updated FROM d365_sync()")
+if [ "$(tail -n1 <<<"$out")" = "0" ] && [ "$out2" = "contact|1" ]; then
+    ok "switched off (enabled = false), d365_sync() passes the contact map by; on again, it sends the change"
+else
+    notok "enabled of the contact map" "$out" "$out2"
+fi
+
+# -- 5. detaching removes the map and its column maps; attaching again
+# makes them again
+q "SELECT d365_detach_contacts()" >/dev/null
+n=$(q "SELECT (SELECT count(*) FROM d365.table_map) || '/' || (SELECT count(*) FROM d365.column_map)")
+q "SELECT d365_attach_contacts('crm_person'); INSERT INTO d365.field_map VALUES ('email', 'emailaddress1')" >/dev/null
+n2=$(q "SELECT (SELECT count(*) FROM d365.table_map WHERE name = 'contact') || '/' || (SELECT count(*) FROM d365.column_map)")
+if [ "$n" = "0/0" ] && [ "$n2" = "1/1" ]; then
+    ok "detaching removes the map \"contact\" and its column maps; attaching again makes them"
+else
+    notok "detach removes the map" "$n" "$n2"
+fi
