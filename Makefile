@@ -10,7 +10,7 @@ OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_governor.o 
 	src/activities.o src/incoming.o src/whoami.o src/table_owner.o src/capture.o \
 	src/worker.o src/worker_shmem.o src/progress.o \
 	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o src/odata_path.o \
-	src/pipeline_pull.o src/table_maps.o src/map_owner.o \
+	src/pipeline_pull.o src/table_maps.o src/map_owner.o src/state_guard.o \
 	src/capture_guard.o src/roles.o src/worker_role.o
 
 # The install script of the version being made is built from the parts in
@@ -26,7 +26,7 @@ DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.2.sql \
 	sql/$(EXTENSION)--0.1--0.2.sql sql/$(EXTENSION)--0.2--0.3.sql
 INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
-REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_dynamics redteam_data operations cron fdw governor ops_checks redteam_roles roles_matrix contact_lock governor_burst
+REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_dynamics redteam_data operations cron fdw governor ops_checks redteam_roles roles_matrix contact_lock governor_burst privilege_matrix
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (172), as
+ *   - the 0.3 install script: every function and procedure (173), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -4036,6 +4036,10 @@ DECLARE
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
         'map_row', 'map_change', 'map_delete'];
+    -- internal functions for no set: they send what their arguments or a
+    -- row of d365's tables say, and only d365's SECURITY DEFINER functions
+    -- call them
+    owner_only text[] := ARRAY['_send_activity'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
@@ -4049,6 +4053,7 @@ BEGIN
     SELECT 'ROUTINE', p.oid::regprocedure::text, 'EXECUTE'
       FROM pg_proc p
      WHERE p.pronamespace = 'd365'::regnamespace AND p.prorettype <> 'trigger'::regtype
+       AND p.proname <> ALL (owner_only)
        AND d365._is_member('pg_proc'::regclass, p.oid)
        AND CASE what
            WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
@@ -4071,6 +4076,16 @@ BEGIN
            -- a map's run locks its row (FOR NO KEY UPDATE needs an UPDATE
            -- right); the operator may switch a map on and off, nothing more
            WHEN c.relname = 'table_map' THEN 'SELECT, UPDATE (enabled)'
+           -- what the activity sync and a map's record stage write of a
+           -- logged activity and a pending delete: their outcome, never
+           -- which contact or record, nor what is sent (the application
+           -- logs activities, the capture trigger queues the deletes)
+           WHEN c.relname = 'activity'
+               THEN 'SELECT, UPDATE (synced_at, dynamics_entity, attempts, next_attempt_at, last_status,'
+                    ' last_error_code, last_error), DELETE'
+           WHEN c.relname = 'map_delete'
+               THEN 'SELECT, UPDATE (attempts, next_attempt_at, last_attempt_at, last_status, last_error_code,'
+                    ' last_error), DELETE'
            WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
@@ -6352,6 +6367,14 @@ $$;
 REVOKE ALL ON FUNCTION d365._contact_map_refresh(), d365._contact_map_guard(),
        d365._contact_map_column(name, text, text, boolean) FROM PUBLIC;
 
+CREATE OR REPLACE FUNCTION d365._state_guard()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_state_guard'
+LANGUAGE C;
+
+REVOKE ALL ON FUNCTION d365._state_guard() FROM PUBLIC;
+
 -- ==========================================================================
 -- After the functions (sql/upgrade/0.2--0.3.sql)
 -- ==========================================================================
@@ -6432,3 +6455,10 @@ CREATE TRIGGER contact_map_guard
 CREATE TRIGGER contact_map_guard
     BEFORE INSERT OR UPDATE OR DELETE ON d365.column_map
     FOR EACH ROW EXECUTE FUNCTION d365._contact_map_guard();
+-- The Dynamics ids of the sync state are d365sync's (14_state_guard.sql).
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.contact_state
+    FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('dynamics_id', 'contact_key');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_row
+    FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key');

@@ -10,6 +10,8 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include "miscadmin.h"
 #include "d365_json.h"
 
 #include "fmgr.h"
@@ -40,6 +42,33 @@ put_row(ReturnSetInfo *rsinfo, json_t *value)
 }
 
 /*
+ * What a role other than a superuser may read through d365._get_all(): the
+ * metadata (EntityDefinitions) and the list of users that activities name
+ * their owners from (d365._user_id), as the documented metadata functions
+ * show them.  The roles that run the jobs hold EXECUTE on it; without this
+ * an operator could read any Dynamics record with the application's
+ * credentials.  d365's SECURITY DEFINER functions (d365_owners()) run as
+ * the extension's owner.
+ */
+static void
+check_path_for_role(const char *path)
+{
+	static const char *const users =
+		"systemusers?$select=systemuserid,internalemailaddress,fullname,accessmode,isdisabled";
+
+	if (superuser())
+		return;
+	if (strncmp(path, "EntityDefinitions(", 18) == 0 || strncmp(path, "EntityDefinitions?", 18) == 0 ||
+		strcmp(path, users) == 0)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to read \"%s\" through d365._get_all()", path),
+			 errdetail("For a role that is not a superuser it reads Dynamics 365's metadata (EntityDefinitions) and its users only."),
+			 errhint("Read Dynamics 365 tables through a foreign table (docs/foreign-tables.md).")));
+}
+
+/*
  * d365._get_all(path text) -> SETOF jsonb
  *		GET a Web API path and every page after it (@odata.nextLink), one row
  *		per element of "value"; a body without "value" is one row.  Raises
@@ -54,6 +83,7 @@ d365_get_all(PG_FUNCTION_ARGS)
 	D365Pages  *pages;
 	D365Op	   *op;
 
+	check_path_for_role(path);
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	client = d365_client_open();
 	pages = d365_pages_open(client, path, NULL, GET_ALL_MAX_PAGES);

@@ -73,6 +73,7 @@
 
 #include "d365sync.h"
 #include "pipeline.h"
+#include "state_guard.h"
 #include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
@@ -524,6 +525,8 @@ record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_
 	TEXTARRAYOID, TEXTARRAYOID};
 	int			i;
 	int			n = 0;
+	volatile int rc = 0;
+	bool		was;
 
 	/* deferred items are left as they are: pending, without back-off */
 	for (i = 0; i < c->n; i++)
@@ -549,9 +552,18 @@ record_chunk(D365Run *run, Chunk *c, const char *record_sql, const char *record_
 	rargs[2] = int_array(statuses, status_null, n);
 	rargs[3] = text_array(codes, n);
 	rargs[4] = text_array(messages, n);
-	d365_run_add_counts(run, SPI_execute_with_args(record_sql, 5, rtypes, rargs,
-												   NULL, false, 1),
-						record_fn);
+	/* the Dynamics ids the record function writes are what Dynamics answered */
+	was = d365_recorder_set(true);
+	PG_TRY();
+	{
+		rc = SPI_execute_with_args(record_sql, 5, rtypes, rargs, NULL, false, 1);
+	}
+	PG_FINALLY();
+	{
+		d365_recorder_set(was);
+	}
+	PG_END_TRY();
+	d365_run_add_counts(run, rc, record_fn);
 	MemoryContextSwitchTo(old);
 	d365_run_publish(run);
 }

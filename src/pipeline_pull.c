@@ -37,6 +37,7 @@
 #include "pipeline.h"
 #include "runs.h"
 #include "spi_util.h"
+#include "state_guard.h"
 
 /*
  * Add one page's counts from the record statement to the run.  The rows go
@@ -50,12 +51,23 @@ record_page(D365Run *run, const D365PullEngine *engine, json_t *rows)
 	Datum		args[2];
 	char		nulls[2] = {' ', engine->arg ? ' ' : 'n'};
 
+	volatile int rc = 0;
+	bool		was;
+
 	args[0] = CStringGetTextDatum(d365_json_dump(rows));
 	args[1] = engine->arg ? CStringGetTextDatum(engine->arg) : (Datum) 0;
-	d365_run_add_counts(run,
-						SPI_execute_with_args(engine->record_sql, 2, types, args,
-											  nulls, false, 1),
-						engine->record_sql);
+	/* the Dynamics ids the record statement writes are what Dynamics sent */
+	was = d365_recorder_set(true);
+	PG_TRY();
+	{
+		rc = SPI_execute_with_args(engine->record_sql, 2, types, args, nulls, false, 1);
+	}
+	PG_FINALLY();
+	{
+		d365_recorder_set(was);
+	}
+	PG_END_TRY();
+	d365_run_add_counts(run, rc, engine->record_sql);
 }
 
 /*

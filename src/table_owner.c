@@ -54,6 +54,7 @@
 #include "table_owner.h"
 
 #include "link_guard.h"
+#include "state_guard.h"
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_set_links);
@@ -128,7 +129,10 @@ d365_as_owner_restricted(Oid owner, D365OwnerBody body, void *arg)
 	Oid			save_userid;
 	int			save_sec;
 	int			save_nestlevel;
+	bool		recording;
 
+	/* the owner's code is not d365sync recording what Dynamics answered */
+	recording = d365_recorder_set(false);
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
@@ -143,11 +147,13 @@ d365_as_owner_restricted(Oid owner, D365OwnerBody body, void *arg)
 	PG_CATCH();
 	{
 		SetUserIdAndSecContext(save_userid, save_sec);
+		d365_recorder_set(recording);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 	AtEOXact_GUC(false, save_nestlevel);
 	SetUserIdAndSecContext(save_userid, save_sec);
+	d365_recorder_set(recording);
 }
 
 /* A relation's name, schema-qualified and quoted. */

@@ -62,6 +62,10 @@ DECLARE
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
         'map_row', 'map_change', 'map_delete'];
+    -- internal functions for no set: they send what their arguments or a
+    -- row of d365's tables say, and only d365's SECURITY DEFINER functions
+    -- call them
+    owner_only text[] := ARRAY['_send_activity'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
@@ -75,6 +79,7 @@ BEGIN
     SELECT 'ROUTINE', p.oid::regprocedure::text, 'EXECUTE'
       FROM pg_proc p
      WHERE p.pronamespace = 'd365'::regnamespace AND p.prorettype <> 'trigger'::regtype
+       AND p.proname <> ALL (owner_only)
        AND d365._is_member('pg_proc'::regclass, p.oid)
        AND CASE what
            WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
@@ -97,6 +102,16 @@ BEGIN
            -- a map's run locks its row (FOR NO KEY UPDATE needs an UPDATE
            -- right); the operator may switch a map on and off, nothing more
            WHEN c.relname = 'table_map' THEN 'SELECT, UPDATE (enabled)'
+           -- what the activity sync and a map's record stage write of a
+           -- logged activity and a pending delete: their outcome, never
+           -- which contact or record, nor what is sent (the application
+           -- logs activities, the capture trigger queues the deletes)
+           WHEN c.relname = 'activity'
+               THEN 'SELECT, UPDATE (synced_at, dynamics_entity, attempts, next_attempt_at, last_status,'
+                    ' last_error_code, last_error), DELETE'
+           WHEN c.relname = 'map_delete'
+               THEN 'SELECT, UPDATE (attempts, next_attempt_at, last_attempt_at, last_status, last_error_code,'
+                    ' last_error), DELETE'
            WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)

@@ -228,3 +228,10 @@ CREATE TRIGGER contact_map_guard
 CREATE TRIGGER contact_map_guard
     BEFORE INSERT OR UPDATE OR DELETE ON d365.column_map
     FOR EACH ROW EXECUTE FUNCTION d365._contact_map_guard();
+-- The Dynamics ids of the sync state are d365sync's (14_state_guard.sql).
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.contact_state
+    FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('dynamics_id', 'contact_key');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_row
+    FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key');
