@@ -43,6 +43,16 @@ SELECT count(*) AS internal_not_for_operator_nor_admin
    AND has_function_privilege('regress_pm_operator', p.oid, 'EXECUTE')
        <> has_function_privilege('regress_pm_admin', p.oid, 'EXECUTE');
 
+-- the internal functions in C that the operator set may call: each one
+-- checks its caller's rights, or sends nothing of the caller's choosing
+-- (docs/security.md); a new one shows here and must be reviewed so
+SELECT p.oid::regprocedure AS internal_c_for_operator
+  FROM pg_proc p
+ WHERE p.pronamespace = 'd365'::regnamespace AND p.proname LIKE '\_%'
+   AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+   AND has_function_privilege('regress_pm_operator', p.oid, 'EXECUTE')
+ ORDER BY 1::text;
+
 -- the operator's column rights on the activity log and the pending deletes
 SELECT c.relname, a.attname,
        has_column_privilege('regress_pm_operator', c.oid, a.attnum, 'SELECT') AS sel,
