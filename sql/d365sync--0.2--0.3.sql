@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (173), as
+ *   - the 0.3 install script: every function and procedure (177), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -169,6 +169,32 @@ ALTER TABLE d365.column_map DROP CONSTRAINT column_map_field_check;
 ALTER TABLE d365.column_map ADD CONSTRAINT column_map_field_check
     CHECK (field ~ '^[a-z][a-z0-9_]*$'
            OR (map = 'contact' AND field ~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$'));
+
+-- Conflicts (14_map_conflict.sql): the ETag of each mapped row, the conflicts.
+-- the ETag of the record as d365sync last saw it (NULL: not known)
+ALTER TABLE d365.map_row ADD COLUMN etag text;
+
+CREATE TABLE d365.conflict (
+    id             bigserial PRIMARY KEY,
+    map            text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    row_key        text NOT NULL,
+    dynamics_id    uuid NOT NULL,
+    "column"       name NOT NULL,
+    field          text NOT NULL,
+    local_value    jsonb,
+    dynamics_value jsonb,
+    base_value     jsonb,
+    resolution     text NOT NULL
+                   CONSTRAINT conflict_resolution_check CHECK (resolution IN ('dynamics_wins', 'local_wins')),
+    at             timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX conflict_map_idx ON d365.conflict (map, at);
+COMMENT ON TABLE d365.conflict IS
+    'Fields of mapped rows changed both here and in Dynamics since the last sync: both values, the value before, how it was resolved';
+SELECT pg_catalog.pg_extension_config_dump('d365.conflict', '');
+SELECT pg_catalog.pg_extension_config_dump('d365.conflict_id_seq', '');
+
+REVOKE ALL ON d365.conflict FROM PUBLIC;
 
 -- ==========================================================================
 -- The functions of 0.3
@@ -5012,6 +5038,11 @@ BEGIN
         RAISE EXCEPTION 'd365._map_capture() runs only as d365sync''s capture trigger of a mapped table'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    -- d365sync's own write of the link columns or of incoming values:
+    -- nothing to send back
+    IF TG_OP IN ('INSERT', 'UPDATE') AND d365._map_own_write(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         -- the records of the rows linked as far as the sync state knows
         IF m.on_local_delete <> 'unlink' AND m.direction <> 'in' THEN
@@ -5367,6 +5398,12 @@ BEGIN
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION d365._map_own_write(tbl regclass)
+RETURNS boolean
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_own_write'
+LANGUAGE C VOLATILE STRICT;
+
 CREATE OR REPLACE FUNCTION d365._map_set_links(map text, keys text[], ids uuid[], expect uuid[])
 RETURNS text[]
 SET search_path = pg_catalog, pg_temp
@@ -5551,6 +5588,7 @@ AS $$
 DECLARE
     m d365.table_map := d365._table_map(map);
     e record;
+    merge boolean := EXISTS (SELECT FROM d365.column_map c WHERE c.map = m.name AND c.direction = 'both');
 BEGIN
     -- row security is the table owner's code: never run as the role running
     -- the job (d365sync refuses such a role; docs/security.md)
@@ -5569,22 +5607,30 @@ BEGIN
                              'method', 'PATCH',
                              'path', %2$L || '(' || w.dynamics_id || ')',
                              'body', w.body::text,
-                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
-                                             ELSE '[]'::jsonb END))::text
+                             'headers', CASE WHEN NOT w.linked THEN '[]'::jsonb
+                                             WHEN w.etag IS NOT NULL AND %10$L
+                                             THEN jsonb_build_array('If-Match: ' || w.etag)
+                                             ELSE '["If-Match: *"]'::jsonb END))::text
                END AS requests,
-               jsonb_build_object('map', %1$L,
+               (jsonb_build_object('map', %1$L,
                                   'action', CASE WHEN w.problem IS NOT NULL THEN 'invalid'
                                                  WHEN NOT w.linked THEN 'create'
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,
                                   'id', w.dynamics_id, 'seq', w.change_seq,
                                   'generation', w.generation,
-                                  'values', w.cur, 'sent', w.body, 'error', w.problem)::text AS context,
-               CASE WHEN NOT w.linked AND w.problem IS NULL AND w.match_values IS NOT NULL
+                                  'values', w.cur, 'sent', w.body, 'error', w.problem)
+               || CASE WHEN w.preread THEN jsonb_build_object('synced', w.synced) ELSE '{}' END)
+               ::text AS context,
+               CASE WHEN w.preread THEN jsonb_build_object('map', %1$L, 'id', w.dynamics_id)::text
+                    WHEN NOT w.linked AND w.problem IS NULL AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) x
                                           WHERE x.value IN ('null'::jsonb, '""'::jsonb))
                     THEN jsonb_build_object('map', %1$L, 'values', w.match_values)::text END AS lookup
-          FROM (SELECT v.*,
+          FROM (SELECT b.*,
+                       %10$L AND b.linked AND b.problem IS NULL AND b.body IS NOT NULL
+                       AND b.synced IS NOT NULL AND b.etag IS NULL AS preread
+                  FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(x.key, x.value)
                                     FROM jsonb_each(v.cur) x
@@ -5600,6 +5646,8 @@ BEGIN
                                coalesce(r.generation, 0) AS generation,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE r.synced END AS synced,
+                               CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
+                                    THEN NULL ELSE r.etag END AS etag,
                                %5$s AS cur,
                                -- a link d365sync did not write (the state names
                                -- another record, or none) is never used
@@ -5622,11 +5670,12 @@ BEGIN
                                          OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)))
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
-                 WHERE NOT v.waiting) w
+                 WHERE NOT v.waiting) b) w
         UNION ALL
         SELECT d.*, NULL::text FROM (%9$s) d
     $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
-         coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set));
+         coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set),
+         merge);
 END;
 $$;
 
@@ -5657,6 +5706,7 @@ BEGIN
                coalesce((x.c ->> 'action') IN ('unchanged', 'link')
                         OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
                             AND o.msg IS NULL)
+                        OR ((x.c ->> 'action') = 'merged' AND o.st IS NULL AND o.msg IS NULL)
                         OR ((x.c ->> 'action') IN ('remote_delete', 'remote_deactivate')
                             AND (o.st BETWEEN 200 AND 299 OR o.st = 404) AND o.msg IS NULL), false),
                coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
@@ -5704,7 +5754,7 @@ BEGIN
            dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
            attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
            last_status = coalesce(o.status, r.last_status),
-           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL, etag = NULL
       FROM unnest(outcomes) o
      WHERE o.ok AND r.map = mname AND r.row_key = o.item_key
        AND (o.item_key = ANY (coalesce(done, '{}')) OR o.action = 'unchanged');
@@ -5727,6 +5777,17 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- 412: the record changed in Dynamics since its ETag was read: read
+    -- it and merge, at once (a second pass of d365_sync) without back-off
+    UPDATE d365.map_row r
+       SET etag = NULL, last_attempt_at = now(), last_status = 412,
+           last_error_code = o.error_code,
+           last_error = 'changed in Dynamics 365 since the last sync (412): merged at the next pass'
+      FROM unnest(outcomes) o
+     WHERE o.action = 'update' AND o.status = 412 AND r.map = mname AND r.row_key = o.item_key;
+    outcomes := ARRAY(SELECT o FROM unnest(outcomes) o
+                       WHERE NOT (o.action = 'update' AND o.status IS NOT DISTINCT FROM 412));
+
     -- other failures stay pending: back off 5 min, 10, ... up to a day (a
     -- row refused before sending is tried again as soon as it changes)
     UPDATE d365.map_row r
@@ -5738,9 +5799,12 @@ BEGIN
       FROM unnest(outcomes) o
      WHERE NOT o.ok AND NOT o.gone AND r.map = mname AND r.row_key = o.item_key;
 
+    -- rows merged with their record: local changes, conflicts, ETag
+    PERFORM d365._map_record_merges(mname, item_keys, contexts, statuses, error_messages);
+
     SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
            count(*) FILTER (WHERE o.ok AND o.action = 'update'),
-           count(*) FILTER (WHERE o.action IN ('unchanged', 'link')),
+           count(*) FILTER (WHERE o.action IN ('unchanged', 'link', 'merged')),
            count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
@@ -5754,7 +5818,9 @@ $$;
  * Matching: the look-up stage of the pipeline for unlinked rows of a map
  * with match columns (d365.column_map.match).  The look-up of a group of
  * rows is one GET of the records whose match fields equal one row's values
- * (an "or" chain of "and" groups), with every mapped field selected.
+ * (an "or" chain of "and" groups), with every mapped field selected.  The
+ * same stage reads the records of linked rows to merge before their update
+ * (look-ups {"map", "id"}, 14_map_conflict.sql): their ids join the chain.
  */
 CREATE OR REPLACE FUNCTION d365._map_lookup_path(lookups text[])
 RETURNS text
@@ -5779,8 +5845,13 @@ BEGIN
                                      ' and ' ORDER BY x.field) || ')' AS g
               FROM unnest(lookups) WITH ORDINALITY u(l, i)
               CROSS JOIN d365._map_columns(m.name) x
-             WHERE l IS NOT NULL AND x.match
-             GROUP BY i) y;
+             WHERE l IS NOT NULL AND l::jsonb ? 'values' AND x.match
+             GROUP BY i
+            UNION ALL
+            -- the records of linked rows to merge (14_map_conflict.sql)
+            SELECT format('%s eq %s', ent.primary_id, (l::jsonb ->> 'id')::uuid)
+              FROM unnest(lookups) l
+             WHERE l IS NOT NULL AND l::jsonb ? 'id') y;
     IF cond IS NULL THEN
         RETURN NULL;
     END IF;
@@ -5834,6 +5905,12 @@ BEGIN
             CONTINUE;
         END IF;
         answer := d365._lookup_answer(answers[groups[i]]);
+        IF look ? 'id' THEN
+            -- a linked row to merge with its record (14_map_conflict.sql)
+            SELECT * INTO requests, context FROM d365._map_preread_item(item_key, ctx, answer);
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         hits := ARRAY(SELECT v FROM jsonb_array_elements(CASE WHEN jsonb_typeof(answer -> 'value') = 'array'
                                                                THEN answer -> 'value' ELSE '[]' END) v
                        WHERE d365._match_key(v, fields) = d365._match_key(look -> 'values', fields));
@@ -6015,6 +6092,7 @@ DECLARE
     inc record;
     msg text;
     code text;
+    merge boolean := EXISTS (SELECT FROM d365.column_map c WHERE c.map = m.name AND c.direction = 'both');
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
     -- row security is the table owner's code: never run as the role running
@@ -6025,6 +6103,7 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    PERFORM d365._map_fold_changes(m.name);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
@@ -6081,10 +6160,18 @@ BEGIN
         IF st.dynamics_id IS DISTINCT FROM id THEN
             CONTINUE;
         END IF;
+        -- a row with local changes not sent yet is merged by the next
+        -- sync, field by field (14_map_conflict.sql): its ETag stays old
+        IF merge AND st.change_seq > st.synced_seq AND st.synced IS NOT NULL THEN
+            unchanged := unchanged + 1;
+            CONTINUE;
+        END IF;
         BEGIN
             inc := d365._map_incoming(m.name, r,
                                       CASE WHEN st.dynamics_id = id THEN st.synced END);
             IF inc.vals = '{}' THEN
+                UPDATE d365.map_row s SET etag = r ->> '@odata.etag'
+                 WHERE s.map = m.name AND s.row_key = k AND s.dynamics_id = id;
                 unchanged := unchanged + 1;
                 CONTINUE;
             END IF;
@@ -6103,7 +6190,7 @@ BEGIN
         END;
         UPDATE d365.map_row s
            SET synced = CASE WHEN s.dynamics_id = id THEN coalesce(s.synced, '{}') ELSE '{}' END || inc.wires,
-               dynamics_id = id
+               dynamics_id = id, etag = r ->> '@odata.etag'
          WHERE s.map = m.name AND s.row_key = k;
         updated := updated + 1;
     END LOOP;
@@ -6366,6 +6453,180 @@ $$;
 
 REVOKE ALL ON FUNCTION d365._contact_map_refresh(), d365._contact_map_guard(),
        d365._contact_map_column(name, text, text, boolean) FROM PUBLIC;
+
+/*
+ * The merge of one row whose record changed in Dynamics since the last
+ * sync (rec: the record as read now; ctx: the row's context from
+ * d365._map_work_sql, with 'values' the local values and 'synced' those
+ * last synced, both as sent).  Returns the request (an update of the fields
+ * to send, If-Match: the ETag just read; none when nothing is to be sent)
+ * and the context d365._map_record needs: what to apply locally, the
+ * record's values to remember as synced, the conflicts.
+ */
+CREATE OR REPLACE FUNCTION d365._map_merge(ctx jsonb, rec jsonb, OUT requests text, OUT context text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(ctx ->> 'map');
+    base jsonb := coalesce(ctx -> 'synced', '{}');
+    cur jsonb := coalesce(ctx -> 'values', '{}');
+    etag text := rec ->> '@odata.etag';
+    inc record;
+    col record;
+    send jsonb := '{}';
+    apply jsonb := '{}';
+    conflicts jsonb := '[]';
+    local_changed boolean;
+BEGIN
+    inc := d365._map_incoming(m.name, rec, base);
+    FOR col IN SELECT * FROM d365._map_columns(m.name) x WHERE x.problem IS NULL LOOP
+        local_changed := col.direction <> 'in' AND cur ? col.wire
+                         AND (cur -> col.wire) IS DISTINCT FROM coalesce(base -> col.wire, 'null'::jsonb);
+        IF col.direction = 'both' AND local_changed AND inc.wires ? col.wire THEN
+            IF (cur -> col.wire) IS DISTINCT FROM (inc.wires -> col.wire) THEN
+                conflicts := conflicts || jsonb_build_array(jsonb_build_object(
+                    'column', col."column", 'field', col.field,
+                    'local', cur -> col.wire, 'dynamics', inc.wires -> col.wire,
+                    'base', base -> col.wire, 'resolution', m.conflict));
+                IF m.conflict = 'local_wins' THEN
+                    send := send || jsonb_build_object(col.wire, cur -> col.wire);
+                ELSE
+                    apply := apply || jsonb_build_object(col."column", inc.vals -> col."column");
+                END IF;
+            END IF;
+        ELSIF local_changed THEN
+            send := send || jsonb_build_object(col.wire, cur -> col.wire);
+        ELSIF col.direction <> 'out' AND inc.vals ? col."column" THEN
+            apply := apply || jsonb_build_object(col."column", inc.vals -> col."column");
+        END IF;
+    END LOOP;
+    requests := CASE WHEN send = '{}' THEN '[]'
+                     ELSE jsonb_build_array(jsonb_build_object(
+                              'method', 'PATCH',
+                              'path', m.entity_set || '(' || (ctx ->> 'id') || ')',
+                              'body', send::text,
+                              'headers', jsonb_build_array('If-Match: ' || etag)))::text END;
+    context := (ctx || jsonb_build_object(
+                   'action', CASE WHEN send = '{}' THEN 'merged' ELSE 'update' END,
+                   'sent', CASE WHEN send = '{}' THEN NULL ELSE send END,
+                   'merge', true, 'apply', apply, 'remote', inc.wires,
+                   'conflicts', conflicts, 'etag', etag))::text;
+END;
+$$;
+
+/*
+ * The look-up stage's part of a merge (d365._map_lookup_resolve, for a
+ * look-up {"map", "id"}): the row's record in its group's answer (read by
+ * d365._map_lookup_path with the records of the group's other rows),
+ * merged (d365._map_merge).  A record not in the answer (deleted in
+ * Dynamics) keeps the planned update, whose 404 unlinks the row; a record
+ * that cannot be merged (a lookup to a record linked to no row here) too,
+ * with a WARNING.  An answer that could not be read, or whose record may
+ * be on a page not read, fails the row (tried again after its back-off).
+ */
+CREATE OR REPLACE FUNCTION d365._map_preread_item(item_key text, ctx jsonb, answer jsonb, OUT requests text, OUT context text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ent record := d365._map_entity((d365._table_map(ctx ->> 'map')).entity_set);
+    rec jsonb;
+    mg record;
+    msg text;
+BEGIN
+    requests := NULL;
+    context := ctx::text;
+    SELECT v INTO rec
+      FROM jsonb_array_elements(CASE WHEN jsonb_typeof(answer -> 'value') = 'array'
+                                     THEN answer -> 'value' ELSE '[]' END) v
+     WHERE v ->> ent.primary_id = ctx ->> 'id'
+     LIMIT 1;
+    IF rec IS NULL THEN
+        IF answer ? '@d365sync.unreadable' OR answer ? '@odata.nextLink'
+           OR jsonb_typeof(answer -> 'value') IS DISTINCT FROM 'array' THEN
+            requests := '[]';
+            context := (ctx || jsonb_build_object('sent', NULL, 'error',
+                           'its record could not be read before the update: '
+                           || coalesce(answer ->> '@d365sync.unreadable',
+                                       'the answer held more than one page')))::text;
+        END IF;
+        RETURN;
+    END IF;
+    BEGIN
+        mg := d365._map_merge(ctx, rec);
+        requests := mg.requests;
+        context := mg.context;
+    EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                   OR invalid_parameter_value THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+        RAISE WARNING 'row % of map "%" could not be merged with its record: %; sent as it is',
+                      item_key, ctx ->> 'map', msg
+            USING ERRCODE = '01000';
+    END;
+END;
+$$;
+
+/*
+ * The record stage's part of a merge (d365._map_record): for the merged
+ * rows that went through, apply what Dynamics changed locally (as the
+ * table's owner), remember the record's values and ETag as synced, and
+ * record the conflicts.  A local apply that fails leaves the row with its
+ * error (the values stay unsynced, so the next pull or sync tries again).
+ */
+CREATE OR REPLACE FUNCTION d365._map_record_merges(mname text, item_keys text[], contexts text[],
+                                        statuses integer[], error_messages text[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    x record;
+    msg text;
+    code text;
+BEGIN
+    FOR x IN SELECT o.k, o.ctx::jsonb AS c
+               FROM unnest(item_keys, contexts, statuses, error_messages) AS o(k, ctx, st, msg)
+              WHERE o.ctx::jsonb ? 'merge' AND o.msg IS NULL
+                AND (o.st IS NULL OR o.st BETWEEN 200 AND 299) LOOP
+        INSERT INTO d365.conflict (map, row_key, dynamics_id, "column", field,
+                                   local_value, dynamics_value, base_value, resolution)
+        SELECT mname, x.k, (x.c ->> 'id')::uuid, (f ->> 'column')::name, f ->> 'field',
+               f -> 'local', f -> 'dynamics', f -> 'base', f ->> 'resolution'
+          FROM jsonb_array_elements(x.c -> 'conflicts') f;
+        BEGIN
+            IF x.c -> 'apply' <> '{}' THEN
+                PERFORM d365._map_apply(mname, x.c -> 'apply', x.k);
+            END IF;
+            UPDATE d365.map_row r
+               SET synced = coalesce(r.synced, '{}') || coalesce(x.c -> 'remote', '{}')
+                            || coalesce(nullif(x.c -> 'sent', 'null'), '{}'),
+                   dynamics_id = (x.c ->> 'id')::uuid,
+                   synced_seq = (x.c ->> 'seq')::bigint,
+                   etag = CASE WHEN x.c ->> 'action' = 'merged' THEN x.c ->> 'etag' END,
+                   attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
+                   last_error_code = NULL, last_error = NULL
+             WHERE r.map = mname AND r.row_key = x.k;
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                       OR invalid_parameter_value OR with_check_option_violation THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE WARNING 'the Dynamics changes of row % of map "%" were not applied: %', x.k, mname, msg
+                USING ERRCODE = '01000';
+            UPDATE d365.map_row r
+               SET last_attempt_at = now(), last_error_code = code, etag = NULL,
+                   last_error = left('Dynamics changes not applied: ' || msg, 2000)
+             WHERE r.map = mname AND r.row_key = x.k;
+        END;
+    END LOOP;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_own_write(regclass), d365._map_merge(jsonb, jsonb),
+       d365._map_preread_item(text, jsonb, jsonb),
+       d365._map_record_merges(text, text[], text[], integer[], text[])
+    FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION d365._state_guard()
 RETURNS trigger

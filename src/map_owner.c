@@ -33,6 +33,51 @@ PG_FUNCTION_INFO_V1(d365_map_set_links);
 PG_FUNCTION_INFO_V1(d365_map_apply);
 PG_FUNCTION_INFO_V1(d365_map_remove);
 
+/*
+ * The table whose rows d365sync itself is writing (its link columns, or
+ * values that came from Dynamics), while that statement runs: its capture
+ * triggers note nothing then (d365._map_own_write), since the values are
+ * Dynamics' or d365sync's and nothing is to be sent back.
+ */
+static Oid	own_write_relid = InvalidOid;
+
+PG_FUNCTION_INFO_V1(d365_map_own_write);
+
+/*
+ * d365._map_own_write(tbl regclass) -> boolean
+ *		Whether the statement now writing tbl is d365sync's own write of the
+ *		link columns or of incoming values.
+ */
+Datum
+d365_map_own_write(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(!PG_ARGISNULL(0) && OidIsValid(own_write_relid) &&
+				   PG_GETARG_OID(0) == own_write_relid);
+}
+
+/* d365_owner_statement, marked as d365sync's own write of relid. */
+static Datum
+own_write(Oid relid, const char *op, const char *sql, Datum columns,
+		  int nargs, Oid *types, Datum *values, char *nulls,
+		  Oid restype, bool *isnull)
+{
+	Oid			was = own_write_relid;
+	Datum		result;
+
+	own_write_relid = relid;
+	PG_TRY();
+	{
+		result = d365_owner_statement(relid, op, sql, columns, nargs, types, values,
+									  nulls, restype, isnull);
+	}
+	PG_FINALLY();
+	{
+		own_write_relid = was;
+	}
+	PG_END_TRY();
+	return result;
+}
+
 /* The statement of op for map, its table and the columns it writes. */
 static char *
 owner_sql(Datum map, const char *op, Datum columns, Oid *relid, Datum *cols)
@@ -90,7 +135,7 @@ d365_map_set_links(PG_FUNCTION_ARGS)
 		values[i] = PG_ARGISNULL(i + 1) ? (Datum) 0 : PG_GETARG_DATUM(i + 1);
 	}
 	sql = owner_sql(PG_GETARG_DATUM(0), "links", (Datum) 0, &relid, &cols);
-	result = d365_owner_statement(relid, "links", sql, cols, 3,
+	result = own_write(relid, "links", sql, cols, 3,
 								  (Oid[]) {TEXTARRAYOID, UUIDARRAYOID, UUIDARRAYOID},
 								  values, nulls, TEXTARRAYOID, &isnull);
 	if (isnull)
@@ -129,7 +174,7 @@ d365_map_apply(PG_FUNCTION_ARGS)
 		PG_RETURN_VOID();
 
 	sql = owner_sql(PG_GETARG_DATUM(0), "apply", names, &relid, &cols);
-	(void) d365_owner_statement(relid, "apply", sql, cols, 2,
+	(void) own_write(relid, "apply", sql, cols, 2,
 								(Oid[]) {JSONBOID, TEXTOID},
 								(Datum[]) {PG_GETARG_DATUM(1), PG_GETARG_DATUM(2)},
 								NULL, InvalidOid, NULL);

@@ -171,20 +171,40 @@ map_lock(D365Run *run, const char *map)
 	return false;
 }
 
-/* The outgoing run of one map: its work query through the pipeline. */
+/*
+ * The outgoing run of one map: its work query through the pipeline, with
+ * the look-up stage (d365._map_lookup) finding the records of unlinked rows
+ * by their match columns and reading the records to merge (linked rows of
+ * a map with 'both' fields whose ETag is not known).  An update answered 412 (the record changed in
+ * Dynamics since its ETag was read) forgets the ETag, so a second pass
+ * reads and merges those rows at once; what still meets a 412 then waits
+ * for the next run.
+ */
 static void
 sync_body(D365Run *run, void *arg)
 {
 	const char *map = (const char *) arg;
-	char	   *work_sql;
+	int			pass;
 
 	if (!map_lock(run, map))
 		return;
 
-	work_sql = d365_sql_text("SELECT d365._map_work_sql($1)", 1, (Oid[]) {TEXTOID},
-							 (Datum[]) {CStringGetTextDatum(map)});
-	d365_pipeline_process_lookup(run, work_sql, 0, NULL, NULL, "d365._map_record",
-								 "d365._map_lookup");
+	for (pass = 0; pass < 2; pass++)
+	{
+		char	   *work_sql;
+
+		if (pass > 0 &&
+			!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.map_row r WHERE r.map = $1"
+						   " AND r.last_status = 412 AND r.etag IS NULL"
+						   " AND r.change_seq > r.synced_seq AND r.next_attempt_at IS NULL"
+						   " AND r.last_attempt_at >= pg_catalog.now())",
+						   1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(map)}, NULL))
+			break;
+		work_sql = d365_sql_text("SELECT d365._map_work_sql($1)", 1, (Oid[]) {TEXTOID},
+								 (Datum[]) {CStringGetTextDatum(map)});
+		d365_pipeline_process_lookup(run, work_sql, 0, NULL, NULL, "d365._map_record",
+									 "d365._map_lookup");
+	}
 }
 
 /* The first request of a full read of a map (nothing mapped: an error). */

@@ -361,6 +361,11 @@ BEGIN
         RAISE EXCEPTION 'd365._map_capture() runs only as d365sync''s capture trigger of a mapped table'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    -- d365sync's own write of the link columns or of incoming values:
+    -- nothing to send back
+    IF TG_OP IN ('INSERT', 'UPDATE') AND d365._map_own_write(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         -- the records of the rows linked as far as the sync state knows
         IF m.on_local_delete <> 'unlink' AND m.direction <> 'in' THEN
@@ -720,6 +725,12 @@ BEGIN
     END IF;
 END;
 $$;
+
+CREATE FUNCTION d365._map_own_write(tbl regclass)
+RETURNS boolean
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_own_write'
+LANGUAGE C VOLATILE STRICT;
 
 CREATE FUNCTION d365._map_set_links(map text, keys text[], ids uuid[], expect uuid[])
 RETURNS text[]

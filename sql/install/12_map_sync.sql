@@ -176,6 +176,7 @@ AS $$
 DECLARE
     m d365.table_map := d365._table_map(map);
     e record;
+    merge boolean := EXISTS (SELECT FROM d365.column_map c WHERE c.map = m.name AND c.direction = 'both');
 BEGIN
     -- row security is the table owner's code: never run as the role running
     -- the job (d365sync refuses such a role; docs/security.md)
@@ -194,22 +195,30 @@ BEGIN
                              'method', 'PATCH',
                              'path', %2$L || '(' || w.dynamics_id || ')',
                              'body', w.body::text,
-                             'headers', CASE WHEN w.linked THEN '["If-Match: *"]'::jsonb
-                                             ELSE '[]'::jsonb END))::text
+                             'headers', CASE WHEN NOT w.linked THEN '[]'::jsonb
+                                             WHEN w.etag IS NOT NULL AND %10$L
+                                             THEN jsonb_build_array('If-Match: ' || w.etag)
+                                             ELSE '["If-Match: *"]'::jsonb END))::text
                END AS requests,
-               jsonb_build_object('map', %1$L,
+               (jsonb_build_object('map', %1$L,
                                   'action', CASE WHEN w.problem IS NOT NULL THEN 'invalid'
                                                  WHEN NOT w.linked THEN 'create'
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,
                                   'id', w.dynamics_id, 'seq', w.change_seq,
                                   'generation', w.generation,
-                                  'values', w.cur, 'sent', w.body, 'error', w.problem)::text AS context,
-               CASE WHEN NOT w.linked AND w.problem IS NULL AND w.match_values IS NOT NULL
+                                  'values', w.cur, 'sent', w.body, 'error', w.problem)
+               || CASE WHEN w.preread THEN jsonb_build_object('synced', w.synced) ELSE '{}' END)
+               ::text AS context,
+               CASE WHEN w.preread THEN jsonb_build_object('map', %1$L, 'id', w.dynamics_id)::text
+                    WHEN NOT w.linked AND w.problem IS NULL AND w.match_values IS NOT NULL
                          AND NOT EXISTS (SELECT FROM jsonb_each(w.match_values) x
                                           WHERE x.value IN ('null'::jsonb, '""'::jsonb))
                     THEN jsonb_build_object('map', %1$L, 'values', w.match_values)::text END AS lookup
-          FROM (SELECT v.*,
+          FROM (SELECT b.*,
+                       %10$L AND b.linked AND b.problem IS NULL AND b.body IS NOT NULL
+                       AND b.synced IS NOT NULL AND b.etag IS NULL AS preread
+                  FROM (SELECT v.*,
                        CASE WHEN NOT v.linked THEN jsonb_strip_nulls(v.cur)
                             ELSE (SELECT jsonb_object_agg(x.key, x.value)
                                     FROM jsonb_each(v.cur) x
@@ -225,6 +234,8 @@ BEGIN
                                coalesce(r.generation, 0) AS generation,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE r.synced END AS synced,
+                               CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
+                                    THEN NULL ELSE r.etag END AS etag,
                                %5$s AS cur,
                                -- a link d365sync did not write (the state names
                                -- another record, or none) is never used
@@ -247,11 +258,12 @@ BEGIN
                                          OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)))
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
-                 WHERE NOT v.waiting) w
+                 WHERE NOT v.waiting) b) w
         UNION ALL
         SELECT d.*, NULL::text FROM (%9$s) d
     $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
-         coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set));
+         coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set),
+         merge);
 END;
 $$;
 
@@ -295,6 +307,7 @@ BEGIN
                coalesce((x.c ->> 'action') IN ('unchanged', 'link')
                         OR ((x.c ->> 'action') IN ('create', 'update') AND o.st BETWEEN 200 AND 299
                             AND o.msg IS NULL)
+                        OR ((x.c ->> 'action') = 'merged' AND o.st IS NULL AND o.msg IS NULL)
                         OR ((x.c ->> 'action') IN ('remote_delete', 'remote_deactivate')
                             AND (o.st BETWEEN 200 AND 299 OR o.st = 404) AND o.msg IS NULL), false),
                coalesce((x.c ->> 'action') = 'update' AND o.st = 404 AND x.c -> 'matched' IS NULL, false),
@@ -342,7 +355,7 @@ BEGIN
            dynamics_id = o.dynamics_id, synced_seq = o.seq, generation = o.generation,
            attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
            last_status = coalesce(o.status, r.last_status),
-           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL
+           last_error_code = NULL, last_error = NULL, remote_deleted_at = NULL, etag = NULL
       FROM unnest(outcomes) o
      WHERE o.ok AND r.map = mname AND r.row_key = o.item_key
        AND (o.item_key = ANY (coalesce(done, '{}')) OR o.action = 'unchanged');
@@ -365,6 +378,17 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- 412: the record changed in Dynamics since its ETag was read: read
+    -- it and merge, at once (a second pass of d365_sync) without back-off
+    UPDATE d365.map_row r
+       SET etag = NULL, last_attempt_at = now(), last_status = 412,
+           last_error_code = o.error_code,
+           last_error = 'changed in Dynamics 365 since the last sync (412): merged at the next pass'
+      FROM unnest(outcomes) o
+     WHERE o.action = 'update' AND o.status = 412 AND r.map = mname AND r.row_key = o.item_key;
+    outcomes := ARRAY(SELECT o FROM unnest(outcomes) o
+                       WHERE NOT (o.action = 'update' AND o.status IS NOT DISTINCT FROM 412));
+
     -- other failures stay pending: back off 5 min, 10, ... up to a day (a
     -- row refused before sending is tried again as soon as it changes)
     UPDATE d365.map_row r
@@ -376,9 +400,12 @@ BEGIN
       FROM unnest(outcomes) o
      WHERE NOT o.ok AND NOT o.gone AND r.map = mname AND r.row_key = o.item_key;
 
+    -- rows merged with their record: local changes, conflicts, ETag
+    PERFORM d365._map_record_merges(mname, item_keys, contexts, statuses, error_messages);
+
     SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
            count(*) FILTER (WHERE o.ok AND o.action = 'update'),
-           count(*) FILTER (WHERE o.action IN ('unchanged', 'link')),
+           count(*) FILTER (WHERE o.action IN ('unchanged', 'link', 'merged')),
            count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
@@ -392,7 +419,9 @@ $$;
  * Matching: the look-up stage of the pipeline for unlinked rows of a map
  * with match columns (d365.column_map.match).  The look-up of a group of
  * rows is one GET of the records whose match fields equal one row's values
- * (an "or" chain of "and" groups), with every mapped field selected.
+ * (an "or" chain of "and" groups), with every mapped field selected.  The
+ * same stage reads the records of linked rows to merge before their update
+ * (look-ups {"map", "id"}, 14_map_conflict.sql): their ids join the chain.
  */
 CREATE FUNCTION d365._map_lookup_path(lookups text[])
 RETURNS text
@@ -417,8 +446,13 @@ BEGIN
                                      ' and ' ORDER BY x.field) || ')' AS g
               FROM unnest(lookups) WITH ORDINALITY u(l, i)
               CROSS JOIN d365._map_columns(m.name) x
-             WHERE l IS NOT NULL AND x.match
-             GROUP BY i) y;
+             WHERE l IS NOT NULL AND l::jsonb ? 'values' AND x.match
+             GROUP BY i
+            UNION ALL
+            -- the records of linked rows to merge (14_map_conflict.sql)
+            SELECT format('%s eq %s', ent.primary_id, (l::jsonb ->> 'id')::uuid)
+              FROM unnest(lookups) l
+             WHERE l IS NOT NULL AND l::jsonb ? 'id') y;
     IF cond IS NULL THEN
         RETURN NULL;
     END IF;
@@ -472,6 +506,12 @@ BEGIN
             CONTINUE;
         END IF;
         answer := d365._lookup_answer(answers[groups[i]]);
+        IF look ? 'id' THEN
+            -- a linked row to merge with its record (14_map_conflict.sql)
+            SELECT * INTO requests, context FROM d365._map_preread_item(item_key, ctx, answer);
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         hits := ARRAY(SELECT v FROM jsonb_array_elements(CASE WHEN jsonb_typeof(answer -> 'value') = 'array'
                                                                THEN answer -> 'value' ELSE '[]' END) v
                        WHERE d365._match_key(v, fields) = d365._match_key(look -> 'values', fields));
@@ -653,6 +693,7 @@ DECLARE
     inc record;
     msg text;
     code text;
+    merge boolean := EXISTS (SELECT FROM d365.column_map c WHERE c.map = m.name AND c.direction = 'both');
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
     -- row security is the table owner's code: never run as the role running
@@ -663,6 +704,7 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    PERFORM d365._map_fold_changes(m.name);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
@@ -719,10 +761,18 @@ BEGIN
         IF st.dynamics_id IS DISTINCT FROM id THEN
             CONTINUE;
         END IF;
+        -- a row with local changes not sent yet is merged by the next
+        -- sync, field by field (14_map_conflict.sql): its ETag stays old
+        IF merge AND st.change_seq > st.synced_seq AND st.synced IS NOT NULL THEN
+            unchanged := unchanged + 1;
+            CONTINUE;
+        END IF;
         BEGIN
             inc := d365._map_incoming(m.name, r,
                                       CASE WHEN st.dynamics_id = id THEN st.synced END);
             IF inc.vals = '{}' THEN
+                UPDATE d365.map_row s SET etag = r ->> '@odata.etag'
+                 WHERE s.map = m.name AND s.row_key = k AND s.dynamics_id = id;
                 unchanged := unchanged + 1;
                 CONTINUE;
             END IF;
@@ -741,7 +791,7 @@ BEGIN
         END;
         UPDATE d365.map_row s
            SET synced = CASE WHEN s.dynamics_id = id THEN coalesce(s.synced, '{}') ELSE '{}' END || inc.wires,
-               dynamics_id = id
+               dynamics_id = id, etag = r ->> '@odata.etag'
          WHERE s.map = m.name AND s.row_key = k;
         updated := updated + 1;
     END LOOP;

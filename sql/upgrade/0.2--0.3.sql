@@ -150,6 +150,32 @@ ALTER TABLE d365.column_map ADD CONSTRAINT column_map_field_check
     CHECK (field ~ '^[a-z][a-z0-9_]*$'
            OR (map = 'contact' AND field ~ '^[a-z_][a-z0-9_]*(@odata\.bind)?$'));
 
+-- Conflicts (14_map_conflict.sql): the ETag of each mapped row, the conflicts.
+-- the ETag of the record as d365sync last saw it (NULL: not known)
+ALTER TABLE d365.map_row ADD COLUMN etag text;
+
+CREATE TABLE d365.conflict (
+    id             bigserial PRIMARY KEY,
+    map            text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    row_key        text NOT NULL,
+    dynamics_id    uuid NOT NULL,
+    "column"       name NOT NULL,
+    field          text NOT NULL,
+    local_value    jsonb,
+    dynamics_value jsonb,
+    base_value     jsonb,
+    resolution     text NOT NULL
+                   CONSTRAINT conflict_resolution_check CHECK (resolution IN ('dynamics_wins', 'local_wins')),
+    at             timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX conflict_map_idx ON d365.conflict (map, at);
+COMMENT ON TABLE d365.conflict IS
+    'Fields of mapped rows changed both here and in Dynamics since the last sync: both values, the value before, how it was resolved';
+SELECT pg_catalog.pg_extension_config_dump('d365.conflict', '');
+SELECT pg_catalog.pg_extension_config_dump('d365.conflict_id_seq', '');
+
+REVOKE ALL ON d365.conflict FROM PUBLIC;
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
