@@ -6170,7 +6170,7 @@ BEGIN
             inc := d365._map_incoming(m.name, r,
                                       CASE WHEN st.dynamics_id = id THEN st.synced END);
             IF inc.vals = '{}' THEN
-                UPDATE d365.map_row s SET etag = r ->> '@odata.etag'
+                UPDATE d365.map_row s SET etag = d365._etag(r ->> '@odata.etag')
                  WHERE s.map = m.name AND s.row_key = k AND s.dynamics_id = id;
                 unchanged := unchanged + 1;
                 CONTINUE;
@@ -6190,7 +6190,7 @@ BEGIN
         END;
         UPDATE d365.map_row s
            SET synced = CASE WHEN s.dynamics_id = id THEN coalesce(s.synced, '{}') ELSE '{}' END || inc.wires,
-               dynamics_id = id, etag = r ->> '@odata.etag'
+               dynamics_id = id, etag = d365._etag(r ->> '@odata.etag')
          WHERE s.map = m.name AND s.row_key = k;
         updated := updated + 1;
     END LOOP;
@@ -6455,6 +6455,20 @@ REVOKE ALL ON FUNCTION d365._contact_map_refresh(), d365._contact_map_guard(),
        d365._contact_map_column(name, text, text, boolean) FROM PUBLIC;
 
 /*
+ * An ETag from Dynamics as d365sync keeps and sends it (If-Match): a
+ * quoted string of visible characters, weak or strong; anything else
+ * (a line break that would add a header of its own, say) is not an ETag:
+ * NULL.
+ */
+CREATE OR REPLACE FUNCTION d365._etag(v text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN v ~ '^(W/)?"[!#-~]{1,255}"$' THEN v END
+$$;
+
+/*
  * The merge of one row whose record changed in Dynamics since the last
  * sync (rec: the record as read now; ctx: the row's context from
  * d365._map_work_sql, with 'values' the local values and 'synced' those
@@ -6472,7 +6486,7 @@ DECLARE
     m d365.table_map := d365._table_map(ctx ->> 'map');
     base jsonb := coalesce(ctx -> 'synced', '{}');
     cur jsonb := coalesce(ctx -> 'values', '{}');
-    etag text := rec ->> '@odata.etag';
+    etag text := d365._etag(rec ->> '@odata.etag');
     inc record;
     col record;
     send jsonb := '{}';
@@ -6507,7 +6521,7 @@ BEGIN
                               'method', 'PATCH',
                               'path', m.entity_set || '(' || (ctx ->> 'id') || ')',
                               'body', send::text,
-                              'headers', jsonb_build_array('If-Match: ' || etag)))::text END;
+                              'headers', jsonb_build_array('If-Match: ' || coalesce(etag, '*'))))::text END;
     context := (ctx || jsonb_build_object(
                    'action', CASE WHEN send = '{}' THEN 'merged' ELSE 'update' END,
                    'sent', CASE WHEN send = '{}' THEN NULL ELSE send END,
@@ -6623,7 +6637,7 @@ BEGIN
 END;
 $$;
 
-REVOKE ALL ON FUNCTION d365._map_own_write(regclass), d365._map_merge(jsonb, jsonb),
+REVOKE ALL ON FUNCTION d365._map_own_write(regclass), d365._etag(text), d365._map_merge(jsonb, jsonb),
        d365._map_preread_item(text, jsonb, jsonb),
        d365._map_record_merges(text, text[], text[], integer[], text[])
     FROM PUBLIC;

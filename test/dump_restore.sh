@@ -90,6 +90,10 @@ CREATE TABLE companies (legacy_id integer, id integer PRIMARY KEY, name text NOT
 ALTER TABLE companies DROP COLUMN legacy_id;
 SELECT d365.d365_map_table('account', 'companies', 'accounts');
 SELECT d365.d365_map_column('account', 'name', 'name');
+-- each restored copy renames the same Dynamics account: for the copies
+-- after the first, that is an edit made on both sides, and the edit made
+-- here is to win
+UPDATE d365.table_map SET conflict = 'local_wins' WHERE name = 'account';
 INSERT INTO companies VALUES (1, 'Contoso'), (2, 'Fabrikam');
 SELECT * FROM d365.d365_sync('account');
 SQL

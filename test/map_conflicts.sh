@@ -143,3 +143,27 @@ if [ "$out" = "0" ] && [ "$out2" = "0" ] && [ "$loc" = "Mine|555-0199" ] &&
 else
     notok "settled after merging" "$out" "$out2" "$loc"
 fi
+
+# -- 5. an ETag is data: one holding a line break is not sent as a header
+q "UPDATE companies SET phone = '555-0123' WHERE id = 1" >/dev/null
+q "SELECT * FROM d365_sync('account')" >/dev/null          # own update: ETag unknown
+q "UPDATE companies SET phone = '555-0124' WHERE id = 1" >/dev/null
+python3 - "$acc" >"$TMPD/fault.json" <<'PY'
+import json, sys
+acc = sys.argv[1]
+rec = {"@odata.etag": 'W/"1"\r\nX-Injected: yes', "accountid": acc, "name": "Mine",
+       "revenue": 250.5, "telephone1": "555-0123"}
+print(json.dumps({"method": "GET", "path_regex": "accounts\\?.*filter", "status": 200,
+                  "json": {"value": [rec]}, "times": 1}))
+PY
+simctl fault "$(cat "$TMPD/fault.json")" >/dev/null
+seq=$(simctl last-seq)
+out=$(q "SELECT updated || '/' || failed FROM d365_sync('account')")
+hdr=$(if_matches "$acc" "$seq")
+inj=$(simctl requests --since "$seq" --kind api | grep -ci 'x-injected')
+if [ "$out" = "1/0" ] && [ "$hdr" = "*:204" ] && [ "$inj" = "0" ] &&
+   [ "$(sim_fields "$acc" telephone1)" = "555-0124" ]; then
+    ok "an ETag holding a line break is not an ETag: the update goes with If-Match: *, no header of Dynamics' making"
+else
+    notok "a hostile ETag" "$out" "If-Match $hdr" "x-injected seen $inj times"
+fi

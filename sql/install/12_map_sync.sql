@@ -771,7 +771,7 @@ BEGIN
             inc := d365._map_incoming(m.name, r,
                                       CASE WHEN st.dynamics_id = id THEN st.synced END);
             IF inc.vals = '{}' THEN
-                UPDATE d365.map_row s SET etag = r ->> '@odata.etag'
+                UPDATE d365.map_row s SET etag = d365._etag(r ->> '@odata.etag')
                  WHERE s.map = m.name AND s.row_key = k AND s.dynamics_id = id;
                 unchanged := unchanged + 1;
                 CONTINUE;
@@ -791,7 +791,7 @@ BEGIN
         END;
         UPDATE d365.map_row s
            SET synced = CASE WHEN s.dynamics_id = id THEN coalesce(s.synced, '{}') ELSE '{}' END || inc.wires,
-               dynamics_id = id, etag = r ->> '@odata.etag'
+               dynamics_id = id, etag = d365._etag(r ->> '@odata.etag')
          WHERE s.map = m.name AND s.row_key = k;
         updated := updated + 1;
     END LOOP;

@@ -34,6 +34,20 @@ SELECT pg_catalog.pg_extension_config_dump('d365.conflict', '');
 SELECT pg_catalog.pg_extension_config_dump('d365.conflict_id_seq', '');
 
 /*
+ * An ETag from Dynamics as d365sync keeps and sends it (If-Match): a
+ * quoted string of visible characters, weak or strong; anything else
+ * (a line break that would add a header of its own, say) is not an ETag:
+ * NULL.
+ */
+CREATE FUNCTION d365._etag(v text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN v ~ '^(W/)?"[!#-~]{1,255}"$' THEN v END
+$$;
+
+/*
  * The merge of one row whose record changed in Dynamics since the last
  * sync (rec: the record as read now; ctx: the row's context from
  * d365._map_work_sql, with 'values' the local values and 'synced' those
@@ -51,7 +65,7 @@ DECLARE
     m d365.table_map := d365._table_map(ctx ->> 'map');
     base jsonb := coalesce(ctx -> 'synced', '{}');
     cur jsonb := coalesce(ctx -> 'values', '{}');
-    etag text := rec ->> '@odata.etag';
+    etag text := d365._etag(rec ->> '@odata.etag');
     inc record;
     col record;
     send jsonb := '{}';
@@ -86,7 +100,7 @@ BEGIN
                               'method', 'PATCH',
                               'path', m.entity_set || '(' || (ctx ->> 'id') || ')',
                               'body', send::text,
-                              'headers', jsonb_build_array('If-Match: ' || etag)))::text END;
+                              'headers', jsonb_build_array('If-Match: ' || coalesce(etag, '*'))))::text END;
     context := (ctx || jsonb_build_object(
                    'action', CASE WHEN send = '{}' THEN 'merged' ELSE 'update' END,
                    'sent', CASE WHEN send = '{}' THEN NULL ELSE send END,
@@ -203,7 +217,7 @@ END;
 $$;
 
 REVOKE ALL ON d365.conflict FROM PUBLIC;
-REVOKE ALL ON FUNCTION d365._map_own_write(regclass), d365._map_merge(jsonb, jsonb),
+REVOKE ALL ON FUNCTION d365._map_own_write(regclass), d365._etag(text), d365._map_merge(jsonb, jsonb),
        d365._map_preread_item(text, jsonb, jsonb),
        d365._map_record_merges(text, text[], text[], integer[], text[])
     FROM PUBLIC;
