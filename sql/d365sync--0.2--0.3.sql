@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (177), as
+ *   - the 0.3 install script: every function and procedure (178), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -4112,6 +4112,9 @@ BEGIN
            WHEN c.relname = 'map_delete'
                THEN 'SELECT, UPDATE (attempts, next_attempt_at, last_attempt_at, last_status, last_error_code,'
                     ' last_error), DELETE'
+           -- conflicts: a sync records them, an operator reviews and
+           -- deletes them; only an admin may rewrite one
+           WHEN c.relname = 'conflict' THEN 'SELECT, INSERT, DELETE'
            WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
@@ -4400,6 +4403,16 @@ BEGIN
         value := format('%s (oldest %s, Dynamics id %s)%s', r.n,
                         to_char(r.oldest, 'YYYY-MM-DD HH24:MI:SS TZ'), r.first_id,
                         coalesce('; last error: ' || r.last_error, ''));
+        RETURN NEXT;
+    END LOOP;
+    -- fields changed on both sides, as resolved (d365.conflict): how many,
+    -- the newest; their values are for those who may read the table
+    FOR r IN SELECT c.map, count(*) AS n, max(c.at) AS newest,
+                    count(*) FILTER (WHERE c.resolution = 'local_wins') AS local_wins
+               FROM d365.conflict c GROUP BY c.map ORDER BY c.map LOOP
+        item := format('conflicts of map %s', r.map);
+        value := format('%s (%s dynamics_wins, %s local_wins; newest %s)', r.n, r.n - r.local_wins,
+                        r.local_wins, to_char(r.newest, 'YYYY-MM-DD HH24:MI:SS TZ'));
         RETURN NEXT;
     END LOOP;
     -- the newest failed run of a job that has not completed a run since
@@ -5647,7 +5660,7 @@ BEGIN
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE r.synced END AS synced,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
-                                    THEN NULL ELSE r.etag END AS etag,
+                                    THEN NULL ELSE d365._etag(r.etag) END AS etag,
                                %5$s AS cur,
                                -- a link d365sync did not write (the state names
                                -- another record, or none) is never used
@@ -5697,6 +5710,7 @@ DECLARE
     outcomes d365._map_outcome[];
     remote_done integer;
     remote_failed integer;
+    merge_failed text[];
     k text;
 BEGIN
     SELECT array_agg(ROW(
@@ -5800,12 +5814,13 @@ BEGIN
      WHERE NOT o.ok AND NOT o.gone AND r.map = mname AND r.row_key = o.item_key;
 
     -- rows merged with their record: local changes, conflicts, ETag
-    PERFORM d365._map_record_merges(mname, item_keys, contexts, statuses, error_messages);
+    -- (a row whose Dynamics changes could not be applied counts as failed)
+    merge_failed := d365._map_record_merges(mname, item_keys, contexts, statuses, error_messages);
 
     SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
-           count(*) FILTER (WHERE o.ok AND o.action = 'update'),
-           count(*) FILTER (WHERE o.action IN ('unchanged', 'link', 'merged')),
-           count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
+           count(*) FILTER (WHERE o.ok AND o.action = 'update' AND NOT o.item_key = ANY (merge_failed)),
+           count(*) FILTER (WHERE o.action IN ('unchanged', 'link', 'merged') AND NOT o.item_key = ANY (merge_failed)),
+           count(*) FILTER (WHERE (NOT o.ok AND NOT o.gone) OR o.item_key = ANY (merge_failed)),
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
       FROM unnest(outcomes) o;
@@ -6587,12 +6602,15 @@ $$;
  * The record stage's part of a merge (d365._map_record): for the merged
  * rows that went through, apply what Dynamics changed locally (as the
  * table's owner), remember the record's values and ETag as synced, and
- * record the conflicts.  A local apply that fails leaves the row with its
- * error (the values stay unsynced, so the next pull or sync tries again).
+ * record the conflicts.  A local apply that fails, for whatever reason (a
+ * value that does not fit the column, the owner's trigger refusing it),
+ * fails that row alone: a WARNING, its error and a back-off, no conflict
+ * recorded yet (the values stay unsynced, so the next pull or sync tries
+ * again).  Returns the keys of those rows.
  */
 CREATE OR REPLACE FUNCTION d365._map_record_merges(mname text, item_keys text[], contexts text[],
                                         statuses integer[], error_messages text[])
-RETURNS void
+RETURNS text[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -6600,20 +6618,21 @@ DECLARE
     x record;
     msg text;
     code text;
+    failed text[] := '{}';
 BEGIN
     FOR x IN SELECT o.k, o.ctx::jsonb AS c
                FROM unnest(item_keys, contexts, statuses, error_messages) AS o(k, ctx, st, msg)
               WHERE o.ctx::jsonb ? 'merge' AND o.msg IS NULL
                 AND (o.st IS NULL OR o.st BETWEEN 200 AND 299) LOOP
-        INSERT INTO d365.conflict (map, row_key, dynamics_id, "column", field,
-                                   local_value, dynamics_value, base_value, resolution)
-        SELECT mname, x.k, (x.c ->> 'id')::uuid, (f ->> 'column')::name, f ->> 'field',
-               f -> 'local', f -> 'dynamics', f -> 'base', f ->> 'resolution'
-          FROM jsonb_array_elements(x.c -> 'conflicts') f;
         BEGIN
             IF x.c -> 'apply' <> '{}' THEN
                 PERFORM d365._map_apply(mname, x.c -> 'apply', x.k);
             END IF;
+            INSERT INTO d365.conflict (map, row_key, dynamics_id, "column", field,
+                                       local_value, dynamics_value, base_value, resolution)
+            SELECT mname, x.k, (x.c ->> 'id')::uuid, (f ->> 'column')::name, f ->> 'field',
+                   f -> 'local', f -> 'dynamics', f -> 'base', f ->> 'resolution'
+              FROM jsonb_array_elements(x.c -> 'conflicts') f;
             UPDATE d365.map_row r
                SET synced = coalesce(r.synced, '{}') || coalesce(x.c -> 'remote', '{}')
                             || coalesce(nullif(x.c -> 'sent', 'null'), '{}'),
@@ -6623,17 +6642,20 @@ BEGIN
                    attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
                    last_error_code = NULL, last_error = NULL
              WHERE r.map = mname AND r.row_key = x.k;
-        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
-                       OR invalid_parameter_value OR with_check_option_violation THEN
+        EXCEPTION WHEN OTHERS THEN
+            -- OTHERS leaves out query_canceled: a cancel still ends the run
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
             RAISE WARNING 'the Dynamics changes of row % of map "%" were not applied: %', x.k, mname, msg
                 USING ERRCODE = '01000';
             UPDATE d365.map_row r
-               SET last_attempt_at = now(), last_error_code = code, etag = NULL,
+               SET attempts = r.attempts + 1, next_attempt_at = d365._next_attempt(r.attempts + 1),
+                   last_attempt_at = now(), last_error_code = code, etag = NULL,
                    last_error = left('Dynamics changes not applied: ' || msg, 2000)
              WHERE r.map = mname AND r.row_key = x.k;
+            failed := failed || x.k;
         END;
     END LOOP;
+    RETURN failed;
 END;
 $$;
 

@@ -174,8 +174,14 @@ op_from_request(json_t *req, const char *key)
 	op = d365_op_make(method, path, d365_json_str(req, "body"));
 	json_array_foreach(headers, i, h)
 	{
-		if (json_is_string(h))
-			op->headers = lappend(op->headers, pstrdup(json_string_value(h)));
+		if (!json_is_string(h))
+			continue;
+		/* a line break would end the header and start one of its own */
+		if (strpbrk(json_string_value(h), "\r\n") != NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("work query gave item %s a request header holding a line break", key)));
+		op->headers = lappend(op->headers, pstrdup(json_string_value(h)));
 	}
 	return op;
 }

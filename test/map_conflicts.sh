@@ -167,3 +167,86 @@ if [ "$out" = "1/0" ] && [ "$hdr" = "*:204" ] && [ "$inj" = "0" ] &&
 else
     notok "a hostile ETag" "$out" "If-Match $hdr" "x-injected seen $inj times"
 fi
+
+# -- 6. who may see and clear conflicts: an operator (the operator set and
+# UPDATE on the table) runs the merging sync, records the conflict and may
+# review and delete it, not rewrite it; the local apply runs as the
+# table's owner; a monitor sees how many in d365_status(), not the values
+PSQL_DB=postgres psqlq -c "DROP ROLE IF EXISTS mapconf_op" -c "CREATE ROLE mapconf_op" \
+    -c "DROP ROLE IF EXISTS mapconf_mon" -c "CREATE ROLE mapconf_mon" >/dev/null 2>&1
+q "UPDATE d365.table_map SET conflict = 'dynamics_wins' WHERE name = 'account';
+   SELECT d365_grant('mapconf_op', 'operator'); SELECT d365_grant('mapconf_mon', 'monitor');
+   GRANT SELECT, UPDATE ON companies TO mapconf_op;
+   CREATE TABLE mc_log (who name, id integer, phone text);
+   ALTER TABLE mc_log OWNER TO mapconf_owner;
+   CREATE FUNCTION mc_watch() RETURNS trigger LANGUAGE plpgsql AS \$f\$
+   BEGIN
+       INSERT INTO public.mc_log VALUES (current_user, NEW.id, NEW.phone);
+       IF NEW.phone = '555-6666' THEN
+           RAISE EXCEPTION 'this phone is refused here' USING ERRCODE = 'insufficient_privilege';
+       END IF;
+       RETURN NEW;
+   END \$f\$;
+   ALTER FUNCTION mc_watch() OWNER TO mapconf_owner;
+   CREATE TRIGGER mc_watch BEFORE UPDATE ON companies FOR EACH ROW EXECUTE FUNCTION mc_watch()" >/dev/null
+q "SELECT * FROM d365_pull('account')" >/dev/null
+q "UPDATE companies SET name = 'Op Local' WHERE id = 1; DELETE FROM mc_log" >/dev/null
+edit "$acc" '{"name": "Op Remote", "telephone1": "555-0150"}'
+out=$(q "SET ROLE mapconf_op; SELECT updated || '/' || unchanged || '/' || failed FROM d365_sync('account')" 2>&1)
+who=$(q "SELECT string_agg(DISTINCT who::text, ',') FROM mc_log")
+loc=$(q "SELECT name || '|' || phone FROM companies WHERE id = 1")
+seen=$(q "SET ROLE mapconf_op; SELECT resolution FROM d365.conflict ORDER BY id DESC LIMIT 1")
+rewrite=$(q "SET ROLE mapconf_op; UPDATE d365.conflict SET resolution = 'local_wins'" 2>&1)
+mon=$(q "SET ROLE mapconf_mon; SELECT value FROM d365_status() WHERE item = 'conflicts of map account'")
+monread=$(q "SET ROLE mapconf_mon; SELECT count(*) FROM d365.conflict" 2>&1)
+cleared=$(q "SET ROLE mapconf_op; DELETE FROM d365.conflict WHERE map = 'account' RETURNING id" | wc -l)
+if [ "$out" = "0/1/0" ] && [ "$who" = "mapconf_owner" ] && [ "$loc" = "Op Remote|555-0150" ] &&
+   [ "$seen" = "dynamics_wins" ] && grep -q "permission denied for table conflict" <<<"$rewrite" &&
+   grep -q "^3 (2 dynamics_wins, 1 local_wins; newest " <<<"$mon" &&
+   grep -q "permission denied for table conflict" <<<"$monread" && [ "$cleared" = "3" ]; then
+    ok "an operator's sync merges (the owner's trigger runs as the owner) and records the conflict; the operator reads and deletes conflicts but cannot rewrite one; a monitor sees the count only"
+else
+    notok "conflicts and roles" "$out" "trigger ran as: $who" "local $loc" "seen $seen" "rewrite: $rewrite" \
+        "monitor: $mon" "monitor reads: $monread" "cleared $cleared"
+fi
+
+# -- 7. what cannot be applied fails that row alone: a Dynamics revenue too
+# large for the column (row 2), a phone the owner's trigger refuses with
+# an error of its choosing (row 3); row 1 merges in the same sync
+q "INSERT INTO companies (name, revenue, phone) VALUES ('Two', 1, '555-0002'), ('Three', 1, '555-0003')" >/dev/null
+q "SELECT * FROM d365_sync('account')" >/dev/null
+q "SELECT * FROM d365_pull('account')" >/dev/null
+acc2=$(q "SELECT dynamics365_related_id FROM companies WHERE id = 2")
+acc3=$(q "SELECT dynamics365_related_id FROM companies WHERE id = 3")
+q "UPDATE companies SET web = 'edited.test'" >/dev/null
+edit "$acc" '{"revenue": 77}'
+edit "$acc2" '{"revenue": 10000000000000}'
+edit "$acc3" '{"telephone1": "555-6666"}'
+out=$(q "SELECT updated || '/' || failed FROM d365_sync('account')" 2>&1)
+loc=$(q "SELECT string_agg(id || ':' || revenue || ':' || phone, ' ' ORDER BY id) FROM companies")
+err=$(q "SELECT string_agg(row_key || ':' || (next_attempt_at > now()) || ':' || last_error, ' | ' ORDER BY row_key)
+           FROM d365.map_row WHERE map = 'account' AND last_error IS NOT NULL")
+web=$(sim_fields "$acc3" websiteurl)
+if [ "$(tail -n 1 <<<"$out")" = "1/2" ] && [ "$loc" = "1:77.00:555-0150 2:1.00:555-0002 3:1.00:555-0003" ] &&
+   grep -q "^2:true:Dynamics changes not applied: numeric field overflow | 3:true:Dynamics changes not applied: this phone is refused here$" <<<"$err" &&
+   [ "$web" = "edited.test" ]; then
+    ok "a Dynamics value the column cannot hold and one the owner's trigger refuses fail their rows alone (error, back-off); the third row merges"
+else
+    notok "a row that cannot be merged fails alone" "$out" "local $loc" "errors $err" "web of 3: $web"
+fi
+
+# -- 8. an ETag is validated where it is used, too: an operator who may
+# write d365.map_row cannot put a header of its own into a request
+q "UPDATE companies SET phone = '555-0177' WHERE id = 1" >/dev/null
+q "SELECT * FROM d365_pull('account')" >/dev/null
+q "SET ROLE mapconf_op; UPDATE d365.map_row SET etag = E'W/\"9\"\\r\\nX-Injected: yes' WHERE map = 'account' AND row_key = '1'" >/dev/null
+seq=$(simctl last-seq)
+out=$(q "SET ROLE mapconf_op; SELECT updated || '/' || failed FROM d365_sync('account')" 2>&1)
+hdr=$(if_matches "$acc" "$seq")
+inj=$(simctl requests --since "$seq" --kind api | grep -ci 'x-injected')
+if [ "$(tail -n 1 <<<"$out")" = "1/0" ] && [ "$hdr" = "etag:204" ] && [ "$inj" = "0" ] &&
+   [ "$(sim_fields "$acc" telephone1)" = "555-0177" ]; then
+    ok "an ETag written into d365.map_row by an operator is not sent: the record is read first and the update carries the ETag just read"
+else
+    notok "a forged ETag in map_row" "$out" "If-Match $hdr" "x-injected seen $inj times"
+fi

@@ -112,6 +112,9 @@ BEGIN
            WHEN c.relname = 'map_delete'
                THEN 'SELECT, UPDATE (attempts, next_attempt_at, last_attempt_at, last_status, last_error_code,'
                     ' last_error), DELETE'
+           -- conflicts: a sync records them, an operator reviews and
+           -- deletes them; only an admin may rewrite one
+           WHEN c.relname = 'conflict' THEN 'SELECT, INSERT, DELETE'
            WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)

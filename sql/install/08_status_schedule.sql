@@ -172,6 +172,16 @@ BEGIN
                         coalesce('; last error: ' || r.last_error, ''));
         RETURN NEXT;
     END LOOP;
+    -- fields changed on both sides, as resolved (d365.conflict): how many,
+    -- the newest; their values are for those who may read the table
+    FOR r IN SELECT c.map, count(*) AS n, max(c.at) AS newest,
+                    count(*) FILTER (WHERE c.resolution = 'local_wins') AS local_wins
+               FROM d365.conflict c GROUP BY c.map ORDER BY c.map LOOP
+        item := format('conflicts of map %s', r.map);
+        value := format('%s (%s dynamics_wins, %s local_wins; newest %s)', r.n, r.n - r.local_wins,
+                        r.local_wins, to_char(r.newest, 'YYYY-MM-DD HH24:MI:SS TZ'));
+        RETURN NEXT;
+    END LOOP;
     -- the newest failed run of a job that has not completed a run since
     -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr

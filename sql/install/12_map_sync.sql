@@ -235,7 +235,7 @@ BEGIN
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE r.synced END AS synced,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
-                                    THEN NULL ELSE r.etag END AS etag,
+                                    THEN NULL ELSE d365._etag(r.etag) END AS etag,
                                %5$s AS cur,
                                -- a link d365sync did not write (the state names
                                -- another record, or none) is never used
@@ -298,6 +298,7 @@ DECLARE
     outcomes d365._map_outcome[];
     remote_done integer;
     remote_failed integer;
+    merge_failed text[];
     k text;
 BEGIN
     SELECT array_agg(ROW(
@@ -401,12 +402,13 @@ BEGIN
      WHERE NOT o.ok AND NOT o.gone AND r.map = mname AND r.row_key = o.item_key;
 
     -- rows merged with their record: local changes, conflicts, ETag
-    PERFORM d365._map_record_merges(mname, item_keys, contexts, statuses, error_messages);
+    -- (a row whose Dynamics changes could not be applied counts as failed)
+    merge_failed := d365._map_record_merges(mname, item_keys, contexts, statuses, error_messages);
 
     SELECT count(*) FILTER (WHERE o.ok AND o.action = 'create'),
-           count(*) FILTER (WHERE o.ok AND o.action = 'update'),
-           count(*) FILTER (WHERE o.action IN ('unchanged', 'link', 'merged')),
-           count(*) FILTER (WHERE NOT o.ok AND NOT o.gone),
+           count(*) FILTER (WHERE o.ok AND o.action = 'update' AND NOT o.item_key = ANY (merge_failed)),
+           count(*) FILTER (WHERE o.action IN ('unchanged', 'link', 'merged') AND NOT o.item_key = ANY (merge_failed)),
+           count(*) FILTER (WHERE (NOT o.ok AND NOT o.gone) OR o.item_key = ANY (merge_failed)),
            count(*) FILTER (WHERE o.gone)
       INTO created, updated, unchanged, failed, unlinked
       FROM unnest(outcomes) o;

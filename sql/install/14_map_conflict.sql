@@ -166,12 +166,15 @@ $$;
  * The record stage's part of a merge (d365._map_record): for the merged
  * rows that went through, apply what Dynamics changed locally (as the
  * table's owner), remember the record's values and ETag as synced, and
- * record the conflicts.  A local apply that fails leaves the row with its
- * error (the values stay unsynced, so the next pull or sync tries again).
+ * record the conflicts.  A local apply that fails, for whatever reason (a
+ * value that does not fit the column, the owner's trigger refusing it),
+ * fails that row alone: a WARNING, its error and a back-off, no conflict
+ * recorded yet (the values stay unsynced, so the next pull or sync tries
+ * again).  Returns the keys of those rows.
  */
 CREATE FUNCTION d365._map_record_merges(mname text, item_keys text[], contexts text[],
                                         statuses integer[], error_messages text[])
-RETURNS void
+RETURNS text[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -179,20 +182,21 @@ DECLARE
     x record;
     msg text;
     code text;
+    failed text[] := '{}';
 BEGIN
     FOR x IN SELECT o.k, o.ctx::jsonb AS c
                FROM unnest(item_keys, contexts, statuses, error_messages) AS o(k, ctx, st, msg)
               WHERE o.ctx::jsonb ? 'merge' AND o.msg IS NULL
                 AND (o.st IS NULL OR o.st BETWEEN 200 AND 299) LOOP
-        INSERT INTO d365.conflict (map, row_key, dynamics_id, "column", field,
-                                   local_value, dynamics_value, base_value, resolution)
-        SELECT mname, x.k, (x.c ->> 'id')::uuid, (f ->> 'column')::name, f ->> 'field',
-               f -> 'local', f -> 'dynamics', f -> 'base', f ->> 'resolution'
-          FROM jsonb_array_elements(x.c -> 'conflicts') f;
         BEGIN
             IF x.c -> 'apply' <> '{}' THEN
                 PERFORM d365._map_apply(mname, x.c -> 'apply', x.k);
             END IF;
+            INSERT INTO d365.conflict (map, row_key, dynamics_id, "column", field,
+                                       local_value, dynamics_value, base_value, resolution)
+            SELECT mname, x.k, (x.c ->> 'id')::uuid, (f ->> 'column')::name, f ->> 'field',
+                   f -> 'local', f -> 'dynamics', f -> 'base', f ->> 'resolution'
+              FROM jsonb_array_elements(x.c -> 'conflicts') f;
             UPDATE d365.map_row r
                SET synced = coalesce(r.synced, '{}') || coalesce(x.c -> 'remote', '{}')
                             || coalesce(nullif(x.c -> 'sent', 'null'), '{}'),
@@ -202,17 +206,20 @@ BEGIN
                    attempts = 0, next_attempt_at = NULL, last_attempt_at = now(),
                    last_error_code = NULL, last_error = NULL
              WHERE r.map = mname AND r.row_key = x.k;
-        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
-                       OR invalid_parameter_value OR with_check_option_violation THEN
+        EXCEPTION WHEN OTHERS THEN
+            -- OTHERS leaves out query_canceled: a cancel still ends the run
             GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
             RAISE WARNING 'the Dynamics changes of row % of map "%" were not applied: %', x.k, mname, msg
                 USING ERRCODE = '01000';
             UPDATE d365.map_row r
-               SET last_attempt_at = now(), last_error_code = code, etag = NULL,
+               SET attempts = r.attempts + 1, next_attempt_at = d365._next_attempt(r.attempts + 1),
+                   last_attempt_at = now(), last_error_code = code, etag = NULL,
                    last_error = left('Dynamics changes not applied: ' || msg, 2000)
              WHERE r.map = mname AND r.row_key = x.k;
+            failed := failed || x.k;
         END;
     END LOOP;
+    RETURN failed;
 END;
 $$;
 
