@@ -250,3 +250,33 @@ if [ "$(tail -n 1 <<<"$out")" = "1/0" ] && [ "$hdr" = "etag:204" ] && [ "$inj" =
 else
     notok "a forged ETag in map_row" "$out" "If-Match $hdr" "x-injected seen $inj times"
 fi
+
+# -- 9. matching and merging share the look-up stage: an unlinked row found
+# by its match column and a linked row read to merge go in one GET
+found=$(simctl -v edit account '{"op":"create","values":{"name":"Matched Co","accountnumber":"N-1"}}' |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["accountid"])')
+q "ALTER TABLE companies ADD COLUMN num text;
+   SELECT d365_map_column('account', 'num', 'accountnumber', match => true)" >/dev/null
+q "SELECT * FROM d365_sync('account')" >/dev/null      # nothing pending for row 1: its ETag stays unknown
+q "UPDATE companies SET name = 'Mixed Local' WHERE id = 1;
+   INSERT INTO companies (name, num) VALUES ('Matcher', 'N-1')" >/dev/null
+edit "$acc" '{"revenue": 88}'
+seq=$(simctl last-seq)
+out=$(q "SELECT created || '/' || updated || '/' || failed FROM d365_sync('account')" 2>&1)
+gets=$(simctl requests --since "$seq" --kind api | python3 -c '
+import json, sys
+n = 0
+for r in json.load(sys.stdin)["requests"]:
+    for p in (r.get("parts") or [r]):
+        if p.get("method") == "GET" and "filter" in (p.get("url") or p.get("path") or ""):
+            n += 1
+print(n)')
+loc=$(q "SELECT string_agg(id || ':' || name || ':' || coalesce(revenue::text, '-') || ':' || coalesce(dynamics365_related_id::text, '-'), ' ' ORDER BY id)
+           FROM companies WHERE id = 1 OR num = 'N-1'")
+if [ "$(tail -n 1 <<<"$out")" = "0/2/0" ] && [ "$gets" = "1" ] &&
+   [ "$loc" = "1:Mixed Local:88.00:$acc 4:Matcher:-:$found" ] &&
+   [ "$(sim_fields "$acc" name revenue)" = "Mixed Local|88.0" ] && [ "$(sim_fields "$found" name)" = "Matcher" ]; then
+    ok "one GET finds the unlinked row's record by its match column and reads the linked row's record to merge: both go through"
+else
+    notok "match and merge in one look-up" "$out" "GETs $gets" "$loc" "found $found" "dynamics $(sim_fields "$acc" name revenue) $(sim_fields "$found" name)"
+fi
