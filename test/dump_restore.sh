@@ -134,7 +134,7 @@ dump_rows() {
     psql_db "$db" -At -c "SELECT c::text FROM companies c ORDER BY id" 2>&1
     echo "== triggers"
     psql_db "$db" -At -c "SELECT tgrelid::regclass, tgname, tgenabled, pg_get_triggerdef(t.oid) FROM pg_trigger t
-                           WHERE tgrelid IN ('person'::regclass, 'companies'::regclass) AND NOT tgisinternal ORDER BY 1::text, 2" 2>&1 |
+                           WHERE tgrelid IN ('person'::regclass, 'companies'::regclass) AND NOT tgisinternal ORDER BY tgrelid::regclass::text, tgname" 2>&1 |
         sed 's/EXECUTE FUNCTION d365._contact_capture_\(row\|delete\)(.*)/EXECUTE FUNCTION d365._contact_capture_\1(key)/'
 }
 status() { psql_db "$1" -At -F' | ' -c "SELECT item, value FROM d365.d365_status()" 2>&1; }
