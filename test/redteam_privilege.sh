@@ -112,6 +112,9 @@ restore() {
     [ "$(sim_has account "$VACC")" = 1 ] ||
         simctl edit account "{\"op\":\"create\",\"id\":\"$VACC\",\"values\":{\"name\":\"Victim Corp\"}}" >/dev/null
     simctl edit account "{\"op\":\"update\",\"id\":\"$VACC\",\"values\":{\"name\":\"Victim Corp\"}}" >/dev/null
+    # Mallory's account holds what the state says was synced: an earlier
+    # sync's name there would be an edit made on both sides (a conflict)
+    simctl edit account "{\"op\":\"update\",\"id\":\"$MACC\",\"values\":{\"name\":\"Mallory Ltd\"}}" >/dev/null
 }
 # contact_hijacked ROLE WHAT ATTACK_SQL: the attack as ROLE, then Mallory's
 # row changed and the contact sync run (by the superuser: the next sync,
