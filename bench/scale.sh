@@ -67,10 +67,10 @@ BEGIN
                     SELECT c.id::text, 1, 1, 1, %s, d365._contact_guid(c.id::text, 1) FROM person c',
                    d365._contact_values_expr());
 END \$\$;
-ALTER TABLE person DISABLE TRIGGER d365_link_guard;
+ALTER TABLE person DISABLE TRIGGER d365_link_guard, DISABLE TRIGGER d365_link_guard_update;
 UPDATE person c SET dynamics365_related_id = s.dynamics_id, dynamics365_synchronized_on = now()
   FROM d365.contact_state s WHERE s.contact_key = c.id::text;
-ALTER TABLE person ENABLE TRIGGER d365_link_guard;
+ALTER TABLE person ENABLE TRIGGER d365_link_guard, ENABLE TRIGGER d365_link_guard_update;
 VACUUM ANALYZE person;
 VACUUM ANALYZE d365.contact_state;
 SQL

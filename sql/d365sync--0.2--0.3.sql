@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (178), as
+ *   - the 0.3 install script: every function and procedure (181), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -899,6 +899,10 @@ $$;
  *   convert  $1 jsonb {column: JSON value}: each value as its column holds
  *            it, as {dynamics_field: value} (d365._json_expr's form)
  *   apply    $1 jsonb {column: JSON value}, $2 text key: the update
+ *   convert_set  $1 jsonb, an array of {column: JSON value}: convert for
+ *            a page at once, the array of results in the same order
+ *   apply_set    $1 jsonb, an array of {"k": text key, "v": {column: JSON
+ *            value}}: apply for a page at once (each key at most once)
  *   row      $1 text key: the contact's row as jsonb, for the incoming
  *            mapper (which then runs as its own function's owner)
  */
@@ -917,7 +921,7 @@ BEGIN
     tbl := src.contact_table;
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = src.key_column;
-    IF op IN ('convert', 'apply') THEN
+    IF op IN ('convert', 'apply', 'convert_set', 'apply_set') THEN
         columns := coalesce(only_columns, '{}');
         IF columns = '{}' THEN
             RAISE EXCEPTION 'no column to write'
@@ -975,6 +979,19 @@ BEGIN
     WHEN 'apply' THEN
         sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record($1) AS r(%6$s))'
                       ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      src.key_column, key_type, d365._column_defs(tbl, columns));
+    WHEN 'convert_set' THEN
+        sql := format('SELECT pg_catalog.jsonb_agg(%s ORDER BY e.n)'
+                      '  FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(v, n),'
+                      '       LATERAL pg_catalog.jsonb_to_record(e.v) AS r(%s)',
+                      d365._values_expr('r', columns), d365._column_defs(tbl, columns));
+    WHEN 'apply_set' THEN
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record(e.v OPERATOR(pg_catalog.->) ''v'') AS r(%6$s))'
+                      '  FROM pg_catalog.jsonb_array_elements($1) AS e(v)'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) (e.v OPERATOR(pg_catalog.->>) ''k'')::%5$s',
                       tbl,
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
@@ -3913,6 +3930,9 @@ DECLARE
     code text;
     msg text;
     detail text;
+    fast_handled bigint[];
+    fast_updated integer;
+    fast_unchanged integer;
 BEGIN
     updated := 0; unchanged := 0; failed := 0; unlinked := 0;
     -- row security is the table owner's code: never run as the role running
@@ -3927,7 +3947,22 @@ BEGIN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR e IN SELECT json_array_elements(page) LOOP
+    -- the changed rows as a set (d365._incoming_apply_page); should any
+    -- of them fail, the page is applied row by row below, where a row
+    -- fails alone
+    BEGIN
+        SELECT p.handled, p.updated, p.unchanged INTO fast_handled, fast_updated, fast_unchanged
+          FROM d365._incoming_apply_page(page) p;
+    EXCEPTION WHEN data_exception OR integrity_constraint_violation OR generated_always
+                   OR raise_exception OR with_check_option_violation OR lock_not_available THEN
+        fast_handled := NULL;
+    END;
+    IF fast_handled IS NOT NULL THEN
+        updated := fast_updated;
+        unchanged := fast_unchanged;
+    END IF;
+    FOR e IN SELECT x.v FROM json_array_elements(page) WITH ORDINALITY x(v, n)
+              WHERE fast_handled IS NULL OR x.n <> ALL (fast_handled) LOOP
         -- the contactid as sent, read from the text (json's operators would
         -- unescape every string of the row, U+0000 included, and fail)
         cid := CASE WHEN json_typeof(e) = 'object'
@@ -4002,6 +4037,228 @@ LANGUAGE C VOLATILE;
 
 COMMENT ON FUNCTION d365.d365_pull_changes() IS
     'Pulls contact changes from Dynamics with change tracking (delta links) and applies them; needs no inbound port';
+
+/*
+ * The set form of d365._contact_convert and d365._contact_apply, for a
+ * page of the pull (src/table_owner.c, d365._owner_sql's convert_set and
+ * apply_set): one conversion and one UPDATE per set of columns written,
+ * as the table's owner in a security-restricted operation, with the same
+ * checks of the caller's rights.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_convert_set(columns name[], vals jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_convert_set'
+LANGUAGE C VOLATILE;
+
+CREATE OR REPLACE FUNCTION d365._contact_apply_set(columns name[], changes jsonb)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_contact_apply_set'
+LANGUAGE C VOLATILE;
+
+/*
+ * A page of the pull applied as a set: what d365._incoming_apply does for
+ * each changed row (no incoming mapper), in a few statements for the page
+ * -- one read of the linked contacts, one conversion, one UPDATE per set
+ * of columns written, one re-read and one write of the snapshots.  Every
+ * outcome is the one the rows would have one by one.  handled: the
+ * ordinals (1-based) of the page's rows it applied (changed rows, linked
+ * or not); the deletions are left to the caller.  handled is NULL, and
+ * nothing was done, when the page does not qualify: an incoming mapper is
+ * set, a row is not an object with a contactid, or an id comes twice.
+ * Any error of a row (a value that does not fit, U+0000, a generated
+ * column, a constraint or trigger) raises: the caller rolls the page back
+ * and applies it row by row, so that the row fails alone.  Its caller
+ * reads and writes d365.contact_state itself (the pull's runner);
+ * the rights d365._contact_snapshot would check are checked here.
+ */
+CREATE OR REPLACE FUNCTION d365._incoming_apply_page(page json,
+    OUT handled bigint[], OUT updated integer, OUT unchanged integer)
+RETURNS record
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    src d365.contact_source := d365._contact_source();
+    rows jsonb;
+    ok boolean;
+    flds jsonb;
+    work jsonb;
+    pend jsonb;
+    cols name[];
+    conv jsonb;
+    grp record;
+    cur jsonb;
+    n_gen integer;
+BEGIN
+    updated := 0; unchanged := 0;
+    IF d365._incoming_mapper() IS NOT NULL THEN
+        RETURN;
+    END IF;
+    -- (a string holding U+0000 makes the cast to jsonb fail: row by row)
+    SELECT coalesce(bool_and(x.ok), true) AND count(x.id) = count(DISTINCT x.id),
+           coalesce(jsonb_agg(jsonb_build_object('n', x.n, 'cid', x.id, 'r', x.r)) FILTER (WHERE NOT x.del), '[]'),
+           coalesce(array_agg(x.n) FILTER (WHERE NOT x.del), '{}')
+      INTO ok, rows, handled
+      FROM (SELECT y.n, y.r, y.del,
+                   CASE WHEN y.del THEN d365._is_guid(y.r ->> 'id')
+                        ELSE jsonb_typeof(y.r) = 'object' AND jsonb_typeof(y.r -> 'contactid') = 'string'
+                             AND d365._is_guid(y.r ->> 'contactid') END AS ok,
+                   CASE WHEN y.del AND d365._is_guid(y.r ->> 'id') THEN (y.r ->> 'id')::uuid
+                        WHEN NOT y.del AND jsonb_typeof(y.r -> 'contactid') = 'string'
+                             AND d365._is_guid(y.r ->> 'contactid') THEN (y.r ->> 'contactid')::uuid END AS id
+              FROM (SELECT e.n, e.v::jsonb AS r,
+                           coalesce(json_typeof(e.v) = 'object'
+                                    AND e.v::jsonb ->> '@odata.context' LIKE '%$deletedEntity', false) AS del
+                      FROM json_array_elements(page) WITH ORDINALITY e(v, n)) y) x;
+    IF NOT ok THEN
+        handled := NULL;
+        RETURN;
+    END IF;
+    IF rows = '[]' THEN
+        RETURN;
+    END IF;
+
+    -- the incoming fields, once for the page
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'col', i.column_name, 'field', i.dynamics_field, 'read', i.read_name,
+               'typ', i.typ::oid, 'gen', a.attgenerated <> '',
+               -- a value d365._incoming_value returns as it is: a number or
+               -- boolean, or a string not starting with / for a column
+               -- that is no date or timestamp
+               'plain', coalesce(nullif(t.typbasetype, 0), t.oid)
+                        NOT IN ('date'::regtype, 'timestamp without time zone'::regtype))), '[]')
+      INTO flds
+      FROM d365._incoming_fields() i
+      JOIN pg_attribute a ON a.attrelid = src.contact_table AND a.attname = i.column_name
+      JOIN pg_type t ON t.oid = a.atttypid;
+
+    -- the linked contacts (a link d365sync did not write is no link), with
+    -- their local values and snapshots; the rights of the snapshot's gate
+    IF NOT (has_column_privilege(src.contact_table, src.key_column, 'SELECT')
+            AND NOT EXISTS (SELECT FROM d365.field_map f
+                             WHERE NOT has_column_privilege(src.contact_table, f.column_name, 'SELECT'))) THEN
+        RAISE EXCEPTION 'the snapshot''s rights are checked row by row' USING ERRCODE = 'P0001';
+    END IF;
+    EXECUTE format($q$
+        SELECT jsonb_agg(jsonb_build_object('n', x.n, 'cid', x.cid, 'k', c.%1$I::text,
+                                            'cur', %2$s, 'snap', s.synced, 'r', x.r))
+          FROM pg_catalog.jsonb_to_recordset($1) AS x(n bigint, cid uuid, r jsonb)
+          JOIN %3$s c ON c.dynamics365_related_id = x.cid
+          JOIN d365.contact_state s ON s.contact_key = c.%1$I::text AND s.dynamics_id = x.cid
+    $q$, src.key_column, d365._contact_incoming_values_expr(), src.contact_table)
+       INTO work USING rows;
+    IF work IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- each row's values as d365._incoming_value makes them ready, and
+    -- whether any differs from the local or the synced value
+    WITH w AS (
+        SELECT (e ->> 'n')::bigint AS n, e ->> 'k' AS k, (e ->> 'cid')::uuid AS cid,
+               e -> 'cur' AS cur, e -> 'snap' AS snap, e -> 'r' AS r
+          FROM jsonb_array_elements(work) e),
+    f AS (
+        SELECT * FROM jsonb_to_recordset(flds) AS f(col text, field text, read text, typ oid, gen boolean, plain boolean)),
+    v AS (
+        SELECT w.n, f.col, f.field, f.gen,
+               CASE jsonb_typeof(w.r -> f.read)
+                    WHEN 'null' THEN 'null'::jsonb
+                    WHEN 'number' THEN w.r -> f.read
+                    WHEN 'boolean' THEN w.r -> f.read
+                    WHEN 'string' THEN CASE WHEN f.plain AND left(w.r ->> f.read, 1) <> '/' THEN w.r -> f.read
+                                            ELSE d365._incoming_value(w.r -> f.read, f.typ::regtype, f.read, f.col::name) END
+                    ELSE d365._incoming_value(w.r -> f.read, f.typ::regtype, f.read, f.col::name) END AS val
+          FROM w JOIN f ON w.r ? f.read),
+    r AS (
+        SELECT w.n, w.k, w.cid, w.cur, w.snap,
+               coalesce(jsonb_object_agg(v.col, v.val) FILTER (WHERE v.col IS NOT NULL), '{}') AS vals,
+               coalesce(jsonb_object_agg(v.field, v.col) FILTER (WHERE v.col IS NOT NULL), '{}') AS fields,
+               coalesce(jsonb_object_agg(v.col, v.gen) FILTER (WHERE v.col IS NOT NULL), '{}') AS gen,
+               w.snap IS NOT NULL
+               AND NOT coalesce(bool_or(v.val IS DISTINCT FROM (w.cur -> v.field)
+                                        OR (w.snap -> v.field) IS DISTINCT FROM (w.cur -> v.field)), false) AS same
+          FROM w LEFT JOIN v ON v.n = w.n
+         GROUP BY w.n, w.k, w.cid, w.cur, w.snap)
+    SELECT count(*) FILTER (WHERE r.same),
+           jsonb_agg(jsonb_build_object('n', r.n, 'k', r.k, 'cid', r.cid, 'cur', r.cur, 'snap', r.snap,
+                                        'vals', r.vals, 'fields', r.fields, 'gen', r.gen) ORDER BY r.n)
+               FILTER (WHERE NOT r.same)
+      INTO unchanged, pend
+      FROM r;
+    IF pend IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- the values as their columns would hold them, as the table's owner
+    SELECT coalesce(array_agg(DISTINCT c::name ORDER BY c::name), '{}') INTO cols
+      FROM jsonb_array_elements(pend) e, jsonb_object_keys(e -> 'vals') c;
+    IF cols <> '{}' THEN
+        conv := d365._contact_convert_set(cols, (SELECT jsonb_agg(e -> 'vals' ORDER BY o)
+                                                   FROM jsonb_array_elements(pend) WITH ORDINALITY x(e, o)));
+    END IF;
+    -- what changes: a field Dynamics changed since the last sync whose
+    -- value differs from the local one
+    SELECT jsonb_agg(p.e || jsonb_build_object('conv', p.conv, 'changes', coalesce(
+               (SELECT jsonb_object_agg(fe.value #>> '{}', p.e -> 'vals' -> (fe.value #>> '{}'))
+                  FROM jsonb_each(p.e -> 'fields') fe
+                 WHERE NOT (p.e -> 'snap' ? fe.key AND p.e -> 'snap' -> fe.key = p.conv -> fe.key)
+                   AND (p.conv -> fe.key) IS DISTINCT FROM coalesce(p.e -> 'cur' -> fe.key, 'null'::jsonb)), '{}'))
+           ORDER BY p.o)
+      INTO pend
+      FROM (SELECT x.e, x.o, coalesce(conv -> (x.o::integer - 1), '{}') AS conv
+              FROM jsonb_array_elements(pend) WITH ORDINALITY x(e, o)) p;
+    -- a generated column refuses its value: that row fails alone
+    SELECT count(*) INTO n_gen
+      FROM jsonb_array_elements(pend) e, jsonb_object_keys(e -> 'changes') c
+     WHERE (e -> 'gen' ->> c)::boolean;
+    IF n_gen > 0 THEN
+        RAISE EXCEPTION 'a generated column is written: row by row' USING ERRCODE = 'P0001';
+    END IF;
+
+    -- one UPDATE per set of columns written
+    FOR grp IN SELECT g.cols, jsonb_agg(jsonb_build_object('k', g.e ->> 'k', 'v', g.e -> 'changes')) AS changes
+                 FROM (SELECT e, ARRAY(SELECT c::name FROM jsonb_object_keys(e -> 'changes') c ORDER BY 1) AS cols
+                         FROM jsonb_array_elements(pend) e) g
+                WHERE g.cols <> '{}'
+                GROUP BY g.cols LOOP
+        PERFORM d365._contact_apply_set(grp.cols, grp.changes);
+        updated := updated + jsonb_array_length(grp.changes);
+    END LOOP;
+    unchanged := unchanged + jsonb_array_length(pend) - updated;
+
+    -- echo suppression: a field whose column now holds the value Dynamics
+    -- sent (as the column holds it) is recorded as synced, with the
+    -- column's value (read again: the table's triggers may have changed it)
+    EXECUTE format('SELECT jsonb_object_agg(c.dynamics365_related_id::text, %s) FROM %s c'
+                   ' WHERE c.dynamics365_related_id = ANY ($1)',
+                   d365._contact_incoming_values_expr(), src.contact_table)
+       INTO cur
+      USING ARRAY(SELECT (e ->> 'cid')::uuid FROM jsonb_array_elements(pend) e WHERE e -> 'fields' <> '{}');
+    WITH s AS (
+        SELECT e ->> 'k' AS k,
+               (SELECT jsonb_object_agg(fe.key, coalesce(cur -> (e ->> 'cid') -> fe.key, 'null'::jsonb))
+                  FROM jsonb_each(e -> 'fields') fe
+                 WHERE coalesce(cur -> (e ->> 'cid') -> fe.key, 'null'::jsonb)
+                       = coalesce(e -> 'conv' -> fe.key, 'null'::jsonb)
+                   AND cur -> (e ->> 'cid') ? fe.key) AS settle
+          FROM jsonb_array_elements(pend) e)
+    SELECT jsonb_agg(jsonb_build_object('k', s.k, 'settle', s.settle)) INTO pend
+      FROM s WHERE s.settle IS NOT NULL;
+    IF pend IS NOT NULL THEN
+        IF EXISTS (SELECT FROM jsonb_array_elements(pend) e, jsonb_object_keys(e -> 'settle') fld
+                     JOIN d365.field_map f ON f.dynamics_field = fld
+                    WHERE NOT has_column_privilege(src.contact_table, f.column_name, 'UPDATE')) THEN
+            RAISE EXCEPTION 'the snapshot''s rights are checked row by row' USING ERRCODE = 'P0001';
+        END IF;
+        UPDATE d365.contact_state s
+           SET synced = coalesce(s.synced, '{}') || (e -> 'settle')
+          FROM jsonb_array_elements(pend) e
+         WHERE s.contact_key = e ->> 'k';
+    END IF;
+END;
+$$;
 
 /*
  * pg_cron's cron.host, which pg_cron lets only superusers and members of

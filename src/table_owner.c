@@ -61,6 +61,8 @@ PG_FUNCTION_INFO_V1(d365_contact_set_links);
 PG_FUNCTION_INFO_V1(d365_contact_unlink);
 PG_FUNCTION_INFO_V1(d365_contact_convert);
 PG_FUNCTION_INFO_V1(d365_contact_apply);
+PG_FUNCTION_INFO_V1(d365_contact_convert_set);
+PG_FUNCTION_INFO_V1(d365_contact_apply_set);
 PG_FUNCTION_INFO_V1(d365_contact_map);
 PG_FUNCTION_INFO_V1(d365_activity_mapper_call);
 
@@ -255,7 +257,7 @@ check_caller_reads(Oid relid, const char *op)
 	int			n = 0;
 	int			i;
 
-	if (strcmp(op, "apply") == 0 || strcmp(op, "links") == 0)
+	if (strcmp(op, "apply") == 0 || strcmp(op, "apply_set") == 0 || strcmp(op, "links") == 0)
 	{
 		d365_as_table_owner(d365_table_owner("contact_source"), read_key_column, &key_column);
 		if (key_column != NULL)
@@ -605,6 +607,53 @@ d365_contact_apply(PG_FUNCTION_ARGS)
 	call.nargs = 2;
 	call.types = (Oid[]) {JSONBOID, TEXTOID};
 	call.values = (Datum[]) {PG_GETARG_DATUM(0), PG_GETARG_DATUM(1)};
+	run_as_owner(&call);
+	PG_RETURN_VOID();
+}
+
+/*
+ * d365._contact_convert_set(columns name[], vals jsonb) -> jsonb
+ *		A page of incoming values at once: vals is an array of {column: JSON
+ *		value} (columns lists every column any of them names), converted as
+ *		d365._contact_convert converts one; returns the array of
+ *		{dynamics_field: value} in the same order.  A column an element
+ *		lacks is converted from NULL.  Raises what a conversion raises.
+ */
+Datum
+d365_contact_convert_set(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	call.op = "convert_set";
+	call.columns = PG_GETARG_DATUM(0);
+	call.nargs = 1;
+	call.types = (Oid[]) {JSONBOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(1)};
+	call.restype = JSONBOID;
+	return owner_result(fcinfo, &call);
+}
+
+/*
+ * d365._contact_apply_set(columns name[], changes jsonb) -> void
+ *		One UPDATE for a page of incoming changes that write the same
+ *		columns: changes is an array of {"k": contact key, "v": {column:
+ *		JSON value}}, each key at most once.
+ */
+Datum
+d365_contact_apply_set(PG_FUNCTION_ARGS)
+{
+	OwnerCall	call = {0};
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_VOID();
+	call.op = "apply_set";
+	call.columns = PG_GETARG_DATUM(0);
+	call.waits_briefly = true;
+	call.nargs = 1;
+	call.types = (Oid[]) {JSONBOID};
+	call.values = (Datum[]) {PG_GETARG_DATUM(1)};
 	run_as_owner(&call);
 	PG_RETURN_VOID();
 }

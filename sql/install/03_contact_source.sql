@@ -301,6 +301,10 @@ $$;
  *   convert  $1 jsonb {column: JSON value}: each value as its column holds
  *            it, as {dynamics_field: value} (d365._json_expr's form)
  *   apply    $1 jsonb {column: JSON value}, $2 text key: the update
+ *   convert_set  $1 jsonb, an array of {column: JSON value}: convert for
+ *            a page at once, the array of results in the same order
+ *   apply_set    $1 jsonb, an array of {"k": text key, "v": {column: JSON
+ *            value}}: apply for a page at once (each key at most once)
  *   row      $1 text key: the contact's row as jsonb, for the incoming
  *            mapper (which then runs as its own function's owner)
  */
@@ -319,7 +323,7 @@ BEGIN
     tbl := src.contact_table;
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = src.key_column;
-    IF op IN ('convert', 'apply') THEN
+    IF op IN ('convert', 'apply', 'convert_set', 'apply_set') THEN
         columns := coalesce(only_columns, '{}');
         IF columns = '{}' THEN
             RAISE EXCEPTION 'no column to write'
@@ -377,6 +381,19 @@ BEGIN
     WHEN 'apply' THEN
         sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record($1) AS r(%6$s))'
                       ' WHERE t.%4$I OPERATOR(pg_catalog.=) $2::%5$s',
+                      tbl,
+                      (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
+                      (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
+                      src.key_column, key_type, d365._column_defs(tbl, columns));
+    WHEN 'convert_set' THEN
+        sql := format('SELECT pg_catalog.jsonb_agg(%s ORDER BY e.n)'
+                      '  FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(v, n),'
+                      '       LATERAL pg_catalog.jsonb_to_record(e.v) AS r(%s)',
+                      d365._values_expr('r', columns), d365._column_defs(tbl, columns));
+    WHEN 'apply_set' THEN
+        sql := format('UPDATE %1$s t SET (%2$s) = (SELECT %3$s FROM pg_catalog.jsonb_to_record(e.v OPERATOR(pg_catalog.->) ''v'') AS r(%6$s))'
+                      '  FROM pg_catalog.jsonb_array_elements($1) AS e(v)'
+                      ' WHERE t.%4$I OPERATOR(pg_catalog.=) (e.v OPERATOR(pg_catalog.->>) ''k'')::%5$s',
                       tbl,
                       (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns) c),
                       (SELECT string_agg(format('r.%I', c), ', ') FROM unnest(columns) c),
