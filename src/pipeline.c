@@ -68,6 +68,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -625,6 +626,7 @@ d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 	Chunk	   *cur = &chunks[0];
 	Chunk	   *next = &chunks[1];
 	bool		have;
+	int			save_nestlevel;
 
 	if (work_sql == NULL)
 		elog(ERROR, "%s: the engine gave no work query", record_fn);
@@ -633,6 +635,15 @@ d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 	chunk_size = Min(d365_batch_size * d365_max_parallel, 10000);
 	record_sql = psprintf("SELECT created, updated, unchanged, failed, unlinked"
 						  " FROM %s($1, $2, $3, $4, $5)", record_fn);
+	/*
+	 * The work query is planned without JIT compilation: its estimated cost
+	 * grows with the table (it is one join over every contact), and the
+	 * compilation of its many expressions took seconds -- most of a sync
+	 * with little or nothing to send -- while it reads what an index finds.
+	 */
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
 	/* others see how many items remain: count them first (only the rows) */
 	if (d365_progress_active())
 		d365_progress_add_total(d365_sql_int64(psprintf("SELECT count(*) FROM (%s) d365_work",
@@ -640,6 +651,7 @@ d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
 											   nargs, argtypes, args, NULL));
 	portal = SPI_cursor_open_with_args(NULL, work_sql, nargs, argtypes, args,
 									   NULL, false, CURSOR_OPT_NO_SCROLL);
+	AtEOXact_GUC(true, save_nestlevel);
 	memset(chunks, 0, sizeof(chunks));
 	chunks[0].cxt = AllocSetContextCreate(CurrentMemoryContext, "d365sync pipeline chunk",
 										  ALLOCSET_DEFAULT_SIZES);

@@ -162,6 +162,7 @@ DECLARE
     sel text;
     match text;
     limits jsonb;
+    untrusted text[];
 BEGIN
     src := d365._contact_source();
     -- row security is the table owner's code: never run as the role running
@@ -191,6 +192,34 @@ BEGIN
         -- or recorded: left alone, it must not stop the others
         sel := format('c.%I IS NOT NULL AND ', src.key_column)
                || d365._contact_pending_sql('any', src.score_column, false);
+        /*
+         * The rows the pending condition can hold, found without reading
+         * every contact's state: the unlinked rows that reach min_score
+         * (the link column's index), the rows linked to a state that has
+         * something to send (contact_state_pending_idx, then the link
+         * column's index), and the linked rows whose link d365sync did not
+         * write -- found once here (the table against the states' keys and
+         * ids, no wider than those) and named by key (the key's index), or
+         * all rows when there are many.  The pending condition then holds
+         * as it stands.
+         */
+        EXECUTE format('SELECT array_agg(u.k) FROM (SELECT c.%1$I::text AS k FROM %2$s c'
+                       ' WHERE c.dynamics365_related_id IS NOT NULL'
+                       '   AND NOT EXISTS (SELECT FROM d365.contact_state s'
+                       '                    WHERE s.contact_key = c.%1$I::text'
+                       '                      AND s.dynamics_id = c.dynamics365_related_id)'
+                       ' LIMIT 10001) u', src.key_column, src.contact_table)
+           INTO untrusted;
+        sel := sel || format(
+            ' AND ((c.dynamics365_related_id IS NULL AND c.%1$I >= (SELECT min_score FROM d365.settings))'
+            '      OR c.dynamics365_related_id = ANY (ARRAY(SELECT p.dynamics_id FROM d365.contact_state p'
+            '          WHERE p.dynamics_id IS NOT NULL AND (p.synced IS NULL OR p.change_seq > p.synced_seq)))'
+            '      OR %2$s)',
+            src.score_column,
+            CASE WHEN untrusted IS NULL THEN 'false'
+                 WHEN cardinality(untrusted) <= 10000
+                 THEN format('c.%I = ANY (%L::%s[])', src.key_column, untrusted, key_type)
+                 ELSE 'true' END);
     ELSE
         sel := format('c.%I = $1::%s', src.key_column, key_type);
     END IF;
@@ -527,5 +556,11 @@ END;
 $$;
 COMMENT ON FUNCTION d365.d365_link_contact(anyelement, uuid) IS
     'Links a contact to an existing Dynamics 365 contact (the only way to set its dynamics365_related_id); the next sync sends its mapped values there';
+
+-- The linked contacts whose state has something to send: the scheduled
+-- sync finds them by this index (d365._contact_work_sql), not by reading
+-- every contact's state.
+CREATE INDEX contact_state_pending_idx ON d365.contact_state (dynamics_id)
+    WHERE dynamics_id IS NOT NULL AND (synced IS NULL OR change_seq > synced_seq);
 
 -- ---------------------------------------------------------------------------

@@ -176,6 +176,11 @@ SELECT pg_catalog.pg_extension_config_dump('d365.conflict_id_seq', '');
 
 REVOKE ALL ON d365.conflict FROM PUBLIC;
 
+-- The scheduled contact sync finds the linked contacts whose state has
+-- something to send by index (05_contacts_out.sql).
+CREATE INDEX contact_state_pending_idx ON d365.contact_state (dynamics_id)
+    WHERE dynamics_id IS NOT NULL AND (synced IS NULL OR change_seq > synced_seq);
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
