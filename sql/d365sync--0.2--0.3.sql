@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (181), as
+ *   - the 0.3 install script: every function and procedure (184), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -39,6 +39,13 @@ SELECT pg_catalog.pg_extension_config_dump('d365.metadata_cache', '');
 -- The pull's record stage takes its page as json (a row may hold U+0000,
 -- which jsonb cannot).
 DROP FUNCTION d365._pull_record(jsonb);
+-- d365_schedule() takes the map jobs' schedules too (maps, map_pull): the
+-- 0.2 function goes, and the grants made on it are given to the new one
+-- (below "-- @functions").
+SELECT pg_catalog.set_config('d365sync_upgrade.schedule_acl',
+    coalesce((SELECT p.proacl::text FROM pg_catalog.pg_proc p
+               WHERE p.oid = 'd365.d365_schedule(text, text, text)'::pg_catalog.regprocedure), ''), true);
+DROP FUNCTION d365.d365_schedule(text, text, text);
 -- Table maps (11_table_maps.sql, 12_map_sync.sql): their tables and the
 -- record stage's row type.
 CREATE TABLE d365.table_map (
@@ -4706,6 +4713,8 @@ BEGIN
                         r.local_wins, to_char(r.newest, 'YYYY-MM-DD HH24:MI:SS TZ'));
         RETURN NEXT;
     END LOOP;
+    -- each table map: pending rows, its last run error, its last row error
+    RETURN QUERY SELECT * FROM d365._map_status();
     -- the newest failed run of a job that has not completed a run since
     -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
@@ -4738,20 +4747,39 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     VALUES ('contacts', 'd365-contact-sync', 'CALL d365.d365_run_job(''contacts'')', '0 * * * *'),
            ('activities', 'd365-activity-sync', 'CALL d365.d365_run_job(''activities'')', '0 * * * *'),
-           ('pull', 'd365-pull-changes', 'CALL d365.d365_run_job(''pull'')', NULL)
+           ('pull', 'd365-pull-changes', 'CALL d365.d365_run_job(''pull'')', NULL),
+           ('maps', 'd365-map-sync', 'CALL d365.d365_run_job(''maps'')', '0 * * * *'),
+           ('map-pull', 'd365-map-pull', 'CALL d365.d365_run_job(''map-pull'')', NULL)
 $$;
 
 /*
  * One run of a scheduled job, through the job's function (lock, error
  * capture, its row in d365.sync_run, pruning of old runs): returns the id
- * of the row the run recorded and, when the run failed, why.
+ * of the row the run recorded and, when the run failed, why.  The map
+ * jobs (maps, map-pull) run d365_sync(map) or d365_pull(map) for each map
+ * of d365._map_jobs(), parents first, one run each: a map that fails does
+ * not stop the others; run_id is then the first failed run's, and failure
+ * names every map that failed.
  */
 CREATE OR REPLACE FUNCTION d365._run_job(job text, OUT run_id bigint, OUT failure text)
 RETURNS record
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    m record;
+    r record;
 BEGIN
+    IF job IN ('maps', 'map-pull') THEN
+        FOR m IN SELECT j.name FROM d365._map_jobs(job = 'maps') j LOOP
+            SELECT * INTO r FROM d365._run_map_job(job, m.name);
+            IF r.failure IS NOT NULL THEN
+                run_id := coalesce(run_id, r.run_id);
+                failure := concat_ws('; ', failure, format('map %s: %s', m.name, r.failure));
+            END IF;
+        END LOOP;
+        RETURN;
+    END IF;
     CASE job
         WHEN 'contacts' THEN PERFORM d365.d365_sync_contacts();
         WHEN 'activities' THEN PERFORM d365.d365_sync_activities();
@@ -4759,7 +4787,7 @@ BEGIN
         ELSE
             RAISE EXCEPTION 'unknown d365sync job "%"', job
                 USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'The jobs are contacts, activities and pull.';
+                      HINT = 'The jobs are contacts, activities, pull, maps and map-pull.';
     END CASE;
     -- the run recorded itself last: this session's last value of the sequence
     SELECT r.id, CASE WHEN r.message LIKE 'failed: %' THEN substr(r.message, 9) END
@@ -4767,6 +4795,40 @@ BEGIN
       FROM d365.sync_run r WHERE r.id = currval('d365.sync_run_id_seq'::regclass);
 END;
 $$;
+
+/*
+ * One map's run of a map job: d365_sync(map) ('maps') or d365_pull(map)
+ * ('map-pull'), after waiting for a run of that map in progress (the
+ * worker's, the other map job's) instead of skipping it -- a sync and a
+ * pull scheduled at the same minute would otherwise skip one another.
+ * Returns the id of the row the run recorded and, when it failed, why; a
+ * map gone meanwhile returns NULLs.
+ */
+CREATE OR REPLACE FUNCTION d365._run_map_job(job text, map text, OUT run_id bigint, OUT failure text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM FROM d365.table_map t WHERE t.name = map FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF job = 'maps' THEN
+        PERFORM d365.d365_sync(map);
+    ELSE
+        PERFORM d365.d365_pull(map);
+    END IF;
+    SELECT s.id, CASE WHEN s.message LIKE 'failed: %' THEN substr(s.message, 9) END
+      INTO run_id, failure
+      FROM d365.sync_run s WHERE s.id = currval('d365.sync_run_id_seq'::regclass);
+EXCEPTION WHEN OTHERS THEN
+    run_id := NULL;
+    failure := SQLERRM;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._run_map_job(text, text) FROM PUBLIC;
 
 /*
  * The command of the pg_cron jobs.  A failed run is committed to
@@ -4780,22 +4842,42 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     r record;
+    maps text[];
+    m text;
+    run_id bigint;
+    failure text;
 BEGIN
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    SELECT * INTO r FROM d365._run_job(job);
-    COMMIT;
-    IF r.failure IS NOT NULL THEN
+    IF job IN ('maps', 'map-pull') THEN
+        -- a transaction per map: each map's lock is held for its own run only
+        maps := ARRAY(SELECT j.name FROM d365._map_jobs(job = 'maps') j);
+        FOREACH m IN ARRAY maps LOOP
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            SELECT * INTO r FROM d365._run_map_job(job, m);
+            COMMIT;
+            IF r.failure IS NOT NULL THEN
+                run_id := COALESCE(run_id, r.run_id);
+                failure := pg_catalog.concat_ws('; ', failure, pg_catalog.format('map %s: %s', m, r.failure));
+            END IF;
+        END LOOP;
+    ELSE
+        SELECT * INTO r FROM d365._run_job(job);
+        COMMIT;
+        run_id := r.run_id;
+        failure := r.failure;
+    END IF;
+    IF failure IS NOT NULL THEN
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE EXCEPTION 'd365sync % run failed: %', job, r.failure
+        RAISE EXCEPTION 'd365sync % run failed: %', job, failure
             USING ERRCODE = 'external_routine_exception',
-                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', r.run_id),
+                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', run_id),
                   HINT = 'What the run did not finish stays pending for the next run.';
     END IF;
 END;
 $$;
 
 COMMENT ON PROCEDURE d365.d365_run_job(text) IS
-    'Runs one scheduled job (contacts, activities or pull) as pg_cron does: records the run, commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
+    'Runs one scheduled job (contacts, activities, pull, maps or map-pull) as pg_cron does: records the run (the map jobs: one run and one transaction per map, every enabled map, parents first, each waiting for a run of its map in progress), commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
 
 /*
  * Schedules the d365sync jobs with pg_cron.  Only the jobs an argument
@@ -4804,14 +4886,17 @@ COMMENT ON PROCEDURE d365.d365_run_job(text) IS
 CREATE OR REPLACE FUNCTION d365.d365_schedule(
     contacts text DEFAULT 'keep',
     activities text DEFAULT 'keep',
-    pull text DEFAULT 'keep')
+    pull text DEFAULT 'keep',
+    maps text DEFAULT 'keep',
+    map_pull text DEFAULT 'keep')
 RETURNS TABLE (job_name text, schedule text, command text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    wanted text[] := ARRAY[contacts, activities, pull];
-    nothing_named boolean := coalesce(contacts = 'keep' AND activities = 'keep' AND pull = 'keep', false);
+    wanted text[] := ARRAY[contacts, activities, pull, maps, map_pull];
+    nothing_named boolean := coalesce(contacts = 'keep' AND activities = 'keep' AND pull = 'keep'
+                                      AND maps = 'keep' AND map_pull = 'keep', false);
     host text;
     j record;
     cur record;
@@ -4839,6 +4924,11 @@ BEGIN
             -- brought up to date); a call naming nothing creates the
             -- default jobs that are missing
             sched := CASE WHEN cur.jobid IS NOT NULL THEN cur.schedule
+                          -- the map job only where there is a map to send
+                          WHEN nothing_named AND j.job = 'maps'
+                               AND NOT EXISTS (SELECT FROM d365.table_map t
+                                                WHERE t.enabled AND t.name <> 'contact' AND t.direction <> 'in')
+                              THEN NULL
                           WHEN nothing_named THEN j.default_schedule END;
             CONTINUE WHEN sched IS NULL;
         END IF;
@@ -4857,8 +4947,8 @@ BEGIN
 END;
 $$;
 
-COMMENT ON FUNCTION d365.d365_schedule(text, text, text) IS
-    'Creates, changes or removes the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes. ONLY THE JOBS THE CALL NAMES CHANGE: a cron schedule sets that job, NULL or ''off'' removes it, ''keep'' (the default: an argument left out) leaves its schedule as it is. Called without any argument it creates the missing contact and activity jobs, hourly. Every job it keeps or sets runs CALL d365.d365_run_job(...) and connects to the current cron.host.';
+COMMENT ON FUNCTION d365.d365_schedule(text, text, text, text, text) IS
+    'Creates, changes or removes the pg_cron jobs d365-contact-sync, d365-activity-sync, d365-pull-changes, d365-map-sync (maps: every enabled table map, parents first) and d365-map-pull (map_pull). ONLY THE JOBS THE CALL NAMES CHANGE: a cron schedule sets that job, NULL or ''off'' removes it, ''keep'' (the default: an argument left out) leaves its schedule as it is. Called without any argument it creates the missing contact and activity jobs, hourly, and the map job when a table map sends. Every job it keeps or sets runs CALL d365.d365_run_job(...) and connects to the current cron.host.';
 
 CREATE OR REPLACE FUNCTION d365.d365_unschedule()
 RETURNS integer
@@ -5386,6 +5476,8 @@ BEGIN
     ELSE
         INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
     END IF;
+    -- the background worker sends it after COMMIT (with realtime on)
+    PERFORM d365._worker_wake(false);
     RETURN NULL;
 END;
 $$;
@@ -6963,6 +7055,126 @@ LANGUAGE C;
 
 REVOKE ALL ON FUNCTION d365._state_guard() FROM PUBLIC;
 
+/*
+ * The maps a job runs when no map is named, parents before children: the
+ * enabled maps whose direction sends (outgoing) or receives (NOT outgoing)
+ * and that have at least one column mapped that way (a map being set up,
+ * its columns not mapped yet, is not run), except "contact" -- the contact
+ * table, which the contact jobs run.  noted: an outgoing map has changes
+ * noted by its capture triggers, or deletes due, that no sync has taken
+ * yet (the worker runs such a map at once, the others at its poll).
+ */
+CREATE OR REPLACE FUNCTION d365._map_jobs(outgoing boolean, OUT name text, OUT noted boolean)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.name,
+           coalesce(outgoing, false)
+           AND (EXISTS (SELECT FROM d365.map_change q WHERE q.map = t.name)
+                OR EXISTS (SELECT FROM d365.map_delete d
+                            WHERE d.map = t.name
+                              AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())))
+      FROM d365._map_order() o
+      JOIN d365.table_map t ON t.name = o.name
+     WHERE t.enabled AND t.name <> 'contact'
+       AND t.direction <> CASE WHEN outgoing THEN 'in' ELSE 'out' END
+       AND EXISTS (SELECT FROM d365.column_map c
+                    WHERE c.map = t.name AND c.direction <> CASE WHEN outgoing THEN 'in' ELSE 'out' END)
+     ORDER BY o.depth, o.name
+$$;
+
+/*
+ * What d365_status() shows of each table map (but "contact", whose lines
+ * are the contact table's): "map <name>", the rows waiting to be sent (not
+ * linked yet, or changed since their last sync, or noted by the capture and
+ * not yet seen by a sync) and those failing; "last run error of map <name>",
+ * the newest failed run of its sync or pull that no run of the same kind
+ * has completed since; "last row error of map <name>", the newest row
+ * still failing.  Reads the mapped table as whoever calls it (d365_status()
+ * is its owner's), with built-in operators only.
+ */
+CREATE OR REPLACE FUNCTION d365._map_status(OUT item text, OUT value text)
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+    r record;
+    pending bigint;
+    to_create bigint;
+    failing bigint;
+    noted timestamptz;
+BEGIN
+    FOR m IN SELECT * FROM d365.table_map t WHERE t.name <> 'contact' ORDER BY t.name LOOP
+        item := format('map %s', m.name);
+        SELECT count(*) INTO failing FROM d365.map_row s WHERE s.map = m.name AND s.attempts > 0;
+        SELECT min(q.noted_at) INTO noted FROM d365.map_change q WHERE q.map = m.name;
+        BEGIN
+            IF NOT EXISTS (SELECT FROM pg_attribute a
+                            WHERE a.attrelid = m.local_table AND a.attname = m.key_column
+                              AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types())) THEN
+                RAISE EXCEPTION 'the table or its key column % is gone', m.key_column;
+            END IF;
+            IF row_security_active(m.local_table) THEN
+                RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user;
+            END IF;
+            EXECUTE format(
+                'SELECT count(*), count(*) FILTER (WHERE c.dynamics365_related_id IS NULL)'
+                '  FROM %1$s c LEFT JOIN d365.map_row r'
+                '    ON r.map OPERATOR(pg_catalog.=) $1 AND r.row_key OPERATOR(pg_catalog.=) c.%2$I::pg_catalog.text'
+                ' WHERE c.%2$I IS NOT NULL'
+                '   AND ((c.dynamics365_related_id IS NULL'
+                '         AND (r.row_key IS NULL OR r.remote_deleted_at IS NULL'
+                '              OR r.change_seq OPERATOR(pg_catalog.>) r.synced_seq))'
+                '        OR (c.dynamics365_related_id IS NOT NULL'
+                '            AND (r.row_key IS NULL OR r.synced IS NULL'
+                '                 OR r.change_seq OPERATOR(pg_catalog.>) r.synced_seq'
+                '                 OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id))'
+                '        OR c.%2$I::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY('
+                '               SELECT k FROM d365.map_change q, pg_catalog.unnest(q.keys) k'
+                '                WHERE q.map OPERATOR(pg_catalog.=) $1)))',
+                m.local_table, m.key_column) INTO pending, to_create USING m.name;
+            value := format('%s pending (%s to create), %s failing', pending, to_create, failing);
+        EXCEPTION WHEN OTHERS THEN
+            value := format('pending not counted (%s), %s failing', SQLERRM, failing);
+        END;
+        value := value
+                 || coalesce('; oldest change noted ' || to_char(noted, 'YYYY-MM-DD HH24:MI:SS TZ'), '')
+                 || CASE WHEN NOT m.enabled THEN '; disabled (enabled = false): the worker and the scheduled map jobs pass it by'
+                         WHEN m.direction = 'in' THEN '; direction in: nothing is sent'
+                         ELSE '' END;
+        RETURN NEXT;
+
+        SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
+         WHERE sr.kind IN ('map:' || m.name, 'map-pull:' || m.name) AND sr.message LIKE 'failed:%'
+           AND NOT EXISTS (SELECT FROM d365.sync_run ok
+                            WHERE ok.kind = sr.kind AND ok.id > sr.id
+                              AND (ok.message IS NULL
+                                   OR NOT (ok.message LIKE 'failed:%' OR ok.message LIKE 'skipped:%')))
+         ORDER BY sr.id DESC LIMIT 1;
+        IF FOUND THEN
+            item := format('last run error of map %s', m.name);
+            value := format('%s at %s: %s', r.kind, to_char(r.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                            r.message);
+            RETURN NEXT;
+        END IF;
+        SELECT s.row_key, s.last_attempt_at, s.last_error INTO r FROM d365.map_row s
+         WHERE s.map = m.name AND s.attempts > 0
+         ORDER BY s.last_attempt_at DESC NULLS LAST, s.row_key LIMIT 1;
+        IF FOUND THEN
+            item := format('last row error of map %s', m.name);
+            value := format('row %s at %s: %s', r.row_key,
+                            to_char(r.last_attempt_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.last_error);
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_jobs(boolean), d365._map_status() FROM PUBLIC;
+
 -- ==========================================================================
 -- After the functions (sql/upgrade/0.2--0.3.sql)
 -- ==========================================================================
@@ -7050,3 +7262,22 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.contact_state
 CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_row
     FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key');
+
+-- The grants of 0.2's d365_schedule(), on the new one (see above).
+DO $upgrade_schedule$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT a.grantee, a.is_grantable
+               FROM pg_catalog.aclexplode(NULLIF(
+                        pg_catalog.current_setting('d365sync_upgrade.schedule_acl', true), '')::pg_catalog.aclitem[]) a
+              WHERE a.privilege_type = 'EXECUTE'
+                AND a.grantee <> (SELECT p.proowner FROM pg_catalog.pg_proc p
+                                   WHERE p.oid = 'd365.d365_schedule(text, text, text, text, text)'::pg_catalog.regprocedure)
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION d365.d365_schedule(text, text, text, text, text) TO %s%s',
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END,
+                                  CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END;
+$upgrade_schedule$;

@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * jobs.h
- *	  The three scheduled jobs as runs: what d365_sync_contacts(),
- *	  d365_sync_activities() and d365_pull_changes() run, and what the
- *	  background worker (src/worker.c) runs in its own transactions.
+ *	  The scheduled jobs as runs: what d365_sync_contacts(),
+ *	  d365_sync_activities(), d365_pull_changes() and, for each map,
+ *	  d365_sync() and d365_pull() run, and what the background worker
+ *	  (src/worker.c) runs in its own transactions.
  *
  * Each takes a run from d365_run_init() (its kind is set here), runs the
  * engine's body under the job's lock through d365_run_execute(),
@@ -25,5 +26,9 @@ extern bool d365_job_activities(D365Run *run);
 
 /* in incoming.c */
 extern bool d365_job_pull(D365Run *run);
+
+/* in table_maps.c: one map's sync or pull (the map's row lock, not a job's) */
+extern bool d365_job_map_sync(D365Run *run, const char *map);
+extern bool d365_job_map_pull(D365Run *run, const char *map);
 
 #endif							/* D365_JOBS_H */

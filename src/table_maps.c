@@ -168,6 +168,7 @@ map_lock(D365Run *run, const char *map)
 		run->message = psprintf("skipped: another run of map %s is in progress", map);
 		MemoryContextSwitchTo(old);
 	}
+	run->skipped = true;
 	return false;
 }
 
@@ -250,6 +251,33 @@ pull_body(D365Run *run, void *arg)
 	}
 }
 
+/*
+ * d365_job_map_sync, d365_job_map_pull
+ *		One run of a map's sync or pull (see jobs.h): kind "map:<name>" or
+ *		"map-pull:<name>", under the lock of the map's row.  What d365_sync()
+ *		and d365_pull() run for each map, and the background worker for each
+ *		map it serves.
+ */
+bool
+d365_job_map_sync(D365Run *run, const char *map)
+{
+	MemoryContext old = MemoryContextSwitchTo(run->cxt);
+
+	run->kind = psprintf("map:%s", map);
+	MemoryContextSwitchTo(old);
+	return d365_run_execute(run, NULL, sync_body, (void *) map);
+}
+
+bool
+d365_job_map_pull(D365Run *run, const char *map)
+{
+	MemoryContext old = MemoryContextSwitchTo(run->cxt);
+
+	run->kind = psprintf("map-pull:%s", map);
+	MemoryContextSwitchTo(old);
+	return d365_run_execute(run, NULL, pull_body, (void *) map);
+}
+
 /* d365_sync() and d365_pull(): one run per map, one row per run. */
 static Datum
 run_maps(FunctionCallInfo fcinfo, bool outgoing)
@@ -271,8 +299,11 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 			run_contact(rsinfo, outgoing);
 			continue;
 		}
-		d365_run_init(&run, psprintf(outgoing ? "map:%s" : "map-pull:%s", map));
-		(void) d365_run_execute(&run, NULL, outgoing ? sync_body : pull_body, map);
+		d365_run_init(&run, "map");
+		if (outgoing)
+			(void) d365_job_map_sync(&run, map);
+		else
+			(void) d365_job_map_pull(&run, map);
 		put_row(rsinfo, map, &run);
 	}
 	if (contact)

@@ -6,26 +6,25 @@
  *
  * Registered from _PG_init when d365sync is in shared_preload_libraries;
  * one worker per cluster, connected to the database d365sync.database_name
- * names.  It is a thin driver over the engines: every pass runs the same
- * job entry points as d365_sync_contacts(), d365_sync_activities() and
- * d365_pull_changes() (src/jobs.h), each in a transaction of its own and
- * under the same job lock (d365.job_lock), so the worker and the pg_cron jobs never
- * work on the same items at once.  The engines' ids make a crash anywhere
- * harmless: a contact's Dynamics id is derived from committed state (key
- * and generation), an activity's was chosen when it was logged, and both
- * are created with upserts, so a step repeated after a crash reaches the
- * same record.
+ * names.  It is a thin driver over the engines: every pass runs the jobs of
+ * worker_jobs.c -- the entry points of d365_sync_contacts(),
+ * d365_sync_activities(), d365_pull_changes() and, for each table map, of
+ * d365_sync(map) and d365_pull(map) (src/jobs.h) -- each in a transaction
+ * of its own, under the same lock as a scheduled run (d365.job_lock, a
+ * map's row of d365.table_map), each with its own back-off.  The engines'
+ * ids make a crash anywhere harmless: they are derived from committed
+ * state or chosen before sending, and creates are upserts.
  *
- * Woken at commit.  A backend whose transaction changed a contact or
- * logged an activity arms a wake (d365_worker_wake_at_commit() from the
- * capture trigger, d365._worker_wake() from d365_log_activity and the
- * settings trigger); that only sets a flag, and a transaction callback
- * sets the worker's latch at COMMIT, after the commit is visible.  A
- * rolled-back transaction wakes nobody.  (A background worker has no
- * client connection to receive NOTIFY on, hence the latch.)  Whatever
- * committed while a pass ran is picked up by the next pass, in batches.
- * A slow poll (REALTIME_POLL_MS) catches what no wake announces: COMMIT
- * PREPARED, back-offs that expired.
+ * Woken at commit.  A backend whose transaction changed a contact or a
+ * mapped row or logged an activity arms a wake (d365_worker_wake_at_commit()
+ * from the contact capture, d365._worker_wake() from the map capture,
+ * d365_log_activity and the settings trigger); that only sets a flag, and a
+ * transaction callback sets the worker's latch at COMMIT.  A rolled-back
+ * transaction wakes nobody.  (A background worker has no client connection
+ * to receive NOTIFY on, hence the latch.)  Whatever committed while a pass
+ * ran is picked up by the next pass, in batches.  A slow poll
+ * (REALTIME_POLL_MS) catches what no wake announces: COMMIT PREPARED,
+ * back-offs that expired.
  *
  * Life cycle (see docs/worker.md):
  *	  - database missing: the worker connects to no database and polls
@@ -77,8 +76,8 @@
 
 #include "auth.h"
 #include "d365sync.h"
-#include "jobs.h"
 #include "worker.h"
+#include "worker_jobs.h"
 
 /* seconds before the postmaster starts the worker again after it exited */
 #define D365_WORKER_RESTART_S	3
@@ -367,44 +366,13 @@ probe_database(void)
 	}
 }
 
-/* Outcome of one job run by the worker. */
-typedef enum JobOutcome
-{
-	JOB_IDLE,					/* completed, nothing to do */
-	JOB_WORKED,					/* completed with items: look again */
-	JOB_SKIPPED,				/* another run of the job held its lock */
-	JOB_FAILED					/* failed; message says why */
-} JobOutcome;
-
-/* A job and its failure state, kept across passes. */
-typedef struct WorkerJob
-{
-	const char *name;
-	bool		(*fn) (D365Run *run);
-	D365WorkerPhase phase;
-	TimestampTz retry_at;		/* no run before (back-off) */
-	int			backoff_ms;		/* 0 while healthy */
-	TimestampTz failing_since;
-	char	   *logged_error;	/* the failure last logged (TopMemoryContext) */
-} WorkerJob;
-
-static WorkerJob jobs[] = {
-	{"contacts", d365_job_contacts, D365W_SENDING},
-	{"activities", d365_job_activities, D365W_SENDING},
-	{"pull", d365_job_pull, D365W_PULLING},
-};
-
-#define JOB_CONTACTS	0
-#define JOB_ACTIVITIES	1
-#define JOB_PULL		2
-
 /*
  * Outage detection.  After a job failed, a probe (probe_dynamics) looks
  * whether Dynamics 365 answers at all.  While it does not, failing jobs are
  * not run (a run would select its work, fail and roll back); the probe is
- * repeated every PROBE_MS and the contact queue is folded at every pass, so
- * that it holds the rows changed rather than every statement of the
- * outage.  The first probe that gets an answer ends the outage: the failing
+ * repeated every PROBE_MS and the contact and map queues are folded at
+ * every pass, so that they hold the rows changed rather than every
+ * statement of the outage.  The first probe that gets an answer ends the outage: the failing
  * jobs run at once, whatever their back-off.
  */
 static TimestampTz probe_at = 0;	/* next probe; 0: none (no job failed
@@ -456,12 +424,14 @@ note_outcome(WorkerJob *job, JobOutcome outcome, const char *error)
 	if (outcome != JOB_FAILED)
 	{
 		if (job->logged_error != NULL)
+		{
 			ereport(LOG,
 					(errmsg("d365sync worker: %s job works again after %ld s of failures",
 							job->name,
 							(long) ((now - job->failing_since) / USECS_PER_SEC))));
-		if (job->logged_error)
+			d365_worker_clear_error(job->name);
 			pfree(job->logged_error);
+		}
 		job->logged_error = NULL;
 		job->backoff_ms = 0;
 		job->retry_at = 0;
@@ -525,7 +495,7 @@ run_job(WorkerJob *job)
 		run.no_record = true;
 		run.quiet = true;
 		d365_max_run_time_ms = budget > 0 ? Min(budget, WORKER_PASS_MS) : WORKER_PASS_MS;
-		completed = job->fn(&run);
+		completed = job->fn(&run, job->arg);
 		d365_max_run_time_ms = budget;
 
 		if (run.skipped)
@@ -646,9 +616,10 @@ probe_dynamics(long *retry_after_ms)
 
 /*
  * fold_queue
- *		While Dynamics is down: fold the contact changes queued since the
- *		last pass into d365.contact_state (d365._contact_fold_changes), in a
- *		short transaction, sending nothing.  An error (the extension being
+ *		While Dynamics is down: fold the contact and map changes queued
+ *		since the last pass into d365.contact_state and d365.map_row
+ *		(d365._contact_fold_changes, d365._map_fold_changes), in a short
+ *		transaction, sending nothing.  An error (the extension being
  *		dropped, say) is ignored: the next pass tries again.
  */
 static void
@@ -666,6 +637,10 @@ fold_queue(void)
 						" WHERE to_regprocedure('d365._contact_fold_changes()') IS NOT NULL",
 						false, 0) < 0)
 			elog(ERROR, "could not fold the contact queue");
+		if (SPI_execute("SELECT d365._map_fold_changes(t.name) FROM d365.table_map t"
+						" WHERE to_regprocedure('d365._map_fold_changes(text)') IS NOT NULL",
+						false, 0) < 0)
+			elog(ERROR, "could not fold the map queue");
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();
@@ -690,10 +665,10 @@ static void
 outage_pass(bool realtime)
 {
 	bool		failing = false;
-	int			i;
+	ListCell   *lc;
 
-	for (i = 0; i < lengthof(jobs); i++)
-		failing |= jobs[i].backoff_ms > 0;
+	foreach(lc, d365_worker_jobs())
+		failing |= ((WorkerJob *) lfirst(lc))->backoff_ms > 0;
 	if (!failing)
 	{
 		probe_at = 0;
@@ -707,8 +682,9 @@ outage_pass(bool realtime)
 
 		if (up && dynamics_down)
 		{
-			for (i = 0; i < lengthof(jobs); i++)
-				jobs[i].retry_at = 0;
+			/* and the maps whose changes were folded meanwhile */
+			foreach(lc, d365_worker_jobs())
+				((WorkerJob *) lfirst(lc))->retry_at = ((WorkerJob *) lfirst(lc))->next_at = 0;
 			ereport(LOG,
 					(errmsg("d365sync worker: Dynamics 365 answers again; the failing jobs run now")));
 		}
@@ -790,18 +766,86 @@ read_settings(bool *realtime, int64 *pull_ms, char **role_problem)
 }
 
 /*
+ * pass_job
+ *		Run one job of a pass when it is due; fold what came of it into the
+ *		pass's timeout.  A pull is due on its interval; the contact and
+ *		activity jobs at every pass; a map's sync when its changes were
+ *		noted, its last run worked, a map before it in this pass worked
+ *		(*map_worked: its children may wait for it), and at least every
+ *		REALTIME_POLL_MS -- a commit to one table does not run every map.
+ */
+static void
+pass_job(WorkerJob *job, int64 pull_ms, bool realtime, bool *map_worked, long *timeout)
+{
+	JobOutcome	o;
+	TimestampTz now;
+
+	/* a failing job waits for the probe while Dynamics is down */
+	if (dynamics_down && job->backoff_ms > 0)
+		return;
+	if (ms_until(job->retry_at) > 0)
+	{
+		*timeout = Min(*timeout, ms_until(job->retry_at));
+		return;
+	}
+	if ((job->incoming || job->is_map) && ms_until(job->next_at) > 0 &&
+		(job->incoming || !(job->noted || job->again || job->backoff_ms > 0 || *map_worked)))
+	{
+		*timeout = Min(*timeout, ms_until(job->next_at));
+		return;
+	}
+
+	o = run_job(job);
+	now = GetCurrentTimestamp();
+	job->again = (o == JOB_WORKED || o == JOB_SKIPPED);
+	if (o == JOB_IDLE || o == JOB_WORKED)
+		job->next_at = TimestampTzPlusMilliseconds(now, job->incoming ? pull_ms : REALTIME_POLL_MS);
+	if (job->incoming)
+	{
+		if (o == JOB_IDLE || o == JOB_WORKED)
+		{
+			SpinLockAcquire(&d365_shared->mutex);
+			d365_shared->last_pull = now;
+			SpinLockRelease(&d365_shared->mutex);
+		}
+		else if (o == JOB_SKIPPED)
+			job->next_at = TimestampTzPlusMilliseconds(now, SKIPPED_RETRY_MS);
+
+		/*
+		 * Applied changes leave their rows pending (the capture trigger
+		 * fired); the sync settles them as unchanged at once instead of at
+		 * the next poll.
+		 */
+		if (o == JOB_WORKED && realtime)
+			*timeout = 0;
+		*timeout = Min(*timeout, Max(ms_until(job->next_at), ms_until(job->retry_at)));
+		return;
+	}
+	if (o == JOB_WORKED)
+	{
+		*timeout = 0;
+		*map_worked |= job->is_map;
+	}
+	else if (o == JOB_SKIPPED)
+		*timeout = Min(*timeout, SKIPPED_RETRY_MS);
+	else if (o == JOB_FAILED)
+		*timeout = Min(*timeout, ms_until(job->retry_at));
+}
+
+/*
  * worker_pass
- *		One pass: read the settings, send (realtime), pull (when due).
- *		Returns how long to sleep before the next pass, in ms (0: at once).
- *		*next_pull is when the next pull is due (0: at the first chance).
+ *		One pass: read the settings and the maps, send (realtime), pull
+ *		(when due), each job of d365_worker_jobs() in its order.  Returns
+ *		how long to sleep before the next pass, in ms (0: at once).
  */
 static long
-worker_pass(TimestampTz *next_pull, bool *extension_logged)
+worker_pass(bool *extension_logged)
 {
 	bool		realtime;
 	int64		pull_ms;
 	long		timeout;
-	int			i;
+	bool		map_worked = false;
+	ListCell   *lc;
 	char	   *role_problem = NULL;
 	static char *role_logged = NULL;
 
@@ -816,7 +860,8 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 					(errmsg("d365sync worker is waiting for CREATE EXTENSION d365sync in database \"%s\"",
 							d365_worker_database)));
 		*extension_logged = true;
-		*next_pull = 0;
+		foreach(lc, d365_worker_jobs())
+			((WorkerJob *) lfirst(lc))->next_at = 0;
 		return EXTENSION_POLL_MS;
 	}
 	*extension_logged = false;
@@ -827,70 +872,37 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 	d365_shared->realtime = realtime;
 	SpinLockRelease(&d365_shared->mutex);
 
-	/* a job switched off is no longer failing */
-	for (i = 0; i < lengthof(jobs); i++)
+	if (realtime || pull_ms > 0)
 	{
-		if (i == JOB_PULL ? pull_ms == 0 : !realtime)
+		WorkerMaps	maps;
+
+		d365_worker_read_maps(&maps);
+		d365_worker_refresh_jobs(&maps);
+	}
+
+	/* a job switched off is no longer failing, and runs first when on */
+	foreach(lc, d365_worker_jobs())
+	{
+		WorkerJob  *job = (WorkerJob *) lfirst(lc);
+
+		if (job->incoming ? pull_ms == 0 : !realtime)
 		{
-			jobs[i].backoff_ms = 0;
-			jobs[i].retry_at = 0;
+			job->backoff_ms = 0;
+			job->retry_at = 0;
+			job->next_at = 0;
 		}
 	}
 
 	outage_pass(realtime);
 
 	timeout = realtime ? REALTIME_POLL_MS : IDLE_POLL_MS;
-	if (realtime)
+	foreach(lc, d365_worker_jobs())
 	{
-		for (i = JOB_CONTACTS; i <= JOB_ACTIVITIES; i++)
-		{
-			JobOutcome o;
+		WorkerJob  *job = (WorkerJob *) lfirst(lc);
 
-			/* a failing job waits for the probe while Dynamics is down */
-			if (dynamics_down && jobs[i].backoff_ms > 0)
-				continue;
-			if (ms_until(jobs[i].retry_at) > 0)
-			{
-				timeout = Min(timeout, ms_until(jobs[i].retry_at));
-				continue;
-			}
-			o = run_job(&jobs[i]);
-			if (o == JOB_WORKED)
-				timeout = 0;
-			else if (o == JOB_SKIPPED)
-				timeout = Min(timeout, SKIPPED_RETRY_MS);
-			else if (o == JOB_FAILED)
-				timeout = Min(timeout, ms_until(jobs[i].retry_at));
-		}
+		if (job->incoming ? pull_ms > 0 : realtime)
+			pass_job(job, pull_ms, realtime, &map_worked, &timeout);
 	}
-	if (pull_ms > 0)
-	{
-		if (ms_until(*next_pull) == 0 && ms_until(jobs[JOB_PULL].retry_at) == 0 &&
-			!(dynamics_down && jobs[JOB_PULL].backoff_ms > 0))
-		{
-			JobOutcome o = run_job(&jobs[JOB_PULL]);
-
-			/*
-			 * Applied changes leave their contacts pending (the capture
-			 * trigger fired); the contact job settles them as unchanged at
-			 * once instead of at the next poll.
-			 */
-			if (o == JOB_WORKED && realtime)
-				timeout = 0;
-			if (o == JOB_IDLE || o == JOB_WORKED)
-			{
-				*next_pull = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), pull_ms);
-				SpinLockAcquire(&d365_shared->mutex);
-				d365_shared->last_pull = GetCurrentTimestamp();
-				SpinLockRelease(&d365_shared->mutex);
-			}
-			else if (o == JOB_SKIPPED)
-				*next_pull = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), SKIPPED_RETRY_MS);
-		}
-		timeout = Min(timeout, Max(ms_until(*next_pull), ms_until(jobs[JOB_PULL].retry_at)));
-	}
-	else
-		*next_pull = 0;
 	if (probe_at > 0)
 		timeout = Min(timeout, ms_until(probe_at));
 
@@ -898,9 +910,9 @@ worker_pass(TimestampTz *next_pull, bool *extension_logged)
 	d365_shared->passes++;
 	d365_shared->last_pass = GetCurrentTimestamp();
 	d365_shared->phase = D365W_IDLE;
-	for (i = 0; i < lengthof(jobs); i++)
+	foreach(lc, d365_worker_jobs())
 	{
-		if (jobs[i].backoff_ms > 0)
+		if (((WorkerJob *) lfirst(lc))->backoff_ms > 0)
 			d365_shared->phase = D365W_BACKING_OFF;
 	}
 	SpinLockRelease(&d365_shared->mutex);
@@ -916,7 +928,6 @@ d365_worker_main(Datum main_arg)
 {
 	bool		connect;
 	char	   *connected_role;
-	TimestampTz next_pull = 0;
 	bool		extension_logged = false;
 	MemoryContext pass_cxt;
 
@@ -959,7 +970,7 @@ d365_worker_main(Datum main_arg)
 		MemoryContext old = MemoryContextSwitchTo(pass_cxt);
 		long		timeout;
 
-		timeout = worker_pass(&next_pull, &extension_logged);
+		timeout = worker_pass(&extension_logged);
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(pass_cxt);
 

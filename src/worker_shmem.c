@@ -191,3 +191,24 @@ d365_worker_wake_at_commit(bool always)
 	wake_at_commit = true;
 }
 
+
+/*
+ * d365_worker_clear_error
+ *		The worker's job "job" works again: its failure, if it is the one
+ *		d365_status() shows as the worker's last error ("<job>: ..."), is
+ *		no longer shown.
+ */
+void
+d365_worker_clear_error(const char *job)
+{
+	size_t		len = strlen(job);
+
+	SpinLockAcquire(&d365_shared->mutex);
+	if (strncmp(d365_shared->last_error, job, len) == 0 &&
+		strncmp(d365_shared->last_error + len, ": ", 2) == 0)
+	{
+		d365_shared->last_error[0] = '\0';
+		d365_shared->last_error_at = 0;
+	}
+	SpinLockRelease(&d365_shared->mutex);
+}

@@ -76,6 +76,7 @@ extern D365Shared *d365_shared;
 
 extern void d365_shmem_init(void);
 extern void d365_worker_wake_at_commit(bool always);
+extern void d365_worker_clear_error(const char *job);
 extern D365Progress *d365_progress_claim(const char *kind);
 extern void d365_progress_release(D365Progress *slot);
 

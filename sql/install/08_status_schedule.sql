@@ -182,6 +182,8 @@ BEGIN
                         r.local_wins, to_char(r.newest, 'YYYY-MM-DD HH24:MI:SS TZ'));
         RETURN NEXT;
     END LOOP;
+    -- each table map: pending rows, its last run error, its last row error
+    RETURN QUERY SELECT * FROM d365._map_status();
     -- the newest failed run of a job that has not completed a run since
     -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr
@@ -213,20 +215,39 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     VALUES ('contacts', 'd365-contact-sync', 'CALL d365.d365_run_job(''contacts'')', '0 * * * *'),
            ('activities', 'd365-activity-sync', 'CALL d365.d365_run_job(''activities'')', '0 * * * *'),
-           ('pull', 'd365-pull-changes', 'CALL d365.d365_run_job(''pull'')', NULL)
+           ('pull', 'd365-pull-changes', 'CALL d365.d365_run_job(''pull'')', NULL),
+           ('maps', 'd365-map-sync', 'CALL d365.d365_run_job(''maps'')', '0 * * * *'),
+           ('map-pull', 'd365-map-pull', 'CALL d365.d365_run_job(''map-pull'')', NULL)
 $$;
 
 /*
  * One run of a scheduled job, through the job's function (lock, error
  * capture, its row in d365.sync_run, pruning of old runs): returns the id
- * of the row the run recorded and, when the run failed, why.
+ * of the row the run recorded and, when the run failed, why.  The map
+ * jobs (maps, map-pull) run d365_sync(map) or d365_pull(map) for each map
+ * of d365._map_jobs(), parents first, one run each: a map that fails does
+ * not stop the others; run_id is then the first failed run's, and failure
+ * names every map that failed.
  */
 CREATE FUNCTION d365._run_job(job text, OUT run_id bigint, OUT failure text)
 RETURNS record
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    m record;
+    r record;
 BEGIN
+    IF job IN ('maps', 'map-pull') THEN
+        FOR m IN SELECT j.name FROM d365._map_jobs(job = 'maps') j LOOP
+            SELECT * INTO r FROM d365._run_map_job(job, m.name);
+            IF r.failure IS NOT NULL THEN
+                run_id := coalesce(run_id, r.run_id);
+                failure := concat_ws('; ', failure, format('map %s: %s', m.name, r.failure));
+            END IF;
+        END LOOP;
+        RETURN;
+    END IF;
     CASE job
         WHEN 'contacts' THEN PERFORM d365.d365_sync_contacts();
         WHEN 'activities' THEN PERFORM d365.d365_sync_activities();
@@ -234,7 +255,7 @@ BEGIN
         ELSE
             RAISE EXCEPTION 'unknown d365sync job "%"', job
                 USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'The jobs are contacts, activities and pull.';
+                      HINT = 'The jobs are contacts, activities, pull, maps and map-pull.';
     END CASE;
     -- the run recorded itself last: this session's last value of the sequence
     SELECT r.id, CASE WHEN r.message LIKE 'failed: %' THEN substr(r.message, 9) END
@@ -242,6 +263,39 @@ BEGIN
       FROM d365.sync_run r WHERE r.id = currval('d365.sync_run_id_seq'::regclass);
 END;
 $$;
+
+/*
+ * One map's run of a map job: d365_sync(map) ('maps') or d365_pull(map)
+ * ('map-pull'), after waiting for a run of that map in progress (the
+ * worker's, the other map job's) instead of skipping it -- a sync and a
+ * pull scheduled at the same minute would otherwise skip one another.
+ * Returns the id of the row the run recorded and, when it failed, why; a
+ * map gone meanwhile returns NULLs.
+ */
+CREATE FUNCTION d365._run_map_job(job text, map text, OUT run_id bigint, OUT failure text)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM FROM d365.table_map t WHERE t.name = map FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF job = 'maps' THEN
+        PERFORM d365.d365_sync(map);
+    ELSE
+        PERFORM d365.d365_pull(map);
+    END IF;
+    SELECT s.id, CASE WHEN s.message LIKE 'failed: %' THEN substr(s.message, 9) END
+      INTO run_id, failure
+      FROM d365.sync_run s WHERE s.id = currval('d365.sync_run_id_seq'::regclass);
+EXCEPTION WHEN OTHERS THEN
+    run_id := NULL;
+    failure := SQLERRM;
+END;
+$$;
+REVOKE ALL ON FUNCTION d365._run_map_job(text, text) FROM PUBLIC;
 
 /*
  * The command of the pg_cron jobs.  A failed run is committed to
@@ -255,21 +309,41 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     r record;
+    maps text[];
+    m text;
+    run_id bigint;
+    failure text;
 BEGIN
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    SELECT * INTO r FROM d365._run_job(job);
-    COMMIT;
-    IF r.failure IS NOT NULL THEN
+    IF job IN ('maps', 'map-pull') THEN
+        -- a transaction per map: each map's lock is held for its own run only
+        maps := ARRAY(SELECT j.name FROM d365._map_jobs(job = 'maps') j);
+        FOREACH m IN ARRAY maps LOOP
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            SELECT * INTO r FROM d365._run_map_job(job, m);
+            COMMIT;
+            IF r.failure IS NOT NULL THEN
+                run_id := COALESCE(run_id, r.run_id);
+                failure := pg_catalog.concat_ws('; ', failure, pg_catalog.format('map %s: %s', m, r.failure));
+            END IF;
+        END LOOP;
+    ELSE
+        SELECT * INTO r FROM d365._run_job(job);
+        COMMIT;
+        run_id := r.run_id;
+        failure := r.failure;
+    END IF;
+    IF failure IS NOT NULL THEN
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE EXCEPTION 'd365sync % run failed: %', job, r.failure
+        RAISE EXCEPTION 'd365sync % run failed: %', job, failure
             USING ERRCODE = 'external_routine_exception',
-                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', r.run_id),
+                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', run_id),
                   HINT = 'What the run did not finish stays pending for the next run.';
     END IF;
 END;
 $$;
 COMMENT ON PROCEDURE d365.d365_run_job(text) IS
-    'Runs one scheduled job (contacts, activities or pull) as pg_cron does: records the run, commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
+    'Runs one scheduled job (contacts, activities, pull, maps or map-pull) as pg_cron does: records the run (the map jobs: one run and one transaction per map, every enabled map, parents first, each waiting for a run of its map in progress), commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
 
 /*
  * Schedules the d365sync jobs with pg_cron.  Only the jobs an argument
@@ -278,14 +352,17 @@ COMMENT ON PROCEDURE d365.d365_run_job(text) IS
 CREATE FUNCTION d365.d365_schedule(
     contacts text DEFAULT 'keep',
     activities text DEFAULT 'keep',
-    pull text DEFAULT 'keep')
+    pull text DEFAULT 'keep',
+    maps text DEFAULT 'keep',
+    map_pull text DEFAULT 'keep')
 RETURNS TABLE (job_name text, schedule text, command text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    wanted text[] := ARRAY[contacts, activities, pull];
-    nothing_named boolean := coalesce(contacts = 'keep' AND activities = 'keep' AND pull = 'keep', false);
+    wanted text[] := ARRAY[contacts, activities, pull, maps, map_pull];
+    nothing_named boolean := coalesce(contacts = 'keep' AND activities = 'keep' AND pull = 'keep'
+                                      AND maps = 'keep' AND map_pull = 'keep', false);
     host text;
     j record;
     cur record;
@@ -313,6 +390,11 @@ BEGIN
             -- brought up to date); a call naming nothing creates the
             -- default jobs that are missing
             sched := CASE WHEN cur.jobid IS NOT NULL THEN cur.schedule
+                          -- the map job only where there is a map to send
+                          WHEN nothing_named AND j.job = 'maps'
+                               AND NOT EXISTS (SELECT FROM d365.table_map t
+                                                WHERE t.enabled AND t.name <> 'contact' AND t.direction <> 'in')
+                              THEN NULL
                           WHEN nothing_named THEN j.default_schedule END;
             CONTINUE WHEN sched IS NULL;
         END IF;
@@ -330,8 +412,8 @@ BEGIN
                   ORDER BY c.jobname;
 END;
 $$;
-COMMENT ON FUNCTION d365.d365_schedule(text, text, text) IS
-    'Creates, changes or removes the pg_cron jobs d365-contact-sync, d365-activity-sync and d365-pull-changes. ONLY THE JOBS THE CALL NAMES CHANGE: a cron schedule sets that job, NULL or ''off'' removes it, ''keep'' (the default: an argument left out) leaves its schedule as it is. Called without any argument it creates the missing contact and activity jobs, hourly. Every job it keeps or sets runs CALL d365.d365_run_job(...) and connects to the current cron.host.';
+COMMENT ON FUNCTION d365.d365_schedule(text, text, text, text, text) IS
+    'Creates, changes or removes the pg_cron jobs d365-contact-sync, d365-activity-sync, d365-pull-changes, d365-map-sync (maps: every enabled table map, parents first) and d365-map-pull (map_pull). ONLY THE JOBS THE CALL NAMES CHANGE: a cron schedule sets that job, NULL or ''off'' removes it, ''keep'' (the default: an argument left out) leaves its schedule as it is. Called without any argument it creates the missing contact and activity jobs, hourly, and the map job when a table map sends. Every job it keeps or sets runs CALL d365.d365_run_job(...) and connects to the current cron.host.';
 
 CREATE FUNCTION d365.d365_unschedule()
 RETURNS integer

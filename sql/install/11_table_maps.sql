@@ -405,6 +405,8 @@ BEGIN
     ELSE
         INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
     END IF;
+    -- the background worker sends it after COMMIT (with realtime on)
+    PERFORM d365._worker_wake(false);
     RETURN NULL;
 END;
 $$;

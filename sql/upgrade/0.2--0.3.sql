@@ -19,6 +19,13 @@ SELECT pg_catalog.pg_extension_config_dump('d365.metadata_cache', '');
 -- The pull's record stage takes its page as json (a row may hold U+0000,
 -- which jsonb cannot).
 DROP FUNCTION d365._pull_record(jsonb);
+-- d365_schedule() takes the map jobs' schedules too (maps, map_pull): the
+-- 0.2 function goes, and the grants made on it are given to the new one
+-- (below "-- @functions").
+SELECT pg_catalog.set_config('d365sync_upgrade.schedule_acl',
+    coalesce((SELECT p.proacl::text FROM pg_catalog.pg_proc p
+               WHERE p.oid = 'd365.d365_schedule(text, text, text)'::pg_catalog.regprocedure), ''), true);
+DROP FUNCTION d365.d365_schedule(text, text, text);
 -- Table maps (11_table_maps.sql, 12_map_sync.sql): their tables and the
 -- record stage's row type.
 CREATE TABLE d365.table_map (
@@ -266,3 +273,22 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.contact_state
 CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_row
     FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key');
+
+-- The grants of 0.2's d365_schedule(), on the new one (see above).
+DO $upgrade_schedule$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT a.grantee, a.is_grantable
+               FROM pg_catalog.aclexplode(NULLIF(
+                        pg_catalog.current_setting('d365sync_upgrade.schedule_acl', true), '')::pg_catalog.aclitem[]) a
+              WHERE a.privilege_type = 'EXECUTE'
+                AND a.grantee <> (SELECT p.proowner FROM pg_catalog.pg_proc p
+                                   WHERE p.oid = 'd365.d365_schedule(text, text, text, text, text)'::pg_catalog.regprocedure)
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION d365.d365_schedule(text, text, text, text, text) TO %s%s',
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END,
+                                  CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END;
+$upgrade_schedule$;
