@@ -4768,14 +4768,14 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     m record;
-    r record;
+    one record;
 BEGIN
     IF job IN ('maps', 'map-pull') THEN
         FOR m IN SELECT j.name FROM d365._map_jobs(job = 'maps') j LOOP
-            SELECT * INTO r FROM d365._run_map_job(job, m.name);
-            IF r.failure IS NOT NULL THEN
-                run_id := coalesce(run_id, r.run_id);
-                failure := concat_ws('; ', failure, format('map %s: %s', m.name, r.failure));
+            SELECT * INTO one FROM d365._run_map_job(job, m.name);
+            IF one.failure IS NOT NULL THEN
+                run_id := coalesce(run_id, one.run_id);
+                failure := concat_ws('; ', failure, format('map %s: %s', m.name, one.failure));
             END IF;
         END LOOP;
         RETURN;

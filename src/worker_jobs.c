@@ -237,6 +237,8 @@ d365_worker_refresh_jobs(WorkerMaps *maps)
 
 		if (list_member_ptr(next, job))
 			continue;
+		/* a map unmapped or disabled: its failure is no longer shown */
+		d365_worker_clear_error(job->name);
 		pfree(job->name);
 		if (job->arg)
 			pfree(job->arg);

@@ -324,6 +324,21 @@ case "$kinds" in
 esac
 psqlq -c "SET ROLE wm_operator" -c "SELECT d365.d365_unschedule()" >/dev/null 2>&1
 
+# a broken map fails the map job, not the other maps
+psqlq >/dev/null <<'SQL'
+ALTER TABLE projects RENAME COLUMN stage TO stage_gone;
+INSERT INTO companies (name) VALUES ('By Hand');
+SQL
+out=$(PSQL_STOP=0 psqlq -c "SET ROLE wm_operator" -c "CALL d365.d365_run_job('maps')" 2>&1)
+if grep -q 'ERROR:  d365sync maps run failed: map project: ' <<<"$out" &&
+   [ "$(psqlq -c "SELECT dynamics365_related_id IS NOT NULL FROM companies WHERE name = 'By Hand'")" = t ]; then
+    ok "CALL d365_run_job('maps') with a broken map: the other map's run is committed, the error names the map"
+else
+    notok "CALL d365_run_job('maps') with a broken map: the other map's run is committed, the error names the map" \
+        "$out" "$(psqlq -c "SELECT kind, message FROM d365.sync_run ORDER BY id DESC LIMIT 3")"
+fi
+psqlq -c "ALTER TABLE projects RENAME COLUMN stage_gone TO stage" >/dev/null
+
 # --------------------------------------------------------------------------
 # 7. the update from 0.2 keeps the grants made on d365_schedule()
 # --------------------------------------------------------------------------
