@@ -372,8 +372,8 @@ probe_database(void)
  * not run (a run would select its work, fail and roll back); the probe is
  * repeated every PROBE_MS and the contact and map queues are folded at
  * every pass, so that they hold the rows changed rather than every
- * statement of the outage.  The first probe that gets an answer ends the outage: the failing
- * jobs run at once, whatever their back-off.
+ * statement of the outage.  The first probe that gets an answer ends the
+ * outage: the failing jobs run at once, whatever their back-off.
  */
 static TimestampTz probe_at = 0;	/* next probe; 0: none (no job failed
 									 * since the last answer) */
