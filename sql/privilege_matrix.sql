@@ -35,7 +35,7 @@ SELECT p.oid::regprocedure AS internal_for_no_set
  WHERE p.pronamespace = 'd365'::regnamespace AND p.proname LIKE '\_%'
    AND p.prorettype <> 'trigger'::regtype
    AND NOT has_function_privilege('regress_pm_admin', p.oid, 'EXECUTE')
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text COLLATE "C";
 SELECT count(*) AS internal_not_for_operator_nor_admin
   FROM pg_proc p
  WHERE p.pronamespace = 'd365'::regnamespace AND p.proname LIKE '\_%'
@@ -51,7 +51,7 @@ SELECT p.oid::regprocedure AS internal_c_for_operator
  WHERE p.pronamespace = 'd365'::regnamespace AND p.proname LIKE '\_%'
    AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
    AND has_function_privilege('regress_pm_operator', p.oid, 'EXECUTE')
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text COLLATE "C";
 
 -- the operator's column rights on the activity log and the pending deletes
 SELECT c.relname, a.attname,
