@@ -6,8 +6,9 @@ Usage: memsample.py PIDFILE READYFILE STOPFILE OUTFILE [INTERVAL_MS]
 Waits (at most 60 s) until PIDFILE holds a process id, reads that process's
 RssAnon from /proc/<pid>/status as the baseline, creates READYFILE, then
 samples RssAnon every INTERVAL_MS (default 20) until STOPFILE exists or the
-process is gone (at most 2 hours).  Writes "baseline_kb max_kb samples" to
-OUTFILE.  bench/run.sh starts it next to the psql session that runs a sync.
+process is gone (at most 2 hours).  Writes "baseline_kb max_kb samples
+median_kb" to OUTFILE (the median of the samples: where memory stays
+between the peaks).  bench/run.sh starts it next to the psql session that runs a sync.
 """
 
 import os
@@ -47,13 +48,14 @@ def main():
         time.sleep(0.01)
     if pid is None:
         with open(outfile, "w") as f:
-            f.write("0 0 0\n")
+            f.write("0 0 0 0\n")
         open(readyfile, "w").close()
         return 1
 
     base = rss_anon_kb(pid) or 0
     peak = base
     samples = 1
+    values = [base]
     open(readyfile, "w").close()
     deadline = time.monotonic() + 7200
     while not os.path.exists(stopfile) and time.monotonic() < deadline:
@@ -61,6 +63,7 @@ def main():
         if v is None:
             break
         samples += 1
+        values.append(v)
         if v > peak:
             peak = v
         time.sleep(interval)
@@ -68,7 +71,7 @@ def main():
     if v is not None and v > peak:
         peak = v
     with open(outfile, "w") as f:
-        f.write("%d %d %d\n" % (base, peak, samples))
+        f.write("%d %d %d %d\n" % (base, peak, samples, sorted(values)[len(values) // 2]))
     return 0
 
 

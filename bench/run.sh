@@ -178,7 +178,7 @@ SQL
     local b_api b_tok a_api a_tok base peak samples
     read -r b_api b_tok <<<"$before"
     read -r a_api a_tok <<<"$after"
-    read -r base peak samples <"$m/mem"
+    read -r base peak samples _ <"$m/mem"
     local simreq=$(( (a_api - b_api) + (a_tok - b_tok) ))
     local processed=$((created + updated + unchanged + failed + unlinked))
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \

@@ -39,13 +39,19 @@ SELECT p.oid::regprocedure AS unpinned
 SELECT count(*) > 50 AS functions_checked FROM pg_proc WHERE pronamespace = 'd365'::regnamespace;
 -- a procedure that commits cannot carry a SET clause: it pins the path
 -- itself at the start of each of its transactions, with set_config()
+-- (d365_load() is written in C and pins it with set_config_option() at
+-- the start of each of its transactions, src/table_maps.c)
 SELECT p.oid::regprocedure AS procedure,
        p.proconfig IS NULL AS no_set_clause,
        (SELECT count(*) FROM regexp_matches(p.prosrc, '\mCOMMIT\M', 'g')) + 1 AS transactions,
        (SELECT count(*) FROM regexp_matches(p.prosrc,
             'PERFORM pg_catalog\.set_config\(''search_path'', ''pg_catalog, pg_temp'', true\)', 'g')) AS pins
   FROM pg_proc p
- WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind = 'p'
+ WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind = 'p' AND p.prolang = (SELECT l.oid FROM pg_language l WHERE l.lanname = 'plpgsql')
+ ORDER BY 1::text;
+SELECT p.oid::regprocedure AS c_procedure, p.proconfig IS NULL AS no_set_clause
+  FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+ WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind = 'p' AND l.lanname = 'c'
  ORDER BY 1::text;
 
 -- ---------------------------------------------------------------------------

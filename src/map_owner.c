@@ -16,6 +16,9 @@
  *	 d365._map_set_links(map, keys, ids, expect)  link columns
  *	 d365._map_apply(map, vals, key)			   incoming values
  *	 d365._map_remove(map, key)				   a row deleted in Dynamics
+ *	 d365._map_insert(map, rows)				   rows loaded from Dynamics
+ *		(the statement from d365._map_insert_sql, sql/install/14_map_load.sql;
+ *		the caller needs INSERT on the table)
  *
  *-------------------------------------------------------------------------
  */
@@ -32,6 +35,7 @@
 PG_FUNCTION_INFO_V1(d365_map_set_links);
 PG_FUNCTION_INFO_V1(d365_map_apply);
 PG_FUNCTION_INFO_V1(d365_map_remove);
+PG_FUNCTION_INFO_V1(d365_map_insert);
 
 /*
  * The table whose rows d365sync itself is writing (its link columns, or
@@ -78,9 +82,13 @@ own_write(Oid relid, const char *op, const char *sql, Datum columns,
 	return result;
 }
 
-/* The statement of op for map, its table and the columns it writes. */
+/*
+ * The statement of op for map, its table and the columns it writes, from
+ * query (which takes map, op, columns and returns sql, tbl, columns).
+ */
 static char *
-owner_sql(Datum map, const char *op, Datum columns, Oid *relid, Datum *cols)
+owner_sql_from(const char *query, Datum map, const char *op, Datum columns,
+			   Oid *relid, Datum *cols)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	Datum		args[3] = {map, CStringGetTextDatum(op), columns};
@@ -93,10 +101,9 @@ owner_sql(Datum map, const char *op, Datum columns, Oid *relid, Datum *cols)
 	MemoryContext old;
 
 	SPI_connect();
-	if (SPI_execute_with_args("SELECT sql, tbl::pg_catalog.oid, columns FROM d365._map_owner_sql($1, $2, $3)",
-							  3, (Oid[]) {TEXTOID, TEXTOID, NAMEARRAYOID}, args, nulls,
+	if (SPI_execute_with_args(query, 3, (Oid[]) {TEXTOID, TEXTOID, NAMEARRAYOID}, args, nulls,
 							  true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "d365._map_owner_sql returned no statement");
+		elog(ERROR, "no table-owner statement for operation \"%s\"", op);
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 	old = MemoryContextSwitchTo(caller);
@@ -107,6 +114,14 @@ owner_sql(Datum map, const char *op, Datum columns, Oid *relid, Datum *cols)
 	MemoryContextSwitchTo(old);
 	SPI_finish();
 	return sql;
+}
+
+/* The statement of op for map (d365._map_owner_sql). */
+static char *
+owner_sql(Datum map, const char *op, Datum columns, Oid *relid, Datum *cols)
+{
+	return owner_sql_from("SELECT sql, tbl::pg_catalog.oid, columns FROM d365._map_owner_sql($1, $2, $3)",
+						  map, op, columns, relid, cols);
 }
 
 /*
@@ -203,4 +218,32 @@ d365_map_remove(PG_FUNCTION_ARGS)
 								(Oid[]) {TEXTOID}, (Datum[]) {PG_GETARG_DATUM(1)},
 								NULL, TEXTOID, &isnull);
 	PG_RETURN_BOOL(!isnull);
+}
+
+/*
+ * d365._map_insert(map text, rows jsonb) -> jsonb
+ *		Inserts the rows loaded from Dynamics ([{column: value,
+ *		"@dynamics_id": id}, ...]) into the map's table, linked; the caller
+ *		must hold INSERT on the table.  Returns [[key, id], ...] of the rows
+ *		inserted.
+ */
+Datum
+d365_map_insert(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	Datum		cols;
+	char	   *sql;
+	bool		isnull = true;
+	Datum		result;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	sql = owner_sql_from("SELECT sql, tbl::pg_catalog.oid, columns FROM d365._map_insert_sql($1)",
+						 PG_GETARG_DATUM(0), "insert", (Datum) 0, &relid, &cols);
+	result = own_write(relid, "insert", sql, cols, 1,
+					   (Oid[]) {JSONBOID}, (Datum[]) {PG_GETARG_DATUM(1)},
+					   NULL, JSONBOID, &isnull);
+	if (isnull)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(result);
 }

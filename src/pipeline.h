@@ -33,6 +33,35 @@ extern void d365_pipeline_process_lookup(D365Run *run, const char *work_sql,
  * The incoming half (pipeline_pull.c): a change-tracking read of one
  * Dataverse table, recorded page by page.
  */
+struct D365PullEngine;
+
+/* The page size of a load's reads: the most the Web API gives per page. */
+#define D365_LOAD_PAGE_SIZE 5000
+
+/*
+ * An initial load (pipeline_pull.c): before its first change-tracking
+ * read, the engine's table is read whole, page by page, each page
+ * recorded and its position kept in d365.load_state.
+ */
+typedef struct D365PullLoad
+{
+	/* a change-tracking read of the ids only, for its delta link */
+	char	   *(*token_path) (const struct D365PullEngine *engine);
+	/* the first page of the load: every record */
+	char	   *(*path) (const struct D365PullEngine *engine);
+	const char *record_sql;		/* as the engine's record_sql */
+	const char *done_sql;		/* run after the last page ($1 text arg), or
+								 * NULL */
+	int			page_size;		/* odata.maxpagesize of its reads */
+	int			step_pages;		/* return after this many pages, to commit
+								 * (0: read to the end) */
+	/* kept between steps: the reader and the link it fetches next */
+	MemoryContext cxt;
+	D365Pages  *pages;
+	char	   *expect;
+	bool		more;			/* set when a step stopped before the end */
+} D365PullLoad;
+
 typedef struct D365PullEngine
 {
 	const char *state_key;		/* d365.pull_state.entity */
@@ -42,6 +71,7 @@ typedef struct D365PullEngine
 	const char *arg;			/* $2 of record_sql, or NULL */
 	const char *no_delta_hint;	/* HINT when Dynamics returns no delta link */
 	void	   *private;		/* the engine's own */
+	D365PullLoad *load;			/* an initial load first, or NULL */
 } D365PullEngine;
 
 extern int	d365_pipeline_pull(D365Run *run, const D365PullEngine *engine,

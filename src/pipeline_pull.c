@@ -23,6 +23,18 @@
  * ones about credentials or throttling) falls back to a new full read.
  * Memory stays flat: one page at a time.
  *
+ * An engine may have an initial load (engine->load, the table maps with
+ * load = true): the first pull reads the whole table before its first
+ * change-tracking read.  It takes a delta link first (a change-tracking
+ * read of the ids only), then reads every record at the server's maximum
+ * page size, recording each page with the load's record statement and
+ * keeping the next link in d365.load_state, so that a load stopped
+ * halfway goes on from there; a step may stop after a number of pages for
+ * its caller to commit (CALL d365_load()).  After the last page the token
+ * of that delta link, on the request of every field, becomes the pull's
+ * delta link, and the pull applies what changed in Dynamics while the
+ * load ran.
+ *
  * The contact pull (src/incoming.c) and the table maps (src/table_maps.c)
  * are engines on this reader.
  *
@@ -35,6 +47,7 @@
 #include "executor/spi.h"
 
 #include "pipeline.h"
+#include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
 #include "state_guard.h"
@@ -45,12 +58,12 @@
  * not the page.
  */
 static void
-record_page(D365Run *run, const D365PullEngine *engine, json_t *rows)
+record_page(D365Run *run, const D365PullEngine *engine, const char *record_sql,
+			json_t *rows)
 {
 	Oid			types[2] = {JSONOID, TEXTOID};
 	Datum		args[2];
 	char		nulls[2] = {' ', engine->arg ? ' ' : 'n'};
-
 	volatile int rc = 0;
 	bool		was;
 
@@ -60,14 +73,28 @@ record_page(D365Run *run, const D365PullEngine *engine, json_t *rows)
 	was = d365_recorder_set(true);
 	PG_TRY();
 	{
-		rc = SPI_execute_with_args(engine->record_sql, 2, types, args, nulls, false, 1);
+		rc = SPI_execute_with_args(record_sql, 2, types, args, nulls, false, 1);
 	}
 	PG_FINALLY();
 	{
 		d365_recorder_set(was);
 	}
 	PG_END_TRY();
-	d365_run_add_counts(run, rc, engine->record_sql);
+	d365_run_add_counts(run, rc, record_sql);
+}
+
+/* The "value" array of a page read; ERROR when it failed or has none. */
+static json_t *
+page_rows(D365Pages *pages, D365Op *op)
+{
+	if (!op->ok)
+		d365_op_report(op, ERROR);
+	if (!json_is_object(op->json) || !json_is_array(json_object_get(op->json, "value")))
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("a page from Dynamics 365 has no \"value\" array"),
+				 errcontext("Dynamics 365 request: GET %s", pages->path)));
+	return json_object_get(op->json, "value");
 }
 
 /*
@@ -82,6 +109,191 @@ delta_link_refused(const D365Op *op)
 	return !op->ok && !op->transport_failure &&
 		op->status >= 400 && op->status < 500 &&
 		op->status != 401 && op->status != 403 && op->status != 429;
+}
+
+/* The delta link of the last page of a read; ERROR when there is none. */
+static const char *
+last_delta_link(const D365PullEngine *engine, D365Pages *pages)
+{
+	const char *delta = pages->op ? d365_json_str(pages->op->json, "@odata.deltaLink") : NULL;
+
+	if (delta == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("Dynamics 365 returned no delta link"),
+				 errdetail("The last page of a change-tracking read carries @odata.deltaLink."),
+				 errhint("%s", engine->no_delta_hint)));
+	return delta;
+}
+
+/*
+ * load_token
+ *		Start a load: a change-tracking read of the ids of every record,
+ *		recorded nowhere, for the delta link of its last page -- taken
+ *		before the first page of the load, so that the pull after the load
+ *		brings every change made while it ran.  Stores it, the load's first
+ *		page and the number of records in d365.load_state.
+ */
+static void
+load_token(D365Run *run, const D365PullEngine *engine)
+{
+	D365PullLoad *load = engine->load;
+	D365Pages  *pages;
+	D365Op	   *op;
+	int64		total = 0;
+	MemoryContext old;
+
+	pages = d365_pages_open(d365_run_client(run), load->token_path(engine),
+							"odata.track-changes", 0);
+	pages->page_size = load->page_size;
+	while ((op = d365_pages_next(pages)) != NULL)
+		total += json_array_size(page_rows(pages, op));
+	old = MemoryContextSwitchTo(pages->cxt);
+	d365_sql_text("INSERT INTO d365.load_state AS l (entity, delta_link, next_link, total)"
+				  " VALUES ($1, $2, $3, $4)"
+				  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
+				  " next_link = EXCLUDED.next_link, total = EXCLUDED.total, pages = 0, records = 0,"
+				  " started_at = pg_catalog.now(), finished_at = NULL, last_error = NULL"
+				  " RETURNING l.entity",
+				  4, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT8OID},
+				  (Datum[]) {CStringGetTextDatum(engine->state_key),
+				  CStringGetTextDatum(last_delta_link(engine, pages)),
+				  CStringGetTextDatum(load->path(engine)), Int64GetDatum(total)});
+	MemoryContextSwitchTo(old);
+	d365_pages_close(pages);
+	d365_progress_add_total(total);
+}
+
+/*
+ * load_finish
+ *		After the last page: the engine's done_sql, then the delta link
+ *		taken before the first page becomes the pull's.
+ */
+static void
+load_finish(D365Run *run, const D365PullEngine *engine)
+{
+	D365PullLoad *load = engine->load;
+	Datum		key = CStringGetTextDatum(engine->state_key);
+
+	if (load->pages != NULL)
+	{
+		d365_pages_close(load->pages);
+		load->pages = NULL;
+	}
+	if (load->done_sql != NULL &&
+		SPI_execute_with_args(load->done_sql, 1, (Oid[]) {TEXTOID},
+							  (Datum[]) {CStringGetTextDatum(engine->arg)}, NULL, false, 0) < 0)
+		elog(ERROR, "the end of the load failed");
+	/*
+	 * The token of the ids' read, on the request of every field: the pull
+	 * continues from there.  (A link without a $deltatoken is taken as
+	 * it is.)
+	 */
+	d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
+				  " SELECT l.entity, coalesce($2 OPERATOR(pg_catalog.||) '&$deltatoken='"
+				  "        OPERATOR(pg_catalog.||) pg_catalog.substring(l.delta_link, '[?&][$]deltatoken=([^&#]*)'),"
+				  "        l.delta_link), l.started_at, pg_catalog.now()"
+				  "   FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
+				  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
+				  " baseline_at = EXCLUDED.baseline_at, last_pull_at = EXCLUDED.last_pull_at"
+				  " RETURNING p.entity", 2, (Oid[]) {TEXTOID, TEXTOID},
+				  (Datum[]) {key, CStringGetTextDatum(load->path(engine))});
+	d365_sql_text("UPDATE d365.load_state l SET finished_at = pg_catalog.now(), next_link = NULL"
+				  " WHERE l.entity OPERATOR(pg_catalog.=) $1 RETURNING l.entity",
+				  1, (Oid[]) {TEXTOID}, &key);
+}
+
+/*
+ * pull_load
+ *		The engine's load, from where d365.load_state says it stands.
+ *		Returns true when it is done (now or before), false when this step
+ *		stopped after load->step_pages pages (load->more is set): commit,
+ *		and call again.  The reader is kept in load between steps; it is
+ *		opened again at the stored next link when another run moved it.
+ */
+static bool
+pull_load(D365Run *run, const D365PullEngine *engine)
+{
+	D365PullLoad *load = engine->load;
+	Datum		key = CStringGetTextDatum(engine->state_key);
+	char	   *next;
+	D365Op	   *op;
+	int			steps = 0;
+	MemoryContext old;
+
+	load->more = false;
+	if (d365_sql_bool("SELECT EXISTS (SELECT FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
+					  " AND l.finished_at IS NOT NULL)", 1, (Oid[]) {TEXTOID}, &key, NULL))
+		return true;
+	if (d365_sql_text("SELECT l.delta_link FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1",
+					  1, (Oid[]) {TEXTOID}, &key) == NULL)
+	{
+		load_token(run, engine);
+		if (load->step_pages > 0)
+		{
+			load->more = true;
+			return false;
+		}
+	}
+	if (d365_progress_total() < 0)
+	{
+		/* a report started again (after a commit, or another run's pages) */
+		bool		isnull;
+		int64		left = d365_sql_int64("SELECT CASE WHEN l.total > l.records THEN l.total - l.records ELSE 0 END"
+										  " FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1",
+										  1, (Oid[]) {TEXTOID}, &key, &isnull);
+
+		if (!isnull)
+			d365_progress_add_total(left + run->counts.created + run->counts.updated +
+									run->counts.unchanged + run->counts.unlinked +
+									run->counts.failed);
+	}
+	next = d365_sql_text("SELECT l.next_link FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1",
+						 1, (Oid[]) {TEXTOID}, &key);
+	if (next == NULL)
+	{
+		load_finish(run, engine);
+		return true;
+	}
+	if (load->pages == NULL || load->expect == NULL || strcmp(load->expect, next) != 0)
+	{
+		if (load->pages != NULL)
+			d365_pages_close(load->pages);
+		old = MemoryContextSwitchTo(load->cxt);
+		load->pages = d365_pages_open(d365_run_client(run), next, NULL, 0);
+		load->pages->page_size = load->page_size;
+		MemoryContextSwitchTo(old);
+	}
+
+	while ((op = d365_pages_next(load->pages)) != NULL)
+	{
+		json_t	   *rows = page_rows(load->pages, op);
+		const char *link = d365_json_str(op->json, "@odata.nextLink");
+
+		old = MemoryContextSwitchTo(load->pages->cxt);
+		record_page(run, engine, load->record_sql, rows);
+		if (SPI_execute_with_args("UPDATE d365.load_state l SET next_link = $2, pages = l.pages + 1,"
+								  " records = l.records + $3 WHERE l.entity OPERATOR(pg_catalog.=) $1",
+								  3, (Oid[]) {TEXTOID, TEXTOID, INT8OID},
+								  (Datum[]) {key, link ? CStringGetTextDatum(link) : (Datum) 0,
+								  Int64GetDatum((int64) json_array_size(rows))},
+								  link ? "   " : " n ", false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "could not keep the position of the load");
+		MemoryContextSwitchTo(old);
+		if (load->expect != NULL)
+			pfree(load->expect);
+		load->expect = link ? MemoryContextStrdup(load->cxt, link) : NULL;
+		d365_run_publish(run);
+		if (link == NULL)
+			break;
+		if (load->step_pages > 0 && ++steps >= load->step_pages)
+		{
+			load->more = true;
+			return false;
+		}
+	}
+	load_finish(run, engine);
+	return true;
 }
 
 /*
@@ -101,6 +313,15 @@ d365_pipeline_pull(D365Run *run, const D365PullEngine *engine, bool *baseline)
 	const char *delta;
 	Oid			types[3] = {TEXTOID, TEXTOID, BOOLOID};
 	MemoryContext old;
+	json_t	   *rows;
+
+	if (engine->load != NULL && !pull_load(run, engine))
+	{
+		/* a step of the load ended before its last page */
+		if (baseline)
+			*baseline = true;
+		return 0;
+	}
 
 	path = d365_sql_text("SELECT delta_link FROM d365.pull_state WHERE entity = $1",
 						 1, types, (Datum[]) {CStringGetTextDatum(engine->state_key)});
@@ -123,28 +344,16 @@ d365_pipeline_pull(D365Run *run, const D365PullEngine *engine, bool *baseline)
 			d365_pages_restart(pages, path);
 			continue;
 		}
-		if (!op->ok)
-			d365_op_report(op, ERROR);
-		if (!json_is_object(op->json) || !json_is_array(json_object_get(op->json, "value")))
-			ereport(ERROR,
-					(errcode(ERRCODE_PROTOCOL_VIOLATION),
-					 errmsg("a change-tracking page from Dynamics 365 has no \"value\" array"),
-					 errcontext("Dynamics 365 request: GET %s", pages->path)));
-
+		rows = page_rows(pages, op);
 		old = MemoryContextSwitchTo(pages->cxt);
-		record_page(run, engine, json_object_get(op->json, "value"));
+		record_page(run, engine, engine->record_sql, rows);
 		MemoryContextSwitchTo(old);
+		d365_run_publish(run);
 		npages++;
 	}
 
 	/* the last page carries the link the next pull continues from */
-	delta = d365_json_str(pages->op->json, "@odata.deltaLink");
-	if (delta == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("Dynamics 365 returned no delta link"),
-				 errdetail("The last page of a change-tracking read carries @odata.deltaLink."),
-				 errhint("%s", engine->no_delta_hint)));
+	delta = last_delta_link(engine, pages);
 
 	old = MemoryContextSwitchTo(pages->cxt);
 	d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"

@@ -52,7 +52,7 @@
 typedef struct ProgressState
 {
 	bool		active;
-	char		kind[16];
+	char		kind[80];		/* "map-pull:<map name>" fits */
 	TimestampTz started;
 	int64		total;			/* -1 while unknown */
 	D365ProgressCounts counts;	/* the sum over the runs below */
@@ -124,6 +124,18 @@ progress_drop(void *arg)
 bool
 d365_progress_start(const char *kind)
 {
+	return d365_progress_start_at(kind, GetCurrentTimestamp());
+}
+
+/*
+ * d365_progress_start_at
+ *		d365_progress_start() for a run that started at started: a run that
+ *		commits as it goes (CALL d365_load()) reports again after each
+ *		commit, which drops the report.
+ */
+bool
+d365_progress_start_at(const char *kind, TimestampTz started)
+{
 	MemoryContextCallback *cb;
 	uint64	   *generation;
 
@@ -131,7 +143,7 @@ d365_progress_start(const char *kind)
 		return false;
 	memset(&state, 0, sizeof(state));
 	strlcpy(state.kind, kind, sizeof(state.kind));
-	state.started = GetCurrentTimestamp();
+	state.started = started;
 	state.total = -1;
 	state.generation = ++last_generation;
 
@@ -160,6 +172,17 @@ bool
 d365_progress_active(void)
 {
 	return state.active;
+}
+
+/*
+ * d365_progress_total
+ *		The number of items of the reported run, -1 while unknown or when
+ *		none is reported.
+ */
+int64
+d365_progress_total(void)
+{
+	return state.active ? state.total : -1;
 }
 
 /*

@@ -22,6 +22,8 @@ typedef struct D365ProgressCounts
 
 /* in progress.c */
 extern bool d365_progress_start(const char *kind);
+extern bool d365_progress_start_at(const char *kind, TimestampTz started);
+extern int64 d365_progress_total(void);
 extern bool d365_progress_active(void);
 extern void d365_progress_add_total(int64 n);
 extern void d365_progress_update(const void *run,

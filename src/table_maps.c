@@ -23,7 +23,10 @@
  *		attached contact table is the map "contact", synced by the contact
  *		engine (src/contacts_out.c) last
  *	 d365_pull(map)  the same for incoming changes; the contact table's
- *		pull is src/incoming.c's
+ *		pull is src/incoming.c's.  A map with load = true is loaded by its
+ *		first pull (src/pipeline_pull.c, sql/install/14_map_load.sql)
+ *	 d365_load(map)  a procedure: the same pulls of the maps, committing
+ *		after each page of a load
  *
  * Each returns one row per map: map, created, updated, unchanged, failed,
  * deleted (unlinked because the record was deleted), requests.
@@ -38,10 +41,14 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "d365_json.h"
+#include "nodes/parsenodes.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/tuplestore.h"
 
 #include "jobs.h"
 #include "pipeline.h"
+#include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
 
@@ -224,15 +231,41 @@ pull_start_path(const D365PullEngine *engine)
 	return path;
 }
 
-/* The incoming run of one map: the change-tracking reader on its table. */
+/* The first request of a map's load: the ids, with change tracking. */
+static char *
+load_token_path(const D365PullEngine *engine)
+{
+	return d365_sql_text("SELECT d365._map_load_token_path($1)", 1, (Oid[]) {TEXTOID},
+						 (Datum[]) {CStringGetTextDatum(engine->arg)});
+}
+
+/* A pull of one map: its load (when it has one) and its changes. */
+typedef struct PullStep
+{
+	const char *map;
+	D365PullLoad *load;			/* kept between the steps of a load */
+	int			step_pages;		/* pages per step (0: to the end) */
+	bool		done;			/* set when the pull has nothing more to do */
+} PullStep;
+
+/*
+ * The incoming run of one map: the change-tracking reader on its table,
+ * after its initial load when load = true (src/pipeline_pull.c).  Lookups
+ * still waiting for their parent are resolved at the end.
+ */
 static void
 pull_body(D365Run *run, void *arg)
 {
-	const char *map = (const char *) arg;
+	PullStep   *step = (PullStep *) arg;
+	const char *map = step->map;
 	D365PullEngine engine = {0};
 	bool		full;
 	int			npages;
+	bool		loading;
+	char	   *loaded;
+	MemoryContext old;
 
+	step->done = true;
 	if (!map_lock(run, map))
 		return;
 	engine.state_key = psprintf("map:%s", map);
@@ -241,14 +274,45 @@ pull_body(D365Run *run, void *arg)
 		" FROM d365._map_pull_record($1, $2)";
 	engine.arg = map;
 	engine.no_delta_hint = "Enable change tracking for the table in Dynamics 365 (Power Apps: Tables, the table, Properties, Track changes).";
-	npages = d365_pipeline_pull(run, &engine, &full);
-	if (full && run->message == NULL)
+	loading = d365_sql_bool("SELECT t.load AND NOT EXISTS (SELECT FROM d365.load_state l"
+							"  WHERE l.entity OPERATOR(pg_catalog.=) ('map:' OPERATOR(pg_catalog.||) t.name)"
+							"    AND l.finished_at IS NOT NULL)"
+							" FROM d365.table_map t WHERE t.name OPERATOR(pg_catalog.=) $1",
+							1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(map)}, NULL);
+	if (d365_sql_bool("SELECT t.load FROM d365.table_map t WHERE t.name OPERATOR(pg_catalog.=) $1",
+					  1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(map)}, NULL))
 	{
-		MemoryContext old = MemoryContextSwitchTo(run->cxt);
-
-		run->message = psprintf("baseline: read map %s in %d page(s)", map, npages);
-		MemoryContextSwitchTo(old);
+		/* records not linked yet are loaded, during the load and after */
+		engine.record_sql = "SELECT created, updated, unchanged, failed, unlinked"
+			" FROM d365._map_load_record($1, $2)";
+		engine.load = step->load;
+		engine.load->token_path = load_token_path;
+		engine.load->path = pull_start_path;
+		engine.load->record_sql = engine.record_sql;
+		engine.load->done_sql = "SELECT d365._map_resolve_lookups()";
+		engine.load->page_size = D365_LOAD_PAGE_SIZE;
+		engine.load->step_pages = step->step_pages;
 	}
+	npages = d365_pipeline_pull(run, &engine, &full);
+	if (engine.load != NULL && engine.load->more)
+	{
+		step->done = false;
+		return;
+	}
+	(void) d365_sql_text("SELECT d365._map_resolve_lookups()::pg_catalog.text", 0, NULL, NULL);
+	if (run->message != NULL)
+		return;
+	old = MemoryContextSwitchTo(run->cxt);
+	if (loading &&
+		(loaded = d365_sql_text("SELECT pg_catalog.format('loaded map %s: %s record(s) in %s page(s)', $1,"
+								" l.records, l.pages) FROM d365.load_state l"
+								" WHERE l.entity OPERATOR(pg_catalog.=) ('map:' OPERATOR(pg_catalog.||) $1)"
+								"   AND l.finished_at IS NOT NULL",
+								1, (Oid[]) {TEXTOID}, (Datum[]) {CStringGetTextDatum(map)})) != NULL)
+		run->message = pstrdup(loaded);
+	else if (full)
+		run->message = psprintf("baseline: read map %s in %d page(s)", map, npages);
+	MemoryContextSwitchTo(old);
 }
 
 /*
@@ -272,10 +336,13 @@ bool
 d365_job_map_pull(D365Run *run, const char *map)
 {
 	MemoryContext old = MemoryContextSwitchTo(run->cxt);
+	D365PullLoad load = {0};
+	PullStep	step = {map, &load, 0, false};
 
 	run->kind = psprintf("map-pull:%s", map);
 	MemoryContextSwitchTo(old);
-	return d365_run_execute(run, NULL, pull_body, (void *) map);
+	load.cxt = run->cxt;
+	return d365_run_execute(run, NULL, pull_body, (void *) &step);
 }
 
 /* d365_sync() and d365_pull(): one run per map, one row per run. */
@@ -329,4 +396,84 @@ Datum
 d365_pull(PG_FUNCTION_ARGS)
 {
 	return run_maps(fcinfo, false);
+}
+
+/* search_path = pg_catalog, pg_temp to the end of the transaction */
+static void
+pin_search_path(void)
+{
+	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
+}
+
+/*
+ * d365_load(map text DEFAULT NULL), a procedure
+ *		The pull of one map or of every enabled map (parents first), as
+ *		d365_pull() runs it, committing after each page of an initial load
+ *		when called by CALL outside a transaction block, so that a load
+ *		cancelled or cut off by a crash goes on from its last page.  Each
+ *		map's pull is one run (one row in d365.sync_run, its progress in
+ *		d365_run_progress() across the commits).  Inside a transaction
+ *		block it commits nothing, as d365_pull().  A procedure that commits
+ *		cannot carry a SET clause: search_path is pinned in each of its
+ *		transactions.
+ */
+PG_FUNCTION_INFO_V1(d365_load);
+
+Datum
+d365_load(PG_FUNCTION_ARGS)
+{
+	bool		nonatomic = fcinfo->context != NULL && IsA(fcinfo->context, CallContext) &&
+		!castNode(CallContext, fcinfo->context)->atomic;
+	bool		contact;
+	List	   *maps;
+	ListCell   *lc;
+
+	pin_search_path();
+	if (!PG_ARGISNULL(0) && strcmp(text_to_cstring(PG_GETARG_TEXT_PP(0)), "contact") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("d365_load() does not pull the contact table"),
+				 errhint("Pull it with d365_pull('contact') or d365_pull_changes().")));
+	maps = maps_to_run(fcinfo, false, &contact);
+	SPI_connect_ext(nonatomic ? SPI_OPT_NONATOMIC : 0);
+	foreach(lc, maps)
+	{
+		char	   *map = (char *) lfirst(lc);
+		D365Run		run;
+		D365PullLoad load = {0};
+		PullStep	step = {map, &load, nonatomic ? 1 : 0, false};
+		bool		reporting;
+
+		/* the contact table is pulled by its own engine: d365_pull() */
+		if (strcmp(map, "contact") == 0)
+			continue;
+		d365_run_init(&run, psprintf("map-pull:%s", map));
+		load.cxt = run.cxt;
+		reporting = d365_progress_start(run.kind);
+		for (;;)
+		{
+			bool		completed = d365_run_guarded(&run, pull_body, &step);
+
+			d365_run_publish(&run);
+			if (!completed || step.done)
+				break;
+			/* a page of the load is read and recorded: keep it */
+			SPI_commit();
+			pin_search_path();
+			if (reporting)
+				reporting = d365_progress_start_at(run.kind, run.started);
+			d365_run_publish(&run);
+		}
+		d365_run_record(&run);
+		if (reporting)
+			d365_progress_end();
+		if (nonatomic)
+		{
+			SPI_commit();
+			pin_search_path();
+		}
+	}
+	SPI_finish();
+	PG_RETURN_VOID();
 }

@@ -303,6 +303,47 @@ check_caller_may_delete(Oid relid)
 	check_row_security(relid, caller);
 }
 
+/*
+ * check_caller_may_insert
+ *		The caller must hold INSERT on the table, or on each column in
+ *		columns (a name[]), and not be bound by its row security: d365sync
+ *		inserts rows into a mapped table only where its caller could.
+ */
+static void
+check_caller_may_insert(Oid relid, Datum columns)
+{
+	Oid			caller = GetUserId();
+	Datum	   *names;
+	bool	   *nulls;
+	int			n;
+	int			i;
+
+	if (pg_class_aclcheck(relid, caller, ACL_INSERT) != ACLCHECK_OK)
+	{
+		if (columns == (Datum) 0)
+			n = 0;
+		else
+			deconstruct_array(DatumGetArrayTypeP(columns), NAMEOID, NAMEDATALEN, false,
+							  TYPALIGN_CHAR, &names, &nulls, &n);
+		for (i = 0; i <= n; i++)
+		{
+			const char *col = i < n ? NameStr(*DatumGetName(names[i])) : NULL;
+			AttrNumber	attnum = col ? get_attnum(relid, col) : InvalidAttrNumber;
+
+			if (i == n ? n == 0 :
+				(attnum == InvalidAttrNumber ||
+				 pg_attribute_aclcheck(relid, attnum, caller, ACL_INSERT) != ACLCHECK_OK))
+				ereport(ERROR,
+						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						 errmsg("permission denied to insert into table %s", relation_name(relid)),
+						 errdetail("d365sync inserts rows into a mapped table only where the role that runs it may."),
+						 errhint("GRANT INSERT ON %s TO %s;", relation_name(relid),
+								 quote_identifier(GetUserNameFromId(caller, false)))));
+		}
+	}
+	check_row_security(relid, caller);
+}
+
 /* Owner of a relation; ERROR when it is gone. */
 static Oid
 relation_owner(Oid relid)
@@ -849,11 +890,12 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
  *		The same gate for other application tables (the table maps,
  *		src/map_owner.c): check that the caller holds UPDATE on every column
  *		in columns (a name[]; NULL: SELECT on the table; op "remove": DELETE
- *		on the table) and is not bound by
+ *		on the table; op "insert": INSERT on it or on those columns) and is not bound by
  *		the table's row security, then run sql with its nargs parameters as
  *		the owner of relid in a security-restricted operation with
- *		search_path = pg_catalog, pg_temp (op "links": as d365sync's own
- *		link writer, which the link columns' guard lets through).  The
+ *		search_path = pg_catalog, pg_temp (ops "links" and "insert": as
+ *		d365sync's own link writer, which the link columns' guard lets
+ *		through).  The
  *		statement comes from d365sync's own SQL, never from the caller.  When restype is set, the
  *		first column of the first row is returned in the caller's memory
  *		context (*isnull when there is none).
@@ -877,12 +919,14 @@ d365_owner_statement(Oid relid, const char *op, const char *sql, Datum columns,
 
 	if (strcmp(op, "remove") == 0)
 		check_caller_may_delete(relid);
+	else if (strcmp(op, "insert") == 0)
+		check_caller_may_insert(relid, columns);
 	else
 		check_caller_rights(relid, columns, columns == (Datum) 0);
 	owner = relation_owner(relid);
 
 	SPI_connect();
-	if (strcmp(op, "links") == 0)
+	if (strcmp(op, "links") == 0 || strcmp(op, "insert") == 0)
 		as_link_writer(owner, &call);
 	else
 		d365_as_owner_restricted(owner, run_statement, &call);

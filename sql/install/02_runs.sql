@@ -96,7 +96,7 @@ AS $$
     SELECT a.pid, m[1], d365._safe_timestamptz(m[2]), m[3]::bigint, m[4]::bigint,
            nullif(m[5], '?')::bigint, m[6]::bigint, m[7]::bigint, 'pg_stat_activity'
       FROM pg_stat_activity a,
-           regexp_match(a.query, '^/\* d365sync: ([a-z]+) run since ([0-9: -]+ UTC): ([0-9]{1,18}) done, ([0-9]{1,18}) failed, ([0-9]{1,18}|\?) remaining, ([0-9]{1,18}) requests, ([0-9]{1,18}) throttled') m
+           regexp_match(a.query, '^/\* d365sync: ([a-z][a-z0-9_:-]{0,70}) run since ([0-9: -]+ UTC): ([0-9]{1,18}) done, ([0-9]{1,18}) failed, ([0-9]{1,18}|\?) remaining, ([0-9]{1,18}) requests, ([0-9]{1,18}) throttled') m
      WHERE a.state = 'active' AND a.datname = current_database() AND m IS NOT NULL
        AND a.pid NOT IN (SELECT shm.pid FROM shm)
        -- only sessions that may run the jobs report runs: anyone else can

@@ -49,7 +49,7 @@ DECLARE
     operator_functions text[] := ARRAY['d365_sync_contacts', 'd365_sync_contact', 'd365_sync_activities',
         'd365_pull_changes', 'd365_run_job', 'd365_schedule', 'd365_unschedule', 'd365_whoami',
         'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
-        'd365_contact_fields', 'd365_tables', 'd365_describe', 'd365_sync', 'd365_pull'];
+        'd365_contact_fields', 'd365_tables', 'd365_describe', 'd365_sync', 'd365_pull', 'd365_load'];
     app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
         'd365_update_contact',
         -- what d365_update_contact() calls with its caller's rights
@@ -61,7 +61,7 @@ DECLARE
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
-        'map_row', 'map_change', 'map_delete'];
+        'map_row', 'map_change', 'map_delete', 'load_state', 'map_lookup_pending'];
     -- internal functions for no set: they send what their arguments or a
     -- row of d365's tables say, and only d365's SECURITY DEFINER functions
     -- call them

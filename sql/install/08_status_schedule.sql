@@ -184,6 +184,22 @@ BEGIN
     END LOOP;
     -- each table map: pending rows, its last run error, its last row error
     RETURN QUERY SELECT * FROM d365._map_status();
+    -- initial loads not finished, and lookups of loaded rows waiting for
+    -- their parent record to be linked (14_map_load.sql)
+    FOR r IN SELECT substr(l.entity, 5) AS map, l.records, l.total, l.pages, l.started_at, l.last_error
+               FROM d365.load_state l
+              WHERE l.entity LIKE 'map:%' AND l.finished_at IS NULL ORDER BY 1 LOOP
+        item := format('load of map %s', r.map);
+        value := format('not finished (started %s): %s of %s records in %s page(s)%s',
+                        to_char(r.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'), r.records,
+                        coalesce(r.total::text, '?'), r.pages, coalesce('; last error: ' || r.last_error, ''));
+        RETURN NEXT;
+    END LOOP;
+    FOR r IN SELECT q.map, count(*) AS n FROM d365.map_lookup_pending q GROUP BY q.map ORDER BY 1 LOOP
+        item := format('lookups waiting in map %s', r.map);
+        value := format('%s (their parent record is linked to no row yet)', r.n);
+        RETURN NEXT;
+    END LOOP;
     -- the newest failed run of a job that has not completed a run since
     -- (a skipped or disabled run does not count); the history keeps them all
     SELECT sr.finished_at, sr.kind, sr.message INTO r FROM d365.sync_run sr

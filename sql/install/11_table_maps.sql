@@ -596,6 +596,7 @@ BEGIN
     END IF;
     DELETE FROM d365.map_change q WHERE q.map = m.name;
     DELETE FROM d365.pull_state p WHERE p.entity = 'map:' || m.name;
+    DELETE FROM d365.load_state l WHERE l.entity = 'map:' || m.name;
     DELETE FROM d365.table_map t WHERE t.name = m.name;
 END;
 $$;

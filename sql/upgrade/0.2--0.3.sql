@@ -187,6 +187,33 @@ REVOKE ALL ON d365.conflict FROM PUBLIC;
 -- something to send by index (05_contacts_out.sql).
 CREATE INDEX contact_state_pending_idx ON d365.contact_state (dynamics_id)
     WHERE dynamics_id IS NOT NULL AND (synced IS NULL OR change_seq > synced_seq);
+-- Initial loads of table maps (14_map_load.sql): where each load stands,
+-- and the lookups of loaded rows waiting for their parent.
+CREATE TABLE d365.load_state (
+    entity       text PRIMARY KEY,
+    delta_link   text,
+    next_link    text,
+    total        bigint,
+    pages        integer NOT NULL DEFAULT 0,
+    records      bigint NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    last_error   text
+);
+COMMENT ON TABLE d365.load_state IS
+    'Initial loads of table maps: the delta link taken before the first page, the next page, the records read';
+SELECT pg_catalog.pg_extension_config_dump('d365.load_state', '');
+CREATE TABLE d365.map_lookup_pending (
+    map          text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    row_key      text NOT NULL,
+    "column"     name NOT NULL,
+    dynamics_id  uuid NOT NULL,
+    PRIMARY KEY (map, row_key, "column")
+);
+COMMENT ON TABLE d365.map_lookup_pending IS
+    'Lookups of rows loaded from Dynamics whose parent record is not linked to a local row yet';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_lookup_pending', '');
+REVOKE ALL ON d365.load_state, d365.map_lookup_pending FROM PUBLIC;
 
 -- @functions
 -- After the functions: triggers and views that use new functions, data
@@ -292,3 +319,8 @@ BEGIN
     END LOOP;
 END;
 $upgrade_schedule$;
+
+-- Initial loads: load = true is refused for a table whose loaded rows
+-- could not get a key.
+CREATE TRIGGER map_load_check BEFORE INSERT OR UPDATE OF load, key_column ON d365.table_map
+    FOR EACH ROW EXECUTE FUNCTION d365._map_load_check();

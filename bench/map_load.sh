@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Initial load benchmark, as root:
+#   bash bench/map_load.sh
+# Starts a throwaway PostgreSQL 15 cluster and the Dataverse simulator
+# (no latency unless BENCH_LATENCY_MS is set), creates accounts in the
+# simulator directly (its control API), maps an empty table of companies
+# to them with load on, and loads it with CALL d365_load() (committing
+# after each page; BENCH_HOW=pull: SELECT d365_pull(), one transaction)
+# for each size in BENCH_SIZES (default "20000 100000"):
+# rows/s, requests, pages, and the backend's memory growth over the load
+# (bench/memsample.py, RssAnon sampled every 20 ms): its peak and its
+# median.  Growth that does not rise with the size shows that the load
+# holds a page at a time.  It prints a markdown table; it reports numbers and never fails
+# because they are slow.  D365_SKIP_BUILD=1 uses the installed extension.
+set -uo pipefail
+
+BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
+. "$BENCH_DIR/../scripts/lib.sh"
+
+BENCH_LATENCY_MS=${BENCH_LATENCY_MS:-0}
+SIZES=${BENCH_SIZES:-20000 100000}
+HOW=${BENCH_HOW:-call}
+case "$HOW" in
+    call) LOAD_SQL="CALL d365.d365_load('company');" ;;
+    pull) LOAD_SQL="SELECT created FROM d365.d365_pull('company');" ;;
+    *) echo "BENCH_HOW is call or pull" >&2; exit 2 ;;
+esac
+DB=d365loadbench
+SAMPLER_PID=
+
+trap '[ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null; d365_stop_all; rm -rf "${M:-}"' EXIT
+trap 'exit 130' INT TERM
+
+if [ "${D365_SKIP_BUILD:-}" != 1 ]; then
+    d365_install_packages || exit 1
+    d365_build || exit 1
+fi
+d365_start_cluster "$DB" >/dev/null || exit 1
+d365_start_sim --latency-ms "$BENCH_LATENCY_MS" >/dev/null || exit 1
+"$D365_SIMCTL" config '{"log_bodies": false, "log_limit": 10000}' >/dev/null || exit 1
+M=$(mktemp -d /tmp/d365loadbench.XXXXXX)
+chmod 777 "$M"
+
+bpsql() { psql -X -q -At -v ON_ERROR_STOP=1 -P pager=off -d "$DB" "$@"; }
+api_requests() {
+    "$D365_SIMCTL" stats | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"]["api"])'
+}
+
+echo
+echo "Initial load of a table map ($LOAD_SQL): accounts in the simulator, ${BENCH_LATENCY_MS} ms per request"
+echo
+echo '| accounts | seconds | rows/s | requests | pages | memory growth, peak (MB) | memory growth, median (MB) |'
+echo '|---:|---:|---:|---:|---:|---:|---:|'
+for n in $SIZES; do
+    "$D365_SIMCTL" reset >/dev/null
+    "$D365_SIMCTL" config '{"log_bodies": false, "log_limit": 10000}' >/dev/null
+    # a database per size (pg_cron keeps a session in the first)
+    DB=d365loadbench_$n
+    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null 2>&1 || exit 1
+    bpsql >/dev/null <<SQL || exit 1
+CREATE EXTENSION d365sync;
+UPDATE d365.settings
+   SET org_url = '$D365_SIM_URL', authority_url = '$D365_SIM_URL',
+       tenant_id = '11111111-1111-1111-1111-111111111111',
+       client_id = '22222222-2222-2222-2222-222222222222',
+       client_secret = 'sim-secret';
+CREATE TABLE companies (id bigserial PRIMARY KEY, name text NOT NULL, number text,
+                        phone text, city text, employees integer, revenue numeric);
+SELECT d365.d365_map_table('company', 'companies', 'accounts');
+SELECT d365.d365_map_column('company', 'name', 'name');
+SELECT d365.d365_map_column('company', 'number', 'accountnumber');
+SELECT d365.d365_map_column('company', 'phone', 'telephone1');
+SELECT d365.d365_map_column('company', 'city', 'address1_city');
+SELECT d365.d365_map_column('company', 'employees', 'numberofemployees');
+SELECT d365.d365_map_column('company', 'revenue', 'revenue');
+UPDATE d365.table_map SET load = true;
+SELECT 1 FROM d365.d365_whoami();
+SQL
+    # the two seed accounts are there too
+    "$D365_SIMCTL" generate account "{\"count\": $((n - 2)), \"values\": {\"name\": \"Company {i}\",
+        \"accountnumber\": \"A-{i}\", \"telephone1\": \"+1 555 {i}\", \"address1_city\": \"City {i}\",
+        \"numberofemployees\": {\"mod\": 1000}}}" >/dev/null || exit 1
+    rm -f "$M"/*
+    before=$(api_requests)
+    /usr/bin/python3 "$BENCH_DIR/memsample.py" "$M/pid" "$M/ready" "$M/stop" "$M/mem" 20 &
+    SAMPLER_PID=$!
+    bpsql >"$M/out" 2>"$M/err" <<SQL
+\o $M/pid
+SELECT pg_backend_pid();
+\o
+\! i=0; while [ ! -e "$M/ready" ] && [ \$i -lt 6000 ]; do sleep 0.01; i=\$((i+1)); done
+SELECT clock_timestamp() AS t0 \gset
+\o /dev/null
+$LOAD_SQL
+\o
+SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)::numeric, 2) AS secs \gset
+\! touch "$M/stop"
+SELECT :secs, (SELECT count(*) FROM companies), (SELECT pages FROM d365.load_state),
+       (SELECT message FROM d365.sync_run ORDER BY id DESC LIMIT 1);
+SQL
+    rc=$?
+    touch "$M/stop"
+    wait "$SAMPLER_PID" 2>/dev/null
+    SAMPLER_PID=
+    after=$(api_requests)
+    if [ "$rc" -ne 0 ]; then
+        echo "| $n | failed: $(head -n 3 "$M/err" | tr '\n' ' ') | | | | | |"
+        continue
+    fi
+    IFS='|' read -r secs rows pages msg <"$M/out"
+    read -r base peak _ median <"$M/mem"
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$(printf "%'d" "$rows")" "$secs" \
+        "$(/usr/bin/python3 -c "print(format(round($rows / max($secs, 0.001)), ','))")" \
+        "$((after - before))" "$pages" \
+        "$(/usr/bin/python3 -c "print(round(($peak - $base) / 1024.0, 1))")" \
+        "$(/usr/bin/python3 -c "print(round((${median:-$base} - $base) / 1024.0, 1))")"
+    [ "$rows" = "$n" ] || echo "(loaded $rows rows for $n accounts: $msg)"
+done

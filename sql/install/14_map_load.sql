@@ -1,0 +1,636 @@
+-- The initial load of a table map (d365.table_map.load): the first pull of
+-- such a map reads every record of its Dataverse table, links the records
+-- its match columns find to the existing rows and inserts the others as
+-- new rows, as the table's owner (d365._map_insert, src/map_owner.c).  The
+-- reading is the pipeline's incoming reader (src/pipeline_pull.c), which
+-- keeps its position in d365.load_state so that a load committed page by
+-- page (CALL d365_load()) goes on where it stopped.  A lookup whose parent
+-- record is not linked to a local row yet waits in d365.map_lookup_pending
+-- until it is.  See docs/table-maps.md.
+-- ---------------------------------------------------------------------------
+
+-- Where each load stands: the change-tracking link taken before its first
+-- page (the pull continues from it once the load is done), the next page
+-- to read, how far it got.
+CREATE TABLE d365.load_state (
+    entity       text PRIMARY KEY,
+    delta_link   text,
+    next_link    text,
+    total        bigint,
+    pages        integer NOT NULL DEFAULT 0,
+    records      bigint NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    last_error   text
+);
+COMMENT ON TABLE d365.load_state IS
+    'Initial loads of table maps: the delta link taken before the first page, the next page, the records read';
+SELECT pg_catalog.pg_extension_config_dump('d365.load_state', '');
+
+-- Lookups of loaded rows whose parent record is linked to no local row
+-- yet: resolved when it is (d365._map_resolve_lookups).
+CREATE TABLE d365.map_lookup_pending (
+    map          text NOT NULL REFERENCES d365.table_map ON DELETE CASCADE,
+    row_key      text NOT NULL,
+    "column"     name NOT NULL,
+    dynamics_id  uuid NOT NULL,
+    PRIMARY KEY (map, row_key, "column")
+);
+COMMENT ON TABLE d365.map_lookup_pending IS
+    'Lookups of rows loaded from Dynamics whose parent record is not linked to a local row yet';
+SELECT pg_catalog.pg_extension_config_dump('d365.map_lookup_pending', '');
+
+/*
+ * Why the rows of a map cannot be loaded (NULL when they can): a new row's
+ * key comes from the key column's default (or identity), or is the
+ * Dynamics id when the key column is a uuid.
+ */
+CREATE FUNCTION d365._map_load_problem(tbl regclass, key_column name)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('key column "%s" of %s has no default and is not a uuid: a loaded row would have no key',
+                  a.attname, tbl)
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped
+       AND NOT a.atthasdef AND a.attidentity = '' AND a.atttypid <> 'uuid'::regtype
+$$;
+
+-- load = true is refused at once for a table whose new rows could not get
+-- a key.
+CREATE FUNCTION d365._map_load_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    problem text;
+BEGIN
+    -- (the map "contact" is the contact engine's: d365_load() leaves it)
+    IF NEW.load AND NEW.name <> 'contact' THEN
+        problem := d365._map_load_problem(NEW.local_table, NEW.key_column);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'map "%" cannot load its Dynamics rows: %', NEW.name, problem
+                USING ERRCODE = 'invalid_table_definition',
+                      HINT = 'Give the key column a default (a sequence, an identity column), or use a uuid key (it then holds the Dynamics id).';
+        END IF;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER map_load_check BEFORE INSERT OR UPDATE OF load, key_column ON d365.table_map
+    FOR EACH ROW EXECUTE FUNCTION d365._map_load_check();
+
+/*
+ * The statement that inserts loaded rows into a map's table, run as its
+ * owner (src/map_owner.c, op "insert"): $1 jsonb, an array of objects
+ * {column: value, "@dynamics_id": id}; the key from its default, or the
+ * Dynamics id (a uuid key without default).  Sets the link columns (as
+ * d365sync's link writer).  Returns [[key, id], ...] of the rows inserted.
+ * columns: the columns it writes, whose INSERT right the caller must hold.
+ */
+CREATE FUNCTION d365._map_insert_sql(map text,
+    OUT sql text, OUT tbl regclass, OUT columns name[])
+RETURNS record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    problem text := d365._map_load_problem(m.local_table, m.key_column);
+    cols name[];
+    id_key boolean;
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'map "%" cannot load its Dynamics rows: %', m.name, problem
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'Give the key column a default (a sequence, an identity column), or use a uuid key (it then holds the Dynamics id).';
+    END IF;
+    tbl := m.local_table;
+    SELECT array_agg(c."column" ORDER BY c."column") INTO cols
+      FROM d365.column_map c
+     WHERE c.map = m.name AND c.direction <> 'out' AND c."column" <> m.key_column;
+    cols := coalesce(cols, '{}');
+    SELECT NOT a.atthasdef AND a.attidentity = '' INTO id_key
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = m.key_column;
+    columns := cols || '{dynamics365_related_id,dynamics365_synchronized_on}'::name[]
+               || CASE WHEN id_key THEN ARRAY[m.key_column] ELSE '{}'::name[] END;
+    sql := format('WITH i AS (INSERT INTO %1$s AS t (%2$s dynamics365_related_id, dynamics365_synchronized_on)'
+                  ' SELECT %3$s r."@dynamics_id", pg_catalog.now()'
+                  '   FROM pg_catalog.jsonb_to_recordset($1) AS r(%4$s "@dynamics_id" pg_catalog.uuid)'
+                  ' RETURNING t.%5$I::pg_catalog.text AS k, t.dynamics365_related_id AS id)'
+                  ' SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(i.k, i.id)) FROM i',
+                  tbl,
+                  (SELECT string_agg(format('%I, ', c), '') FROM unnest(cols) c)
+                      || CASE WHEN id_key THEN format('%I, ', m.key_column) ELSE '' END,
+                  (SELECT string_agg(format('r.%I, ', c), '') FROM unnest(cols) c)
+                      || CASE WHEN id_key THEN 'r."@dynamics_id", ' ELSE '' END,
+                  coalesce(d365._column_defs(tbl, cols) || ', ', ''),
+                  m.key_column);
+END;
+$$;
+
+CREATE FUNCTION d365._map_insert(map text, rows jsonb)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_insert'
+LANGUAGE C VOLATILE;
+
+/*
+ * The conversion of incoming records of a map, for a whole page at once:
+ * a query over $1 jsonb[] (the records) and $2 uuid[] (their ids) giving,
+ * per record, i (its position), id, vals ({column: local value}), wires
+ * ({wire property: value} to remember as synced), pending ({column:
+ * Dynamics id} of lookups whose parent record is linked to no local row
+ * yet) and problem (why the record cannot be taken, or NULL).  Built-in
+ * functions only: no code of the application's making runs.
+ */
+CREATE FUNCTION d365._map_in_sql(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record;
+    pm d365.table_map;
+    v text;
+    g text;
+    loc text;
+    wire text;
+    vals text := '''{}''::pg_catalog.jsonb';
+    wires text := '''{}''::pg_catalog.jsonb';
+    pending text := '''{}''::pg_catalog.jsonb';
+    problems text := 'NULL::pg_catalog.text';
+    joins text := '';
+    n integer := 0;
+    ids text;
+BEGIN
+    FOR col IN SELECT * FROM d365._map_columns(map) x
+                WHERE x.direction <> 'out' AND x.problem IS NULL LOOP
+        v := format('(r.rec OPERATOR(pg_catalog.->) %L)', col.read);
+        g := format('(r.rec OPERATOR(pg_catalog.->>) %L)', col.read);
+        wire := v;
+        CASE col.kind
+        WHEN 'lookup' THEN
+            problems := format('pg_catalog.concat_ws(''; '', %s, CASE WHEN %s IS NOT NULL AND NOT %s OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'''
+                               ' THEN pg_catalog.format(''field %%s: %%s is not a GUID'', %L, pg_catalog.left(%s, 100)) END)',
+                               problems, g, g, col.read, g);
+            wire := format('CASE WHEN %1$s IS NULL THEN ''null''::pg_catalog.jsonb'
+                           ' WHEN %1$s OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'' THEN pg_catalog.to_jsonb(%2$L OPERATOR(pg_catalog.||) pg_catalog.lower(%1$s) OPERATOR(pg_catalog.||) '')'') END',
+                           g, '/' || col.bind_set || '(');
+            IF col.parent IS NULL THEN
+                loc := format('CASE WHEN %1$s OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'' THEN %2$s END', g, v);
+            ELSE
+                n := n + 1;
+                SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+                -- the parent row d365sync linked to that record
+                joins := joins || format(
+                    ' LEFT JOIN LATERAL (SELECT pg_catalog.to_jsonb(p.%1$I) AS k FROM %2$s p'
+                    '   JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %3$L'
+                    '    AND pr.row_key OPERATOR(pg_catalog.=) p.%1$I::pg_catalog.text'
+                    '    AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                    '  WHERE %4$s OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'''
+                    '    AND p.dynamics365_related_id OPERATOR(pg_catalog.=) (CASE WHEN %4$s OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'' THEN %4$s END)::pg_catalog.uuid'
+                    '  LIMIT 1) l%5$s ON true',
+                    pm.key_column, pm.local_table, pm.name, g, n);
+                loc := format('l%s.k', n);
+                wire := format('CASE WHEN %1$s IS NULL THEN ''null''::pg_catalog.jsonb WHEN l%3$s.k IS NOT NULL'
+                               ' THEN pg_catalog.to_jsonb(%2$L OPERATOR(pg_catalog.||) pg_catalog.lower(%1$s) OPERATOR(pg_catalog.||) '')'') END',
+                               g, '/' || col.bind_set || '(', n);
+                pending := format('%s OPERATOR(pg_catalog.||) CASE WHEN %s OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'' AND l%s.k IS NULL'
+                                  ' THEN pg_catalog.jsonb_build_object(%L, %s) ELSE ''{}''::pg_catalog.jsonb END',
+                                  pending, g, n, col."column", g);
+            END IF;
+        WHEN 'choice' THEN
+            loc := format('(SELECT pg_catalog.to_jsonb(o OPERATOR(pg_catalog.->>) ''label'')'
+                          '   FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                          '  WHERE o OPERATOR(pg_catalog.->) ''value'' OPERATOR(pg_catalog.=) %s LIMIT 1)',
+                          col.options, v);
+            problems := format('pg_catalog.concat_ws(''; '', %s, CASE WHEN %s IS NOT NULL AND %s IS NULL'
+                               ' THEN pg_catalog.format(''field %%s: %%s is not an option of the choice'', %L, pg_catalog.left(%s, 100)) END)',
+                               problems, g, loc, col.field, g);
+        WHEN 'multi', 'multi_value' THEN
+            ids := format('ARRAY(SELECT DISTINCT pg_catalog.btrim(x)::pg_catalog.int4'
+                          '  FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, '','')) x'
+                          ' WHERE pg_catalog.btrim(x) ~ ''^-?[0-9]{1,9}$'' ORDER BY 1)', g);
+            wire := format('CASE WHEN %s IS NULL THEN ''null''::pg_catalog.jsonb'
+                           ' ELSE pg_catalog.to_jsonb(pg_catalog.array_to_string(%s, '','')) END', g, ids);
+            IF col.kind = 'multi_value' THEN
+                loc := format('CASE WHEN %s IS NOT NULL THEN pg_catalog.to_jsonb(%s) END', g, ids);
+            ELSE
+                loc := format('CASE WHEN %s IS NOT NULL THEN coalesce((SELECT pg_catalog.jsonb_agg(o OPERATOR(pg_catalog.->) ''label'''
+                              '   ORDER BY (o OPERATOR(pg_catalog.->>) ''value'')::pg_catalog.int4)'
+                              '   FROM pg_catalog.jsonb_array_elements(%L::pg_catalog.jsonb) o'
+                              '  WHERE (o OPERATOR(pg_catalog.->>) ''value'')::pg_catalog.int4 OPERATOR(pg_catalog.=) ANY (%s)), ''[]'') END',
+                              g, col.options, ids);
+                problems := format('pg_catalog.concat_ws(''; '', %s, CASE WHEN %s IS NOT NULL AND'
+                                   ' pg_catalog.jsonb_array_length(%s) OPERATOR(pg_catalog.<>) pg_catalog.cardinality(%s)'
+                                   ' THEN pg_catalog.format(''field %%s: %%s holds a value that is not an option of the choice'', %L, pg_catalog.left(%s, 100)) END)',
+                                   problems, g, loc, ids, col.field, g);
+            END IF;
+        ELSE
+            loc := v;
+        END CASE;
+        vals := format('%s OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)', vals, col."column", loc);
+        wires := format('%s OPERATOR(pg_catalog.||) CASE WHEN (%s) IS NULL THEN ''{}''::pg_catalog.jsonb'
+                        ' ELSE pg_catalog.jsonb_build_object(%L, %s) END', wires, wire, col.wire, wire);
+    END LOOP;
+    RETURN format('SELECT r.i::pg_catalog.int4 AS i, r.id, %s AS vals, %s AS wires, %s AS pending,'
+                  '       NULLIF(%s, '''') AS problem'
+                  '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.jsonb[]), pg_catalog.unnest($2::pg_catalog.uuid[]))'
+                  '       WITH ORDINALITY AS r(rec, id, i)%s'
+                  ' ORDER BY r.i',
+                  vals, wires, pending, problems, joins);
+END;
+$$;
+
+/*
+ * The unlinked local rows each record's match values find ($1 jsonb[]: the
+ * records' converted values {column: value}): text compared without case,
+ * as Dataverse does, other types as JSON values.  NULL when the map has no
+ * match column.
+ */
+CREATE FUNCTION d365._map_load_match_sql(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    cond text;
+BEGIN
+    SELECT string_agg(CASE WHEN x.typ IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype)
+                           THEN format('pg_catalog.lower(c.%1$I::pg_catalog.text) OPERATOR(pg_catalog.=) pg_catalog.lower(v.vals OPERATOR(pg_catalog.->>) %2$L)',
+                                       x."column", x."column")
+                           ELSE format('pg_catalog.to_jsonb(c.%1$I) OPERATOR(pg_catalog.=) (v.vals OPERATOR(pg_catalog.->) %2$L)',
+                                       x."column", x."column") END, ' AND ' ORDER BY x."column")
+      INTO cond
+      FROM d365._map_columns(m.name) x
+     WHERE x.match AND x.problem IS NULL AND x.direction <> 'out';
+    IF cond IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN format('SELECT v.i::pg_catalog.int4, pg_catalog.array_agg(c.%1$I::pg_catalog.text ORDER BY c.%1$I)'
+                  '  FROM pg_catalog.unnest($1::pg_catalog.jsonb[]) WITH ORDINALITY AS v(vals, i)'
+                  '  JOIN %2$s c ON c.dynamics365_related_id IS NULL AND c.%1$I IS NOT NULL AND %3$s'
+                  ' GROUP BY v.i',
+                  m.key_column, m.local_table, cond);
+END;
+$$;
+
+/*
+ * The record stage of a map's load, and of its later pulls (load = true):
+ * one page of records.  A record linked to a local row already (and a
+ * deleted one) goes to d365._map_pull_record as any change.  The others are
+ * converted at once (d365._map_in_sql); one whose match values find one
+ * unlinked local row is linked to it (dynamics_wins: the row takes the
+ * Dynamics values; local_wins: it keeps its own, and the next sync sends
+ * them), the rest are inserted as the table's owner (d365._map_insert),
+ * the whole page in one statement, record by record when that fails.  A
+ * record that does not fit fails alone: a WARNING, counted as failed, the
+ * last such error in d365.load_state.last_error.
+ */
+CREATE FUNCTION d365._map_load_record(page json, map text,
+    OUT created integer, OUT updated integer, OUT unchanged integer,
+    OUT failed integer, OUT unlinked integer)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+    recs jsonb[] := '{}';
+    e json;
+    old jsonb[] := '{}';
+    fresh jsonb[] := '{}';
+    ids uuid[] := '{}';
+    id uuid;
+    msg text;
+    c_ids uuid[];
+    c_vals jsonb[];
+    c_wires jsonb[];
+    c_pending jsonb[];
+    c_problems text[];
+    kinds text[];
+    hit_keys text[];
+    hitmap jsonb;
+    nbad integer;
+    bad text[];
+    match_sql text;
+    ninsert integer;
+    insert_rows jsonb;
+    done jsonb;
+    one jsonb;
+    k text;
+    counts record;
+    problems text[] := '{}';
+BEGIN
+    created := 0; updated := 0; unchanged := 0; failed := 0; unlinked := 0;
+    IF row_security_active(m.local_table) THEN
+        RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
+                  HINT = 'Run the pull as the table''s owner, or as a role with BYPASSRLS.';
+    END IF;
+    IF page IS NULL OR json_typeof(page) <> 'array' THEN
+        RAISE EXCEPTION 'a page of records is not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the whole page at once; record by record when a record holds U+0000
+    BEGIN
+        recs := ARRAY(SELECT x FROM jsonb_array_elements(page::jsonb) x);
+    EXCEPTION WHEN untranslatable_character OR invalid_text_representation THEN
+        recs := '{}';
+        FOR e IN SELECT json_array_elements(page) LOOP
+            BEGIN
+                recs := recs || e::jsonb;
+            EXCEPTION WHEN untranslatable_character OR invalid_text_representation THEN
+                GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+                problems := problems || ('a record was not loaded: ' || msg);
+                failed := failed + 1;
+            END;
+        END LOOP;
+    END;
+
+    -- linked already, or deleted: a change as any other; the others are
+    -- new (a record without a GUID fails)
+    EXECUTE format('WITH u AS MATERIALIZED ('
+                   '  SELECT u.i, u.r, CASE WHEN (u.r OPERATOR(pg_catalog.->>) $3) OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'''
+                   '                        THEN (u.r OPERATOR(pg_catalog.->>) $3)::pg_catalog.uuid END AS id,'
+                   '         pg_catalog.jsonb_typeof(u.r) OPERATOR(pg_catalog.<>) ''object'''
+                   '         OR coalesce((u.r OPERATOR(pg_catalog.->>) ''@odata.context'') LIKE ''%%$deletedEntity'', false) AS special'
+                   '    FROM pg_catalog.unnest($1) WITH ORDINALITY AS u(r, i)),'
+                   ' v AS MATERIALIZED ('
+                   '  SELECT u.*, u.special OR (u.id IS NOT NULL'
+                   '         AND (EXISTS (SELECT FROM %1$s c WHERE c.dynamics365_related_id OPERATOR(pg_catalog.=) u.id)'
+                   '              OR EXISTS (SELECT FROM d365.map_row s WHERE s.map OPERATOR(pg_catalog.=) $2'
+                   '                            AND s.dynamics_id OPERATOR(pg_catalog.=) u.id))) AS old'
+                   '    FROM u)'
+                   ' SELECT pg_catalog.array_agg(v.r ORDER BY v.i) FILTER (WHERE v.old),'
+                   '        pg_catalog.array_agg(v.r ORDER BY v.i) FILTER (WHERE NOT v.old AND v.id IS NOT NULL),'
+                   '        pg_catalog.array_agg(v.id ORDER BY v.i) FILTER (WHERE NOT v.old AND v.id IS NOT NULL),'
+                   '        pg_catalog.count(*) FILTER (WHERE NOT v.old AND v.id IS NULL)::pg_catalog.int4'
+                   '   FROM v', m.local_table)
+       INTO old, fresh, ids, nbad USING recs, m.name, ent.primary_id;
+    old := coalesce(old, '{}'); fresh := coalesce(fresh, '{}'); ids := coalesce(ids, '{}');
+    IF nbad > 0 THEN
+        failed := failed + nbad;
+        problems := problems || format('%s record(s) without a GUID in %s were not loaded', nbad, ent.primary_id);
+    END IF;
+
+    IF cardinality(fresh) > 0 THEN
+        -- converted at once, into arrays by position (the same record twice
+        -- in a page: the first)
+        EXECUTE format('SELECT pg_catalog.array_agg(c.id ORDER BY c.i), pg_catalog.array_agg(c.vals ORDER BY c.i),'
+                       '       pg_catalog.array_agg(c.wires ORDER BY c.i), pg_catalog.array_agg(c.pending ORDER BY c.i),'
+                       '       pg_catalog.array_agg(c.problem ORDER BY c.i)'
+                       '  FROM (SELECT DISTINCT ON (x.id) x.* FROM (%s) x ORDER BY x.id, x.i) c',
+                       d365._map_in_sql(m.name))
+           INTO c_ids, c_vals, c_wires, c_pending, c_problems USING fresh, ids;
+        SELECT count(*), array_agg(format('record %s was not loaded: %s', x.id, x.problem))
+          INTO nbad, bad
+          FROM unnest(c_ids, c_problems) AS x(id, problem) WHERE x.problem IS NOT NULL;
+        failed := failed + nbad;
+        problems := problems || coalesce(bad, '{}');
+        -- the unlinked local rows each record's match values find, in one
+        -- query (by position)
+        match_sql := d365._map_load_match_sql(m.name);
+        IF match_sql IS NOT NULL THEN
+            EXECUTE 'SELECT pg_catalog.jsonb_object_agg(x.i::pg_catalog.text, pg_catalog.to_jsonb(x.h)) FROM ('
+                    || match_sql || ') AS x(i, h)'
+               INTO hitmap USING c_vals;
+        END IF;
+        hitmap := coalesce(hitmap, '{}');
+        -- what becomes of each: 'insert' (no hit), 'match' (one hit; a row
+        -- several records find goes to the first, the others are new rows),
+        -- 'fail' (several hits) or 'problem'
+        WITH c AS (SELECT x.n, x.id, x.problem, coalesce(hitmap -> x.n::text, '[]') AS h
+                     FROM unnest(c_ids, c_problems) WITH ORDINALITY AS x(id, problem, n)),
+             d AS (SELECT c.*, jsonb_array_length(c.h) AS nh,
+                          row_number() OVER (PARTITION BY CASE WHEN c.problem IS NULL AND jsonb_array_length(c.h) = 1
+                                                               THEN c.h ->> 0 END
+                                             ORDER BY c.n) AS rn
+                     FROM c)
+        SELECT array_agg(CASE WHEN d.problem IS NOT NULL THEN 'problem'
+                              WHEN d.nh > 1 THEN 'fail'
+                              WHEN d.nh = 1 AND d.rn = 1 THEN 'match'
+                              ELSE 'insert' END ORDER BY d.n),
+               array_agg(d.h ->> 0 ORDER BY d.n),
+               array_agg(format('record %s was not loaded: it matches %s local rows (%s)', d.id, d.nh,
+                                (SELECT string_agg(v, ', ') FROM (SELECT jsonb_array_elements_text(d.h) v LIMIT 10) z)))
+                   FILTER (WHERE d.problem IS NULL AND d.nh > 1)
+          INTO kinds, hit_keys, bad
+          FROM d;
+        failed := failed + coalesce(cardinality(bad), 0);
+        problems := problems || coalesce(bad, '{}');
+    END IF;
+
+    -- matched: link, then the values by the map's conflict policy
+    FOR one IN SELECT jsonb_build_object('k', x.k, 'id', x.id, 'vals', x.vals, 'wires', x.wires, 'pending', x.pending)
+                 FROM unnest(c_ids, c_vals, c_wires, c_pending, kinds, hit_keys) AS x(id, vals, wires, pending, kind, k)
+                WHERE x.kind = 'match' LOOP
+        k := one ->> 'k';
+        id := (one ->> 'id')::uuid;
+        BEGIN
+            IF d365._map_set_links(m.name, ARRAY[k], ARRAY[id], ARRAY[NULL::uuid]) IS NULL THEN
+                RAISE EXCEPTION 'row % is locked or linked meanwhile', k USING ERRCODE = 'lock_not_available';
+            END IF;
+            INSERT INTO d365.map_row AS s (map, row_key, dynamics_id) VALUES (m.name, k, id)
+            ON CONFLICT ON CONSTRAINT map_row_pkey DO UPDATE
+               SET dynamics_id = EXCLUDED.dynamics_id, remote_deleted_at = NULL;
+            IF m.conflict = 'dynamics_wins' THEN
+                PERFORM d365._map_apply(m.name, (SELECT coalesce(jsonb_object_agg(x.key, x.value), '{}')
+                                                   FROM jsonb_each(one -> 'vals') x
+                                                  WHERE NOT (one -> 'pending') ? x.key), k);
+            END IF;
+            UPDATE d365.map_row s
+               SET synced = one -> 'wires', attempts = 0, next_attempt_at = NULL,
+                   last_error = NULL, last_error_code = NULL
+             WHERE s.map = m.name AND s.row_key = k;
+            -- (local_wins: the row keeps its own lookups too)
+            INSERT INTO d365.map_lookup_pending AS p (map, row_key, "column", dynamics_id)
+            SELECT m.name, k, x.key, (x.value #>> '{}')::uuid FROM jsonb_each(one -> 'pending') x
+             WHERE m.conflict = 'dynamics_wins'
+            ON CONFLICT ON CONSTRAINT map_lookup_pending_pkey DO UPDATE SET dynamics_id = EXCLUDED.dynamics_id;
+            updated := updated + 1;
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                       OR invalid_parameter_value OR with_check_option_violation OR lock_not_available THEN
+            GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+            failed := failed + 1;
+            problems := problems || format('record %s was not linked to row %s: %s', id, k, msg);
+        END;
+    END LOOP;
+
+    -- new rows: the page in one statement, record by record when it fails
+    SELECT count(*), jsonb_agg(x.vals || jsonb_build_object('@dynamics_id', x.id) ORDER BY x.n)
+      INTO ninsert, insert_rows
+      FROM unnest(c_ids, c_vals, kinds) WITH ORDINALITY AS x(id, vals, kind, n)
+     WHERE x.kind = 'insert';
+    IF ninsert > 0 THEN
+        BEGIN
+            done := d365._map_insert(m.name, insert_rows);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                       OR invalid_parameter_value OR with_check_option_violation OR program_limit_exceeded THEN
+            done := '[]';
+            FOR one IN SELECT x FROM jsonb_array_elements(insert_rows) x LOOP
+                BEGIN
+                    done := done || coalesce(d365._map_insert(m.name, jsonb_build_array(one)), '[]');
+                EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                               OR invalid_parameter_value OR with_check_option_violation
+                               OR program_limit_exceeded THEN
+                    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+                    problems := problems || format('record %s was not loaded: %s', one ->> '@dynamics_id', msg);
+                END;
+            END LOOP;
+        END;
+        done := coalesce(done, '[]');
+        -- the state of each row inserted: linked, synced with what it holds
+        WITH d AS MATERIALIZED (SELECT y ->> 0 AS k, (y ->> 1)::uuid AS id FROM jsonb_array_elements(done) y)
+        INSERT INTO d365.map_row AS s (map, row_key, dynamics_id, synced)
+        SELECT m.name, d.k, d.id, x.wires
+          FROM d JOIN unnest(c_ids, c_wires) AS x(id, wires) ON x.id = d.id
+        ON CONFLICT ON CONSTRAINT map_row_pkey DO UPDATE
+           SET dynamics_id = EXCLUDED.dynamics_id, synced = EXCLUDED.synced, synced_seq = s.change_seq,
+               generation = 0, attempts = 0, next_attempt_at = NULL, last_error = NULL,
+               last_error_code = NULL, remote_deleted_at = NULL;
+        WITH d AS MATERIALIZED (SELECT y ->> 0 AS k, (y ->> 1)::uuid AS id FROM jsonb_array_elements(done) y)
+        INSERT INTO d365.map_lookup_pending AS p (map, row_key, "column", dynamics_id)
+        SELECT m.name, d.k, e.key, (e.value #>> '{}')::uuid
+          FROM d JOIN unnest(c_ids, c_pending) AS x(id, pending) ON x.id = d.id AND x.pending <> '{}',
+               jsonb_each(x.pending) e
+        ON CONFLICT ON CONSTRAINT map_lookup_pending_pkey DO UPDATE SET dynamics_id = EXCLUDED.dynamics_id;
+        created := created + jsonb_array_length(done);
+        failed := failed + ninsert - jsonb_array_length(done);
+        IF ninsert > jsonb_array_length(done) AND cardinality(problems) = 0 THEN
+            problems := problems || format('%s record(s) were not inserted (a trigger of %s skipped them)',
+                                           ninsert - jsonb_array_length(done), m.local_table);
+        END IF;
+    END IF;
+
+    IF cardinality(old) > 0 THEN
+        SELECT * INTO counts FROM d365._map_pull_record(to_json(old), m.name);
+        updated := updated + counts.updated;
+        unchanged := unchanged + counts.unchanged;
+        failed := failed + counts.failed;
+        unlinked := unlinked + counts.unlinked;
+    END IF;
+
+    -- one WARNING per page at most, the last problem kept with the load
+    IF cardinality(problems) > 0 THEN
+        RAISE WARNING 'map "%": %', m.name,
+                      problems[1] || CASE WHEN cardinality(problems) > 1
+                                          THEN format(' (and %s more problem(s) in this page)', cardinality(problems) - 1)
+                                          ELSE '' END
+            USING ERRCODE = '01000';
+        UPDATE d365.load_state l SET last_error = left(problems[cardinality(problems)], 2000)
+         WHERE l.entity = 'map:' || m.name;
+    END IF;
+END;
+$$;
+
+-- The first request of a load: the ids of every record, with change
+-- tracking, read only for the delta link of its last page, so that the
+-- changes made while the load runs come with the pull that follows it.
+CREATE FUNCTION d365._map_load_token_path(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map := d365._table_map(map);
+    ent record := d365._map_entity(m.entity_set);
+BEGIN
+    RETURN m.entity_set || '?$select=' || ent.primary_id;
+END;
+$$;
+
+/*
+ * Lookups waiting for their parent (d365.map_lookup_pending): each one
+ * whose parent record is now linked to a local row gets that row's key, as
+ * the table's owner (d365._map_apply), unless a pull has brought the
+ * field since (the state then knows it).  Run at the end of each load and
+ * of each pull of a map.  Returns how many were resolved and how many
+ * still wait.
+ */
+CREATE FUNCTION d365._map_resolve_lookups(OUT resolved integer, OUT waiting integer)
+RETURNS record
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    grp record;
+    col record;
+    pm d365.table_map;
+    p record;
+    msg text;
+    code text;
+BEGIN
+    resolved := 0;
+    -- rows deleted or unlinked since
+    DELETE FROM d365.map_lookup_pending q
+     WHERE NOT EXISTS (SELECT FROM d365.map_row r
+                        WHERE r.map = q.map AND r.row_key = q.row_key AND r.dynamics_id IS NOT NULL);
+    FOR grp IN SELECT DISTINCT q.map, q."column" FROM d365.map_lookup_pending q ORDER BY 1, 2 LOOP
+        col := NULL;
+        SELECT * INTO col FROM d365._map_columns(grp.map) x WHERE x."column" = grp."column";
+        IF col."column" IS NULL OR col.parent IS NULL OR col.problem IS NOT NULL OR col.direction = 'out' THEN
+            DELETE FROM d365.map_lookup_pending q WHERE q.map = grp.map AND q."column" = grp."column";
+            CONTINUE;
+        END IF;
+        -- brought by a pull since
+        DELETE FROM d365.map_lookup_pending q USING d365.map_row r
+         WHERE q.map = grp.map AND q."column" = grp."column"
+           AND r.map = q.map AND r.row_key = q.row_key AND r.synced ? col.wire;
+        SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+        FOR p IN EXECUTE format(
+                'SELECT q.row_key, q.dynamics_id, pg_catalog.to_jsonb(par.%1$I) AS k'
+                '  FROM d365.map_lookup_pending q'
+                '  JOIN %2$s par ON par.dynamics365_related_id OPERATOR(pg_catalog.=) q.dynamics_id'
+                '  JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %3$L'
+                '   AND pr.row_key OPERATOR(pg_catalog.=) par.%1$I::pg_catalog.text'
+                '   AND pr.dynamics_id OPERATOR(pg_catalog.=) par.dynamics365_related_id'
+                ' WHERE q.map OPERATOR(pg_catalog.=) $1 AND q."column" OPERATOR(pg_catalog.=) $2'
+                ' ORDER BY q.row_key', pm.key_column, pm.local_table, pm.name)
+              USING grp.map, grp."column" LOOP
+            BEGIN
+                PERFORM d365._map_apply(grp.map, jsonb_build_object(grp."column", p.k), p.row_key);
+                UPDATE d365.map_row r
+                   SET synced = coalesce(r.synced, '{}')
+                                || jsonb_build_object(col.wire, '/' || col.bind_set || '(' || p.dynamics_id || ')')
+                 WHERE r.map = grp.map AND r.row_key = p.row_key;
+                resolved := resolved + 1;
+            EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                           OR invalid_parameter_value OR with_check_option_violation THEN
+                GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+                RAISE WARNING 'the lookup % of row % of map "%" was not applied: %', grp."column", p.row_key, grp.map, msg
+                    USING ERRCODE = '01000';
+                UPDATE d365.map_row r
+                   SET last_error_code = code, last_error = left('lookup not applied: ' || msg, 2000)
+                 WHERE r.map = grp.map AND r.row_key = p.row_key;
+            END;
+            DELETE FROM d365.map_lookup_pending q
+             WHERE q.map = grp.map AND q.row_key = p.row_key AND q."column" = grp."column";
+        END LOOP;
+    END LOOP;
+    SELECT count(*) INTO waiting FROM d365.map_lookup_pending;
+END;
+$$;
+
+-- A procedure that commits cannot carry a SET clause: the C code pins
+-- search_path = pg_catalog, pg_temp in each of its transactions.
+CREATE PROCEDURE d365.d365_load(map text DEFAULT NULL)
+AS 'MODULE_PATHNAME', 'd365_load'
+LANGUAGE C;
+COMMENT ON PROCEDURE d365.d365_load(text) IS
+    'Runs the pull of one table map or of every enabled map (parents first) as d365_pull() does, committing after each page of an initial load (load = true), so that a load stopped halfway goes on where it stopped';
+
+REVOKE ALL ON d365.load_state, d365.map_lookup_pending FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365._map_load_problem(regclass, name), d365._map_load_check(),
+       d365._map_insert_sql(text), d365._map_insert(text, jsonb), d365._map_in_sql(text),
+       d365._map_load_match_sql(text), d365._map_load_record(json, text),
+       d365._map_load_token_path(text), d365._map_resolve_lookups()
+    FROM PUBLIC;
+REVOKE ALL ON PROCEDURE d365.d365_load(text) FROM PUBLIC;
