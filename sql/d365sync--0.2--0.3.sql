@@ -7193,7 +7193,8 @@ LANGUAGE C VOLATILE;
  * per record, i (its position), id, vals ({column: local value}), wires
  * ({wire property: value} to remember as synced), pending ({column:
  * Dynamics id} of lookups whose parent record is linked to no local row
- * yet) and problem (why the record cannot be taken, or NULL).  Built-in
+ * yet), problem (why the record cannot be taken, or NULL) and etag (its
+ * @odata.etag when it is one, as d365._etag says).  Built-in
  * functions only: no code of the application's making runs.
  */
 CREATE OR REPLACE FUNCTION d365._map_in_sql(map text)
@@ -7287,7 +7288,9 @@ BEGIN
                         ' ELSE pg_catalog.jsonb_build_object(%L, %s) END', wires, wire, col.wire, wire);
     END LOOP;
     RETURN format('SELECT r.i::pg_catalog.int4 AS i, r.id, %s AS vals, %s AS wires, %s AS pending,'
-                  '       NULLIF(%s, '''') AS problem'
+                  '       NULLIF(%s, '''') AS problem,'
+                  '       CASE WHEN (r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'') OPERATOR(pg_catalog.~) ''^(W/)?"[!#-~]{1,255}"$'''
+                  '            THEN r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'' END AS etag'
                   '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.jsonb[]), pg_catalog.unnest($2::pg_catalog.uuid[]))'
                   '       WITH ORDINALITY AS r(rec, id, i)%s'
                   ' ORDER BY r.i',
@@ -7363,6 +7366,7 @@ DECLARE
     c_wires jsonb[];
     c_pending jsonb[];
     c_problems text[];
+    c_etags text[];
     kinds text[];
     hit_keys text[];
     hitmap jsonb;
@@ -7371,6 +7375,11 @@ DECLARE
     match_sql text;
     ninsert integer;
     insert_rows jsonb;
+    out_body text;
+    in_cols jsonb;
+    cur jsonb;
+    apply_vals jsonb;
+    conflicts jsonb;
     done jsonb;
     one jsonb;
     k text;
@@ -7435,10 +7444,10 @@ BEGIN
         -- in a page: the first)
         EXECUTE format('SELECT pg_catalog.array_agg(c.id ORDER BY c.i), pg_catalog.array_agg(c.vals ORDER BY c.i),'
                        '       pg_catalog.array_agg(c.wires ORDER BY c.i), pg_catalog.array_agg(c.pending ORDER BY c.i),'
-                       '       pg_catalog.array_agg(c.problem ORDER BY c.i)'
+                       '       pg_catalog.array_agg(c.problem ORDER BY c.i), pg_catalog.array_agg(c.etag ORDER BY c.i)'
                        '  FROM (SELECT DISTINCT ON (x.id) x.* FROM (%s) x ORDER BY x.id, x.i) c',
                        d365._map_in_sql(m.name))
-           INTO c_ids, c_vals, c_wires, c_pending, c_problems USING fresh, ids;
+           INTO c_ids, c_vals, c_wires, c_pending, c_problems, c_etags USING fresh, ids;
         SELECT count(*), array_agg(format('record %s was not loaded: %s', x.id, x.problem))
           INTO nbad, bad
           FROM unnest(c_ids, c_problems) AS x(id, problem) WHERE x.problem IS NOT NULL;
@@ -7477,32 +7486,67 @@ BEGIN
         problems := problems || coalesce(bad, '{}');
     END IF;
 
-    -- matched: link, then the values by the map's conflict policy
-    FOR one IN SELECT jsonb_build_object('k', x.k, 'id', x.id, 'vals', x.vals, 'wires', x.wires, 'pending', x.pending)
-                 FROM unnest(c_ids, c_vals, c_wires, c_pending, kinds, hit_keys) AS x(id, vals, wires, pending, kind, k)
+    -- matched: link, then field by field (the values as they are sent,
+    -- d365._map_out_exprs): a field set on one side only takes that
+    -- side's value (here now, or sent by the next sync); set on both sides
+    -- to different values, it is a conflict, resolved by the map's policy
+    -- and recorded in d365.conflict (no value before: base NULL)
+    IF 'match' = ANY (kinds) THEN
+        out_body := (d365._map_out_exprs(m.name)).body;
+        SELECT coalesce(jsonb_object_agg(x."column", jsonb_build_object('wire', x.wire, 'field', x.field,
+                                                                         'both', x.direction = 'both')), '{}')
+          INTO in_cols
+          FROM d365._map_columns(m.name) x WHERE x.direction <> 'out' AND x.problem IS NULL;
+    END IF;
+    FOR one IN SELECT jsonb_build_object('k', x.k, 'id', x.id, 'vals', x.vals, 'wires', x.wires, 'pending', x.pending,
+                                         'etag', x.etag)
+                 FROM unnest(c_ids, c_vals, c_wires, c_pending, kinds, hit_keys, c_etags)
+                      AS x(id, vals, wires, pending, kind, k, etag)
                 WHERE x.kind = 'match' LOOP
         k := one ->> 'k';
         id := (one ->> 'id')::uuid;
         BEGIN
+            EXECUTE format('SELECT %s FROM %s c WHERE c.%I::pg_catalog.text OPERATOR(pg_catalog.=) $1',
+                           out_body, m.local_table, m.key_column)
+               INTO cur USING k;
+            SELECT coalesce(jsonb_object_agg(c.key, one -> 'vals' -> c.key)
+                                FILTER (WHERE coalesce(cur -> (c.value ->> 'wire'), 'null') = 'null'
+                                           OR (m.conflict = 'dynamics_wins'
+                                               AND cur -> (c.value ->> 'wire') <> one -> 'wires' -> (c.value ->> 'wire'))), '{}'),
+                   coalesce(jsonb_agg(jsonb_build_object('column', c.key, 'field', c.value ->> 'field',
+                                                         'local', cur -> (c.value ->> 'wire'),
+                                                         'dynamics', one -> 'wires' -> (c.value ->> 'wire')))
+                                FILTER (WHERE (c.value ->> 'both')::boolean
+                                          AND coalesce(cur -> (c.value ->> 'wire'), 'null') <> 'null'
+                                          AND cur -> (c.value ->> 'wire') <> one -> 'wires' -> (c.value ->> 'wire')), '[]')
+              INTO apply_vals, conflicts
+              FROM jsonb_each(in_cols) c
+             WHERE coalesce(one -> 'wires' -> (c.value ->> 'wire'), 'null') <> 'null'
+               AND NOT (one -> 'pending') ? c.key;
             IF d365._map_set_links(m.name, ARRAY[k], ARRAY[id], ARRAY[NULL::uuid]) IS NULL THEN
                 RAISE EXCEPTION 'row % is locked or linked meanwhile', k USING ERRCODE = 'lock_not_available';
             END IF;
             INSERT INTO d365.map_row AS s (map, row_key, dynamics_id) VALUES (m.name, k, id)
             ON CONFLICT ON CONSTRAINT map_row_pkey DO UPDATE
                SET dynamics_id = EXCLUDED.dynamics_id, remote_deleted_at = NULL;
-            IF m.conflict = 'dynamics_wins' THEN
-                PERFORM d365._map_apply(m.name, (SELECT coalesce(jsonb_object_agg(x.key, x.value), '{}')
-                                                   FROM jsonb_each(one -> 'vals') x
-                                                  WHERE NOT (one -> 'pending') ? x.key), k);
+            IF apply_vals <> '{}' THEN
+                PERFORM d365._map_apply(m.name, apply_vals, k);
             END IF;
+            INSERT INTO d365.conflict (map, row_key, dynamics_id, "column", field,
+                                       local_value, dynamics_value, base_value, resolution)
+            SELECT m.name, k, id, (f ->> 'column')::name, f ->> 'field', f -> 'local', f -> 'dynamics',
+                   NULL, m.conflict
+              FROM jsonb_array_elements(conflicts) f;
+            -- synced: what Dynamics holds, so the next sync sends the fields
+            -- the row keeps of its own
             UPDATE d365.map_row s
-               SET synced = one -> 'wires', attempts = 0, next_attempt_at = NULL,
+               SET synced = one -> 'wires', etag = one ->> 'etag', attempts = 0, next_attempt_at = NULL,
                    last_error = NULL, last_error_code = NULL
              WHERE s.map = m.name AND s.row_key = k;
-            -- (local_wins: the row keeps its own lookups too)
+            -- a lookup whose parent is not linked yet, where the row has none
             INSERT INTO d365.map_lookup_pending AS p (map, row_key, "column", dynamics_id)
             SELECT m.name, k, x.key, (x.value #>> '{}')::uuid FROM jsonb_each(one -> 'pending') x
-             WHERE m.conflict = 'dynamics_wins'
+             WHERE coalesce(cur -> (in_cols -> x.key ->> 'wire'), 'null') = 'null'
             ON CONFLICT ON CONSTRAINT map_lookup_pending_pkey DO UPDATE SET dynamics_id = EXCLUDED.dynamics_id;
             updated := updated + 1;
         EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
@@ -7538,11 +7582,12 @@ BEGIN
         done := coalesce(done, '[]');
         -- the state of each row inserted: linked, synced with what it holds
         WITH d AS MATERIALIZED (SELECT y ->> 0 AS k, (y ->> 1)::uuid AS id FROM jsonb_array_elements(done) y)
-        INSERT INTO d365.map_row AS s (map, row_key, dynamics_id, synced)
-        SELECT m.name, d.k, d.id, x.wires
-          FROM d JOIN unnest(c_ids, c_wires) AS x(id, wires) ON x.id = d.id
+        INSERT INTO d365.map_row AS s (map, row_key, dynamics_id, synced, etag)
+        SELECT m.name, d.k, d.id, x.wires, x.etag
+          FROM d JOIN unnest(c_ids, c_wires, c_etags) AS x(id, wires, etag) ON x.id = d.id
         ON CONFLICT ON CONSTRAINT map_row_pkey DO UPDATE
-           SET dynamics_id = EXCLUDED.dynamics_id, synced = EXCLUDED.synced, synced_seq = s.change_seq,
+           SET dynamics_id = EXCLUDED.dynamics_id, synced = EXCLUDED.synced, etag = EXCLUDED.etag,
+               synced_seq = s.change_seq,
                generation = 0, attempts = 0, next_attempt_at = NULL, last_error = NULL,
                last_error_code = NULL, remote_deleted_at = NULL;
         WITH d AS MATERIALIZED (SELECT y ->> 0 AS k, (y ->> 1)::uuid AS id FROM jsonb_array_elements(done) y)

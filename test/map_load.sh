@@ -107,10 +107,13 @@ match=$(q "SELECT count(*), string_agg(first_name || ' ' || last_name || ' ' || 
              FROM people WHERE dynamics365_related_id = 'c0000000-0000-4000-8000-000000000003'")
 total=$(q "SELECT count(*), count(DISTINCT dynamics365_related_id) FROM people")
 writer=$(q "SELECT string_agg(DISTINCT who, ',') FROM who_wrote")
-if [ "$match" = "1|P3 Person3 p3@x.test" ] && [ "$total" = "7|7" ] && [ "$writer" = "load_owner" ]; then
-    ok "the local person matched by e-mail (case aside) is linked and takes the Dynamics values; 7 rows for 7 records, inserted as the table's owner"
+conflicts=$(q "SELECT string_agg(\"column\" || ':' || local_value::text || '>' || dynamics_value::text || ':' || resolution, ',' ORDER BY \"column\")
+                 FROM d365.conflict WHERE map = 'person'")
+if [ "$match" = "1|P3 Person3 p3@x.test" ] && [ "$total" = "7|7" ] && [ "$writer" = "load_owner" ] &&
+   [ "$conflicts" = 'email:"P3@X.test">"p3@x.test":dynamics_wins,first_name:"Pat">"P3":dynamics_wins,last_name:"Local">"Person3":dynamics_wins' ]; then
+    ok "the local person matched by e-mail (case aside) is linked, takes the Dynamics values and its 3 differing fields are recorded as conflicts; 7 rows for 7 records, inserted as the table's owner"
 else
-    notok "matched rows are linked, not duplicated" "$match" "$total" "$writer"
+    notok "matched rows are linked, not duplicated" "$match" "$total" "$writer" "$conflicts"
 fi
 out=$(q "SELECT map, created, updated, failed, requests FROM d365_sync() WHERE map <> 'contact'")
 if [ "$out" = $'account|0|0|0|0\nperson|0|0|0|0' ]; then
@@ -217,4 +220,27 @@ if [ "$out" = "person|1|0" ] && [ "$writer" = "load_owner" ]; then
     ok "with INSERT granted the same role loads the row, inserted as the table's owner"
 else
     notok "the load inserts as the table's owner" "$out" "$writer"
+fi
+
+# -- 7. local_wins: a matched row keeps what it has, takes what it lacks,
+#       and the next sync sends its own values
+setup
+q "UPDATE d365.table_map SET conflict = 'local_wins' WHERE name = 'person';
+   INSERT INTO people (first_name, last_name, email) VALUES ('Keep', 'Mine', 'a@x.test'), (NULL, 'Gap', 'b@x.test')" >/dev/null
+contact c0000000-0000-4000-8000-000000000041 Theirs Mine a@x.test
+contact c0000000-0000-4000-8000-000000000042 Filled Gap b@x.test
+out=$(q "SELECT map, created, updated, failed FROM d365_pull('person')")
+rows=$(q "SELECT string_agg(coalesce(first_name, '-') || ' ' || last_name || ' ' || (dynamics365_related_id IS NOT NULL), ',' ORDER BY last_name) FROM people")
+conflicts=$(q "SELECT string_agg(\"column\" || ':' || local_value::text || '>' || dynamics_value::text || ':' || resolution, ',') FROM d365.conflict")
+seq0=$(simctl last-seq)
+sent=$(q "SELECT map, updated, failed FROM d365_sync('person')")
+dyn=$(simctl rows contact | python3 -c '
+import json, sys
+print(",".join(r["firstname"] for r in json.load(sys.stdin)["value"] if r["contactid"] in
+      ("c0000000-0000-4000-8000-000000000041", "c0000000-0000-4000-8000-000000000042")))')
+if [ "$out" = "person|0|2|0" ] && [ "$rows" = "Filled Gap true,Keep Mine true" ] &&
+   [ "$conflicts" = 'first_name:"Keep">"Theirs":local_wins' ] && [ "$sent" = "person|1|0" ] && [ "$dyn" = "Keep,Filled" ]; then
+    ok "local_wins: a matched row keeps its first name (a conflict recorded, sent by the next sync), and takes the one it lacked"
+else
+    notok "local_wins on matched rows" "$out" "$rows" "$conflicts" "$sent" "$dyn"
 fi
