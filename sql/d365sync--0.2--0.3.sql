@@ -7337,10 +7337,12 @@ $$;
  * one page of records.  A record linked to a local row already (and a
  * deleted one) goes to d365._map_pull_record as any change.  The others are
  * converted at once (d365._map_in_sql); one whose match values find one
- * unlinked local row is linked to it (dynamics_wins: the row takes the
- * Dynamics values; local_wins: it keeps its own, and the next sync sends
- * them), the rest are inserted as the table's owner (d365._map_insert),
- * the whole page in one statement, record by record when that fails.  A
+ * unlinked local row is linked to it and merged field by field (a value
+ * one side lacks is taken from the other; different values on both sides
+ * are a conflict, resolved by the map's policy and recorded in
+ * d365.conflict), the rest are inserted as the table's owner
+ * (d365._map_insert), the whole page in one statement, record by record
+ * when that fails.  A
  * record that does not fit fails alone: a WARNING, counted as failed, the
  * last such error in d365.load_state.last_error.
  */
