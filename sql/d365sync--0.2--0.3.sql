@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (194), as
+ *   - the 0.3 install script: every function and procedure (195), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -1840,12 +1840,8 @@ BEGIN
     IF FOUND THEN
         RETURN result;
     END IF;
-    SELECT coalesce(jsonb_agg(r), '[]') INTO result FROM d365._get_all(path) r;
-    INSERT INTO d365.metadata_cache AS c (path, fetched_at, body)
-    VALUES (_get_cached.path, now(), result)
-    ON CONFLICT ON CONSTRAINT metadata_cache_pkey
-    DO UPDATE SET fetched_at = EXCLUDED.fetched_at, body = EXCLUDED.body;
-    RETURN result;
+    -- fetched and kept by d365sync's own write (14_state_guard.sql)
+    RETURN d365._metadata_store(path);
 END;
 $$;
 
@@ -7740,6 +7736,16 @@ LANGUAGE C;
 
 REVOKE ALL ON FUNCTION d365._state_guard() FROM PUBLIC;
 
+-- A GET of metadata (d365._get_all), kept in d365.metadata_cache by
+-- d365sync's own write; d365._get_cached() reads the cache first.
+CREATE OR REPLACE FUNCTION d365._metadata_store(path text)
+RETURNS jsonb
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_metadata_store'
+LANGUAGE C VOLATILE STRICT;
+
+REVOKE ALL ON FUNCTION d365._metadata_store(text) FROM PUBLIC;
+
 /*
  * The maps a job runs when no map is named, parents before children: the
  * enabled maps whose direction sends (outgoing) or receives (NOT outgoing)
@@ -7947,6 +7953,11 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.contact_state
 CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_row
     FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.pull_state
+    FOR EACH ROW WHEN (NEW.delta_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('delta_link', 'entity');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.metadata_cache
+    FOR EACH ROW EXECUTE FUNCTION d365._state_guard('body', 'path');
 
 -- The grants of 0.2's d365_schedule(), on the new one (see above).
 DO $upgrade_schedule$

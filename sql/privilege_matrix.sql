@@ -79,6 +79,19 @@ UPDATE d365.contact_state SET attempts = attempts + 1, last_error = 'noted' WHER
 UPDATE d365.contact_state SET dynamics_id = NULL WHERE contact_key = '3';
 RESET ROLE;
 SELECT contact_key, dynamics_id IS NOT NULL AS linked, last_error FROM d365.contact_state ORDER BY 1;
+-- what Dynamics answered: a delta link, a cached metadata body
+INSERT INTO d365.pull_state (entity, delta_link) VALUES ('contact', NULL);
+INSERT INTO d365.metadata_cache (path, fetched_at, body) VALUES ('EntityDefinitions?$select=x', now(), '[]');
+SET ROLE regress_pm_operator;
+UPDATE d365.pull_state SET delta_link = 'accounts' WHERE entity = 'contact';
+INSERT INTO d365.pull_state (entity, delta_link) VALUES ('map:x', 'accounts');
+UPDATE d365.metadata_cache SET body = '[{"x": 1}]';
+INSERT INTO d365.metadata_cache (path, fetched_at, body) VALUES ('EntityDefinitions?$select=y', now(), '[]');
+UPDATE d365.metadata_cache SET fetched_at = now() - interval '2 hours';
+UPDATE d365.pull_state SET delta_link = NULL, last_pull_at = now();
+DELETE FROM d365.metadata_cache;
+DELETE FROM d365.pull_state;
+RESET ROLE;
 -- an admin links by hand
 SET ROLE regress_pm_admin;
 UPDATE d365.contact_state SET dynamics_id = gen_random_uuid() WHERE contact_key = '3';

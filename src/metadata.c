@@ -14,13 +14,18 @@
 #include "miscadmin.h"
 #include "d365_json.h"
 
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/jsonb.h"
 
 #include "auth.h"
+#include "spi_util.h"
+#include "state_guard.h"
 
 PG_FUNCTION_INFO_V1(d365_get_all);
+PG_FUNCTION_INFO_V1(d365_metadata_store);
 
 /* Pages past this many are an error: a runaway list, not a real one. */
 #define GET_ALL_MAX_PAGES 10000
@@ -118,4 +123,47 @@ d365_get_all(PG_FUNCTION_ARGS)
 	}
 	d365_pages_close(pages);
 	return (Datum) 0;
+}
+
+/*
+ * d365._metadata_store(path text) -> jsonb
+ *		Every element of a GET of path (d365._get_all(), with its limits for
+ *		a role that is not a superuser) as one jsonb array, kept in
+ *		d365.metadata_cache for d365._get_cached().  The row is written
+ *		inside the flag of d365sync's own writes (src/state_guard.c): what
+ *		the cache holds for a path is what Dynamics answered to it, never
+ *		a body a role wrote there.
+ */
+Datum
+d365_metadata_store(PG_FUNCTION_ARGS)
+{
+	text	   *path = PG_GETARG_TEXT_PP(0);
+	MemoryContext fcxt = CurrentMemoryContext;
+	Datum		body;
+	bool		was;
+
+	SPI_connect();
+	MemoryContextSwitchTo(fcxt);
+	body = d365_sql_datum("SELECT coalesce(pg_catalog.jsonb_agg(r), '[]'::jsonb)"
+						  " FROM d365._get_all($1) r",
+						  1, (Oid[]) {TEXTOID}, (Datum[]) {PointerGetDatum(path)},
+						  JSONBOID, NULL);
+	was = d365_recorder_set(true);
+	PG_TRY();
+	{
+		(void) d365_sql_text("INSERT INTO d365.metadata_cache AS c (path, fetched_at, body)"
+							 " VALUES ($1, pg_catalog.now(), $2)"
+							 " ON CONFLICT ON CONSTRAINT metadata_cache_pkey"
+							 " DO UPDATE SET fetched_at = EXCLUDED.fetched_at, body = EXCLUDED.body"
+							 " RETURNING c.path",
+							 2, (Oid[]) {TEXTOID, JSONBOID},
+							 (Datum[]) {PointerGetDatum(path), body});
+	}
+	PG_FINALLY();
+	{
+		d365_recorder_set(was);
+	}
+	PG_END_TRY();
+	SPI_finish();
+	PG_RETURN_DATUM(body);
 }

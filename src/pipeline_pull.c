@@ -98,6 +98,36 @@ page_rows(D365Pages *pages, D365Op *op)
 }
 
 /*
+ * store_delta_link
+ *		Keep the delta link Dynamics sent for the next pull, inside the flag
+ *		of d365sync's own writes (src/state_guard.c): no role running the
+ *		jobs may choose what a pull reads.
+ */
+static void
+store_delta_link(const D365PullEngine *engine, const char *delta, bool full)
+{
+	Oid			types[3] = {TEXTOID, TEXTOID, BOOLOID};
+	bool		was = d365_recorder_set(true);
+
+	PG_TRY();
+	{
+		d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
+					  " VALUES ($1, $2, CASE WHEN $3 THEN now() END, now())"
+					  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
+					  " baseline_at = coalesce(EXCLUDED.baseline_at, p.baseline_at),"
+					  " last_pull_at = EXCLUDED.last_pull_at RETURNING entity",
+					  3, types,
+					  (Datum[]) {CStringGetTextDatum(engine->state_key),
+					  CStringGetTextDatum(delta), BoolGetDatum(full)});
+	}
+	PG_FINALLY();
+	{
+		d365_recorder_set(was);
+	}
+	PG_END_TRY();
+}
+
+/*
  * delta_link_refused
  *		Whether a failed read of a stored delta link means Dynamics will not
  *		take that link any more (a 4xx other than the ones about the
@@ -356,14 +386,7 @@ d365_pipeline_pull(D365Run *run, const D365PullEngine *engine, bool *baseline)
 	delta = last_delta_link(engine, pages);
 
 	old = MemoryContextSwitchTo(pages->cxt);
-	d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
-				  " VALUES ($1, $2, CASE WHEN $3 THEN now() END, now())"
-				  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
-				  " baseline_at = coalesce(EXCLUDED.baseline_at, p.baseline_at),"
-				  " last_pull_at = EXCLUDED.last_pull_at RETURNING entity",
-				  3, types,
-				  (Datum[]) {CStringGetTextDatum(engine->state_key),
-				  CStringGetTextDatum(delta), BoolGetDatum(full)});
+	store_delta_link(engine, delta, full);
 	MemoryContextSwitchTo(old);
 	d365_pages_close(pages);
 	if (baseline)

@@ -14,9 +14,14 @@
  *
  *	 d365._state_guard(id_column, key_column...)  BEFORE INSERT OR UPDATE FOR
  *		EACH ROW on d365.contact_state and d365.map_row: a row may get a
- *		Dynamics id, or keep its id under another key, only
+ *		Dynamics id, or keep its id under another key -- and on
+ *		d365.pull_state and d365.metadata_cache, a row may get a delta link
+ *		(which says what the next pull reads with the application's
+ *		credentials) or a metadata body (which names Dynamics' tables,
+ *		fields and users for the syncs) -- only
  *		  - while d365sync records what Dynamics answered (the pipeline's
- *			record statement of a sync or a pull: a flag of this backend
+ *			record statement of a sync or a pull, the pull's delta link,
+ *			d365._metadata_store(): a flag of this backend
  *			that only C code sets, around that one statement, and that is
  *			cleared while code of a table's owner or of a mapper runs,
  *			src/table_owner.c);
@@ -26,8 +31,9 @@
  *			(d365_link_contact(), and d365_map_table() keeps the links a
  *			table had before it was mapped).
  *		Clearing an id (unlinking) and changing other columns are always
- *		allowed.  The function checks where it fires: its trigger's timing,
- *		level and events, and that the table is one of those two of d365.
+ *		allowed.  The function checks where it fires: its trigger's name,
+ *		timing, level and events, that the table is one of those four of
+ *		d365 and the column the one guarded there.
  *
  * No set holds EXECUTE on a trigger function, and the function reads only
  * attributes of the rows it is handed: it runs no user code.
@@ -52,7 +58,35 @@
 
 PG_FUNCTION_INFO_V1(d365_state_guard);
 
-/* set only around the pipeline's record statements */
+/* the tables guarded, the column each must get from Dynamics only */
+typedef struct GuardedTable
+{
+	const char *relname;
+	const char *column;
+	const char *detail;
+	const char *hint;
+} GuardedTable;
+
+static const GuardedTable guarded[] =
+{
+	{"contact_state", "dynamics_id",
+		"The id d365sync linked a key to decides which Dynamics 365 record the row is sent to; "
+		"a role running the jobs may clear it, never set it or move it to another key.",
+	"A sync links rows itself; an admin links a contact by hand with d365_link_contact()."},
+	{"map_row", "dynamics_id",
+		"The id d365sync linked a key to decides which Dynamics 365 record the row is sent to; "
+		"a role running the jobs may clear it, never set it or move it to another key.",
+	"A sync links rows itself; d365_map_table() keeps the links a table had before it was mapped."},
+	{"pull_state", "delta_link",
+		"The delta link says what the next pull reads with the application's credentials; "
+		"a role running the jobs may clear it, never set it.",
+	"Set it to NULL, or delete the row, to have the next pull take a new baseline."},
+	{"metadata_cache", "body",
+		"The cached metadata is what Dynamics 365 answered to its path; a role running the jobs may delete it, never write it.",
+	"DELETE FROM d365.metadata_cache to have it fetched again."},
+};
+
+/* set only around d365sync's own writes of what Dynamics answered */
 static bool recorder_active = false;
 
 bool
@@ -111,6 +145,7 @@ d365_state_guard(PG_FUNCTION_ARGS)
 	bool		isnull;
 	bool		moved = false;
 	int			i;
+	const GuardedTable *what;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_BEFORE(td->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
@@ -121,12 +156,16 @@ d365_state_guard(PG_FUNCTION_ARGS)
 	rel = td->tg_relation;
 	tg = td->tg_trigger;
 	relname = RelationGetRelationName(rel);
-	if (RelationGetNamespace(rel) != get_namespace_oid("d365", false) ||
-		!(strcmp(relname, "contact_state") == 0 || strcmp(relname, "map_row") == 0) ||
-		strcmp(tg->tgname, "state_guard") != 0 || tg->tgnargs < 2)
+	for (i = 0; i < lengthof(guarded); i++)
+		if (strcmp(relname, guarded[i].relname) == 0)
+			break;
+	if (RelationGetNamespace(rel) != get_namespace_oid("d365", false) || i == lengthof(guarded) ||
+		strcmp(tg->tgname, "state_guard") != 0 || tg->tgnargs < 2 ||
+		strcmp(tg->tgargs[0], guarded[i].column) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("d365._state_guard() guards d365.contact_state and d365.map_row only")));
+				 errmsg("d365._state_guard() guards d365.contact_state, map_row, pull_state and metadata_cache only")));
+	what = &guarded[i];
 
 	desc = RelationGetDescr(rel);
 	if (TRIGGER_FIRED_BY_UPDATE(td->tg_event))
@@ -161,9 +200,8 @@ d365_state_guard(PG_FUNCTION_ARGS)
 		return PointerGetDatum(newtup);
 	ereport(ERROR,
 			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-			 errmsg("the Dynamics 365 ids of d365.%s are written by d365sync only", relname),
-			 errdetail("The id d365sync linked a key to decides which Dynamics 365 record the row is sent to; "
-					   "a role running the jobs may clear it, never set it or move it to another key."),
-			 errhint("A sync links rows itself; an admin links a contact by hand with d365_link_contact().")));
+			 errmsg("column \"%s\" of d365.%s is written by d365sync only", what->column, relname),
+			 errdetail("%s", what->detail),
+			 errhint("%s", what->hint)));
 	PG_RETURN_NULL();			/* not reached */
 }

@@ -19,6 +19,9 @@
 #       a forged activity (a row of d365.activity, or an existing one moved
 #       to another contact) sent by d365._send_activity() or the activity
 #       sync;
+#   (f) an operator chooses what a pull reads (d365.pull_state.delta_link)
+#       or what the metadata cache says (a made-up user list names the
+#       owner of activities);
 #   (d) an admin: the same requests.  An admin links by hand by design
 #       (d365_link_contact(); d365_map_table() keeps the links a table had
 #       before it was mapped), so it may write the state's ids: (a) and (b)
@@ -57,6 +60,7 @@ SELECT d365_map_table('co', 'company', 'accounts');
 SELECT d365_map_column('co', 'name', 'name');
 INSERT INTO company VALUES (1, 'Victim Corp'), (2, 'Mallory Ltd');
 SELECT * FROM d365_sync('co');
+SELECT updated, failed FROM d365_pull_changes();
 SELECT d365_grant('rtp_op', 'operator');
 SELECT d365_grant('rtp_admin', 'admin');
 SELECT d365_grant('rtp_app', 'app');
@@ -233,6 +237,31 @@ else
     notok "op: a rewritten activity was sent" "$out" "sync: $sync" "requests: $sent"
 fi
 
+# (f) what a pull reads and what the metadata cache says
+restore
+out=$(q "SET ROLE rtp_op; UPDATE d365.pull_state
+            SET delta_link = regexp_replace(delta_link, '(/api/data/[^/]+/).*\$', '\1accounts?\$select=name,telephone1')
+          WHERE delta_link IS NOT NULL RETURNING entity")
+simctl clear-requests >/dev/null
+pull=$(q "SELECT updated, failed FROM d365_pull_changes()")
+sent=$(simctl requests --kind api | grep -c 'accounts?\$select=name,telephone1')
+if grep -q 'column "delta_link" of d365.pull_state is written by d365sync only' <<<"$out" && [ "$sent" = 0 ]; then
+    ok "op: a delta link of its choosing is refused; the pull reads only what Dynamics linked"
+else
+    notok "op: the pull read a path the operator chose" "$out" "pull: $pull" "requests: $sent"
+fi
+FAKE=99999999-0000-4000-8000-000000000001
+USERS='systemusers?$select=systemuserid,internalemailaddress,fullname,accessmode,isdisabled'
+out=$(q "SET ROLE rtp_op; DELETE FROM d365.metadata_cache WHERE path = '$USERS';
+         INSERT INTO d365.metadata_cache (path, fetched_at, body)
+         VALUES ('$USERS', now(), '[{\"systemuserid\": \"$FAKE\", \"internalemailaddress\": \"ceo@example.com\"}]')")
+who=$(q "SELECT d365._user_id('ceo@example.com')")
+if grep -q 'column "body" of d365.metadata_cache is written by d365sync only' <<<"$out" && [ "$who" != "$FAKE" ]; then
+    ok "op: a made-up metadata cache is refused; users are looked up in Dynamics"
+else
+    notok "op: the metadata cache holds what the operator wrote" "$out" "ceo@example.com is user: $who"
+fi
+
 # (e) the application
 restore
 out=$(q "SET ROLE rtp_app; UPDATE d365.contact_state SET dynamics_id = '$VIC' WHERE contact_key = '2'")
@@ -255,6 +284,16 @@ if [ "$(sim_field contact "$MAL" lastname)" = "Mallory 2" ] && [ "$(sim_field ac
     ok "op: its contact and map syncs still send each row to its own record"
 else
     notok "op: the honest syncs failed" "$out" "$(sim_field contact "$MAL" lastname)" "$(sim_field account "$MACC" name)"
+fi
+simctl edit contact "{\"op\":\"update\",\"id\":\"$MAL\",\"values\":{\"lastname\":\"Mallory 3\"}}" >/dev/null
+out=$(q "DELETE FROM d365.metadata_cache; SET ROLE rtp_op;
+         SELECT updated, failed FROM d365_pull_changes(); SELECT d365._user_id('sam@contoso.example') IS NOT NULL")
+if [ "$(q "SELECT last_name FROM person WHERE id = 2")" = "Mallory 3" ] &&
+   [ "$(q "SELECT count(*) FROM d365.pull_state WHERE delta_link IS NOT NULL")" -ge 1 ] &&
+   [ "$(tail -n 1 <<<"$out")" = t ] && [ "$(q "SELECT count(*) > 0 FROM d365.metadata_cache")" = t ]; then
+    ok "op: its pull applies the change and keeps the delta link; metadata it needs is fetched and cached"
+else
+    notok "op: the honest pull or metadata fetch failed" "$out" "$(q "SELECT * FROM person WHERE id = 2")"
 fi
 # an admin links by hand: documented (d365_link_contact)
 restore

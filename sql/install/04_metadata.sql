@@ -33,12 +33,8 @@ BEGIN
     IF FOUND THEN
         RETURN result;
     END IF;
-    SELECT coalesce(jsonb_agg(r), '[]') INTO result FROM d365._get_all(path) r;
-    INSERT INTO d365.metadata_cache AS c (path, fetched_at, body)
-    VALUES (_get_cached.path, now(), result)
-    ON CONFLICT ON CONSTRAINT metadata_cache_pkey
-    DO UPDATE SET fetched_at = EXCLUDED.fetched_at, body = EXCLUDED.body;
-    RETURN result;
+    -- fetched and kept by d365sync's own write (14_state_guard.sql)
+    RETURN d365._metadata_store(path);
 END;
 $$;
 

@@ -300,6 +300,11 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.contact_state
 CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_row
     FOR EACH ROW WHEN (NEW.dynamics_id IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.pull_state
+    FOR EACH ROW WHEN (NEW.delta_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('delta_link', 'entity');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.metadata_cache
+    FOR EACH ROW EXECUTE FUNCTION d365._state_guard('body', 'path');
 
 -- The grants of 0.2's d365_schedule(), on the new one (see above).
 DO $upgrade_schedule$
