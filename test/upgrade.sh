@@ -101,7 +101,7 @@ dump_rows() {
     while read -r t; do
         cols=$(cat "$TMPD/cols.$t")
         echo "== $t"
-        psql_db "$db" -At -c "SELECT $cols FROM d365.$t ORDER BY 1::text" 2>&1
+        psql_db "$db" -At -c "SELECT $cols FROM d365.$t ORDER BY ROW($cols)::text" 2>&1
     done <"$TMPD/tables"
     echo "== person"
     psql_db "$db" -At -c "SELECT * FROM person ORDER BY id"
