@@ -195,6 +195,35 @@ load_token(D365Run *run, const D365PullEngine *engine)
 }
 
 /*
+ * load_delta_link
+ *		The delta link a load took before its first page becomes the pull's,
+ *		inside the flag of d365sync's own writes (src/state_guard.c).
+ */
+static void
+load_delta_link(Datum key, Datum path)
+{
+	bool		was = d365_recorder_set(true);
+
+	PG_TRY();
+	{
+		d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
+					  " SELECT l.entity, coalesce($2 OPERATOR(pg_catalog.||) '&$deltatoken='"
+					  "        OPERATOR(pg_catalog.||) pg_catalog.substring(l.delta_link, '[?&][$]deltatoken=([^&#]*)'),"
+					  "        l.delta_link), l.started_at, pg_catalog.now()"
+					  "   FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
+					  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
+					  " baseline_at = EXCLUDED.baseline_at, last_pull_at = EXCLUDED.last_pull_at"
+					  " RETURNING p.entity", 2, (Oid[]) {TEXTOID, TEXTOID},
+					  (Datum[]) {key, path});
+	}
+	PG_FINALLY();
+	{
+		d365_recorder_set(was);
+	}
+	PG_END_TRY();
+}
+
+/*
  * load_finish
  *		After the last page: the engine's done_sql, then the delta link
  *		taken before the first page becomes the pull's.
@@ -219,15 +248,7 @@ load_finish(D365Run *run, const D365PullEngine *engine)
 	 * continues from there.  (A link without a $deltatoken is taken as
 	 * it is.)
 	 */
-	d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
-				  " SELECT l.entity, coalesce($2 OPERATOR(pg_catalog.||) '&$deltatoken='"
-				  "        OPERATOR(pg_catalog.||) pg_catalog.substring(l.delta_link, '[?&][$]deltatoken=([^&#]*)'),"
-				  "        l.delta_link), l.started_at, pg_catalog.now()"
-				  "   FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
-				  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
-				  " baseline_at = EXCLUDED.baseline_at, last_pull_at = EXCLUDED.last_pull_at"
-				  " RETURNING p.entity", 2, (Oid[]) {TEXTOID, TEXTOID},
-				  (Datum[]) {key, CStringGetTextDatum(load->path(engine))});
+	load_delta_link(key, CStringGetTextDatum(load->path(engine)));
 	d365_sql_text("UPDATE d365.load_state l SET finished_at = pg_catalog.now(), next_link = NULL"
 				  " WHERE l.entity OPERATOR(pg_catalog.=) $1 RETURNING l.entity",
 				  1, (Oid[]) {TEXTOID}, &key);
