@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (195), as
+ *   - the 0.3 install script: every function and procedure (202), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -1103,6 +1103,7 @@ DECLARE
     src d365.contact_source;
     typ regtype;
     generated boolean;
+    fk boolean;
 BEGIN
     src := d365._contact_source_table();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
@@ -1133,7 +1134,17 @@ BEGIN
                   DETAIL = 'Dynamics attributes are written by their lowercase logical name.',
                   HINT = 'Use a logical name such as emailaddress1, or <lookup>_<target>@odata.bind for a lookup; d365_dynamics_fields() lists them.';
     END IF;
-    IF d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
+    -- a lookup from a column with a foreign key: bound to the record of the
+    -- referenced row of a mapped table (d365._contact_lookups), whatever
+    -- the key's type; the table may be mapped after the entry is written
+    -- (a restore loads the maps in any order)
+    fk := NEW.dynamics_field LIKE '%@odata.bind'
+          AND EXISTS (SELECT FROM pg_constraint k
+                       WHERE k.contype = 'f' AND k.conrelid = src.contact_table
+                         AND k.conkey = ARRAY[(SELECT a.attnum FROM pg_attribute a
+                                                WHERE a.attrelid = src.contact_table
+                                                  AND a.attname = NEW.column_name)]::int2[]);
+    IF NOT fk AND d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
         RAISE EXCEPTION 'column "%" of type % cannot be sent to Dynamics', NEW.column_name, typ
             USING ERRCODE = 'datatype_mismatch',
                   DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
@@ -1157,9 +1168,13 @@ BEGIN
     -- against Dynamics metadata: the field exists and takes the column's type
     IF TG_OP = 'INSERT' OR (NEW.column_name, NEW.dynamics_field, NEW.direction)
                            IS DISTINCT FROM (OLD.column_name, OLD.dynamics_field, OLD.direction) THEN
-        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction, typ,
+        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction,
+            CASE WHEN fk THEN 'uuid'::regtype ELSE typ END,
             (SELECT a.atttypmod FROM pg_attribute a
               WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name));
+        IF fk THEN
+            PERFORM d365._contact_lookup_check(src.contact_table, NEW.column_name, NEW.dynamics_field);
+        END IF;
     END IF;
     RETURN NEW;
 END;
@@ -2199,11 +2214,13 @@ DECLARE
     expr text;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
-    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set,
+                    l.parent, l.bind_set
                FROM d365.field_map f
                LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
                     AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
                LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+               LEFT JOIN d365._contact_lookups() l ON l.column_name = f.column_name
               WHERE only_columns IS NULL OR f.column_name = ANY (only_columns)
               ORDER BY f.column_name
     LOOP
@@ -2212,7 +2229,15 @@ BEGIN
                 USING ERRCODE = 'undefined_column',
                       HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
         END IF;
-        expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
+        IF m.parent IS NOT NULL THEN
+            -- a foreign key to a mapped table: bound to the record d365sync
+            -- linked the referenced row to (d365._contact_waiting_expr keeps
+            -- a contact whose parent is not linked yet from being sent)
+            expr := format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) d365._map_parent_link(%L, (%I.%I)::pg_catalog.text)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                           '/' || m.bind_set || '(', m.parent, row_alias, m.column_name);
+        ELSE
+            expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
+        END IF;
         IF expr IS NULL THEN
             RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
                 USING ERRCODE = 'datatype_mismatch',
@@ -2463,9 +2488,12 @@ BEGIN
                                LATERAL (SELECT coalesce(s.generation, 0)
                                                + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
                          WHERE %4$s
+                           -- a lookup's parent not linked yet: the contact waits
+                           AND NOT (%9$s)
                         OFFSET 0) v) x) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits);
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits,
+         d365._contact_waiting_expr());
 END;
 $$;
 
@@ -3789,6 +3817,12 @@ DECLARE
     conv jsonb := '{}';
     settled text[] := '{}';
     changes jsonb := '{}';
+    lookups jsonb := '{}';
+    fkvals jsonb := '{}';
+    fkwires jsonb := '{}';
+    fkcmp jsonb := '{}';
+    lk record;
+    pkey text;
     f record;
     col text;
     code text;
@@ -3829,6 +3863,11 @@ BEGIN
         RETURN NULL;
     END IF;
     snap := d365._contact_snapshot(k, NULL);
+    -- lookups to mapped tables (a foreign key to the parent's key): their
+    -- record becomes the key of the parent row linked to it, compared with
+    -- what the contact binds as the bind path (d365._values_expr)
+    SELECT coalesce(jsonb_object_agg(l.column_name, jsonb_build_array(l.parent, l.bind_set)), '{}')
+      INTO lookups FROM d365._contact_lookups() l;
 
     FOR f IN SELECT i.*, a.attgenerated <> '' AS generated,
                     format_type(a.atttypid, a.atttypmod) AS type_name
@@ -3837,6 +3876,32 @@ BEGIN
         mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
         IF NOT payload ? f.read_name THEN
             CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        IF lookups ? f.column_name THEN
+            pkey := NULL;
+            IF jsonb_typeof(payload -> f.read_name) IS DISTINCT FROM 'null' THEN
+                IF NOT d365._is_guid(payload ->> f.read_name) THEN
+                    RAISE EXCEPTION 'Dynamics field "%" holds %, not a GUID', f.read_name, payload -> f.read_name
+                        USING ERRCODE = 'invalid_text_representation';
+                END IF;
+                pkey := d365._map_parent_key(lookups -> f.column_name ->> 0, (payload ->> f.read_name)::uuid);
+                fkwires := fkwires || jsonb_build_object(f.dynamics_field,
+                               '/' || (lookups -> f.column_name ->> 1) || '(' || lower(payload ->> f.read_name) || ')');
+            ELSE
+                fkwires := fkwires || jsonb_build_object(f.dynamics_field, 'null'::jsonb);
+            END IF;
+            -- the parent's key, or {"record": id} while no row is linked to it
+            fkvals := fkvals || jsonb_build_object(f.column_name,
+                          CASE WHEN pkey IS NOT NULL AND f.typ IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype)
+                               THEN to_jsonb(pkey::bigint)
+                               WHEN pkey IS NOT NULL OR jsonb_typeof(payload -> f.read_name) = 'null'
+                               THEN to_jsonb(pkey)
+                               ELSE jsonb_build_object('record', payload -> f.read_name) END);
+            fkcmp := fkcmp || jsonb_build_object(f.column_name, fkwires -> f.dynamics_field);
+            names := names || jsonb_build_object(f.column_name,
+                        jsonb_build_array(f.read_name, f.type_name, f.generated));
+            fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
+            CONTINUE;
         END IF;
         vals := vals || jsonb_build_object(f.column_name,
                     d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
@@ -3849,13 +3914,16 @@ BEGIN
     -- conversion, no update, nothing to settle
     IF mapper IS NULL AND snap IS NOT NULL
        AND NOT EXISTS (SELECT FROM jsonb_each(fields) e
-                        WHERE (vals -> (e.value #>> '{}')) IS DISTINCT FROM (cur -> e.key)
+                        WHERE ((vals || fkcmp) -> (e.value #>> '{}')) IS DISTINCT FROM (cur -> e.key)
                            OR (snap -> e.key) IS DISTINCT FROM (cur -> e.key)) THEN
         RETURN '{}';
     END IF;
     IF vals <> '{}' THEN
         conv := d365._incoming_convert(vals, names);
     END IF;
+    -- a lookup as the column would bind it: the record Dynamics sent
+    conv := conv || fkwires;
+    vals := vals || fkvals;
 
     IF mapper IS NULL THEN
         FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
@@ -3869,6 +3937,14 @@ BEGIN
                         USING ERRCODE = 'generated_always',
                               DETAIL = format('Column "%s" is a generated column.', f.col),
                               HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+                END IF;
+                IF jsonb_typeof(vals -> f.col) = 'object' THEN
+                    RAISE EXCEPTION 'Dynamics field "%": record % is linked to no row of map "%"',
+                                    names -> f.col ->> 0, vals -> f.col ->> 'record', lookups -> f.col ->> 0
+                        USING ERRCODE = 'foreign_key_violation',
+                              DETAIL = 'The lookup names a Dynamics 365 record that d365sync has not linked to a local row.',
+                              HINT = format('Sync map %s first (d365_sync() sends the parents first), or link the row by its dynamics365_related_id.',
+                                            lookups -> f.col ->> 0);
                 END IF;
                 changes := changes || jsonb_build_object(f.col, vals -> f.col);
             END IF;
@@ -4378,7 +4454,9 @@ DECLARE
         '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
         '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
         '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
-        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type'];
+        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type',
+        -- lookups of the contact table to mapped tables
+        '_contact_lookups', '_map_parent_link', '_map_parent_key'];
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
@@ -5762,6 +5840,9 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = format('d365_describe(%L) lists the attributes of %s.', ent.logical_name, ent.logical_name);
     END IF;
+    PERFORM d365._map_lookup_readable(x.parent, d365_map_column."column")
+       FROM d365._map_columns(m.name) x
+      WHERE x."column" = d365_map_column."column" AND x.parent IS NOT NULL;
     -- the next sync compares every linked row with what it sent
     UPDATE d365.map_row r SET synced = NULL WHERE r.map = m.name AND r.synced IS NOT NULL;
 END;
@@ -5952,12 +6033,10 @@ BEGIN
                 SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
                 -- the parent's link only where d365sync linked it (its map_row
                 -- names the same record): a forged link is no parent
-                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p'
-                                    '   JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
-                                    '    AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
-                                    '    AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p%s'
                                     '  WHERE p.%I OPERATOR(pg_catalog.=) %s)',
-                                    pm.local_table, pm.name, pm.key_column, pm.key_column, col_ref);
+                                    pm.local_table, d365._map_parent_join(pm.name, pm.key_column),
+                                    pm.key_column, col_ref);
                 waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
             ELSE
                 parent_id := col_ref;
@@ -6455,12 +6534,10 @@ BEGIN
                 loc := v;
             ELSE
                 SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
-                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p'
-                               '  JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
-                               '   AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
-                               '   AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p%s'
                                ' WHERE p.dynamics365_related_id OPERATOR(pg_catalog.=) $1',
-                               pm.key_column, pm.local_table, pm.name, pm.key_column) INTO loc USING (v #>> '{}')::uuid;
+                               pm.key_column, pm.local_table, d365._map_parent_join(pm.name, pm.key_column))
+                   INTO loc USING (v #>> '{}')::uuid;
                 IF loc IS NULL THEN
                     RAISE EXCEPTION 'field %: record % is linked to no row of map "%"', col.field, v #>> '{}', col.parent
                         USING ERRCODE = 'foreign_key_violation',
@@ -6889,8 +6966,176 @@ BEGIN
 END;
 $$;
 
+/*
+ * The join of a parent row "p" of map parent with its sync state "pr",
+ * only where the row's link is the record d365sync linked it to: the state
+ * of the contact engine for the map "contact", d365.map_row for the
+ * others.  Used by the table maps' lookups (d365._map_out_exprs,
+ * d365._map_incoming).
+ */
+CREATE OR REPLACE FUNCTION d365._map_parent_join(parent text, key_column name)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN parent = 'contact'
+                THEN format(' JOIN d365.contact_state pr'
+                            '   ON pr.contact_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
+                            '  AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id',
+                            key_column)
+                ELSE format(' JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
+                            '  AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
+                            '  AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id',
+                            parent, key_column) END
+$$;
+
+/*
+ * The contact table's lookups to mapped tables: field map entries bound
+ * with @odata.bind whose column has a foreign key to the key of a mapped
+ * table (the parent), with the parent's entity set.  SECURITY DEFINER:
+ * the contact engine's callers (the push of d365_update_contact among
+ * them) need no rights on the map tables.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_lookups(
+    OUT column_name name, OUT dynamics_field text, OUT parent text, OUT bind_set text)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT x.column_name, x.dynamics_field, x.parent, t.entity_set
+      FROM (SELECT f.column_name, f.dynamics_field,
+                   d365._map_fk_target(s.contact_table, f.column_name) AS parent
+              FROM d365.field_map f, d365.contact_source s
+             WHERE f.dynamics_field LIKE '%@odata.bind') x
+      JOIN d365.table_map t ON t.name = x.parent
+$$;
+
+/*
+ * The Dynamics id a lookup binds to: the record d365sync linked the parent
+ * row with key parent_key to (its sync state), or NULL while it is not
+ * linked.  Reads d365's sync state only, never the parent table.
+ * SECURITY DEFINER, for the contact engine's callers.
+ */
+CREATE OR REPLACE FUNCTION d365._map_parent_link(parent text, parent_key text)
+RETURNS uuid
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN parent = 'contact'
+                THEN (SELECT s.dynamics_id FROM d365.contact_state s WHERE s.contact_key = parent_key)
+                ELSE (SELECT r.dynamics_id FROM d365.map_row r
+                       WHERE r.map = parent AND r.row_key = parent_key) END
+$$;
+
+/*
+ * The key of the parent row d365sync linked to Dynamics record id (its
+ * sync state), or NULL when none is: an incoming lookup made local.
+ */
+CREATE OR REPLACE FUNCTION d365._map_parent_key(parent text, id uuid)
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN parent = 'contact'
+                THEN (SELECT min(s.contact_key) FROM d365.contact_state s WHERE s.dynamics_id = id)
+                ELSE (SELECT min(r.row_key) FROM d365.map_row r
+                       WHERE r.map = parent AND r.dynamics_id = id) END
+$$;
+
+/*
+ * The condition over the contact row "c" under which a contact waits for
+ * a parent: a lookup column holds a key whose row is not linked yet.  Such
+ * a contact is not sent (pending, not failed) until its parent has a
+ * record; d365_sync() sends the parents first.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_waiting_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(format('(c.%1$I IS NOT NULL AND d365._map_parent_link(%2$L, c.%1$I::pg_catalog.text) IS NULL)',
+                                      l.column_name, l.parent), ' OR ' ORDER BY l.column_name), 'false')
+      FROM d365._contact_lookups() l
+      JOIN d365.field_map f ON f.column_name = l.column_name
+     WHERE f.direction <> 'in'
+$$;
+
+/*
+ * A lookup is mapped only by a role that may read what it binds to: the
+ * key and link columns of the parent's table (a foreign key needs only the
+ * REFERENCES right, and the sync would tell the mapper which record each
+ * key of a table it cannot read is linked to).
+ */
+CREATE OR REPLACE FUNCTION d365._map_lookup_readable(parent text, "column" name)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pm d365.table_map;
+BEGIN
+    SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
+    IF FOUND AND EXISTS (SELECT FROM pg_class c WHERE c.oid = pm.local_table)
+       AND NOT (has_column_privilege(pm.local_table, pm.key_column, 'SELECT')
+                AND has_column_privilege(pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied to map column "%" to a lookup of %', "column", pm.local_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Role %s cannot read the key and link columns of %s, the table of map "%s" the column''s foreign key refers to.',
+                                  current_user, pm.local_table, pm.name),
+                  HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %I;', pm.key_column, pm.local_table, current_user);
+    END IF;
+END;
+$$;
+
+/*
+ * The check of a field map entry of the contact table that binds a column
+ * with a foreign key (d365._field_map_check): the writer may read the
+ * referenced table, and the lookup can refer to its Dataverse table (from
+ * the metadata, while d365sync is configured).  A foreign key to a table
+ * not mapped (yet) is judged when the contacts are sent.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_lookup_check(tbl regclass, "column" name, field text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parent text := d365._map_fk_target(tbl, "column");
+    pm d365.table_map;
+    pent record;
+    nav text := split_part(field, '@', 1);
+    s d365.settings;
+BEGIN
+    IF parent IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM d365._map_lookup_readable(parent, "column");
+    SELECT * INTO s FROM d365.settings;
+    IF s.org_url IS NULL OR s.tenant_id IS NULL OR s.client_id IS NULL OR s.client_secret IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
+    pent := d365._map_entity(pm.entity_set);
+    IF NOT EXISTS (SELECT FROM d365._map_attributes('contact') x
+                    WHERE x.navs ->> pent.logical_name = nav) THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": its foreign key refers to map "%" (Dynamics table %), which % does not bind to',
+                        "column", field, parent, pent.logical_name, nav
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = format('Map it with d365_map_column(''contact'', %L, <lookup attribute>): the binding to %s is found in the metadata.',
+                                "column", pent.logical_name);
+    END IF;
+END;
+$$;
+
 REVOKE ALL ON FUNCTION d365._contact_map_refresh(), d365._contact_map_guard(),
-       d365._contact_map_column(name, text, text, boolean) FROM PUBLIC;
+       d365._contact_map_column(name, text, text, boolean), d365._map_parent_join(text, name),
+       d365._contact_lookups(), d365._map_parent_link(text, text), d365._map_parent_key(text, uuid),
+       d365._contact_waiting_expr(), d365._map_lookup_readable(text, name),
+       d365._contact_lookup_check(regclass, name, text) FROM PUBLIC;
 
 /*
  * An ETag from Dynamics as d365sync keeps and sends it (If-Match): a

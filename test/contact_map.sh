@@ -3,7 +3,14 @@
 # "contact" (entity set contacts): its row of d365.table_map and its column
 # maps follow the attachment and the field map, d365_map_column('contact',
 # ...) writes the field map, the map cannot be changed behind the
-# attachment's back, and detaching removes it.
+# attachment's back, and detaching removes it.  Lookups both ways: a
+# contact's foreign key to a mapped accounts table goes out as
+# parentcustomerid (parentcustomerid_account@odata.bind, read back from the
+# simulator), a contact whose company is not linked yet waits, d365_sync()
+# sends the accounts first, a company changed in Dynamics comes back as the
+# local foreign key, and an account's foreign key to the contact table
+# binds its primary contact; a lookup to a table the mapper cannot read is
+# refused.
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own:
@@ -26,12 +33,17 @@ if ! psqlq >"$TMPD/setup.log" 2>&1 <<SQL
 $(t_configure_sql)
 SET search_path = public, d365;
 UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
-CREATE TABLE accounts (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE accounts (id serial PRIMARY KEY, name text NOT NULL, primary_contact integer);
 CREATE TABLE crm_person (id serial PRIMARY KEY, first_name text, last_name text NOT NULL,
                          email text, score integer NOT NULL DEFAULT 50,
                          company_id integer REFERENCES accounts);
 GRANT USAGE, CREATE ON SCHEMA public TO cm_owner;
 GRANT USAGE ON SCHEMA public TO cm_admin;
+ALTER TABLE accounts ADD FOREIGN KEY (primary_contact) REFERENCES crm_person;
+-- a table of another role that the contact table's owner may reference, not read
+CREATE TABLE hidden_co (id integer PRIMARY KEY, name text);
+ALTER TABLE crm_person ADD COLUMN hidden_id integer REFERENCES hidden_co;
+ALTER TABLE hidden_co OWNER TO cm_admin;
 ALTER TABLE accounts OWNER TO cm_owner;
 ALTER TABLE crm_person OWNER TO cm_owner;
 SELECT d365_grant('cm_owner', 'admin');
@@ -152,4 +164,113 @@ if [ "$n" = "0/0" ] && [ "$n2" = "1/1" ]; then
     ok "detaching removes the map \"contact\" and its column maps; attaching again makes them"
 else
     notok "detach removes the map" "$n" "$n2"
+fi
+
+# -- 6. a lookup to a table the mapper cannot read is refused
+q "SELECT d365_map_table('hidden', 'hidden_co', 'accounts')" >/dev/null
+out=$(qas cm_owner "SELECT d365_map_column('contact', 'hidden_id', 'parentcustomerid')")
+if grep -q 'permission denied to map column "hidden_id" to a lookup of public.hidden_co' <<<"$out" &&
+   [ -z "$(q "SELECT 1 FROM d365.field_map WHERE column_name = 'hidden_id'")" ]; then
+    ok "the contact table's owner cannot map a foreign key to a mapped table it cannot read"
+else
+    notok "a lookup to an unreadable table" "$out"
+fi
+q "SELECT d365_unmap_table('hidden')" >/dev/null
+
+# -- 7. accounts + contacts: the foreign key maps to parentcustomerid
+out=$(qas cm_owner "SELECT d365_map_table('account', 'accounts', 'accounts');
+                    SELECT d365_map_column('account', 'name', 'name');
+                    SELECT d365_map_column('contact', 'company_id', 'parentcustomerid')")
+fm=$(q "SELECT dynamics_field FROM d365.field_map WHERE column_name = 'company_id'")
+cm=$(q "SELECT field FROM d365.column_map WHERE map = 'contact' AND \"column\" = 'company_id'")
+if [ "$fm" = "parentcustomerid_account@odata.bind" ] && [ "$cm" = "$fm" ]; then
+    ok "d365_map_column('contact', 'company_id', 'parentcustomerid'): the foreign key to accounts binds parentcustomerid_account"
+else
+    notok "mapping the contact's foreign key to parentcustomerid" "$out" "$fm" "$cm"
+fi
+sim_field() {
+    simctl rows "$1" | python3 -c '
+import json, sys
+ent, rid, field = sys.argv[1:4]
+for r in json.load(sys.stdin)["value"]:
+    if r.get(ent + "id") == rid:
+        v = r.get(field)
+        print("" if v is None else v)' "$1" "$2" "$3"
+}
+# a contact whose company is not in Dynamics yet: waits, not failed
+q "INSERT INTO accounts (name) VALUES ('Contoso'), ('Fabrikam');
+   INSERT INTO crm_person (first_name, last_name, email, company_id) VALUES ('Bob', 'Ray', 'bob@x.test', 1)" >/dev/null
+out=$(q "SELECT created, failed FROM d365_sync('contact')")
+st=$(q "SELECT coalesce(s.last_error, '-') || '/' || (p.dynamics365_related_id IS NULL)
+          FROM crm_person p LEFT JOIN d365.contact_state s ON s.contact_key = p.id::text WHERE p.id = 2")
+pend=$(q "SELECT value FROM d365_status() WHERE item = 'contacts to create'")
+if [ "$out" = "0|0" ] && [ "$st" = "-/true" ] && [ "$pend" = "1" ]; then
+    ok "a contact created before its account waits: not sent, not failed, no error; d365_status() counts it to create"
+else
+    notok "a contact waits for its account" "$out" "$st" "pending: $pend"
+fi
+out=$(q "SELECT string_agg(map || ':' || created || '/' || failed, ' ') FROM d365_sync()")
+contoso=$(q "SELECT dynamics365_related_id FROM accounts WHERE id = 1")
+bob=$(q "SELECT dynamics365_related_id FROM crm_person WHERE id = 2")
+got=$(sim_field contact "$bob" _parentcustomerid_value)
+if [ "$out" = "account:2/0 contact:1/0" ] && [ -n "$contoso" ] && [ "$got" = "$contoso" ] &&
+   [ "$(sim_field contact "$bob" '_parentcustomerid_value@Microsoft.Dynamics.CRM.lookuplogicalname')" = "account" ]; then
+    ok "d365_sync() sends the accounts first, then the contact: its parentcustomerid in Dynamics is Contoso's account"
+else
+    notok "accounts then contacts, parentcustomerid in Dynamics" "$out" "contoso: $contoso" "got: $got"
+fi
+out=$(q "SELECT sum(requests) FROM d365_sync()")
+if [ "$out" = "0" ]; then
+    ok "nothing changed: the next d365_sync() sends nothing"
+else
+    notok "no request without a change" "$out"
+fi
+
+# -- 8. a company changed in Dynamics comes back as the local foreign key;
+# one d365sync has not linked fails that contact, saying which
+fabrikam=$(q "SELECT dynamics365_related_id FROM accounts WHERE id = 2")
+q "SELECT * FROM d365_pull()" >/dev/null
+simctl edit contact "{\"op\":\"update\",\"id\":\"$bob\",\"values\":{\"parentcustomerid_account@odata.bind\":\"/accounts($fabrikam)\"}}" >/dev/null
+out=$(q "SELECT string_agg(map || ':' || updated || '/' || failed, ' ') FROM d365_pull()")
+fk=$(q "SELECT company_id FROM crm_person WHERE id = 2")
+echo_=$(q "SELECT sum(requests) FROM d365_sync()")
+if [ "$out" = "account:0/0 contact:1/0" ] && [ "$fk" = "2" ] && [ "$echo_" = "0" ]; then
+    ok "Bob moved to Fabrikam in Dynamics: the pull sets crm_person.company_id = 2, and nothing is sent back"
+else
+    notok "a company reassignment comes back as the local foreign key" "$out" "$fk" "$echo_"
+fi
+simctl edit contact "{\"op\":\"update\",\"id\":\"$bob\",\"values\":{\"parentcustomerid_account@odata.bind\":\"/accounts(acc00000-0000-4000-8000-000000000002)\"}}" >/dev/null
+out=$(q "SELECT string_agg(map || ':' || updated || '/' || failed, ' ') FROM d365_pull()")
+err=$(q "SELECT last_error FROM d365.contact_state WHERE contact_key = '2'")
+if [ "$(tail -n1 <<<"$out")" = "account:0/0 contact:0/1" ] && [ "$(q "SELECT company_id FROM crm_person WHERE id = 2")" = "2" ] &&
+   grep -q 'record acc00000-0000-4000-8000-000000000002 is linked to no row of map "account"' <<<"$err"; then
+    ok "a company d365sync has not linked fails the contact's incoming change, naming the record; the foreign key stays"
+else
+    notok "an incoming lookup to an unlinked record" "$out" "$err"
+fi
+
+# -- 9. another map's foreign key to the contact table binds the contact's record
+out=$(qas cm_owner "SELECT d365_map_column('account', 'primary_contact', 'primarycontactid')")
+q "UPDATE accounts SET primary_contact = 2 WHERE id = 1" >/dev/null
+out=$(q "SELECT string_agg(map || ':' || updated || '/' || failed, ' ') FROM d365_sync()")
+got=$(sim_field account "$contoso" _primarycontactid_value)
+if [ "$out" = "account:2/0 contact:0/0" ] && [ "$got" = "$bob" ] &&
+   [ -z "$(sim_field account "$fabrikam" _primarycontactid_value)" ]; then
+    ok "accounts.primary_contact (a foreign key to the contact table) goes out as Contoso's primarycontactid = Bob's contact"
+else
+    notok "a lookup to the contact table" "$out" "got: $got" "bob: $bob"
+fi
+
+# -- 10. the push (d365_update_contact) of an application role without
+# rights on d365's tables makes the incoming lookup local too
+PSQL_DB=postgres psqlq -c "DROP ROLE IF EXISTS cm_app" -c "CREATE ROLE cm_app" >/dev/null 2>&1
+out=$(q "SELECT d365_grant('cm_app', 'app'); GRANT USAGE ON SCHEMA public TO cm_app;
+         GRANT SELECT, UPDATE ON crm_person TO cm_app;
+         SET ROLE cm_app;
+         SELECT d365_update_contact(jsonb_build_object('contactid', '$bob', '_parentcustomerid_value', '$contoso'))")
+if [ "$(tail -n1 <<<"$out")" = '{"company_id": 1}' ] && [ "$(q "SELECT company_id FROM crm_person WHERE id = 2")" = "1" ] &&
+   [ "$(q "SELECT sum(requests) FROM d365_sync('contact')")" = "0" ]; then
+    ok "d365_update_contact() by an application role: Contoso's record becomes company_id = 1, not sent back"
+else
+    notok "the push of a lookup" "$out"
 fi

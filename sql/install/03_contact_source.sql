@@ -466,6 +466,7 @@ DECLARE
     src d365.contact_source;
     typ regtype;
     generated boolean;
+    fk boolean;
 BEGIN
     src := d365._contact_source_table();
     IF NEW.column_name IN (src.key_column, 'dynamics365_related_id', 'dynamics365_synchronized_on') THEN
@@ -496,7 +497,17 @@ BEGIN
                   DETAIL = 'Dynamics attributes are written by their lowercase logical name.',
                   HINT = 'Use a logical name such as emailaddress1, or <lookup>_<target>@odata.bind for a lookup; d365_dynamics_fields() lists them.';
     END IF;
-    IF d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
+    -- a lookup from a column with a foreign key: bound to the record of the
+    -- referenced row of a mapped table (d365._contact_lookups), whatever
+    -- the key's type; the table may be mapped after the entry is written
+    -- (a restore loads the maps in any order)
+    fk := NEW.dynamics_field LIKE '%@odata.bind'
+          AND EXISTS (SELECT FROM pg_constraint k
+                       WHERE k.contype = 'f' AND k.conrelid = src.contact_table
+                         AND k.conkey = ARRAY[(SELECT a.attnum FROM pg_attribute a
+                                                WHERE a.attrelid = src.contact_table
+                                                  AND a.attname = NEW.column_name)]::int2[]);
+    IF NOT fk AND d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
         RAISE EXCEPTION 'column "%" of type % cannot be sent to Dynamics', NEW.column_name, typ
             USING ERRCODE = 'datatype_mismatch',
                   DETAIL = CASE WHEN NEW.dynamics_field LIKE '%@odata.bind'
@@ -520,9 +531,13 @@ BEGIN
     -- against Dynamics metadata: the field exists and takes the column's type
     IF TG_OP = 'INSERT' OR (NEW.column_name, NEW.dynamics_field, NEW.direction)
                            IS DISTINCT FROM (OLD.column_name, OLD.dynamics_field, OLD.direction) THEN
-        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction, typ,
+        PERFORM d365._field_map_metadata_check(NEW.column_name, NEW.dynamics_field, NEW.direction,
+            CASE WHEN fk THEN 'uuid'::regtype ELSE typ END,
             (SELECT a.atttypmod FROM pg_attribute a
               WHERE a.attrelid = src.contact_table AND a.attname = NEW.column_name));
+        IF fk THEN
+            PERFORM d365._contact_lookup_check(src.contact_table, NEW.column_name, NEW.dynamics_field);
+        END IF;
     END IF;
     RETURN NEW;
 END;

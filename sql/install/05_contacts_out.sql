@@ -21,11 +21,13 @@ DECLARE
     expr text;
 BEGIN
     SELECT * INTO src FROM d365.contact_source;
-    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set
+    FOR m IN SELECT f.column_name, f.dynamics_field, a.atttypid::regtype AS typ, b.entity_set,
+                    l.parent, l.bind_set
                FROM d365.field_map f
                LEFT JOIN pg_attribute a ON a.attrelid = src.contact_table
                     AND a.attname = f.column_name AND a.attnum > 0 AND NOT a.attisdropped
                LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
+               LEFT JOIN d365._contact_lookups() l ON l.column_name = f.column_name
               WHERE only_columns IS NULL OR f.column_name = ANY (only_columns)
               ORDER BY f.column_name
     LOOP
@@ -34,7 +36,15 @@ BEGIN
                 USING ERRCODE = 'undefined_column',
                       HINT = format('DELETE FROM d365.field_map WHERE column_name = %L;', m.column_name);
         END IF;
-        expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
+        IF m.parent IS NOT NULL THEN
+            -- a foreign key to a mapped table: bound to the record d365sync
+            -- linked the referenced row to (d365._contact_waiting_expr keeps
+            -- a contact whose parent is not linked yet from being sent)
+            expr := format('pg_catalog.to_jsonb(%L OPERATOR(pg_catalog.||) d365._map_parent_link(%L, (%I.%I)::pg_catalog.text)::pg_catalog.text OPERATOR(pg_catalog.||) '')'')',
+                           '/' || m.bind_set || '(', m.parent, row_alias, m.column_name);
+        ELSE
+            expr := d365._json_expr(format('%I.%I', row_alias, m.column_name), m.typ, m.entity_set);
+        END IF;
         IF expr IS NULL THEN
             RAISE EXCEPTION 'mapped column "%" of type % cannot be sent to Dynamics', m.column_name, m.typ
                 USING ERRCODE = 'datatype_mismatch',
@@ -285,9 +295,12 @@ BEGIN
                                LATERAL (SELECT coalesce(s.generation, 0)
                                                + CASE WHEN %6$s THEN 1 ELSE 0 END AS generation) g
                          WHERE %4$s
+                           -- a lookup's parent not linked yet: the contact waits
+                           AND NOT (%9$s)
                         OFFSET 0) v) x) w
     $q$, src.key_column, cur, d365._contact_pending_from(src, false), sel, match,
-         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits);
+         d365._contact_foreign_sql(), d365._contact_untrusted_sql(), limits,
+         d365._contact_waiting_expr());
 END;
 $$;
 

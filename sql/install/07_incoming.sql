@@ -194,6 +194,12 @@ DECLARE
     conv jsonb := '{}';
     settled text[] := '{}';
     changes jsonb := '{}';
+    lookups jsonb := '{}';
+    fkvals jsonb := '{}';
+    fkwires jsonb := '{}';
+    fkcmp jsonb := '{}';
+    lk record;
+    pkey text;
     f record;
     col text;
     code text;
@@ -234,6 +240,11 @@ BEGIN
         RETURN NULL;
     END IF;
     snap := d365._contact_snapshot(k, NULL);
+    -- lookups to mapped tables (a foreign key to the parent's key): their
+    -- record becomes the key of the parent row linked to it, compared with
+    -- what the contact binds as the bind path (d365._values_expr)
+    SELECT coalesce(jsonb_object_agg(l.column_name, jsonb_build_array(l.parent, l.bind_set)), '{}')
+      INTO lookups FROM d365._contact_lookups() l;
 
     FOR f IN SELECT i.*, a.attgenerated <> '' AS generated,
                     format_type(a.atttypid, a.atttypmod) AS type_name
@@ -242,6 +253,32 @@ BEGIN
         mapping := mapping || jsonb_build_object(f.column_name, f.dynamics_field);
         IF NOT payload ? f.read_name THEN
             CONTINUE;       -- not in the row: not changed, not cleared
+        END IF;
+        IF lookups ? f.column_name THEN
+            pkey := NULL;
+            IF jsonb_typeof(payload -> f.read_name) IS DISTINCT FROM 'null' THEN
+                IF NOT d365._is_guid(payload ->> f.read_name) THEN
+                    RAISE EXCEPTION 'Dynamics field "%" holds %, not a GUID', f.read_name, payload -> f.read_name
+                        USING ERRCODE = 'invalid_text_representation';
+                END IF;
+                pkey := d365._map_parent_key(lookups -> f.column_name ->> 0, (payload ->> f.read_name)::uuid);
+                fkwires := fkwires || jsonb_build_object(f.dynamics_field,
+                               '/' || (lookups -> f.column_name ->> 1) || '(' || lower(payload ->> f.read_name) || ')');
+            ELSE
+                fkwires := fkwires || jsonb_build_object(f.dynamics_field, 'null'::jsonb);
+            END IF;
+            -- the parent's key, or {"record": id} while no row is linked to it
+            fkvals := fkvals || jsonb_build_object(f.column_name,
+                          CASE WHEN pkey IS NOT NULL AND f.typ IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype)
+                               THEN to_jsonb(pkey::bigint)
+                               WHEN pkey IS NOT NULL OR jsonb_typeof(payload -> f.read_name) = 'null'
+                               THEN to_jsonb(pkey)
+                               ELSE jsonb_build_object('record', payload -> f.read_name) END);
+            fkcmp := fkcmp || jsonb_build_object(f.column_name, fkwires -> f.dynamics_field);
+            names := names || jsonb_build_object(f.column_name,
+                        jsonb_build_array(f.read_name, f.type_name, f.generated));
+            fields := fields || jsonb_build_object(f.dynamics_field, f.column_name);
+            CONTINUE;
         END IF;
         vals := vals || jsonb_build_object(f.column_name,
                     d365._incoming_value(payload -> f.read_name, f.typ, f.read_name, f.column_name));
@@ -254,13 +291,16 @@ BEGIN
     -- conversion, no update, nothing to settle
     IF mapper IS NULL AND snap IS NOT NULL
        AND NOT EXISTS (SELECT FROM jsonb_each(fields) e
-                        WHERE (vals -> (e.value #>> '{}')) IS DISTINCT FROM (cur -> e.key)
+                        WHERE ((vals || fkcmp) -> (e.value #>> '{}')) IS DISTINCT FROM (cur -> e.key)
                            OR (snap -> e.key) IS DISTINCT FROM (cur -> e.key)) THEN
         RETURN '{}';
     END IF;
     IF vals <> '{}' THEN
         conv := d365._incoming_convert(vals, names);
     END IF;
+    -- a lookup as the column would bind it: the record Dynamics sent
+    conv := conv || fkwires;
+    vals := vals || fkvals;
 
     IF mapper IS NULL THEN
         FOR f IN SELECT e.key AS field, e.value #>> '{}' AS col FROM jsonb_each(fields) e LOOP
@@ -274,6 +314,14 @@ BEGIN
                         USING ERRCODE = 'generated_always',
                               DETAIL = format('Column "%s" is a generated column.', f.col),
                               HINT = 'A generated column can only be sent to Dynamics, never written from it.';
+                END IF;
+                IF jsonb_typeof(vals -> f.col) = 'object' THEN
+                    RAISE EXCEPTION 'Dynamics field "%": record % is linked to no row of map "%"',
+                                    names -> f.col ->> 0, vals -> f.col ->> 'record', lookups -> f.col ->> 0
+                        USING ERRCODE = 'foreign_key_violation',
+                              DETAIL = 'The lookup names a Dynamics 365 record that d365sync has not linked to a local row.',
+                              HINT = format('Sync map %s first (d365_sync() sends the parents first), or link the row by its dynamics365_related_id.',
+                                            lookups -> f.col ->> 0);
                 END IF;
                 changes := changes || jsonb_build_object(f.col, vals -> f.col);
             END IF;

@@ -57,7 +57,9 @@ DECLARE
         '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
         '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
         '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
-        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type'];
+        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type',
+        -- lookups of the contact table to mapped tables
+        '_contact_lookups', '_map_parent_link', '_map_parent_key'];
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',

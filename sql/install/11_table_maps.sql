@@ -649,6 +649,9 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = format('d365_describe(%L) lists the attributes of %s.', ent.logical_name, ent.logical_name);
     END IF;
+    PERFORM d365._map_lookup_readable(x.parent, d365_map_column."column")
+       FROM d365._map_columns(m.name) x
+      WHERE x."column" = d365_map_column."column" AND x.parent IS NOT NULL;
     -- the next sync compares every linked row with what it sent
     UPDATE d365.map_row r SET synced = NULL WHERE r.map = m.name AND r.synced IS NOT NULL;
 END;

@@ -104,12 +104,10 @@ BEGIN
                 SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
                 -- the parent's link only where d365sync linked it (its map_row
                 -- names the same record): a forged link is no parent
-                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p'
-                                    '   JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
-                                    '    AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
-                                    '    AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                parent_id := format('(SELECT p.dynamics365_related_id FROM %s p%s'
                                     '  WHERE p.%I OPERATOR(pg_catalog.=) %s)',
-                                    pm.local_table, pm.name, pm.key_column, pm.key_column, col_ref);
+                                    pm.local_table, d365._map_parent_join(pm.name, pm.key_column),
+                                    pm.key_column, col_ref);
                 waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
             ELSE
                 parent_id := col_ref;
@@ -620,12 +618,10 @@ BEGIN
                 loc := v;
             ELSE
                 SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
-                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p'
-                               '  JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
-                               '   AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
-                               '   AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id'
+                EXECUTE format('SELECT pg_catalog.to_jsonb(p.%I) FROM %s p%s'
                                ' WHERE p.dynamics365_related_id OPERATOR(pg_catalog.=) $1',
-                               pm.key_column, pm.local_table, pm.name, pm.key_column) INTO loc USING (v #>> '{}')::uuid;
+                               pm.key_column, pm.local_table, d365._map_parent_join(pm.name, pm.key_column))
+                   INTO loc USING (v #>> '{}')::uuid;
                 IF loc IS NULL THEN
                     RAISE EXCEPTION 'field %: record % is linked to no row of map "%"', col.field, v #>> '{}', col.parent
                         USING ERRCODE = 'foreign_key_violation',

@@ -181,7 +181,182 @@ BEGIN
 END;
 $$;
 
+-- ---------------------------------------------------------------------------
+-- Lookups to and from the contact table.  A lookup's parent is the map its
+-- column's foreign key points to (d365._map_fk_target); d365sync counts a
+-- parent as linked to the record its sync state names: d365.map_row of a
+-- map, d365.contact_state of the contact table.
+-- ---------------------------------------------------------------------------
+
+/*
+ * The join of a parent row "p" of map parent with its sync state "pr",
+ * only where the row's link is the record d365sync linked it to: the state
+ * of the contact engine for the map "contact", d365.map_row for the
+ * others.  Used by the table maps' lookups (d365._map_out_exprs,
+ * d365._map_incoming).
+ */
+CREATE FUNCTION d365._map_parent_join(parent text, key_column name)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN parent = 'contact'
+                THEN format(' JOIN d365.contact_state pr'
+                            '   ON pr.contact_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
+                            '  AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id',
+                            key_column)
+                ELSE format(' JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
+                            '  AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
+                            '  AND pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id',
+                            parent, key_column) END
+$$;
+
+/*
+ * The contact table's lookups to mapped tables: field map entries bound
+ * with @odata.bind whose column has a foreign key to the key of a mapped
+ * table (the parent), with the parent's entity set.  SECURITY DEFINER:
+ * the contact engine's callers (the push of d365_update_contact among
+ * them) need no rights on the map tables.
+ */
+CREATE FUNCTION d365._contact_lookups(
+    OUT column_name name, OUT dynamics_field text, OUT parent text, OUT bind_set text)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT x.column_name, x.dynamics_field, x.parent, t.entity_set
+      FROM (SELECT f.column_name, f.dynamics_field,
+                   d365._map_fk_target(s.contact_table, f.column_name) AS parent
+              FROM d365.field_map f, d365.contact_source s
+             WHERE f.dynamics_field LIKE '%@odata.bind') x
+      JOIN d365.table_map t ON t.name = x.parent
+$$;
+
+/*
+ * The Dynamics id a lookup binds to: the record d365sync linked the parent
+ * row with key parent_key to (its sync state), or NULL while it is not
+ * linked.  Reads d365's sync state only, never the parent table.
+ * SECURITY DEFINER, for the contact engine's callers.
+ */
+CREATE FUNCTION d365._map_parent_link(parent text, parent_key text)
+RETURNS uuid
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN parent = 'contact'
+                THEN (SELECT s.dynamics_id FROM d365.contact_state s WHERE s.contact_key = parent_key)
+                ELSE (SELECT r.dynamics_id FROM d365.map_row r
+                       WHERE r.map = parent AND r.row_key = parent_key) END
+$$;
+
+/*
+ * The key of the parent row d365sync linked to Dynamics record id (its
+ * sync state), or NULL when none is: an incoming lookup made local.
+ */
+CREATE FUNCTION d365._map_parent_key(parent text, id uuid)
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN parent = 'contact'
+                THEN (SELECT min(s.contact_key) FROM d365.contact_state s WHERE s.dynamics_id = id)
+                ELSE (SELECT min(r.row_key) FROM d365.map_row r
+                       WHERE r.map = parent AND r.dynamics_id = id) END
+$$;
+
+/*
+ * The condition over the contact row "c" under which a contact waits for
+ * a parent: a lookup column holds a key whose row is not linked yet.  Such
+ * a contact is not sent (pending, not failed) until its parent has a
+ * record; d365_sync() sends the parents first.
+ */
+CREATE FUNCTION d365._contact_waiting_expr()
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(format('(c.%1$I IS NOT NULL AND d365._map_parent_link(%2$L, c.%1$I::pg_catalog.text) IS NULL)',
+                                      l.column_name, l.parent), ' OR ' ORDER BY l.column_name), 'false')
+      FROM d365._contact_lookups() l
+      JOIN d365.field_map f ON f.column_name = l.column_name
+     WHERE f.direction <> 'in'
+$$;
+
+/*
+ * A lookup is mapped only by a role that may read what it binds to: the
+ * key and link columns of the parent's table (a foreign key needs only the
+ * REFERENCES right, and the sync would tell the mapper which record each
+ * key of a table it cannot read is linked to).
+ */
+CREATE FUNCTION d365._map_lookup_readable(parent text, "column" name)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pm d365.table_map;
+BEGIN
+    SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
+    IF FOUND AND EXISTS (SELECT FROM pg_class c WHERE c.oid = pm.local_table)
+       AND NOT (has_column_privilege(pm.local_table, pm.key_column, 'SELECT')
+                AND has_column_privilege(pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
+        RAISE EXCEPTION 'permission denied to map column "%" to a lookup of %', "column", pm.local_table
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Role %s cannot read the key and link columns of %s, the table of map "%s" the column''s foreign key refers to.',
+                                  current_user, pm.local_table, pm.name),
+                  HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %I;', pm.key_column, pm.local_table, current_user);
+    END IF;
+END;
+$$;
+
+/*
+ * The check of a field map entry of the contact table that binds a column
+ * with a foreign key (d365._field_map_check): the writer may read the
+ * referenced table, and the lookup can refer to its Dataverse table (from
+ * the metadata, while d365sync is configured).  A foreign key to a table
+ * not mapped (yet) is judged when the contacts are sent.
+ */
+CREATE FUNCTION d365._contact_lookup_check(tbl regclass, "column" name, field text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parent text := d365._map_fk_target(tbl, "column");
+    pm d365.table_map;
+    pent record;
+    nav text := split_part(field, '@', 1);
+    s d365.settings;
+BEGIN
+    IF parent IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM d365._map_lookup_readable(parent, "column");
+    SELECT * INTO s FROM d365.settings;
+    IF s.org_url IS NULL OR s.tenant_id IS NULL OR s.client_id IS NULL OR s.client_secret IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
+    pent := d365._map_entity(pm.entity_set);
+    IF NOT EXISTS (SELECT FROM d365._map_attributes('contact') x
+                    WHERE x.navs ->> pent.logical_name = nav) THEN
+        RAISE EXCEPTION 'column "%" cannot be mapped to Dynamics field "%": its foreign key refers to map "%" (Dynamics table %), which % does not bind to',
+                        "column", field, parent, pent.logical_name, nav
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = format('Map it with d365_map_column(''contact'', %L, <lookup attribute>): the binding to %s is found in the metadata.',
+                                "column", pent.logical_name);
+    END IF;
+END;
+$$;
+
 REVOKE ALL ON FUNCTION d365._contact_map_refresh(), d365._contact_map_guard(),
-       d365._contact_map_column(name, text, text, boolean) FROM PUBLIC;
+       d365._contact_map_column(name, text, text, boolean), d365._map_parent_join(text, name),
+       d365._contact_lookups(), d365._map_parent_link(text, text), d365._map_parent_key(text, uuid),
+       d365._contact_waiting_expr(), d365._map_lookup_readable(text, name),
+       d365._contact_lookup_check(regclass, name, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
