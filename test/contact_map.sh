@@ -197,6 +197,12 @@ for r in json.load(sys.stdin)["value"]:
         v = r.get(field)
         print("" if v is None else v)' "$1" "$2" "$3"
 }
+out=$(q "SELECT count(*) FROM d365_validate_mapping() WHERE column_name = 'company_id'")
+if [ "$out" = "0" ]; then
+    ok "d365_validate_mapping() finds nothing wrong with the foreign key bound to parentcustomerid"
+else
+    notok "d365_validate_mapping() and a foreign-key lookup" "$(q "SELECT * FROM d365_validate_mapping()")"
+fi
 # a contact whose company is not in Dynamics yet: waits, not failed
 q "INSERT INTO accounts (name) VALUES ('Contoso'), ('Fabrikam');
    INSERT INTO crm_person (first_name, last_name, email, company_id) VALUES ('Bob', 'Ray', 'bob@x.test', 1)" >/dev/null

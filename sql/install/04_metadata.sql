@@ -172,8 +172,14 @@ AS $$
          maps AS (SELECT f.column_name, f.dynamics_field, f.direction,
                          split_part(f.dynamics_field, '@', 1) AS nav,
                          f.dynamics_field LIKE '%@odata.bind' AS is_bind,
-                         -- a domain is judged by its base type, an enum and citext are sent as text
-                         CASE WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
+                         -- a domain is judged by its base type, an enum and citext are sent as text;
+                         -- a lookup from a foreign key is sent as the referenced row's record id
+                         CASE WHEN b.oid IS NULL THEN NULL
+                              WHEN f.dynamics_field LIKE '%@odata.bind'
+                                   AND EXISTS (SELECT FROM pg_constraint k
+                                                WHERE k.contype = 'f' AND k.conrelid = s.contact_table
+                                                  AND k.conkey = ARRAY[a.attnum]) THEN 'uuid'
+                              WHEN b.typtype = 'e' OR d365._text_like(b.oid::regtype) THEN 'text'
                               ELSE format_type(b.oid, NULL) END AS ctype
                     FROM d365.field_map f
                     CROSS JOIN d365.contact_source s
