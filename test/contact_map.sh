@@ -10,7 +10,8 @@
 # sends the accounts first, a company changed in Dynamics comes back as the
 # local foreign key, and an account's foreign key to the contact table
 # binds its primary contact; a lookup to a table the mapper cannot read is
-# refused.
+# refused; pg_dump/pg_restore keeps it all and the restored database sends
+# nothing.
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own:
@@ -280,3 +281,22 @@ if [ "$(tail -n1 <<<"$out")" = '{"company_id": 1}' ] && [ "$(q "SELECT company_i
 else
     notok "the push of a lookup" "$out"
 fi
+
+# -- 11. pg_dump / pg_restore: the field map with its lookup is restored
+# (before the foreign keys exist), the map rows are made again, and the
+# restored database's next sync sends nothing
+RESTORED=${DB}_restored
+PSQL_DB=postgres psqlq -c "DROP DATABASE IF EXISTS $RESTORED" -c "CREATE DATABASE $RESTORED" >/dev/null 2>&1
+out=$( { "$PG_BIN/pg_dump" -Fc -d "$DB" -f "$TMPD/db.dump" && "$PG_BIN/pg_restore" --exit-on-error -d "$RESTORED" "$TMPD/db.dump"; } 2>&1)
+maps_sql="SELECT string_agg(format('%s:%s=%s', map, \"column\", field), ' ' ORDER BY map, \"column\") FROM d365.column_map
+          UNION ALL SELECT string_agg(format('%s:%s', name, local_table), ' ' ORDER BY name) FROM d365.table_map"
+before=$(psqlq -c "$maps_sql" 2>&1)
+after=$(PSQL_DB=$RESTORED psqlq -c "$maps_sql" 2>&1)
+simctl clear-requests >/dev/null
+sent=$(PSQL_DB=$RESTORED psqlq -c "SELECT sum(requests) FROM d365.d365_sync()" 2>&1)
+if [ -z "$out" ] && [ "$before" = "$after" ] && [ "$sent" = "0" ] && grep -q 'contact:company_id=parentcustomerid_account@odata.bind' <<<"$after"; then
+    ok "pg_dump/pg_restore keeps the contact map, its lookup and the account map; the restored database's next sync sends nothing"
+else
+    notok "dump and restore with the contact map's lookup" "$out" "before: $before" "after:  $after" "sent: $sent"
+fi
+PSQL_DB=postgres psqlq -c "DROP DATABASE IF EXISTS $RESTORED WITH (FORCE)" >/dev/null 2>&1
