@@ -194,7 +194,7 @@ DECLARE
     conv jsonb := '{}';
     settled text[] := '{}';
     changes jsonb := '{}';
-    lookups jsonb := '{}';
+    lookups jsonb;
     fkvals jsonb := '{}';
     fkwires jsonb := '{}';
     fkcmp jsonb := '{}';
@@ -240,11 +240,6 @@ BEGIN
         RETURN NULL;
     END IF;
     snap := d365._contact_snapshot(k, NULL);
-    -- lookups to mapped tables (a foreign key to the parent's key): their
-    -- record becomes the key of the parent row linked to it, compared with
-    -- what the contact binds as the bind path (d365._values_expr)
-    SELECT coalesce(jsonb_object_agg(l.column_name, jsonb_build_array(l.parent, l.bind_set)), '{}')
-      INTO lookups FROM d365._contact_lookups() l;
 
     FOR f IN SELECT i.*, a.attgenerated <> '' AS generated,
                     format_type(a.atttypid, a.atttypmod) AS type_name
@@ -254,7 +249,14 @@ BEGIN
         IF NOT payload ? f.read_name THEN
             CONTINUE;       -- not in the row: not changed, not cleared
         END IF;
-        IF lookups ? f.column_name THEN
+        -- lookups to mapped tables (a foreign key to the parent's key): their
+        -- record becomes the key of the parent row linked to it, compared
+        -- with what the contact binds as the bind path (d365._values_expr)
+        IF f.is_bind AND lookups IS NULL THEN
+            SELECT coalesce(jsonb_object_agg(l.column_name, jsonb_build_array(l.parent, l.bind_set)), '{}')
+              INTO lookups FROM d365._contact_lookups() l;
+        END IF;
+        IF f.is_bind AND lookups ? f.column_name THEN
             pkey := NULL;
             IF jsonb_typeof(payload -> f.read_name) IS DISTINCT FROM 'null' THEN
                 IF NOT d365._is_guid(payload ->> f.read_name) THEN
@@ -291,7 +293,8 @@ BEGIN
     -- conversion, no update, nothing to settle
     IF mapper IS NULL AND snap IS NOT NULL
        AND NOT EXISTS (SELECT FROM jsonb_each(fields) e
-                        WHERE ((vals || fkcmp) -> (e.value #>> '{}')) IS DISTINCT FROM (cur -> e.key)
+                        WHERE ((CASE WHEN fkcmp = '{}' THEN vals ELSE vals || fkcmp END) -> (e.value #>> '{}'))
+                              IS DISTINCT FROM (cur -> e.key)
                            OR (snap -> e.key) IS DISTINCT FROM (cur -> e.key)) THEN
         RETURN '{}';
     END IF;
