@@ -20,8 +20,9 @@
  *		dependency order: parents before children), each under the lock of
  *		its row in d365.table_map (a sync and a pull of one map never run
  *		at once) and recorded in d365.sync_run as kind "map:<name>"; the
- *		attached contact table is the map "contact", synced by the contact
- *		engine (src/contacts_out.c) last
+ *		attached contact table is the map "contact" (a row of d365.table_map
+ *		made by its attachment), in its place in that order, synced by the
+ *		contact engine (src/contacts_out.c)
  *	 d365_pull(map)  the same for incoming changes; the contact table's
  *		pull is src/incoming.c's.  A map with load = true is loaded by its
  *		first pull (src/pipeline_pull.c, sql/install/14_map_load.sql)
