@@ -499,19 +499,20 @@ BEGIN
     END IF;
     -- a lookup from a column with a foreign key: bound to the record of the
     -- referenced row of a mapped table (d365._contact_lookups), whatever
-    -- the key's type.  An integer column is taken for one before its
-    -- foreign key exists: a restore loads the field map before the
-    -- application's constraints (and the maps in any order); without a
-    -- foreign key to a mapped table its contacts fail at sync time, and
-    -- d365_validate_mapping() says so.
+    -- the key's type.  While the attached table has no capture triggers (a
+    -- restore loads the field map with the data, before the application's
+    -- triggers and constraints) an integer column is taken for one before
+    -- its foreign key exists; without a foreign key to a mapped table its
+    -- contacts fail at sync time, and d365_validate_mapping() says so.
     fk := NEW.dynamics_field LIKE '%@odata.bind'
           AND (EXISTS (SELECT FROM pg_constraint k
                         WHERE k.contype = 'f' AND k.conrelid = src.contact_table
                           AND k.conkey = ARRAY[(SELECT a.attnum FROM pg_attribute a
                                                  WHERE a.attrelid = src.contact_table
                                                    AND a.attname = NEW.column_name)]::int2[])
-               OR (SELECT coalesce(nullif(t.typbasetype, 0), t.oid) FROM pg_type t WHERE t.oid = typ)
-                  IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype));
+               OR ((SELECT coalesce(nullif(t.typbasetype, 0), t.oid) FROM pg_type t WHERE t.oid = typ)
+                   IN ('smallint'::regtype, 'integer'::regtype, 'bigint'::regtype)
+                   AND d365._attachment_problem(src) IS NOT NULL));
     IF NOT fk AND d365._json_expr('x', typ, CASE WHEN NEW.dynamics_field LIKE '%@odata.bind' THEN 'set' END) IS NULL THEN
         RAISE EXCEPTION 'column "%" of type % cannot be sent to Dynamics', NEW.column_name, typ
             USING ERRCODE = 'datatype_mismatch',
