@@ -110,7 +110,8 @@ BEGIN
         SELECT json_agg(json_build_object('contactid', d365._contact_guid(id::text, 1),
                                           'lastname', 'Pulled' || p || '-' || id))
           INTO page
-          FROM (SELECT 1 + floor(random() * $N)::integer AS id FROM generate_series(1, 5000)) r;
+          -- 5,000 different contacts (change tracking names a record once a page)
+          FROM (SELECT g AS id FROM generate_series(1, $N) g ORDER BY random() LIMIT 5000) r;
         t0 := clock_timestamp();
         PERFORM d365._pull_record(page);
         INSERT INTO t VALUES (5000, extract(epoch FROM clock_timestamp() - t0));

@@ -593,10 +593,11 @@ LANGUAGE C VOLATILE;
  * of columns written, one re-read and one write of the snapshots.  Every
  * outcome is the one the rows would have one by one.  handled: the
  * ordinals (1-based) of the page's rows it applied (changed rows, linked
- * or not); the deletions are left to the caller.  handled is NULL, and
- * nothing was done, when the page does not qualify: an incoming mapper is
- * set, a row is not an object with a contactid, or an id comes twice.
- * Any error of a row (a value that does not fit, U+0000, a generated
+ * or not); it leaves to the caller the deletions and the rows that are no
+ * object with a GUID contactid, hold U+0000 or share their id with
+ * another row of the page (each touches other contacts than those it
+ * applies).  handled is NULL, and nothing was done, when an incoming
+ * mapper is set.  Any error of a row (a value that does not fit, U+0000, a generated
  * column, a constraint or trigger) raises: the caller rolls the page back
  * and applies it row by row, so that the row fails alone.  Its caller
  * reads and writes d365.contact_state itself (the pull's runner);
@@ -611,7 +612,6 @@ AS $$
 DECLARE
     src d365.contact_source := d365._contact_source();
     rows jsonb;
-    ok boolean;
     flds jsonb;
     work jsonb;
     pend jsonb;
@@ -625,26 +625,30 @@ BEGIN
     IF d365._incoming_mapper() IS NOT NULL THEN
         RETURN;
     END IF;
-    -- (a string holding U+0000 makes the cast to jsonb fail: row by row)
-    SELECT coalesce(bool_and(x.ok), true) AND count(x.id) = count(DISTINCT x.id),
-           coalesce(jsonb_agg(jsonb_build_object('n', x.n, 'cid', x.id, 'r', x.r)) FILTER (WHERE NOT x.del), '[]'),
-           coalesce(array_agg(x.n) FILTER (WHERE NOT x.del), '{}')
-      INTO ok, rows, handled
-      FROM (SELECT y.n, y.r, y.del,
-                   CASE WHEN y.del THEN d365._is_guid(y.r ->> 'id')
-                        ELSE jsonb_typeof(y.r) = 'object' AND jsonb_typeof(y.r -> 'contactid') = 'string'
-                             AND d365._is_guid(y.r ->> 'contactid') END AS ok,
-                   CASE WHEN y.del AND d365._is_guid(y.r ->> 'id') THEN (y.r ->> 'id')::uuid
-                        WHEN NOT y.del AND jsonb_typeof(y.r -> 'contactid') = 'string'
-                             AND d365._is_guid(y.r ->> 'contactid') THEN (y.r ->> 'contactid')::uuid END AS id
-              FROM (SELECT e.n, e.v::jsonb AS r,
-                           coalesce(json_typeof(e.v) = 'object'
-                                    AND e.v::jsonb ->> '@odata.context' LIKE '%$deletedEntity', false) AS del
-                      FROM json_array_elements(page) WITH ORDINALITY e(v, n)) y) x;
-    IF NOT ok THEN
-        handled := NULL;
-        RETURN;
-    END IF;
+    -- the rows it takes: objects with a GUID contactid, no deletion, whose
+    -- id comes once in the page (the deletions' ids and those of rows it
+    -- leaves counted too) and that hold no U+0000 (the escape \u0000 in
+    -- the text: jsonb cannot hold it); the others are left to the caller
+    SELECT coalesce(jsonb_agg(jsonb_build_object('n', x.n, 'cid', x.id, 'r', x.r)) FILTER (WHERE x.take), '[]'),
+           coalesce(array_agg(x.n) FILTER (WHERE x.take), '{}')
+      INTO rows, handled
+      FROM (SELECT y.*, y.r IS NOT NULL AND NOT y.del AND y.id IS NOT NULL
+                        AND count(*) OVER (PARTITION BY y.id) = 1 AS take
+              FROM (SELECT z.n, z.r, z.del,
+                           CASE WHEN z.r IS NULL
+                                THEN substring(z.t FROM '"contactid"\s*:\s*"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"')::uuid
+                                -- (d365._is_guid's test, written out: a call per row costs)
+                                WHEN z.del AND (z.r ->> 'id') ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+                                THEN (z.r ->> 'id')::uuid
+                                WHEN NOT z.del AND jsonb_typeof(z.r -> 'contactid') = 'string'
+                                     AND (z.r ->> 'contactid') ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+                                THEN (z.r ->> 'contactid')::uuid END AS id
+                      FROM (SELECT e.n, e.v::text AS t, j.r,
+                                   coalesce(j.r ->> '@odata.context' LIKE '%$deletedEntity', false) AS del
+                              FROM json_array_elements(page) WITH ORDINALITY e(v, n),
+                                   LATERAL (SELECT CASE WHEN json_typeof(e.v) = 'object'
+                                                         AND strpos(e.v::text, '\u0000') = 0
+                                                        THEN e.v::jsonb END AS r) j) z) y) x;
     IF rows = '[]' THEN
         RETURN;
     END IF;
@@ -736,8 +740,11 @@ BEGIN
                    AND (p.conv -> fe.key) IS DISTINCT FROM coalesce(p.e -> 'cur' -> fe.key, 'null'::jsonb)), '{}'))
            ORDER BY p.o)
       INTO pend
-      FROM (SELECT x.e, x.o, coalesce(conv -> (x.o::integer - 1), '{}') AS conv
-              FROM jsonb_array_elements(pend) WITH ORDINALITY x(e, o)) p;
+      FROM (SELECT x.e, x.o, coalesce(cv.conv, '{}') AS conv
+              FROM jsonb_array_elements(pend) WITH ORDINALITY x(e, o)
+              -- (joined, not looked up by position: each look-up into the
+              -- page's variable would read all of it)
+              LEFT JOIN jsonb_array_elements(conv) WITH ORDINALITY cv(conv, o) ON cv.o = x.o) p;
     -- a generated column refuses its value: that row fails alone
     SELECT count(*) INTO n_gen
       FROM jsonb_array_elements(pend) e, jsonb_object_keys(e -> 'changes') c
@@ -767,12 +774,12 @@ BEGIN
       USING ARRAY(SELECT (e ->> 'cid')::uuid FROM jsonb_array_elements(pend) e WHERE e -> 'fields' <> '{}');
     WITH s AS (
         SELECT e ->> 'k' AS k,
-               (SELECT jsonb_object_agg(fe.key, coalesce(cur -> (e ->> 'cid') -> fe.key, 'null'::jsonb))
+               (SELECT jsonb_object_agg(fe.key, c.now -> fe.key)
                   FROM jsonb_each(e -> 'fields') fe
-                 WHERE coalesce(cur -> (e ->> 'cid') -> fe.key, 'null'::jsonb)
-                       = coalesce(e -> 'conv' -> fe.key, 'null'::jsonb)
-                   AND cur -> (e ->> 'cid') ? fe.key) AS settle
-          FROM jsonb_array_elements(pend) e)
+                 WHERE coalesce(c.now -> fe.key, 'null'::jsonb) = coalesce(e -> 'conv' -> fe.key, 'null'::jsonb)
+                   AND c.now ? fe.key) AS settle
+          FROM jsonb_array_elements(pend) e
+          LEFT JOIN jsonb_each(cur) c(cid, now) ON c.cid = e ->> 'cid')
     SELECT jsonb_agg(jsonb_build_object('k', s.k, 'settle', s.settle)) INTO pend
       FROM s WHERE s.settle IS NOT NULL;
     IF pend IS NOT NULL THEN
