@@ -892,7 +892,9 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
-    problem := d365._attachment_problem(src);
+    -- (remembered while the catalog says nothing it reads changed:
+    -- src/attach_cache.c)
+    problem := d365._attachment_problem_cached(src);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -1839,6 +1841,17 @@ BEGIN
     RETURN d365._contact_table_problem(src.contact_table, src.score_column);
 END;
 $$;
+
+/*
+ * d365._attachment_problem(src), remembered while the catalog says nothing
+ * it reads has changed (src/attach_cache.c): the table's lock is taken and
+ * the invalidations of other sessions read at every call.
+ */
+CREATE OR REPLACE FUNCTION d365._attachment_problem_cached(src d365.contact_source)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_attachment_problem_cached'
+LANGUAGE C VOLATILE;
 
 -- GET a Web API path (relative to the service root), following every
 -- @odata.nextLink; one row per element of "value" (or the body itself).
@@ -3646,10 +3659,13 @@ CREATE OR REPLACE FUNCTION d365._incoming_fields(
     OUT column_name name, OUT dynamics_field text, OUT read_name text,
     OUT typ regtype, OUT is_bind boolean)
 RETURNS SETOF record
-LANGUAGE sql
+-- PL/pgSQL, not SQL: its query is planned once per session, not at every call
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT f.column_name, f.dynamics_field,
            CASE WHEN b.attribute IS NOT NULL THEN '_' || b.attribute || '_value'
                 ELSE f.dynamics_field END,
@@ -3660,7 +3676,8 @@ AS $$
                          AND a.attnum > 0 AND NOT a.attisdropped
       LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
      WHERE f.direction <> 'out'
-     ORDER BY f.column_name
+     ORDER BY f.column_name;
+END;
 $$;
 
 /*

@@ -255,7 +255,9 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
-    problem := d365._attachment_problem(src);
+    -- (remembered while the catalog says nothing it reads changed:
+    -- src/attach_cache.c)
+    problem := d365._attachment_problem_cached(src);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
             USING ERRCODE = 'object_not_in_prerequisite_state',

@@ -495,3 +495,14 @@ BEGIN
     RETURN d365._contact_table_problem(src.contact_table, src.score_column);
 END;
 $$;
+
+/*
+ * d365._attachment_problem(src), remembered while the catalog says nothing
+ * it reads has changed (src/attach_cache.c): the table's lock is taken and
+ * the invalidations of other sessions read at every call.
+ */
+CREATE FUNCTION d365._attachment_problem_cached(src d365.contact_source)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_attachment_problem_cached'
+LANGUAGE C VOLATILE;

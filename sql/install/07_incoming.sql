@@ -11,10 +11,13 @@ CREATE FUNCTION d365._incoming_fields(
     OUT column_name name, OUT dynamics_field text, OUT read_name text,
     OUT typ regtype, OUT is_bind boolean)
 RETURNS SETOF record
-LANGUAGE sql
+-- PL/pgSQL, not SQL: its query is planned once per session, not at every call
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT f.column_name, f.dynamics_field,
            CASE WHEN b.attribute IS NOT NULL THEN '_' || b.attribute || '_value'
                 ELSE f.dynamics_field END,
@@ -25,7 +28,8 @@ AS $$
                          AND a.attnum > 0 AND NOT a.attisdropped
       LEFT JOIN d365._lookup_binds() b ON b.dynamics_field = f.dynamics_field
      WHERE f.direction <> 'out'
-     ORDER BY f.column_name
+     ORDER BY f.column_name;
+END;
 $$;
 
 /*
