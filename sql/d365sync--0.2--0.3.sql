@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (202), as
+ *   - the 0.3 install script: every function and procedure (203), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
