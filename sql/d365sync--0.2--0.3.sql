@@ -4240,7 +4240,7 @@ LANGUAGE C VOLATILE;
  * object with a GUID contactid, hold U+0000 or share their id with
  * another row of the page (each touches other contacts than those it
  * applies).  handled is NULL, and nothing was done, when an incoming
- * mapper is set.  Any error of a row (a value that does not fit, U+0000, a generated
+ * mapper is set or a field is a lookup (bound with @odata.bind).  Any error of a row (a value that does not fit, U+0000, a generated
  * column, a constraint or trigger) raises: the caller rolls the page back
  * and applies it row by row, so that the row fails alone.  Its caller
  * reads and writes d365.contact_state itself (the pull's runner);
@@ -4265,7 +4265,10 @@ DECLARE
     n_gen integer;
 BEGIN
     updated := 0; unchanged := 0;
-    IF d365._incoming_mapper() IS NOT NULL THEN
+    -- an incoming mapper, and a lookup (a bound field: d365._incoming_apply
+    -- resolves it per row), keep the row-by-row way
+    IF d365._incoming_mapper() IS NOT NULL
+       OR EXISTS (SELECT FROM d365._incoming_fields() i WHERE i.is_bind) THEN
         RETURN;
     END IF;
     -- the rows it takes: objects with a GUID contactid, no deletion, whose
