@@ -2382,6 +2382,9 @@ CREATE OR REPLACE FUNCTION d365._contact_work_sql(scheduled boolean)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- its look-up of the untrusted links reads the whole table: compiling it
+-- would cost more than it saves
+SET jit = off
 AS $$
 DECLARE
     src d365.contact_source;
@@ -2431,12 +2434,15 @@ BEGIN
          * all rows when there are many.  The pending condition then holds
          * as it stands.
          */
-        EXECUTE format('SELECT array_agg(u.k) FROM (SELECT c.%1$I::text AS k FROM %2$s c'
+        -- (planned for all rows, not for the first ones: a LIMIT in the
+        -- same query made it an index probe per contact)
+        EXECUTE format('WITH u AS MATERIALIZED (SELECT c.%1$I::text AS k FROM %2$s c'
                        ' WHERE c.dynamics365_related_id IS NOT NULL'
                        '   AND NOT EXISTS (SELECT FROM d365.contact_state s'
                        '                    WHERE s.contact_key = c.%1$I::text'
-                       '                      AND s.dynamics_id = c.dynamics365_related_id)'
-                       ' LIMIT 10001) u', src.key_column, src.contact_table)
+                       '                      AND s.dynamics_id = c.dynamics365_related_id))'
+                       ' SELECT array_agg(x.k) FROM (SELECT u.k FROM u LIMIT 10001) x',
+                       src.key_column, src.contact_table)
            INTO untrusted;
         sel := sel || format(
             ' AND ((c.dynamics365_related_id IS NULL AND c.%1$I >= (SELECT min_score FROM d365.settings))'
