@@ -35,7 +35,7 @@ SELECT p.oid::regprocedure AS unpinned
    AND (s.path IS NULL
         OR s.path !~ '(^|, )pg_temp$'
         OR s.path ~ '(^|, )(public|"\$user"|\$user)(,|$)')
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text;
 SELECT count(*) > 50 AS functions_checked FROM pg_proc WHERE pronamespace = 'd365'::regnamespace;
 -- a procedure that commits cannot carry a SET clause: it pins the path
 -- itself at the start of each of its transactions, with set_config()
@@ -48,11 +48,11 @@ SELECT p.oid::regprocedure AS procedure,
             'PERFORM pg_catalog\.set_config\(''search_path'', ''pg_catalog, pg_temp'', true\)', 'g')) AS pins
   FROM pg_proc p
  WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind = 'p' AND p.prolang = (SELECT l.oid FROM pg_language l WHERE l.lanname = 'plpgsql')
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text;
 SELECT p.oid::regprocedure AS c_procedure, p.proconfig IS NULL AS no_set_clause
   FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
  WHERE p.pronamespace = 'd365'::regnamespace AND p.prokind = 'p' AND l.lanname = 'c'
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text;
 
 -- ---------------------------------------------------------------------------
 -- The application role and its planted code

@@ -58,7 +58,7 @@ SELECT p.oid::regprocedure AS public_may_execute
  WHERE p.pronamespace = 'd365'::regnamespace
    AND (p.proacl IS NULL OR EXISTS (SELECT FROM aclexplode(p.proacl) a
                                      WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))
- ORDER BY 1::text;
+ ORDER BY p.oid::regprocedure::text;
 SELECT count(*) AS tables_public_may_read
   FROM pg_class c
  WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'v')
