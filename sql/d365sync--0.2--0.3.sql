@@ -4709,6 +4709,11 @@ BEGIN
     value := format('%s (contact_sync_enabled = %s, min_score = %s)',
                     (s.contact_sync_enabled AND s.min_score > 0)::text,
                     s.contact_sync_enabled::text, s.min_score);
+    -- the map "contact" switched off (src/contact_policies.c)
+    IF EXISTS (SELECT FROM d365.table_map t WHERE t.name = 'contact' AND NOT t.enabled) THEN
+        value := 'false (map contact disabled: enabled = false; '
+                 || substr(value, strpos(value, '(') + 1);
+    END IF;
     RETURN NEXT;
     item := 'activity sync enabled'; value := s.activity_sync_enabled::text; RETURN NEXT;
     item := 'default owner'; value := coalesce(s.default_owner, '(none)'); RETURN NEXT;

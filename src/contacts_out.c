@@ -54,6 +54,9 @@ contacts_body(D365Run *run, void *arg)
 	D365Settings *settings = d365_settings_load();
 	char	   *work_sql;
 
+	/* arg: the call named the map "contact" (d365_job_contacts_named) */
+	if (arg == NULL && d365_contact_map_disabled(run))
+		return;
 	if (!settings->contact_sync_enabled || settings->min_score <= 0)
 	{
 		run->message = psprintf("contact sync is disabled (contact_sync_enabled = %s, min_score = %d)",
@@ -101,6 +104,20 @@ d365_job_contacts(D365Run *run)
 	run->kind = "contacts";
 	run->prepare = fold_body;
 	return d365_run_execute(run, "d365-contact-sync", contacts_body, NULL);
+}
+
+/*
+ * d365_job_contacts_named
+ *		The same run for d365_sync('contact'): it runs a disabled map too.
+ */
+bool
+d365_job_contacts_named(D365Run *run)
+{
+	static bool named = true;
+
+	run->kind = "contacts";
+	run->prepare = fold_body;
+	return d365_run_execute(run, "d365-contact-sync", contacts_body, &named);
 }
 
 /*

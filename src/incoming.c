@@ -70,6 +70,9 @@ pull_body(D365Run *run, void *arg)
 	bool		full;
 	int			npages;
 
+	/* arg: the call named the map "contact" (d365_job_pull_named) */
+	if (arg == NULL && d365_contact_map_disabled(run))
+		return;
 	engine.state_key = "contact";
 	engine.start_path = start_path;
 	engine.record_sql = "SELECT updated, unchanged, failed, unlinked"
@@ -94,6 +97,19 @@ d365_job_pull(D365Run *run)
 {
 	run->kind = "pull";
 	return d365_run_execute(run, "d365-pull-changes", pull_body, NULL);
+}
+
+/*
+ * d365_job_pull_named
+ *		The same run for d365_pull('contact'): it runs a disabled map too.
+ */
+bool
+d365_job_pull_named(D365Run *run)
+{
+	static bool named = true;
+
+	run->kind = "pull";
+	return d365_run_execute(run, "d365-pull-changes", pull_body, &named);
 }
 
 /*

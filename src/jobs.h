@@ -31,4 +31,14 @@ extern bool d365_job_pull(D365Run *run);
 extern bool d365_job_map_sync(D365Run *run, const char *map);
 extern bool d365_job_map_pull(D365Run *run, const char *map);
 
+/*
+ * The contact table's runs when a call names the map "contact"
+ * (d365_sync('contact'), d365_pull('contact')): they run it even while
+ * the map is disabled (contacts_out.c, incoming.c); the others pass a
+ * disabled map by (contact_policies.c).
+ */
+extern bool d365_job_contacts_named(D365Run *run);
+extern bool d365_job_pull_named(D365Run *run);
+extern bool d365_contact_map_disabled(D365Run *run);
+
 #endif							/* D365_JOBS_H */

@@ -141,17 +141,20 @@ put_row(ReturnSetInfo *rsinfo, const char *map, D365Run *run)
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
 
-/* The contact engine's run of the map "contact": one result row. */
+/*
+ * The contact engine's run of the map "contact": one result row.  named:
+ * the call named the map, which runs it even while it is disabled.
+ */
 static void
-run_contact(ReturnSetInfo *rsinfo, bool outgoing)
+run_contact(ReturnSetInfo *rsinfo, bool outgoing, bool named)
 {
 	D365Run		run;
 
 	d365_run_init(&run, outgoing ? "contacts" : "pull");
 	if (outgoing)
-		(void) d365_job_contacts(&run);
+		(void) (named ? d365_job_contacts_named(&run) : d365_job_contacts(&run));
 	else
-		(void) d365_job_pull(&run);
+		(void) (named ? d365_job_pull_named(&run) : d365_job_pull(&run));
 	put_row(rsinfo, "contact", &run);
 }
 
@@ -364,7 +367,7 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 
 		if (strcmp(map, "contact") == 0)
 		{
-			run_contact(rsinfo, outgoing);
+			run_contact(rsinfo, outgoing, !PG_ARGISNULL(0));
 			continue;
 		}
 		d365_run_init(&run, "map");
@@ -375,7 +378,7 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 		put_row(rsinfo, map, &run);
 	}
 	if (contact)
-		run_contact(rsinfo, outgoing);
+		run_contact(rsinfo, outgoing, !PG_ARGISNULL(0));
 	return (Datum) 0;
 }
 
