@@ -12,7 +12,8 @@
  * its message, as it does while contact_sync_enabled is false.  A call
  * that names the map, d365_sync('contact') or d365_pull('contact'), runs it
  * as for every other map.  Without a row (an attachment made before the
- * maps existed) the map counts as enabled.
+ * maps existed, or an installation not yet updated to them) the map
+ * counts as enabled.
  *
  *-------------------------------------------------------------------------
  */
@@ -34,7 +35,9 @@ d365_contact_map_disabled(D365Run *run)
 {
 	MemoryContext old;
 
-	if (!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.table_map t"
+	/* an installation not yet updated to a version with table maps */
+	if (!d365_sql_bool("SELECT to_regclass('d365.table_map') IS NOT NULL", 0, NULL, NULL, NULL) ||
+		!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.table_map t"
 					   " WHERE t.name OPERATOR(pg_catalog.=) 'contact' AND NOT t.enabled)",
 					   0, NULL, NULL, NULL))
 		return false;
