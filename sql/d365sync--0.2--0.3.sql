@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (203), as
+ *   - the 0.3 install script: every function and procedure (206), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -1439,7 +1439,7 @@ BEGIN
             ('d365_link_guard_update', 'd365._contact_link_guard()')) v LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
-                          AND t.tgenabled <> 'D'
+                          AND t.tgenabled IN ('O', 'A')     -- 'R' fires only in replica mode
                           AND (t.tgnargs = 0 OR
                                d365._capture_key_attnum(src.contact_table, d365._trigger_args(t.tgargs))
                                    = key_att.attnum)) THEN
@@ -7975,6 +7975,9 @@ BEGIN
          WHERE q.map = grp.map AND q."column" = grp."column"
            AND r.map = q.map AND r.row_key = q.row_key AND r.synced ? col.wire;
         SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+        -- the parent's table is read, the child's written: both must pass
+        -- the check a map run starts with (16_map_guard.sql); else they wait
+        CONTINUE WHEN d365._map_problem(grp.map) IS NOT NULL OR d365._map_problem(pm.name) IS NOT NULL;
         FOR p IN EXECUTE format(
                 'SELECT q.row_key, q.dynamics_id, pg_catalog.to_jsonb(par.%1$I) AS k'
                 '  FROM d365.map_lookup_pending q'
@@ -8081,7 +8084,8 @@ $$;
  * the newest failed run of its sync or pull that no run of the same kind
  * has completed since; "last row error of map <name>", the newest row
  * still failing.  Reads the mapped table as whoever calls it (d365_status()
- * is its owner's), with built-in operators only.
+ * is its owner's), with built-in operators only, and only when the check
+ * a map run starts with passes (d365._map_problem).
  */
 CREATE OR REPLACE FUNCTION d365._map_status(OUT item text, OUT value text)
 RETURNS SETOF record
@@ -8095,19 +8099,19 @@ DECLARE
     to_create bigint;
     failing bigint;
     noted timestamptz;
+    problem text;
 BEGIN
     FOR m IN SELECT * FROM d365.table_map t WHERE t.name <> 'contact' ORDER BY t.name LOOP
         item := format('map %s', m.name);
         SELECT count(*) INTO failing FROM d365.map_row s WHERE s.map = m.name AND s.attempts > 0;
         SELECT min(q.noted_at) INTO noted FROM d365.map_change q WHERE q.map = m.name;
         BEGIN
-            IF NOT EXISTS (SELECT FROM pg_attribute a
-                            WHERE a.attrelid = m.local_table AND a.attname = m.key_column
-                              AND NOT a.attisdropped AND a.atttypid = ANY (d365._key_types())) THEN
-                RAISE EXCEPTION 'the table or its key column % is gone', m.key_column;
-            END IF;
-            IF row_security_active(m.local_table) THEN
-                RAISE EXCEPTION 'row-level security of % applies to role "%"', m.local_table, current_user;
+            -- the check a run of the map starts with (16_map_guard.sql),
+            -- under the table's lock: a view, rules, a key of the owner's
+            -- type or row security would run the owner's code here
+            problem := d365._map_problem(m.name);
+            IF problem IS NOT NULL THEN
+                RAISE EXCEPTION 'table map "%" cannot run: %', m.name, problem;
             END IF;
             EXECUTE format(
                 'SELECT count(*), count(*) FILTER (WHERE c.dynamics365_related_id IS NULL)'
@@ -8163,6 +8167,174 @@ END;
 $$;
 
 REVOKE ALL ON FUNCTION d365._map_jobs(boolean), d365._map_status() FROM PUBLIC;
+
+/*
+ * The table part, in C (src/map_guard.c, shared with the contact table's
+ * check): the table's ACCESS SHARE lock, to the end of the transaction; a
+ * plain or partitioned table without rewrite rules; link columns of the
+ * built-in types.
+ */
+CREATE OR REPLACE FUNCTION d365._map_table_problem(tbl regclass)
+RETURNS text
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_table_problem'
+LANGUAGE C VOLATILE;
+
+/*
+ * What keeps map `map` from running, or NULL: its table is not a plain or
+ * partitioned table, has rules, is gone; its key column is gone or of a
+ * type d365sync does not convert with built-in functions; a trigger that
+ * d365._map_capture_sql() installs is missing, disabled (or fires only in
+ * replica mode), calls another function, or (the link guard) watches
+ * other columns than the link columns; the link column's unique index is
+ * missing; row-level security applies to the current role (its policies
+ * are the owner's code).  The map "contact" is the attached contact table:
+ * its attachment's check (d365._attachment_problem).  Reads the catalog
+ * only, under the table's lock.
+ */
+CREATE OR REPLACE FUNCTION d365._map_problem(map text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+    src d365.contact_source;
+    tbl regclass;
+    problem text;
+    stmt text;
+    trg text;
+    fn text;
+    trans text[];
+    cols text;
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.name = map;
+    IF NOT FOUND THEN
+        RETURN format('table map "%s" does not exist', map);
+    END IF;
+    tbl := m.local_table;
+    IF m.name = 'contact' THEN
+        SELECT * INTO src FROM d365.contact_source LIMIT 1;
+        IF NOT FOUND THEN
+            RETURN 'no contact table is attached';
+        END IF;
+        problem := d365._attachment_problem(src);
+        tbl := src.contact_table;
+    ELSE
+        problem := d365._map_table_problem(tbl);
+        IF problem IS NULL AND NOT EXISTS (
+               SELECT FROM pg_attribute a
+                WHERE a.attrelid = tbl AND a.attname = m.key_column
+                  AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            problem := format('key column "%s" of %s was renamed or dropped', m.key_column, tbl);
+        END IF;
+        IF problem IS NULL THEN
+            SELECT format('key column "%s" of %s has type %s, which d365sync does not support',
+                          m.key_column, tbl, a.atttypid::regtype) INTO problem
+              FROM pg_attribute a
+             WHERE a.attrelid = tbl AND a.attname = m.key_column
+               AND a.atttypid <> ALL (d365._key_types());
+        END IF;
+        -- each trigger d365._map_capture_sql() makes: its name (at the start
+        -- of its statement), the function it executes and its transition
+        -- table (the last of each: the table's name, which its owner
+        -- chooses, comes before them), the columns an UPDATE OF watches
+        IF problem IS NULL THEN
+            FOREACH stmt IN ARRAY d365._map_capture_sql(tbl) LOOP
+                trg := substring(stmt FROM '^CREATE OR REPLACE TRIGGER ([a-z0-9_]+) ');
+                fn := substring(stmt FROM '.*EXECUTE FUNCTION (d365\.[a-z0-9_]+)\(');
+                trans := regexp_match(stmt, '.*REFERENCING (NEW|OLD) TABLE AS ([a-z0-9_]+) ');
+                cols := substring(stmt FROM '^CREATE OR REPLACE TRIGGER [a-z0-9_]+ AFTER UPDATE OF ([a-z0-9_, ]+) ON ');
+                CONTINUE WHEN trg IS NULL OR fn IS NULL;
+                IF NOT EXISTS (SELECT FROM pg_trigger t
+                                WHERE t.tgrelid = tbl AND t.tgname = trg AND t.tgenabled IN ('O', 'A')) THEN
+                    RETURN format('trigger %s on %s is missing or disabled', trg, tbl);
+                END IF;
+                IF NOT EXISTS (SELECT FROM pg_trigger t
+                                 JOIN pg_proc p ON p.oid = t.tgfoid
+                                 JOIN pg_namespace n ON n.oid = p.pronamespace
+                                WHERE t.tgrelid = tbl AND t.tgname = trg
+                                  AND n.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) p.proname = fn
+                                  AND (trans IS NULL
+                                       OR (trans[1] = 'NEW' AND t.tgnewtable = trans[2])
+                                       OR (trans[1] = 'OLD' AND t.tgoldtable = trans[2]))) THEN
+                    RETURN format('trigger %s on %s does not call %s()', trg, tbl, fn);
+                END IF;
+                IF cols IS NOT NULL AND NOT EXISTS (
+                       SELECT FROM pg_trigger t
+                        WHERE t.tgrelid = tbl AND t.tgname = trg
+                          AND ARRAY(SELECT x FROM unnest(t.tgattr::int2[]) x ORDER BY x)
+                              = ARRAY(SELECT a.attnum FROM pg_attribute a
+                                       WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                                         AND a.attname = ANY (string_to_array(replace(cols, ' ', ''), ','))
+                                       ORDER BY a.attnum)) THEN
+                    RETURN format('trigger %s on %s watches other columns than %s', trg, tbl, cols);
+                END IF;
+            END LOOP;
+            IF NOT d365._link_index_exists(tbl) THEN
+                problem := format('the unique index on dynamics365_related_id of %s is missing', tbl);
+            END IF;
+        END IF;
+    END IF;
+    IF problem IS NULL AND row_security_active(tbl) THEN
+        problem := format('row-level security of %s applies to role "%s"', tbl, current_user);
+    END IF;
+    RETURN problem;
+END;
+$$;
+
+/*
+ * At the start of each run of map `map`, under its table's lock: raises
+ * when d365._map_problem() finds something wrong with its table or with a
+ * table its lookups read (the parent maps' tables), naming the map, the
+ * table and what to do.  The run is recorded as failed; nothing was read
+ * or sent, the pending rows stay pending.
+ */
+CREATE OR REPLACE FUNCTION d365._map_guard(map text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m d365.table_map;
+    what text := map;
+    problem text := d365._map_problem(map);
+    parent text;
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.name = map;
+    IF problem IS NULL AND FOUND THEN
+        FOR parent IN SELECT DISTINCT p FROM d365.column_map c,
+                             LATERAL d365._map_fk_target(m.local_table, c."column") p
+                       WHERE c.map = m.name AND p IS NOT NULL AND p <> m.name ORDER BY 1 LOOP
+            problem := d365._map_problem(parent);
+            IF problem IS NOT NULL THEN
+                what := parent;
+                problem := format('the table of map "%s", which its lookups read: %s', parent, problem);
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+    IF problem IS NULL THEN
+        RETURN;
+    END IF;
+    IF problem LIKE '%row-level security of % applies to role %' THEN
+        RAISE EXCEPTION 'table map "%" cannot run: %', map, problem
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Row-level security policies are code of the table''s owner: d365sync does not read the table as a role they bind. Nothing was read or sent; the pending rows stay pending.',
+                  HINT = 'Run the map as the table''s owner, a superuser or a role with BYPASSRLS.';
+    END IF;
+    RAISE EXCEPTION 'table map "%" cannot run: %', map, problem
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = 'd365sync reads and writes a mapped table only while it is a plain or partitioned table without rules, with d365sync''s capture triggers and link guard enabled and its key and link columns of built-in types: anything else could run code of the table''s owner with the rights of the role running the map, or send a row to a record d365sync did not link it to. Nothing was read or sent; the pending rows stay pending.',
+              HINT = CASE WHEN what = 'contact'
+                          THEN 'Attach the contact table again with d365_attach_contacts() (its owner, or a superuser); d365_status() shows what is wrong.'
+                          ELSE format('The table''s owner puts it back (a table, no rules, d365sync''s triggers enabled, the key and link columns of their types); SELECT d365._map_capture_install(%L) (its owner, or a superuser) recreates d365sync''s triggers.',
+                                      (SELECT t.local_table::text FROM d365.table_map t WHERE t.name = what)) END;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_table_problem(regclass), d365._map_problem(text),
+       d365._map_guard(text) FROM PUBLIC;
 
 -- ==========================================================================
 -- After the functions (sql/upgrade/0.2--0.3.sql)
@@ -8280,3 +8452,14 @@ $upgrade_schedule$;
 -- could not get a key.
 CREATE TRIGGER map_load_check BEFORE INSERT OR UPDATE OF load, key_column ON d365.table_map
     FOR EACH ROW EXECUTE FUNCTION d365._map_load_check();
+
+-- A waiting lookup and a load's links are what Dynamics answered
+-- (14_state_guard.sql).
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_lookup_pending
+    FOR EACH ROW EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key', 'column');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.load_state
+    FOR EACH ROW WHEN (NEW.delta_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('delta_link', 'entity');
+CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
+    FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('next_link', 'entity');

@@ -22,6 +22,7 @@
  */
 #include "postgres.h"
 
+#include "access/relation.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -31,8 +32,10 @@
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "utils/syscache.h"
 
+#include "map_guard.h"
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_snapshot);
@@ -249,51 +252,81 @@ column_problem(Oid relid, const char *role, const char *name,
 }
 
 /*
+ * d365_relation_problem
+ *		The part of an attachment's check that every table d365sync syncs
+ *		shares (the contact table, each table map: src/map_guard.c).  Takes
+ *		the relation's ACCESS SHARE lock (kept to the end of the transaction,
+ *		so no ALTER TABLE, CREATE RULE or DROP can change it between this
+ *		check and the statements that rely on it), then requires a plain or
+ *		partitioned table without rewrite rules, whose link columns are the
+ *		built-in uuid and timestamptz.  A view (CREATE RULE "_RETURN" turns
+ *		an empty table into one), a foreign table, a rule or a link column of
+ *		the owner's own type would run code of the owner's making with the
+ *		rights of whoever reads or writes the table.  Sets *dropped (and
+ *		returns NULL) when the relation is gone; otherwise returns what is
+ *		wrong, or NULL.  Runs no user code.
+ */
+char *
+d365_relation_problem(Oid relid, bool *dropped)
+{
+	static const Oid link_type[] = {UUIDOID};
+	static const Oid stamp_type[] = {TIMESTAMPTZOID};
+	Relation	rel;
+	char		relkind;
+	bool		has_rules;
+	char	   *problem;
+
+	*dropped = false;
+	if (SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+		LockRelationOid(relid, AccessShareLock);
+	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+	{
+		*dropped = true;
+		return NULL;
+	}
+	relkind = get_rel_relkind(relid);
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		return psprintf("%s is a %s, not a table",
+						regclass_text(relid), relkind_name(relkind));
+	/* pg_class.relhasrules may stay set after the last rule is dropped */
+	rel = relation_open(relid, NoLock);
+	has_rules = rel->rd_rules != NULL && rel->rd_rules->numLocks > 0;
+	relation_close(rel, NoLock);
+	if (has_rules)
+		return psprintf("%s has rewrite rules (CREATE RULE), which d365sync does not run",
+						regclass_text(relid));
+	problem = column_problem(relid, "link", "dynamics365_related_id", link_type, 1);
+	if (problem == NULL)
+		problem = column_problem(relid, "link", "dynamics365_synchronized_on", stamp_type, 1);
+	return problem;
+}
+
+/*
  * d365._contact_table_problem(tbl regclass, score_column name) -> text
- *		Takes the attached table's ACCESS SHARE lock (kept to the end of the
- *		transaction, so no ALTER TABLE can change a column between this check
- *		and the statements that rely on it), then checks the columns d365sync
- *		compares with built-in operators: the score (a built-in numeric type)
- *		and the link columns (uuid, timestamptz).  (The key's type cannot
- *		change while the capture trigger's WHEN clause names the column.)
- *		Returns what is wrong, or NULL.  Runs no user code.
+ *		The shared table check (d365_relation_problem: the lock, a table
+ *		without rules, the link columns) and the score column, which the
+ *		work query compares with built-in operators (a built-in numeric
+ *		type).  (The key's type cannot change while the capture trigger's
+ *		WHEN clause names the column.)  Returns what is wrong, or NULL.
+ *		Runs no user code.
  */
 Datum
 d365_contact_table_problem(PG_FUNCTION_ARGS)
 {
 	static const Oid score_types[] = {INT2OID, INT4OID, INT8OID, NUMERICOID, FLOAT4OID, FLOAT8OID};
-	static const Oid link_type[] = {UUIDOID};
-	static const Oid stamp_type[] = {TIMESTAMPTZOID};
 	Oid			relid;
-	char		relkind;
+	bool		dropped;
 	char	   *problem;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
 	relid = PG_GETARG_OID(0);
-	if (SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
-		LockRelationOid(relid, AccessShareLock);
-	if (!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(relid)))
+	problem = d365_relation_problem(relid, &dropped);
+	if (dropped)
 		PG_RETURN_TEXT_P(cstring_to_text(psprintf("the attached table (OID %u) was dropped", relid)));
-
-	/*
-	 * A table only: a view (CREATE RULE "_RETURN" turns an empty table into
-	 * one), a foreign table or anything else in the table's place would run
-	 * code of its owner's making whenever d365sync reads it.
-	 */
-	relkind = get_rel_relkind(relid);
-	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
-		PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s is a %s, not a table",
-												  regclass_text(relid), relkind_name(relkind))));
-
-	problem = column_problem(relid, "score", NameStr(*PG_GETARG_NAME(1)),
-							 score_types, lengthof(score_types));
 	if (problem == NULL)
-		problem = column_problem(relid, "link", "dynamics365_related_id",
-								 link_type, 1);
-	if (problem == NULL)
-		problem = column_problem(relid, "link", "dynamics365_synchronized_on",
-								 stamp_type, 1);
+		problem = column_problem(relid, "score", NameStr(*PG_GETARG_NAME(1)),
+								 score_types, lengthof(score_types));
 	if (problem == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(problem));

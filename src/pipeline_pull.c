@@ -157,6 +157,31 @@ last_delta_link(const D365PullEngine *engine, D365Pages *pages)
 }
 
 /*
+ * recorded_write
+ *		One statement writing what Dynamics answered (a load's delta and
+ *		next links), inside the flag of d365sync's own writes
+ *		(src/state_guard.c): no role running the jobs writes those links
+ *		itself.  Returns the SPI result code.
+ */
+static int
+recorded_write(const char *sql, int nargs, Oid *types, Datum *args, const char *nulls)
+{
+	volatile int rc = 0;
+	bool		was = d365_recorder_set(true);
+
+	PG_TRY();
+	{
+		rc = SPI_execute_with_args(sql, nargs, types, args, nulls, false, 0);
+	}
+	PG_FINALLY();
+	{
+		d365_recorder_set(was);
+	}
+	PG_END_TRY();
+	return rc;
+}
+
+/*
  * load_token
  *		Start a load: a change-tracking read of the ids of every record,
  *		recorded nowhere, for the delta link of its last page -- taken
@@ -179,16 +204,17 @@ load_token(D365Run *run, const D365PullEngine *engine)
 	while ((op = d365_pages_next(pages)) != NULL)
 		total += json_array_size(page_rows(pages, op));
 	old = MemoryContextSwitchTo(pages->cxt);
-	d365_sql_text("INSERT INTO d365.load_state AS l (entity, delta_link, next_link, total)"
-				  " VALUES ($1, $2, $3, $4)"
-				  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
-				  " next_link = EXCLUDED.next_link, total = EXCLUDED.total, pages = 0, records = 0,"
-				  " started_at = pg_catalog.now(), finished_at = NULL, last_error = NULL"
-				  " RETURNING l.entity",
-				  4, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT8OID},
-				  (Datum[]) {CStringGetTextDatum(engine->state_key),
-				  CStringGetTextDatum(last_delta_link(engine, pages)),
-				  CStringGetTextDatum(load->path(engine)), Int64GetDatum(total)});
+	if (recorded_write("INSERT INTO d365.load_state AS l (entity, delta_link, next_link, total)"
+					   " VALUES ($1, $2, $3, $4)"
+					   " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
+					   " next_link = EXCLUDED.next_link, total = EXCLUDED.total, pages = 0, records = 0,"
+					   " started_at = pg_catalog.now(), finished_at = NULL, last_error = NULL",
+					   4, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT8OID},
+					   (Datum[]) {CStringGetTextDatum(engine->state_key),
+					   CStringGetTextDatum(last_delta_link(engine, pages)),
+					   CStringGetTextDatum(load->path(engine)), Int64GetDatum(total)},
+					   NULL) != SPI_OK_INSERT)
+		elog(ERROR, "could not start the load");
 	MemoryContextSwitchTo(old);
 	d365_pages_close(pages);
 	d365_progress_add_total(total);
@@ -323,12 +349,12 @@ pull_load(D365Run *run, const D365PullEngine *engine)
 
 		old = MemoryContextSwitchTo(load->pages->cxt);
 		record_page(run, engine, load->record_sql, rows);
-		if (SPI_execute_with_args("UPDATE d365.load_state l SET next_link = $2, pages = l.pages + 1,"
-								  " records = l.records + $3 WHERE l.entity OPERATOR(pg_catalog.=) $1",
-								  3, (Oid[]) {TEXTOID, TEXTOID, INT8OID},
-								  (Datum[]) {key, link ? CStringGetTextDatum(link) : (Datum) 0,
-								  Int64GetDatum((int64) json_array_size(rows))},
-								  link ? "   " : " n ", false, 0) != SPI_OK_UPDATE)
+		if (recorded_write("UPDATE d365.load_state l SET next_link = $2, pages = l.pages + 1,"
+						   " records = l.records + $3 WHERE l.entity OPERATOR(pg_catalog.=) $1",
+						   3, (Oid[]) {TEXTOID, TEXTOID, INT8OID},
+						   (Datum[]) {key, link ? CStringGetTextDatum(link) : (Datum) 0,
+						   Int64GetDatum((int64) json_array_size(rows))},
+						   link ? "   " : " n ") != SPI_OK_UPDATE)
 			elog(ERROR, "could not keep the position of the load");
 		MemoryContextSwitchTo(old);
 		if (load->expect != NULL)

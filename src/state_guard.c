@@ -18,7 +18,10 @@
  *		d365.pull_state and d365.metadata_cache, a row may get a delta link
  *		(which says what the next pull reads with the application's
  *		credentials) or a metadata body (which names Dynamics' tables,
- *		fields and users for the syncs) -- only
+ *		fields and users for the syncs), and on d365.map_lookup_pending and
+ *		d365.load_state a waiting lookup's record (which the next pull,
+ *		whoever runs it, writes into a row) or a load's delta and next
+ *		links (what the load and the pull after it read) -- only
  *		  - while d365sync records what Dynamics answered (the pipeline's
  *			record statement of a sync or a pull, the pull's delta link,
  *			d365._metadata_store(): a flag of this backend
@@ -32,8 +35,8 @@
  *			table had before it was mapped).
  *		Clearing an id (unlinking) and changing other columns are always
  *		allowed.  The function checks where it fires: its trigger's name,
- *		timing, level and events, that the table is one of those four of
- *		d365 and the column the one guarded there.
+ *		timing, level and events, that the table is one of those of d365
+ *		and the column one guarded there.
  *
  * No set holds EXECUTE on a trigger function, and the function reads only
  * attributes of the rows it is handed: it runs no user code.
@@ -65,6 +68,7 @@ typedef struct GuardedTable
 	const char *column;
 	const char *detail;
 	const char *hint;
+	const char *trigger;		/* its trigger's name (NULL: state_guard) */
 } GuardedTable;
 
 static const GuardedTable guarded[] =
@@ -84,6 +88,19 @@ static const GuardedTable guarded[] =
 	{"metadata_cache", "body",
 		"The cached metadata is what Dynamics 365 answered to its path; a role running the jobs may delete it, never write it.",
 	"DELETE FROM d365.metadata_cache to have it fetched again."},
+	{"map_lookup_pending", "dynamics_id",
+		"A waiting lookup is written into its row by the next pull, whoever runs it; "
+		"it names the record a loaded row's lookup pointed to in Dynamics 365, "
+		"which a role running the jobs may delete, never write.",
+	"DELETE the row to drop the waiting lookup; a load or a pull records the lookups itself."},
+	{"load_state", "delta_link",
+		"The delta link a load took says what the pull after it reads with the application's credentials; "
+		"a role running the jobs may clear it, never set it.",
+	"DELETE the row to have the next pull of the map load it again."},
+	{"load_state", "next_link",
+		"The next link says what the next page of a load reads with the application's credentials; "
+		"a role running the jobs may clear it, never set it.",
+	"DELETE the row to have the next pull of the map load it again.", "state_guard_next"},
 };
 
 /* set only around d365sync's own writes of what Dynamics answered */
@@ -157,14 +174,14 @@ d365_state_guard(PG_FUNCTION_ARGS)
 	tg = td->tg_trigger;
 	relname = RelationGetRelationName(rel);
 	for (i = 0; i < lengthof(guarded); i++)
-		if (strcmp(relname, guarded[i].relname) == 0)
+		if (strcmp(relname, guarded[i].relname) == 0 && tg->tgnargs >= 2 &&
+			strcmp(tg->tgargs[0], guarded[i].column) == 0 &&
+			strcmp(tg->tgname, guarded[i].trigger ? guarded[i].trigger : "state_guard") == 0)
 			break;
-	if (RelationGetNamespace(rel) != get_namespace_oid("d365", false) || i == lengthof(guarded) ||
-		strcmp(tg->tgname, "state_guard") != 0 || tg->tgnargs < 2 ||
-		strcmp(tg->tgargs[0], guarded[i].column) != 0)
+	if (RelationGetNamespace(rel) != get_namespace_oid("d365", false) || i == lengthof(guarded))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("d365._state_guard() guards d365.contact_state, map_row, pull_state and metadata_cache only")));
+				 errmsg("d365._state_guard() guards d365.contact_state, map_row, pull_state, metadata_cache, map_lookup_pending and load_state only")));
 	what = &guarded[i];
 
 	desc = RelationGetDescr(rel);

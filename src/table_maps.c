@@ -184,6 +184,21 @@ map_lock(D365Run *run, const char *map)
 }
 
 /*
+ * map_guard
+ *		The check every run of a map starts with, under its table's lock
+ *		(d365._map_guard, sql/install/16_map_guard.sql): an error, which
+ *		fails the run, when the table or a table its lookups read could run
+ *		code of its owner's making, or lost d365sync's triggers.
+ */
+static void
+map_guard(const char *map)
+{
+	if (SPI_execute_with_args("SELECT d365._map_guard($1)", 1, (Oid[]) {TEXTOID},
+							  (Datum[]) {CStringGetTextDatum(map)}, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not check table map \"%s\"", map);
+}
+
+/*
  * The outgoing run of one map: its work query through the pipeline, with
  * the look-up stage (d365._map_lookup) finding the records of unlinked rows
  * by their match columns and reading the records to merge (linked rows of
@@ -200,6 +215,7 @@ sync_body(D365Run *run, void *arg)
 
 	if (!map_lock(run, map))
 		return;
+	map_guard(map);
 
 	for (pass = 0; pass < 2; pass++)
 	{
@@ -272,6 +288,7 @@ pull_body(D365Run *run, void *arg)
 	step->done = true;
 	if (!map_lock(run, map))
 		return;
+	map_guard(map);
 	engine.state_key = psprintf("map:%s", map);
 	engine.start_path = pull_start_path;
 	engine.record_sql = "SELECT updated, unchanged, failed, unlinked"

@@ -66,7 +66,7 @@ BEGIN
             ('d365_link_guard_update', 'd365._contact_link_guard()')) v LOOP
         IF NOT EXISTS (SELECT FROM pg_trigger t
                         WHERE t.tgrelid = src.contact_table AND t.tgname = trg
-                          AND t.tgenabled <> 'D'
+                          AND t.tgenabled IN ('O', 'A')     -- 'R' fires only in replica mode
                           AND (t.tgnargs = 0 OR
                                d365._capture_key_attnum(src.contact_table, d365._trigger_args(t.tgargs))
                                    = key_att.attnum)) THEN

@@ -632,6 +632,9 @@ BEGIN
          WHERE q.map = grp.map AND q."column" = grp."column"
            AND r.map = q.map AND r.row_key = q.row_key AND r.synced ? col.wire;
         SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+        -- the parent's table is read, the child's written: both must pass
+        -- the check a map run starts with (16_map_guard.sql); else they wait
+        CONTINUE WHEN d365._map_problem(grp.map) IS NOT NULL OR d365._map_problem(pm.name) IS NOT NULL;
         FOR p IN EXECUTE format(
                 'SELECT q.row_key, q.dynamics_id, pg_catalog.to_jsonb(par.%1$I) AS k'
                 '  FROM d365.map_lookup_pending q'

@@ -36,3 +36,17 @@ SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'd365_metadata_store'
 LANGUAGE C VOLATILE STRICT;
 REVOKE ALL ON FUNCTION d365._metadata_store(text) FROM PUBLIC;
+
+-- A waiting lookup (d365.map_lookup_pending) names the record a loaded
+-- row's lookup pointed to: the next pull, whoever runs it, writes the key
+-- of the row linked to it into that row.  A load's delta and next links
+-- (d365.load_state) say what the load and the pull after it read.  Both
+-- are what Dynamics answered (16_map_guard.sql and docs/security.md).
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_lookup_pending
+    FOR EACH ROW EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key', 'column');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.load_state
+    FOR EACH ROW WHEN (NEW.delta_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('delta_link', 'entity');
+CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
+    FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('next_link', 'entity');

@@ -329,3 +329,14 @@ $upgrade_schedule$;
 -- could not get a key.
 CREATE TRIGGER map_load_check BEFORE INSERT OR UPDATE OF load, key_column ON d365.table_map
     FOR EACH ROW EXECUTE FUNCTION d365._map_load_check();
+
+-- A waiting lookup and a load's links are what Dynamics answered
+-- (14_state_guard.sql).
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.map_lookup_pending
+    FOR EACH ROW EXECUTE FUNCTION d365._state_guard('dynamics_id', 'map', 'row_key', 'column');
+CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.load_state
+    FOR EACH ROW WHEN (NEW.delta_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('delta_link', 'entity');
+CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
+    FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
+    EXECUTE FUNCTION d365._state_guard('next_link', 'entity');
