@@ -452,3 +452,46 @@ if q "CREATE TABLE t_dl (id serial PRIMARY KEY, name text);
 else
     notok "set-up of the load map dl" "$(tail -n 6 "$TMPD/dl.log")"
 fi
+
+# -- 7. the map "contact" (the attached contact table) is held to the same
+# check: a link guard switched to REPLICA (it then fires in no normal
+# session) with a forged link, and a rewrite rule, break the attachment
+if q "CREATE TABLE t_c (id integer PRIMARY KEY, last_name text NOT NULL, score integer NOT NULL DEFAULT 50);
+      ALTER TABLE t_c OWNER TO rtm_owner;
+      GRANT SELECT, UPDATE ON t_c TO rtm_op;
+      UPDATE d365.settings SET contact_sync_enabled = true, realtime = false, min_score = 10;
+      SELECT d365_attach_contacts('t_c');
+      INSERT INTO d365.field_map VALUES ('last_name', 'lastname');
+      INSERT INTO t_c (id, last_name) VALUES (1, 'Contact one'), (2, 'Contact two');
+      SELECT created, failed FROM d365_sync_contacts();
+      SELECT count(*) FROM t_c WHERE dynamics365_related_id IS NOT NULL" >"$TMPD/contact.log" 2>&1 &&
+   [ "$(tail -n 1 "$TMPD/contact.log")" = 2 ]; then
+    C1=$(q "SELECT dynamics365_related_id FROM t_c WHERE id = 1")
+    out=$(q "SET ROLE rtm_owner;
+             ALTER TABLE t_c ENABLE REPLICA TRIGGER d365_link_guard_update;
+             UPDATE t_c SET dynamics365_related_id = NULL WHERE id = 1;
+             UPDATE t_c SET dynamics365_related_id = '$C1', last_name = 'FORGED' WHERE id = 2")
+    seq=$(simctl last-seq)
+    out=$(q "SELECT * FROM d365_sync('contact')")
+    prob=$(q "SELECT d365._map_problem('contact')")
+    sent=$(sim_requests_to "$seq" "$C1")
+    if [ "$sent" = 0 ] && [ "$(sim_field contact "$C1" lastname)" = "Contact one" ] &&
+       grep -q 'the attachment of the contact table is broken: capture trigger d365_link_guard_update on public.t_c is missing, disabled' <<<"$out" &&
+       grep -q 'd365_link_guard_update' <<<"$prob"; then
+        ok "map contact: a link guard enabled only in REPLICA mode breaks the attachment; nothing is sent to the other record"
+    else
+        notok "map contact: a REPLICA link guard and a forged link" "requests to $C1: $sent" "$out" "$prob"
+    fi
+    out=$(q "SET ROLE rtm_owner; UPDATE t_c SET dynamics365_related_id = NULL, last_name = 'Contact two' WHERE id = 2;
+             ALTER TABLE t_c ENABLE TRIGGER d365_link_guard_update;
+             CREATE RULE t_c_noted AS ON UPDATE TO t_c DO ALSO SELECT public.evil('rule')")
+    out=$(q "SELECT * FROM d365_sync('contact')")
+    if grep -q 'the attachment of the contact table is broken: public.t_c has rewrite rules' <<<"$out"; then
+        ok "map contact: a rewrite rule breaks the attachment"
+    else
+        notok "map contact: a rewrite rule breaks the attachment" "$out"
+    fi
+    reset_evil
+else
+    notok "set-up of the contact table" "$(tail -n 6 "$TMPD/contact.log")"
+fi
