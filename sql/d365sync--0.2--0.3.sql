@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (206), as
+ *   - the 0.3 install script: every function and procedure (210), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -234,6 +234,19 @@ COMMENT ON TABLE d365.map_lookup_pending IS
     'Lookups of rows loaded from Dynamics whose parent record is not linked to a local row yet';
 SELECT pg_catalog.pg_extension_config_dump('d365.map_lookup_pending', '');
 REVOKE ALL ON d365.load_state, d365.map_lookup_pending FROM PUBLIC;
+
+-- The jobs run as the role d365sync_job (sql/install/90_job_role.sql): made
+-- here when no database of the cluster made it yet.
+DO $upgrade_job_role$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = 'd365sync_job') THEN
+        CREATE ROLE d365sync_job NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION BYPASSRLS;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('d365sync_job', 'pg_read_all_data', 'MEMBER') THEN
+        GRANT pg_read_all_data TO d365sync_job;
+    END IF;
+END;
+$upgrade_job_role$;
 
 -- ==========================================================================
 -- The functions of 0.3
@@ -2404,6 +2417,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(src.contact_table);
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();
@@ -3366,6 +3381,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(src.contact_table);
 
     sel := CASE mode
         WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'
@@ -3881,12 +3898,17 @@ BEGIN
     cid := payload ->> 'contactid';
     src := d365._contact_source();
 
-    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
-                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
+    IF check_privileges AND NOT (has_any_column_privilege(d365._job_caller(), src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(d365._job_caller(), src.contact_table, 'SELECT')) THEN
         RAISE EXCEPTION 'permission denied for table %', src.contact_table
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
-                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %s;', src.contact_table, d365._job_caller()::regrole);
+    END IF;
+    -- the table is read as the job role: for a caller that may read every
+    -- row of it (no row-level security binds it) and the columns mapped
+    IF check_privileges THEN
+        PERFORM d365._caller_reads(src.contact_table);
     END IF;
 
     EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
@@ -4009,11 +4031,11 @@ BEGIN
     IF changes <> '{}' THEN
         IF check_privileges THEN
             FOR col IN SELECT jsonb_object_keys(changes) LOOP
-                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
+                IF NOT has_column_privilege(d365._job_caller(), src.contact_table, col, 'UPDATE') THEN
                     RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
                         USING ERRCODE = 'insufficient_privilege',
                               DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
-                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
+                              HINT = format('GRANT UPDATE ON %s TO %s;', src.contact_table, d365._job_caller()::regrole);
                 END IF;
             END LOOP;
         END IF;
@@ -4059,11 +4081,12 @@ BEGIN
 END;
 $$;
 
+-- d365._incoming_apply(payload, true) as the job role (src/job_role.c)
 CREATE OR REPLACE FUNCTION d365.d365_update_contact(payload jsonb)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
-LANGUAGE sql
-AS $$ SELECT d365._incoming_apply(payload, true) $$;
+AS 'MODULE_PATHNAME', 'd365_update_contact'
+LANGUAGE C;
 
 COMMENT ON FUNCTION d365.d365_update_contact(jsonb) IS
     'Applies a Dynamics contact row (a Power Automate payload) to the linked local contact; returns {column: new value}';
@@ -4121,6 +4144,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(src.contact_table);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
@@ -4321,9 +4346,9 @@ BEGIN
 
     -- the linked contacts (a link d365sync did not write is no link), with
     -- their local values and snapshots; the rights of the snapshot's gate
-    IF NOT (has_column_privilege(src.contact_table, src.key_column, 'SELECT')
+    IF NOT (has_column_privilege(d365._job_caller(), src.contact_table, src.key_column, 'SELECT')
             AND NOT EXISTS (SELECT FROM d365.field_map f
-                             WHERE NOT has_column_privilege(src.contact_table, f.column_name, 'SELECT'))) THEN
+                             WHERE NOT has_column_privilege(d365._job_caller(), src.contact_table, f.column_name, 'SELECT'))) THEN
         RAISE EXCEPTION 'the snapshot''s rights are checked row by row' USING ERRCODE = 'P0001';
     END IF;
     EXECUTE format($q$
@@ -4437,7 +4462,7 @@ BEGIN
     IF pend IS NOT NULL THEN
         IF EXISTS (SELECT FROM jsonb_array_elements(pend) e, jsonb_object_keys(e -> 'settle') fld
                      JOIN d365.field_map f ON f.dynamics_field = fld
-                    WHERE NOT has_column_privilege(src.contact_table, f.column_name, 'UPDATE')) THEN
+                    WHERE NOT has_column_privilege(d365._job_caller(), src.contact_table, f.column_name, 'UPDATE')) THEN
             RAISE EXCEPTION 'the snapshot''s rights are checked row by row' USING ERRCODE = 'P0001';
         END IF;
         UPDATE d365.contact_state s
@@ -4496,15 +4521,12 @@ DECLARE
         'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
         'd365_contact_fields', 'd365_tables', 'd365_describe', 'd365_sync', 'd365_pull', 'd365_load'];
     app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
-        'd365_update_contact',
-        -- what d365_update_contact() calls with its caller's rights
-        '_incoming_apply', '_incoming_value', '_incoming_convert', '_contact_source', '_incoming_fields',
-        '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
-        '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
-        '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
-        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type',
-        -- lookups of the contact table to mapped tables
-        '_contact_lookups', '_map_parent_link', '_map_parent_key'];
+        'd365_update_contact'];
+    -- the two internal functions d365_schedule() calls as its caller (it
+    -- schedules pg_cron jobs in the caller's name): the jobs' names and
+    -- commands, and pg_cron's cron.host; neither takes an argument nor
+    -- changes anything (docs/security.md)
+    operator_internal text[] := ARRAY['_jobs', '_cron_host'];
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
@@ -4512,7 +4534,7 @@ DECLARE
     -- internal functions for no set: they send what their arguments or a
     -- row of d365's tables say, and only d365's SECURITY DEFINER functions
     -- call them
-    owner_only text[] := ARRAY['_send_activity'];
+    owner_only text[] := ARRAY['_send_activity', '_job_role_grants'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
@@ -4531,11 +4553,9 @@ BEGIN
        AND CASE what
            WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
            WHEN 'app' THEN p.proname = ANY (app_functions)
-           -- the jobs run with their caller's rights and call d365's
-           -- internal functions; each of those runs with its caller's
-           -- rights or checks them (docs/security.md)
-           WHEN 'operator' THEN p.proname = ANY (monitor_functions || operator_functions)
-                                OR p.proname LIKE '\_%'
+           -- the jobs run as the job role d365sync_job, which holds EXECUTE
+           -- on the internal functions (docs/security.md)
+           WHEN 'operator' THEN p.proname = ANY (monitor_functions || operator_functions || operator_internal)
            ELSE true END
      ORDER BY 2;
 
@@ -4545,24 +4565,19 @@ BEGIN
            CASE
            WHEN what = 'monitor' THEN 'SELECT'
            WHEN what = 'admin' THEN 'SELECT, INSERT, UPDATE, DELETE'
+           -- a job's lock (taken by the job role); the lock's holder is
+           -- shown as a run in progress only for a role that may run jobs
            WHEN c.relname = 'job_lock' THEN 'SELECT, UPDATE'
-           -- a map's run locks its row (FOR NO KEY UPDATE needs an UPDATE
-           -- right); the operator may switch a map on and off, nothing more
+           -- the operator may switch a map on and off, nothing more
            WHEN c.relname = 'table_map' THEN 'SELECT, UPDATE (enabled)'
-           -- what the activity sync and a map's record stage write of a
-           -- logged activity and a pending delete: their outcome, never
-           -- which contact or record, nor what is sent (the application
-           -- logs activities, the capture trigger queues the deletes)
-           WHEN c.relname = 'activity'
-               THEN 'SELECT, UPDATE (synced_at, dynamics_entity, attempts, next_attempt_at, last_status,'
-                    ' last_error_code, last_error), DELETE'
-           WHEN c.relname = 'map_delete'
-               THEN 'SELECT, UPDATE (attempts, next_attempt_at, last_attempt_at, last_status, last_error_code,'
-                    ' last_error), DELETE'
-           -- conflicts: a sync records them, an operator reviews and
-           -- deletes them; only an admin may rewrite one
-           WHEN c.relname = 'conflict' THEN 'SELECT, INSERT, DELETE'
-           WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
+           -- the jobs (as the job role) write the sync state, the run
+           -- history and the outcomes; an operator reads them, drops a
+           -- logged activity, a pending delete or a reviewed conflict,
+           -- and clears the metadata cache and the pull's delta links (a
+           -- fresh fetch, a new baseline)
+           WHEN c.relname IN ('activity', 'map_delete', 'conflict', 'metadata_cache', 'pull_state')
+               THEN 'SELECT, DELETE'
+           WHEN c.relname = ANY (state_tables) THEN 'SELECT'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
                                              FROM pg_attribute a
@@ -4578,7 +4593,8 @@ BEGIN
            ELSE c.relname <> 'contact_change' END
      ORDER BY 2;
 
-    IF what IN ('operator', 'admin') THEN
+    -- the jobs (as the job role) draw the ids; an admin may too
+    IF what = 'admin' THEN
         RETURN QUERY
         SELECT 'SEQUENCE', c.oid::regclass::text, 'USAGE'
           FROM pg_class c
@@ -5001,50 +5017,15 @@ $$;
 REVOKE ALL ON FUNCTION d365._run_map_job(text, text) FROM PUBLIC;
 
 /*
- * The command of the pg_cron jobs.  A failed run is committed to
- * d365.sync_run first, then raised, so that pg_cron records the job run as
- * failed and the run's record stays.  A procedure that commits cannot
- * carry a SET clause: it pins its search_path with set_config() in each of
- * its transactions instead, and names everything schema-qualified.
+ * The command of the pg_cron jobs (src/run_job.c), run as the job role.  A
+ * failed run is committed to d365.sync_run first, then raised, so that
+ * pg_cron records the job run as failed and the run's record stays.  A
+ * procedure that commits cannot carry a SET clause: it pins its search_path
+ * in each of its transactions instead.
  */
 CREATE OR REPLACE PROCEDURE d365.d365_run_job(job text)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    r record;
-    maps text[];
-    m text;
-    run_id bigint;
-    failure text;
-BEGIN
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    IF job IN ('maps', 'map-pull') THEN
-        -- a transaction per map: each map's lock is held for its own run only
-        maps := ARRAY(SELECT j.name FROM d365._map_jobs(job = 'maps') j);
-        FOREACH m IN ARRAY maps LOOP
-            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-            SELECT * INTO r FROM d365._run_map_job(job, m);
-            COMMIT;
-            IF r.failure IS NOT NULL THEN
-                run_id := COALESCE(run_id, r.run_id);
-                failure := pg_catalog.concat_ws('; ', failure, pg_catalog.format('map %s: %s', m, r.failure));
-            END IF;
-        END LOOP;
-    ELSE
-        SELECT * INTO r FROM d365._run_job(job);
-        COMMIT;
-        run_id := r.run_id;
-        failure := r.failure;
-    END IF;
-    IF failure IS NOT NULL THEN
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE EXCEPTION 'd365sync % run failed: %', job, failure
-            USING ERRCODE = 'external_routine_exception',
-                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', run_id),
-                  HINT = 'What the run did not finish stays pending for the next run.';
-    END IF;
-END;
-$$;
+AS 'MODULE_PATHNAME', 'd365_run_job'
+LANGUAGE C;
 
 COMMENT ON PROCEDURE d365.d365_run_job(text) IS
     'Runs one scheduled job (contacts, activities, pull, maps or map-pull) as pg_cron does: records the run (the map jobs: one run and one transaction per map, every enabled map, parents first, each waiting for a run of its map in progress), commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
@@ -6166,6 +6147,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(m.local_table);
     PERFORM d365._map_fold_changes(m.name);
     e := d365._map_out_exprs(m.name);
     RETURN format($q$
@@ -6671,6 +6654,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(m.local_table);
     PERFORM d365._map_fold_changes(m.name);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
@@ -7133,13 +7118,13 @@ DECLARE
 BEGIN
     SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
     IF FOUND AND EXISTS (SELECT FROM pg_class c WHERE c.oid = pm.local_table)
-       AND NOT (has_column_privilege(pm.local_table, pm.key_column, 'SELECT')
-                AND has_column_privilege(pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
+       AND NOT (has_column_privilege(d365._job_caller(), pm.local_table, pm.key_column, 'SELECT')
+                AND has_column_privilege(d365._job_caller(), pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
         RAISE EXCEPTION 'permission denied to map column "%" to a lookup of %', "column", pm.local_table
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = format('Role %s cannot read the key and link columns of %s, the table of map "%s" the column''s foreign key refers to.',
-                                  current_user, pm.local_table, pm.name),
-                  HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %I;', pm.key_column, pm.local_table, current_user);
+                                  d365._job_caller()::regrole, pm.local_table, pm.name),
+                  HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %s;', pm.key_column, pm.local_table, d365._job_caller()::regrole);
     END IF;
 END;
 $$;
@@ -7689,6 +7674,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the pull as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(m.local_table);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a page of records is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
@@ -8315,6 +8302,13 @@ BEGIN
         END LOOP;
     END IF;
     IF problem IS NULL THEN
+        -- the run reads them as the job role: for a caller that may read
+        -- every row of them
+        PERFORM d365._caller_reads(m.local_table) WHERE m.name IS NOT NULL;
+        PERFORM d365._caller_rls(t.local_table)
+           FROM d365.table_map t
+          WHERE t.name IN (SELECT p FROM d365.column_map c, LATERAL d365._map_fk_target(m.local_table, c."column") p
+                            WHERE c.map = m.name AND p IS NOT NULL AND p <> m.name);
         RETURN;
     END IF;
     IF problem LIKE '%row-level security of % applies to role %' THEN
@@ -8335,6 +8329,88 @@ $$;
 
 REVOKE ALL ON FUNCTION d365._map_table_problem(regclass), d365._map_problem(text),
        d365._map_guard(text) FROM PUBLIC;
+
+/*
+ * The role whose rights the jobs check: the job's caller while d365's code
+ * runs as the job role, else the current user.
+ */
+CREATE OR REPLACE FUNCTION d365._job_caller()
+RETURNS oid
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_job_caller_sql'
+LANGUAGE C STABLE;
+
+/*
+ * Before a job reads an application table: the caller may read the
+ * columns d365sync's configuration names of it (or the whole table), and
+ * the table's row-level security does not apply to the caller.
+ */
+CREATE OR REPLACE FUNCTION d365._caller_reads(tbl regclass)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_caller_reads'
+LANGUAGE C;
+
+/*
+ * Before a job reads every row of a table it does not write (a lookup's
+ * parent table): its row-level security does not apply to the caller.
+ */
+CREATE OR REPLACE FUNCTION d365._caller_rls(tbl regclass)
+RETURNS void
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_caller_rls'
+LANGUAGE C;
+
+/*
+ * What the job role holds in schema d365: USAGE; EXECUTE on every routine
+ * of the extension but the trigger functions (which fire without it); on
+ * the configuration SELECT (the secrets are read by the C code as their
+ * table's owner), on the state, history and queues SELECT, INSERT, UPDATE,
+ * DELETE; USAGE on the sequences.  Run by the install and upgrade scripts;
+ * computed from the catalog.
+ */
+CREATE OR REPLACE FUNCTION d365._job_role_grants()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    o record;
+    config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
+        'activity_type_map', 'activity_mapper', 'column_map'];
+BEGIN
+    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
+    REVOKE ALL ON ALL PROCEDURES IN SCHEMA d365 FROM PUBLIC;
+    GRANT USAGE ON SCHEMA d365 TO d365sync_job;
+    FOR o IN SELECT p.oid::regprocedure AS f, p.prokind
+               FROM pg_proc p
+              WHERE p.pronamespace = 'd365'::regnamespace AND p.prorettype <> 'trigger'::regtype
+                AND d365._is_member('pg_proc'::regclass, p.oid)
+              ORDER BY 1 LOOP
+        EXECUTE format('GRANT EXECUTE ON %s %s TO d365sync_job',
+                       CASE WHEN o.prokind = 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, o.f);
+    END LOOP;
+    FOR o IN SELECT c.oid::regclass AS t, c.relname, c.relkind
+               FROM pg_class c
+              WHERE c.relnamespace = 'd365'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'S')
+                AND d365._is_member('pg_class'::regclass, c.oid)
+              ORDER BY 1 LOOP
+        IF o.relkind = 'S' THEN
+            EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO d365sync_job', o.t);
+        ELSIF o.relname = 'table_map' THEN
+            -- a map's run locks its row (FOR NO KEY UPDATE)
+            EXECUTE format('GRANT SELECT, UPDATE ON %s TO d365sync_job', o.t);
+        ELSIF o.relname = ANY (config_tables) OR o.relkind = 'v' THEN
+            EXECUTE format('GRANT SELECT ON %s TO d365sync_job', o.t);
+        ELSE
+            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO d365sync_job', o.t);
+        END IF;
+    END LOOP;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._job_caller(), d365._caller_reads(regclass), d365._caller_rls(regclass),
+       d365._job_role_grants() FROM PUBLIC;
 
 -- ==========================================================================
 -- After the functions (sql/upgrade/0.2--0.3.sql)
@@ -8463,3 +8539,40 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.load_state
 CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
     FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('next_link', 'entity');
+
+-- The job role's rights (sql/install/90_job_role.sql).  No role but an
+-- admin keeps EXECUTE on d365's internal functions (an operator: the two
+-- d365_schedule() calls, d365._jobs() and d365._cron_host()), nor writes of
+-- the sync state, the run history and the outcomes, which the jobs write as
+-- the job role (docs/security.md "Roles").
+SELECT d365._job_role_grants();
+DO $upgrade_sets$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT p.oid::pg_catalog.regprocedure AS f, a.grantee
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+              WHERE p.pronamespace = 'd365'::pg_catalog.regnamespace AND p.proname LIKE '\_%'
+                AND a.grantee <> p.proowner AND a.grantee <> 'd365sync_job'::pg_catalog.regrole
+                AND NOT (a.grantee <> 0 AND pg_catalog.has_table_privilege(a.grantee, 'd365.settings',
+                                                                          'UPDATE WITH GRANT OPTION'))
+                AND NOT (p.proname IN ('_jobs', '_cron_host') AND a.grantee <> 0)
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM %s CASCADE', g.f,
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+    FOR g IN SELECT DISTINCT c.oid::pg_catalog.regclass AS t, a.grantee
+               FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.relnamespace = 'd365'::pg_catalog.regnamespace
+                AND c.relname IN ('contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state', 'map_row',
+                                  'map_change', 'map_delete', 'load_state', 'map_lookup_pending', 'conflict')
+                AND a.privilege_type IN ('INSERT', 'UPDATE')
+                AND a.grantee <> c.relowner AND a.grantee <> 'd365sync_job'::pg_catalog.regrole
+                AND NOT (a.grantee <> 0 AND pg_catalog.has_table_privilege(a.grantee, 'd365.settings',
+                                                                          'UPDATE WITH GRANT OPTION'))
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE INSERT, UPDATE ON %s FROM %s CASCADE', g.t,
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+END;
+$upgrade_sets$;

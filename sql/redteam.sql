@@ -179,7 +179,10 @@ SELECT client_secret = 'sim-secret' AS secret_kept FROM d365.settings;
 -- internals of d365_update_contact) and write as the table's owner, whom
 -- the policies do not restrict.  A role that may update only its tenant's
 -- rows changed another tenant's row through d365._contact_apply.  A role
--- the table's row security applies to is refused by them.
+-- the table's row security applies to is refused by them (and the app set
+-- may not call them at all), and by d365_update_contact(), which reads the
+-- table as the job role: for its own tenant's rows too, so that it cannot
+-- tell which of another tenant's rows are linked.
 -- ---------------------------------------------------------------------------
 ALTER TABLE rt_person OWNER TO regress_rt_app;
 SET ROLE regress_rt_app;

@@ -51,8 +51,9 @@ SELECT p.oid::regprocedure AS routine,
  WHERE p.pronamespace = 'd365'::regnamespace AND p.proname NOT LIKE '\_%'
  ORDER BY p.oid::regprocedure::text;
 -- the internal functions: the trigger functions for nobody; the others for
--- the operator and the admin (the jobs call them with their caller's
--- rights), and those of d365_update_contact() for the application
+-- the admin only (the jobs and d365_update_contact() run them as the job
+-- role), but d365._jobs() and d365._cron_host() for the operator too
+-- (d365_schedule() calls them as its caller)
 SELECT DISTINCT p.prorettype = 'trigger'::regtype AS trigger_function,
        array_remove(ARRAY[
            CASE WHEN has_function_privilege('regress_rm_monitor', p.oid, 'EXECUTE') THEN 'monitor' END,

@@ -39,8 +39,9 @@ SELECT p.oid::regprocedure AS unpinned
 SELECT count(*) > 50 AS functions_checked FROM pg_proc WHERE pronamespace = 'd365'::regnamespace;
 -- a procedure that commits cannot carry a SET clause: it pins the path
 -- itself at the start of each of its transactions, with set_config()
--- (d365_load() is written in C and pins it with set_config_option() at
--- the start of each of its transactions, src/table_maps.c)
+-- (d365_load() and d365_run_job() are written in C and pin it with
+-- set_config_option() at the start of each of their transactions,
+-- src/table_maps.c, src/run_job.c)
 SELECT p.oid::regprocedure AS procedure,
        p.proconfig IS NULL AS no_set_clause,
        (SELECT count(*) FROM regexp_matches(p.prosrc, '\mCOMMIT\M', 'g')) + 1 AS transactions,

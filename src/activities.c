@@ -33,6 +33,7 @@
 #include "pipeline.h"
 #include "settings.h"
 #include "spi_util.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_sync_activities);
 PG_FUNCTION_INFO_V1(d365_send_activity);
@@ -78,14 +79,21 @@ d365_job_activities(D365Run *run)
 /*
  * d365_sync_activities() -> (created, failed, requests)
  */
-Datum
-d365_sync_activities(PG_FUNCTION_ARGS)
+static Datum
+d365_sync_activities_body(PG_FUNCTION_ARGS)
 {
 	D365Run		run;
 
 	d365_run_init(&run, "activities");
 	(void) d365_job_activities(&run);
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
+}
+
+/* d365_sync_activities() runs as the job role (src/job_role.c) */
+Datum
+d365_sync_activities(PG_FUNCTION_ARGS)
+{
+	return d365_as_job(d365_sync_activities_body, fcinfo);
 }
 
 /*

@@ -37,6 +37,7 @@
 
 #include "map_guard.h"
 #include "spi_util.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_snapshot);
 PG_FUNCTION_INFO_V1(d365_contact_table_problem);
@@ -143,7 +144,7 @@ read_or_settle(void *arg)
 Datum
 d365_contact_snapshot(PG_FUNCTION_ARGS)
 {
-	Oid			caller = GetUserId();
+	Oid			caller = d365_job_caller();
 	Oid			owner = d365_table_owner("settings");
 	SnapshotCall c;
 

@@ -39,6 +39,7 @@
 #include "settings.h"
 #include "spi_util.h"
 #include "table_owner.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_sync_contacts);
 PG_FUNCTION_INFO_V1(d365_sync_contact);
@@ -124,14 +125,21 @@ d365_job_contacts_named(D365Run *run)
  * d365_sync_contacts() -> (created, updated, unchanged, failed, unlinked,
  *							requests)
  */
-Datum
-d365_sync_contacts(PG_FUNCTION_ARGS)
+static Datum
+d365_sync_contacts_body(PG_FUNCTION_ARGS)
 {
 	D365Run		run;
 
 	d365_run_init(&run, "contacts");
 	(void) d365_job_contacts(&run);
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
+}
+
+/* d365_sync_contacts() runs as the job role (src/job_role.c) */
+Datum
+d365_sync_contacts(PG_FUNCTION_ARGS)
+{
+	return d365_as_job(d365_sync_contacts_body, fcinfo);
 }
 
 /*
@@ -142,8 +150,8 @@ d365_sync_contacts(PG_FUNCTION_ARGS)
  *		when the contact turns out to be deleted in Dynamics it is unlinked,
  *		a WARNING says so and NULL is returned.
  */
-Datum
-d365_sync_contact(PG_FUNCTION_ARGS)
+static Datum
+d365_sync_contact_body(PG_FUNCTION_ARGS)
 {
 	MemoryContext fncxt = CurrentMemoryContext;
 	Oid			argtype = get_fn_expr_argtype(fcinfo->flinfo, 0);
@@ -238,4 +246,11 @@ d365_sync_contact(PG_FUNCTION_ARGS)
 	if (unlinked)
 		PG_RETURN_NULL();
 	PG_RETURN_DATUM(linked);
+}
+
+/* d365_sync_contact() runs as the job role (src/job_role.c) */
+Datum
+d365_sync_contact(PG_FUNCTION_ARGS)
+{
+	return d365_as_job(d365_sync_contact_body, fcinfo);
 }

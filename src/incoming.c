@@ -41,6 +41,7 @@
 #include "pipeline.h"
 #include "runs.h"
 #include "spi_util.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_pull_changes);
 
@@ -115,12 +116,19 @@ d365_job_pull_named(D365Run *run)
 /*
  * d365_pull_changes() -> (updated, unchanged, failed, unlinked, requests)
  */
-Datum
-d365_pull_changes(PG_FUNCTION_ARGS)
+static Datum
+d365_pull_changes_body(PG_FUNCTION_ARGS)
 {
 	D365Run		run;
 
 	d365_run_init(&run, "pull");
 	(void) d365_job_pull(&run);
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
+}
+
+/* d365_pull_changes() runs as the job role (src/job_role.c) */
+Datum
+d365_pull_changes(PG_FUNCTION_ARGS)
+{
+	return d365_as_job(d365_pull_changes_body, fcinfo);
 }

@@ -52,6 +52,7 @@
 #include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_sync);
 PG_FUNCTION_INFO_V1(d365_pull);
@@ -403,20 +404,34 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
  * d365_sync(map text DEFAULT NULL) -> SETOF (map, created, updated,
  *		unchanged, failed, deleted, requests)
  */
+static Datum
+d365_sync_body(PG_FUNCTION_ARGS)
+{
+	return run_maps(fcinfo, true);
+}
+
+/* d365_sync() runs as the job role (src/job_role.c) */
 Datum
 d365_sync(PG_FUNCTION_ARGS)
 {
-	return run_maps(fcinfo, true);
+	return d365_as_job(d365_sync_body, fcinfo);
 }
 
 /*
  * d365_pull(map text DEFAULT NULL) -> SETOF (map, created, updated,
  *		unchanged, failed, deleted, requests)
  */
+static Datum
+d365_pull_body(PG_FUNCTION_ARGS)
+{
+	return run_maps(fcinfo, false);
+}
+
+/* d365_pull() runs as the job role (src/job_role.c) */
 Datum
 d365_pull(PG_FUNCTION_ARGS)
 {
-	return run_maps(fcinfo, false);
+	return d365_as_job(d365_pull_body, fcinfo);
 }
 
 /* search_path = pg_catalog, pg_temp to the end of the transaction */
@@ -441,8 +456,8 @@ pin_search_path(void)
  */
 PG_FUNCTION_INFO_V1(d365_load);
 
-Datum
-d365_load(PG_FUNCTION_ARGS)
+static Datum
+d365_load_body(PG_FUNCTION_ARGS)
 {
 	bool		nonatomic = fcinfo->context != NULL && IsA(fcinfo->context, CallContext) &&
 		!castNode(CallContext, fcinfo->context)->atomic;
@@ -480,7 +495,7 @@ d365_load(PG_FUNCTION_ARGS)
 			if (!completed || step.done)
 				break;
 			/* a page of the load is read and recorded: keep it */
-			SPI_commit();
+			d365_job_commit();
 			pin_search_path();
 			if (reporting)
 				reporting = d365_progress_start_at(run.kind, run.started);
@@ -491,10 +506,17 @@ d365_load(PG_FUNCTION_ARGS)
 			d365_progress_end();
 		if (nonatomic)
 		{
-			SPI_commit();
+			d365_job_commit();
 			pin_search_path();
 		}
 	}
 	SPI_finish();
 	PG_RETURN_VOID();
+}
+
+/* d365_load() runs as the job role (src/job_role.c) */
+Datum
+d365_load(PG_FUNCTION_ARGS)
+{
+	return d365_as_job(d365_load_body, fcinfo);
 }

@@ -56,6 +56,7 @@
 #include "link_guard.h"
 #include "state_guard.h"
 #include "spi_util.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_contact_set_links);
 PG_FUNCTION_INFO_V1(d365_contact_unlink);
@@ -192,7 +193,7 @@ check_row_security(Oid relid, Oid caller)
 static void
 check_caller_rights(Oid relid, Datum columns, bool columns_null)
 {
-	Oid			caller = GetUserId();
+	Oid			caller = d365_job_caller();
 	Datum	   *names;
 	bool	   *nulls;
 	int			n;
@@ -251,7 +252,7 @@ read_key_column(void *arg)
 static void
 check_caller_reads(Oid relid, const char *op)
 {
-	Oid			caller = GetUserId();
+	Oid			caller = d365_job_caller();
 	char	   *key_column = NULL;
 	const char *cols[2];
 	int			n = 0;
@@ -291,7 +292,7 @@ check_caller_reads(Oid relid, const char *op)
 static void
 check_caller_may_delete(Oid relid)
 {
-	Oid			caller = GetUserId();
+	Oid			caller = d365_job_caller();
 
 	if (pg_class_aclcheck(relid, caller, ACL_DELETE) != ACLCHECK_OK)
 		ereport(ERROR,
@@ -312,7 +313,7 @@ check_caller_may_delete(Oid relid)
 static void
 check_caller_may_insert(Oid relid, Datum columns)
 {
-	Oid			caller = GetUserId();
+	Oid			caller = d365_job_caller();
 	Datum	   *names;
 	bool	   *nulls;
 	int			n;
@@ -735,7 +736,7 @@ call_mapper_as_owner(Oid fn, int nargs, Datum *args, bool *argnulls, bool *isnul
 	int			i;
 	LOCAL_FCINFO(call, FUNC_MAX_ARGS);
 
-	if (pg_proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+	if (pg_proc_aclcheck(fn, d365_job_caller(), ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for function %s", get_func_name(fn))));
@@ -857,7 +858,7 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("function %s is not a registered activity mapper", format_procedure(fn))));
-	if (pg_proc_aclcheck(fn, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+	if (pg_proc_aclcheck(fn, d365_job_caller(), ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for function %s", get_func_name(fn))));

@@ -78,6 +78,7 @@
 #include "d365sync.h"
 #include "worker.h"
 #include "worker_jobs.h"
+#include "job_role.h"
 
 /* seconds before the postmaster starts the worker again after it exited */
 #define D365_WORKER_RESTART_S	3
@@ -490,7 +491,11 @@ run_job(WorkerJob *job)
 		D365Run		run;
 		bool		completed;
 
+		D365JobSave as_job;
+
 		PushActiveSnapshot(GetTransactionSnapshot());
+		/* the job runs as the job role, for the worker's role */
+		d365_job_begin(&as_job);
 		d365_run_init(&run, job->name);
 		run.no_record = true;
 		run.quiet = true;
@@ -519,6 +524,7 @@ run_job(WorkerJob *job)
 			d365_run_record(&run);
 			SPI_finish();
 		}
+		d365_job_end(&as_job);
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 	}
@@ -631,7 +637,10 @@ fold_queue(void)
 	StartTransactionCommand();
 	PG_TRY();
 	{
+		D365JobSave as_job;
+
 		PushActiveSnapshot(GetTransactionSnapshot());
+		d365_job_begin(&as_job);
 		SPI_connect();
 		if (SPI_execute("SELECT d365._contact_fold_changes()"
 						" WHERE to_regprocedure('d365._contact_fold_changes()') IS NOT NULL",
@@ -642,6 +651,7 @@ fold_queue(void)
 						false, 0) < 0)
 			elog(ERROR, "could not fold the map queue");
 		SPI_finish();
+		d365_job_end(&as_job);
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 	}

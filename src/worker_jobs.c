@@ -36,6 +36,7 @@
 
 #include "jobs.h"
 #include "worker_jobs.h"
+#include "job_role.h"
 
 static bool
 job_contacts(D365Run *run, const char *arg)
@@ -136,7 +137,10 @@ d365_worker_read_maps(WorkerMaps *maps)
 	StartTransactionCommand();
 	PG_TRY();
 	{
+		D365JobSave as_job;
+
 		PushActiveSnapshot(GetTransactionSnapshot());
+		d365_job_begin(&as_job);
 		SPI_connect();
 		if (SPI_execute("SELECT to_regprocedure('d365._map_jobs(boolean)') IS NOT NULL", true, 1) == SPI_OK_SELECT &&
 			strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), "t") == 0)
@@ -150,6 +154,7 @@ d365_worker_read_maps(WorkerMaps *maps)
 		}
 		maps->known = true;
 		SPI_finish();
+		d365_job_end(&as_job);
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 	}

@@ -119,7 +119,7 @@ d365_worker_operator_problem(void)
 					 " AND (SELECT pg_catalog.bool_and(pg_catalog.has_function_privilege(p.oid, 'EXECUTE'))"
 					 "        FROM pg_catalog.pg_proc p"
 					 "       WHERE p.pronamespace OPERATOR(pg_catalog.=) n.oid"
-					 "         AND p.proname OPERATOR(pg_catalog.=) ANY ('{d365_sync_contacts,d365_sync_activities,d365_pull_changes,_contact_fold_changes,_contact_work_sql}'::pg_catalog.name[]))"
+					 "         AND p.proname OPERATOR(pg_catalog.=) ANY ('{d365_sync_contacts,d365_sync_activities,d365_pull_changes}'::pg_catalog.name[]))"
 					 "  FROM pg_catalog.pg_namespace n"
 					 "  JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid"
 					 "   AND c.relname OPERATOR(pg_catalog.=) 'job_lock'"

@@ -186,6 +186,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(src.contact_table);
     SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
       FROM pg_attribute a WHERE a.attrelid = src.contact_table AND a.attname = src.key_column;
     cur := d365._contact_values_expr();

@@ -297,6 +297,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(src.contact_table);
 
     sel := CASE mode
         WHEN 'scheduled' THEN '(a.next_attempt_at IS NULL OR a.next_attempt_at <= now())'

@@ -227,12 +227,17 @@ BEGIN
     cid := payload ->> 'contactid';
     src := d365._contact_source();
 
-    IF check_privileges AND NOT (has_any_column_privilege(src.contact_table, 'UPDATE')
-                                 AND has_any_column_privilege(src.contact_table, 'SELECT')) THEN
+    IF check_privileges AND NOT (has_any_column_privilege(d365._job_caller(), src.contact_table, 'UPDATE')
+                                 AND has_any_column_privilege(d365._job_caller(), src.contact_table, 'SELECT')) THEN
         RAISE EXCEPTION 'permission denied for table %', src.contact_table
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'd365_update_contact() reads and changes contacts with its caller''s rights.',
-                  HINT = format('GRANT SELECT, UPDATE ON %s TO %I;', src.contact_table, current_user);
+                  HINT = format('GRANT SELECT, UPDATE ON %s TO %s;', src.contact_table, d365._job_caller()::regrole);
+    END IF;
+    -- the table is read as the job role: for a caller that may read every
+    -- row of it (no row-level security binds it) and the columns mapped
+    IF check_privileges THEN
+        PERFORM d365._caller_reads(src.contact_table);
     END IF;
 
     EXECUTE format('SELECT c.%I::text, %s FROM %s c WHERE c.dynamics365_related_id = $1',
@@ -355,11 +360,11 @@ BEGIN
     IF changes <> '{}' THEN
         IF check_privileges THEN
             FOR col IN SELECT jsonb_object_keys(changes) LOOP
-                IF NOT has_column_privilege(src.contact_table, col, 'UPDATE') THEN
+                IF NOT has_column_privilege(d365._job_caller(), src.contact_table, col, 'UPDATE') THEN
                     RAISE EXCEPTION 'permission denied to update column "%" of %', col, src.contact_table
                         USING ERRCODE = 'insufficient_privilege',
                               DETAIL = 'd365_update_contact() changes contacts only where its caller may.',
-                              HINT = format('GRANT UPDATE ON %s TO %I;', src.contact_table, current_user);
+                              HINT = format('GRANT UPDATE ON %s TO %s;', src.contact_table, d365._job_caller()::regrole);
                 END IF;
             END LOOP;
         END IF;
@@ -405,11 +410,12 @@ BEGIN
 END;
 $$;
 
+-- d365._incoming_apply(payload, true) as the job role (src/job_role.c)
 CREATE FUNCTION d365.d365_update_contact(payload jsonb)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
-LANGUAGE sql
-AS $$ SELECT d365._incoming_apply(payload, true) $$;
+AS 'MODULE_PATHNAME', 'd365_update_contact'
+LANGUAGE C;
 COMMENT ON FUNCTION d365.d365_update_contact(jsonb) IS
     'Applies a Dynamics contact row (a Power Automate payload) to the linked local contact; returns {column: new value}';
 
@@ -477,6 +483,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(src.contact_table);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';
@@ -676,9 +684,9 @@ BEGIN
 
     -- the linked contacts (a link d365sync did not write is no link), with
     -- their local values and snapshots; the rights of the snapshot's gate
-    IF NOT (has_column_privilege(src.contact_table, src.key_column, 'SELECT')
+    IF NOT (has_column_privilege(d365._job_caller(), src.contact_table, src.key_column, 'SELECT')
             AND NOT EXISTS (SELECT FROM d365.field_map f
-                             WHERE NOT has_column_privilege(src.contact_table, f.column_name, 'SELECT'))) THEN
+                             WHERE NOT has_column_privilege(d365._job_caller(), src.contact_table, f.column_name, 'SELECT'))) THEN
         RAISE EXCEPTION 'the snapshot''s rights are checked row by row' USING ERRCODE = 'P0001';
     END IF;
     EXECUTE format($q$
@@ -792,7 +800,7 @@ BEGIN
     IF pend IS NOT NULL THEN
         IF EXISTS (SELECT FROM jsonb_array_elements(pend) e, jsonb_object_keys(e -> 'settle') fld
                      JOIN d365.field_map f ON f.dynamics_field = fld
-                    WHERE NOT has_column_privilege(src.contact_table, f.column_name, 'UPDATE')) THEN
+                    WHERE NOT has_column_privilege(d365._job_caller(), src.contact_table, f.column_name, 'UPDATE')) THEN
             RAISE EXCEPTION 'the snapshot''s rights are checked row by row' USING ERRCODE = 'P0001';
         END IF;
         UPDATE d365.contact_state s

@@ -51,15 +51,12 @@ DECLARE
         'd365_whoami_all', 'd365_validate_mapping', 'd365_dynamics_fields', 'd365_owners',
         'd365_contact_fields', 'd365_tables', 'd365_describe', 'd365_sync', 'd365_pull', 'd365_load'];
     app_functions text[] := ARRAY['d365_log_activity', 'd365_create_task', 'd365_create_appointment',
-        'd365_update_contact',
-        -- what d365_update_contact() calls with its caller's rights
-        '_incoming_apply', '_incoming_value', '_incoming_convert', '_contact_source', '_incoming_fields',
-        '_contact_values_expr', '_contact_incoming_values_expr', '_outgoing_only_columns', '_is_guid',
-        '_bind_guid', '_incoming_mapper', '_contact_snapshot', '_owner_sql', '_contact_convert',
-        '_contact_apply', '_contact_map', '_values_expr', '_column_defs', '_json_expr', '_key_types',
-        '_attachment_problem', '_contact_table_problem', '_contact_link_trusted', '_text_like', '_match_type',
-        -- lookups of the contact table to mapped tables
-        '_contact_lookups', '_map_parent_link', '_map_parent_key'];
+        'd365_update_contact'];
+    -- the two internal functions d365_schedule() calls as its caller (it
+    -- schedules pg_cron jobs in the caller's name): the jobs' names and
+    -- commands, and pg_cron's cron.host; neither takes an argument nor
+    -- changes anything (docs/security.md)
+    operator_internal text[] := ARRAY['_jobs', '_cron_host'];
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
         'activity_type_map', 'activity_mapper'];
     state_tables text[] := ARRAY['contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state',
@@ -67,7 +64,7 @@ DECLARE
     -- internal functions for no set: they send what their arguments or a
     -- row of d365's tables say, and only d365's SECURITY DEFINER functions
     -- call them
-    owner_only text[] := ARRAY['_send_activity'];
+    owner_only text[] := ARRAY['_send_activity', '_job_role_grants'];
 BEGIN
     IF what IS NULL OR what NOT IN ('monitor', 'operator', 'admin', 'app') THEN
         RAISE EXCEPTION 'unknown set of rights "%"', what
@@ -86,11 +83,9 @@ BEGIN
        AND CASE what
            WHEN 'monitor' THEN p.proname = ANY (monitor_functions)
            WHEN 'app' THEN p.proname = ANY (app_functions)
-           -- the jobs run with their caller's rights and call d365's
-           -- internal functions; each of those runs with its caller's
-           -- rights or checks them (docs/security.md)
-           WHEN 'operator' THEN p.proname = ANY (monitor_functions || operator_functions)
-                                OR p.proname LIKE '\_%'
+           -- the jobs run as the job role d365sync_job, which holds EXECUTE
+           -- on the internal functions (docs/security.md)
+           WHEN 'operator' THEN p.proname = ANY (monitor_functions || operator_functions || operator_internal)
            ELSE true END
      ORDER BY 2;
 
@@ -100,24 +95,19 @@ BEGIN
            CASE
            WHEN what = 'monitor' THEN 'SELECT'
            WHEN what = 'admin' THEN 'SELECT, INSERT, UPDATE, DELETE'
+           -- a job's lock (taken by the job role); the lock's holder is
+           -- shown as a run in progress only for a role that may run jobs
            WHEN c.relname = 'job_lock' THEN 'SELECT, UPDATE'
-           -- a map's run locks its row (FOR NO KEY UPDATE needs an UPDATE
-           -- right); the operator may switch a map on and off, nothing more
+           -- the operator may switch a map on and off, nothing more
            WHEN c.relname = 'table_map' THEN 'SELECT, UPDATE (enabled)'
-           -- what the activity sync and a map's record stage write of a
-           -- logged activity and a pending delete: their outcome, never
-           -- which contact or record, nor what is sent (the application
-           -- logs activities, the capture trigger queues the deletes)
-           WHEN c.relname = 'activity'
-               THEN 'SELECT, UPDATE (synced_at, dynamics_entity, attempts, next_attempt_at, last_status,'
-                    ' last_error_code, last_error), DELETE'
-           WHEN c.relname = 'map_delete'
-               THEN 'SELECT, UPDATE (attempts, next_attempt_at, last_attempt_at, last_status, last_error_code,'
-                    ' last_error), DELETE'
-           -- conflicts: a sync records them, an operator reviews and
-           -- deletes them; only an admin may rewrite one
-           WHEN c.relname = 'conflict' THEN 'SELECT, INSERT, DELETE'
-           WHEN c.relname = ANY (state_tables) THEN 'SELECT, INSERT, UPDATE, DELETE'
+           -- the jobs (as the job role) write the sync state, the run
+           -- history and the outcomes; an operator reads them, drops a
+           -- logged activity, a pending delete or a reviewed conflict,
+           -- and clears the metadata cache and the pull's delta links (a
+           -- fresh fetch, a new baseline)
+           WHEN c.relname IN ('activity', 'map_delete', 'conflict', 'metadata_cache', 'pull_state')
+               THEN 'SELECT, DELETE'
+           WHEN c.relname = ANY (state_tables) THEN 'SELECT'
            WHEN EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'client_secret')
                THEN format('SELECT (%s)', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
                                              FROM pg_attribute a
@@ -133,7 +123,8 @@ BEGIN
            ELSE c.relname <> 'contact_change' END
      ORDER BY 2;
 
-    IF what IN ('operator', 'admin') THEN
+    -- the jobs (as the job role) draw the ids; an admin may too
+    IF what = 'admin' THEN
         RETURN QUERY
         SELECT 'SEQUENCE', c.oid::regclass::text, 'USAGE'
           FROM pg_class c

@@ -319,50 +319,15 @@ $$;
 REVOKE ALL ON FUNCTION d365._run_map_job(text, text) FROM PUBLIC;
 
 /*
- * The command of the pg_cron jobs.  A failed run is committed to
- * d365.sync_run first, then raised, so that pg_cron records the job run as
- * failed and the run's record stays.  A procedure that commits cannot
- * carry a SET clause: it pins its search_path with set_config() in each of
- * its transactions instead, and names everything schema-qualified.
+ * The command of the pg_cron jobs (src/run_job.c), run as the job role.  A
+ * failed run is committed to d365.sync_run first, then raised, so that
+ * pg_cron records the job run as failed and the run's record stays.  A
+ * procedure that commits cannot carry a SET clause: it pins its search_path
+ * in each of its transactions instead.
  */
 CREATE PROCEDURE d365.d365_run_job(job text)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    r record;
-    maps text[];
-    m text;
-    run_id bigint;
-    failure text;
-BEGIN
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    IF job IN ('maps', 'map-pull') THEN
-        -- a transaction per map: each map's lock is held for its own run only
-        maps := ARRAY(SELECT j.name FROM d365._map_jobs(job = 'maps') j);
-        FOREACH m IN ARRAY maps LOOP
-            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-            SELECT * INTO r FROM d365._run_map_job(job, m);
-            COMMIT;
-            IF r.failure IS NOT NULL THEN
-                run_id := COALESCE(run_id, r.run_id);
-                failure := pg_catalog.concat_ws('; ', failure, pg_catalog.format('map %s: %s', m, r.failure));
-            END IF;
-        END LOOP;
-    ELSE
-        SELECT * INTO r FROM d365._run_job(job);
-        COMMIT;
-        run_id := r.run_id;
-        failure := r.failure;
-    END IF;
-    IF failure IS NOT NULL THEN
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-        RAISE EXCEPTION 'd365sync % run failed: %', job, failure
-            USING ERRCODE = 'external_routine_exception',
-                  DETAIL = pg_catalog.format('The run is recorded in d365.sync_run with id %s.', run_id),
-                  HINT = 'What the run did not finish stays pending for the next run.';
-    END IF;
-END;
-$$;
+AS 'MODULE_PATHNAME', 'd365_run_job'
+LANGUAGE C;
 COMMENT ON PROCEDURE d365.d365_run_job(text) IS
     'Runs one scheduled job (contacts, activities, pull, maps or map-pull) as pg_cron does: records the run (the map jobs: one run and one transaction per map, every enabled map, parents first, each waiting for a run of its map in progress), commits, and raises when it failed so that cron.job_run_details says failed; call it outside a transaction block';
 

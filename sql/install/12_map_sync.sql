@@ -184,6 +184,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(m.local_table);
     PERFORM d365._map_fold_changes(m.name);
     e := d365._map_out_exprs(m.name);
     RETURN format($q$
@@ -702,6 +704,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the sync as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(m.local_table);
     PERFORM d365._map_fold_changes(m.name);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a change-tracking page is not a JSON array'

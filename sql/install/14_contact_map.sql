@@ -302,13 +302,13 @@ DECLARE
 BEGIN
     SELECT * INTO pm FROM d365.table_map t WHERE t.name = parent;
     IF FOUND AND EXISTS (SELECT FROM pg_class c WHERE c.oid = pm.local_table)
-       AND NOT (has_column_privilege(pm.local_table, pm.key_column, 'SELECT')
-                AND has_column_privilege(pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
+       AND NOT (has_column_privilege(d365._job_caller(), pm.local_table, pm.key_column, 'SELECT')
+                AND has_column_privilege(d365._job_caller(), pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
         RAISE EXCEPTION 'permission denied to map column "%" to a lookup of %', "column", pm.local_table
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = format('Role %s cannot read the key and link columns of %s, the table of map "%s" the column''s foreign key refers to.',
-                                  current_user, pm.local_table, pm.name),
-                  HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %I;', pm.key_column, pm.local_table, current_user);
+                                  d365._job_caller()::regrole, pm.local_table, pm.name),
+                  HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %s;', pm.key_column, pm.local_table, d365._job_caller()::regrole);
     END IF;
 END;
 $$;

@@ -346,6 +346,8 @@ BEGIN
                   DETAIL = 'Its policies are code of the table''s owner: d365sync does not read the table as a role they bind.',
                   HINT = 'Run the pull as the table''s owner, or as a role with BYPASSRLS.';
     END IF;
+    -- the job reads the table as the job role: for a caller that may read it
+    PERFORM d365._caller_reads(m.local_table);
     IF page IS NULL OR json_typeof(page) <> 'array' THEN
         RAISE EXCEPTION 'a page of records is not a JSON array'
             USING ERRCODE = 'invalid_parameter_value';

@@ -156,6 +156,13 @@ BEGIN
         END LOOP;
     END IF;
     IF problem IS NULL THEN
+        -- the run reads them as the job role: for a caller that may read
+        -- every row of them
+        PERFORM d365._caller_reads(m.local_table) WHERE m.name IS NOT NULL;
+        PERFORM d365._caller_rls(t.local_table)
+           FROM d365.table_map t
+          WHERE t.name IN (SELECT p FROM d365.column_map c, LATERAL d365._map_fk_target(m.local_table, c."column") p
+                            WHERE c.map = m.name AND p IS NOT NULL AND p <> m.name);
         RETURN;
     END IF;
     IF problem LIKE '%row-level security of % applies to role %' THEN

@@ -215,6 +215,19 @@ COMMENT ON TABLE d365.map_lookup_pending IS
 SELECT pg_catalog.pg_extension_config_dump('d365.map_lookup_pending', '');
 REVOKE ALL ON d365.load_state, d365.map_lookup_pending FROM PUBLIC;
 
+-- The jobs run as the role d365sync_job (sql/install/90_job_role.sql): made
+-- here when no database of the cluster made it yet.
+DO $upgrade_job_role$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = 'd365sync_job') THEN
+        CREATE ROLE d365sync_job NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION BYPASSRLS;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('d365sync_job', 'pg_read_all_data', 'MEMBER') THEN
+        GRANT pg_read_all_data TO d365sync_job;
+    END IF;
+END;
+$upgrade_job_role$;
+
 -- @functions
 -- After the functions: triggers and views that use new functions, data
 -- moves done with the new functions, drops of what 0.3 no longer has,
@@ -340,3 +353,40 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.load_state
 CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
     FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('next_link', 'entity');
+
+-- The job role's rights (sql/install/90_job_role.sql).  No role but an
+-- admin keeps EXECUTE on d365's internal functions (an operator: the two
+-- d365_schedule() calls, d365._jobs() and d365._cron_host()), nor writes of
+-- the sync state, the run history and the outcomes, which the jobs write as
+-- the job role (docs/security.md "Roles").
+SELECT d365._job_role_grants();
+DO $upgrade_sets$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT p.oid::pg_catalog.regprocedure AS f, a.grantee
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+              WHERE p.pronamespace = 'd365'::pg_catalog.regnamespace AND p.proname LIKE '\_%'
+                AND a.grantee <> p.proowner AND a.grantee <> 'd365sync_job'::pg_catalog.regrole
+                AND NOT (a.grantee <> 0 AND pg_catalog.has_table_privilege(a.grantee, 'd365.settings',
+                                                                          'UPDATE WITH GRANT OPTION'))
+                AND NOT (p.proname IN ('_jobs', '_cron_host') AND a.grantee <> 0)
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM %s CASCADE', g.f,
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+    FOR g IN SELECT DISTINCT c.oid::pg_catalog.regclass AS t, a.grantee
+               FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.relnamespace = 'd365'::pg_catalog.regnamespace
+                AND c.relname IN ('contact_state', 'activity', 'sync_run', 'metadata_cache', 'pull_state', 'map_row',
+                                  'map_change', 'map_delete', 'load_state', 'map_lookup_pending', 'conflict')
+                AND a.privilege_type IN ('INSERT', 'UPDATE')
+                AND a.grantee <> c.relowner AND a.grantee <> 'd365sync_job'::pg_catalog.regrole
+                AND NOT (a.grantee <> 0 AND pg_catalog.has_table_privilege(a.grantee, 'd365.settings',
+                                                                          'UPDATE WITH GRANT OPTION'))
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE INSERT, UPDATE ON %s FROM %s CASCADE', g.t,
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+END;
+$upgrade_sets$;
