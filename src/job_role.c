@@ -224,21 +224,19 @@ check_caller_rls(Oid relid, Oid caller, const char *relname)
 }
 
 /*
- * d365._caller_rls(tbl regclass) -> void
- *		Before a job reads a table it reads every row of (a lookup's parent
- *		table): its row-level security must not apply to the caller.
+ * d365._caller_rls(tbl regclass) -> boolean
+ *		Whether the row-level security of tbl applies to the job's caller:
+ *		a job reads every row of the tables it reads (as the job role,
+ *		which no policy binds), so it refuses such a caller.
  */
 Datum
 d365_caller_rls(PG_FUNCTION_ARGS)
 {
 	Oid			relid = PG_GETARG_OID(0);
-	char	   *relname;
 
-	if (PG_ARGISNULL(0) || (relname = get_rel_name(relid)) == NULL)
-		PG_RETURN_VOID();
-	check_caller_rls(relid, d365_job_caller(),
-					 quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)), relname));
-	PG_RETURN_VOID();
+	if (get_rel_name(relid) == NULL)
+		PG_RETURN_BOOL(false);
+	PG_RETURN_BOOL(check_enable_rls(relid, d365_job_caller(), true) == RLS_ENABLED);
 }
 
 /*

@@ -143,11 +143,22 @@ DECLARE
     parent text;
 BEGIN
     SELECT * INTO m FROM d365.table_map t WHERE t.name = map;
-    IF problem IS NULL AND FOUND THEN
+    -- the run reads the tables as the job role, which no policy binds: for
+    -- a caller their row-level security does not apply to
+    IF problem IS NULL AND FOUND AND d365._caller_rls(m.local_table) THEN
+        problem := format('row-level security of %s applies to role "%s"', m.local_table, d365._job_caller()::regrole);
+    END IF;
+    IF problem IS NULL AND m.name IS NOT NULL THEN
         FOR parent IN SELECT DISTINCT p FROM d365.column_map c,
                              LATERAL d365._map_fk_target(m.local_table, c."column") p
                        WHERE c.map = m.name AND p IS NOT NULL AND p <> m.name ORDER BY 1 LOOP
             problem := d365._map_problem(parent);
+            IF problem IS NULL
+               AND d365._caller_rls((SELECT t.local_table FROM d365.table_map t WHERE t.name = parent)) THEN
+                problem := format('row-level security of %s applies to role "%s"',
+                                  (SELECT t.local_table FROM d365.table_map t WHERE t.name = parent),
+                                  d365._job_caller()::regrole);
+            END IF;
             IF problem IS NOT NULL THEN
                 what := parent;
                 problem := format('the table of map "%s", which its lookups read: %s', parent, problem);
@@ -156,13 +167,6 @@ BEGIN
         END LOOP;
     END IF;
     IF problem IS NULL THEN
-        -- the run reads them as the job role: for a caller that may read
-        -- every row of them
-        PERFORM d365._caller_reads(m.local_table) WHERE m.name IS NOT NULL;
-        PERFORM d365._caller_rls(t.local_table)
-           FROM d365.table_map t
-          WHERE t.name IN (SELECT p FROM d365.column_map c, LATERAL d365._map_fk_target(m.local_table, c."column") p
-                            WHERE c.map = m.name AND p IS NOT NULL AND p <> m.name);
         RETURN;
     END IF;
     IF problem LIKE '%row-level security of % applies to role %' THEN

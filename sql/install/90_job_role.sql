@@ -44,14 +44,14 @@ AS 'MODULE_PATHNAME', 'd365_caller_reads'
 LANGUAGE C;
 
 /*
- * Before a job reads every row of a table it does not write (a lookup's
- * parent table): its row-level security does not apply to the caller.
+ * Whether the row-level security of a table applies to the job's caller
+ * (a job reads every row, as the job role: it refuses such a caller).
  */
 CREATE FUNCTION d365._caller_rls(tbl regclass)
-RETURNS void
+RETURNS boolean
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'd365_caller_rls'
-LANGUAGE C;
+LANGUAGE C STRICT STABLE;
 
 /*
  * What the job role holds in schema d365: USAGE; EXECUTE on every routine
