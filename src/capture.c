@@ -61,6 +61,7 @@
 #include "capture.h"
 #include "spi_util.h"
 #include "worker_shmem.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_capture_row);
 PG_FUNCTION_INFO_V1(d365_capture_flush);
@@ -489,12 +490,16 @@ flush_as_owner(int level)
 	Oid			owner;
 	HeapTuple	tup;
 
-	tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(get_namespace_oid("d365", false)));
-	if (!HeapTupleIsValid(tup))
-		elog(ERROR, "cache lookup failed for schema d365");
-	owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
-	ReleaseSysCache(tup);
-
+	/* the job role (no superuser), or d365's owner before it has its rights */
+	owner = d365_job_role();
+	if (!OidIsValid(owner))
+	{
+		tup = SearchSysCache1(NAMESPACEOID, ObjectIdGetDatum(get_namespace_oid("d365", false)));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for schema d365");
+		owner = ((Form_pg_namespace) GETSTRUCT(tup))->nspowner;
+		ReleaseSysCache(tup);
+	}
 	d365_as_table_owner(owner, flush_level_body, &level);
 }
 

@@ -60,7 +60,7 @@ static Oid	outer_userid = InvalidOid;
 static int	outer_sec = 0;
 
 /*
- * job_role
+ * d365_job_role
  *		The job role when this database's install has given it its rights
  *		(INSERT on d365.sync_run: not a right pg_read_all_data gives), else
  *		InvalidOid.  The role belongs to the
@@ -68,8 +68,8 @@ static int	outer_sec = 0;
  *		one still runs the SQL objects of an earlier version (until ALTER
  *		EXTENSION d365sync UPDATE), whose jobs run as their caller.
  */
-static Oid
-job_role(void)
+Oid
+d365_job_role(void)
 {
 	Oid			role = get_role_oid(D365_JOB_ROLE, true);
 	Oid			schema;
@@ -89,13 +89,13 @@ job_role(void)
  *		Call body(fcinfo) as the job role, with the caller kept for
  *		d365_job_caller().  A call made from d365's own code (already the
  *		job role, inside a job) keeps the job's caller.  Before the install
- *		has the job role (job_role()) the body runs as the caller, as
+ *		has the job role (d365_job_role()) the body runs as the caller, as
  *		earlier versions did.
  */
 Datum
 d365_as_job(PGFunction body, FunctionCallInfo fcinfo)
 {
-	Oid			role = job_role();
+	Oid			role = d365_job_role();
 	Oid			save_userid;
 	int			save_sec;
 	Oid			save_caller = job_caller;
@@ -179,7 +179,7 @@ d365_job_caller(void)
 void
 d365_job_begin(D365JobSave *save)
 {
-	Oid			role = job_role();
+	Oid			role = d365_job_role();
 
 	GetUserIdAndSecContext(&save->userid, &save->sec);
 	save->caller = job_caller;

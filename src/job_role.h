@@ -14,6 +14,7 @@
 /* the role the jobs run as (created by the install and upgrade scripts) */
 #define D365_JOB_ROLE "d365sync_job"
 
+extern Oid	d365_job_role(void);
 extern Datum d365_as_job(PGFunction body, FunctionCallInfo fcinfo);
 extern Oid	d365_job_caller(void);
 

@@ -23,6 +23,7 @@
 #include "auth.h"
 #include "spi_util.h"
 #include "state_guard.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_get_all);
 PG_FUNCTION_INFO_V1(d365_metadata_store);
@@ -50,10 +51,11 @@ put_row(ReturnSetInfo *rsinfo, json_t *value)
  * What a role other than a superuser may read through d365._get_all(): the
  * metadata (EntityDefinitions) and the list of users that activities name
  * their owners from (d365._user_id), as the documented metadata functions
- * show them.  The roles that run the jobs hold EXECUTE on it; without this
- * an operator could read any Dynamics record with the application's
- * credentials.  d365's SECURITY DEFINER functions (d365_owners()) run as
- * the extension's owner.
+ * show them.  Only the admin set (and d365sync's own code) holds EXECUTE on
+ * it; without this an admin could read any Dynamics record with the
+ * application's credentials.  d365's own code -- the jobs and the SECURITY
+ * DEFINER functions (d365_owners()), which run as the job role -- reads
+ * the paths it builds.
  */
 static void
 check_path_for_role(const char *path)
@@ -61,7 +63,8 @@ check_path_for_role(const char *path)
 	static const char *const users =
 		"systemusers?$select=systemuserid,internalemailaddress,fullname,accessmode,isdisabled";
 
-	if (superuser())
+	/* d365sync's own code (the jobs, the SECURITY DEFINER functions) */
+	if (superuser() || (OidIsValid(d365_job_role()) && GetUserId() == d365_job_role()))
 		return;
 	if (strncmp(path, "EntityDefinitions(", 18) == 0 || strncmp(path, "EntityDefinitions?", 18) == 0 ||
 		strcmp(path, users) == 0)

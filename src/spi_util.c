@@ -32,6 +32,7 @@
 #include "utils/syscache.h"
 
 #include "spi_util.h"
+#include "job_role.h"
 
 /*
  * d365_sql_datum
@@ -121,7 +122,11 @@ D365_TYPED_QUERY(d365_sql_int64, int64, INT8OID, DatumGetInt64)
 
 /*
  * d365_table_owner
- *		Owner of the relation d365.relname; ERROR when it is missing.
+ *		The role that reads and writes d365's relation d365.relname for
+ *		callers that may not: the job role (src/job_role.c), which holds
+ *		what d365sync's own statements need and is no superuser; before
+ *		this database's install gave it its rights, the relation's owner.
+ *		ERROR when the relation is missing.
  */
 Oid
 d365_table_owner(const char *relname)
@@ -135,6 +140,9 @@ d365_table_owner(const char *relname)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("relation \"d365.%s\" does not exist", relname)));
+	owner = d365_job_role();
+	if (OidIsValid(owner))
+		return owner;
 	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
 	if (!HeapTupleIsValid(tup))
 		elog(ERROR, "cache lookup failed for relation %u", relid);

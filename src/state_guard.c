@@ -28,8 +28,10 @@
  *			that only C code sets, around that one statement, and that is
  *			cleared while code of a table's owner or of a mapper runs,
  *			src/table_owner.c);
- *		  - as a superuser (d365's SECURITY DEFINER functions, which move a
- *			contact's id with its key when the application changes a key);
+ *		  - as the job role or a superuser (d365's SECURITY DEFINER
+ *			functions, which run as the job role and move a contact's id
+ *			with its key when the application changes a key; no set may
+ *			run code as the job role but through d365's own functions);
  *		  - as a role holding the admin set, which links by hand
  *			(d365_link_contact(), and d365_map_table() keeps the links a
  *			table had before it was mapped).
@@ -58,6 +60,7 @@
 #include "utils/rel.h"
 
 #include "state_guard.h"
+#include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_state_guard);
 
@@ -136,7 +139,9 @@ may_link(void)
 {
 	Oid			settings;
 
-	if (recorder_active || superuser())
+	/* d365sync's own code runs as the job role (src/job_role.c) */
+	if (recorder_active || superuser() ||
+		(OidIsValid(d365_job_role()) && GetUserId() == d365_job_role()))
 		return true;
 	/* the admin set: its rights WITH GRANT OPTION (as d365._check_granter) */
 	settings = get_relname_relid("settings", get_namespace_oid("d365", false));

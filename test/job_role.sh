@@ -20,7 +20,9 @@
 #   (d) a superuser's call runs d365's work as the job role (a trigger on
 #       d365.sync_run records who wrote the run), the table owner's trigger
 #       as the owner, and every caller is itself again afterwards, also
-#       after a failed CALL d365_run_job() that committed its run.
+#       after a failed CALL d365_run_job() that committed its run; the
+#       SECURITY DEFINER functions belong to the job role (the app's
+#       d365_log_activity() and the capture trigger write as it).
 #
 # scripts/test.sh runs it with the simulator it started; run alone it
 # starts one:
@@ -305,6 +307,26 @@ else
 fi
 check "... and leaves the session as the operator, not the job role" "$(echo "$out" | grep '^now ' | tail -n 1)" "now jr_operator" "$out"
 psqlq -c "DROP TRIGGER jr_seen ON d365.sync_run" >/dev/null
+
+# the SECURITY DEFINER functions belong to the job role: none runs as a
+# superuser; an application's d365_log_activity() writes the log as it
+check "every SECURITY DEFINER function of d365 belongs to the job role" \
+    "$(psqlq -c "SELECT count(*) || ' ' || count(*) FILTER (WHERE proowner <> 'd365sync_job'::regrole)
+                   FROM pg_proc WHERE pronamespace = 'd365'::regnamespace AND prosecdef")" \
+    "$(psqlq -c "SELECT count(*) FROM pg_proc WHERE pronamespace = 'd365'::regnamespace AND prosecdef") 0"
+psqlq >/dev/null <<'SQL'
+TRUNCATE public.seen;
+CREATE TRIGGER jr_seen AFTER INSERT ON d365.activity
+    FOR EACH ROW EXECUTE FUNCTION public.jr_seen('activity logged');
+CREATE TRIGGER jr_seen AFTER INSERT ON d365.contact_change
+    FOR EACH ROW EXECUTE FUNCTION public.jr_seen('change noted');
+SQL
+out=$(as jr_app -c "SELECT d365.d365_log_activity(1, 'phonecall', 'Logged as the app') > 0" -c "RESET ROLE" \
+      -c "SET ROLE jr_owner" -c "UPDATE lead SET name = 'Ada C.' WHERE id = 1")
+check "the app's d365_log_activity() and the capture trigger of a writer's update run as the job role" \
+    "$(psqlq -c "SELECT string_agg(DISTINCT what || ': ' || who, ', ') FROM public.seen")" \
+    "activity logged: d365sync_job, change noted: d365sync_job" "$out"
+psqlq -c "DROP TRIGGER jr_seen ON d365.activity" -c "DROP TRIGGER jr_seen ON d365.contact_change" >/dev/null
 
 # ---------------------------------------------------------------------------
 # (b) pg_cron, scheduled by the operator

@@ -5,9 +5,10 @@
 /*
  * d365sync_job: NOLOGIN, never a superuser, no member of any role but
  * pg_read_all_data (the jobs read the application's tables, for callers
- * that may read them: d365._caller_reads) and BYPASSRLS (the policies of
- * an application's table are its owner's code: they never run as this
- * role).  Roles belong to the cluster: a database that installed d365sync
+ * that may read them: d365._caller_reads) and pg_read_all_stats (the runs
+ * in progress of other sessions, d365_run_progress()), and BYPASSRLS (the
+ * policies of an application's table are its owner's code: they never run
+ * as this role).  Roles belong to the cluster: a database that installed d365sync
  * before made it, and it is used as it is.  docs/install.md says how to drop
  * it after the last DROP EXTENSION.
  */
@@ -18,6 +19,9 @@ BEGIN
     END IF;
     IF NOT pg_catalog.pg_has_role('d365sync_job', 'pg_read_all_data', 'MEMBER') THEN
         GRANT pg_read_all_data TO d365sync_job;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('d365sync_job', 'pg_read_all_stats', 'MEMBER') THEN
+        GRANT pg_read_all_stats TO d365sync_job;
     END IF;
 END;
 $$;
@@ -56,10 +60,11 @@ LANGUAGE C STRICT STABLE;
 /*
  * What the job role holds in schema d365: USAGE; EXECUTE on every routine
  * of the extension but the trigger functions (which fire without it); on
- * the configuration SELECT (the secrets are read by the C code as their
- * table's owner), on the state, history and queues SELECT, INSERT, UPDATE,
- * DELETE; USAGE on the sequences.  Run by the install and upgrade scripts;
- * computed from the catalog.
+ * the configuration SELECT, on the maps (which d365sync keeps in step with
+ * the attachment), the state, history and queues SELECT, INSERT, UPDATE,
+ * DELETE; USAGE on the sequences; and it owns the SECURITY DEFINER
+ * functions.  Run by the install and upgrade scripts; computed from the
+ * catalog.
  */
 CREATE FUNCTION d365._job_role_grants()
 RETURNS void
@@ -69,7 +74,7 @@ AS $$
 DECLARE
     o record;
     config_tables text[] := ARRAY['settings', 'app_users', 'contact_source', 'field_map',
-        'activity_type_map', 'activity_mapper', 'column_map'];
+        'activity_type_map', 'activity_mapper'];
 BEGIN
     REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365 FROM PUBLIC;
     REVOKE ALL ON ALL PROCEDURES IN SCHEMA d365 FROM PUBLIC;
@@ -89,14 +94,21 @@ BEGIN
               ORDER BY 1 LOOP
         IF o.relkind = 'S' THEN
             EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO d365sync_job', o.t);
-        ELSIF o.relname = 'table_map' THEN
-            -- a map's run locks its row (FOR NO KEY UPDATE)
-            EXECUTE format('GRANT SELECT, UPDATE ON %s TO d365sync_job', o.t);
         ELSIF o.relname = ANY (config_tables) OR o.relkind = 'v' THEN
             EXECUTE format('GRANT SELECT ON %s TO d365sync_job', o.t);
         ELSE
             EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO d365sync_job', o.t);
         END IF;
+    END LOOP;
+    -- the SECURITY DEFINER functions run as the job role, not as the
+    -- superuser who installed the extension
+    FOR o IN SELECT p.oid::regprocedure AS f, p.prokind
+               FROM pg_proc p
+              WHERE p.pronamespace = 'd365'::regnamespace AND p.prosecdef
+                AND d365._is_member('pg_proc'::regclass, p.oid)
+              ORDER BY 1 LOOP
+        EXECUTE format('ALTER %s %s OWNER TO d365sync_job',
+                       CASE WHEN o.prokind = 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, o.f);
     END LOOP;
 END;
 $$;

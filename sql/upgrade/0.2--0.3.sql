@@ -225,6 +225,9 @@ BEGIN
     IF NOT pg_catalog.pg_has_role('d365sync_job', 'pg_read_all_data', 'MEMBER') THEN
         GRANT pg_read_all_data TO d365sync_job;
     END IF;
+    IF NOT pg_catalog.pg_has_role('d365sync_job', 'pg_read_all_stats', 'MEMBER') THEN
+        GRANT pg_read_all_stats TO d365sync_job;
+    END IF;
 END;
 $upgrade_job_role$;
 
