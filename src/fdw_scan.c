@@ -16,7 +16,9 @@
  * Memory.  A page's JSON lives in the page iterator's context, reset when
  * the page after it is taken, and a row's values in the executor's
  * per-tuple context.  While a page is read, the next one is already asked
- * for (d365_pages_prefetch), so that Dataverse prepares it meanwhile: a
+ * for (d365_pages_prefetch), so that Dataverse prepares it meanwhile, and
+ * every PUMP_ROWS rows what has arrived of it is read (d365_pages_pump):
+ * the same pipeline as the pull and the initial load (odata_pages.c).  A
  * scan of any length runs in the memory of one parsed page (at most
  * page_size rows) and the raw bytes of the next.
  *
@@ -80,6 +82,9 @@ typedef struct D365FdwScan
 	const char *relname;
 	const char *field;
 } D365FdwScan;
+
+/* rows returned between two reads of the page arriving ahead */
+#define PUMP_ROWS 256
 
 static void setup_columns(D365FdwScan *st, TupleDesc desc, List *attrs, List *fields);
 
@@ -375,6 +380,8 @@ d365_fdw_iterate(ForeignScanState *node)
 			return slot;
 		}
 	}
+	if (st->next % PUMP_ROWS == PUMP_ROWS - 1)
+		d365_pages_pump(st->pages);
 	row = json_array_get(st->rows, st->next++);
 	if (!json_is_object(row))
 		ereport(ERROR,

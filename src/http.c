@@ -647,6 +647,36 @@ d365_http_push(D365HttpCall **handles, int ncalls)
 }
 
 /*
+ * d365_http_progress
+ *		Move the calls along without waiting (NULL entries are skipped):
+ *		start what each may start now, let libcurl send and receive what
+ *		the sockets hold, and finish the transfers that are done.  For a
+ *		caller with database work between the start and the wait of a call
+ *		(a page asked for ahead while the page before is recorded): what
+ *		the server has answered meanwhile is read between statements, so
+ *		the wait finds it mostly in memory.  Never waits, never throws from
+ *		libcurl; may ERROR as d365_http_start does (a URL the policy
+ *		refuses, out of memory).
+ */
+void
+d365_http_progress(D365HttpCall **handles, int ncalls)
+{
+	int			c;
+
+	if (multi_handle == NULL)
+		return;
+	exit_if_orphaned();
+	for (c = 0; c < ncalls; c++)
+	{
+		HttpCall   *call = (HttpCall *) handles[c];
+
+		if (call != NULL && call->done < call->n)
+			fill(call);
+	}
+	pump();
+}
+
+/*
  * d365_http_wait
  *		Complete a call from d365_http_start: every request ends with its
  *		outcome filled in.  Transport failures (refused connection, TLS

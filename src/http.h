@@ -58,6 +58,7 @@ extern D365HttpCall *d365_http_start(D365HttpRequest **reqs, int n, int max_para
 extern D365HttpCall *d365_http_start_paced(D365HttpRequest **reqs, int n, int max_parallel,
 										   const D365HttpPacer *pacer, bool push);
 extern void d365_http_push(D365HttpCall **calls, int n);
+extern void d365_http_progress(D365HttpCall **calls, int n);
 extern void d365_http_wait(D365HttpCall *call);
 extern void d365_http_wait_many(D365HttpCall **calls, int n);
 extern char *d365_http_header(const D365HttpRequest *req, const char *name);

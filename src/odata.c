@@ -853,6 +853,19 @@ d365_client_finish(D365Sending *st)
 }
 
 /*
+ * d365_client_progress
+ *		Move the round in flight of d365_client_start along without waiting
+ *		(d365_http_progress); judging, retries and back-off stay with
+ *		d365_client_finish().
+ */
+void
+d365_client_progress(D365Sending *st)
+{
+	if (st != NULL && st->n > 0 && st->calls != NULL)
+		d365_http_progress(st->calls, st->client->nlanes + 1);
+}
+
+/*
  * d365_client_execute
  *		Send n operations and judge each outcome (d365_client_start and
  *		d365_client_finish in one).  Operations travel in $batch requests of

@@ -159,6 +159,7 @@ typedef struct D365Sending D365Sending;
 extern void d365_client_execute(D365Client *client, D365Op **ops, int n);
 extern D365Sending *d365_client_start(D365Client *client, D365Op **ops, int n);
 extern void d365_client_finish(D365Sending *sending);
+extern void d365_client_progress(D365Sending *sending);
 extern json_t *d365_client_call(D365Client *client, const char *method,
 								const char *path, const char *body);
 extern void d365_op_report(D365Op *op, int elevel);
@@ -214,6 +215,7 @@ extern D365Pages *d365_pages_open(D365Client *client, const char *path,
 								  const char *prefer, int max_pages);
 extern D365Op *d365_pages_next(D365Pages *pages);
 extern void d365_pages_prefetch(D365Pages *pages);
+extern void d365_pages_pump(D365Pages *pages);
 extern void d365_pages_restart(D365Pages *pages, const char *path);
 extern void d365_pages_close(D365Pages *pages);
 

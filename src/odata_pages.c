@@ -10,13 +10,28 @@
  * throttling and token refresh are the client's.  A next link is an
  * absolute URL; the client sends the token only when it points into the
  * organization's Web API.  Memory stays flat: one page at a time (when the
- * caller asks for the next page ahead, with d365_pages_prefetch, as the
- * foreign scans do so that Dataverse prepares a page while the backend
- * converts the one before, that page's raw bytes arrive beside the current
- * page, which is freed before they are parsed).
+ * caller asks for the next page ahead, that page's raw bytes arrive beside
+ * the current page, which is freed before they are parsed).
  *
- * Users: d365._get_all() (metadata.c), the change-tracking pull
- * (incoming.c) and the foreign tables' scans (fdw_scan.c).
+ * The pipeline.  A reader that works through each page (records it with
+ * SQL, turns its rows into tuples) asks for the next page ahead with
+ * d365_pages_prefetch() as soon as it holds the current one: Dataverse
+ * prepares page N+1 while the backend applies page N, and the next
+ * d365_pages_next() waits only for what is left of it.  Between its
+ * statements the reader may call d365_pages_pump(), which reads what has
+ * arrived without waiting.  The page ahead goes through the same client
+ * as any request (d365_client_start/finish): its retries, 429 back-off
+ * and token refresh happen when it is waited for.  Its memory and its
+ * curl handles belong to the iterator (ahead_cxt): a cancel or an error
+ * that drops the iterator's context cancels the transfer; nothing of it
+ * is recorded before d365_pages_next() returns it, so a reader that keeps
+ * its position (a load's next link) loses nothing when a page fails or
+ * never arrives.  Pages come back in order: one page at most is asked for
+ * ahead, the one the current page links to.
+ *
+ * Users: d365._get_all() (metadata.c), the change-tracking pull and the
+ * initial load (pipeline_pull.c: the pulls of the contact table and of
+ * the table maps) and the foreign tables' scans (fdw_scan.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -154,6 +169,24 @@ d365_pages_prefetch(D365Pages *p)
 	ops[0] = page_op(p, link);
 	p->ahead = ops[0];
 	p->sending = d365_client_start(p->client, ops, 1);
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * d365_pages_pump
+ *		Read what has arrived of the page asked for ahead, without waiting
+ *		(nothing to do when none is).  Cheap: callers put it between their
+ *		statements.
+ */
+void
+d365_pages_pump(D365Pages *p)
+{
+	MemoryContext old;
+
+	if (p->sending == NULL)
+		return;
+	old = MemoryContextSwitchTo(p->ahead_cxt);
+	d365_client_progress(p->sending);
 	MemoryContextSwitchTo(old);
 }
 

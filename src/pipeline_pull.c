@@ -23,6 +23,14 @@
  * ones about credentials or throttling) falls back to a new full read.
  * Memory stays flat: one page at a time.
  *
+ * Fetching overlaps recording: as soon as a page is in, the next one is
+ * asked for (d365_pages_prefetch), and what has arrived of it is read
+ * between the statements that record the current page (d365_pages_pump),
+ * so Dataverse prepares page N+1 while page N is applied.  Pages are still
+ * recorded one after another, in order, and nothing of page N+1 is
+ * recorded before page N's statements are done: a page that fails (after
+ * its retries, in the client) fails the read where it stands, as before.
+ *
  * An engine may have an initial load (engine->load, the table maps with
  * load = true): the first pull reads the whole table before its first
  * change-tracking read.  It takes a delta link first (a change-tracking
@@ -202,7 +210,12 @@ load_token(D365Run *run, const D365PullEngine *engine)
 							"odata.track-changes", 0);
 	pages->page_size = load->page_size;
 	while ((op = d365_pages_next(pages)) != NULL)
-		total += json_array_size(page_rows(pages, op));
+	{
+		json_t	   *rows = page_rows(pages, op);
+
+		d365_pages_prefetch(pages);
+		total += json_array_size(rows);
+	}
 	old = MemoryContextSwitchTo(pages->cxt);
 	if (recorded_write("INSERT INTO d365.load_state AS l (entity, delta_link, next_link, total)"
 					   " VALUES ($1, $2, $3, $4)"
@@ -347,8 +360,15 @@ pull_load(D365Run *run, const D365PullEngine *engine)
 		json_t	   *rows = page_rows(load->pages, op);
 		const char *link = d365_json_str(op->json, "@odata.nextLink");
 
+		/*
+		 * The next page is fetched while this one is recorded; the position
+		 * kept below is this page's next link all the same, so a page ahead
+		 * that fails or never comes is read again by the next step.
+		 */
+		d365_pages_prefetch(load->pages);
 		old = MemoryContextSwitchTo(load->pages->cxt);
 		record_page(run, engine, load->record_sql, rows);
+		d365_pages_pump(load->pages);
 		if (recorded_write("UPDATE d365.load_state l SET next_link = $2, pages = l.pages + 1,"
 						   " records = l.records + $3 WHERE l.entity OPERATOR(pg_catalog.=) $1",
 						   3, (Oid[]) {TEXTOID, TEXTOID, INT8OID},
@@ -422,8 +442,11 @@ d365_pipeline_pull(D365Run *run, const D365PullEngine *engine, bool *baseline)
 			continue;
 		}
 		rows = page_rows(pages, op);
+		/* the next page is fetched while this one is recorded */
+		d365_pages_prefetch(pages);
 		old = MemoryContextSwitchTo(pages->cxt);
 		record_page(run, engine, engine->record_sql, rows);
+		d365_pages_pump(pages);
 		MemoryContextSwitchTo(old);
 		d365_run_publish(run);
 		npages++;
