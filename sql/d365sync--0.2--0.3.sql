@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (210), as
+ *   - the 0.3 install script: every function and procedure (213), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -1502,21 +1502,25 @@ $$;
  * The one account of a contact deleted in Dynamics, once its row was
  * unlinked (a 404 on update, or a $deletedEntity of the pull): the state
  * forgets the snapshot and the link, takes the next generation (a
- * re-creation gets a new id), and records why.
+ * re-creation gets a new id), and records why.  With on_remote_delete
+ * 'delete' the row goes too (d365._contact_remote_remove).
  */
 CREATE OR REPLACE FUNCTION d365._contact_remote_deleted(keys text[], statuses integer[],
                                              error_codes text[], reasons text[])
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     UPDATE d365.contact_state s
        SET synced = NULL, dynamics_id = NULL, synced_seq = s.change_seq,
            generation = s.generation + 1, remote_deleted_at = now(), attempts = 0,
            next_attempt_at = NULL, last_attempt_at = now(), last_status = o.st,
            last_error_code = o.code, last_error = o.reason
       FROM unnest(keys, statuses, error_codes, reasons) o(k, st, code, reason)
-     WHERE s.contact_key = o.k
+     WHERE s.contact_key = o.k;
+    PERFORM d365._contact_remote_remove(keys);
+END;
 $$;
 
 /*
@@ -1574,7 +1578,8 @@ BEGIN
                   DETAIL = 'd365sync''s capture functions run only in the capture triggers that d365sync puts on the attached contact table.',
                   HINT = 'Attach the table with d365.d365_attach_contacts(), which creates them.';
     END IF;
-    PERFORM d365._contact_tombstone(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
+    -- the records of on_local_delete deactivate/delete wait (16_contact_policies.sql)
+    PERFORM d365._contact_deleted(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
     DELETE FROM d365.contact_change;
     RETURN NULL;
 END;
@@ -6935,17 +6940,22 @@ BEGIN
     END IF;
     IF TG_TABLE_NAME = 'table_map' THEN
         IF TG_OP = 'UPDATE' AND OLD.name = 'contact' AND NEW.name = 'contact'
-           AND (NEW.local_table, NEW.entity_set, NEW.key_column, NEW.direction, NEW.load,
-                NEW.on_local_delete, NEW.on_remote_delete, NEW.conflict)
+           AND NEW.load AND NOT OLD.load THEN
+            RAISE EXCEPTION 'the table map "contact" cannot load: load = true is not supported for the contact table'
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = 'The initial load that inserts every Dynamics record as a local row works for the other table maps; the contact engine''s pull updates linked contacts only.',
+                      HINT = 'Mark match fields in d365.field_map and run d365_sync(''contact''): existing Dynamics contacts are linked instead of created.';
+        END IF;
+        IF TG_OP = 'UPDATE' AND OLD.name = 'contact' AND NEW.name = 'contact'
+           AND (NEW.local_table, NEW.entity_set, NEW.key_column, NEW.direction, NEW.load, NEW.conflict)
                IS NOT DISTINCT FROM
-               (OLD.local_table, OLD.entity_set, OLD.key_column, OLD.direction, OLD.load,
-                OLD.on_local_delete, OLD.on_remote_delete, OLD.conflict) THEN
-            RETURN NEW;     -- enabled
+               (OLD.local_table, OLD.entity_set, OLD.key_column, OLD.direction, OLD.load, OLD.conflict) THEN
+            RETURN NEW;     -- enabled, on_local_delete, on_remote_delete (16_contact_policies.sql)
         END IF;
         IF (TG_OP <> 'INSERT' AND OLD.name = 'contact') OR (TG_OP <> 'DELETE' AND NEW.name = 'contact') THEN
             RAISE EXCEPTION 'the table map "contact" is the attached contact table'
                 USING ERRCODE = 'object_not_in_prerequisite_state',
-                      DETAIL = 'It is made by d365_attach_contacts() and removed by d365_detach_contacts(); only its "enabled" can be changed here.',
+                      DETAIL = 'It is made by d365_attach_contacts() and removed by d365_detach_contacts(); only its "enabled", "on_local_delete" and "on_remote_delete" can be changed here.',
                       HINT = 'Attach the contact table with d365_attach_contacts(); name other maps otherwise.';
         END IF;
     ELSIF (TG_OP <> 'INSERT' AND OLD.map = 'contact') OR (TG_OP <> 'DELETE' AND NEW.map = 'contact') THEN
@@ -8157,6 +8167,95 @@ END;
 $$;
 
 REVOKE ALL ON FUNCTION d365._map_jobs(boolean), d365._map_status() FROM PUBLIC;
+
+/*
+ * Keys deleted from the contact table (the DELETE and TRUNCATE capture):
+ * with on_local_delete 'deactivate' or 'delete', the record each key was
+ * linked to by d365sync (d365.contact_state: never what the deleted row's
+ * link column held) waits in d365.map_delete; then every key becomes a
+ * tombstone (d365._contact_tombstone).  Wakes the background worker when
+ * a record waits.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_deleted(keys text[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    queued bigint;
+BEGIN
+    INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)
+    SELECT t.name, s.dynamics_id, s.contact_key, t.on_local_delete
+      FROM d365.table_map t, d365.contact_state s
+     WHERE t.name = 'contact' AND t.on_local_delete <> 'unlink' AND t.direction <> 'in'
+       AND s.contact_key = ANY (keys) AND s.dynamics_id IS NOT NULL
+    ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING;
+    GET DIAGNOSTICS queued = ROW_COUNT;
+    PERFORM d365._contact_tombstone(keys);
+    IF queued > 0 THEN
+        PERFORM d365._worker_wake(false);
+    END IF;
+END;
+$$;
+
+/*
+ * The pending deletes of the map "contact" as the contact sync's work
+ * query: the table maps' requests (a DELETE, or a PATCH of statecode 1 /
+ * statuscode 2), recorded by d365._map_record.  NULL when none is due.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_delete_work_sql()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'SELECT d.item_key, d.requests, d.context FROM ('
+           || d365._map_delete_work_sql('contact', 'contacts') || ') d'
+     WHERE EXISTS (SELECT FROM d365.map_delete d
+                    WHERE d.map = 'contact' AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now()))
+$$;
+
+/*
+ * on_remote_delete 'delete' of the map "contact": the contacts with these
+ * keys, whose records were deleted in Dynamics and which are unlinked
+ * already, are deleted as the table's owner (d365._map_remove: only while
+ * unlinked, and only where the role running the pull or sync holds DELETE
+ * on the table).  A row that cannot be deleted stays, unlinked, with a
+ * WARNING and the error in d365.contact_state.  Nothing with 'unlink'.
+ */
+CREATE OR REPLACE FUNCTION d365._contact_remote_remove(keys text[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    k text;
+    msg text;
+    code text;
+BEGIN
+    IF keys IS NULL OR NOT EXISTS (SELECT FROM d365.table_map t
+                                    WHERE t.name = 'contact' AND t.on_remote_delete = 'delete') THEN
+        RETURN;
+    END IF;
+    FOREACH k IN ARRAY keys LOOP
+        CONTINUE WHEN k IS NULL;
+        BEGIN
+            PERFORM d365._map_remove('contact', k);
+        EXCEPTION WHEN data_exception OR integrity_constraint_violation OR raise_exception
+                       OR insufficient_privilege OR object_not_in_prerequisite_state THEN
+            GET STACKED DIAGNOSTICS code = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+            RAISE WARNING 'contact % was deleted in Dynamics 365 but could not be deleted here: %', k, msg
+                USING ERRCODE = '01000';
+            UPDATE d365.contact_state s
+               SET last_error_code = code,
+                   last_error = left('deleted in Dynamics 365, unlinked; the local delete failed: ' || msg, 2000)
+             WHERE s.contact_key = k;
+        END;
+    END LOOP;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._contact_deleted(text[]), d365._contact_delete_work_sql(),
+       d365._contact_remote_remove(text[]) FROM PUBLIC;
 
 /*
  * The table part, in C (src/map_guard.c, shared with the contact table's

@@ -144,8 +144,9 @@ d365_capture_check(FunctionCallInfo fcinfo, const char *fn, const char *tgname,
 /*
  * d365._contact_capture_delete() -> trigger
  *		AFTER DELETE FOR EACH STATEMENT with a transition table, SECURITY
- *		DEFINER: every deleted key becomes a tombstone
- *		(d365._contact_tombstone).  tgargs are the key column's attribute
+ *		DEFINER: every deleted key becomes a tombstone, after the records
+ *		of on_local_delete deactivate/delete were queued
+ *		(d365._contact_deleted).  tgargs are the key column's attribute
  *		number and name (d365_capture_key_attnum); a key column gone or of a
  *		type d365sync does not take is
  *		ignored (d365_status() reports the attachment broken).  Reads only
@@ -211,11 +212,22 @@ d365_capture_delete(PG_FUNCTION_ARGS)
 		ArrayType  *arr = construct_array(keys, nkeys, TEXTOID, -1, false, TYPALIGN_INT);
 		int			rc;
 
-		rc = SPI_execute_with_args("SELECT d365._contact_tombstone($1)", 1,
+		/*
+		 * d365._contact_deleted: the records of on_local_delete deactivate
+		 * or delete wait, then the tombstones; an installation not yet
+		 * updated to a version with it makes the tombstones only
+		 */
+		rc = SPI_execute("SELECT to_regprocedure('d365._contact_deleted(text[])') IS NOT NULL",
+						 true, 1);
+		if (rc != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "SPI_execute failed for to_regprocedure: %s", SPI_result_code_string(rc));
+		rc = SPI_execute_with_args(strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), "t") == 0
+								   ? "SELECT d365._contact_deleted($1)"
+								   : "SELECT d365._contact_tombstone($1)", 1,
 								   (Oid[]) {TEXTARRAYOID}, (Datum[]) {PointerGetDatum(arr)},
 								   NULL, false, 0);
 		if (rc != SPI_OK_SELECT)
-			elog(ERROR, "SPI_execute failed for d365._contact_tombstone: %s",
+			elog(ERROR, "SPI_execute failed for d365._contact_deleted: %s",
 				 SPI_result_code_string(rc));
 	}
 	SPI_finish();

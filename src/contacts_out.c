@@ -70,6 +70,15 @@ contacts_body(D365Run *run, void *arg)
 								 "d365._contact_lookup");
 
 	/*
+	 * The records of contacts deleted here, with on_local_delete
+	 * deactivate or delete (sql/install/16_contact_policies.sql)
+	 */
+	if (d365_sql_bool("SELECT to_regprocedure('d365._contact_delete_work_sql()') IS NOT NULL",
+					  0, NULL, NULL, NULL) &&
+		(work_sql = d365_sql_text("SELECT d365._contact_delete_work_sql()", 0, NULL, NULL)) != NULL)
+		d365_pipeline_process(run, work_sql, 0, NULL, NULL, "d365._map_record");
+
+	/*
 	 * A new contact's pending activities (logged while it was not linked)
 	 * go right after it instead of waiting for the activity job.
 	 */

@@ -7,6 +7,17 @@
 #     d365_pull() without a map pass the contact table by, and
 #     d365_status() says so; d365_sync('contact') and d365_pull('contact')
 #     still run it; enabled again, the worker sends what waited.
+#   - on_local_delete deactivate / delete: a deleted contact row (DELETE,
+#     TRUNCATE) deactivates (statecode 1, statuscode 2) or deletes its
+#     Dynamics record at the next contact sync, read back from the
+#     simulator; until then its Dynamics id shows in d365.pending_delete
+#     and d365_status(); a DELETE answered 500 stays pending, backs off and
+#     succeeds later.
+#   - on_remote_delete delete: a contact whose record was deleted in
+#     Dynamics (the pull, or an update meeting 404) is deleted here as the
+#     table's owner; one another table refers to stays, unlinked, with the
+#     error in d365.contact_state.
+#   - load = true is refused on the map "contact" with a clear error.
 #
 # Runs on a cluster of its own with d365sync preloaded (its worker serves
 # the test database), and a simulator of its own when run by itself:
@@ -63,6 +74,13 @@ UPDATE d365.settings SET contact_sync_enabled = true, min_score = 10;
 CREATE ROLE cp_owner;
 CREATE TABLE companies (id serial PRIMARY KEY, name text NOT NULL);
 CREATE TABLE lead (id integer PRIMARY KEY, name text, email text, score integer NOT NULL DEFAULT 50);
+-- the owner's own code: who deleted a contact row
+CREATE TABLE who_deleted (who name, what text);
+GRANT INSERT ON who_deleted TO cp_owner;
+CREATE FUNCTION note_delete() RETURNS trigger LANGUAGE plpgsql AS
+\$\$ BEGIN INSERT INTO public.who_deleted VALUES (current_user, 'lead ' || OLD.id); RETURN OLD; END \$\$;
+CREATE TRIGGER note_delete BEFORE DELETE ON lead FOR EACH ROW EXECUTE FUNCTION note_delete();
+CREATE TABLE orders (id integer PRIMARY KEY, lead_id integer REFERENCES lead);
 ALTER TABLE companies OWNER TO cp_owner;
 ALTER TABLE lead OWNER TO cp_owner;
 SELECT d365.d365_map_table('account', 'companies', 'accounts');
@@ -205,3 +223,140 @@ else
     notok "enabled again: the worker sends the contact table" "Cy: $ms" "$line"
 fi
 q "UPDATE d365.settings SET realtime = false" >/dev/null
+
+# sim_field ENTITY ID FIELD: a field of the simulator's record, or (gone)
+sim_field() {
+    simctl rows "$1" | python3 -c '
+import json, sys
+ent, rid, field = sys.argv[1:4]
+for r in json.load(sys.stdin)["value"]:
+    if r.get(ent + "id") == rid:
+        v = r.get(field)
+        print("" if v is None else v)
+        break
+else:
+    print("(gone)")' "$1" "$2" "$3"
+}
+wait_sql "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'd365sync worker'
+                              AND datname = '$DB' AND state = 'active')" 30
+
+# --------------------------------------------------------------------------
+# 7. on_local_delete deactivate: the record stays, inactive
+# --------------------------------------------------------------------------
+cy=$(q "SELECT dynamics365_related_id FROM lead WHERE id = 3")
+if out=$(q "UPDATE d365.table_map SET on_local_delete = 'deactivate' WHERE name = 'contact'") &&
+   q "DELETE FROM lead WHERE id = 3" >/dev/null; then
+    pend=$(q "SELECT map || ' ' || row_key || ' ' || dynamics_id || ' ' || action FROM d365.pending_delete")
+    stat=$(q "SELECT value FROM d365.d365_status() WHERE item = 'pending deletes of map contact'")
+    out=$(q "SELECT map || ' ' || failed || '/' || deleted FROM d365.d365_sync('contact')")
+    got="$(sim_field contact "$cy" firstname) $(sim_field contact "$cy" statecode) $(sim_field contact "$cy" statuscode)"
+    left=$(q "SELECT count(*) FROM d365.pending_delete")
+    if [ -n "$cy" ] && [ "$pend" = "contact 3 $cy deactivate" ] && grep -q "^1 (oldest .*, Dynamics id $cy)$" <<<"$stat" &&
+       [ "$out" = "contact 0/1" ] && [ "$got" = "Cy 1 2" ] && [ "$left" = 0 ]; then
+        ok "on_local_delete deactivate: the deleted contact's id waits in d365.pending_delete and d365_status(), then d365_sync('contact') deactivates its record (statecode 1, statuscode 2)"
+    else
+        notok "on_local_delete deactivate on the map contact" "pending: $pend" "status: $stat" "sync: $out" \
+            "Dynamics: $got; left: $left"
+    fi
+else
+    notok "on_local_delete deactivate on the map contact is accepted" "$out"
+fi
+
+# --------------------------------------------------------------------------
+# 8. on_local_delete delete: a DELETE answered 500 stays pending, later done
+# --------------------------------------------------------------------------
+bea=$(q "SELECT dynamics365_related_id FROM lead WHERE id = 2")
+q "UPDATE d365.table_map SET on_local_delete = 'delete' WHERE name = 'contact'" >/dev/null
+q "DELETE FROM lead WHERE id = 2" >/dev/null
+simctl fault "{\"method\":\"DELETE\",\"path_regex\":\"contacts.$bea\",\"status\":500,\"times\":null}" >/dev/null
+out=$(q "SELECT failed || '/' || deleted FROM d365.d365_sync('contact')")
+pend=$(q "SELECT row_key || ' ' || attempts || ' ' || last_status || ' ' || (next_attempt_at > now()) FROM d365.pending_delete WHERE dynamics_id = '$bea'")
+stat=$(q "SELECT value FROM d365.d365_status() WHERE item = 'pending deletes of map contact'")
+if [ -n "$bea" ] && [ "$out" = "1/0" ] && [ "$pend" = "2 1 500 true" ] && [ "$(sim_field contact "$bea" firstname)" = Bea ] &&
+   grep -q "^1 (oldest .*, Dynamics id $bea); last error: " <<<"$stat"; then
+    ok "on_local_delete delete: a DELETE answered 500 leaves the record, the delete stays pending (attempt 1, 500, backed off), d365_status() shows its error"
+else
+    notok "a failed contact DELETE stays pending" "$out" "$pend" "$stat"
+fi
+out=$(q "SELECT requests FROM d365.d365_sync('contact')")
+if [ "$out" = 0 ]; then
+    ok "during its back-off the contact's DELETE is not sent again"
+else
+    notok "back-off of a failed contact delete" "$out"
+fi
+simctl clear-faults >/dev/null
+q "UPDATE d365.map_delete SET next_attempt_at = now() - interval '1 second'" >/dev/null
+out=$(q "SELECT failed || '/' || deleted FROM d365.d365_sync('contact')")
+left=$(q "SELECT count(*) FROM d365.pending_delete")
+stat=$(q "SELECT count(*) FROM d365.d365_status() WHERE item LIKE 'pending deletes%'")
+if [ "$out" = "0/1" ] && [ "$left" = 0 ] && [ "$stat" = 0 ] && [ "$(sim_field contact "$bea" firstname)" = "(gone)" ]; then
+    ok "tried again later, the DELETE succeeds: Bea's contact is gone from Dynamics and nothing is pending"
+else
+    notok "a failed contact delete succeeds later" "$out" "$left" "$stat" "$(sim_field contact "$bea" firstname)"
+fi
+
+# --------------------------------------------------------------------------
+# 9. on_remote_delete delete: the pull deletes the row as the table's owner
+# --------------------------------------------------------------------------
+q "UPDATE d365.table_map SET on_local_delete = 'unlink', on_remote_delete = 'delete' WHERE name = 'contact'" >/dev/null
+ada=$(q "SELECT dynamics365_related_id FROM lead WHERE id = 1")
+simctl edit contact "{\"op\":\"delete\",\"id\":\"$ada\"}" >/dev/null
+out=$(q "SELECT map || ' ' || failed || '/' || deleted FROM d365.d365_pull('contact')")
+who=$(q "SELECT string_agg(who || ' ' || what, ', ') FROM who_deleted WHERE what = 'lead 1'")
+if [ -n "$ada" ] && [ "$out" = "contact 0/1" ] && [ "$(q "SELECT count(*) FROM lead WHERE id = 1")" = 0 ] &&
+   [ "$who" = "cp_owner lead 1" ] && [ "$(q "SELECT count(*) FROM d365.pending_delete")" = 0 ]; then
+    ok "on_remote_delete delete: a contact deleted in Dynamics is deleted here by the pull, as the table's owner (its trigger saw cp_owner)"
+else
+    notok "on_remote_delete delete through the pull" "$out" "who: $who" "$(q "SELECT * FROM lead WHERE id = 1")"
+fi
+
+# an update meeting 404, and a row another table refers to
+q "INSERT INTO lead (id, name) VALUES (4, 'Dee'), (5, 'Eli')" >/dev/null
+q "SELECT created FROM d365.d365_sync('contact')" >/dev/null
+q "INSERT INTO orders VALUES (1, 5)" >/dev/null
+dee=$(q "SELECT dynamics365_related_id FROM lead WHERE id = 4")
+eli=$(q "SELECT dynamics365_related_id FROM lead WHERE id = 5")
+simctl edit contact "{\"op\":\"delete\",\"id\":\"$dee\"}" >/dev/null
+simctl edit contact "{\"op\":\"delete\",\"id\":\"$eli\"}" >/dev/null
+q "UPDATE lead SET name = name || '!' WHERE id IN (4, 5)" >/dev/null
+out=$(psqlq -c "SELECT failed || '/' || deleted FROM d365.d365_sync('contact')" 2>"$TMPD/warn.log")
+left=$(q "SELECT string_agg(id || ' ' || name || ' ' || (dynamics365_related_id IS NULL), ', ' ORDER BY id) FROM lead WHERE id IN (4, 5)")
+err=$(q "SELECT last_error FROM d365.contact_state WHERE contact_key = '5'")
+case "$err" in
+    "deleted in Dynamics 365, unlinked; the local delete failed: "*"foreign key"*) errok=yes ;;
+    *) errok=no ;;
+esac
+if [ -n "$dee" ] && [ -n "$eli" ] && [ "$out" = "0/2" ] && [ "$left" = "5 Eli! true" ] && [ "$errok" = yes ] &&
+   grep -q "WARNING:  contact 5 was deleted in Dynamics 365 but could not be deleted here: .*foreign key" "$TMPD/warn.log"; then
+    ok "an update meeting 404 deletes the contact row here; one another table refers to stays, unlinked, its error in d365.contact_state"
+else
+    notok "on_remote_delete delete on an update meeting 404" "$out" "$left" "$err" "$(cat "$TMPD/warn.log")"
+fi
+
+# --------------------------------------------------------------------------
+# 10. TRUNCATE with on_local_delete delete: every linked record goes
+# --------------------------------------------------------------------------
+q "UPDATE d365.table_map SET on_local_delete = 'delete', on_remote_delete = 'unlink' WHERE name = 'contact'" >/dev/null
+q "INSERT INTO lead (id, name) VALUES (6, 'Fay')" >/dev/null
+q "SELECT created FROM d365.d365_sync('contact')" >/dev/null
+fay=$(q "SELECT dynamics365_related_id FROM lead WHERE id = 6")
+q "TRUNCATE lead CASCADE" >/dev/null
+pend=$(q "SELECT string_agg(row_key || ' ' || dynamics_id, ', ') FROM d365.pending_delete")
+out=$(q "SELECT failed || '/' || deleted FROM d365.d365_sync('contact')")
+if [ -n "$fay" ] && [ "$pend" = "6 $fay" ] && [ "$out" = "0/1" ] && [ "$(sim_field contact "$fay" firstname)" = "(gone)" ]; then
+    ok "TRUNCATE with on_local_delete delete: the linked contact's record waits, then is deleted in Dynamics"
+else
+    notok "TRUNCATE with on_local_delete delete" "pending: $pend" "sync: $out" "$(sim_field contact "$fay" firstname)"
+fi
+
+# --------------------------------------------------------------------------
+# 11. load = true is refused on the map contact, clearly
+# --------------------------------------------------------------------------
+err=$(psqlq -c "\set VERBOSITY verbose" -c "UPDATE d365.table_map SET load = true WHERE name = 'contact'" 2>&1)
+if grep -q "ERROR:  0A000: the table map \"contact\" cannot load: load = true is not supported for the contact table" <<<"$err" &&
+   grep -q "^DETAIL:  " <<<"$err" && grep -q "^HINT:  " <<<"$err" &&
+   [ "$(q "SELECT load FROM d365.table_map WHERE name = 'contact'")" = f ]; then
+    ok "load = true on the map contact is refused (feature_not_supported, with detail and hint)"
+else
+    notok "load = true on the map contact is refused" "$err"
+fi

@@ -138,21 +138,25 @@ $$;
  * The one account of a contact deleted in Dynamics, once its row was
  * unlinked (a 404 on update, or a $deletedEntity of the pull): the state
  * forgets the snapshot and the link, takes the next generation (a
- * re-creation gets a new id), and records why.
+ * re-creation gets a new id), and records why.  With on_remote_delete
+ * 'delete' the row goes too (d365._contact_remote_remove).
  */
 CREATE FUNCTION d365._contact_remote_deleted(keys text[], statuses integer[],
                                              error_codes text[], reasons text[])
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     UPDATE d365.contact_state s
        SET synced = NULL, dynamics_id = NULL, synced_seq = s.change_seq,
            generation = s.generation + 1, remote_deleted_at = now(), attempts = 0,
            next_attempt_at = NULL, last_attempt_at = now(), last_status = o.st,
            last_error_code = o.code, last_error = o.reason
       FROM unnest(keys, statuses, error_codes, reasons) o(k, st, code, reason)
-     WHERE s.contact_key = o.k
+     WHERE s.contact_key = o.k;
+    PERFORM d365._contact_remote_remove(keys);
+END;
 $$;
 
 /*
@@ -210,7 +214,8 @@ BEGIN
                   DETAIL = 'd365sync''s capture functions run only in the capture triggers that d365sync puts on the attached contact table.',
                   HINT = 'Attach the table with d365.d365_attach_contacts(), which creates them.';
     END IF;
-    PERFORM d365._contact_tombstone(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
+    -- the records of on_local_delete deactivate/delete wait (16_contact_policies.sql)
+    PERFORM d365._contact_deleted(ARRAY(SELECT s.contact_key FROM d365.contact_state s));
     DELETE FROM d365.contact_change;
     RETURN NULL;
 END;

@@ -102,17 +102,22 @@ BEGIN
     END IF;
     IF TG_TABLE_NAME = 'table_map' THEN
         IF TG_OP = 'UPDATE' AND OLD.name = 'contact' AND NEW.name = 'contact'
-           AND (NEW.local_table, NEW.entity_set, NEW.key_column, NEW.direction, NEW.load,
-                NEW.on_local_delete, NEW.on_remote_delete, NEW.conflict)
+           AND NEW.load AND NOT OLD.load THEN
+            RAISE EXCEPTION 'the table map "contact" cannot load: load = true is not supported for the contact table'
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = 'The initial load that inserts every Dynamics record as a local row works for the other table maps; the contact engine''s pull updates linked contacts only.',
+                      HINT = 'Mark match fields in d365.field_map and run d365_sync(''contact''): existing Dynamics contacts are linked instead of created.';
+        END IF;
+        IF TG_OP = 'UPDATE' AND OLD.name = 'contact' AND NEW.name = 'contact'
+           AND (NEW.local_table, NEW.entity_set, NEW.key_column, NEW.direction, NEW.load, NEW.conflict)
                IS NOT DISTINCT FROM
-               (OLD.local_table, OLD.entity_set, OLD.key_column, OLD.direction, OLD.load,
-                OLD.on_local_delete, OLD.on_remote_delete, OLD.conflict) THEN
-            RETURN NEW;     -- enabled
+               (OLD.local_table, OLD.entity_set, OLD.key_column, OLD.direction, OLD.load, OLD.conflict) THEN
+            RETURN NEW;     -- enabled, on_local_delete, on_remote_delete (16_contact_policies.sql)
         END IF;
         IF (TG_OP <> 'INSERT' AND OLD.name = 'contact') OR (TG_OP <> 'DELETE' AND NEW.name = 'contact') THEN
             RAISE EXCEPTION 'the table map "contact" is the attached contact table'
                 USING ERRCODE = 'object_not_in_prerequisite_state',
-                      DETAIL = 'It is made by d365_attach_contacts() and removed by d365_detach_contacts(); only its "enabled" can be changed here.',
+                      DETAIL = 'It is made by d365_attach_contacts() and removed by d365_detach_contacts(); only its "enabled", "on_local_delete" and "on_remote_delete" can be changed here.',
                       HINT = 'Attach the contact table with d365_attach_contacts(); name other maps otherwise.';
         END IF;
     ELSIF (TG_OP <> 'INSERT' AND OLD.map = 'contact') OR (TG_OP <> 'DELETE' AND NEW.map = 'contact') THEN
