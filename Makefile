@@ -12,7 +12,8 @@ OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_governor.o 
 	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o src/odata_path.o \
 	src/pipeline_pull.o src/table_maps.o src/map_owner.o src/state_guard.o src/contact_policies.o \
 	src/capture_guard.o src/roles.o src/worker_role.o src/attach_cache.o \
-	src/map_guard.o src/job_role.o src/run_job.o
+	src/map_guard.o src/job_role.o src/run_job.o \
+	src/map_capture.o
 
 # The install script of the version being made is built from the parts in
 # sql/install/ (one per subsystem, in file-name order), the one place each

@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (213), as
+ *   - the 0.3 install script: every function and procedure (216), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -5584,17 +5584,11 @@ BEGIN
            SELECT FROM pg_trigger g
             WHERE g.tgrelid = TG_RELID AND g.tgname = TG_NAME
               AND g.tgfoid = 'd365._map_capture()'::regprocedure
-              AND g.tgname IN ('d365_map_capture_insert', 'd365_map_capture_update',
-                               'd365_map_capture_delete', 'd365_map_capture_truncate')
-              AND (TG_OP = 'TRUNCATE'
-                   OR coalesce(g.tgnewtable, g.tgoldtable) = 'd365_rows')) THEN
+              AND ((TG_OP = 'DELETE' AND g.tgname = 'd365_map_capture_delete'
+                    AND g.tgoldtable = 'd365_rows')
+                   OR (TG_OP = 'TRUNCATE' AND g.tgname = 'd365_map_capture_truncate'))) THEN
         RAISE EXCEPTION 'd365._map_capture() runs only as d365sync''s capture trigger of a mapped table'
             USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    -- d365sync's own write of the link columns or of incoming values:
-    -- nothing to send back
-    IF TG_OP IN ('INSERT', 'UPDATE') AND d365._map_own_write(TG_RELID) THEN
-        RETURN NULL;
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
         -- the records of the rows linked as far as the sync state knows
@@ -5618,7 +5612,7 @@ BEGIN
     IF keys IS NULL THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'DELETE' THEN
+    IF TG_OP = 'DELETE' THEN        -- (always: checked above)
         -- on_local_delete deactivate/delete: the deleted rows' records wait
         -- in d365.map_delete until Dynamics has done it.  The record is the
         -- one d365sync linked the row to (d365.map_row), never what the
@@ -5632,8 +5626,6 @@ BEGIN
             ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING;
         END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name AND r.row_key = ANY (keys);
-    ELSE
-        INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
     END IF;
     -- the background worker sends it after COMMIT (with realtime on)
     PERFORM d365._worker_wake(false);
@@ -5643,19 +5635,55 @@ $$;
 
 -- The statements that (re)create the capture triggers of a mapped table and
 -- the guard of its link columns (src/link_guard.c: only d365sync's own link
--- writer may set them); d365._map_capture_install() runs them.
+-- writer may set them); d365._map_capture_install() runs them.  The WHEN
+-- clause of d365_map_capture_update lists the key and the mapped columns
+-- that are sent (direction both or out) and exist, each compared with IS
+-- DISTINCT FROM (the column type's own equality, evaluated by the executor
+-- as the writing user), so an UPDATE of other columns costs no trigger
+-- call; it follows the column map (d365._column_map_changed,
+-- 16_map_capture.sql).  The row triggers' arguments are the key's attribute
+-- number and name.  A trigger of an earlier form under the same name (a
+-- statement trigger with a transition table) is dropped first.
 CREATE OR REPLACE FUNCTION d365._map_capture_sql(tbl regclass)
 RETURNS text[]
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT ARRAY[
-        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s'
-               ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
-               ' EXECUTE FUNCTION d365._map_capture()', tbl),
-        format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s'
-               ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
-               ' EXECUTE FUNCTION d365._map_capture()', tbl),
+DECLARE
+    m d365.table_map;
+    key_num smallint;
+    changed text;
+    stale text[];
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.local_table = tbl AND t.name <> 'contact';
+    SELECT a.attnum INTO key_num FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = m.key_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF key_num IS NULL THEN
+        RAISE EXCEPTION 'the key column "%" of map "%" is not a column of %', m.key_column, m.name, tbl
+            USING ERRCODE = 'undefined_column',
+                  HINT = format('Unmap the table (d365_unmap_table(%L)) and map it again naming its key.', m.name);
+    END IF;
+    SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY a.attnum)
+      INTO changed
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+       AND (a.attnum = key_num
+            OR a.attname IN (SELECT c."column" FROM d365.column_map c
+                              WHERE c.map = m.name AND c.direction <> 'in'));
+    SELECT array_agg(format('DROP TRIGGER %I ON %s', g.tgname, tbl) ORDER BY g.tgname) INTO stale
+      FROM pg_trigger g
+     WHERE g.tgrelid = tbl AND g.tgname IN ('d365_map_capture_insert', 'd365_map_capture_update')
+       AND g.tgfoid = 'd365._map_capture()'::regprocedure;
+    RETURN coalesce(stale, '{}') || ARRAY[
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s FOR EACH ROW'
+               ' EXECUTE FUNCTION d365._map_capture_row(%L, %L)', tbl, key_num, m.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+               ' WHEN (%s) EXECUTE FUNCTION d365._map_capture_row(%L, %L)',
+               tbl, changed, key_num, m.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert_flush AFTER INSERT ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture_flush()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_update_flush AFTER UPDATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture_flush()', tbl),
         format('CREATE OR REPLACE TRIGGER d365_map_capture_delete AFTER DELETE ON %s'
                ' REFERENCING OLD TABLE AS d365_rows FOR EACH STATEMENT'
                ' EXECUTE FUNCTION d365._map_capture()', tbl),
@@ -5671,7 +5699,8 @@ AS $$
                '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
                '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
                '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
-               ' EXECUTE FUNCTION d365._contact_link_guard()', tbl)]
+               ' EXECUTE FUNCTION d365._contact_link_guard()', tbl)];
+END;
 $$;
 
 REVOKE ALL ON FUNCTION d365._map_capture_sql(regclass) FROM PUBLIC;
@@ -5769,13 +5798,13 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
     END IF;
-    -- one row per Dynamics record
-    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a
-                            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = local_table AND i.indisunique AND i.indnatts = 1
-                      AND i.indpred IS NULL AND i.indexprs IS NULL
-                      AND a.attname = 'dynamics365_related_id') THEN
-        EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)', local_table);
+    -- one row per Dynamics record; unlinked rows are not in the index, so
+    -- inserting them and updating them outside HOT costs the application
+    -- nothing more (an index without the predicate, of an earlier version or
+    -- the owner's, does as well)
+    IF NOT d365._link_index_exists(local_table) THEN
+        EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)'
+                       ' WHERE dynamics365_related_id IS NOT NULL', local_table);
     END IF;
 
     INSERT INTO d365.table_map AS t (name, local_table, entity_set, key_column)
@@ -5822,6 +5851,8 @@ BEGIN
         FOR trg IN SELECT g.tgname FROM pg_trigger g
                     WHERE g.tgrelid = m.local_table
                       AND g.tgfoid IN ('d365._map_capture()'::regprocedure,
+                                       'd365._map_capture_row()'::regprocedure,
+                                       'd365._map_capture_flush()'::regprocedure,
                                        'd365._contact_link_guard()'::regprocedure) LOOP
             EXECUTE format('DROP TRIGGER %I ON %s', trg, m.local_table);
         END LOOP;
@@ -8257,6 +8288,68 @@ $$;
 REVOKE ALL ON FUNCTION d365._contact_deleted(text[]), d365._contact_delete_work_sql(),
        d365._contact_remote_remove(text[]) FROM PUBLIC;
 
+-- AFTER INSERT, and AFTER UPDATE behind the WHEN clause on the key and the
+-- columns the map sends, per row: notes the key, as the writing user,
+-- unless d365sync itself is writing the table.  Arguments: the key's
+-- attribute number and name.
+CREATE OR REPLACE FUNCTION d365._map_capture_row()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_capture_row'
+LANGUAGE C;
+
+-- AFTER INSERT and AFTER UPDATE, per statement: writes the keys the
+-- statement's rows noted to d365.map_change (as the extension's owner:
+-- writers of the table need no rights in d365), once the table is found to
+-- be a mapped one.
+CREATE OR REPLACE FUNCTION d365._map_capture_flush()
+RETURNS trigger
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'd365_map_capture_flush'
+LANGUAGE C;
+
+/*
+ * The WHEN clause of a map's capture follows its column map: after a
+ * change of d365.column_map, the capture triggers of each map concerned are
+ * created again (d365._map_capture_install, which needs the caller to own
+ * the table, as d365_map_column does).  Only where the map's table has its
+ * capture triggers: in a restore they come after the data (the column map
+ * is the one they were made for, not a change); an unmapped table has none.
+ * The map "contact" is the contact table's (its field map's trigger,
+ * d365._field_map_changed).
+ */
+CREATE OR REPLACE FUNCTION d365._column_map_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    maps text[];
+    tbl regclass;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        maps := ARRAY(SELECT DISTINCT n.map FROM column_map_new n);
+    ELSIF TG_OP = 'UPDATE' THEN
+        maps := ARRAY(SELECT n.map FROM column_map_new n UNION SELECT o.map FROM column_map_old o);
+    ELSE
+        maps := ARRAY(SELECT DISTINCT o.map FROM column_map_old o);
+    END IF;
+    FOR tbl IN SELECT t.local_table FROM d365.table_map t
+                WHERE t.name = ANY (maps) AND t.name <> 'contact'
+                  AND EXISTS (SELECT FROM pg_trigger g
+                               WHERE g.tgrelid = t.local_table AND g.tgname = 'd365_map_capture_update'
+                                 AND g.tgfoid = 'd365._map_capture_row()'::regprocedure)
+                ORDER BY t.name LOOP
+        PERFORM d365._map_capture_install(tbl);
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_capture_row(), d365._map_capture_flush(),
+       d365._column_map_changed() FROM PUBLIC;
+
 /*
  * The table part, in C (src/map_guard.c, shared with the contact table's
  * check): the table's ACCESS SHARE lock, to the end of the transaction; a
@@ -8653,6 +8746,18 @@ CREATE TRIGGER state_guard BEFORE INSERT OR UPDATE ON d365.load_state
 CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
     FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('next_link', 'entity');
+
+-- The capture triggers of a mapped table follow its column map
+-- (sql/install/16_map_capture.sql).
+CREATE TRIGGER column_map_inserted AFTER INSERT ON d365.column_map
+    REFERENCING NEW TABLE AS column_map_new
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
+CREATE TRIGGER column_map_updated AFTER UPDATE ON d365.column_map
+    REFERENCING OLD TABLE AS column_map_old NEW TABLE AS column_map_new
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
+CREATE TRIGGER column_map_deleted AFTER DELETE ON d365.column_map
+    REFERENCING OLD TABLE AS column_map_old
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
 
 -- The job role's rights (sql/install/90_job_role.sql).  No role but an
 -- admin keeps EXECUTE on d365's internal functions (an operator: the two

@@ -27,6 +27,14 @@
  * key column that is gone or of another type is ignored (the application's
  * write goes on; d365_status() reports the attachment broken).
  *
+ * Mapped tables use the same engine (src/map_capture.c): their row
+ * triggers note keys here, tagged with the table, and their statement
+ * triggers flush them.  A flush writes every key noted at its level to the
+ * queue of the table that noted it -- d365.contact_change for the attached
+ * table, d365.map_change under the map's name for a mapped one -- whichever
+ * trigger runs it, and forgets keys that a trigger on any other table
+ * noted.
+ *
  * Noted keys live in TopTransactionContext, tagged with the transaction
  * nest level that noted them.  A flush takes only the keys of its own level
  * (a statement in a subtransaction must not write the enclosing statement's
@@ -84,6 +92,7 @@ static bool callbacks_registered = false;
 #define FLUSH_CHUNK 65536
 
 static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr map_insert_plan = NULL;
 static SPIPlanPtr moved_plan = NULL;
 
 static int	first_at_level(int level);
@@ -276,8 +285,6 @@ d365_capture_row(PG_FUNCTION_ARGS)
 	old_key = isnull ? NULL : d365_key_text(value, att->atttypid);
 	MemoryContextSwitchTo(oldcxt);
 
-	if (new_key == NULL && old_key == NULL)
-		return PointerGetDatum(NULL);
 	if (old_key != NULL && new_key != NULL &&
 		VARSIZE_ANY_EXHDR(old_key) == VARSIZE_ANY_EXHDR(new_key) &&
 		memcmp(VARDATA_ANY(old_key), VARDATA_ANY(new_key), VARSIZE_ANY_EXHDR(new_key)) == 0)
@@ -286,11 +293,27 @@ d365_capture_row(PG_FUNCTION_ARGS)
 		old_key = NULL;
 	}
 	/* old_key set: the key changed (to new_key, or to NULL) */
-	note_key(RelationGetRelid(trigdata->tg_relation), new_key, old_key);
+	d365_capture_note(RelationGetRelid(trigdata->tg_relation), new_key, old_key);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * d365_capture_note
+ *		Note a key (and the key it replaced, or NULL) that a row trigger on
+ *		relid saw change, both allocated in TopTransactionContext (NULL
+ *		both: nothing).  Every FLUSH_CHUNK keys of one statement are
+ *		written at once, as the extension's owner, so that memory stays
+ *		bounded however many rows a statement changes.
+ */
+void
+d365_capture_note(Oid relid, text *key, text *old_key)
+{
+	if (key == NULL && old_key == NULL)
+		return;
+	note_key(relid, key, old_key);
 	if (n_noted % FLUSH_CHUNK == 0 &&
 		n_noted - first_at_level(GetCurrentTransactionNestLevel()) >= FLUSH_CHUNK)
 		flush_as_owner(GetCurrentTransactionNestLevel());
-	return PointerGetDatum(NULL);
 }
 
 /*
@@ -334,7 +357,8 @@ text_array(Datum *items, int n)
 static void
 run_plan(SPIPlanPtr *plan, const char *sql, int nargs, Datum *args)
 {
-	Oid			types[2] = {TEXTARRAYOID, TEXTARRAYOID};
+	Oid			types[2] = {nargs == 2 && plan == &map_insert_plan ? TEXTOID : TEXTARRAYOID,
+	TEXTARRAYOID};
 	int			rc;
 
 	if (*plan == NULL)
@@ -354,21 +378,26 @@ run_plan(SPIPlanPtr *plan, const char *sql, int nargs, Datum *args)
 
 /*
  * insert_direct
- *		Appends one row (keys, now()) to d365.contact_change with a plain
- *		heap insert, which costs a single-row statement far less than an
- *		INSERT through SPI.  Only while the table is as the extension made
- *		it -- a heap with exactly the columns keys text[] and noted_at
- *		timestamptz, no index, trigger, rule or row security -- so that
- *		nothing the executor would do is skipped; returns false otherwise,
- *		and the caller inserts through SPI.
+ *		Appends one row to d365.<relname> with a plain heap insert, which
+ *		costs a single-row statement far less than an INSERT through SPI:
+ *		(keys, now()) to contact_change, (map, keys, now()) to map_change
+ *		(map not NULL).  Only while the table is as the extension made it --
+ *		a heap with exactly those columns of those types, no index,
+ *		trigger, rule or row security -- so that nothing the executor would
+ *		do is skipped; returns false otherwise, and the caller inserts
+ *		through SPI.
  */
 static bool
-insert_direct(Datum keys)
+insert_direct(const char *relname, const char *map, Datum keys)
 {
-	Oid			relid = get_relname_relid("contact_change", get_namespace_oid("d365", false));
+	Oid			relid = get_relname_relid(relname, get_namespace_oid("d365", false));
+	int			natts = map != NULL ? 3 : 2;
+	Oid			types[3] = {TEXTOID, TEXTARRAYOID, TIMESTAMPTZOID};
+	Oid		   *want = map != NULL ? types : types + 1;
 	Relation	rel;
 	TupleDesc	desc;
 	bool		plain;
+	int			i;
 
 	if (!OidIsValid(relid))
 		return false;
@@ -378,17 +407,22 @@ insert_direct(Datum keys)
 		rel->rd_rel->relam == HEAP_TABLE_AM_OID &&
 		!rel->rd_rel->relhasindex && !rel->rd_rel->relhastriggers &&
 		!rel->rd_rel->relhasrules && !rel->rd_rel->relrowsecurity &&
-		desc->natts == 2 &&
-		!TupleDescAttr(desc, 0)->attisdropped &&
-		TupleDescAttr(desc, 0)->atttypid == TEXTARRAYOID &&
-		!TupleDescAttr(desc, 1)->attisdropped &&
-		TupleDescAttr(desc, 1)->atttypid == TIMESTAMPTZOID;
+		desc->natts == natts;
+	for (i = 0; plain && i < natts; i++)
+		plain = !TupleDescAttr(desc, i)->attisdropped &&
+			TupleDescAttr(desc, i)->atttypid == want[i];
 	if (plain)
 	{
-		Datum		values[2] = {keys, TimestampTzGetDatum(GetCurrentTransactionStartTimestamp())};
-		bool		nulls[2] = {false, false};
-		HeapTuple	tuple = heap_form_tuple(desc, values, nulls);
+		Datum		values[3];
+		bool		nulls[3] = {false, false, false};
+		HeapTuple	tuple;
 
+		i = 0;
+		if (map != NULL)
+			values[i++] = CStringGetTextDatum(map);
+		values[i++] = keys;
+		values[i] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		tuple = heap_form_tuple(desc, values, nulls);
 		simple_heap_insert(rel, tuple);
 		heap_freetuple(tuple);
 	}
@@ -396,47 +430,107 @@ insert_direct(Datum keys)
 	return plain;
 }
 
+/* where a table's noted keys go: its map's name, or NULL for the contact table */
+typedef struct KeyTarget
+{
+	Oid			relid;
+	bool		contact;		/* the attached table or a partition of it */
+	const char *map;			/* else the map of relid, or NULL: none */
+} KeyTarget;
+
+/*
+ * key_target
+ *		The target of the keys noted on relid, looked up once per flush
+ *		(targets holds those seen so far, *n of them).
+ */
+static KeyTarget *
+key_target(KeyTarget *targets, int *n, Oid relid, Oid attached)
+{
+	int			i;
+
+	for (i = 0; i < *n; i++)
+		if (targets[i].relid == relid)
+			return &targets[i];
+	targets[*n].relid = relid;
+	targets[*n].contact = relid == attached || d365_is_attached_relation(relid, attached);
+	targets[*n].map = targets[*n].contact ? NULL : d365_map_of_relid(relid);
+	return &targets[(*n)++];
+}
+
+/*
+ * write_keys
+ *		Appends keys (a text[]) to d365.contact_change (map NULL) or to
+ *		d365.map_change under map's name.  Needs an SPI connection.
+ */
+static void
+write_keys(const char *map, Datum keys)
+{
+	if (map == NULL)
+	{
+		if (!insert_direct("contact_change", NULL, keys))
+			run_plan(&insert_plan, "INSERT INTO d365.contact_change (keys) VALUES ($1)", 1, &keys);
+	}
+	else if (!insert_direct("map_change", map, keys))
+	{
+		Datum		args[2] = {CStringGetTextDatum(map), keys};
+
+		run_plan(&map_insert_plan, "INSERT INTO d365.map_change (map, keys) VALUES ($1, $2)", 2, args);
+	}
+}
+
 /*
  * flush_level
- *		Writes the keys noted at nest level >= level -- key changes through
- *		d365._contact_keys_moved(), changed keys into d365.contact_change,
- *		one row per FLUSH_CHUNK keys -- and forgets them.  Keys that a
- *		trigger on another table noted are forgotten unwritten.  The caller
- *		holds the rights of d365's owner.
+ *		Writes the keys noted at nest level >= level and forgets them: those
+ *		of the attached table as key changes through
+ *		d365._contact_keys_moved() and changed keys into d365.contact_change,
+ *		those of a mapped table into d365.map_change under its map's name
+ *		(the keys only: a map's state follows its key through the row's
+ *		link), one row per FLUSH_CHUNK keys of a table.  Keys that a trigger
+ *		on any other table noted are forgotten unwritten.  The caller holds
+ *		the rights of d365's owner.
  */
 static void
 flush_level(int level)
 {
-	Oid			attached = d365_attached_relid();
+	Oid			attached;
 	int			first = first_at_level(level);
 	int			n = n_noted - first;
-	Datum	   *olds = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *news = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *keys = palloc(sizeof(Datum) * Min(Max(n, 1), FLUSH_CHUNK));
+	Datum	   *olds;
+	Datum	   *news;
+	Datum	   *keys;
+	KeyTarget  *targets;
+	KeyTarget **target_of;
+	int			n_targets = 0;
 	int			n_moved = 0;
-	int			n_keys = 0;
-	int			i;
+	int			n_written = 0;
+	int			t,
+				i;
 
 	if (n <= 0)
 		return;
+	attached = d365_attached_relid();
+	olds = palloc(sizeof(Datum) * n);
+	news = palloc(sizeof(Datum) * n);
+	keys = palloc(sizeof(Datum) * Min(n, FLUSH_CHUNK));
+	targets = palloc(sizeof(KeyTarget) * n);
+	target_of = palloc(sizeof(KeyTarget *) * n);
 	SPI_connect();
 	for (i = first; i < n_noted; i++)
-		if (noted[i].relid != attached &&
-			!d365_is_attached_relation(noted[i].relid, attached))
-		{
-			if (noted[i].key != NULL)
-				pfree(noted[i].key);
-			if (noted[i].old_key != NULL)
-				pfree(noted[i].old_key);
-			noted[i].key = NULL;
-			noted[i].old_key = NULL;
-		}
-	for (i = first; i < n_noted; i++)
-		if (noted[i].old_key != NULL)
+	{
+		KeyTarget  *kt = NULL;
+
+		/* consecutive keys are mostly of one table */
+		if (i > first && noted[i].relid == noted[i - 1].relid)
+			kt = target_of[i - first - 1];
+		else
+			kt = key_target(targets, &n_targets, noted[i].relid, attached);
+		target_of[i - first] = kt;
+		if (kt->contact && noted[i].old_key != NULL)
 		{
 			olds[n_moved] = PointerGetDatum(noted[i].old_key);
 			news[n_moved++] = PointerGetDatum(noted[i].key);
 		}
+	}
 	if (n_moved > 0)
 	{
 		Datum		args[2] = {PointerGetDatum(text_array(olds, n_moved)),
@@ -444,18 +538,25 @@ flush_level(int level)
 
 		run_plan(&moved_plan, "SELECT d365._contact_keys_moved($1, $2)", 2, args);
 	}
-	for (i = first; i <= n_noted; i++)
+	/* each target's keys, in the order noted */
+	for (t = 0; t < n_targets; t++)
 	{
-		if (n_keys == FLUSH_CHUNK || (i == n_noted && n_keys > 0))
-		{
-			Datum		args[1] = {PointerGetDatum(text_array(keys, n_keys))};
+		KeyTarget  *kt = &targets[t];
+		int			n_keys = 0;
 
-			if (!insert_direct(args[0]))
-				run_plan(&insert_plan, "INSERT INTO d365.contact_change (keys) VALUES ($1)", 1, args);
-			n_keys = 0;
+		if (!kt->contact && kt->map == NULL)
+			continue;
+		for (i = first; i <= n_noted; i++)
+		{
+			if (n_keys == FLUSH_CHUNK || (i == n_noted && n_keys > 0))
+			{
+				write_keys(kt->contact ? NULL : kt->map, PointerGetDatum(text_array(keys, n_keys)));
+				n_written += n_keys;
+				n_keys = 0;
+			}
+			if (i < n_noted && target_of[i - first] == kt && noted[i].key != NULL)
+				keys[n_keys++] = PointerGetDatum(noted[i].key);
 		}
-		if (i < n_noted && noted[i].key != NULL)
-			keys[n_keys++] = PointerGetDatum(noted[i].key);
 	}
 	SPI_finish();
 	for (i = first; i < n_noted; i++)
@@ -467,7 +568,8 @@ flush_level(int level)
 	}
 	n_noted = first;
 	/* with realtime on, the background worker sends them at commit */
-	d365_worker_wake_at_commit(false);
+	if (n_written > 0 || n_moved > 0)
+		d365_worker_wake_at_commit(false);
 }
 
 /*
@@ -529,4 +631,17 @@ d365_capture_flush(PG_FUNCTION_ARGS)
 	if (n_noted > 0)
 		flush_level(GetCurrentTransactionNestLevel());
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * d365_capture_flush_noted
+ *		Writes and forgets the keys noted at the current nest level, from a
+ *		statement trigger that holds the rights of d365's owner
+ *		(d365._map_capture_flush(), src/map_capture.c).
+ */
+void
+d365_capture_flush_noted(void)
+{
+	if (n_noted > 0)
+		flush_level(GetCurrentTransactionNestLevel());
 }

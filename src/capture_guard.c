@@ -107,6 +107,53 @@ d365_is_attached_relation(Oid relid, Oid attached)
 }
 
 /*
+ * fired_as_own
+ *		Whether this trigger function was called by a trigger named tgname,
+ *		AFTER, at the level and for the event given (TRIGGER_EVENT_* and row
+ *		or not), calling the function being run.  Raises when it was not
+ *		called as a trigger at all.
+ */
+static bool
+fired_as_own(FunctionCallInfo fcinfo, const char *fn, const char *tgname,
+			 uint32 event, bool row)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("%s must be called as a trigger", fn)));
+	return tgname != NULL &&
+		strcmp(td->tg_trigger->tgname, tgname) == 0 &&
+		TRIGGER_FIRED_AFTER(td->tg_event) &&
+		((TRIGGER_FIRED_FOR_ROW(td->tg_event) != 0) == row) &&
+		(td->tg_event & TRIGGER_EVENT_OPMASK) == event &&
+		td->tg_trigger->tgfoid == fcinfo->flinfo->fn_oid;
+}
+
+/*
+ * d365_capture_refuse
+ *		The error of a capture function run where d365sync did not put it:
+ *		on the attached contact table, or on a mapped table (map).
+ */
+void
+d365_capture_refuse(FunctionCallInfo fcinfo, const char *fn, bool map)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("%s cannot run in trigger \"%s\" on %s", fn, td->tg_trigger->tgname,
+					RelationGetRelationName(td->tg_relation)),
+			 map
+			 ? errdetail("d365sync's capture functions run only in the capture triggers that d365sync puts on a mapped table.")
+			 : errdetail("d365sync's capture functions run only in the capture triggers that d365sync puts on the attached contact table."),
+			 map
+			 ? errhint("Map the table with d365.d365_map_table(), which creates them.")
+			 : errhint("Attach the table with d365.d365_attach_contacts(), which creates them.")));
+}
+
+/*
  * d365_capture_check
  *		Raise unless this trigger function was called by d365sync's own
  *		trigger: called as a trigger, named tgname, AFTER, at the level and
@@ -119,26 +166,24 @@ d365_capture_check(FunctionCallInfo fcinfo, const char *fn, const char *tgname,
 				   uint32 event, bool row, bool check_table)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
-	const char *fired_as;
 
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("%s must be called as a trigger", fn)));
-	fired_as = td->tg_trigger->tgname;
-	if (strcmp(fired_as, tgname) != 0 ||
-		!TRIGGER_FIRED_AFTER(td->tg_event) ||
-		((TRIGGER_FIRED_FOR_ROW(td->tg_event) != 0) != row) ||
-		(td->tg_event & TRIGGER_EVENT_OPMASK) != event ||
-		td->tg_trigger->tgfoid != fcinfo->flinfo->fn_oid ||
+	if (!fired_as_own(fcinfo, fn, tgname, event, row) ||
 		(check_table &&
 		 !d365_is_attached_relation(RelationGetRelid(td->tg_relation), d365_attached_relid())))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("%s cannot run in trigger \"%s\" on %s", fn, fired_as,
-						RelationGetRelationName(td->tg_relation)),
-				 errdetail("d365sync's capture functions run only in the capture triggers that d365sync puts on the attached contact table."),
-				 errhint("Attach the table with d365.d365_attach_contacts(), which creates them.")));
+		d365_capture_refuse(fcinfo, fn, false);
+}
+
+/*
+ * d365_map_capture_check
+ *		The same for a mapped table's capture function (src/map_capture.c);
+ *		the caller checks the table where it runs with d365's rights.
+ */
+void
+d365_map_capture_check(FunctionCallInfo fcinfo, const char *fn, const char *tgname,
+					   uint32 event, bool row)
+{
+	if (!fired_as_own(fcinfo, fn, tgname, event, row))
+		d365_capture_refuse(fcinfo, fn, true);
 }
 
 /*

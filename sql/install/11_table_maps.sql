@@ -329,14 +329,18 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------
--- Capture: one statement-level trigger per operation on a mapped table.
--- INSERT and UPDATE note the statement's keys in d365.map_change (the next
--- sync compares each noted row with what Dynamics holds and sends only what
--- differs); DELETE and TRUNCATE forget the rows' state; the Dynamics
--- records stay (on_local_delete 'unlink') or wait in d365.map_delete to be
--- deactivated or deleted by the next sync (13_map_delete.sql).  The function reads only the key
+-- Capture.  An INSERT, and an UPDATE of the key or of a column the map
+-- sends, notes the row's key in d365.map_change (the next sync compares
+-- each noted row with what Dynamics holds and sends only what differs):
+-- C row triggers, the UPDATE one behind a WHEN clause on those columns, and
+-- statement triggers that write a statement's keys (src/map_capture.c,
+-- 16_map_capture.sql).  DELETE and TRUNCATE (d365._map_capture(), below)
+-- forget the rows' state; the Dynamics records stay (on_local_delete
+-- 'unlink') or wait in d365.map_delete to be deactivated or deleted by the
+-- next sync (13_map_delete.sql).  d365._map_capture() reads only the key
 -- column of the statement's transition table, of a built-in type, and
--- refuses to run from any trigger but d365sync's own on a mapped table.
+-- refuses to run from any trigger but d365sync's own DELETE or TRUNCATE
+-- trigger on a mapped table.
 -- ---------------------------------------------------------------------------
 
 CREATE FUNCTION d365._map_capture()
@@ -354,17 +358,11 @@ BEGIN
            SELECT FROM pg_trigger g
             WHERE g.tgrelid = TG_RELID AND g.tgname = TG_NAME
               AND g.tgfoid = 'd365._map_capture()'::regprocedure
-              AND g.tgname IN ('d365_map_capture_insert', 'd365_map_capture_update',
-                               'd365_map_capture_delete', 'd365_map_capture_truncate')
-              AND (TG_OP = 'TRUNCATE'
-                   OR coalesce(g.tgnewtable, g.tgoldtable) = 'd365_rows')) THEN
+              AND ((TG_OP = 'DELETE' AND g.tgname = 'd365_map_capture_delete'
+                    AND g.tgoldtable = 'd365_rows')
+                   OR (TG_OP = 'TRUNCATE' AND g.tgname = 'd365_map_capture_truncate'))) THEN
         RAISE EXCEPTION 'd365._map_capture() runs only as d365sync''s capture trigger of a mapped table'
             USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    -- d365sync's own write of the link columns or of incoming values:
-    -- nothing to send back
-    IF TG_OP IN ('INSERT', 'UPDATE') AND d365._map_own_write(TG_RELID) THEN
-        RETURN NULL;
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
         -- the records of the rows linked as far as the sync state knows
@@ -388,7 +386,7 @@ BEGIN
     IF keys IS NULL THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'DELETE' THEN
+    IF TG_OP = 'DELETE' THEN        -- (always: checked above)
         -- on_local_delete deactivate/delete: the deleted rows' records wait
         -- in d365.map_delete until Dynamics has done it.  The record is the
         -- one d365sync linked the row to (d365.map_row), never what the
@@ -402,8 +400,6 @@ BEGIN
             ON CONFLICT ON CONSTRAINT map_delete_pkey DO NOTHING;
         END IF;
         DELETE FROM d365.map_row r WHERE r.map = m.name AND r.row_key = ANY (keys);
-    ELSE
-        INSERT INTO d365.map_change (map, keys) VALUES (m.name, keys);
     END IF;
     -- the background worker sends it after COMMIT (with realtime on)
     PERFORM d365._worker_wake(false);
@@ -413,19 +409,55 @@ $$;
 
 -- The statements that (re)create the capture triggers of a mapped table and
 -- the guard of its link columns (src/link_guard.c: only d365sync's own link
--- writer may set them); d365._map_capture_install() runs them.
+-- writer may set them); d365._map_capture_install() runs them.  The WHEN
+-- clause of d365_map_capture_update lists the key and the mapped columns
+-- that are sent (direction both or out) and exist, each compared with IS
+-- DISTINCT FROM (the column type's own equality, evaluated by the executor
+-- as the writing user), so an UPDATE of other columns costs no trigger
+-- call; it follows the column map (d365._column_map_changed,
+-- 16_map_capture.sql).  The row triggers' arguments are the key's attribute
+-- number and name.  A trigger of an earlier form under the same name (a
+-- statement trigger with a transition table) is dropped first.
 CREATE FUNCTION d365._map_capture_sql(tbl regclass)
 RETURNS text[]
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT ARRAY[
-        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s'
-               ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
-               ' EXECUTE FUNCTION d365._map_capture()', tbl),
-        format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s'
-               ' REFERENCING NEW TABLE AS d365_rows FOR EACH STATEMENT'
-               ' EXECUTE FUNCTION d365._map_capture()', tbl),
+DECLARE
+    m d365.table_map;
+    key_num smallint;
+    changed text;
+    stale text[];
+BEGIN
+    SELECT * INTO m FROM d365.table_map t WHERE t.local_table = tbl AND t.name <> 'contact';
+    SELECT a.attnum INTO key_num FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = m.key_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF key_num IS NULL THEN
+        RAISE EXCEPTION 'the key column "%" of map "%" is not a column of %', m.key_column, m.name, tbl
+            USING ERRCODE = 'undefined_column',
+                  HINT = format('Unmap the table (d365_unmap_table(%L)) and map it again naming its key.', m.name);
+    END IF;
+    SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY a.attnum)
+      INTO changed
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+       AND (a.attnum = key_num
+            OR a.attname IN (SELECT c."column" FROM d365.column_map c
+                              WHERE c.map = m.name AND c.direction <> 'in'));
+    SELECT array_agg(format('DROP TRIGGER %I ON %s', g.tgname, tbl) ORDER BY g.tgname) INTO stale
+      FROM pg_trigger g
+     WHERE g.tgrelid = tbl AND g.tgname IN ('d365_map_capture_insert', 'd365_map_capture_update')
+       AND g.tgfoid = 'd365._map_capture()'::regprocedure;
+    RETURN coalesce(stale, '{}') || ARRAY[
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert AFTER INSERT ON %s FOR EACH ROW'
+               ' EXECUTE FUNCTION d365._map_capture_row(%L, %L)', tbl, key_num, m.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON %s FOR EACH ROW'
+               ' WHEN (%s) EXECUTE FUNCTION d365._map_capture_row(%L, %L)',
+               tbl, changed, key_num, m.key_column),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_insert_flush AFTER INSERT ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture_flush()', tbl),
+        format('CREATE OR REPLACE TRIGGER d365_map_capture_update_flush AFTER UPDATE ON %s'
+               ' FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture_flush()', tbl),
         format('CREATE OR REPLACE TRIGGER d365_map_capture_delete AFTER DELETE ON %s'
                ' REFERENCING OLD TABLE AS d365_rows FOR EACH STATEMENT'
                ' EXECUTE FUNCTION d365._map_capture()', tbl),
@@ -441,7 +473,8 @@ AS $$
                '        AND NEW.dynamics365_related_id IS DISTINCT FROM OLD.dynamics365_related_id)'
                '       OR (NEW.dynamics365_synchronized_on IS NOT NULL'
                '        AND NEW.dynamics365_synchronized_on IS DISTINCT FROM OLD.dynamics365_synchronized_on))'
-               ' EXECUTE FUNCTION d365._contact_link_guard()', tbl)]
+               ' EXECUTE FUNCTION d365._contact_link_guard()', tbl)];
+END;
 $$;
 REVOKE ALL ON FUNCTION d365._map_capture_sql(regclass) FROM PUBLIC;
 
@@ -538,13 +571,13 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = 'd365sync adds the link columns dynamics365_related_id uuid and dynamics365_synchronized_on timestamptz itself; drop or convert columns of other types.';
     END IF;
-    -- one row per Dynamics record
-    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a
-                            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = local_table AND i.indisunique AND i.indnatts = 1
-                      AND i.indpred IS NULL AND i.indexprs IS NULL
-                      AND a.attname = 'dynamics365_related_id') THEN
-        EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)', local_table);
+    -- one row per Dynamics record; unlinked rows are not in the index, so
+    -- inserting them and updating them outside HOT costs the application
+    -- nothing more (an index without the predicate, of an earlier version or
+    -- the owner's, does as well)
+    IF NOT d365._link_index_exists(local_table) THEN
+        EXECUTE format('CREATE UNIQUE INDEX ON %s (dynamics365_related_id)'
+                       ' WHERE dynamics365_related_id IS NOT NULL', local_table);
     END IF;
 
     INSERT INTO d365.table_map AS t (name, local_table, entity_set, key_column)
@@ -590,6 +623,8 @@ BEGIN
         FOR trg IN SELECT g.tgname FROM pg_trigger g
                     WHERE g.tgrelid = m.local_table
                       AND g.tgfoid IN ('d365._map_capture()'::regprocedure,
+                                       'd365._map_capture_row()'::regprocedure,
+                                       'd365._map_capture_flush()'::regprocedure,
                                        'd365._contact_link_guard()'::regprocedure) LOOP
             EXECUTE format('DROP TRIGGER %I ON %s', trg, m.local_table);
         END LOOP;

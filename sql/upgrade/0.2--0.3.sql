@@ -357,6 +357,18 @@ CREATE TRIGGER state_guard_next BEFORE INSERT OR UPDATE ON d365.load_state
     FOR EACH ROW WHEN (NEW.next_link IS NOT NULL)
     EXECUTE FUNCTION d365._state_guard('next_link', 'entity');
 
+-- The capture triggers of a mapped table follow its column map
+-- (sql/install/16_map_capture.sql).
+CREATE TRIGGER column_map_inserted AFTER INSERT ON d365.column_map
+    REFERENCING NEW TABLE AS column_map_new
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
+CREATE TRIGGER column_map_updated AFTER UPDATE ON d365.column_map
+    REFERENCING OLD TABLE AS column_map_old NEW TABLE AS column_map_new
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
+CREATE TRIGGER column_map_deleted AFTER DELETE ON d365.column_map
+    REFERENCING OLD TABLE AS column_map_old
+    FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
+
 -- The job role's rights (sql/install/90_job_role.sql).  No role but an
 -- admin keeps EXECUTE on d365's internal functions (an operator: the two
 -- d365_schedule() calls, d365._jobs() and d365._cron_host()), nor writes of
