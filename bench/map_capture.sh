@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the capture triggers of a table map cost the application, as root:
-#   bash bench/map_capture.sh [--quick]
+#   bash bench/map_capture.sh [--quick] [--parts]
 # The same measurements as bench/capture.sh (INSERT of N rows in one
 # statement, UPDATE of a mapped column, UPDATE of an unmapped column, N/10
 # single-row UPDATEs of a mapped column) on a companies table shaped like an
@@ -8,29 +8,42 @@
 # d365sync and once mapped to accounts with d365_map_table().  Mapping reads
 # Dynamics metadata, so it starts the simulator; capture itself makes no
 # request.  Best of BENCH_CAPTURE_REPS (default 5) repetitions, alternately
-# unmapped and mapped; prints the times and ratios as bench/capture.sh does.
+# unmapped and mapped; prints the times and ratios as bench/capture.sh does
+# (goals: INSERT and mapped UPDATE at most 2x, unmapped UPDATE at most 1.3x).
+# --parts also measures the mapped table with d365sync's triggers taken
+# away (the link columns' index only) and with the guard of the link
+# columns but no capture triggers, and prints where the time goes.
 #
 # Environment:
 #   BENCH_CAPTURE_ROWS=100000   rows (--quick: 20000)
 #   BENCH_CAPTURE_REPS=5        repetitions of each measurement
 #   D365_SKIP_BUILD=1           use the installed extension
 set -uo pipefail
+parts=0
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 . "$BENCH_DIR/../scripts/lib.sh"
 . "$BENCH_DIR/capture.sh"
 for arg in "$@"; do
     case $arg in
         --quick) BENCH_CAPTURE_ROWS=${BENCH_CAPTURE_ROWS:-20000} ;;
-        -h|--help) sed -n '2,16s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --parts) parts=1 ;;
+        -h|--help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "bench/map_capture.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
 
-# map_capture_once DB MODE ROWS SINGLE: one round, "MODE KIND MS" per line
+# map_capture_once DB MODE ROWS SINGLE: one round, "MODE KIND MS" per line.
+# MODE: base (no d365sync), attached (mapped), index (mapped, then every
+# trigger of d365sync's dropped), guard (mapped, the capture triggers
+# dropped, the link columns' guard kept).
 map_capture_once() {
     local db=$1 mode=$2 rows=$3 single=$4
-    local mapped=false
-    [ "$mode" = attached ] && mapped=true
+    local mapped=false drop=none
+    [ "$mode" != base ] && mapped=true
+    case $mode in
+        index) drop="'d365._map_capture()', 'd365._map_capture_row()', 'd365._map_capture_flush()', 'd365._contact_link_guard()'" ;;
+        guard) drop="'d365._map_capture()', 'd365._map_capture_row()', 'd365._map_capture_flush()'" ;;
+    esac
     psql -X -q -At -v ON_ERROR_STOP=1 -d "$db" 2>&1 <<SQL | sed -n "s/^ms /$mode /p"
 SET client_min_messages = warning;
 SELECT d365.d365_unmap_table('company') FROM d365.table_map WHERE name = 'company';
@@ -49,6 +62,10 @@ SELECT d365.d365_map_column('company', c, f)
   FROM (VALUES ('name', 'name'), ('phone', 'telephone1'), ('website', 'websiteurl'),
                ('city', 'address1_city'), ('employees', 'numberofemployees'),
                ('revenue', 'revenue')) m(c, f);
+\endif
+\if $( [ "$drop" != none ] && echo true || echo false )
+SELECT format('DROP TRIGGER %I ON capture_company', tgname) FROM pg_trigger
+ WHERE tgrelid = 'capture_company'::regclass AND tgfoid::regprocedure::text IN ($drop) \gexec
 \endif
 CHECKPOINT;
 SELECT clock_timestamp() AS t0 \gset
@@ -105,8 +122,10 @@ single=$((rows / 10))
 d365_log "map capture: $rows rows, $reps repetitions"
 out=$D365_WORK/map_capture.raw
 : >"$out"
+modes="base attached"
+[ "$parts" = 1 ] && modes="base index guard attached"
 for r in $(seq 1 "$reps"); do
-    for mode in base attached; do
+    for mode in $modes; do
         map_capture_once d365mapcapture "$mode" "$rows" "$single" >>"$out" || exit 1
     done
 done
@@ -122,4 +141,24 @@ for kind, n in (("insert", rows), ("mapped", rows), ("unmapped", rows), ("single
         print("capture\t%s\t%s\t%.1f\t%.1f" % (kind, n, best[(kind, "base")], best[(kind, "attached")]))
 PY
 echo
+[ "$parts" = 1 ] && /usr/bin/python3 - "$out" <<'PY'
+import sys
+best = {}
+for line in open(sys.argv[1]):
+    mode, kind, ms = line.split()
+    best[(kind, mode)] = min(best.get((kind, mode), float("inf")), float(ms))
+print("Where the time goes: the mapped table with d365sync's triggers dropped (index),")
+print("with the link guard only (guard), and whole (attached); ms and ratio to base.")
+print()
+print("| statement | base | index | guard | attached |")
+print("|---|---:|---:|---:|---:|")
+for kind in ("insert", "mapped", "unmapped", "single"):
+    b = best.get((kind, "base"))
+    if not b:
+        continue
+    cells = ["%.1f" % b] + ["%.1f (%.2fx)" % (best[(kind, m)], best[(kind, m)] / b)
+                            for m in ("index", "guard", "attached") if (kind, m) in best]
+    print("| %s | %s |" % (kind, " | ".join(cells)))
+print()
+PY
 capture_report "$D365_WORK/map_capture.tsv" | sed 's/attached (9 mapped columns)/mapped to accounts (6 mapped columns)/; s/unattached (ms) | attached (ms)/unmapped (ms) | mapped (ms)/'

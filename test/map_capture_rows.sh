@@ -102,6 +102,18 @@ else
     notok "UPDATE capture" "$a" "$b"
 fi
 
+# -- 4b. INSERT ... ON CONFLICT DO UPDATE: the inserted and the updated
+# keys, once, in one queue row
+clear
+q "INSERT INTO companies (id, name, phone) VALUES (1, 'Alpha', '77'), (4, 'Delta', '4')
+   ON CONFLICT (id) DO UPDATE SET phone = EXCLUDED.phone" >/dev/null
+if [ "$(noted account)" = "1,4/1" ]; then
+    ok "INSERT ... ON CONFLICT DO UPDATE notes the inserted and the updated key in one queue row"
+else
+    notok "ON CONFLICT DO UPDATE" "$(noted account)"
+fi
+q "DELETE FROM companies WHERE id = 4" >/dev/null
+
 # -- 5. a key change notes the new key
 clear
 q "UPDATE companies SET id = 30 WHERE id = 3" >/dev/null
@@ -144,6 +156,21 @@ if [ "$out" = "3" ] && [ "$a" = "/0" ] && [ "$name" = "Alpha Pulled" ] && [ "$b"
 else
     notok "own writes" "$out" "$a" "$name" "$b"
 fi
+
+# -- 7b. an initial load's inserts are d365sync's own writes: nothing noted
+clear
+out=$(q "CREATE TABLE loaded (id serial PRIMARY KEY, name text);
+         SELECT d365_map_table('loaded', 'loaded', 'accounts');
+         SELECT d365_map_column('loaded', 'name', 'name');
+         UPDATE d365.table_map SET load = true WHERE name = 'loaded';
+         SELECT created FROM d365_pull('loaded')")
+n=$(q "SELECT count(*) FROM loaded WHERE dynamics365_related_id IS NOT NULL")
+if [ "${n:-0}" -ge 5 ] && [ "$(noted loaded)" = "/0" ]; then
+    ok "the rows an initial load inserts ($n) are not noted as local changes"
+else
+    notok "a load's own inserts" "$out" "$n" "$(noted loaded)"
+fi
+q "SELECT d365_unmap_table('loaded')" >/dev/null
 
 # -- 8. a rolled-back savepoint drops its keys; the enclosing statement's stay
 clear
