@@ -4,16 +4,15 @@ EXTENSION = d365sync
 EXTVERSION = 0.3
 
 MODULE_big = d365sync
-OBJS = d365sync.o src/http.o src/odata.o src/odata_batch.o src/odata_governor.o src/odata_pages.o src/auth.o \
-	src/jsonutil.o src/spi_util.o src/settings.o src/runs.o \
-	src/contact_source.o src/metadata.o src/pipeline.o src/contacts_out.o \
-	src/activities.o src/incoming.o src/whoami.o src/table_owner.o src/capture.o \
-	src/worker.o src/worker_jobs.o src/worker_shmem.o src/progress.o \
-	src/fdw.o src/fdw_deparse.o src/fdw_scan.o src/link_guard.o src/odata_path.o \
-	src/pipeline_pull.o src/table_maps.o src/map_owner.o src/state_guard.o src/contact_policies.o \
-	src/capture_guard.o src/roles.o src/worker_role.o src/attach_cache.o \
-	src/map_guard.o src/job_role.o src/run_job.o \
-	src/map_capture.o
+OBJS = d365sync.o \
+	src/common/job_role.o src/common/jsonutil.o src/common/spi_util.o src/common/worker_shmem.o \
+	src/client/auth.o src/client/http.o src/client/odata.o src/client/odata_batch.o src/client/odata_governor.o src/client/odata_pages.o src/client/odata_path.o src/client/settings.o \
+	src/capture/attach_cache.o src/capture/capture.o src/capture/capture_guard.o src/capture/link_guard.o src/capture/map_capture.o src/capture/map_guard.o src/capture/state_guard.o \
+	src/privilege/map_owner.o src/privilege/roles.o src/privilege/table_owner.o \
+	src/pipeline/pipeline.o src/pipeline/pipeline_pull.o src/pipeline/progress.o src/pipeline/runs.o \
+	src/engines/activities.o src/engines/contact_policies.o src/engines/contact_source.o src/engines/contacts_out.o src/engines/incoming.o src/engines/metadata.o src/engines/table_maps.o src/engines/whoami.o \
+	src/worker/run_job.o src/worker/worker.o src/worker/worker_jobs.o src/worker/worker_role.o \
+	src/fdw/fdw.o src/fdw/fdw_deparse.o src/fdw/fdw_scan.o
 
 # The install script of the version being made is built from the parts in
 # sql/install/ (one per subsystem, in file-name order), the one place each
@@ -31,7 +30,15 @@ INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 REGRESS = settings whoami http_faults contacts contact_keys schedule activities incoming privileges security matching identity pool incoming_fit redteam redteam_dynamics redteam_data operations cron fdw governor ops_checks redteam_roles roles_matrix contact_lock governor_burst privilege_matrix
 REGRESS_OPTS = --load-extension=plpgsql
 
-PG_CPPFLAGS = -I$(srcdir)/src
+# src/ holds one folder per layer of the path every feature runs on, each
+# using only the layers before it (docs/architecture.md): common (SPI and
+# JSON helpers, shared memory, the job role), client (the one OData
+# client), capture (the triggers on application tables and their guards),
+# privilege (running as a table's owner, the sets of rights), pipeline
+# (select -> map -> send -> record, runs, progress), engines (contacts,
+# incoming, activities, table maps), worker, fdw.
+SRC_DIRS = common client capture privilege pipeline engines worker fdw
+PG_CPPFLAGS = -I$(srcdir)/src $(addprefix -I$(srcdir)/src/,$(SRC_DIRS))
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
 # Warnings are errors in development and CI builds only (D365_WERROR=1, or
 # CI=true as CI services set it): a newer compiler's new warning must not
@@ -48,7 +55,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # every object depends on every header (PGXS tracks no header dependencies)
-$(OBJS): $(wildcard $(srcdir)/src/*.h)
+$(OBJS): $(wildcard $(srcdir)/src/*.h $(srcdir)/src/*/*.h)
 
 sql/$(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_PARTS)
 	cat $^ > $@

@@ -6,7 +6,7 @@
  * d365sync keeps an application's contacts and activities in step with
  * Microsoft Dynamics 365 Sales through the Dataverse Web API.  One pipeline
  * serves every feature: select pending items with SQL, map rows to JSON,
- * send them through the OData client (src/odata.c over src/http.c), record
+ * send them through the OData client (src/client/odata.c over src/client/http.c), record
  * each outcome in ordinary tables.  See src/d365sync.h for the file map.
  *
  * GUCs (all prefixed d365sync., the prefix is reserved):

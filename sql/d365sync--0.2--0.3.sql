@@ -274,7 +274,7 @@ AS $$
 $$;
 
 /*
- * The background worker's side of the catalog (src/worker.c,
+ * The background worker's side of the catalog (src/worker/worker.c,
  * docs/worker.md).  _worker_wake arms a wake of the worker at the commit of
  * the current transaction: always, or only while realtime is on; a no-op
  * without the preload, in another database or on rollback.  _worker_state
@@ -909,7 +909,7 @@ BEGIN
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
     -- (remembered while the catalog says nothing it reads changed:
-    -- src/attach_cache.c)
+    -- src/capture/attach_cache.c)
     problem := d365._attachment_problem_cached(src);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
@@ -935,7 +935,7 @@ $$;
 
 /*
  * The statements that d365sync runs on the attached contact table as the
- * table's owner, in a security-restricted operation (see src/table_owner.c
+ * table's owner, in a security-restricted operation (see src/privilege/table_owner.c
  * and docs/security.md): the code the table's owner controls -- triggers,
  * index expressions, defaults, domain checks, casts, row security -- then
  * runs with the owner's rights, never with ours or a superuser caller's.  The statements take their data as parameters (the
@@ -947,7 +947,7 @@ $$;
  *            still be linked to (NULL: still unlinked): sets the link
  *            columns (rows locked by another transaction, and ids another
  *            row holds, are skipped); returns the keys changed.  The only
- *            writes the link-column guard lets through (src/link_guard.c)
+ *            writes the link-column guard lets through (src/capture/link_guard.c)
  *   links_wait  the same, but a row another transaction holds locked is
  *            waited for (up to lock_timeout) instead of skipped: the write
  *            of d365_sync_contact(), whose caller wants the id now
@@ -1066,7 +1066,7 @@ END;
 $$;
 
 /*
- * The statements above, run as the contact table's owner (src/table_owner.c).
+ * The statements above, run as the contact table's owner (src/privilege/table_owner.c).
  * Each checks first that its caller holds the UPDATE right on the columns it
  * writes (the mapper: SELECT on the table), so that nobody does through them
  * what they could not do themselves.
@@ -1550,7 +1550,7 @@ $$;
 
 -- AFTER DELETE, per statement: every deleted key becomes a tombstone.
 -- Reads only the key column of the trigger's own transition table, handed
--- over by the executor (src/capture_guard.c).  SECURITY DEFINER: the
+-- over by the executor (src/capture/capture_guard.c).  SECURITY DEFINER: the
 -- writers of the table need no rights in d365.  Runs only as d365sync's
 -- trigger d365_capture_delete of the attached table, and raises elsewhere.
 CREATE OR REPLACE FUNCTION d365._contact_capture_delete()
@@ -1706,7 +1706,7 @@ $$;
  * (Re)creates the capture triggers on the attached table: the statements
  * of d365._contact_capture_sql(), run as the owner of schema d365 (the only
  * role that may use the trigger functions) once the caller is found to own
- * the table, as CREATE TRIGGER itself requires (src/capture_guard.c).
+ * the table, as CREATE TRIGGER itself requires (src/capture/capture_guard.c).
  */
 CREATE OR REPLACE FUNCTION d365._contact_capture_install()
 RETURNS void
@@ -1733,7 +1733,7 @@ END;
 $$;
 
 /*
- * The guard of the link columns (src/link_guard.c), put on the attached
+ * The guard of the link columns (src/capture/link_guard.c), put on the attached
  * table with the capture triggers.
  */
 CREATE OR REPLACE FUNCTION d365._contact_link_guard()
@@ -1815,7 +1815,7 @@ $$;
  * number, key name): the column of that name where one exists -- a table
  * restored by pg_restore numbers its columns afresh, without the dropped
  * ones -- otherwise (the key renamed) the column of that number.  NULL
- * when neither is a live column.  src/capture.c applies the same rule.
+ * when neither is a live column.  src/capture/capture.c applies the same rule.
  */
 CREATE OR REPLACE FUNCTION d365._capture_key_attnum(tbl regclass, args text[])
 RETURNS smallint
@@ -1865,7 +1865,7 @@ $$;
 
 /*
  * d365._attachment_problem(src), remembered while the catalog says nothing
- * it reads has changed (src/attach_cache.c): the table's lock is taken and
+ * it reads has changed (src/capture/attach_cache.c): the table's lock is taken and
  * the invalidations of other sessions read at every call.
  */
 CREATE OR REPLACE FUNCTION d365._attachment_problem_cached(src d365.contact_source)
@@ -2727,7 +2727,7 @@ COMMENT ON FUNCTION d365.d365_sync_contacts() IS
  * A linked row d365sync must not trust: its link column holds an id other
  * than the one d365sync linked its key to (d365.contact_state.dynamics_id),
  * or its key has no such id.  Only d365sync's link writer passes the guard
- * on the link columns (src/link_guard.c); a value that got there another
+ * on the link columns (src/capture/link_guard.c); a value that got there another
  * way -- the table's owner with the guard disabled, a superuser, a release
  * before the guard -- never makes d365sync write to that Dynamics record:
  * the contact sync refuses the row (error code d365sync.link), the pull
@@ -2759,7 +2759,7 @@ $$;
 /*
  * Links a contact to an existing Dynamics 365 contact by hand: the one way
  * to put a chosen id into the link column (the guard refuses any other,
- * src/link_guard.c).  The next sync sends the contact's mapped values to
+ * src/capture/link_guard.c).  The next sync sends the contact's mapped values to
  * that record.  Needs the UPDATE right on the link columns (checked by
  * d365._contact_set_links) and on d365.contact_state.
  */
@@ -3183,7 +3183,7 @@ $$;
 
 /*
  * An activity mapper, called as the mapper function's owner in a
- * security-restricted operation (src/table_owner.c): whoever runs the
+ * security-restricted operation (src/privilege/table_owner.c): whoever runs the
  * activity sync -- a superuser, a pg_cron job, d365_log_activity() running
  * as the extension's owner -- never runs a mapper with their own rights.
  * Only functions registered in d365.activity_mapper are called, and only
@@ -4089,7 +4089,7 @@ BEGIN
 END;
 $$;
 
--- d365._incoming_apply(payload, true) as the job role (src/job_role.c)
+-- d365._incoming_apply(payload, true) as the job role (src/common/job_role.c)
 CREATE OR REPLACE FUNCTION d365.d365_update_contact(payload jsonb)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
@@ -4251,7 +4251,7 @@ COMMENT ON FUNCTION d365.d365_pull_changes() IS
 
 /*
  * The set form of d365._contact_convert and d365._contact_apply, for a
- * page of the pull (src/table_owner.c, d365._owner_sql's convert_set and
+ * page of the pull (src/privilege/table_owner.c, d365._owner_sql's convert_set and
  * apply_set): one conversion and one UPDATE per set of columns written,
  * as the table's owner in a security-restricted operation, with the same
  * checks of the caller's rights.
@@ -4733,7 +4733,7 @@ BEGIN
     value := format('%s (contact_sync_enabled = %s, min_score = %s)',
                     (s.contact_sync_enabled AND s.min_score > 0)::text,
                     s.contact_sync_enabled::text, s.min_score);
-    -- the map "contact" switched off (src/contact_policies.c)
+    -- the map "contact" switched off (src/engines/contact_policies.c)
     IF EXISTS (SELECT FROM d365.table_map t WHERE t.name = 'contact' AND NOT t.enabled) THEN
         value := 'false (map contact disabled: enabled = false; '
                  || substr(value, strpos(value, '(') + 1);
@@ -5025,7 +5025,7 @@ $$;
 REVOKE ALL ON FUNCTION d365._run_map_job(text, text) FROM PUBLIC;
 
 /*
- * The command of the pg_cron jobs (src/run_job.c), run as the job role.  A
+ * The command of the pg_cron jobs (src/worker/run_job.c), run as the job role.  A
  * failed run is committed to d365.sync_run first, then raised, so that
  * pg_cron records the job run as failed and the run's record stays.  A
  * procedure that commits cannot carry a SET clause: it pins its search_path
@@ -5634,7 +5634,7 @@ END;
 $$;
 
 -- The statements that (re)create the capture triggers of a mapped table and
--- the guard of its link columns (src/link_guard.c: only d365sync's own link
+-- the guard of its link columns (src/capture/link_guard.c: only d365sync's own link
 -- writer may set them); d365._map_capture_install() runs them.  The WHEN
 -- clause of d365_map_capture_update lists the key and the mapped columns
 -- that are sent (direction both or out) and exist, each compared with IS
@@ -5708,7 +5708,7 @@ REVOKE ALL ON FUNCTION d365._map_capture_sql(regclass) FROM PUBLIC;
 -- (Re)creates the capture triggers of a map: the statements of
 -- d365._map_capture_sql(), run as the owner of schema d365 (the only role
 -- that may use the trigger functions) once tbl is found to be a mapped
--- table that the caller owns (src/capture_guard.c).
+-- table that the caller owns (src/capture/capture_guard.c).
 CREATE OR REPLACE FUNCTION d365._map_capture_install(tbl regclass)
 RETURNS void
 SET search_path = pg_catalog, pg_temp
@@ -7456,7 +7456,7 @@ $$;
 
 /*
  * The statement that inserts loaded rows into a map's table, run as its
- * owner (src/map_owner.c, op "insert"): $1 jsonb, an array of objects
+ * owner (src/privilege/map_owner.c, op "insert"): $1 jsonb, an array of objects
  * {column: value, "@dynamics_id": id}; the key from its default, or the
  * Dynamics id (a uuid key without default).  Sets the link columns (as
  * d365sync's link writer).  Returns [[key, id], ...] of the rows inserted.
@@ -8351,7 +8351,7 @@ REVOKE ALL ON FUNCTION d365._map_capture_row(), d365._map_capture_flush(),
        d365._column_map_changed() FROM PUBLIC;
 
 /*
- * The table part, in C (src/map_guard.c, shared with the contact table's
+ * The table part, in C (src/capture/map_guard.c, shared with the contact table's
  * check): the table's ACCESS SHARE lock, to the end of the transaction; a
  * plain or partitioned table without rewrite rules; link columns of the
  * built-in types.

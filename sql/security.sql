@@ -41,7 +41,7 @@ SELECT count(*) > 50 AS functions_checked FROM pg_proc WHERE pronamespace = 'd36
 -- itself at the start of each of its transactions, with set_config()
 -- (d365_load() and d365_run_job() are written in C and pin it with
 -- set_config_option() at the start of each of their transactions,
--- src/table_maps.c, src/run_job.c)
+-- src/engines/table_maps.c, src/worker/run_job.c)
 SELECT p.oid::regprocedure AS procedure,
        p.proconfig IS NULL AS no_set_clause,
        (SELECT count(*) FROM regexp_matches(p.prosrc, '\mCOMMIT\M', 'g')) + 1 AS transactions,

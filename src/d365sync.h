@@ -4,56 +4,27 @@
  *	  Declarations shared by every d365sync module: the GUC variables that
  *	  d365sync.c defines and the module-wide conventions.
  *
- * Layout of the extension.  The file names are the architecture: read
- * from the bottom (transport) up to the rooms, each of which has its SQL
- * beside it in sql/install/NN_<room>.sql.  Dependencies point down only.
+ * Layout of the extension.  The folders are the layers of the path every
+ * feature runs on, each using only the ones above it in this list
+ * (docs/architecture.md has the file map, with the SQL part in
+ * sql/install/NN_<room>.sql beside each C file):
  *
- *	  d365sync.c			module entry, GUCs, library initialisation
- *
- *	  The wire (how a request reaches Dynamics 365)
- *	  src/http.c			libcurl transport: parallel requests, timeouts, TLS,
- *							interrupts, size caps
- *	  src/odata.c			Dataverse Web API client: headers, errors, retries,
- *							$batch, throttling; asks its token source for tokens
- *	  src/odata_batch.c		$batch: one request from operations, its response
- *							split into the exchanges of its parts
- *	  src/odata_pages.c		the paged GET (@odata.nextLink) over the client
- *	  src/auth.c			OAuth 2.0 client-credentials token, cached per
- *							backend; d365_client_open() (settings + token)
- *	  src/jsonutil.c		jansson glued to memory contexts
- *
- *	  The house rules (how C reads d365's tables)
- *	  src/spi_util.c		typed single-value queries; running as the owner
- *							of d365's tables
- *	  src/runs.c			a run: client, counts, lock, error capture,
- *							d365.sync_run, the SQL result row
- *	  src/pipeline.c		select -> map -> send -> record, chunk by chunk
- *
- *	  The rooms (C beside sql/install/NN_<room>.sql)
- *	  src/settings.c		01_settings: the settings row, the URL rule
- *	  src/whoami.c			01_settings: d365_whoami(), the connection check
- *	  src/runs.c			02_runs
- *	  src/progress.c		02_runs: progress of the run in progress, for
- *							other sessions (activity text, shared slots)
- *	  src/contact_source.c	03_contact_source: the contact-state privilege gate
- *	  src/table_owner.c		03_contact_source: writes to the contact table and
- *							conversions into its types, as the table's owner
- *	  src/capture.c			03_identity: the capture triggers' C side
- *	  src/metadata.c		04_metadata: d365._get_all() under the metadata SQL
- *	  src/contacts_out.c	05_contacts_out: the outgoing contact engine
- *	  src/activities.c		06_activities: the activity engine
- *	  src/incoming.c		07_incoming: the change-tracking pull
- *	  src/jobs.h			the three scheduled jobs as runs (in the rooms
- *							above), shared by the SQL functions and the worker
- *	  src/worker.c			the background worker (with the preload): woken
- *							at commit, runs the jobs; its shared memory, which
- *							08_status_schedule reads
- *	  (08_status_schedule -- d365_status, d365_schedule, d365_run_job --
- *	  and 09_privileges are SQL only)
- *	  src/fdw.c				10_fdw: the foreign data wrapper d365_fdw (options,
- *							planning, costs, EXPLAIN, IMPORT FOREIGN SCHEMA)
- *	  src/fdw_deparse.c		10_fdw: conditions and orderings sent as OData
- *	  src/fdw_scan.c		10_fdw: the foreign scan, page by page
+ *	  d365sync.c		module entry, GUCs, library initialisation
+ *	  src/common/		SPI and JSON helpers, the shared memory, the job role
+ *	  src/client/		send: the one OData client (settings, HTTP, token,
+ *						$batch, retries, governor, paging, where a request
+ *						may go)
+ *	  src/capture/		triggers on application tables and the guards of
+ *						what only d365sync writes and of the tables a run
+ *						reads
+ *	  src/privilege/	running as a table's owner; the sets of rights
+ *	  src/pipeline/		select -> map -> send -> record; a run, its
+ *						record and progress; the incoming half and the load
+ *	  src/engines/		thin engines on the pipeline: contacts out,
+ *						incoming, activities, table maps, metadata
+ *	  src/worker/		the jobs' entry points: the background worker and
+ *						d365_run_job()
+ *	  src/fdw/			the foreign data wrapper d365_fdw
  *
  * One contact's way out: its capture trigger marks it pending; the engine
  * (contacts_out.c) runs the work query of 05_contacts_out, which selects

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# test/attach_cache.sh: the remembered attachment check (src/attach_cache.c)
+# test/attach_cache.sh: the remembered attachment check (src/capture/attach_cache.c)
 # never lets a changed attachment through.  One session pushes incoming
 # changes (d365_update_contact), so the check is remembered; between two
 # pushes of that same session, another session changes the attachment:

@@ -7,7 +7,7 @@
  *   01_settings         the settings row, its validation, d365_whoami
  *   02_runs             the run history
  *   03_contact_source   the attached table, field map, sync state
- *   03_identity         tombstones, the capture triggers (src/capture.c), broken attachments
+ *   03_identity         tombstones, the capture triggers (src/capture/capture.c), broken attachments
  *   04_metadata         Dynamics metadata, cached; mapping validation
  *   05_contacts_out     outgoing contacts: work query, record step, API
  *   06_activities       the activity log, bodies, work query, record step

@@ -73,7 +73,7 @@ COMMENT ON COLUMN d365.settings.pull_interval IS
     'The background worker pulls Dynamics changes at this interval (at least 5 seconds; NULL: it does not pull)';
 
 /*
- * The background worker's side of the catalog (src/worker.c,
+ * The background worker's side of the catalog (src/worker/worker.c,
  * docs/worker.md).  _worker_wake arms a wake of the worker at the commit of
  * the current transaction: always, or only while realtime is on; a no-op
  * without the preload, in another database or on rollback.  _worker_state

@@ -256,7 +256,7 @@ BEGIN
                   HINT = 'Call d365_attach_contacts(''your_contacts''::regclass) first.';
     END IF;
     -- (remembered while the catalog says nothing it reads changed:
-    -- src/attach_cache.c)
+    -- src/capture/attach_cache.c)
     problem := d365._attachment_problem_cached(src);
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'the attachment of the contact table is broken: %', problem
@@ -282,7 +282,7 @@ $$;
 
 /*
  * The statements that d365sync runs on the attached contact table as the
- * table's owner, in a security-restricted operation (see src/table_owner.c
+ * table's owner, in a security-restricted operation (see src/privilege/table_owner.c
  * and docs/security.md): the code the table's owner controls -- triggers,
  * index expressions, defaults, domain checks, casts, row security -- then
  * runs with the owner's rights, never with ours or a superuser caller's.  The statements take their data as parameters (the
@@ -294,7 +294,7 @@ $$;
  *            still be linked to (NULL: still unlinked): sets the link
  *            columns (rows locked by another transaction, and ids another
  *            row holds, are skipped); returns the keys changed.  The only
- *            writes the link-column guard lets through (src/link_guard.c)
+ *            writes the link-column guard lets through (src/capture/link_guard.c)
  *   links_wait  the same, but a row another transaction holds locked is
  *            waited for (up to lock_timeout) instead of skipped: the write
  *            of d365_sync_contact(), whose caller wants the id now
@@ -413,7 +413,7 @@ END;
 $$;
 
 /*
- * The statements above, run as the contact table's owner (src/table_owner.c).
+ * The statements above, run as the contact table's owner (src/privilege/table_owner.c).
  * Each checks first that its caller holds the UPDATE right on the columns it
  * writes (the mapper: SELECT on the table), so that nobody does through them
  * what they could not do themselves.

@@ -1,6 +1,6 @@
 -- Identity and change capture: tombstones for keys that stop belonging to
 -- a person, the capture triggers on the attached table (their C side is
--- src/capture.c) and the check of an attachment.  See docs/contacts.md,
+-- src/capture/capture.c) and the check of an attachment.  See docs/contacts.md,
 -- "Identity" and "Change capture".
 -- ---------------------------------------------------------------------------
 
@@ -94,7 +94,7 @@ $$;
  *   d365_capture_update        AFTER UPDATE, per row, WHEN the key or a mapped
  *                              column changed: the WHEN clause is evaluated
  *                              by the executor as the writing user, and the
- *                              C function only notes the key (src/capture.c)
+ *                              C function only notes the key (src/capture/capture.c)
  *   d365_capture_update_flush  AFTER UPDATE, per statement, and
  *   d365_capture_insert_flush  AFTER INSERT, per statement: the noted keys
  *                              go to d365.contact_change, one row per
@@ -104,7 +104,7 @@ $$;
  *   d365_link_guard,           AFTER INSERT, and AFTER UPDATE OF the link
  *   d365_link_guard_update     columns, per row, WHEN a link value is set or
  *                              changed: refuses link values d365sync did not
- *                              write, undoing the statement (src/link_guard.c)
+ *                              write, undoing the statement (src/capture/link_guard.c)
  * The key column is passed by attribute number and by name
  * (d365._capture_key_attnum): renaming it never breaks the application's
  * writes (d365_status() reports the attachment broken until the table is
@@ -186,7 +186,7 @@ $$;
 
 -- AFTER DELETE, per statement: every deleted key becomes a tombstone.
 -- Reads only the key column of the trigger's own transition table, handed
--- over by the executor (src/capture_guard.c).  SECURITY DEFINER: the
+-- over by the executor (src/capture/capture_guard.c).  SECURITY DEFINER: the
 -- writers of the table need no rights in d365.  Runs only as d365sync's
 -- trigger d365_capture_delete of the attached table, and raises elsewhere.
 CREATE FUNCTION d365._contact_capture_delete()
@@ -342,7 +342,7 @@ $$;
  * (Re)creates the capture triggers on the attached table: the statements
  * of d365._contact_capture_sql(), run as the owner of schema d365 (the only
  * role that may use the trigger functions) once the caller is found to own
- * the table, as CREATE TRIGGER itself requires (src/capture_guard.c).
+ * the table, as CREATE TRIGGER itself requires (src/capture/capture_guard.c).
  */
 CREATE FUNCTION d365._contact_capture_install()
 RETURNS void
@@ -369,7 +369,7 @@ END;
 $$;
 
 /*
- * The guard of the link columns (src/link_guard.c), put on the attached
+ * The guard of the link columns (src/capture/link_guard.c), put on the attached
  * table with the capture triggers.
  */
 CREATE FUNCTION d365._contact_link_guard()
@@ -453,7 +453,7 @@ $$;
  * number, key name): the column of that name where one exists -- a table
  * restored by pg_restore numbers its columns afresh, without the dropped
  * ones -- otherwise (the key renamed) the column of that number.  NULL
- * when neither is a live column.  src/capture.c applies the same rule.
+ * when neither is a live column.  src/capture/capture.c applies the same rule.
  */
 CREATE FUNCTION d365._capture_key_attnum(tbl regclass, args text[])
 RETURNS smallint
@@ -503,7 +503,7 @@ $$;
 
 /*
  * d365._attachment_problem(src), remembered while the catalog says nothing
- * it reads has changed (src/attach_cache.c): the table's lock is taken and
+ * it reads has changed (src/capture/attach_cache.c): the table's lock is taken and
  * the invalidations of other sessions read at every call.
  */
 CREATE FUNCTION d365._attachment_problem_cached(src d365.contact_source)

@@ -1,5 +1,5 @@
 -- Outgoing contact sync: the select and record stages (SQL), the send
--- stage is the C pipeline (src/pipeline.c).
+-- stage is the C pipeline (src/pipeline/pipeline.c).
 -- ---------------------------------------------------------------------------
 
 /*
@@ -497,7 +497,7 @@ COMMENT ON FUNCTION d365.d365_sync_contacts() IS
  * A linked row d365sync must not trust: its link column holds an id other
  * than the one d365sync linked its key to (d365.contact_state.dynamics_id),
  * or its key has no such id.  Only d365sync's link writer passes the guard
- * on the link columns (src/link_guard.c); a value that got there another
+ * on the link columns (src/capture/link_guard.c); a value that got there another
  * way -- the table's owner with the guard disabled, a superuser, a release
  * before the guard -- never makes d365sync write to that Dynamics record:
  * the contact sync refuses the row (error code d365sync.link), the pull
@@ -529,7 +529,7 @@ $$;
 /*
  * Links a contact to an existing Dynamics 365 contact by hand: the one way
  * to put a chosen id into the link column (the guard refuses any other,
- * src/link_guard.c).  The next sync sends the contact's mapped values to
+ * src/capture/link_guard.c).  The next sync sends the contact's mapped values to
  * that record.  Needs the UPDATE right on the link columns (checked by
  * d365._contact_set_links) and on d365.contact_state.
  */

@@ -91,7 +91,7 @@ CREATE TRIGGER activity_mapper_check
 
 /*
  * An activity mapper, called as the mapper function's owner in a
- * security-restricted operation (src/table_owner.c): whoever runs the
+ * security-restricted operation (src/privilege/table_owner.c): whoever runs the
  * activity sync -- a superuser, a pg_cron job, d365_log_activity() running
  * as the extension's owner -- never runs a mapper with their own rights.
  * Only functions registered in d365.activity_mapper are called, and only

@@ -410,7 +410,7 @@ BEGIN
 END;
 $$;
 
--- d365._incoming_apply(payload, true) as the job role (src/job_role.c)
+-- d365._incoming_apply(payload, true) as the job role (src/common/job_role.c)
 CREATE FUNCTION d365.d365_update_contact(payload jsonb)
 RETURNS jsonb
 SET search_path = pg_catalog, pg_temp
@@ -581,7 +581,7 @@ COMMENT ON FUNCTION d365.d365_pull_changes() IS
 
 /*
  * The set form of d365._contact_convert and d365._contact_apply, for a
- * page of the pull (src/table_owner.c, d365._owner_sql's convert_set and
+ * page of the pull (src/privilege/table_owner.c, d365._owner_sql's convert_set and
  * apply_set): one conversion and one UPDATE per set of columns written,
  * as the table's owner in a security-restricted operation, with the same
  * checks of the caller's rights.

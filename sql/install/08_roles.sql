@@ -1,6 +1,6 @@
 -- Roles: the sets of rights d365_grant() gives, and the small helpers that
 -- let those sets do their work without more rights.
--- See docs/security.md ("Roles") and src/roles.c.
+-- See docs/security.md ("Roles") and src/privilege/roles.c.
 -- ---------------------------------------------------------------------------
 
 /*

@@ -29,7 +29,7 @@ BEGIN
     value := format('%s (contact_sync_enabled = %s, min_score = %s)',
                     (s.contact_sync_enabled AND s.min_score > 0)::text,
                     s.contact_sync_enabled::text, s.min_score);
-    -- the map "contact" switched off (src/contact_policies.c)
+    -- the map "contact" switched off (src/engines/contact_policies.c)
     IF EXISTS (SELECT FROM d365.table_map t WHERE t.name = 'contact' AND NOT t.enabled) THEN
         value := 'false (map contact disabled: enabled = false; '
                  || substr(value, strpos(value, '(') + 1);
@@ -319,7 +319,7 @@ $$;
 REVOKE ALL ON FUNCTION d365._run_map_job(text, text) FROM PUBLIC;
 
 /*
- * The command of the pg_cron jobs (src/run_job.c), run as the job role.  A
+ * The command of the pg_cron jobs (src/worker/run_job.c), run as the job role.  A
  * failed run is committed to d365.sync_run first, then raised, so that
  * pg_cron records the job run as failed and the run's record stays.  A
  * procedure that commits cannot carry a SET clause: it pins its search_path

@@ -1,5 +1,5 @@
--- Live reads: Dataverse tables as foreign tables (src/fdw.c, src/fdw_deparse.c,
--- src/fdw_scan.c), and the discovery functions they share their metadata with.
+-- Live reads: Dataverse tables as foreign tables (src/fdw/fdw.c, src/fdw/fdw_deparse.c,
+-- src/fdw/fdw_scan.c), and the discovery functions they share their metadata with.
 -- ---------------------------------------------------------------------------
 
 -- Discovery: the Dataverse tables, and the columns of one.  Metadata comes

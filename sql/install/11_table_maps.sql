@@ -1,8 +1,8 @@
 -- Table maps: any PostgreSQL table <-> any Dataverse table.  The maps and
 -- their columns, what Dynamics metadata says about each mapped field
 -- (lookups, choices), the capture triggers, and the statements run as a
--- mapped table's owner (src/map_owner.c).  The sync itself is
--- 12_map_sync.sql and src/table_maps.c, on the pipeline.  See
+-- mapped table's owner (src/privilege/map_owner.c).  The sync itself is
+-- 12_map_sync.sql and src/engines/table_maps.c, on the pipeline.  See
 -- docs/table-maps.md.
 -- ---------------------------------------------------------------------------
 
@@ -333,7 +333,7 @@ $$;
 -- sends, notes the row's key in d365.map_change (the next sync compares
 -- each noted row with what Dynamics holds and sends only what differs):
 -- C row triggers, the UPDATE one behind a WHEN clause on those columns, and
--- statement triggers that write a statement's keys (src/map_capture.c,
+-- statement triggers that write a statement's keys (src/capture/map_capture.c,
 -- 16_map_capture.sql).  DELETE and TRUNCATE (d365._map_capture(), below)
 -- forget the rows' state; the Dynamics records stay (on_local_delete
 -- 'unlink') or wait in d365.map_delete to be deactivated or deleted by the
@@ -408,7 +408,7 @@ END;
 $$;
 
 -- The statements that (re)create the capture triggers of a mapped table and
--- the guard of its link columns (src/link_guard.c: only d365sync's own link
+-- the guard of its link columns (src/capture/link_guard.c: only d365sync's own link
 -- writer may set them); d365._map_capture_install() runs them.  The WHEN
 -- clause of d365_map_capture_update lists the key and the mapped columns
 -- that are sent (direction both or out) and exist, each compared with IS
@@ -481,7 +481,7 @@ REVOKE ALL ON FUNCTION d365._map_capture_sql(regclass) FROM PUBLIC;
 -- (Re)creates the capture triggers of a map: the statements of
 -- d365._map_capture_sql(), run as the owner of schema d365 (the only role
 -- that may use the trigger functions) once tbl is found to be a mapped
--- table that the caller owns (src/capture_guard.c).
+-- table that the caller owns (src/capture/capture_guard.c).
 CREATE FUNCTION d365._map_capture_install(tbl regclass)
 RETURNS void
 SET search_path = pg_catalog, pg_temp
@@ -695,7 +695,7 @@ COMMENT ON FUNCTION d365.d365_map_column(text, name, text, text, boolean) IS
     'Maps a column of a table map to a Dataverse field (checked against Dynamics metadata): lookups, choices and multi-select choices included';
 
 -- ---------------------------------------------------------------------------
--- Statements run as a mapped table's owner (src/map_owner.c), as
+-- Statements run as a mapped table's owner (src/privilege/map_owner.c), as
 -- d365._owner_sql does for the contact table:
 --   links  $1 text[] keys, $2 uuid[] ids, $3 uuid[] expected current links
 --          (NULL: still unlinked); returns the keys changed

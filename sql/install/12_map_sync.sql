@@ -1,7 +1,7 @@
 -- The table-map engine: the select and record stages of the outgoing sync
--- (the send stage is the pipeline, src/pipeline.c) and the record stage of
+-- (the send stage is the pipeline, src/pipeline/pipeline.c) and the record stage of
 -- the pull (the reading is the pipeline's change-tracking reader,
--- src/pipeline_pull.c); src/table_maps.c runs them for each map.
+-- src/pipeline/pipeline_pull.c); src/engines/table_maps.c runs them for each map.
 -- ---------------------------------------------------------------------------
 
 /*

@@ -4,7 +4,7 @@
 -- sync has deactivated or deleted the record (d365._map_work_sql and
 -- d365._map_record, 12_map_sync.sql); d365.pending_delete shows them.  A
 -- record deleted in Dynamics deletes its local row when on_remote_delete is
--- 'delete' (d365._map_remove: as the table's owner, src/map_owner.c).  See
+-- 'delete' (d365._map_remove: as the table's owner, src/privilege/map_owner.c).  See
 -- docs/table-maps.md.
 -- ---------------------------------------------------------------------------
 

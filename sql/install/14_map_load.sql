@@ -1,8 +1,8 @@
 -- The initial load of a table map (d365.table_map.load): the first pull of
 -- such a map reads every record of its Dataverse table, links the records
 -- its match columns find to the existing rows and inserts the others as
--- new rows, as the table's owner (d365._map_insert, src/map_owner.c).  The
--- reading is the pipeline's incoming reader (src/pipeline_pull.c), which
+-- new rows, as the table's owner (d365._map_insert, src/privilege/map_owner.c).  The
+-- reading is the pipeline's incoming reader (src/pipeline/pipeline_pull.c), which
 -- keeps its position in d365.load_state so that a load committed page by
 -- page (CALL d365_load()) goes on where it stopped.  A lookup whose parent
 -- record is not linked to a local row yet waits in d365.map_lookup_pending
@@ -84,7 +84,7 @@ CREATE TRIGGER map_load_check BEFORE INSERT OR UPDATE OF load, key_column ON d36
 
 /*
  * The statement that inserts loaded rows into a map's table, run as its
- * owner (src/map_owner.c, op "insert"): $1 jsonb, an array of objects
+ * owner (src/privilege/map_owner.c, op "insert"): $1 jsonb, an array of objects
  * {column: value, "@dynamics_id": id}; the key from its default, or the
  * Dynamics id (a uuid key without default).  Sets the link columns (as
  * d365sync's link writer).  Returns [[key, id], ...] of the rows inserted.

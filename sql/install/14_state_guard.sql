@@ -1,5 +1,5 @@
 -- ---------------------------------------------------------------------------
--- What Dynamics answered is d365sync's to write (src/state_guard.c,
+-- What Dynamics answered is d365sync's to write (src/capture/state_guard.c,
 -- docs/security.md "The link columns"): a row of d365.contact_state or
 -- d365.map_row gets a Dynamics id, or keeps its id under another key, a
 -- pull's delta link (d365.pull_state) or a cached metadata body

@@ -1,4 +1,4 @@
--- Table maps as jobs: the maps the background worker (src/worker_jobs.c)
+-- Table maps as jobs: the maps the background worker (src/worker/worker_jobs.c)
 -- and the scheduled map jobs (d365_run_job('maps'), d365_run_job('map-pull'))
 -- run, and what d365_status() shows of each map.  See docs/worker.md and
 -- docs/table-maps.md.

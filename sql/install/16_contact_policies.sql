@@ -8,7 +8,7 @@
 --   on_remote_delete 'delete': a contact whose record was deleted in
 --     Dynamics (the pull's $deletedEntity, or an update meeting 404) is
 --     unlinked, then deleted as the table's owner (d365._map_remove).
--- enabled is honoured by the contact engine's runs (src/contact_policies.c).
+-- enabled is honoured by the contact engine's runs (src/engines/contact_policies.c).
 -- load = true is refused for the contact map (d365._contact_map_guard).
 -- See docs/table-maps.md, "The contact table".
 -- ---------------------------------------------------------------------------

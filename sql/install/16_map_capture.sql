@@ -1,5 +1,5 @@
 -- Capture of INSERT and UPDATE on mapped tables: the contact table's
--- engine (src/capture.c), fired by a map's triggers (src/map_capture.c;
+-- engine (src/capture/capture.c), fired by a map's triggers (src/capture/map_capture.c;
 -- the statements are d365._map_capture_sql's, 11_table_maps.sql).
 -- Neither function is executable by any role: only d365's owner names them
 -- in CREATE TRIGGER (d365._map_capture_install), and each checks, when it

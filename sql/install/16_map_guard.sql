@@ -10,7 +10,7 @@
 -- ---------------------------------------------------------------------------
 
 /*
- * The table part, in C (src/map_guard.c, shared with the contact table's
+ * The table part, in C (src/capture/map_guard.c, shared with the contact table's
  * check): the table's ACCESS SHARE lock, to the end of the transaction; a
  * plain or partitioned table without rewrite rules; link columns of the
  * built-in types.

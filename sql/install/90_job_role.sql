@@ -1,4 +1,4 @@
--- The job role: what the jobs run as (src/job_role.c, docs/security.md
+-- The job role: what the jobs run as (src/common/job_role.c, docs/security.md
 -- "What d365sync runs as").
 -- ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@
  * key column that is gone or of another type is ignored (the application's
  * write goes on; d365_status() reports the attachment broken).
  *
- * Mapped tables use the same engine (src/map_capture.c): their row
+ * Mapped tables use the same engine (src/capture/map_capture.c): their row
  * triggers note keys here, tagged with the table, and their statement
  * triggers flush them.  A flush writes every key noted at its level to the
  * queue of the table that noted it -- d365.contact_change for the attached
@@ -637,7 +637,7 @@ d365_capture_flush(PG_FUNCTION_ARGS)
  * d365_capture_flush_noted
  *		Writes and forgets the keys noted at the current nest level, from a
  *		statement trigger that holds the rights of d365's owner
- *		(d365._map_capture_flush(), src/map_capture.c).
+ *		(d365._map_capture_flush(), src/capture/map_capture.c).
  */
 void
 d365_capture_flush_noted(void)

@@ -383,7 +383,7 @@ run_statement(void *arg)
 /*
  * as_link_writer
  *		run_statement as the owner, with the flag that lets d365sync's own
- *		write of the link columns through their guard (src/link_guard.c)
+ *		write of the link columns through their guard (src/capture/link_guard.c)
  *		set for that statement only; cleared again on any error.
  */
 static void
@@ -889,7 +889,7 @@ d365_activity_mapper_call(PG_FUNCTION_ARGS)
 /*
  * d365_owner_statement
  *		The same gate for other application tables (the table maps,
- *		src/map_owner.c): check that the caller holds UPDATE on every column
+ *		src/privilege/map_owner.c): check that the caller holds UPDATE on every column
  *		in columns (a name[]; NULL: SELECT on the table; op "remove": DELETE
  *		on the table; op "insert": INSERT on it or on those columns) and is not bound by
  *		the table's row security, then run sql with its nargs parameters as

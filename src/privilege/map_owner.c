@@ -2,7 +2,7 @@
  *
  * map_owner.c
  *	  Writes to a mapped table as its owner, in a security-restricted
- *	  operation: the table maps' side of src/table_owner.c.
+ *	  operation: the table maps' side of src/privilege/table_owner.c.
  *
  * The statements come from d365._map_owner_sql(map, op, columns)
  * (sql/install/11_table_maps.sql), never from the caller; they run through
@@ -43,7 +43,7 @@ PG_FUNCTION_INFO_V1(d365_map_insert);
 /*
  * The table whose rows d365sync itself is writing (its link columns, or
  * values that came from Dynamics), while that statement runs: its capture
- * triggers note nothing then (d365_map_own_write_active, src/map_capture.c),
+ * triggers note nothing then (d365_map_own_write_active, src/capture/map_capture.c),
  * since the values are Dynamics' or d365sync's and nothing is to be sent
  * back.
  */

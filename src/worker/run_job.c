@@ -4,7 +4,7 @@
  *	  CALL d365.d365_run_job(job): the command of the pg_cron jobs.
  *
  * Runs one scheduled job as its caller may (contacts, activities, pull,
- * maps, map-pull), as the job role (src/job_role.c), so that the caller
+ * maps, map-pull), as the job role (src/common/job_role.c), so that the caller
  * needs EXECUTE on this procedure only, none on d365's internal functions.
  * The map jobs run one map per transaction (each map's lock is held for
  * its own run only), every enabled map, parents first.  Each run is

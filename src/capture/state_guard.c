@@ -27,7 +27,7 @@
  *			d365._metadata_store(): a flag of this backend
  *			that only C code sets, around that one statement, and that is
  *			cleared while code of a table's owner or of a mapper runs,
- *			src/table_owner.c);
+ *			src/privilege/table_owner.c);
  *		  - as the job role or a superuser (d365's SECURITY DEFINER
  *			functions, which run as the job role and move a contact's id
  *			with its key when the application changes a key; no set may
@@ -139,7 +139,7 @@ may_link(void)
 {
 	Oid			settings;
 
-	/* d365sync's own code runs as the job role (src/job_role.c) */
+	/* d365sync's own code runs as the job role (src/common/job_role.c) */
 	if (recorder_active || superuser() ||
 		(OidIsValid(d365_job_role()) && GetUserId() == d365_job_role()))
 		return true;

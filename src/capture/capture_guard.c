@@ -175,7 +175,7 @@ d365_capture_check(FunctionCallInfo fcinfo, const char *fn, const char *tgname,
 
 /*
  * d365_map_capture_check
- *		The same for a mapped table's capture function (src/map_capture.c);
+ *		The same for a mapped table's capture function (src/capture/map_capture.c);
  *		the caller checks the table where it runs with d365's rights.
  */
 void

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * job_role.h
- *	  The jobs run as d365sync's own role, d365sync_job (src/job_role.c),
+ *	  The jobs run as d365sync's own role, d365sync_job (src/common/job_role.c),
  *	  and remember who called them.
  *
  *-------------------------------------------------------------------------
@@ -18,7 +18,7 @@ extern Oid	d365_job_role(void);
 extern Datum d365_as_job(PGFunction body, FunctionCallInfo fcinfo);
 extern Oid	d365_job_caller(void);
 
-/* the background worker's transactions (src/worker.c) */
+/* the background worker's transactions (src/worker/worker.c) */
 typedef struct D365JobSave
 {
 	Oid			userid;

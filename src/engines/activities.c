@@ -89,7 +89,7 @@ d365_sync_activities_body(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 
-/* d365_sync_activities() runs as the job role (src/job_role.c) */
+/* d365_sync_activities() runs as the job role (src/common/job_role.c) */
 Datum
 d365_sync_activities(PG_FUNCTION_ARGS)
 {

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * worker.h
- *	  The near-real-time background worker (src/worker.c); the shared
+ *	  The near-real-time background worker (src/worker/worker.c); the shared
  *	  memory it and the backends meet in is in worker_shmem.h.
  *
  * The worker exists only when d365sync is in shared_preload_libraries.

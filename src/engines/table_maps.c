@@ -4,7 +4,7 @@
  *	  Table maps: any local table <-> any Dataverse table, as one more
  *	  engine on the pipeline.
  *
- * A map's outgoing sync is the pipeline (src/pipeline.c) with the work
+ * A map's outgoing sync is the pipeline (src/pipeline/pipeline.c) with the work
  * query d365._map_work_sql(map) and the record function d365._map_record
  * (sql/install/12_map_sync.sql), and, for unlinked rows with match
  * columns, the look-up stage d365._map_lookup_path/_resolve (one hit is
@@ -12,7 +12,7 @@
  * sync become upserts (a create, on the row's own id) or updates (If-Match:
  * *, only what differs), lookups bound to the parent row's record
  * (<navigation property>@odata.bind), choices sent as their values.  A
- * map's pull is the pipeline's change-tracking reader (src/pipeline_pull.c)
+ * map's pull is the pipeline's change-tracking reader (src/pipeline/pipeline_pull.c)
  * with the record statement d365._map_pull_record.  Nothing here knows a
  * table, a column or a Dataverse field: that is all in the SQL.
  *
@@ -22,10 +22,10 @@
  *		at once) and recorded in d365.sync_run as kind "map:<name>"; the
  *		attached contact table is the map "contact" (a row of d365.table_map
  *		made by its attachment), in its place in that order, synced by the
- *		contact engine (src/contacts_out.c)
+ *		contact engine (src/engines/contacts_out.c)
  *	 d365_pull(map)  the same for incoming changes; the contact table's
- *		pull is src/incoming.c's.  A map with load = true is loaded by its
- *		first pull (src/pipeline_pull.c, sql/install/14_map_load.sql)
+ *		pull is src/engines/incoming.c's.  A map with load = true is loaded by its
+ *		first pull (src/pipeline/pipeline_pull.c, sql/install/14_map_load.sql)
  *	 d365_load(map)  a procedure: the same pulls of the maps, committing
  *		after each page of a load
  *
@@ -271,7 +271,7 @@ typedef struct PullStep
 
 /*
  * The incoming run of one map: the change-tracking reader on its table,
- * after its initial load when load = true (src/pipeline_pull.c).  Lookups
+ * after its initial load when load = true (src/pipeline/pipeline_pull.c).  Lookups
  * still waiting for their parent are resolved at the end.
  */
 static void
@@ -410,7 +410,7 @@ d365_sync_body(PG_FUNCTION_ARGS)
 	return run_maps(fcinfo, true);
 }
 
-/* d365_sync() runs as the job role (src/job_role.c) */
+/* d365_sync() runs as the job role (src/common/job_role.c) */
 Datum
 d365_sync(PG_FUNCTION_ARGS)
 {
@@ -427,7 +427,7 @@ d365_pull_body(PG_FUNCTION_ARGS)
 	return run_maps(fcinfo, false);
 }
 
-/* d365_pull() runs as the job role (src/job_role.c) */
+/* d365_pull() runs as the job role (src/common/job_role.c) */
 Datum
 d365_pull(PG_FUNCTION_ARGS)
 {
@@ -514,7 +514,7 @@ d365_load_body(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* d365_load() runs as the job role (src/job_role.c) */
+/* d365_load() runs as the job role (src/common/job_role.c) */
 Datum
 d365_load(PG_FUNCTION_ARGS)
 {

@@ -133,7 +133,7 @@ d365_get_all(PG_FUNCTION_ARGS)
  *		Every element of a GET of path (d365._get_all(), with its limits for
  *		a role that is not a superuser) as one jsonb array, kept in
  *		d365.metadata_cache for d365._get_cached().  The row is written
- *		inside the flag of d365sync's own writes (src/state_guard.c): what
+ *		inside the flag of d365sync's own writes (src/capture/state_guard.c): what
  *		the cache holds for a path is what Dynamics answered to it, never
  *		a body a role wrote there.
  */

@@ -2,7 +2,7 @@
  *
  * worker_shmem.h
  *	  The shared memory the background worker and the backends meet in
- *	  (src/worker_shmem.c): the worker's state, the run-progress slots and
+ *	  (src/common/worker_shmem.c): the worker's state, the run-progress slots and
  *	  the wake at commit.
  *
  * Shared memory exists only when d365sync is in shared_preload_libraries;

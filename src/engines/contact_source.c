@@ -255,7 +255,7 @@ column_problem(Oid relid, const char *role, const char *name,
 /*
  * d365_relation_problem
  *		The part of an attachment's check that every table d365sync syncs
- *		shares (the contact table, each table map: src/map_guard.c).  Takes
+ *		shares (the contact table, each table map: src/capture/map_guard.c).  Takes
  *		the relation's ACCESS SHARE lock (kept to the end of the transaction,
  *		so no ALTER TABLE, CREATE RULE or DROP can change it between this
  *		check and the statements that rely on it), then requires a plain or

@@ -19,7 +19,7 @@
  *		not fetch already, and a BEFORE INSERT row trigger would turn off
  *		COPY's batched inserts.  The writer's statement runs to its end,
  *		its AFTER triggers included, inside the flag.  The writer (d365._contact_set_links and
- *		_contact_unlink, src/table_owner.c) runs as the table's owner in a
+ *		_contact_unlink, src/privilege/table_owner.c) runs as the table's owner in a
  *		security-restricted operation, so it cannot be told apart by role:
  *		it is told apart by a flag of this backend that only C code sets,
  *		around that one statement.

@@ -2,7 +2,7 @@
  *
  * progress.h
  *	  Progress of the sync run in progress, for other sessions to see
- *	  (src/progress.c).
+ *	  (src/pipeline/progress.c).
  *
  *-------------------------------------------------------------------------
  */

@@ -123,7 +123,7 @@ D365_TYPED_QUERY(d365_sql_int64, int64, INT8OID, DatumGetInt64)
 /*
  * d365_table_owner
  *		The role that reads and writes d365's relation d365.relname for
- *		callers that may not: the job role (src/job_role.c), which holds
+ *		callers that may not: the job role (src/common/job_role.c), which holds
  *		what d365sync's own statements need and is no superuser; before
  *		this database's install gave it its rights, the relation's owner.
  *		ERROR when the relation is missing.

@@ -5,12 +5,12 @@
  *
  * Three files, as postgres_fdw splits its own:
  *
- *	  src/fdw.c			handler and validator, options, planner callbacks,
+ *	  src/fdw/fdw.c			handler and validator, options, planner callbacks,
  *						costs, EXPLAIN, ANALYZE, IMPORT FOREIGN SCHEMA
- *	  src/fdw_deparse.c	which conditions and orderings mean the same thing in
+ *	  src/fdw/fdw_deparse.c	which conditions and orderings mean the same thing in
  *						Dataverse as in PostgreSQL, written as OData
  *						($select, $filter, $orderby)
- *	  src/fdw_scan.c		the executor: pages of rows through the OData client
+ *	  src/fdw/fdw_scan.c		the executor: pages of rows through the OData client
  *						(odata_pages.c, the next page asked for ahead), JSON
  *						values into column values; ANALYZE's sample
  *

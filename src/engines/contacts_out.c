@@ -144,7 +144,7 @@ d365_sync_contacts_body(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 
-/* d365_sync_contacts() runs as the job role (src/job_role.c) */
+/* d365_sync_contacts() runs as the job role (src/common/job_role.c) */
 Datum
 d365_sync_contacts(PG_FUNCTION_ARGS)
 {
@@ -257,7 +257,7 @@ d365_sync_contact_body(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(linked);
 }
 
-/* d365_sync_contact() runs as the job role (src/job_role.c) */
+/* d365_sync_contact() runs as the job role (src/common/job_role.c) */
 Datum
 d365_sync_contact(PG_FUNCTION_ARGS)
 {

@@ -19,7 +19,7 @@
  * reading the application's table, writing its link or mapped columns,
  * inserting or deleting its rows -- checks the caller's rights, never the
  * job role's.  Code of the application's table owner keeps running as that
- * owner in a security-restricted operation (src/table_owner.c).
+ * owner in a security-restricted operation (src/privilege/table_owner.c).
  *
  * The background worker connects as d365sync.worker_role (or the bootstrap
  * superuser) and runs each of its transactions as the job role, with the

@@ -17,7 +17,7 @@
  *
  * d365_pipeline_pull() GETs the stored delta link (or the start path, with
  * Prefer: odata.track-changes), follows @odata.nextLink through the pages
- * (src/odata_pages.c), hands each page to the record statement while the
+ * (src/client/odata_pages.c), hands each page to the record statement while the
  * page's memory is held, and stores the last page's delta link.  A delta
  * link Dynamics refuses (expired after 7 days, say: a 4xx other than the
  * ones about credentials or throttling) falls back to a new full read.
@@ -43,7 +43,7 @@
  * delta link, and the pull applies what changed in Dynamics while the
  * load ran.
  *
- * The contact pull (src/incoming.c) and the table maps (src/table_maps.c)
+ * The contact pull (src/engines/incoming.c) and the table maps (src/engines/table_maps.c)
  * are engines on this reader.
  *
  *-------------------------------------------------------------------------
@@ -108,7 +108,7 @@ page_rows(D365Pages *pages, D365Op *op)
 /*
  * store_delta_link
  *		Keep the delta link Dynamics sent for the next pull, inside the flag
- *		of d365sync's own writes (src/state_guard.c): no role running the
+ *		of d365sync's own writes (src/capture/state_guard.c): no role running the
  *		jobs may choose what a pull reads.
  */
 static void
@@ -168,7 +168,7 @@ last_delta_link(const D365PullEngine *engine, D365Pages *pages)
  * recorded_write
  *		One statement writing what Dynamics answered (a load's delta and
  *		next links), inside the flag of d365sync's own writes
- *		(src/state_guard.c): no role running the jobs writes those links
+ *		(src/capture/state_guard.c): no role running the jobs writes those links
  *		itself.  Returns the SPI result code.
  */
 static int
@@ -236,7 +236,7 @@ load_token(D365Run *run, const D365PullEngine *engine)
 /*
  * load_delta_link
  *		The delta link a load took before its first page becomes the pull's,
- *		inside the flag of d365sync's own writes (src/state_guard.c).
+ *		inside the flag of d365sync's own writes (src/capture/state_guard.c).
  */
 static void
 load_delta_link(Datum key, Datum path)

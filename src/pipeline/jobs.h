@@ -4,7 +4,7 @@
  *	  The scheduled jobs as runs: what d365_sync_contacts(),
  *	  d365_sync_activities(), d365_pull_changes() and, for each map,
  *	  d365_sync() and d365_pull() run, and what the background worker
- *	  (src/worker.c) runs in its own transactions.
+ *	  (src/worker/worker.c) runs in its own transactions.
  *
  * Each takes a run from d365_run_init() (its kind is set here), runs the
  * engine's body under the job's lock through d365_run_execute(),

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * worker_jobs.h
- *	  The jobs the background worker runs (src/worker_jobs.c): the contact,
+ *	  The jobs the background worker runs (src/worker/worker_jobs.c): the contact,
  *	  activity and pull jobs, and one sync and one pull job per table map.
  *
  *-------------------------------------------------------------------------

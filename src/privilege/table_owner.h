@@ -2,7 +2,7 @@
  *
  * table_owner.h
  *	  Statements on an application table run as its owner, in a
- *	  security-restricted operation (src/table_owner.c).
+ *	  security-restricted operation (src/privilege/table_owner.c).
  *
  *-------------------------------------------------------------------------
  */

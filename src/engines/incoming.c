@@ -126,7 +126,7 @@ d365_pull_changes_body(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(d365_run_result(fcinfo, &run));
 }
 
-/* d365_pull_changes() runs as the job role (src/job_role.c) */
+/* d365_pull_changes() runs as the job role (src/common/job_role.c) */
 Datum
 d365_pull_changes(PG_FUNCTION_ARGS)
 {

@@ -9,7 +9,7 @@
  * put code of its own there: d365._map_problem (sql/install/16_map_guard.sql)
  * checks the triggers, the key and the index; this file holds the part that
  * needs the table's lock and its relation cache entry, shared with the
- * contact table's check (d365_relation_problem, src/contact_source.c).
+ * contact table's check (d365_relation_problem, src/engines/contact_source.c).
  *
  *-------------------------------------------------------------------------
  */
