@@ -5,7 +5,7 @@ EXTVERSION = 0.3
 
 MODULE_big = d365sync
 OBJS = d365sync.o \
-	src/common/job_role.o src/common/jsonutil.o src/common/spi_util.o src/common/worker_shmem.o \
+	src/common/job_role.o src/common/jsonutil.o src/common/spi_util.o src/common/worker_shmem.o src/common/writers.o \
 	src/client/auth.o src/client/http.o src/client/odata.o src/client/odata_batch.o src/client/odata_governor.o src/client/odata_pages.o src/client/odata_path.o src/client/settings.o \
 	src/capture/attach_cache.o src/capture/capture.o src/capture/capture_guard.o src/capture/link_guard.o src/capture/map_capture.o src/capture/map_guard.o src/capture/state_guard.o \
 	src/privilege/map_owner.o src/privilege/roles.o src/privilege/table_owner.o \

@@ -10,7 +10,8 @@
  * sql/install/NN_<room>.sql beside each C file):
  *
  *	  d365sync.c		module entry, GUCs, library initialisation
- *	  src/common/		SPI and JSON helpers, the shared memory, the job role
+ *	  src/common/		SPI and JSON helpers, the shared memory, the job role,
+ *						the flags of d365sync's own writes
  *	  src/client/		send: the one OData client (settings, HTTP, token,
  *						$batch, retries, governor, paging, where a request
  *						may go)

@@ -23,9 +23,6 @@ extern void d365_capture_flush_noted(void);
 /* in map_capture.c */
 extern const char *d365_map_of_relid(Oid relid);
 
-/* in map_owner.c */
-extern bool d365_map_own_write_active(Oid relid);
-
 /* in capture_guard.c */
 extern Oid	d365_attached_relid(void);
 extern bool d365_is_attached_relation(Oid relid, Oid attached);

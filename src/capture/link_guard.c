@@ -48,26 +48,9 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
-#include "link_guard.h"
+#include "writers.h"
 
 PG_FUNCTION_INFO_V1(d365_link_guard);
-
-/* set only around d365sync's own write of the link columns */
-static bool link_writer_active = false;
-
-/*
- * d365_link_writer_set
- *		Mark the start (true) or end (false) of d365sync's own link write;
- *		returns the earlier state, to be restored (also on error).
- */
-bool
-d365_link_writer_set(bool active)
-{
-	bool		was = link_writer_active;
-
-	link_writer_active = active;
-	return was;
-}
 
 /* Whether a column changes: NULL to a value, a value to another. */
 static bool
@@ -125,7 +108,7 @@ d365_link_guard(PG_FUNCTION_ARGS)
 		newtup = td->tg_trigtuple;
 		oldtup = NULL;
 	}
-	if (link_writer_active)
+	if (d365_link_writer_active())
 		return PointerGetDatum(newtup);
 
 	desc = RelationGetDescr(td->tg_relation);

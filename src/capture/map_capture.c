@@ -58,6 +58,7 @@
 #include "utils/rel.h"
 
 #include "capture.h"
+#include "writers.h"
 
 PG_FUNCTION_INFO_V1(d365_map_capture_row);
 PG_FUNCTION_INFO_V1(d365_map_capture_flush);

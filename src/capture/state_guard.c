@@ -59,7 +59,7 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
-#include "state_guard.h"
+#include "writers.h"
 #include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_state_guard);
@@ -106,18 +106,6 @@ static const GuardedTable guarded[] =
 	"DELETE the row to have the next pull of the map load it again.", "state_guard_next"},
 };
 
-/* set only around d365sync's own writes of what Dynamics answered */
-static bool recorder_active = false;
-
-bool
-d365_recorder_set(bool active)
-{
-	bool		was = recorder_active;
-
-	recorder_active = active;
-	return was;
-}
-
 /* A column's value in a row, compared as its type's binary image. */
 static bool
 same_value(HeapTuple a, HeapTuple b, TupleDesc desc, int attnum)
@@ -140,7 +128,7 @@ may_link(void)
 	Oid			settings;
 
 	/* d365sync's own code runs as the job role (src/common/job_role.c) */
-	if (recorder_active || superuser() ||
+	if (d365_recorder_active() || superuser() ||
 		(OidIsValid(d365_job_role()) && GetUserId() == d365_job_role()))
 		return true;
 	/* the admin set: its rights WITH GRANT OPTION (as d365._check_granter) */

@@ -28,10 +28,12 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
 
 #include "spi_util.h"
+#include "writers.h"
 #include "job_role.h"
 
 /*
@@ -177,4 +179,45 @@ d365_as_table_owner(Oid owner, D365OwnerBody body, void *arg)
 		SetUserIdAndSecContext(save_userid, save_sec);
 	}
 	PG_END_TRY();
+}
+
+/*
+ * d365_as_owner_restricted
+ *		Run body(arg) as role owner in a security-restricted operation under
+ *		a new GUC nest level with search_path = pg_catalog, pg_temp: the way
+ *		REFRESH MATERIALIZED VIEW runs code of a view's owner.  Any ERROR
+ *		comes back with the caller's user and security context restored; the
+ *		GUC nest level is then popped by the (sub)transaction abort.
+ */
+void
+d365_as_owner_restricted(Oid owner, D365OwnerBody body, void *arg)
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			save_nestlevel;
+	bool		recording;
+
+	/* the owner's code is not d365sync recording what Dynamics answered */
+	recording = d365_recorder_set(false);
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+	PG_TRY();
+	{
+		body(arg);
+	}
+	PG_CATCH();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+		d365_recorder_set(recording);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	AtEOXact_GUC(false, save_nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec);
+	d365_recorder_set(recording);
 }

@@ -33,7 +33,9 @@ typedef void (*D365OwnerBody) (void *arg);
 
 extern Oid	d365_table_owner(const char *relname);
 extern void d365_as_table_owner(Oid owner, D365OwnerBody body, void *arg);
-/* in table_owner.c: the same with a new GUC nest level and a safe search_path */
+/* the same in a security-restricted operation, with a new GUC nest level and
+ * a safe search_path (the way REFRESH MATERIALIZED VIEW runs a view owner's
+ * code) */
 extern void d365_as_owner_restricted(Oid owner, D365OwnerBody body, void *arg);
 
 #endif							/* D365_SPI_UTIL_H */

@@ -22,7 +22,7 @@
 
 #include "auth.h"
 #include "spi_util.h"
-#include "state_guard.h"
+#include "writers.h"
 #include "job_role.h"
 
 PG_FUNCTION_INFO_V1(d365_get_all);

@@ -74,7 +74,7 @@
 
 #include "d365sync.h"
 #include "pipeline.h"
-#include "state_guard.h"
+#include "writers.h"
 #include "progress.h"
 #include "runs.h"
 #include "spi_util.h"

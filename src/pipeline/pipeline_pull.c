@@ -58,7 +58,7 @@
 #include "progress.h"
 #include "runs.h"
 #include "spi_util.h"
-#include "state_guard.h"
+#include "writers.h"
 
 /*
  * Add one page's counts from the record statement to the run.  The rows go

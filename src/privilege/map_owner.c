@@ -33,6 +33,7 @@
 #include "utils/lsyscache.h"
 
 #include "capture.h"
+#include "writers.h"
 #include "table_owner.h"
 
 PG_FUNCTION_INFO_V1(d365_map_set_links);
@@ -40,61 +41,15 @@ PG_FUNCTION_INFO_V1(d365_map_apply);
 PG_FUNCTION_INFO_V1(d365_map_remove);
 PG_FUNCTION_INFO_V1(d365_map_insert);
 
-/*
- * The table whose rows d365sync itself is writing (its link columns, or
- * values that came from Dynamics), while that statement runs: its capture
- * triggers note nothing then (d365_map_own_write_active, src/capture/map_capture.c),
- * since the values are Dynamics' or d365sync's and nothing is to be sent
- * back.
- */
-static Oid	own_write_relid = InvalidOid;
-
-PG_FUNCTION_INFO_V1(d365_map_own_write);
-
-/*
- * d365_map_own_write_active
- *		Whether the statement now writing relid (the mapped table, or a
- *		partition of it, where a row trigger fires) is d365sync's own write
- *		of the link columns or of incoming values.
- */
-bool
-d365_map_own_write_active(Oid relid)
-{
-	List	   *ancestors;
-	bool		found;
-
-	if (!OidIsValid(own_write_relid))
-		return false;
-	if (relid == own_write_relid)
-		return true;
-	if (!get_rel_relispartition(relid))
-		return false;
-	ancestors = get_partition_ancestors(relid);
-	found = list_member_oid(ancestors, own_write_relid);
-	list_free(ancestors);
-	return found;
-}
-
-/*
- * d365._map_own_write(tbl regclass) -> boolean
- *		d365_map_own_write_active() from SQL.
- */
-Datum
-d365_map_own_write(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_BOOL(!PG_ARGISNULL(0) && d365_map_own_write_active(PG_GETARG_OID(0)));
-}
-
 /* d365_owner_statement, marked as d365sync's own write of relid. */
 static Datum
 own_write(Oid relid, const char *op, const char *sql, Datum columns,
 		  int nargs, Oid *types, Datum *values, char *nulls,
 		  Oid restype, bool *isnull)
 {
-	Oid			was = own_write_relid;
-	Datum		result;
+	Oid			was = d365_map_own_write_set(relid);
+	volatile Datum result = (Datum) 0;
 
-	own_write_relid = relid;
 	PG_TRY();
 	{
 		result = d365_owner_statement(relid, op, sql, columns, nargs, types, values,
@@ -102,7 +57,7 @@ own_write(Oid relid, const char *op, const char *sql, Datum columns,
 	}
 	PG_FINALLY();
 	{
-		own_write_relid = was;
+		(void) d365_map_own_write_set(was);
 	}
 	PG_END_TRY();
 	return result;

@@ -53,8 +53,7 @@
 #include "catalog/pg_proc.h"
 #include "table_owner.h"
 
-#include "link_guard.h"
-#include "state_guard.h"
+#include "writers.h"
 #include "spi_util.h"
 #include "job_role.h"
 
@@ -116,47 +115,6 @@ d365_links_wait_set(bool wait)
 
 	links_wait = wait;
 	return was;
-}
-
-/*
- * d365_as_owner_restricted
- *		Run body(arg) as role owner in a security-restricted operation under
- *		a new GUC nest level with search_path = pg_catalog, pg_temp: the way
- *		REFRESH MATERIALIZED VIEW runs code of a view's owner.  Any ERROR
- *		comes back with the caller's user and security context restored; the
- *		GUC nest level is then popped by the (sub)transaction abort.
- */
-void
-d365_as_owner_restricted(Oid owner, D365OwnerBody body, void *arg)
-{
-	Oid			save_userid;
-	int			save_sec;
-	int			save_nestlevel;
-	bool		recording;
-
-	/* the owner's code is not d365sync recording what Dynamics answered */
-	recording = d365_recorder_set(false);
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	save_nestlevel = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
-	PG_TRY();
-	{
-		body(arg);
-	}
-	PG_CATCH();
-	{
-		SetUserIdAndSecContext(save_userid, save_sec);
-		d365_recorder_set(recording);
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	AtEOXact_GUC(false, save_nestlevel);
-	SetUserIdAndSecContext(save_userid, save_sec);
-	d365_recorder_set(recording);
 }
 
 /* A relation's name, schema-qualified and quoted. */

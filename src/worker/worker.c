@@ -9,7 +9,7 @@
  * names.  It is a thin driver over the engines: every pass runs the jobs of
  * worker_jobs.c -- the entry points of d365_sync_contacts(),
  * d365_sync_activities(), d365_pull_changes() and, for each table map, of
- * d365_sync(map) and d365_pull(map) (src/pipeline/jobs.h) -- each in a transaction
+ * d365_sync(map) and d365_pull(map) (src/engines/jobs.h) -- each in a transaction
  * of its own, under the same lock as a scheduled run (d365.job_lock, a
  * map's row of d365.table_map), each with its own back-off.  The engines'
  * ids make a crash anywhere harmless: they are derived from committed
