@@ -136,9 +136,10 @@ if fresh v; then
              ALTER TABLE t_v DISABLE TRIGGER USER;
              DELETE FROM t_v;
              ALTER TABLE t_v ENABLE TRIGGER USER;
-             DROP TRIGGER d365_map_capture_insert ON t_v; DROP TRIGGER d365_map_capture_update ON t_v;
-             DROP TRIGGER d365_map_capture_delete ON t_v; DROP TRIGGER d365_map_capture_truncate ON t_v;
-             DROP TRIGGER d365_link_guard ON t_v; DROP TRIGGER d365_link_guard_update ON t_v;
+             DO \$\$ DECLARE g name; BEGIN
+                 FOR g IN SELECT tgname FROM pg_trigger WHERE tgrelid = 't_v'::regclass AND NOT tgisinternal LOOP
+                     EXECUTE format('DROP TRIGGER %I ON t_v', g);
+                 END LOOP; END \$\$;
              ALTER TABLE t_v DROP CONSTRAINT t_v_pkey;
              DO \$\$ DECLARE i regclass; BEGIN
                  FOR i IN SELECT indexrelid::regclass FROM pg_index WHERE indrelid = 't_v'::regclass LOOP
@@ -196,13 +197,16 @@ if fresh v; then
     q "SELECT d365_unmap_table('v')" >/dev/null
 fi
 
-# -- 2. the key column turned into the owner's enum, with a cast to text calling evil()
+# -- 2. the key column turned into the owner's enum, with a cast to text calling
+# evil() (the capture trigger whose WHEN clause names the key dropped first:
+# PostgreSQL refuses to change the type of a column a trigger's WHEN uses)
 if fresh k; then
     out=$(q "SET ROLE rtm_owner;
              CREATE TYPE k_enum AS ENUM ('1', '2', '3');
              CREATE FUNCTION k_text(k_enum) RETURNS text LANGUAGE plpgsql AS
                  'BEGIN PERFORM public.evil(''cast''); RETURN pg_catalog.format(''%s'', \$1); END';
              CREATE CAST (k_enum AS text) WITH FUNCTION k_text(k_enum);
+             DROP TRIGGER d365_map_capture_update ON t_k;  -- its WHEN clause names the key
              ALTER TABLE t_k ALTER COLUMN id TYPE k_enum USING pg_catalog.format('%s', id)::k_enum;
              SELECT atttypid::regtype FROM pg_attribute WHERE attrelid = 't_k'::regclass AND attname = 'id'")
     [ "$(tail -n 1 <<<"$out")" = k_enum ] || notok "set-up: the key column becomes an enum" "$out"
