@@ -7539,6 +7539,13 @@ DECLARE
     joins text := '';
     n integer := 0;
     ids text;
+    -- the pairs of vals and wires, built by one jsonb_build_object per
+    -- 40 pairs (not one || per column: each || copies the object)
+    val_pairs text[] := '{}';
+    wire_pairs text[] := '{}';
+    wire_names text[] := '{}';
+    wire_nulls text[] := '{}';
+    wire_conds text[] := '{}';
 BEGIN
     FOR col IN SELECT * FROM d365._map_columns(map) x
                 WHERE x.direction <> 'out' AND x.problem IS NULL LOOP
@@ -7606,13 +7613,36 @@ BEGIN
         ELSE
             loc := v;
         END CASE;
-        vals := format('%s OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)', vals, col."column", loc);
-        wires := format('%s OPERATOR(pg_catalog.||) CASE WHEN (%s) IS NULL THEN ''{}''::pg_catalog.jsonb'
-                        ' ELSE pg_catalog.jsonb_build_object(%L, %s) END', wires, wire, col.wire, wire);
+        val_pairs := val_pairs || format('%L::pg_catalog.text, %s', col."column", loc);
+        -- a field read for two columns is one wire (the same value)
+        IF NOT col.wire = ANY (wire_names) THEN
+            wire_names := wire_names || col.wire::text;
+            wire_pairs := wire_pairs || format('%L::pg_catalog.text, %s', col.wire, wire);
+            wire_nulls := wire_nulls || format('CASE WHEN (%s) IS NULL THEN %L::pg_catalog.text END', wire, col.wire);
+            wire_conds := wire_conds || format('(%s) IS NULL', wire);
+        END IF;
     END LOOP;
+    IF cardinality(val_pairs) > 0 THEN
+        vals := (SELECT string_agg(format('pg_catalog.jsonb_build_object(%s)',
+                                          array_to_string(val_pairs[s.n:s.n + 39], ', ')),
+                                   ' OPERATOR(pg_catalog.||) ' ORDER BY s.n)
+                   FROM generate_series(1, cardinality(val_pairs), 40) s(n));
+        wires := (SELECT string_agg(format('pg_catalog.jsonb_build_object(%s)',
+                                           array_to_string(wire_pairs[s.n:s.n + 39], ', ')),
+                                    ' OPERATOR(pg_catalog.||) ' ORDER BY s.n)
+                    FROM generate_series(1, cardinality(wire_pairs), 40) s(n));
+        -- a wire whose value is SQL NULL (the field is not in the record)
+        -- is left out, as before; one that is JSON null is kept
+        wires := format('CASE WHEN %s THEN (%s) OPERATOR(pg_catalog.-) ARRAY[%s] ELSE %s END',
+                        array_to_string(wire_conds, ' OR '), wires, array_to_string(wire_nulls, ', '), wires);
+    END IF;
     RETURN format('SELECT r.i::pg_catalog.int4 AS i, r.id, %s AS vals, %s AS wires, %s AS pending,'
                   '       NULLIF(%s, '''') AS problem,'
-                  '       CASE WHEN (r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'') OPERATOR(pg_catalog.~) ''^(W/)?"[!#-~]{1,255}"$'''
+                  -- (the test of d365._etag, without its {1,255}: a bounded
+                  -- repetition makes the regular expression slow)
+                  '       CASE WHEN (r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'') OPERATOR(pg_catalog.~) ''^(W/)?"[!#-~]+"$'''
+                  '                 AND pg_catalog.length(r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'')'
+                  '                     OPERATOR(pg_catalog.<=) CASE WHEN (r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'') LIKE ''W/%%'' THEN 259 ELSE 257 END'
                   '            THEN r.rec OPERATOR(pg_catalog.->>) ''@odata.etag'' END AS etag'
                   '  FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.jsonb[]), pg_catalog.unnest($2::pg_catalog.uuid[]))'
                   '       WITH ORDINALITY AS r(rec, id, i)%s'
@@ -7743,7 +7773,10 @@ BEGIN
     -- linked already, or deleted: a change as any other; the others are
     -- new (a record without a GUID fails)
     EXECUTE format('WITH u AS MATERIALIZED ('
-                   '  SELECT u.i, u.r, CASE WHEN (u.r OPERATOR(pg_catalog.->>) $3) OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'''
+                   -- a GUID: 8-4-4-4-12 hex digits (translate() is much
+                   -- faster than a regular expression with counted repeats)
+                   '  SELECT u.i, u.r, CASE WHEN pg_catalog.translate(u.r OPERATOR(pg_catalog.->>) $3, ''0123456789abcdefABCDEF'', ''0000000000000000000000'')'
+                   '                             OPERATOR(pg_catalog.=) ''00000000-0000-0000-0000-000000000000'''
                    '                        THEN (u.r OPERATOR(pg_catalog.->>) $3)::pg_catalog.uuid END AS id,'
                    '         pg_catalog.jsonb_typeof(u.r) OPERATOR(pg_catalog.<>) ''object'''
                    '         OR coalesce((u.r OPERATOR(pg_catalog.->>) ''@odata.context'') LIKE ''%%$deletedEntity'', false) AS special'
