@@ -7773,10 +7773,15 @@ BEGIN
     -- linked already, or deleted: a change as any other; the others are
     -- new (a record without a GUID fails)
     EXECUTE format('WITH u AS MATERIALIZED ('
-                   -- a GUID: 8-4-4-4-12 hex digits (translate() is much
-                   -- faster than a regular expression with counted repeats)
-                   '  SELECT u.i, u.r, CASE WHEN pg_catalog.translate(u.r OPERATOR(pg_catalog.->>) $3, ''0123456789abcdefABCDEF'', ''0000000000000000000000'')'
-                   '                             OPERATOR(pg_catalog.=) ''00000000-0000-0000-0000-000000000000'''
+                   -- a GUID: 8-4-4-4-12 hex digits (five groups of hex
+                   -- digits, 36 characters, the hyphens in their places:
+                   -- a regular expression with counted repeats is slow)
+                   '  SELECT u.i, u.r, CASE WHEN (u.r OPERATOR(pg_catalog.->>) $3) OPERATOR(pg_catalog.~) ''^[0-9a-fA-F]+-[0-9a-fA-F]+-[0-9a-fA-F]+-[0-9a-fA-F]+-[0-9a-fA-F]+$'''
+                   '                         AND pg_catalog.length(u.r OPERATOR(pg_catalog.->>) $3) OPERATOR(pg_catalog.=) 36'
+                   '                         AND pg_catalog.substr(u.r OPERATOR(pg_catalog.->>) $3, 9, 1) OPERATOR(pg_catalog.=) ''-'''
+                   '                         AND pg_catalog.substr(u.r OPERATOR(pg_catalog.->>) $3, 14, 1) OPERATOR(pg_catalog.=) ''-'''
+                   '                         AND pg_catalog.substr(u.r OPERATOR(pg_catalog.->>) $3, 19, 1) OPERATOR(pg_catalog.=) ''-'''
+                   '                         AND pg_catalog.substr(u.r OPERATOR(pg_catalog.->>) $3, 24, 1) OPERATOR(pg_catalog.=) ''-'''
                    '                        THEN (u.r OPERATOR(pg_catalog.->>) $3)::pg_catalog.uuid END AS id,'
                    '         pg_catalog.jsonb_typeof(u.r) OPERATOR(pg_catalog.<>) ''object'''
                    '         OR coalesce((u.r OPERATOR(pg_catalog.->>) ''@odata.context'') LIKE ''%%$deletedEntity'', false) AS special'
