@@ -7786,12 +7786,16 @@ BEGIN
                    '         pg_catalog.jsonb_typeof(u.r) OPERATOR(pg_catalog.<>) ''object'''
                    '         OR coalesce((u.r OPERATOR(pg_catalog.->>) ''@odata.context'') LIKE ''%%$deletedEntity'', false) AS special'
                    '    FROM pg_catalog.unnest($1) WITH ORDINALITY AS u(r, i)),'
+                   -- each id looked up in the link column's index and in
+                   -- d365.map_row's (not a hash of the whole table, which
+                   -- grows with each page a load adds)
                    ' v AS MATERIALIZED ('
-                   '  SELECT u.*, u.special OR (u.id IS NOT NULL'
-                   '         AND (EXISTS (SELECT FROM %1$s c WHERE c.dynamics365_related_id OPERATOR(pg_catalog.=) u.id)'
-                   '              OR EXISTS (SELECT FROM d365.map_row s WHERE s.map OPERATOR(pg_catalog.=) $2'
-                   '                            AND s.dynamics_id OPERATOR(pg_catalog.=) u.id))) AS old'
-                   '    FROM u)'
+                   '  SELECT u.*, u.special OR lc.hit IS NOT NULL OR ls.hit IS NOT NULL AS old'
+                   '    FROM u'
+                   '    LEFT JOIN LATERAL (SELECT 1 AS hit FROM %1$s c'
+                   '                        WHERE c.dynamics365_related_id OPERATOR(pg_catalog.=) u.id LIMIT 1) lc ON true'
+                   '    LEFT JOIN LATERAL (SELECT 1 AS hit FROM d365.map_row s WHERE s.map OPERATOR(pg_catalog.=) $2'
+                   '                          AND s.dynamics_id OPERATOR(pg_catalog.=) u.id LIMIT 1) ls ON true)'
                    ' SELECT pg_catalog.array_agg(v.r ORDER BY v.i) FILTER (WHERE v.old),'
                    '        pg_catalog.array_agg(v.r ORDER BY v.i) FILTER (WHERE NOT v.old AND v.id IS NOT NULL),'
                    '        pg_catalog.array_agg(v.id ORDER BY v.i) FILTER (WHERE NOT v.old AND v.id IS NOT NULL),'
