@@ -170,10 +170,9 @@ DECLARE
     -- the pairs of vals and wires, built by one jsonb_build_object per
     -- 40 pairs (not one || per column: each || copies the object)
     val_pairs text[] := '{}';
-    wire_pairs text[] := '{}';
     wire_names text[] := '{}';
-    wire_nulls text[] := '{}';
-    wire_conds text[] := '{}';
+    wire_exprs text[] := '{}';
+    w integer;
 BEGIN
     FOR col IN SELECT * FROM d365._map_columns(map) x
                 WHERE x.direction <> 'out' AND x.problem IS NULL LOOP
@@ -242,12 +241,14 @@ BEGIN
             loc := v;
         END CASE;
         val_pairs := val_pairs || format('%L::pg_catalog.text, %s', col."column", loc);
-        -- a field read for two columns is one wire (the same value)
-        IF NOT col.wire = ANY (wire_names) THEN
+        -- a field read for two columns is one wire: the value of the last
+        -- of them that has one
+        w := array_position(wire_names, col.wire::text);
+        IF w IS NULL THEN
             wire_names := wire_names || col.wire::text;
-            wire_pairs := wire_pairs || format('%L::pg_catalog.text, %s', col.wire, wire);
-            wire_nulls := wire_nulls || format('CASE WHEN (%s) IS NULL THEN %L::pg_catalog.text END', wire, col.wire);
-            wire_conds := wire_conds || format('(%s) IS NULL', wire);
+            wire_exprs := wire_exprs || wire;
+        ELSE
+            wire_exprs[w] := format('coalesce(%s, %s)', wire, wire_exprs[w]);
         END IF;
     END LOOP;
     IF cardinality(val_pairs) > 0 THEN
@@ -256,13 +257,19 @@ BEGIN
                                    ' OPERATOR(pg_catalog.||) ' ORDER BY s.n)
                    FROM generate_series(1, cardinality(val_pairs), 40) s(n));
         wires := (SELECT string_agg(format('pg_catalog.jsonb_build_object(%s)',
-                                           array_to_string(wire_pairs[s.n:s.n + 39], ', ')),
+                                           (SELECT string_agg(format('%L::pg_catalog.text, %s', wire_names[y.j], wire_exprs[y.j]), ', ' ORDER BY y.j)
+                                              FROM generate_series(s.n, least(s.n + 39, cardinality(wire_names))) AS y(j))),
                                     ' OPERATOR(pg_catalog.||) ' ORDER BY s.n)
-                    FROM generate_series(1, cardinality(wire_pairs), 40) s(n));
+                    FROM generate_series(1, cardinality(wire_names), 40) s(n));
         -- a wire whose value is SQL NULL (the field is not in the record)
         -- is left out, as before; one that is JSON null is kept
         wires := format('CASE WHEN %s THEN (%s) OPERATOR(pg_catalog.-) ARRAY[%s] ELSE %s END',
-                        array_to_string(wire_conds, ' OR '), wires, array_to_string(wire_nulls, ', '), wires);
+                        (SELECT string_agg(format('(%s) IS NULL', x.e), ' OR ' ORDER BY x.j)
+                           FROM unnest(wire_exprs) WITH ORDINALITY AS x(e, j)),
+                        wires,
+                        (SELECT string_agg(format('CASE WHEN (%s) IS NULL THEN %L::pg_catalog.text END', x.e, wire_names[x.j]), ', ' ORDER BY x.j)
+                           FROM unnest(wire_exprs) WITH ORDINALITY AS x(e, j)),
+                        wires);
     END IF;
     RETURN format('SELECT r.i::pg_catalog.int4 AS i, r.id, %s AS vals, %s AS wires, %s AS pending,'
                   '       NULLIF(%s, '''') AS problem,'
