@@ -132,3 +132,24 @@ if [ "$sent" = "project|0|0|0|0" ]; then
 else
     notok "nothing loaded is sent back" "$sent"
 fi
+
+# -- 6. a state row left behind for the key a loaded row gets (no record,
+#       an old failure): the row's state is the record's, as for any other
+setup a_company b_account
+q "INSERT INTO d365.map_row (map, row_key, synced, change_seq, synced_seq, attempts, last_error)
+   VALUES ('project', '1', '{\"new_name\": \"Old\"}', 5, 2, 3, 'an old failure')" >/dev/null
+simctl edit new_project "{\"op\": \"create\", \"id\": \"$P1\", \"values\": {\"new_name\": \"Rollout\"}}" >/dev/null
+simctl edit new_project "{\"op\": \"create\", \"id\": \"${P1%1}2\", \"values\": {\"new_name\": \"Second\"}}" >/dev/null
+out=$(q "SELECT map, created, failed FROM d365_pull('project')")
+state=$(q "SELECT string_agg(s.row_key || ':' || p.title || ':' || (s.dynamics_id = p.dynamics365_related_id) || ':'
+                             || (s.synced ->> 'new_name') || ':' || s.synced_seq || '/' || s.change_seq || ':'
+                             || s.attempts || ':' || coalesce(s.last_error, '-'), ',' ORDER BY s.row_key)
+             FROM d365.map_row s JOIN projects p ON p.id::text = s.row_key WHERE s.map = 'project'")
+n=$(q "SELECT count(*) FROM d365.map_row WHERE map = 'project'")
+sent=$(q "SELECT map, created, updated, failed, requests FROM d365_sync('project')")
+if [ "$out" = "project|2|0" ] && [ "$state" = "1:Rollout:true:Rollout:5/5:0:-,2:Second:true:Second:0/0:0:-" ] &&
+   [ "$n" = 2 ] && [ "$sent" = "project|0|0|0|0" ]; then
+    ok "a state row left behind for the key of a loaded row takes the record's state (linked, synced, its failure cleared) beside the plain ones; the next sync sends nothing"
+else
+    notok "a state row left behind for a loaded row's key" "$out" "$state" "rows: $n" "$sent"
+fi
