@@ -269,10 +269,12 @@ $$;
  * The statements that (re)create the capture triggers on the attached
  * table, and the table; both NULL when nothing is attached or the key
  * column is gone.  The WHEN clause of d365_capture_update lists the key and
- * the mapped columns that are sent (direction both or out) and exist, each
- * compared with IS DISTINCT FROM (the column type's own equality, evaluated
- * as the writing user), so an UPDATE of other columns costs no trigger
- * call.  d365._contact_capture_install() runs them.
+ * the mapped columns that are sent (direction both or out) and exist,
+ * compared by their binary images (pg_catalog.record_image_eq(), the
+ * function of the operator *=: a type's own equality calls values equal
+ * that are sent differently, such as 'abc' and 'ABC' under a
+ * case-insensitive collation or in citext), so an UPDATE of other columns
+ * costs no trigger call.  d365._contact_capture_install() runs them.
  */
 CREATE FUNCTION d365._contact_capture_sql(OUT tbl regclass, OUT statements text[])
 RETURNS record
@@ -291,7 +293,9 @@ BEGIN
     IF key_num IS NULL THEN
         RETURN;             -- nothing attached, or broken: d365_status() says which
     END IF;
-    SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY a.attnum)
+    SELECT format('NOT pg_catalog.record_image_eq(ROW(%s), ROW(%s))',
+                  string_agg(format('OLD.%I', a.attname), ', ' ORDER BY a.attnum),
+                  string_agg(format('NEW.%I', a.attname), ', ' ORDER BY a.attnum))
       INTO changed
       FROM pg_attribute a
      WHERE a.attrelid = src.contact_table AND a.attnum > 0 AND NOT a.attisdropped

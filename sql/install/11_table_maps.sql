@@ -411,10 +411,14 @@ $$;
 -- the guard of its link columns (src/capture/link_guard.c: only d365sync's own link
 -- writer may set them); d365._map_capture_install() runs them.  The WHEN
 -- clause of d365_map_capture_update lists the key and the mapped columns
--- that are sent (direction both or out) and exist, each compared with IS
--- DISTINCT FROM (the column type's own equality, evaluated by the executor
--- as the writing user), so an UPDATE of other columns costs no trigger
--- call; it follows the column map (d365._column_map_changed,
+-- that are sent (direction both or out) and exist, compared by their
+-- binary images (pg_catalog.record_image_eq(ROW(OLD...), ROW(NEW...)), the
+-- function of the operator *=, called as a function: pg_dump prints the
+-- operator between ROW()s as a row-wise comparison): a type's own equality
+-- calls values equal that are sent differently, such as 'abc' and 'ABC'
+-- under a case-insensitive collation or in citext, and runs no code of the
+-- type's.  An UPDATE of other columns costs no trigger call.  The clause
+-- follows the column map (d365._column_map_changed,
 -- 16_map_capture.sql).  The row triggers' arguments are the key's attribute
 -- number and name.  A trigger of an earlier form under the same name (a
 -- statement trigger with a transition table) is dropped first.
@@ -437,7 +441,9 @@ BEGIN
             USING ERRCODE = 'undefined_column',
                   HINT = format('Unmap the table (d365_unmap_table(%L)) and map it again naming its key.', m.name);
     END IF;
-    SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY a.attnum)
+    SELECT format('NOT pg_catalog.record_image_eq(ROW(%s), ROW(%s))',
+                  string_agg(format('OLD.%I', a.attname), ', ' ORDER BY a.attnum),
+                  string_agg(format('NEW.%I', a.attname), ', ' ORDER BY a.attnum))
       INTO changed
       FROM pg_attribute a
      WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped

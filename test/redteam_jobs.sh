@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# test/redteam_jobs.sh: attacks on the job role (d365sync_job), on the row
+# capture of mapped tables and on the delete policies of the contact map.
+# Every role but the superuser is hostile: the owner of a mapped table or of
+# the contact table, an operator, an admin, a writer of a mapped table, the
+# owner of the database.
+#
+# The attacks plant public.evil() (owned by the table owner rtj_owner),
+# which notes current_user and session_user in public.evil_log and tries
+# ALTER ROLE rtj_owner SUPERUSER.  After each attack: rtj_owner is no
+# superuser, evil() never ran as anyone but rtj_owner, and what a user sees
+# (the error, the simulator's record, the session's current_user) is what
+# the attack's line says.
+#
+#   1-2  a writer changes only the case of a mapped value in a column with a
+#        case-insensitive collation (the capture's WHEN clause once compared
+#        with the type's own equality, which calls the two equal): the
+#        change reaches Dynamics, for a table map and for the contact table
+#   3    the owner's DEFERRABLE INITIALLY DEFERRED constraint trigger, queued
+#        by the pull's write of its table, never fires as the caller (the
+#        superuser) at the commit of CALL d365_run_job('map-pull')
+#   4-5  a failing CALL d365_run_job() (it commits inside) leaves the
+#        operator's session as the operator, outside and inside a
+#        transaction block
+#   6    the owner names d365's capture functions in a trigger of its own
+#        (forged arguments, another table): refused
+#   7    hostile roles give the job role settings or memberships
+#   8    the database's owner sets search_path (and a public operator) for
+#        every session: no job runs the owner's operator
+#   9    an admin reads a Dynamics record through d365._get_all() by a path
+#        that starts as metadata and leaves it
+#
+# scripts/test.sh runs it with the cluster and simulator it started; run
+# alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
+# Prints "ok N - ..." / "not ok N - ..." and always exits 0.
+set -uo pipefail
+
+DB=d365rtjobs
+. "$(dirname "$0")/lib.sh"
+t_begin rtjobs
+t_on_exit() { simctl reset >/dev/null 2>&1; }
+t_standalone || exit 0
+
+simctl reset >/dev/null
+t_create_db "$DB"
+for r in rtj_owner rtj_op rtj_admin rtj_w; do
+    PSQL_DB=postgres psqlq -c "DROP ROLE IF EXISTS $r" -c "CREATE ROLE $r" >/dev/null 2>&1
+done
+if ! psqlq >"$TMPD/setup.log" 2>&1 <<SQL
+$(t_configure_sql)
+SET search_path = public, d365;
+SELECT d365_grant('rtj_op', 'operator');
+SELECT d365_grant('rtj_admin', 'admin');
+GRANT CREATE ON SCHEMA public TO rtj_owner;
+CREATE TABLE evil_log (who name, sess name, tag text);
+ALTER TABLE evil_log OWNER TO rtj_owner;
+GRANT INSERT ON evil_log TO PUBLIC;
+CREATE FUNCTION evil(tag text) RETURNS boolean LANGUAGE plpgsql VOLATILE AS
+\$\$ BEGIN
+    INSERT INTO public.evil_log VALUES (current_user, session_user, tag);
+    BEGIN
+        EXECUTE 'ALTER ROLE rtj_owner SUPERUSER';
+    EXCEPTION WHEN OTHERS THEN NULL;
+    END;
+    RETURN true;
+END \$\$;
+ALTER FUNCTION evil(text) OWNER TO rtj_owner;
+CREATE FUNCTION evil_trg() RETURNS trigger LANGUAGE plpgsql AS
+\$\$ BEGIN PERFORM public.evil(TG_OP); RETURN NULL; END \$\$;
+ALTER FUNCTION evil_trg() OWNER TO rtj_owner;
+CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+SQL
+then
+    notok "set-up failed" "$(tail -n 8 "$TMPD/setup.log")"
+    exit 0
+fi
+q() { psqlq -v VERBOSITY=verbose -c "SET search_path = public, d365" -c "$1" 2>&1; }
+as() {
+    if [ "$1" = none ]; then
+        q "$2"
+    else
+        psqlq -v VERBOSITY=verbose -c "SET search_path = public, d365" -c "SET ROLE $1" -c "$2" 2>&1
+    fi
+}
+sim_field() {
+    simctl rows "$1" | python3 -c '
+import json, sys
+ent, rid, field = sys.argv[1:4]
+for r in json.load(sys.stdin)["value"]:
+    if r.get(ent + "id") == rid:
+        v = r.get(field)
+        print("" if v is None else v)' "$1" "$2" "$3"
+}
+reset_evil() { q "ALTER ROLE rtj_owner NOSUPERUSER; TRUNCATE evil_log" >/dev/null; }
+# clean_after WHAT OUT EXPECT: ok when rtj_owner is no superuser, evil()
+# ran as no other role than rtj_owner, and OUT holds EXPECT (a regex)
+clean_after() {
+    local what=$1 out=$2 expect=$3 su ev
+    su=$(q "SELECT rolsuper FROM pg_roles WHERE rolname = 'rtj_owner'")
+    ev=$(q "SELECT coalesce(string_agg(DISTINCT who::text || ':' || tag, ','), '') FROM evil_log WHERE who <> 'rtj_owner'")
+    if [ "$su" = f ] && [ -z "$ev" ] && grep -Eq "$expect" <<<"$out"; then
+        ok "$what"
+    else
+        notok "$what" "owner superuser: $su; evil ran as: ${ev:-nobody}" "$out"
+    fi
+    reset_evil
+}
+
+# -- 1. a case-only change under a nondeterministic collation (table map)
+q "CREATE TABLE t_ci (id integer PRIMARY KEY, name text COLLATE ci);
+   ALTER TABLE t_ci OWNER TO rtj_owner;
+   GRANT SELECT, INSERT, UPDATE, DELETE ON t_ci TO rtj_w;
+   SELECT d365_map_table('ci', 't_ci', 'accounts');
+   SELECT d365_map_column('ci', 'name', 'name');
+   INSERT INTO t_ci VALUES (1, 'quiet corp');
+   SELECT created FROM d365_sync('ci')" >"$TMPD/ci.log" 2>&1
+id=$(q "SELECT dynamics365_related_id FROM t_ci WHERE id = 1")
+if [ "$(sim_field account "$id" name)" != "quiet corp" ]; then
+    notok "set-up: the map ci sends its row" "$(tail -n 5 "$TMPD/ci.log")"
+else
+    as rtj_w "UPDATE t_ci SET name = 'QUIET CORP' WHERE id = 1" >/dev/null
+    out=$(q "SELECT updated, failed FROM d365_sync('ci')")
+    got=$(sim_field account "$id" name)
+    if [ "$got" = "QUIET CORP" ]; then
+        ok "a case-only change of a column with a case-insensitive collation reaches Dynamics (table map)"
+    else
+        notok "a case-only change of a column with a case-insensitive collation reaches Dynamics (table map)" \
+              "Dynamics holds: $got" "$out"
+    fi
+fi
+
+# -- 2. the same on the contact table
+q "CREATE TABLE person (id integer PRIMARY KEY, last_name text COLLATE ci NOT NULL,
+                        score integer NOT NULL DEFAULT 50);
+   UPDATE d365.settings SET contact_sync_enabled = true, realtime = false, min_score = 10;
+   SELECT d365_attach_contacts('person');
+   INSERT INTO d365.field_map VALUES ('last_name', 'lastname');
+   INSERT INTO person VALUES (1, 'mcintyre');
+   SELECT created, failed FROM d365_sync_contacts()" >"$TMPD/person.log" 2>&1
+pid=$(q "SELECT dynamics365_related_id FROM person WHERE id = 1")
+if [ -z "$pid" ] || [ "$(sim_field contact "$pid" lastname)" != mcintyre ]; then
+    notok "set-up: the contact table sends its row" "$(tail -n 5 "$TMPD/person.log")"
+else
+    q "UPDATE person SET last_name = 'McIntyre' WHERE id = 1" >/dev/null
+    out=$(q "SELECT updated, failed FROM d365_sync_contacts()")
+    got=$(sim_field contact "$pid" lastname)
+    if [ "$got" = McIntyre ]; then
+        ok "a case-only change of a column with a case-insensitive collation reaches Dynamics (contact table)"
+    else
+        notok "a case-only change of a column with a case-insensitive collation reaches Dynamics (contact table)" \
+              "Dynamics holds: $got" "$out"
+    fi
+fi
+
+# -- 3. the owner's deferred constraint trigger on its mapped table, queued by
+# the pull's write (as the owner, in a security-restricted operation)
+q "CREATE TABLE t_def (id integer PRIMARY KEY, name text);
+   ALTER TABLE t_def OWNER TO rtj_owner;
+   SELECT d365_map_table('def', 't_def', 'accounts');
+   SELECT d365_map_column('def', 'name', 'name');
+   INSERT INTO t_def VALUES (1, 'def one');
+   SELECT created FROM d365_sync('def')" >"$TMPD/def.log" 2>&1
+did=$(q "SELECT dynamics365_related_id FROM t_def WHERE id = 1")
+if [ -z "$did" ]; then
+    notok "set-up: the map def sends its row" "$(tail -n 5 "$TMPD/def.log")"
+else
+    q "SET ROLE rtj_owner;
+       CREATE CONSTRAINT TRIGGER late AFTER UPDATE ON t_def DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION evil_trg()" >/dev/null
+    reset_evil
+    simctl edit account "{\"op\":\"update\",\"id\":\"$did\",\"values\":{\"name\":\"def changed\"}}" >/dev/null
+    out=$(q "CALL d365_run_job('map-pull')")
+    out2=$(q "SELECT * FROM d365_pull('def')")
+    name=$(q "SELECT name FROM t_def WHERE id = 1")
+    clean_after "the owner's deferred trigger, queued by the pull's write, never fires as the superuser (the pull is refused: $name)" \
+                "$out
+$out2" "cannot fire deferred trigger within security-restricted operation"
+    q "SET ROLE rtj_owner; DROP TRIGGER late ON t_def" >/dev/null
+fi
+
+# -- 4, 5. a failing d365_run_job() leaves the session as its caller
+q "CREATE TABLE t_bad (id integer PRIMARY KEY, name text);
+   ALTER TABLE t_bad OWNER TO rtj_owner;
+   SELECT d365_map_table('bad', 't_bad', 'accounts');
+   SELECT d365_map_column('bad', 'name', 'name');
+   SET ROLE rtj_owner;
+   ALTER TABLE t_bad DISABLE TRIGGER d365_link_guard" >/dev/null
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_op" -c "CALL d365.d365_run_job('maps')" \
+            -c "SELECT 'now:' || current_user || '/' || session_user" 2>&1)
+if grep -q 'map bad: table map "bad" cannot run' <<<"$out" && grep -q '^now:rtj_op/postgres$' <<<"$out"; then
+    ok "a failed CALL d365_run_job('maps') leaves the operator's session as the operator"
+else
+    notok "a failed CALL d365_run_job('maps') leaves the operator's session as the operator" "$out"
+fi
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_op" \
+            -c "BEGIN" -c "CALL d365.d365_run_job('maps')" -c "ROLLBACK" \
+            -c "DO \$\$ BEGIN CALL d365.d365_run_job('maps'); EXCEPTION WHEN OTHERS THEN RAISE NOTICE 'caught: %', current_user; END \$\$" \
+            -c "SELECT 'now:' || current_user || '/' || session_user" 2>&1)
+if grep -q '^now:rtj_op/postgres$' <<<"$out" && grep -q 'caught: rtj_op' <<<"$out"; then
+    ok "d365_run_job() in a transaction block or caught in a DO block leaves the session as the operator"
+else
+    notok "d365_run_job() in a transaction block or caught in a DO block leaves the session as the operator" "$out"
+fi
+q "SELECT d365_unmap_table('bad')" >/dev/null
+
+# -- 6. a table's owner names d365's capture functions in a trigger of its
+# own (the owner of a mapped table, without USAGE on d365; an admin, with it,
+# on a table of its own and on the mapped table)
+q "GRANT CREATE ON SCHEMA public TO rtj_admin;
+   CREATE TABLE t_own (id integer PRIMARY KEY, name text);
+   ALTER TABLE t_own OWNER TO rtj_admin;
+   GRANT ALL ON t_def TO rtj_admin" >/dev/null
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_owner" \
+        -c "CREATE TRIGGER r2 AFTER INSERT ON t_def FOR EACH ROW EXECUTE FUNCTION d365._map_capture_row('2', 'name')" \
+        -c "CREATE OR REPLACE TRIGGER d365_map_capture_update AFTER UPDATE ON t_def FOR EACH ROW WHEN (false)
+                EXECUTE FUNCTION d365._map_capture_row('1', 'id')" \
+        -c "SET ROLE rtj_admin" \
+        -c "CREATE TRIGGER f AFTER INSERT ON t_own FOR EACH STATEMENT EXECUTE FUNCTION d365._map_capture_flush()" \
+        -c "CREATE TRIGGER r AFTER INSERT ON t_own FOR EACH ROW EXECUTE FUNCTION d365._map_capture_row('1', 'id')" 2>&1)
+n=$(grep -c '42501: permission denied for \(function d365._map_capture_\|schema d365\)' <<<"$out")
+trg=$(q "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('t_own'::regclass, 't_def'::regclass) AND tgname IN ('f', 'r', 'r2')")
+when=$(q "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 't_def'::regclass AND tgname = 'd365_map_capture_update'")
+if [ "$n" = 4 ] && [ "$trg" = 0 ] && ! grep -q 'WHEN (false)' <<<"$when"; then
+    ok "neither a table's owner nor an admin can name d365._map_capture_flush() or _map_capture_row() in a trigger"
+else
+    notok "neither a table's owner nor an admin can name d365's capture functions in a trigger" "triggers made: $trg" "$out" "$when"
+fi
+
+# -- 7. hostile roles give the job role settings or memberships
+out=$(as rtj_admin "ALTER ROLE d365sync_job SET search_path = public, pg_catalog")
+out2=$(as rtj_owner "GRANT rtj_owner TO d365sync_job")
+cfg=$(q "SELECT count(*) FROM pg_db_role_setting WHERE setrole = 'd365sync_job'::regrole")
+mem=$(q "SELECT count(*) FROM pg_auth_members WHERE member = 'd365sync_job'::regrole AND roleid = 'rtj_owner'::regrole")
+if grep -q '42501' <<<"$out" && [ "$cfg" = 0 ] && grep -q '42501\|0LP01\|must have admin option' <<<"$out2" && [ "$mem" = 0 ]; then
+    ok "an admin cannot set the job role's settings, a table owner cannot make it a member of its role"
+else
+    notok "hostile roles cannot give the job role settings or memberships" "settings: $cfg, membership: $mem" "$out" "$out2"
+fi
+
+# -- 8. the database's owner: search_path = public first, and an operator of
+# its own for text = text
+PSQL_DB=postgres psqlq -c "ALTER DATABASE $DB OWNER TO rtj_owner" >/dev/null
+q "CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean LANGUAGE plpgsql AS
+       'BEGIN PERFORM public.evil(''operator''); RETURN \$1 OPERATOR(pg_catalog.=) \$2; END';
+   ALTER FUNCTION public.evil_eq(text, text) OWNER TO rtj_owner;
+   SET ROLE rtj_owner;
+   CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+   ALTER DATABASE $DB SET search_path = public, pg_catalog" >/dev/null
+reset_evil
+q "INSERT INTO t_def VALUES (2, 'def two')" >/dev/null
+out=$(psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_op" -c "SELECT created, failed FROM d365.d365_sync('def')" \
+            -c "CALL d365.d365_run_job('maps')" -c "CALL d365.d365_run_job('contacts')" \
+            -c "SELECT count(*) FROM d365.d365_status()" 2>&1)
+clean_after "the database owner's search_path and text operator never run in a job" "$out" "."
+q "ALTER DATABASE $DB RESET search_path; SET ROLE rtj_owner; DROP OPERATOR public.= (text, text)" >/dev/null
+PSQL_DB=postgres psqlq -c "ALTER DATABASE $DB OWNER TO postgres" >/dev/null
+
+# -- 9. an admin reads a record through d365._get_all() by a metadata path
+# that leaves the metadata
+acc=$(q "SELECT dynamics365_related_id FROM t_def WHERE id = 1")
+bad=0
+for path in "EntityDefinitions(LogicalName='account')/../../accounts($acc)" \
+            "EntityDefinitions(LogicalName='account')/%2e%2e/%2E%2E/accounts($acc)" \
+            "EntityDefinitions(LogicalName='account')/..%2faccounts($acc)" \
+            "EntityDefinitions(LogicalName='account')\\..\\accounts($acc)"; do
+    out=$(as rtj_admin "SELECT * FROM d365._get_all(\$p\$$path\$p\$)")
+    if grep -q 'def one\|def changed' <<<"$out" || ! grep -q 'ERROR' <<<"$out"; then
+        bad=1
+        diag "$path: $out"
+    fi
+done
+if [ $bad = 0 ]; then
+    ok "an admin reads no record through d365._get_all() by a metadata path with dot segments"
+else
+    notok "an admin reads no record through d365._get_all() by a metadata path with dot segments"
+fi
+
+
