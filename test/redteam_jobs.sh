@@ -29,6 +29,8 @@
 #        every session: no job runs the owner's operator
 #   9    an admin reads a Dynamics record through d365._get_all() by a path
 #        that starts as metadata and leaves it
+#   10   an operator sets the contact map's delete policies or queues a
+#        delete by writing d365's tables: refused
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
@@ -276,3 +278,17 @@ else
 fi
 
 
+# -- 10. an operator sets the contact map's delete policies, or queues a
+# delete of a record of its choosing, by writing d365's tables
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_op" \
+        -c "UPDATE d365.table_map SET on_remote_delete = 'delete' WHERE name = 'contact'" \
+        -c "UPDATE d365.table_map SET on_local_delete = 'delete' WHERE name = 'contact'" \
+        -c "INSERT INTO d365.map_delete (map, dynamics_id, row_key, action)
+            VALUES ('contact', '$pid', '1', 'delete')" 2>&1)
+pol=$(q "SELECT on_local_delete || '/' || on_remote_delete FROM d365.table_map WHERE name = 'contact'")
+n=$(grep -c '42501: permission denied for table \(table_map\|map_delete\)' <<<"$out")
+if [ "$n" = 3 ] && [ "$pol" = unlink/unlink ]; then
+    ok "an operator can neither set the contact map's delete policies nor queue a delete"
+else
+    notok "an operator can neither set the contact map's delete policies nor queue a delete" "policies: $pol" "$out"
+fi
