@@ -31,6 +31,11 @@
 #        that starts as metadata and leaves it
 #   10   an operator sets the contact map's delete policies or queues a
 #        delete by writing d365's tables: refused
+#   11-12 an operator who may not read a lookup's parent table runs the
+#        child's map (the lookups read the parent's key and link columns as
+#        the job role): d365_sync, d365_pull and CALL d365_load refuse it
+#        (42501, the hint names the two columns); with SELECT on those two
+#        columns only, the row is sent bound to the parent's record
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
@@ -291,4 +296,56 @@ if [ "$n" = 3 ] && [ "$pol" = unlink/unlink ]; then
     ok "an operator can neither set the contact map's delete policies nor queue a delete"
 else
     notok "an operator can neither set the contact map's delete policies nor queue a delete" "policies: $pol" "$out"
+fi
+
+# -- 11. an operator who may not read a lookup's parent table runs the
+# child's map: the lookup reads the parent's link column as the job role
+# (which reads every table), and the Dynamics id would reach the operator
+# (the request, d365.map_row's snapshot, the child's lookup after a pull)
+q "CREATE TABLE t_par (id integer PRIMARY KEY, name text);
+   ALTER TABLE t_par OWNER TO rtj_owner;
+   SELECT d365_map_table('par', 't_par', 'accounts');
+   SELECT d365_map_column('par', 'name', 'name');
+   INSERT INTO t_par VALUES (1, 'secret parent');
+   SELECT failed FROM d365_sync('par');
+   CREATE TABLE t_chi (id integer PRIMARY KEY, name text, par_id integer REFERENCES t_par);
+   ALTER TABLE t_chi OWNER TO rtj_owner;
+   GRANT SELECT, INSERT, UPDATE, DELETE ON t_chi TO rtj_op;
+   SELECT d365_map_table('chi', 't_chi', 'contacts');
+   SELECT d365_map_column('chi', 'name', 'lastname');
+   SELECT d365_map_column('chi', 'par_id', 'parentcustomerid')" >"$TMPD/chi.log" 2>&1
+parent_id=$(q "SELECT dynamics365_related_id FROM t_par WHERE id = 1")
+if [ -z "$parent_id" ]; then
+    notok "set-up: the maps par and chi" "$(tail -n 5 "$TMPD/chi.log")"
+else
+    as rtj_op "INSERT INTO t_chi VALUES (1, 'Nosy child', 1)" >/dev/null
+    out=$(as rtj_op "SELECT * FROM d365_sync('chi')")
+    out2=$(as rtj_op "SELECT * FROM d365_pull('chi')")
+    out3=$(as rtj_op "CALL d365_load('chi')")
+    seen=$(as rtj_op "SELECT count(*) FROM d365.map_row WHERE map = 'chi' AND synced::text LIKE '%$parent_id%'")
+    sent=$(simctl rows contact | grep -c "Nosy child")
+    if grep -q '42501: permission denied for table public.t_par' <<<"$out" &&
+       grep -q '42501: permission denied for table public.t_par' <<<"$out2" &&
+       grep -q '42501: permission denied for table public.t_par' <<<"$out3" &&
+       grep -q 'GRANT SELECT (id, dynamics365_related_id) ON public.t_par TO rtj_op' <<<"$out" &&
+       [ "$seen" = 0 ] && [ "$sent" = 0 ]; then
+        ok "an operator who may not read a lookup's parent table cannot run the child's map: d365_sync, d365_pull, CALL d365_load (42501)"
+    else
+        notok "an operator who may not read a lookup's parent table cannot run the child's map: d365_sync, d365_pull, CALL d365_load" \
+              "snapshot rows naming the parent's id: $seen; sent: $sent" "$out" "$out2" "$out3"
+    fi
+    # what the refusal's hint (and d365_map_column's for the lookup) asks:
+    # the parent's key and link columns, not its other mapped columns
+    q "GRANT SELECT (id, dynamics365_related_id) ON t_par TO rtj_op" >/dev/null
+    out=$(as rtj_op "SELECT map, created, failed FROM d365_sync('chi')")
+    bound=$(simctl rows contact | python3 -c '
+import json, sys
+print(" ".join(str(r.get("_parentcustomerid_value")) for r in json.load(sys.stdin)["value"]
+               if r.get("lastname") == "Nosy child"))')
+    if grep -q '^chi|1|0$' <<<"$out" && [ "$bound" = "$parent_id" ]; then
+        ok "once it may read the parent's key and link columns, the operator's run of the child's map sends the row, bound to the parent's record"
+    else
+        notok "once it may read the parent's key and link columns, the operator's run of the child's map sends the row, bound to the parent's record" \
+              "bound to: $bound (parent: $parent_id)" "$out"
+    fi
 fi

@@ -128,8 +128,10 @@ $$;
  * At the start of each run of map `map`, under its table's lock: raises
  * when d365._map_problem() finds something wrong with its table or with a
  * table its lookups read (the parent maps' tables), naming the map, the
- * table and what to do.  The run is recorded as failed; nothing was read
- * or sent, the pending rows stay pending.
+ * table and what to do; and (42501) when the job's caller may not read
+ * the columns the lookups read of a parent map's table.  The run is
+ * recorded as failed; nothing was read or sent, the pending rows stay
+ * pending.
  */
 CREATE FUNCTION d365._map_guard(map text)
 RETURNS void
@@ -141,6 +143,7 @@ DECLARE
     what text := map;
     problem text := d365._map_problem(map);
     parent text;
+    pm d365.table_map;
 BEGIN
     SELECT * INTO m FROM d365.table_map t WHERE t.name = map;
     -- the run reads the tables as the job role, which no policy binds: for
@@ -167,6 +170,26 @@ BEGIN
         END LOOP;
     END IF;
     IF problem IS NULL THEN
+        -- the lookups read the key and link columns of each parent's table
+        -- as the job role, which reads every table: only for a caller that
+        -- may read those two columns (as d365_map_column() asked of whoever
+        -- mapped the lookup, d365._map_lookup_readable); the run checks the
+        -- map's own table (d365._caller_reads)
+        FOR pm IN SELECT t.* FROM d365.table_map t
+                   WHERE t.name IN (SELECT p FROM d365.column_map c,
+                                           LATERAL d365._map_fk_target(m.local_table, c."column") p
+                                     WHERE c.map = m.name AND p IS NOT NULL AND p <> m.name)
+                   ORDER BY t.name LOOP
+            IF NOT (has_column_privilege(d365._job_caller(), pm.local_table, pm.key_column, 'SELECT')
+                    AND has_column_privilege(d365._job_caller(), pm.local_table, 'dynamics365_related_id', 'SELECT')) THEN
+                RAISE EXCEPTION 'permission denied for table %', pm.local_table
+                    USING ERRCODE = 'insufficient_privilege',
+                          DETAIL = format('The lookups of map "%s" read columns "%s" and "dynamics365_related_id" of %s (map "%s") for role "%s", which may not read them. Nothing was read or sent; the pending rows stay pending.',
+                                          m.name, pm.key_column, pm.local_table, pm.name, d365._job_caller()::regrole),
+                          HINT = format('GRANT SELECT (%I, dynamics365_related_id) ON %s TO %s;',
+                                        pm.key_column, pm.local_table, d365._job_caller()::regrole);
+            END IF;
+        END LOOP;
         RETURN;
     END IF;
     IF problem LIKE '%row-level security of % applies to role %' THEN
