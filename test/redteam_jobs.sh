@@ -36,6 +36,10 @@
 #        the job role): d365_sync, d365_pull and CALL d365_load refuse it
 #        (42501, the hint names the two columns); with SELECT on those two
 #        columns only, the row is sent bound to the parent's record
+#   13   an admin who does not own a mapped table adds a column it may not
+#        read (out) or write (in) to its map by writing d365.column_map:
+#        refused (the capture triggers must follow, which only the owner
+#        may re-create)
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
@@ -347,5 +351,41 @@ print(" ".join(str(r.get("_parentcustomerid_value")) for r in json.load(sys.stdi
     else
         notok "once it may read the parent's key and link columns, the operator's run of the child's map sends the row, bound to the parent's record" \
               "bound to: $bound (parent: $parent_id)" "$out"
+    fi
+fi
+
+# -- 13. an admin who does not own a mapped table (and may not read or
+# write its other columns) adds entries to its column map by writing
+# d365.column_map itself, past d365_map_column()'s owner check: a column it
+# may not read sent to Dynamics (and copied into d365.map_row's snapshot,
+# which it reads), a column it may not write filled from a Dynamics field
+q "CREATE TABLE t_sec (id integer PRIMARY KEY, name text, secret text, role text DEFAULT 'user');
+   ALTER TABLE t_sec OWNER TO rtj_owner;
+   SELECT d365_map_table('sec', 't_sec', 'accounts');
+   SELECT d365_map_column('sec', 'name', 'name');
+   INSERT INTO t_sec VALUES (1, 'public name', 'the s3cr3t', 'user');
+   SELECT failed FROM d365_sync('sec')" >"$TMPD/sec.log" 2>&1
+sec_id=$(q "SELECT dynamics365_related_id FROM t_sec WHERE id = 1")
+if [ -z "$sec_id" ]; then
+    notok "set-up: the map sec" "$(tail -n 5 "$TMPD/sec.log")"
+else
+    out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_admin" \
+            -c "INSERT INTO d365.column_map (map, \"column\", field, direction) VALUES ('sec', 'secret', 'description', 'out')" \
+            -c "INSERT INTO d365.column_map (map, \"column\", field, direction) VALUES ('sec', 'role', 'telephone1', 'in')" \
+            -c "UPDATE d365.column_map SET \"column\" = 'secret' WHERE map = 'sec' AND \"column\" = 'name'" 2>&1)
+    simctl edit account "{\"op\":\"update\",\"id\":\"$sec_id\",\"values\":{\"telephone1\":\"admin\"}}" >/dev/null
+    # the owner's (or the worker's) next runs
+    q "UPDATE t_sec SET name = 'public name 2' WHERE id = 1;
+       SELECT failed FROM d365_sync('sec'); SELECT failed FROM d365_pull('sec')" >"$TMPD/sec2.log" 2>&1
+    desc=$(sim_field account "$sec_id" description)
+    role=$(q "SELECT role FROM t_sec WHERE id = 1")
+    snap=$(as rtj_admin "SELECT count(*) FROM d365.map_row WHERE synced::text LIKE '%s3cr3t%'")
+    maps=$(q "SELECT string_agg(\"column\", ',' ORDER BY \"column\") FROM d365.column_map WHERE map = 'sec'")
+    n=$(grep -c 42501 <<<"$out")
+    if [ "$n" = 3 ] && [ "$desc" != "the s3cr3t" ] && [ "$role" = user ] && [ "$snap" = 0 ] && [ "$maps" = name ]; then
+        ok "an admin who does not own a mapped table cannot map its columns by writing d365.column_map (42501)"
+    else
+        notok "an admin who does not own a mapped table cannot map its columns by writing d365.column_map" \
+              "Dynamics description: $desc; role: $role; snapshots naming the secret: $snap; column map: $maps" "$out"
     fi
 fi
