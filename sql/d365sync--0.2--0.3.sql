@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (216), as
+ *   - the 0.3 install script: every function and procedure (217), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -8622,6 +8622,47 @@ REVOKE ALL ON FUNCTION d365._map_table_problem(regclass), d365._map_problem(text
        d365._map_guard(text) FROM PUBLIC;
 
 /*
+ * BEFORE INSERT OR UPDATE OF local_table, key_column ON d365.table_map:
+ * a new map, or a map moved to another table or key column, only for a
+ * role that owns (or is a member of the role owning) its table -- both
+ * tables when it moves.  Otherwise an admin could point its own map, with
+ * the columns it chose, at a table it may not read or write: the jobs
+ * (the worker's, the superuser's) would then send that table's columns
+ * and write Dynamics values into it, and the sync state would show the
+ * admin what they sent.  The map "contact" is d365._contact_map_guard's
+ * (it follows the attachment).
+ */
+CREATE OR REPLACE FUNCTION d365._table_map_owner_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl regclass;
+BEGIN
+    IF NEW.name = 'contact' OR (TG_OP = 'UPDATE' AND OLD.name = 'contact') THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.local_table = OLD.local_table AND NEW.key_column = OLD.key_column THEN
+        RETURN NEW;
+    END IF;
+    FOREACH tbl IN ARRAY CASE WHEN TG_OP = 'UPDATE' THEN ARRAY[OLD.local_table, NEW.local_table]
+                              ELSE ARRAY[NEW.local_table] END LOOP
+        IF pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = tbl), 'USAGE') IS NOT TRUE THEN
+            RAISE EXCEPTION 'must be the owner of % to map it', tbl
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = format('Map "%s" would sync %s (key column "%s"): the table and key column of a table map are chosen by the table''s owner.',
+                                      NEW.name, NEW.local_table, NEW.key_column),
+                      HINT = 'Map the table as its owner, or as a member of its owning role, with d365_map_table(); to move a map to another table, d365_unmap_table() it and map that table.';
+        END IF;
+    END LOOP;
+    RETURN NEW;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION d365._table_map_owner_check() FROM PUBLIC;
+
+/*
  * The role whose rights the jobs check: the job's caller while d365's code
  * runs as the job role, else the current user.
  */
@@ -8850,6 +8891,11 @@ CREATE TRIGGER column_map_updated AFTER UPDATE ON d365.column_map
 CREATE TRIGGER column_map_deleted AFTER DELETE ON d365.column_map
     REFERENCING OLD TABLE AS column_map_old
     FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
+
+-- A map's table and key column are its table owner's choice, also when a
+-- statement writes d365.table_map (sql/install/16_map_owner.sql).
+CREATE TRIGGER table_map_owner_check BEFORE INSERT OR UPDATE OF local_table, key_column ON d365.table_map
+    FOR EACH ROW EXECUTE FUNCTION d365._table_map_owner_check();
 
 -- The job role's rights (sql/install/90_job_role.sql).  No role but an
 -- admin keeps EXECUTE on d365's internal functions (an operator: the two

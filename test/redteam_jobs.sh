@@ -40,6 +40,8 @@
 #        read (out) or write (in) to its map by writing d365.column_map:
 #        refused (the capture triggers must follow, which only the owner
 #        may re-create)
+#   14   an admin points its own map at a table it does not own by writing
+#        d365.table_map: refused, nothing of that table sent or shown
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
@@ -388,4 +390,39 @@ else
         notok "an admin who does not own a mapped table cannot map its columns by writing d365.column_map" \
               "Dynamics description: $desc; role: $role; snapshots naming the secret: $snap; column map: $maps" "$out"
     fi
+fi
+
+# -- 14. an admin re-points its own map (the columns it chose: a column
+# named like the victim's secret, sent) at a table it does not own, by
+# writing d365.table_map: moves the victim's map out of the way, then its
+# own onto the victim's table, whose capture triggers are in place.  The
+# victim's next row is then sent under the admin's map, and the admin reads
+# the secret in d365.map_row's snapshot
+q "CREATE TABLE t_mine (id integer PRIMARY KEY, name text, secret text);
+   ALTER TABLE t_mine OWNER TO rtj_admin;
+   CREATE TABLE t_vic (id integer PRIMARY KEY, name text, secret text);
+   ALTER TABLE t_vic OWNER TO rtj_owner;
+   SELECT d365_map_table('vic', 't_vic', 'contacts');
+   SELECT d365_map_column('vic', 'name', 'lastname');
+   INSERT INTO t_vic VALUES (1, 'victim', 'vic s3cret');
+   SELECT failed FROM d365_sync('vic')" >"$TMPD/vic.log" 2>&1
+as rtj_admin "SELECT d365_map_table('mine', 't_mine', 'accounts');
+   SELECT d365_map_column('mine', 'name', 'name');
+   SELECT d365_map_column('mine', 'secret', 'description', 'out')" >>"$TMPD/vic.log" 2>&1
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_admin" \
+        -c "UPDATE d365.table_map SET local_table = 'd365.settings' WHERE name = 'vic'" \
+        -c "UPDATE d365.table_map SET local_table = 'public.t_vic' WHERE name = 'mine'" \
+        -c "UPDATE d365.table_map SET local_table = 'public.t_mine' WHERE name = 'vic'" 2>&1)
+# the victim's application and the worker (or the superuser) go on
+q "INSERT INTO t_vic VALUES (2, 'new victim', 'new s3cret');
+   SELECT map, created, updated, failed FROM d365_sync()" >"$TMPD/vic2.log" 2>&1
+leak=$(simctl rows account | grep -c 's3cret')
+snap=$(as rtj_admin "SELECT count(*) FROM d365.map_row WHERE synced::text LIKE '%s3cret%'")
+tabs=$(q "SELECT string_agg(name || '=' || local_table::text, ',' ORDER BY name) FROM d365.table_map WHERE name IN ('mine', 'vic')")
+n=$(grep -c '42501: must be the owner of public.t_vic to map it' <<<"$out")
+if [ "$n" = 3 ] && [ "$leak" = 0 ] && [ "$snap" = 0 ] && [ "$tabs" = "mine=t_mine,vic=t_vic" ]; then
+    ok "an admin cannot point a table map at a table it does not own by writing d365.table_map (42501)"
+else
+    notok "an admin cannot point a table map at a table it does not own by writing d365.table_map" \
+          "accounts naming the secret: $leak; snapshots naming it: $snap; maps: $tabs" "$out"
 fi
