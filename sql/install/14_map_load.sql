@@ -301,6 +301,12 @@ DECLARE
     m d365.table_map := d365._table_map(map);
     cond text;
 BEGIN
+    -- no match column: no need to read the map's columns (each page of a
+    -- load asks)
+    IF NOT EXISTS (SELECT FROM d365.column_map c
+                    WHERE c.map = m.name AND c.match AND c.direction <> 'out') THEN
+        RETURN NULL;
+    END IF;
     SELECT string_agg(CASE WHEN x.typ IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype)
                            THEN format('pg_catalog.lower(c.%1$I::pg_catalog.text) OPERATOR(pg_catalog.=) pg_catalog.lower(v.vals OPERATOR(pg_catalog.->>) %2$L)',
                                        x."column", x."column")
