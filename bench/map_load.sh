@@ -8,7 +8,9 @@
 # to them with load on, and loads it with CALL d365_load() (committing
 # after each page; BENCH_HOW=pull: SELECT d365_pull(), one transaction)
 # for each size in BENCH_SIZES (default "20000 100000"):
-# rows/s, requests, pages, and the backend's memory growth over the load
+# rows/s, the backend's CPU time over the load (what the recording costs,
+# less sensitive than the seconds to what else runs on the machine),
+# requests, pages, and the backend's memory growth over the load
 # (bench/memsample.py, RssAnon sampled every 20 ms): its peak and its
 # median.  Growth that does not rise with the size shows that the load
 # holds a page at a time.  Then "what paging allows": the same records
@@ -54,8 +56,8 @@ api_requests() {
 echo
 echo "Initial load of a table map ($LOAD_SQL): accounts in the simulator (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 echo
-echo '| accounts | ms per request | seconds | rows/s | requests | pages | memory growth, peak (MB) | memory growth, median (MB) | paging alone, s | paging alone, rows/s | load / paging |'
-echo '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+echo '| accounts | ms per request | seconds | rows/s | backend CPU, s | requests | pages | memory growth, peak (MB) | memory growth, median (MB) | paging alone, s | paging alone, rows/s | load / paging |'
+echo '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
 for lat in $LATENCIES; do
 for n in $SIZES; do
     "$D365_SIMCTL" reset >/dev/null
@@ -99,11 +101,13 @@ SQL
 SELECT pg_backend_pid();
 \o
 \! i=0; while [ ! -e "$M/ready" ] && [ \$i -lt 6000 ]; do sleep 0.01; i=\$((i+1)); done
+\! awk '{print \$14 + \$15}' /proc/\$(cat "$M/pid")/stat >"$M/cpu0"
 SELECT clock_timestamp() AS t0 \gset
 \o /dev/null
 $LOAD_SQL
 \o
 SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)::numeric, 2) AS secs \gset
+\! awk '{print \$14 + \$15}' /proc/\$(cat "$M/pid")/stat >"$M/cpu1"
 \! touch "$M/stop"
 SELECT :secs, (SELECT count(*) FROM companies), (SELECT pages FROM d365.load_state),
        (SELECT message FROM d365.sync_run ORDER BY id DESC LIMIT 1);
@@ -114,7 +118,7 @@ SQL
     SAMPLER_PID=
     after=$(api_requests)
     if [ "$rc" -ne 0 ]; then
-        echo "| $n | $lat | failed: $(head -n 3 "$M/err" | tr '\n' ' ') | | | | | | | | |"
+        echo "| $n | $lat | failed: $(head -n 3 "$M/err" | tr '\n' ' ') | | | | | | | | | |"
         continue
     fi
     # what paging allows: every record with the load's columns, nothing applied
@@ -127,8 +131,9 @@ SQL
 )
     IFS='|' read -r secs rows pages msg <"$M/out"
     read -r base peak _ median <"$M/mem"
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(printf "%'d" "$rows")" "$lat" "$secs" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(printf "%'d" "$rows")" "$lat" "$secs" \
         "$(/usr/bin/python3 -c "print(format(round($rows / max($secs, 0.001)), ','))")" \
+        "$(/usr/bin/python3 -c "print('%.2f' % (($(cat "$M/cpu1") - $(cat "$M/cpu0")) / $(getconf CLK_TCK)))")" \
         "$((after - before))" "$pages" \
         "$(/usr/bin/python3 -c "print(round(($peak - $base) / 1024.0, 1))")" \
         "$(/usr/bin/python3 -c "print(round((${median:-$base} - $base) / 1024.0, 1))")" \
