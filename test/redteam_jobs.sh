@@ -42,6 +42,13 @@
 #        may re-create)
 #   14   an admin points its own map at a table it does not own by writing
 #        d365.table_map: refused, nothing of that table sent or shown
+#   15   an admin deletes another owner's row of d365.table_map (the
+#        capture triggers left behind would fail every write of the table):
+#        refused; a map whose table was dropped is still unmapped
+#   16   an admin changes another owner's map settings (delete policy,
+#        direction, conflict rule, entity set; the contact map's delete
+#        policy): refused, and a record deleted in Dynamics leaves the row;
+#        enabled stays open
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
@@ -419,10 +426,76 @@ q "INSERT INTO t_vic VALUES (2, 'new victim', 'new s3cret');
 leak=$(simctl rows account | grep -c 's3cret')
 snap=$(as rtj_admin "SELECT count(*) FROM d365.map_row WHERE synced::text LIKE '%s3cret%'")
 tabs=$(q "SELECT string_agg(name || '=' || local_table::text, ',' ORDER BY name) FROM d365.table_map WHERE name IN ('mine', 'vic')")
-n=$(grep -c '42501: must be the owner of public.t_vic to map it' <<<"$out")
+n=$(grep -c '42501: must be the owner of public.t_vic to change map' <<<"$out")
 if [ "$n" = 3 ] && [ "$leak" = 0 ] && [ "$snap" = 0 ] && [ "$tabs" = "mine=t_mine,vic=t_vic" ]; then
     ok "an admin cannot point a table map at a table it does not own by writing d365.table_map (42501)"
 else
     notok "an admin cannot point a table map at a table it does not own by writing d365.table_map" \
           "accounts naming the secret: $leak; snapshots naming it: $snap; maps: $tabs" "$out"
+fi
+
+# -- 15. an admin deletes the victim's map by a statement: d365sync's
+# capture triggers stay on the table, and refuse to run for a table that
+# is not mapped, so every write of the application would fail; the owner's
+# d365_unmap_table() of a map whose table was dropped still works
+q "CREATE TABLE t_vic2 (id integer PRIMARY KEY, name text);
+   ALTER TABLE t_vic2 OWNER TO rtj_owner;
+   GRANT SELECT, INSERT, UPDATE, DELETE ON t_vic2 TO rtj_w;
+   SELECT d365_map_table('vic2', 't_vic2', 'contacts');
+   SELECT d365_map_column('vic2', 'name', 'lastname');
+   INSERT INTO t_vic2 VALUES (1, 'victim two');
+   CREATE TABLE t_gone (id integer PRIMARY KEY, name text);
+   SELECT d365_map_table('gone', 't_gone', 'accounts');
+   DROP TABLE t_gone" >"$TMPD/vic2.log" 2>&1
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_admin" \
+        -c "DELETE FROM d365.table_map WHERE name = 'vic2'" 2>&1)
+w=$(as rtj_w "INSERT INTO t_vic2 VALUES (2, 'app row'); UPDATE t_vic2 SET name = 'victim 2' WHERE id = 1;
+              DELETE FROM t_vic2 WHERE id = 2; SELECT 'writes ok'")
+gone=$(as rtj_admin "SELECT d365_unmap_table('gone'); SELECT count(*) FROM d365.table_map WHERE name = 'gone'")
+maps=$(q "SELECT count(*) FROM d365.table_map WHERE name = 'vic2'")
+if grep -q '42501: must be the owner of public.t_vic2 to unmap it' <<<"$out" && [ "$maps" = 1 ] &&
+   grep -q '^writes ok$' <<<"$w" && grep -q '^0$' <<<"$gone"; then
+    ok "an admin cannot remove another owner's map by deleting its row of d365.table_map (42501); the application's writes go on"
+else
+    notok "an admin cannot remove another owner's map by deleting its row of d365.table_map" \
+          "map rows left: $maps" "$out" "$w" "$gone"
+fi
+
+# -- 16. an admin changes the settings of another owner's map by writing
+# d365.table_map: the delete policy (then deletes the record in Dynamics,
+# which the application's credentials let it do), the direction, the
+# load, the conflict rule, the entity set; and the contact map's delete
+# policy (the contact table "person" is the superuser's).  Switching a map
+# off and on (enabled) stays open to admins and operators
+q "CREATE TABLE t_vic3 (id integer PRIMARY KEY, name text);
+   ALTER TABLE t_vic3 OWNER TO rtj_owner;
+   SELECT d365_map_table('vic3', 't_vic3', 'accounts');
+   SELECT d365_map_column('vic3', 'name', 'name');
+   INSERT INTO t_vic3 VALUES (1, 'keep me');
+   SELECT failed FROM d365_sync('vic3');
+   SELECT count(*) FROM d365_pull('vic3')" >"$TMPD/vic3.log" 2>&1
+vic3_id=$(q "SELECT dynamics365_related_id FROM t_vic3 WHERE id = 1")
+out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_admin" \
+        -c "UPDATE d365.table_map SET on_remote_delete = 'delete' WHERE name = 'vic3'" \
+        -c "UPDATE d365.table_map SET direction = 'in' WHERE name = 'vic3'" \
+        -c "UPDATE d365.table_map SET conflict = 'local_wins' WHERE name = 'vic3'" \
+        -c "UPDATE d365.table_map SET entity_set = 'contacts' WHERE name = 'vic3'" \
+        -c "UPDATE d365.table_map SET on_remote_delete = 'delete' WHERE name = 'contact'" \
+        -c "UPDATE d365.table_map SET enabled = false WHERE name = 'vic3'" \
+        -c "UPDATE d365.table_map SET enabled = true WHERE name = 'vic3'" \
+        -c "SELECT 'switched'" 2>&1)
+simctl edit account "{\"op\":\"delete\",\"id\":\"$vic3_id\"}" >/dev/null
+q "SELECT count(*) FROM d365_pull('vic3')" >>"$TMPD/vic3.log" 2>&1
+left=$(q "SELECT count(*) FROM t_vic3 WHERE id = 1")
+pol=$(q "SELECT on_remote_delete || '/' || direction || '/' || conflict || '/' || entity_set FROM d365.table_map WHERE name = 'vic3'")
+cpol=$(q "SELECT on_remote_delete FROM d365.table_map WHERE name = 'contact'")
+n=$(grep -c '42501: must be the owner of public.\(t_vic3\|person\) to change map' <<<"$out")
+if [ -z "$vic3_id" ]; then
+    notok "set-up: the map vic3" "$(tail -n 5 "$TMPD/vic3.log")"
+elif [ "$n" = 5 ] && [ "$left" = 1 ] && [ "$pol" = unlink/both/dynamics_wins/accounts ] && [ "$cpol" = unlink ] &&
+     grep -q '^switched$' <<<"$out"; then
+    ok "an admin cannot change the settings of another owner's map (42501); the row deleted in Dynamics stays; enabled stays open"
+else
+    notok "an admin cannot change the settings of another owner's map" \
+          "rows left: $left; settings: $pol; contact: $cpol" "$out"
 fi

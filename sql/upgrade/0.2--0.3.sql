@@ -369,9 +369,9 @@ CREATE TRIGGER column_map_deleted AFTER DELETE ON d365.column_map
     REFERENCING OLD TABLE AS column_map_old
     FOR EACH STATEMENT EXECUTE FUNCTION d365._column_map_changed();
 
--- A map's table and key column are its table owner's choice, also when a
--- statement writes d365.table_map (sql/install/16_map_owner.sql).
-CREATE TRIGGER table_map_owner_check BEFORE INSERT OR UPDATE OF local_table, key_column ON d365.table_map
+-- Which table a map syncs, and how, is its table owner's choice, also
+-- when a statement writes d365.table_map (sql/install/16_map_owner.sql).
+CREATE TRIGGER table_map_owner_check BEFORE INSERT OR UPDATE OR DELETE ON d365.table_map
     FOR EACH ROW EXECUTE FUNCTION d365._table_map_owner_check();
 
 -- The job role's rights (sql/install/90_job_role.sql).  No role but an
