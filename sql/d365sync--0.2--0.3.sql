@@ -8048,8 +8048,10 @@ $$;
  * whose parent record is now linked to a local row gets that row's key, as
  * the table's owner (d365._map_apply), unless a pull has brought the
  * field since (the state then knows it).  Run at the end of each load and
- * of each pull of a map.  Returns how many were resolved and how many
- * still wait.
+ * of each pull of a map, for the lookups of every map, but only where the
+ * run's caller may write the child's column and read the parent's key and
+ * link (the others wait for a run of a role that may).  Returns how many
+ * were resolved and how many still wait.
  */
 CREATE OR REPLACE FUNCTION d365._map_resolve_lookups(OUT resolved integer, OUT waiting integer)
 RETURNS record
@@ -8060,6 +8062,7 @@ DECLARE
     grp record;
     col record;
     pm d365.table_map;
+    child_table regclass;
     p record;
     msg text;
     code text;
@@ -8084,6 +8087,15 @@ BEGIN
         -- the parent's table is read, the child's written: both must pass
         -- the check a map run starts with (16_map_guard.sql); else they wait
         CONTINUE WHEN d365._map_problem(grp.map) IS NOT NULL OR d365._map_problem(pm.name) IS NOT NULL;
+        -- and the role the run is for (any map's pull comes here) must be
+        -- one that may write the child's column and read the parent's key
+        -- and link, with no row-level security binding it on either table;
+        -- else they wait for a run of a role that may
+        SELECT t.local_table INTO child_table FROM d365.table_map t WHERE t.name = grp.map;
+        CONTINUE WHEN NOT (has_column_privilege(d365._job_caller(), child_table, grp."column"::text, 'UPDATE')
+                           AND has_column_privilege(d365._job_caller(), pm.local_table, pm.key_column::text, 'SELECT')
+                           AND has_column_privilege(d365._job_caller(), pm.local_table, 'dynamics365_related_id', 'SELECT')
+                           AND NOT d365._caller_rls(child_table) AND NOT d365._caller_rls(pm.local_table));
         FOR p IN EXECUTE format(
                 'SELECT q.row_key, q.dynamics_id, pg_catalog.to_jsonb(par.%1$I) AS k'
                 '  FROM d365.map_lookup_pending q'

@@ -49,6 +49,11 @@
 #        direction, conflict rule, entity set; the contact map's delete
 #        policy): refused, and a record deleted in Dynamics leaves the row;
 #        enabled stays open
+#   17   an operator who may load a parent map but not write a child map's
+#        table loads the parent: the lookups of the child that waited for
+#        that parent are not written for it (42501 once failed its whole
+#        run); they keep waiting, and a run by a role that may write the
+#        child's table resolves them
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own (D365_SKIP_BUILD=1 uses the installed extension).
@@ -498,4 +503,48 @@ elif [ "$n" = 5 ] && [ "$left" = 1 ] && [ "$pol" = unlink/both/dynamics_wins/acc
 else
     notok "an admin cannot change the settings of another owner's map" \
           "rows left: $left; settings: $pol; contact: $cpol" "$out"
+fi
+
+# -- 17. lookups waiting for their parent are resolved at the end of any
+# map's pull, for every map: an operator who may load the parent's table but
+# not write the child's must neither write the child's table nor fail
+SIM_P=acc00000-0000-4000-8000-0000000000f7
+SIM_C=c0000000-0000-4000-8000-0000000000f7
+simctl edit account "{\"op\": \"create\", \"id\": \"$SIM_P\", \"values\": {\"name\": \"Waiting Parent\"}}" >/dev/null
+simctl edit contact "{\"op\": \"create\", \"id\": \"$SIM_C\", \"values\": {\"lastname\": \"Waiting Child\",
+    \"parentcustomerid_account@odata.bind\": \"/accounts($SIM_P)\"}}" >/dev/null
+q "CREATE TABLE t_lp (id uuid PRIMARY KEY, name text);
+   ALTER TABLE t_lp OWNER TO rtj_owner;
+   GRANT SELECT, INSERT, UPDATE, DELETE ON t_lp TO rtj_op;
+   SELECT d365_map_table('lpar', 't_lp', 'accounts');
+   UPDATE d365.table_map SET direction = 'in', load = true WHERE name = 'lpar';
+   SELECT d365_map_column('lpar', 'name', 'name');
+   CREATE TABLE t_lc (id uuid PRIMARY KEY, name text, par_id uuid REFERENCES t_lp);
+   ALTER TABLE t_lc OWNER TO rtj_owner;
+   SELECT d365_map_table('lchi', 't_lc', 'contacts');
+   UPDATE d365.table_map SET direction = 'in', load = true WHERE name = 'lchi';
+   SELECT d365_map_column('lchi', 'name', 'lastname');
+   SELECT d365_map_column('lchi', 'par_id', 'parentcustomerid');
+   CALL d365_load('lchi')" >"$TMPD/lchi.log" 2>&1
+waiting=$(q "SELECT count(*) FROM d365.map_lookup_pending WHERE map = 'lchi' AND row_key = '$SIM_C'")
+if [ "$waiting" != 1 ]; then
+    notok "set-up: the child's lookup waits for its parent" "waiting: $waiting" "$(tail -n 5 "$TMPD/lchi.log")"
+else
+    out=$(PSQL_STOP=0 psqlq -v VERBOSITY=verbose -c "SET ROLE rtj_op" -c "SET search_path = public, d365" \
+            -c "CALL d365_load('lpar')" -c "SELECT 'loaded ' || count(*) FROM t_lp WHERE id = '$SIM_P'" 2>&1)
+    par=$(q "SELECT coalesce(par_id::text, 'null') FROM t_lc WHERE id = '$SIM_C'")
+    waiting=$(q "SELECT count(*) FROM d365.map_lookup_pending WHERE map = 'lchi' AND row_key = '$SIM_C'")
+    if grep -q '^loaded 1$' <<<"$out" && ! grep -q 'ERROR' <<<"$out" && [ "$par" = null ] && [ "$waiting" = 1 ]; then
+        ok "an operator's load of a parent map leaves the child's lookups it may not write waiting, and succeeds"
+    else
+        notok "an operator's load of a parent map leaves the child's lookups it may not write waiting, and succeeds" \
+              "child's parent: $par; waiting: $waiting" "$out"
+    fi
+    q "SELECT count(*) FROM d365_pull('lchi')" >/dev/null
+    par=$(q "SELECT coalesce(par_id::text, 'null') FROM t_lc WHERE id = '$SIM_C'")
+    if [ "$par" = "$SIM_P" ]; then
+        ok "the child's pull by a role that may write its table resolves the lookup that waited"
+    else
+        notok "the child's pull by a role that may write its table resolves the lookup that waited" "child's parent: $par"
+    fi
 fi

@@ -185,7 +185,7 @@ check_caller_rights(Oid relid, Datum columns, bool columns_null)
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied to update column \"%s\" of %s",
 							col, relation_name(relid)),
-					 errdetail("d365sync writes the contact table only where the role that runs it may."),
+					 errdetail("d365sync writes an application table only where the role that runs it may."),
 					 errhint("GRANT UPDATE ON %s TO %s;", relation_name(relid),
 							 quote_identifier(GetUserNameFromId(caller, false)))));
 	}
