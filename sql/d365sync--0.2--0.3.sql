@@ -6,7 +6,7 @@
  * from two sources:
  *   - sql/upgrade/0.2--0.3.sql: the hand-written steps (tables, columns,
  *     data, drops), before and after the functions;
- *   - the 0.3 install script: every function and procedure (217), as
+ *   - the 0.3 install script: every function and procedure (220), as
  *     CREATE OR REPLACE, with the ALTER, COMMENT, GRANT and REVOKE
  *     statements on them.  While 0.3 is being made that is the parts in
  *     sql/install/; once 0.3 is released, the frozen sql/d365sync--0.3.sql.
@@ -6120,7 +6120,11 @@ BEGIN
                                     '  WHERE p.%I OPERATOR(pg_catalog.=) %s)',
                                     pm.local_table, d365._map_parent_join(pm.name, pm.key_column),
                                     pm.key_column, col_ref);
-                waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
+                -- a lookup closing a cycle of the maps' order does not wait:
+                -- the row goes without it and owes it (d365._map_owed_expr)
+                IF NOT d365._map_cycle_lookup(map, col.parent) THEN
+                    waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
+                END IF;
             ELSE
                 parent_id := col_ref;
             END IF;
@@ -6174,7 +6178,9 @@ $$;
  * If-Match), an update carries If-Match: * and only what differs from what
  * Dynamics holds -- and a context for d365._map_record().  A row whose
  * lookup points to a parent row not linked yet is left out: it waits,
- * pending, for a later run (d365_sync() sends parents first).  The
+ * pending, for a later run (d365_sync() sends parents first); a lookup
+ * closing a cycle of that order is left out of the row instead, which
+ * stays pending until it has sent it (17_map_cycles.sql).  The
  * records of rows deleted locally (d365.map_delete) are deactivated or
  * deleted by the same run (d365._map_delete_work_sql).
  */
@@ -6217,7 +6223,10 @@ BEGIN
                                                  WHEN NOT w.linked THEN 'create'
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,
-                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'id', w.dynamics_id,
+                                  -- a row owing a lookup stays pending
+                                  'seq', CASE WHEN cardinality(w.owed) > 0 AND w.problem IS NULL
+                                              THEN w.change_seq - 1 ELSE w.change_seq END,
                                   'generation', w.generation,
                                   'values', w.cur, 'sent', w.body, 'error', w.problem)
                || CASE WHEN w.preread THEN jsonb_build_object('synced', w.synced) ELSE '{}' END)
@@ -6248,7 +6257,7 @@ BEGIN
                                     THEN NULL ELSE r.synced END AS synced,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE d365._etag(r.etag) END AS etag,
-                               %5$s AS cur,
+                               (%5$s) - (%11$s) AS cur, %11$s AS owed,
                                -- a link d365sync did not write (the state names
                                -- another record, or none) is never used
                                coalesce(CASE WHEN c.dynamics365_related_id IS NOT NULL
@@ -6270,12 +6279,14 @@ BEGIN
                                          OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)))
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
-                 WHERE NOT v.waiting) b) w
+                 WHERE NOT v.waiting) b
+                 -- nothing to send but a lookup still owed: it waits
+                 WHERE NOT (b.linked AND b.body IS NULL AND cardinality(b.owed) > 0)) w
         UNION ALL
         SELECT d.*, NULL::text FROM (%9$s) d
     $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
          coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set),
-         merge);
+         merge, d365._map_owed_expr(m.name));
 END;
 $$;
 
@@ -8697,6 +8708,83 @@ END;
 $$;
 
 REVOKE ALL ON FUNCTION d365._table_map_owner_check() FROM PUBLIC;
+
+/*
+ * Whether a lookup of map to the map parent closes a cycle of the order
+ * d365_sync() runs the maps in: parent is map itself, or comes at or after
+ * it (by d365._map_order(), ties as d365_sync() breaks them).
+ */
+CREATE OR REPLACE FUNCTION d365._map_cycle_lookup(map text, parent text)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT parent = map
+           OR coalesce((SELECT p.pos >= c.pos
+                          FROM (SELECT o.name, row_number() OVER (ORDER BY o.depth, o.name = 'contact', o.name) AS pos
+                                  FROM d365._map_order() o) p,
+                               (SELECT o.name, row_number() OVER (ORDER BY o.depth, o.name = 'contact', o.name) AS pos
+                                  FROM d365._map_order() o) c
+                         WHERE p.name = parent AND c.name = map), false)
+$$;
+
+/*
+ * The lookups a row "c" of a map owes: an SQL expression (text[]) of the
+ * wire properties of its cycle-closing lookups (d365._map_cycle_lookup)
+ * whose column is set but whose parent row is not linked yet.  The work
+ * query (d365._map_work_sql) leaves them out of the row's values.
+ */
+CREATE OR REPLACE FUNCTION d365._map_owed_expr(map text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col record;
+    pm d365.table_map;
+    col_ref text;
+    items text := '';
+BEGIN
+    FOR col IN SELECT * FROM d365._map_columns(map) x
+                WHERE x.direction <> 'in' AND x.kind = 'lookup' AND x.parent IS NOT NULL
+                  AND x.problem IS NULL LOOP
+        IF NOT d365._map_cycle_lookup(map, col.parent) THEN
+            CONTINUE;
+        END IF;
+        SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
+        col_ref := format('c.%I', col."column");
+        items := items || format(', CASE WHEN %s IS NOT NULL AND NOT EXISTS (SELECT FROM %s p%s'
+                                 '  WHERE p.%I OPERATOR(pg_catalog.=) %s'
+                                 '    AND p.dynamics365_related_id IS NOT NULL) THEN %L END',
+                                 col_ref, pm.local_table, d365._map_parent_join(pm.name, pm.key_column),
+                                 pm.key_column, col_ref, col.wire);
+    END LOOP;
+    RETURN format('pg_catalog.array_remove(ARRAY[NULL::pg_catalog.text%s], NULL)', items);
+END;
+$$;
+
+/*
+ * Whether d365_sync() runs a second pass of a map: it has a lookup closing
+ * a cycle, and a row that may owe one (pending, its synced_seq one below
+ * its change_seq, not backing off).  The pass's work query sends what can
+ * go now and leaves out the rows whose parents are still not linked.
+ */
+CREATE OR REPLACE FUNCTION d365._map_owes_lookups(map text)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM d365._map_columns(map) x
+                    WHERE x.direction <> 'in' AND x.kind = 'lookup' AND x.parent IS NOT NULL
+                      AND x.problem IS NULL AND d365._map_cycle_lookup(map, x.parent))
+       AND EXISTS (SELECT FROM d365.map_row r
+                    WHERE r.map = _map_owes_lookups.map AND r.change_seq = r.synced_seq + 1
+                      AND r.dynamics_id IS NOT NULL
+                      AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))
+$$;
+
+REVOKE ALL ON FUNCTION d365._map_cycle_lookup(text, text), d365._map_owed_expr(text),
+       d365._map_owes_lookups(text) FROM PUBLIC;
 
 /*
  * The role whose rights the jobs check: the job's caller while d365's code

@@ -108,7 +108,11 @@ BEGIN
                                     '  WHERE p.%I OPERATOR(pg_catalog.=) %s)',
                                     pm.local_table, d365._map_parent_join(pm.name, pm.key_column),
                                     pm.key_column, col_ref);
-                waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
+                -- a lookup closing a cycle of the maps' order does not wait:
+                -- the row goes without it and owes it (d365._map_owed_expr)
+                IF NOT d365._map_cycle_lookup(map, col.parent) THEN
+                    waiting := waiting || format(' OR (%s IS NOT NULL AND %s IS NULL)', col_ref, parent_id);
+                END IF;
             ELSE
                 parent_id := col_ref;
             END IF;
@@ -162,7 +166,9 @@ $$;
  * If-Match), an update carries If-Match: * and only what differs from what
  * Dynamics holds -- and a context for d365._map_record().  A row whose
  * lookup points to a parent row not linked yet is left out: it waits,
- * pending, for a later run (d365_sync() sends parents first).  The
+ * pending, for a later run (d365_sync() sends parents first); a lookup
+ * closing a cycle of that order is left out of the row instead, which
+ * stays pending until it has sent it (17_map_cycles.sql).  The
  * records of rows deleted locally (d365.map_delete) are deactivated or
  * deleted by the same run (d365._map_delete_work_sql).
  */
@@ -205,7 +211,10 @@ BEGIN
                                                  WHEN NOT w.linked THEN 'create'
                                                  WHEN w.body IS NULL THEN 'unchanged'
                                                  ELSE 'update' END,
-                                  'id', w.dynamics_id, 'seq', w.change_seq,
+                                  'id', w.dynamics_id,
+                                  -- a row owing a lookup stays pending
+                                  'seq', CASE WHEN cardinality(w.owed) > 0 AND w.problem IS NULL
+                                              THEN w.change_seq - 1 ELSE w.change_seq END,
                                   'generation', w.generation,
                                   'values', w.cur, 'sent', w.body, 'error', w.problem)
                || CASE WHEN w.preread THEN jsonb_build_object('synced', w.synced) ELSE '{}' END)
@@ -236,7 +245,7 @@ BEGIN
                                     THEN NULL ELSE r.synced END AS synced,
                                CASE WHEN r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id
                                     THEN NULL ELSE d365._etag(r.etag) END AS etag,
-                               %5$s AS cur,
+                               (%5$s) - (%11$s) AS cur, %11$s AS owed,
                                -- a link d365sync did not write (the state names
                                -- another record, or none) is never used
                                coalesce(CASE WHEN c.dynamics365_related_id IS NOT NULL
@@ -258,12 +267,14 @@ BEGIN
                                          OR r.dynamics_id IS DISTINCT FROM c.dynamics365_related_id)))
                            AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now())
                         OFFSET 0) v
-                 WHERE NOT v.waiting) b) w
+                 WHERE NOT v.waiting) b
+                 -- nothing to send but a lookup still owed: it waits
+                 WHERE NOT (b.linked AND b.body IS NULL AND cardinality(b.owed) > 0)) w
         UNION ALL
         SELECT d.*, NULL::text FROM (%9$s) d
     $q$, m.name, m.entity_set, m.local_table, m.key_column, e.body, e.problems, e.waiting,
          coalesce(e.match, 'NULL::pg_catalog.jsonb'), d365._map_delete_work_sql(m.name, m.entity_set),
-         merge);
+         merge, d365._map_owed_expr(m.name));
 END;
 $$;
 

@@ -125,20 +125,40 @@ maps_to_run(FunctionCallInfo fcinfo, bool outgoing, bool *contact)
 	return names;
 }
 
-/* One result row from a finished run. */
+/* One result row of d365_sync() or d365_pull(): a map's counts. */
+typedef struct MapRow
+{
+	char	   *map;
+	D365Counts	counts;
+	int64		requests;
+} MapRow;
+
+/* The counts of a finished run, added to its map's row. */
 static void
-put_row(ReturnSetInfo *rsinfo, const char *map, D365Run *run)
+add_run(MapRow *row, const char *map, D365Run *run)
+{
+	row->map = pstrdup(map);
+	row->counts.created += run->counts.created;
+	row->counts.updated += run->counts.updated;
+	row->counts.unchanged += run->counts.unchanged;
+	row->counts.failed += run->counts.failed;
+	row->counts.unlinked += run->counts.unlinked;
+	row->requests += run->client ? run->client->requests : 0;
+}
+
+static void
+put_row(ReturnSetInfo *rsinfo, const MapRow *row)
 {
 	Datum		values[7];
 	bool		nulls[7] = {false};
 
-	values[0] = CStringGetTextDatum(map);
-	values[1] = Int32GetDatum((int32) run->counts.created);
-	values[2] = Int32GetDatum((int32) run->counts.updated);
-	values[3] = Int32GetDatum((int32) run->counts.unchanged);
-	values[4] = Int32GetDatum((int32) run->counts.failed);
-	values[5] = Int32GetDatum((int32) run->counts.unlinked);
-	values[6] = Int32GetDatum(run->client ? (int32) run->client->requests : 0);
+	values[0] = CStringGetTextDatum(row->map);
+	values[1] = Int32GetDatum((int32) row->counts.created);
+	values[2] = Int32GetDatum((int32) row->counts.updated);
+	values[3] = Int32GetDatum((int32) row->counts.unchanged);
+	values[4] = Int32GetDatum((int32) row->counts.failed);
+	values[5] = Int32GetDatum((int32) row->counts.unlinked);
+	values[6] = Int32GetDatum((int32) row->requests);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
 
@@ -147,7 +167,7 @@ put_row(ReturnSetInfo *rsinfo, const char *map, D365Run *run)
  * the call named the map, which runs it even while it is disabled.
  */
 static void
-run_contact(ReturnSetInfo *rsinfo, bool outgoing, bool named)
+run_contact(MapRow *row, bool outgoing, bool named)
 {
 	D365Run		run;
 
@@ -156,7 +176,7 @@ run_contact(ReturnSetInfo *rsinfo, bool outgoing, bool named)
 		(void) (named ? d365_job_contacts_named(&run) : d365_job_contacts(&run));
 	else
 		(void) (named ? d365_job_pull_named(&run) : d365_job_pull(&run));
-	put_row(rsinfo, "contact", &run);
+	add_run(row, "contact", &run);
 }
 
 /*
@@ -375,9 +395,13 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 	bool		contact;
 	List	   *maps;
 	ListCell   *lc;
+	MapRow	   *rows;
+	int			nrows = 0;
+	int			i;
 
 	InitMaterializedSRF(fcinfo, 0);
 	maps = maps_to_run(fcinfo, outgoing, &contact);
+	rows = palloc0(sizeof(MapRow) * (list_length(maps) + 1));
 	foreach(lc, maps)
 	{
 		char	   *map = (char *) lfirst(lc);
@@ -385,7 +409,7 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 
 		if (strcmp(map, "contact") == 0)
 		{
-			run_contact(rsinfo, outgoing, !PG_ARGISNULL(0));
+			run_contact(&rows[nrows++], outgoing, !PG_ARGISNULL(0));
 			continue;
 		}
 		d365_run_init(&run, "map");
@@ -393,10 +417,35 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 			(void) d365_job_map_sync(&run, map);
 		else
 			(void) d365_job_map_pull(&run, map);
-		put_row(rsinfo, map, &run);
+		add_run(&rows[nrows++], map, &run);
 	}
 	if (contact)
-		run_contact(rsinfo, outgoing, !PG_ARGISNULL(0));
+		run_contact(&rows[nrows++], outgoing, !PG_ARGISNULL(0));
+
+	/*
+	 * A second pass over the maps whose rows went without a lookup closing
+	 * a cycle of the order (17_map_cycles.sql): their parents were linked
+	 * by this call, so the lookups owed go now, counted in the map's row.
+	 */
+	for (i = 0; outgoing && i < nrows; i++)
+	{
+		D365Run		run;
+		bool		owes;
+
+		if (strcmp(rows[i].map, "contact") == 0)
+			continue;
+		SPI_connect();
+		owes = d365_sql_bool("SELECT d365._map_owes_lookups($1)", 1, (Oid[]) {TEXTOID},
+							 (Datum[]) {CStringGetTextDatum(rows[i].map)}, NULL);
+		SPI_finish();
+		if (!owes)
+			continue;
+		d365_run_init(&run, "map");
+		(void) d365_job_map_sync(&run, rows[i].map);
+		add_run(&rows[i], rows[i].map, &run);
+	}
+	for (i = 0; i < nrows; i++)
+		put_row(rsinfo, &rows[i]);
 	return (Datum) 0;
 }
 
