@@ -6,7 +6,10 @@
 # of the same d365_sync(), or the next run).  Read back from the simulator:
 # both lookups set, each record created once and updated once; a lookup
 # that closes no cycle still waits; a cancel between the two steps, and a
-# lookup cleared or changed meanwhile, still end right.
+# lookup cleared or changed meanwhile, still end right; an owed lookup
+# refused by Dynamics stays pending and failing, backs off and goes later;
+# a map whose run fails gets no second pass; the scheduled job
+# (CALL d365_run_job('maps')) sends what is owed.
 #
 #   bash test/map_cycles.sh                    # builds and installs first
 #   D365_SKIP_BUILD=1 bash test/map_cycles.sh  # uses the installed extension
@@ -224,4 +227,97 @@ if [ "$out" = "2" ]; then
     ok "a primary contact changed in Dynamics comes back as the local contact's key"
 else
     notok "incoming lookup" "$out"
+fi
+
+# -- 8. an owed lookup whose update fails: the row stays pending and failing, then goes
+q "BEGIN;
+   INSERT INTO companies (id, name) VALUES (8, 'Eta');
+   INSERT INTO people (id, last_name, company_id) VALUES (8, 'Ito', 8);
+   UPDATE companies SET primary_contact = 8 WHERE id = 8;
+   COMMIT" >/dev/null
+simctl fault '{"method": "PATCH", "body_regex": "primarycontactid", "status": 400, "times": null}' >/dev/null
+out=$(q "SELECT map || '|' || created || '|' || updated || '|' || failed FROM d365_sync()" | tr '\n' ' ')
+simctl clear-faults >/dev/null
+eta=$(id_of companies 8); ito=$(id_of people 8)
+state=$(q "SELECT attempts || '|' || last_status || '|' || (next_attempt_at > now()) || '|' || (synced_seq + 1 = change_seq)
+             FROM d365.map_row WHERE map = 'account' AND row_key = '8'")
+err=$(q "SELECT last_error FROM d365.map_row WHERE map = 'account' AND row_key = '8'")
+if [ "$out" = "account|1|0|1 person|1|0|0 " ] && [ "$eta" != "(unlinked)" ] &&
+   [ -z "$(sim_field account "$eta" _primarycontactid_value)" ] && [ "$state" = "1|400|true|true" ] &&
+   [ -n "$err" ] && [ "$(pending account)" = "1 pending (0 to create), 1 failing" ]; then
+    ok "an owed lookup refused by Dynamics: counted failed, the row stays pending with its error and backs off"
+else
+    notok "owed lookup refused" "$out" "$state" "$err" "$(pending account)" \
+        "$(sim_field account "$eta" _primarycontactid_value)"
+fi
+seq0=$(simctl last-seq)
+q "SELECT * FROM d365_sync()" >/dev/null
+held=$(patches "$seq0" "$eta" accounts)
+q "UPDATE d365.map_row SET next_attempt_at = now() - interval '1 second' WHERE map = 'account' AND row_key = '8'" >/dev/null
+out=$(q "SELECT map || '|' || updated || '|' || failed FROM d365_sync('account')")
+if [ "$held" = 0 ] && [ "$out" = "account|1|0" ] && [ "$(sim_field account "$eta" _primarycontactid_value)" = "$ito" ] &&
+   [ "$(pending account)" = "0 pending (0 to create), 0 failing" ] &&
+   [ "$(q "SELECT coalesce(last_error, '-') || attempts FROM d365.map_row WHERE map = 'account' AND row_key = '8'")" = "-0" ]; then
+    ok "it is not sent again while backing off; past its back-off the next run sends it and clears the error"
+else
+    notok "owed lookup retried" "sent while backing off: $held" "$out" \
+        "$(sim_field account "$eta" _primarycontactid_value) vs $ito" "$(pending account)"
+fi
+
+# -- 9. a map whose run fails gets no second pass: one failed run, one warning
+q "BEGIN;
+   INSERT INTO companies (id, name) VALUES (9, 'Theta');
+   INSERT INTO people (id, last_name, company_id) VALUES (9, 'Uma', 9);
+   UPDATE companies SET primary_contact = 9 WHERE id = 9;
+   COMMIT" >/dev/null
+q "SELECT * FROM d365_sync('account')" >/dev/null
+theta=$(id_of companies 9)
+# the account map's metadata cannot be read (its cache expired, Dynamics refusing it)
+broke=$(q "DELETE FROM d365.metadata_cache WHERE path LIKE 'EntityDefinitions(LogicalName=''account'')/Attributes%'")
+simctl fault '{"method": "GET", "path_regex": "account[^/]*/Attributes", "status": 400, "times": null}' >/dev/null
+runs0=$(q "SELECT coalesce(max(id), 0) FROM d365.sync_run")
+out=$(psqlq -c "SET search_path = public, d365" -c "SELECT map || '|' || created || '|' || failed FROM d365_sync()" 2>&1 | tr '\n' ' ')
+runs=$(q "SELECT string_agg(kind || ':' || (coalesce(message, '') LIKE 'failed:%'), ' ' ORDER BY id) FROM d365.sync_run WHERE id > $runs0")
+warnings=$(grep -o 'WARNING' <<<"$out" | wc -l)
+if [ "$runs" = "map:account:true map:person:false" ] && [ "$warnings" = 1 ] &&
+   [ -z "$(sim_field account "$theta" _primarycontactid_value)" ]; then
+    ok "a map whose run fails (its metadata refused) gets no second pass: one failed run recorded, one warning"
+else
+    notok "a failed map run is not run twice" "$broke" "$out" "runs: $runs" "warnings: $warnings"
+fi
+simctl clear-faults >/dev/null
+q "SELECT * FROM d365_sync()" >/dev/null
+if [ "$(sim_field account "$theta" _primarycontactid_value)" = "$(id_of people 9)" ] &&
+   [ "$(pending account)" = "0 pending (0 to create), 0 failing" ]; then
+    ok "once the map works again its owed lookup goes"
+else
+    notok "the owed lookup after the map is fixed" "$(sim_field account "$theta" _primarycontactid_value)" "$(pending account)"
+fi
+
+# -- 10. the scheduled job (CALL d365_run_job('maps'), what pg_cron runs)
+q "BEGIN;
+   INSERT INTO companies (id, name) VALUES (10, 'Iota'), (11, 'Kappa'), (12, 'Lambda');
+   UPDATE companies SET parent_id = 11 WHERE id = 10;
+   UPDATE companies SET parent_id = 10 WHERE id = 11;
+   INSERT INTO people (id, last_name, company_id) VALUES (10, 'Vale', 12);
+   UPDATE companies SET primary_contact = 10 WHERE id = 12;
+   COMMIT" >/dev/null
+job=$(q "CALL d365.d365_run_job('maps')")
+iota=$(id_of companies 10); kappa=$(id_of companies 11); lambda=$(id_of companies 12); vale=$(id_of people 10)
+if [ "$(sim_field account "$iota" _parentaccountid_value)" = "$kappa" ] &&
+   [ "$(sim_field account "$kappa" _parentaccountid_value)" = "$iota" ] &&
+   [ "$(sim_field contact "$vale" _parentcustomerid_value)" = "$lambda" ] &&
+   [ -z "$(sim_field account "$lambda" _primarycontactid_value)" ] &&
+   [ "$(pending account)" = "1 pending (0 to create), 0 failing" ]; then
+    ok "CALL d365_run_job('maps'): a map's lookups to itself go in the same run; a lookup to a later map is owed"
+else
+    notok "the scheduled job, first run" "$job" "parents $(sim_field account "$iota" _parentaccountid_value) $(sim_field account "$kappa" _parentaccountid_value)" \
+        "company $(sim_field contact "$vale" _parentcustomerid_value)" "$(pending account)"
+fi
+job=$(q "CALL d365.d365_run_job('maps')")
+if [ "$(sim_field account "$lambda" _primarycontactid_value)" = "$vale" ] &&
+   [ "$(pending account)" = "0 pending (0 to create), 0 failing" ]; then
+    ok "the job's next run sends the owed primary contact"
+else
+    notok "the scheduled job, second run" "$job" "$(sim_field account "$lambda" _primarycontactid_value)" "$(pending account)"
 fi

@@ -64,19 +64,26 @@ END;
 $$;
 
 /*
- * Whether d365_sync() runs a second pass of a map: it has a lookup closing
- * a cycle, and a row that may owe one (pending, its synced_seq one below
- * its change_seq, not backing off).  The pass's work query sends what can
- * go now and leaves out the rows whose parents are still not linked.
+ * Whether d365_sync() runs a second pass of a map: a column of the map
+ * sent out has a foreign key to a map that makes it a lookup closing a
+ * cycle (d365._map_fk_target, d365._map_cycle_lookup: the catalog and
+ * d365's tables only, no Dynamics metadata), and a linked row of the map
+ * may owe one (pending, its synced_seq one below its change_seq, not
+ * backing off).  The cheap column check goes first: a map without such a
+ * column never scans its rows.  Nothing here raises for a map whose run
+ * went through (its table is locked, its row of d365.table_map too); the
+ * pass's work query sends what can go now and leaves out the rows whose
+ * parents are still not linked.
  */
 CREATE FUNCTION d365._map_owes_lookups(map text)
 RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT EXISTS (SELECT FROM d365._map_columns(map) x
-                    WHERE x.direction <> 'in' AND x.kind = 'lookup' AND x.parent IS NOT NULL
-                      AND x.problem IS NULL AND d365._map_cycle_lookup(map, x.parent))
+    SELECT EXISTS (SELECT FROM d365.table_map t
+                     JOIN d365.column_map c ON c.map = t.name
+                    WHERE t.name = _map_owes_lookups.map AND c.direction <> 'in'
+                      AND d365._map_cycle_lookup(t.name, d365._map_fk_target(t.local_table, c."column")))
        AND EXISTS (SELECT FROM d365.map_row r
                     WHERE r.map = _map_owes_lookups.map AND r.change_seq = r.synced_seq + 1
                       AND r.dynamics_id IS NOT NULL

@@ -131,6 +131,7 @@ typedef struct MapRow
 	char	   *map;
 	D365Counts	counts;
 	int64		requests;
+	bool		completed;		/* the map's run ended without an error */
 } MapRow;
 
 /* The counts of a finished run, added to its map's row. */
@@ -414,7 +415,7 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 		}
 		d365_run_init(&run, "map");
 		if (outgoing)
-			(void) d365_job_map_sync(&run, map);
+			rows[nrows].completed = d365_job_map_sync(&run, map) && !run.skipped;
 		else
 			(void) d365_job_map_pull(&run, map);
 		add_run(&rows[nrows++], map, &run);
@@ -424,15 +425,22 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 
 	/*
 	 * A second pass over the maps whose rows went without a lookup closing
-	 * a cycle of the order (17_map_cycles.sql): their parents were linked
-	 * by this call, so the lookups owed go now, counted in the map's row.
+	 * a cycle of the order (17_map_cycles.sql), counted in the map's row:
+	 * the lookups owed whose parents this call linked go now.  Only a map
+	 * whose run went through, and only when it or a map after it linked
+	 * rows (a parent of such a lookup is one of them).
 	 */
 	for (i = 0; outgoing && i < nrows; i++)
 	{
 		D365Run		run;
 		bool		owes;
+		bool		linked = false;
+		int			j;
 
-		if (strcmp(rows[i].map, "contact") == 0)
+		for (j = i; j < nrows; j++)
+			linked = linked || rows[j].counts.created > 0 || rows[j].counts.updated > 0
+				|| rows[j].counts.unchanged > 0;
+		if (strcmp(rows[i].map, "contact") == 0 || !rows[i].completed || !linked)
 			continue;
 		SPI_connect();
 		owes = d365_sql_bool("SELECT d365._map_owes_lookups($1)", 1, (Oid[]) {TEXTOID},
