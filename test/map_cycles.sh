@@ -294,7 +294,8 @@ else
     notok "the owed lookup after the map is fixed" "$(sim_field account "$theta" _primarycontactid_value)" "$(pending account)"
 fi
 
-# -- 10. the scheduled job (CALL d365_run_job('maps'), what pg_cron runs)
+# -- 10. the scheduled job (CALL d365_run_job('maps'), what pg_cron runs): its
+# second pass sends the lookups whose parents the job linked
 q "BEGIN;
    INSERT INTO companies (id, name) VALUES (10, 'Iota'), (11, 'Kappa'), (12, 'Lambda');
    UPDATE companies SET parent_id = 11 WHERE id = 10;
@@ -302,22 +303,33 @@ q "BEGIN;
    INSERT INTO people (id, last_name, company_id) VALUES (10, 'Vale', 12);
    UPDATE companies SET primary_contact = 10 WHERE id = 12;
    COMMIT" >/dev/null
+runs0=$(q "SELECT coalesce(max(id), 0) FROM d365.sync_run")
 job=$(q "CALL d365.d365_run_job('maps')")
 iota=$(id_of companies 10); kappa=$(id_of companies 11); lambda=$(id_of companies 12); vale=$(id_of people 10)
+runs=$(q "SELECT string_agg(kind || ':' || created || '/' || updated, ' ' ORDER BY id) FROM d365.sync_run WHERE id > $runs0")
 if [ "$(sim_field account "$iota" _parentaccountid_value)" = "$kappa" ] &&
    [ "$(sim_field account "$kappa" _parentaccountid_value)" = "$iota" ] &&
    [ "$(sim_field contact "$vale" _parentcustomerid_value)" = "$lambda" ] &&
-   [ -z "$(sim_field account "$lambda" _primarycontactid_value)" ] &&
-   [ "$(pending account)" = "1 pending (0 to create), 0 failing" ]; then
-    ok "CALL d365_run_job('maps'): a map's lookups to itself go in the same run; a lookup to a later map is owed"
-else
-    notok "the scheduled job, first run" "$job" "parents $(sim_field account "$iota" _parentaccountid_value) $(sim_field account "$kappa" _parentaccountid_value)" \
-        "company $(sim_field contact "$vale" _parentcustomerid_value)" "$(pending account)"
-fi
-job=$(q "CALL d365.d365_run_job('maps')")
-if [ "$(sim_field account "$lambda" _primarycontactid_value)" = "$vale" ] &&
+   [ "$(sim_field account "$lambda" _primarycontactid_value)" = "$vale" ] &&
    [ "$(pending account)" = "0 pending (0 to create), 0 failing" ]; then
-    ok "the job's next run sends the owed primary contact"
+    ok "one CALL d365_run_job('maps'): two accounts each the other's parent, and an account and its primary contact, end linked both ways"
 else
-    notok "the scheduled job, second run" "$job" "$(sim_field account "$lambda" _primarycontactid_value)" "$(pending account)"
+    notok "the scheduled job" "$job" "parents $(sim_field account "$iota" _parentaccountid_value) $(sim_field account "$kappa" _parentaccountid_value)" \
+        "company $(sim_field contact "$vale" _parentcustomerid_value)" \
+        "primary contact $(sim_field account "$lambda" _primarycontactid_value) vs $vale" "$(pending account)" "$runs"
+fi
+# account: created 3 + its own second pass (both parents); person; account again (the primary contact)
+if [ "$runs" = "map:account:3/0 map:account:0/2 map:person:1/0 map:account:0/1" ]; then
+    ok "the job's runs: the account map, its own second pass, the person map, then the account map again for the owed primary contact"
+else
+    notok "the job's runs" "$runs"
+fi
+seq1=$(simctl last-seq)
+runs0=$(q "SELECT coalesce(max(id), 0) FROM d365.sync_run")
+job=$(q "CALL d365.d365_run_job('maps')")
+runs=$(q "SELECT string_agg(kind || ':' || created || '/' || updated, ' ' ORDER BY id) FROM d365.sync_run WHERE id > $runs0")
+if [ "$(simctl last-seq)" = "$seq1" ] && [ "$runs" = "map:account:0/0 map:person:0/0" ]; then
+    ok "the job's next run sends nothing and runs each map once"
+else
+    notok "the job's next run" "$job" "$runs" "$(simctl requests --since "$seq1" --kind api | head -c 600)"
 fi

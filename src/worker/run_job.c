@@ -7,7 +7,9 @@
  * maps, map-pull), as the job role (src/common/job_role.c), so that the caller
  * needs EXECUTE on this procedure only, none on d365's internal functions.
  * The map jobs run one map per transaction (each map's lock is held for
- * its own run only), every enabled map, parents first.  Each run is
+ * its own run only), every enabled map, parents first, then again each
+ * map that owes lookups closing a cycle whose parents the job linked (the
+ * second pass d365_sync() runs, sql/install/17_map_cycles.sql).  Each run is
  * committed before a failure is raised, so that pg_cron records the job
  * run as failed and the run's row in d365.sync_run stays.  Called inside a
  * transaction block its commit fails (invalid transaction termination), as
@@ -26,6 +28,7 @@
 #include "utils/memutils.h"
 
 #include "job_role.h"
+#include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_run_job);
 
@@ -65,6 +68,47 @@ run_one(MemoryContext cxt, const char *query, int nargs, Datum *args,
 	return failure;
 }
 
+/*
+ * run_map
+ *		One run of a map's job (d365._run_map_job()) in a transaction of its
+ *		own, committed; a failure is added to *failure (the first failed
+ *		run's id kept in *run_id).  Returns whether the run went through;
+ *		*linked: whether it also linked, sent or settled rows (its created,
+ *		updated or unchanged count), that is whether a lookup closing a
+ *		cycle may now find its parent.
+ */
+static bool
+run_map(MemoryContext cxt, const char *job, const char *map, StringInfo failure,
+		int64 *run_id, bool *has_id, bool *linked)
+{
+	int64		one_id = 0;
+	bool		one_has = false;
+	char	   *one;
+
+	*linked = false;
+
+	pin_search_path();
+	one = run_one(cxt, "SELECT r.run_id, r.failure FROM d365._run_map_job($1, $2) r", 2,
+				  (Datum[]) {CStringGetTextDatum(job), CStringGetTextDatum(map)},
+				  &one_id, &one_has);
+	if (one == NULL && one_has)
+		*linked = d365_sql_bool("SELECT s.created OPERATOR(pg_catalog.+) s.updated"
+							   " OPERATOR(pg_catalog.+) s.unchanged OPERATOR(pg_catalog.>) 0"
+							   " FROM d365.sync_run s WHERE s.id OPERATOR(pg_catalog.=) $1",
+							   1, (Oid[]) {INT8OID}, (Datum[]) {Int64GetDatum(one_id)}, NULL);
+	d365_job_commit();
+	if (one != NULL)
+	{
+		if (!*has_id && one_has)
+		{
+			*run_id = one_id;
+			*has_id = true;
+		}
+		appendStringInfo(failure, "%smap %s: %s", failure->len > 0 ? "; " : "", map, one);
+	}
+	return one == NULL;
+}
+
 static Datum
 run_job_body(PG_FUNCTION_ARGS)
 {
@@ -91,6 +135,10 @@ run_job_body(PG_FUNCTION_ARGS)
 		List	   *maps = NIL;
 		ListCell   *lc;
 		uint64		i;
+		bool	   *completed;
+		bool	   *linked;
+		bool		ignored;
+		int			k;
 
 		if (SPI_execute_with_args("SELECT j.name FROM d365._map_jobs($1) j", 1,
 								  (Oid[]) {BOOLOID},
@@ -101,27 +149,41 @@ run_job_body(PG_FUNCTION_ARGS)
 			maps = lappend(maps, MemoryContextStrdup(cxt, SPI_getvalue(SPI_tuptable->vals[i],
 																		 SPI_tuptable->tupdesc, 1)));
 		/* a transaction per map: each map's lock is held for its own run only */
+		completed = palloc0(sizeof(bool) * (list_length(maps) + 1));
+		linked = palloc0(sizeof(bool) * (list_length(maps) + 1));
+		k = 0;
+		foreach(lc, maps)
+		{
+			completed[k] = run_map(cxt, job, (char *) lfirst(lc), &failure, &run_id, &has_id,
+								   &linked[k]);
+			k++;
+		}
+
+		/*
+		 * The maps' second pass, as d365_sync() runs it: a map whose run went
+		 * through and whose rows owe lookups closing a cycle of the order
+		 * (sql/install/17_map_cycles.sql) runs again when it or a map after
+		 * it linked or sent rows in this job, so that the lookups to maps
+		 * later in the order go in the same job run.
+		 */
+		k = 0;
 		foreach(lc, maps)
 		{
 			char	   *map = (char *) lfirst(lc);
-			int64		one_id = 0;
-			bool		one_has = false;
-			char	   *one;
+			bool		later = false;
+			int			j;
 
+			for (j = k; j < list_length(maps); j++)
+				later = later || linked[j];
+			k++;
+			if (strcmp(job, "map-pull") == 0 || !completed[k - 1] || !later)
+				continue;
 			pin_search_path();
-			one = run_one(cxt, "SELECT r.run_id, r.failure FROM d365._run_map_job($1, $2) r", 2,
-						  (Datum[]) {CStringGetTextDatum(job), CStringGetTextDatum(map)},
-						  &one_id, &one_has);
-			d365_job_commit();
-			if (one != NULL)
-			{
-				if (!has_id && one_has)
-				{
-					run_id = one_id;
-					has_id = true;
-				}
-				appendStringInfo(&failure, "%smap %s: %s", failure.len > 0 ? "; " : "", map, one);
-			}
+			if (d365_sql_bool("SELECT d365._map_owes_lookups($1)", 1, (Oid[]) {TEXTOID},
+							  (Datum[]) {CStringGetTextDatum(map)}, NULL))
+				(void) run_map(cxt, job, map, &failure, &run_id, &has_id, &ignored);
+			else
+				d365_job_commit();
 		}
 	}
 	else
