@@ -333,3 +333,27 @@ if [ "$(simctl last-seq)" = "$seq1" ] && [ "$runs" = "map:account:0/0 map:person
 else
     notok "the job's next run" "$job" "$runs" "$(simctl requests --since "$seq1" --kind api | head -c 600)"
 fi
+
+# -- 11. a pull while a row owes a lookup: the owed lookup is kept, Dynamics' edit merged when it goes
+q "BEGIN;
+   INSERT INTO companies (id, name) VALUES (13, 'Mu');
+   INSERT INTO people (id, last_name, company_id) VALUES (13, 'West', 13);
+   UPDATE companies SET primary_contact = 13 WHERE id = 13;
+   COMMIT" >/dev/null
+q "SELECT * FROM d365_sync('account')" >/dev/null
+mu=$(id_of companies 13)
+simctl edit account "{\"op\":\"update\",\"id\":\"$mu\",\"values\":{\"name\":\"Mu Ltd\"}}" >/dev/null
+pull=$(q "SELECT map || '|' || updated || '|' || failed FROM d365_pull('account')")
+kept=$(q "SELECT name || '|' || coalesce(primary_contact::text, '-') FROM companies WHERE id = 13")
+q "SELECT * FROM d365_sync()" >/dev/null
+west=$(id_of people 13)
+if [ "$kept" = "Mu|13" ] && [ "$(sim_field account "$mu" _primarycontactid_value)" = "$west" ] &&
+   [ "$(sim_field account "$mu" name)" = "Mu Ltd" ] &&
+   [ "$(q "SELECT name || '|' || primary_contact FROM companies WHERE id = 13")" = "Mu Ltd|13" ] &&
+   [ "$(pending account)" = "0 pending (0 to create), 0 failing" ]; then
+    ok "a pull while the account owes its primary contact keeps the local lookup; the next sync sends it and brings Dynamics' new name in"
+else
+    notok "pull while owing" "pull: $pull" "after the pull: $kept" \
+        "Dynamics: $(sim_field account "$mu" name) / $(sim_field account "$mu" _primarycontactid_value) vs $west" \
+        "local: $(q "SELECT name || '|' || primary_contact FROM companies WHERE id = 13")" "$(pending account)"
+fi
