@@ -8720,12 +8720,9 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT parent = map
-           OR coalesce((SELECT p.pos >= c.pos
-                          FROM (SELECT o.name, row_number() OVER (ORDER BY o.depth, o.name = 'contact', o.name) AS pos
-                                  FROM d365._map_order() o) p,
-                               (SELECT o.name, row_number() OVER (ORDER BY o.depth, o.name = 'contact', o.name) AS pos
-                                  FROM d365._map_order() o) c
-                         WHERE p.name = parent AND c.name = map), false)
+           OR coalesce((SELECT max(o.pos) FILTER (WHERE o.name = parent) >= max(o.pos) FILTER (WHERE o.name = map)
+                          FROM (SELECT x.name, row_number() OVER (ORDER BY x.depth, x.name = 'contact', x.name) AS pos
+                                  FROM d365._map_order() x) o), false)
 $$;
 
 /*
@@ -8753,9 +8750,9 @@ BEGIN
         END IF;
         SELECT * INTO pm FROM d365.table_map t WHERE t.name = col.parent;
         col_ref := format('c.%I', col."column");
+        -- linked: the parent's state names its link (d365._map_parent_join)
         items := items || format(', CASE WHEN %s IS NOT NULL AND NOT EXISTS (SELECT FROM %s p%s'
-                                 '  WHERE p.%I OPERATOR(pg_catalog.=) %s'
-                                 '    AND p.dynamics365_related_id IS NOT NULL) THEN %L END',
+                                 '  WHERE p.%I OPERATOR(pg_catalog.=) %s) THEN %L END',
                                  col_ref, pm.local_table, d365._map_parent_join(pm.name, pm.key_column),
                                  pm.key_column, col_ref, col.wire);
     END LOOP;
@@ -8766,24 +8763,26 @@ $$;
 /*
  * Whether d365_sync() runs a second pass of a map: a column of the map
  * sent out has a foreign key to a map that makes it a lookup closing a
- * cycle (d365._map_fk_target, d365._map_cycle_lookup: the catalog and
- * d365's tables only, no Dynamics metadata), and a linked row of the map
- * may owe one (pending, its synced_seq one below its change_seq, not
- * backing off).  The cheap column check goes first: a map without such a
- * column never scans its rows.  Nothing here raises for a map whose run
- * went through (its table is locked, its row of d365.table_map too); the
- * pass's work query sends what can go now and leaves out the rows whose
- * parents are still not linked.
+ * cycle (d365._map_fk_target, then d365._map_cycle_lookup for the columns
+ * with such a key only: the catalog and d365's tables, no Dynamics
+ * metadata), and a linked row of the map may owe one (pending, its
+ * synced_seq one below its change_seq, not backing off).  The cheap column
+ * check goes first: a map without such a column never scans its rows.
+ * Nothing here raises for a map whose run went through (its table is
+ * locked, its row of d365.table_map too); the pass's work query sends what
+ * can go now and leaves out the rows whose parents are still not linked.
  */
 CREATE OR REPLACE FUNCTION d365._map_owes_lookups(map text)
 RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT EXISTS (SELECT FROM d365.table_map t
-                     JOIN d365.column_map c ON c.map = t.name
-                    WHERE t.name = _map_owes_lookups.map AND c.direction <> 'in'
-                      AND d365._map_cycle_lookup(t.name, d365._map_fk_target(t.local_table, c."column")))
+    SELECT EXISTS (SELECT FROM (SELECT d365._map_fk_target(t.local_table, c."column") AS parent
+                                  FROM d365.table_map t
+                                  JOIN d365.column_map c ON c.map = t.name
+                                 WHERE t.name = _map_owes_lookups.map AND c.direction <> 'in'
+                                OFFSET 0) l
+                    WHERE l.parent IS NOT NULL AND d365._map_cycle_lookup(_map_owes_lookups.map, l.parent))
        AND EXISTS (SELECT FROM d365.map_row r
                     WHERE r.map = _map_owes_lookups.map AND r.change_seq = r.synced_seq + 1
                       AND r.dynamics_id IS NOT NULL
