@@ -6096,6 +6096,9 @@ DECLARE
     val text;
     parent_id text;
     labels text;
+    wire_names text[] := '{}';
+    wire_vals text[] := '{}';
+    w integer;
 BEGIN
     body := '''{}''::pg_catalog.jsonb';
     problems := 'NULL::pg_catalog.text';
@@ -6161,12 +6164,24 @@ BEGIN
         ELSE
             val := d365._json_expr(col_ref, col.typ);
         END CASE;
-        body := body || format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)', col.wire, val);
+        -- a field sent from two columns takes the value of the last of
+        -- them (by name) that has one, as a load reads it: a foreign key
+        -- not set beside a uuid column does not clear the lookup
+        w := array_position(wire_names, col.wire);
+        IF w IS NULL THEN
+            wire_names := wire_names || col.wire;
+            wire_vals := wire_vals || val;
+        ELSE
+            wire_vals[w] := format('coalesce(%s, %s)', val, wire_vals[w]);
+        END IF;
         IF col.match THEN
             match := coalesce(match || ' OPERATOR(pg_catalog.||) ', '')
                      || format('pg_catalog.jsonb_build_object(%L, %s)', col.wire, val);
         END IF;
     END LOOP;
+    body := body || coalesce((SELECT string_agg(format(' OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object(%L, %s)',
+                                                        wire_names[j], wire_vals[j]), '' ORDER BY j)
+                                FROM generate_subscripts(wire_names, 1) j), '');
     problems := format('NULLIF(%s, '''')', problems);
 END;
 $$;

@@ -3,7 +3,8 @@
 # each record it inserts (d365.map_row: synced, etag), so that the next
 # sync sends nothing back -- two columns mapped to the same lookup field
 # (in either order of their names), a field the record lacks, a JSON null,
-# ETags and record ids at the edges of their shapes.
+# ETags and record ids at the edges of their shapes; and what the sync
+# after the load sends of a lookup mapped to two columns.
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own:
@@ -46,11 +47,12 @@ UPDATE d365.table_map SET load = true;
 SQL
 }
 
-# -- 1, 2. two columns mapped to one lookup field, the projects loaded
+# -- 1-4. two columns mapped to one lookup field, the projects loaded
 #          before their accounts: the state holds the lookup Dynamics has
 #          (the uuid column has it; the foreign key's parent is not linked
 #          yet), whichever column's name sorts first, and the next sync
-#          sends nothing back
+#          sends nothing back; a later edit of another column sends that
+#          column alone (the foreign key not set clears nothing)
 for order in "a_company b_account" "b_company a_account"; do
     set -- $order
     setup "$1" "$2"
@@ -70,9 +72,25 @@ print(sum(1 for r in json.load(sys.stdin)["requests"] if r["method"] in ("PATCH"
     else
         notok "a lookup read for two columns is remembered as synced ($1, $2)" "$out" "$row" "synced: $synced" "$sent" "writes: $writes"
     fi
+    # a local edit of the title: the update sends the title alone, and the
+    # record keeps its account (the foreign key, not set, clears nothing)
+    q "UPDATE projects SET title = 'Rollout 2'" >/dev/null
+    seq0=$(simctl last-seq)
+    edit=$(q "SELECT map, updated, failed FROM d365_sync('project')")
+    bodies=$(simctl requests --since "$seq0" | python3 -c '
+import json, sys
+print(";".join(",".join(sorted(r["body"])) for r in json.load(sys.stdin)["requests"] if r["method"] == "PATCH"))')
+    dyn=$(simctl rows new_project | python3 -c '
+import json, sys
+print(",".join("%s:%s" % (r["new_name"], r.get("_new_accountid_value")) for r in json.load(sys.stdin)["value"]))')
+    if [ "$edit" = "project|1|0" ] && [ "$bodies" = "new_name" ] && [ "$dyn" = "Rollout 2:$A1" ]; then
+        ok "columns $1 and $2 mapped to one lookup: a local edit of the title sends the title alone and the record keeps its account"
+    else
+        notok "a lookup sent from two columns, one of them not set ($1, $2)" "$edit" "sent: $bodies" "in Dynamics: $dyn"
+    fi
 done
 
-# -- 3. a page served as it is: a field the record lacks, a JSON null,
+# -- 5-7. a page served as it is: a field the record lacks, a JSON null,
 #       ETags of 255 characters (strong and weak), of 256 and with a space,
 #       ids upper case, in braces, with a hyphen out of place, a lookup
 #       that is no GUID
@@ -134,7 +152,7 @@ else
     notok "nothing loaded is sent back" "$sent"
 fi
 
-# -- 6. a state row left behind for the key a loaded row gets (no record,
+# -- 8. a state row left behind for the key a loaded row gets (no record,
 #       an old failure): the row's state is the record's, as for any other
 setup a_company b_account
 q "INSERT INTO d365.map_row (map, row_key, synced, change_seq, synced_seq, attempts, last_error)
