@@ -284,6 +284,20 @@ table_info(Oid relid, double *rows)
 			continue;
 		v = option_value(GetForeignColumnOptions(relid, i), "field");
 		frel->fields[i] = pstrdup(v ? v : NameStr(att->attname));
+
+		/*
+		 * A column without the option field reads the field of its name, and
+		 * that name is written into $select and $filter: it must be a plain
+		 * identifier as the option is (a name holding the parameter marker
+		 * or OData syntax would rewrite the request).
+		 */
+		if (!identifier_ok(frel->fields[i]))
+			ereport(ERROR,
+					(errcode(ERRCODE_FDW_INVALID_COLUMN_NAME),
+					 errmsg("column \"%s\" of foreign table \"%s\" is not a Dataverse field name",
+							NameStr(att->attname), get_rel_name(relid)),
+					 errdetail("A column without the option field reads the field of its own name; a field is letters, digits and underscores, not starting with a digit."),
+					 errhint("Name the field: ALTER FOREIGN TABLE ... ALTER COLUMN ... OPTIONS (ADD field 'logical_name').")));
 		frel->notnull[i] = att->attnotnull;
 	}
 	table_close(rel, NoLock);
