@@ -7724,8 +7724,13 @@ BEGIN
     SELECT string_agg(CASE WHEN x.typ IN ('text'::regtype, 'character varying'::regtype, 'character'::regtype)
                            THEN format('pg_catalog.lower(c.%1$I::pg_catalog.text) OPERATOR(pg_catalog.=) pg_catalog.lower(v.vals OPERATOR(pg_catalog.->>) %2$L)',
                                        x."column", x."column")
-                           ELSE format('pg_catalog.to_jsonb(c.%1$I) OPERATOR(pg_catalog.=) (v.vals OPERATOR(pg_catalog.->) %2$L)',
-                                       x."column", x."column") END, ' AND ' ORDER BY x."column")
+                           -- the JSON of the column's value as d365._json_expr
+                           -- writes it: built-in conversions only (to_jsonb
+                           -- of an enum or another type of the table owner's
+                           -- would call the owner's cast to json)
+                           ELSE format('coalesce(%1$s OPERATOR(pg_catalog.=) (v.vals OPERATOR(pg_catalog.->) %2$L), false)',
+                                       coalesce(d365._json_expr(format('c.%I', x."column"), x.typ), 'NULL::pg_catalog.jsonb'),
+                                       x."column") END, ' AND ' ORDER BY x."column")
       INTO cond
       FROM d365._map_columns(m.name) x
      WHERE x.match AND x.problem IS NULL AND x.direction <> 'out';
