@@ -194,32 +194,28 @@ $$;
 -- ---------------------------------------------------------------------------
 
 /*
- * The join of a parent row "p" of map parent with its sync state "pr",
- * only where the row's link is the record d365sync linked it to: the state
- * of the contact engine for the map "contact", d365.map_row for the
- * others.  Used by the table maps' lookups (d365._map_out_exprs,
- * d365._map_incoming, d365._map_owed_expr).  The link is compared with IS
- * NOT DISTINCT FROM (pr's id not null): an equality would imply that p's
- * link is not null, which lets the planner read p by its partial link
- * index -- empty by the statistics of a table not linked yet, so chosen
- * over the key, and then read whole for each row while a run links it.
+ * The join of a parent row "p" of map parent with its sync state, only
+ * where the row's link is the record d365sync linked it to: the state of
+ * the contact engine for the map "contact", d365.map_row for the others.
+ * Used by the table maps' lookups (d365._map_out_exprs, d365._map_incoming,
+ * d365._map_owed_expr), once per row of a run.  The state is read by
+ * d365._map_parent_link (its key, in a query of its own), never joined:
+ * planned with statistics taken before the map had state rows -- a new
+ * map's first sync, and the second pass of the same d365_sync() -- a join
+ * read every state row of the map, or the whole parent table, for each
+ * row while the run added them: quadratic.  The link is compared inside
+ * coalesce: an equality would imply that p's link is not null and let the
+ * planner read p by its partial link index, empty by such statistics,
+ * instead of its key.
  */
 CREATE FUNCTION d365._map_parent_join(parent text, key_column name)
 RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN parent = 'contact'
-                THEN format(' JOIN d365.contact_state pr'
-                            '   ON pr.contact_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
-                            '  AND pr.dynamics_id IS NOT NULL'
-                            '  AND pr.dynamics_id IS NOT DISTINCT FROM p.dynamics365_related_id',
-                            key_column)
-                ELSE format(' JOIN d365.map_row pr ON pr.map OPERATOR(pg_catalog.=) %L'
-                            '  AND pr.row_key OPERATOR(pg_catalog.=) p.%I::pg_catalog.text'
-                            '  AND pr.dynamics_id IS NOT NULL'
-                            '  AND pr.dynamics_id IS NOT DISTINCT FROM p.dynamics365_related_id',
-                            parent, key_column) END
+    SELECT format(' JOIN LATERAL (SELECT d365._map_parent_link(%L, p.%I::pg_catalog.text) AS dynamics_id) pr'
+                  ' ON coalesce(pr.dynamics_id OPERATOR(pg_catalog.=) p.dynamics365_related_id, false)',
+                  parent, key_column)
 $$;
 
 /*
