@@ -2,8 +2,10 @@
 # Initial load benchmark, as root:
 #   bash bench/map_load.sh
 # Starts a throwaway PostgreSQL 15 cluster and the Dataverse simulator,
-# for each latency in BENCH_LATENCY_MS (default "0 40": without latency,
-# and under the cost model of 40 ms per request), creates accounts in the
+# for each cost model in BENCH_MODELS (default "0:0 40:20": none, and the
+# throughput benchmark's model of 40 ms of latency per request plus 20 ms
+# of server time per record operation, a page read counting as one;
+# LATENCY:SERVER in ms), creates accounts in the
 # simulator directly (its control API), maps an empty table of companies
 # to them with load on, and loads it with CALL d365_load() (committing
 # after each page; BENCH_HOW=pull: SELECT d365_pull(), one transaction)
@@ -16,7 +18,12 @@
 # holds a page at a time.  Then "what paging allows": the same records
 # read through a d365_fdw foreign table with the load's columns (pages of
 # 5,000, the next page asked for while one is read, nothing applied), its
-# seconds and rows/s, and the load's rate as a share of it.
+# seconds and rows/s, and the load's rate as a share of it.  Last, the
+# floor of recording a page: 5,000 of the loaded rows and their 5,000 state
+# rows copied by two plain INSERTs into tables with the same columns and
+# indexes but no trigger and no foreign key (the best of 5), beside the
+# time paging alone takes per page: a load cannot keep up with paging
+# while that floor is above it.
 # It prints a markdown table; it reports numbers and never fails
 # because they are slow.  D365_SKIP_BUILD=1 uses the installed extension.
 set -uo pipefail
@@ -24,7 +31,7 @@ set -uo pipefail
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 . "$BENCH_DIR/../scripts/lib.sh"
 
-LATENCIES=${BENCH_LATENCY_MS:-0 40}
+MODELS=${BENCH_MODELS:-0:0 40:20}
 SIZES=${BENCH_SIZES:-20000 100000}
 HOW=${BENCH_HOW:-call}
 case "$HOW" in
@@ -56,12 +63,14 @@ api_requests() {
 echo
 echo "Initial load of a table map ($LOAD_SQL): accounts in the simulator (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 echo
-echo '| accounts | ms per request | seconds | rows/s | backend CPU, s | requests | pages | memory growth, peak (MB) | memory growth, median (MB) | paging alone, s | paging alone, rows/s | load / paging |'
-echo '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
-for lat in $LATENCIES; do
+echo '| accounts | cost model, ms (latency + server) | seconds | rows/s | backend CPU, s | requests | pages | memory growth, peak (MB) | memory growth, median (MB) | paging alone, s | paging alone, rows/s | load / paging | floor of recording a page / paging per page, ms |'
+echo '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+for model in $MODELS; do
+lat=${model%%:*}
+srv=${model##*:}
 for n in $SIZES; do
     "$D365_SIMCTL" reset >/dev/null
-    "$D365_SIMCTL" config "{\"log_bodies\": false, \"log_limit\": 10000, \"latency_ms\": $lat}" >/dev/null
+    "$D365_SIMCTL" config "{\"log_bodies\": false, \"log_limit\": 10000, \"latency_ms\": $lat, \"per_record_ms\": $srv}" >/dev/null
     # a database per size (pg_cron keeps a session in the first)
     DB=d365loadbench_$n
     psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null 2>&1 || exit 1
@@ -118,7 +127,7 @@ SQL
     SAMPLER_PID=
     after=$(api_requests)
     if [ "$rc" -ne 0 ]; then
-        echo "| $n | $lat | failed: $(head -n 3 "$M/err" | tr '\n' ' ') | | | | | | | | | |"
+        echo "| $n | $lat + $srv | failed: $(head -n 3 "$M/err" | tr '\n' ' ') | | | | | | | | | | |"
         continue
     fi
     # what paging allows: every record with the load's columns, nothing applied
@@ -129,16 +138,38 @@ SELECT count(*) AS n FROM (SELECT * FROM paging OFFSET 0) s WHERE s::text IS NOT
 SELECT round(extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)::numeric, 2);
 SQL
 )
+    # the floor of recording a page: its rows and their state rows copied
+    # by two plain INSERTs into tables with the same columns and indexes
+    # (no trigger, no foreign key, nothing converted), the best of 5
+    floor=$(bpsql <<'SQL'
+CREATE TEMP TABLE floor_rows (LIKE companies INCLUDING INDEXES);
+CREATE TEMP TABLE floor_state (LIKE d365.map_row INCLUDING INDEXES);
+CREATE TEMP TABLE floor_ms (ms numeric);
+DO $$
+DECLARE t0 timestamptz; i integer;
+BEGIN
+    FOR i IN 1..5 LOOP
+        t0 := clock_timestamp();
+        INSERT INTO floor_rows SELECT * FROM companies ORDER BY id LIMIT 5000 OFFSET 5000 * i;
+        INSERT INTO floor_state SELECT * FROM d365.map_row ORDER BY row_key LIMIT 5000 OFFSET 5000 * i;
+        INSERT INTO floor_ms VALUES (1000 * extract(epoch FROM clock_timestamp() - t0));
+        TRUNCATE floor_rows, floor_state;
+    END LOOP;
+END $$;
+SELECT round(min(ms)) FROM floor_ms;
+SQL
+)
     IFS='|' read -r secs rows pages msg <"$M/out"
     read -r base peak _ median <"$M/mem"
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(printf "%'d" "$rows")" "$lat" "$secs" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(printf "%'d" "$rows")" "$lat + $srv" "$secs" \
         "$(/usr/bin/python3 -c "print(format(round($rows / max($secs, 0.001)), ','))")" \
         "$(/usr/bin/python3 -c "print('%.2f' % (($(cat "$M/cpu1") - $(cat "$M/cpu0")) / $(getconf CLK_TCK)))")" \
         "$((after - before))" "$pages" \
         "$(/usr/bin/python3 -c "print(round(($peak - $base) / 1024.0, 1))")" \
         "$(/usr/bin/python3 -c "print(round((${median:-$base} - $base) / 1024.0, 1))")" \
         "$psecs" "$(/usr/bin/python3 -c "print(format(round($n / max(${psecs:-0}, 0.001)), ','))")" \
-        "$(/usr/bin/python3 -c "print('%d %%' % round(100 * ${psecs:-0} / max($secs, 0.001)))")"
+        "$(/usr/bin/python3 -c "print('%d %%' % round(100 * ${psecs:-0} / max($secs, 0.001)))")" \
+        "$floor / $(/usr/bin/python3 -c "print(round(1000 * ${psecs:-0} / max($pages, 1)))")"
     [ "$rows" = "$n" ] || echo "(loaded $rows rows for $n accounts: $msg)"
 done
 done

@@ -8060,10 +8060,10 @@ BEGIN
 END;
 $$;
 
--- The first request of a load: the ids of every record, with change
--- tracking, read only for the delta link of its last page, so that the
--- changes made while the load runs come with the pull that follows it.
-CREATE OR REPLACE FUNCTION d365._map_load_token_path(map text)
+-- The request of Dataverse's count of the records of a map's table
+-- (RetrieveTotalRecordCount, a snapshot): the total a load's progress is
+-- measured against.
+CREATE OR REPLACE FUNCTION d365._map_load_count_path(map text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -8072,7 +8072,8 @@ DECLARE
     m d365.table_map := d365._table_map(map);
     ent record := d365._map_entity(m.entity_set);
 BEGIN
-    RETURN m.entity_set || '?$select=' || ent.primary_id;
+    RETURN 'RetrieveTotalRecordCount(EntityNames=@p1)?@p1='
+           || d365._uri_escape(pg_catalog.to_jsonb(ARRAY[ent.logical_name])::text);
 END;
 $$;
 
@@ -8175,7 +8176,7 @@ COMMENT ON PROCEDURE d365.d365_load(text) IS
 REVOKE ALL ON FUNCTION d365._map_load_problem(regclass, name), d365._map_load_check(),
        d365._map_insert_sql(text), d365._map_insert(text, jsonb), d365._map_in_sql(text),
        d365._map_load_match_sql(text), d365._map_load_record(json, text),
-       d365._map_load_token_path(text), d365._map_resolve_lookups()
+       d365._map_load_count_path(text), d365._map_resolve_lookups()
     FROM PUBLIC;
 
 REVOKE ALL ON PROCEDURE d365.d365_load(text) FROM PUBLIC;

@@ -97,7 +97,7 @@ done
 setup a_company b_account
 long=$(printf 'x%.0s' $(seq 1 255))
 simctl fault "$(python3 - "$long" <<'PY'
-import json, sys
+import json, os, sys
 long = sys.argv[1]
 def rec(i, **kw):
     r = {"@odata.etag": 'W/"%d"' % i, "new_projectid": "e0000000-0000-4000-8000-00000000001%d" % i,
@@ -105,7 +105,10 @@ def rec(i, **kw):
     r.update(kw)
     return r
 lacks = rec(2); del lacks["new_budget"]
-page = {"value": [
+# (the load is a change-tracking read: the next page is the real table,
+# empty, whose last page carries the delta link)
+page = {"@odata.nextLink": os.environ["D365_SIM_URL"] + "/api/data/v9.2/new_projects?$select=new_name,new_projectid",
+        "value": [
     rec(1, **{"@odata.etag": '"%s"' % long}),
     lacks,
     rec(3, **{"@odata.etag": 'W/"%s"' % long}),

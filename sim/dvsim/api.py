@@ -44,6 +44,38 @@ class Api(QueryMixin, TrackingMixin, MetadataMixin):
                                        "Simulator internal error: %s: %s"
                                        % (type(e).__name__, e)))
 
+    def total_record_count(self, rq, first, q):
+        """RetrieveTotalRecordCount(EntityNames=@p1)?@p1=["account",...]:
+        the number of records of each table, as Dataverse's snapshot gives it
+        (here the count at the time of the request)."""
+        m = re.match(r"^RetrieveTotalRecordCount\(EntityNames=(@\w+|\[.*\])\)$", first)
+        raw = None
+        if m:
+            raw = q.get(m.group(1)) if m.group(1).startswith("@") else m.group(1)
+        try:
+            names = json.loads((raw or "").replace("'", '"'))
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ApiError(400, "0x80040203", "Invalid parameter EntityNames: a JSON array "
+                           "of table logical names is expected.")
+        by_logical = {e.name: e for e in SETS.values()}
+        keys, values = [], []
+        with self.S.lock:
+            for n in names:
+                ent = by_logical.get(n.lower())
+                if ent is None:
+                    raise ApiError(404, "0x80040217",
+                                   "Could not find an entity with name %s." % n)
+                keys.append(ent.name)
+                values.append(len(self.S.rows.get(ent.name, {})))
+        base = rq.origin + rq.ctx.base_path
+        return json_resp(200, collections.OrderedDict([
+            ("@odata.context", base + "/$metadata#" + NS + "RetrieveTotalRecordCountResponse"),
+            ("EntityRecordCountCollection", collections.OrderedDict([
+                ("Count", len(keys)), ("IsReadOnly", False), ("Keys", keys), ("Values", values)]))]),
+            nrec=1)
+
     def _route(self, rq):
         m = API_PATH_RE.match(rq.path)
         if not m:
@@ -69,6 +101,11 @@ class Api(QueryMixin, TrackingMixin, MetadataMixin):
                 "BusinessUnitId": BUSINESS_UNIT_ID,
                 "UserId": rq.ctx.user,
                 "OrganizationId": ORGANIZATION_ID})
+        if re.match(r"^RetrieveTotalRecordCount\(", first):
+            if rq.method != "GET" or len(segs) > 1:
+                raise ApiError(405, "0x0", "The requested resource does not support http "
+                               "method '%s'." % rq.method)
+            return self.total_record_count(rq, first, q)
         if first.startswith("EntityDefinitions"):
             if rq.method != "GET":
                 raise ApiError(405, "0x0", "Metadata is read-only in the simulator.")

@@ -273,11 +273,11 @@ pull_start_path(const D365PullEngine *engine)
 	return path;
 }
 
-/* The first request of a map's load: the ids, with change tracking. */
+/* Dataverse's count of the records of a map's table, for a load's progress. */
 static char *
-load_token_path(const D365PullEngine *engine)
+load_count_path(const D365PullEngine *engine)
 {
-	return d365_sql_text("SELECT d365._map_load_token_path($1)", 1, (Oid[]) {TEXTOID},
+	return d365_sql_text("SELECT d365._map_load_count_path($1)", 1, (Oid[]) {TEXTOID},
 						 (Datum[]) {CStringGetTextDatum(engine->arg)});
 }
 
@@ -329,7 +329,7 @@ pull_body(D365Run *run, void *arg)
 		engine.record_sql = "SELECT created, updated, unchanged, failed, unlinked"
 			" FROM d365._map_load_record($1, $2)";
 		engine.load = step->load;
-		engine.load->token_path = load_token_path;
+		engine.load->count_path = load_count_path;
 		engine.load->path = pull_start_path;
 		engine.load->record_sql = engine.record_sql;
 		engine.load->done_sql = "SELECT d365._map_resolve_lookups()";

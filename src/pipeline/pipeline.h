@@ -45,9 +45,9 @@ struct D365PullEngine;
  */
 typedef struct D365PullLoad
 {
-	/* a change-tracking read of the ids only, for its delta link */
-	char	   *(*token_path) (const struct D365PullEngine *engine);
-	/* the first page of the load: every record */
+	/* the request of Dataverse's count of the records, or NULL */
+	char	   *(*count_path) (const struct D365PullEngine *engine);
+	/* the first page of the load: every record, with change tracking */
 	char	   *(*path) (const struct D365PullEngine *engine);
 	const char *record_sql;		/* as the engine's record_sql */
 	const char *done_sql;		/* run after the last page ($1 text arg), or

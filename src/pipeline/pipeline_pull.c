@@ -32,16 +32,20 @@
  * its retries, in the client) fails the read where it stands, as before.
  *
  * An engine may have an initial load (engine->load, the table maps with
- * load = true): the first pull reads the whole table before its first
- * change-tracking read.  It takes a delta link first (a change-tracking
- * read of the ids only), then reads every record at the server's maximum
- * page size, recording each page with the load's record statement and
- * keeping the next link in d365.load_state, so that a load stopped
- * halfway goes on from there; a step may stop after a number of pages for
- * its caller to commit (CALL d365_load()).  After the last page the token
- * of that delta link, on the request of every field, becomes the pull's
- * delta link, and the pull applies what changed in Dynamics while the
- * load ran.
+ * load = true): the first pull reads the whole table as its baseline, at
+ * the server's maximum page size, recording each page with the load's
+ * record statement and keeping the next link in d365.load_state, so that
+ * a load stopped halfway goes on from there; a step may stop after a
+ * number of pages for its caller to commit (CALL d365_load()).  The load
+ * is a change-tracking read like any baseline: Dataverse tracks changes
+ * from the start of that read (its records come in the order of their
+ * versions, and the delta link of its last page brings what changed after
+ * its first request), so the delta link of the last page becomes the
+ * pull's and the pull applies what changed in Dynamics while the load
+ * ran.  Its progress is measured against Dataverse's count of the table's
+ * records (RetrieveTotalRecordCount, a snapshot: an estimate), asked for
+ * once when the load starts; a count Dynamics does not give leaves the
+ * total unknown.
  *
  * The contact pull (src/engines/incoming.c) and the table maps (src/engines/table_maps.c)
  * are engines on this reader.
@@ -190,70 +194,77 @@ recorded_write(const char *sql, int nargs, Oid *types, Datum *args, const char *
 }
 
 /*
- * load_token
- *		Start a load: a change-tracking read of the ids of every record,
- *		recorded nowhere, for the delta link of its last page -- taken
- *		before the first page of the load, so that the pull after the load
- *		brings every change made while it ran.  Stores it, the load's first
- *		page and the number of records in d365.load_state.
+ * load_count
+ *		Dataverse's count of the records of the engine's table, or -1 when
+ *		it gives none: an estimate for the load's progress, never a reason
+ *		to fail the load.
+ */
+static int64
+load_count(D365Run *run, const D365PullEngine *engine)
+{
+	char	   *path = engine->load->count_path ? engine->load->count_path(engine) : NULL;
+	D365Op	   *op;
+	json_t	   *coll;
+	json_t	   *values;
+
+	if (path == NULL)
+		return -1;
+	op = d365_op_make("GET", path, NULL);
+	d365_client_execute(d365_run_client(run), &op, 1);
+	if (!op->ok || !json_is_object(op->json))
+		return -1;
+	coll = json_object_get(op->json, "EntityRecordCountCollection");
+	values = coll ? json_object_get(coll, "Values") : NULL;
+	if (!json_is_array(values) || json_array_size(values) != 1 ||
+		!json_is_integer(json_array_get(values, 0)) ||
+		json_integer_value(json_array_get(values, 0)) < 0)
+		return -1;
+	return (int64) json_integer_value(json_array_get(values, 0));
+}
+
+/*
+ * load_start
+ *		Start a load: its position is the engine's first request (every
+ *		record, with change tracking), its total Dataverse's count.
  */
 static void
-load_token(D365Run *run, const D365PullEngine *engine)
+load_start(D365Run *run, const D365PullEngine *engine)
 {
 	D365PullLoad *load = engine->load;
-	D365Pages  *pages;
-	D365Op	   *op;
-	int64		total = 0;
-	MemoryContext old;
+	int64		total = load_count(run, engine);
 
-	pages = d365_pages_open(d365_run_client(run), load->token_path(engine),
-							"odata.track-changes", 0);
-	pages->page_size = load->page_size;
-	while ((op = d365_pages_next(pages)) != NULL)
-	{
-		json_t	   *rows = page_rows(pages, op);
-
-		d365_pages_prefetch(pages);
-		total += json_array_size(rows);
-	}
-	old = MemoryContextSwitchTo(pages->cxt);
 	if (recorded_write("INSERT INTO d365.load_state AS l (entity, delta_link, next_link, total)"
-					   " VALUES ($1, $2, $3, $4)"
-					   " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
+					   " VALUES ($1, NULL, $2, $3)"
+					   " ON CONFLICT (entity) DO UPDATE SET delta_link = NULL,"
 					   " next_link = EXCLUDED.next_link, total = EXCLUDED.total, pages = 0, records = 0,"
 					   " started_at = pg_catalog.now(), finished_at = NULL, last_error = NULL",
-					   4, (Oid[]) {TEXTOID, TEXTOID, TEXTOID, INT8OID},
+					   3, (Oid[]) {TEXTOID, TEXTOID, INT8OID},
 					   (Datum[]) {CStringGetTextDatum(engine->state_key),
-					   CStringGetTextDatum(last_delta_link(engine, pages)),
 					   CStringGetTextDatum(load->path(engine)), Int64GetDatum(total)},
-					   NULL) != SPI_OK_INSERT)
+					   total < 0 ? "  n" : NULL) != SPI_OK_INSERT)
 		elog(ERROR, "could not start the load");
-	MemoryContextSwitchTo(old);
-	d365_pages_close(pages);
-	d365_progress_add_total(total);
+	if (total >= 0)
+		d365_progress_add_total(total);
 }
 
 /*
  * load_delta_link
- *		The delta link a load took before its first page becomes the pull's,
- *		inside the flag of d365sync's own writes (src/capture/state_guard.c).
+ *		The delta link of the load's last page becomes the pull's, inside
+ *		the flag of d365sync's own writes (src/capture/state_guard.c).
  */
 static void
-load_delta_link(Datum key, Datum path)
+load_delta_link(Datum key)
 {
 	bool		was = d365_recorder_set(true);
 
 	PG_TRY();
 	{
 		d365_sql_text("INSERT INTO d365.pull_state AS p (entity, delta_link, baseline_at, last_pull_at)"
-					  " SELECT l.entity, coalesce($2 OPERATOR(pg_catalog.||) '&$deltatoken='"
-					  "        OPERATOR(pg_catalog.||) pg_catalog.substring(l.delta_link, '[?&][$]deltatoken=([^&#]*)'),"
-					  "        l.delta_link), l.started_at, pg_catalog.now()"
+					  " SELECT l.entity, l.delta_link, l.started_at, pg_catalog.now()"
 					  "   FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
 					  " ON CONFLICT (entity) DO UPDATE SET delta_link = EXCLUDED.delta_link,"
 					  " baseline_at = EXCLUDED.baseline_at, last_pull_at = EXCLUDED.last_pull_at"
-					  " RETURNING p.entity", 2, (Oid[]) {TEXTOID, TEXTOID},
-					  (Datum[]) {key, path});
+					  " RETURNING p.entity", 1, (Oid[]) {TEXTOID}, &key);
 	}
 	PG_FINALLY();
 	{
@@ -264,8 +275,8 @@ load_delta_link(Datum key, Datum path)
 
 /*
  * load_finish
- *		After the last page: the engine's done_sql, then the delta link
- *		taken before the first page becomes the pull's.
+ *		After the last page: the engine's done_sql, then the delta link of
+ *		the last page becomes the pull's.
  */
 static void
 load_finish(D365Run *run, const D365PullEngine *engine)
@@ -282,12 +293,7 @@ load_finish(D365Run *run, const D365PullEngine *engine)
 		SPI_execute_with_args(load->done_sql, 1, (Oid[]) {TEXTOID},
 							  (Datum[]) {CStringGetTextDatum(engine->arg)}, NULL, false, 0) < 0)
 		elog(ERROR, "the end of the load failed");
-	/*
-	 * The token of the ids' read, on the request of every field: the pull
-	 * continues from there.  (A link without a $deltatoken is taken as
-	 * it is.)
-	 */
-	load_delta_link(key, CStringGetTextDatum(load->path(engine)));
+	load_delta_link(key);
 	d365_sql_text("UPDATE d365.load_state l SET finished_at = pg_catalog.now(), next_link = NULL"
 				  " WHERE l.entity OPERATOR(pg_catalog.=) $1 RETURNING l.entity",
 				  1, (Oid[]) {TEXTOID}, &key);
@@ -315,17 +321,12 @@ pull_load(D365Run *run, const D365PullEngine *engine)
 	if (d365_sql_bool("SELECT EXISTS (SELECT FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
 					  " AND l.finished_at IS NOT NULL)", 1, (Oid[]) {TEXTOID}, &key, NULL))
 		return true;
-	if (d365_sql_text("SELECT l.delta_link FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1",
-					  1, (Oid[]) {TEXTOID}, &key) == NULL)
-	{
-		load_token(run, engine);
-		if (load->step_pages > 0)
-		{
-			load->more = true;
-			return false;
-		}
-	}
-	if (d365_progress_total() < 0)
+	/* not started (or left without a position): from the first page */
+	if (!d365_sql_bool("SELECT EXISTS (SELECT FROM d365.load_state l WHERE l.entity OPERATOR(pg_catalog.=) $1"
+					   " AND (l.next_link IS NOT NULL OR l.delta_link IS NOT NULL))",
+					   1, (Oid[]) {TEXTOID}, &key, NULL))
+		load_start(run, engine);
+	else if (d365_progress_total() < 0)
 	{
 		/* a report started again (after a commit, or another run's pages) */
 		bool		isnull;
@@ -350,7 +351,7 @@ pull_load(D365Run *run, const D365PullEngine *engine)
 		if (load->pages != NULL)
 			d365_pages_close(load->pages);
 		old = MemoryContextSwitchTo(load->cxt);
-		load->pages = d365_pages_open(d365_run_client(run), next, NULL, 0);
+		load->pages = d365_pages_open(d365_run_client(run), next, "odata.track-changes", 0);
 		load->pages->page_size = load->page_size;
 		MemoryContextSwitchTo(old);
 	}
@@ -359,22 +360,26 @@ pull_load(D365Run *run, const D365PullEngine *engine)
 	{
 		json_t	   *rows = page_rows(load->pages, op);
 		const char *link = d365_json_str(op->json, "@odata.nextLink");
+		const char *delta = link ? NULL : last_delta_link(engine, load->pages);
 
 		/*
 		 * The next page is fetched while this one is recorded; the position
 		 * kept below is this page's next link all the same, so a page ahead
-		 * that fails or never comes is read again by the next step.
+		 * that fails or never comes is read again by the next step.  The
+		 * last page's delta link is kept with it, in the same write.
 		 */
 		d365_pages_prefetch(load->pages);
 		old = MemoryContextSwitchTo(load->pages->cxt);
 		record_page(run, engine, load->record_sql, rows);
 		d365_pages_pump(load->pages);
 		if (recorded_write("UPDATE d365.load_state l SET next_link = $2, pages = l.pages + 1,"
-						   " records = l.records + $3 WHERE l.entity OPERATOR(pg_catalog.=) $1",
-						   3, (Oid[]) {TEXTOID, TEXTOID, INT8OID},
+						   " records = l.records + $3, delta_link = coalesce($4, l.delta_link)"
+						   " WHERE l.entity OPERATOR(pg_catalog.=) $1",
+						   4, (Oid[]) {TEXTOID, TEXTOID, INT8OID, TEXTOID},
 						   (Datum[]) {key, link ? CStringGetTextDatum(link) : (Datum) 0,
-						   Int64GetDatum((int64) json_array_size(rows))},
-						   link ? "   " : " n ") != SPI_OK_UPDATE)
+						   Int64GetDatum((int64) json_array_size(rows)),
+						   delta ? CStringGetTextDatum(delta) : (Datum) 0},
+						   link ? "   n" : " n  ") != SPI_OK_UPDATE)
 			elog(ERROR, "could not keep the position of the load");
 		MemoryContextSwitchTo(old);
 		if (load->expect != NULL)
