@@ -120,6 +120,19 @@ def run(sim, a):
     r = c.req("GET", "/api/data/v9.1/WhoAmI", headers=H)
     check("any v9.x accepted", r.status == 200, r)
 
+    # ------------------------------------------------ RetrieveTotalRecordCount
+    r = c.req("GET", API + "RetrieveTotalRecordCount(EntityNames=@p1)?@p1=%5B%22account%22%5D",
+              headers=H)
+    coll = r.json().get("EntityRecordCountCollection", {}) if r.status == 200 else {}
+    check("RetrieveTotalRecordCount 200: the seed accounts",
+          coll.get("Keys") == ["account"] and coll.get("Values") == [2] and coll.get("Count") == 1
+          and "RetrieveTotalRecordCountResponse" in r.json()["@odata.context"], r)
+    r = c.req("GET", API + "RetrieveTotalRecordCount(EntityNames=@p1)?@p1=%5B%22nosuch%22%5D",
+              headers=H)
+    check("RetrieveTotalRecordCount of an unknown table 404", r.status == 404, r)
+    r = c.req("GET", API + "RetrieveTotalRecordCount(EntityNames=@p1)?@p1=junk", headers=H)
+    check("RetrieveTotalRecordCount without a list 400", r.status == 400, r)
+
     # ---------------------------------------------------------------- contacts
     r = c.req("POST", API + "contacts", {"firstname": "Ann", "lastname": "Lee",
                                          "emailaddress1": "ann@example.com",

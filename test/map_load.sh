@@ -250,3 +250,19 @@ if [ "$out" = "person|0|2|0" ] && [ "$rows" = "Filled Gap true,Keep Mine true" ]
 else
     notok "local_wins on matched rows" "$out" "$rows" "$conflicts" "$sent" "$dyn"
 fi
+
+# -- 8. a count Dynamics does not give leaves the total unknown, not the load
+setup
+for i in 1 2 3; do
+    contact "c0000000-0000-4000-8000-00000000005$i" "N$i" "Count$i" "n$i@x.test"
+done
+simctl fault '{"method": "GET", "path_regex": "RetrieveTotalRecordCount", "status": 403, "times": null,
+               "json": {"error": {"code": "0x80040220", "message": "Principal user is missing prvReadContact privilege."}}}' >/dev/null
+out=$(q "SELECT map, created, failed FROM d365_pull('person')")
+state=$(q "SELECT coalesce(total::text, 'unknown'), records, finished_at IS NOT NULL FROM d365.load_state WHERE entity = 'map:person'")
+simctl clear-faults >/dev/null
+if [ "$out" = "person|3|0" ] && [ "$state" = "unknown|3|t" ]; then
+    ok "a count of the records refused (403) leaves the load's total unknown; the load reads its 3 records"
+else
+    notok "a refused count does not stop the load" "$out" "$state"
+fi
