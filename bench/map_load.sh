@@ -150,8 +150,8 @@ DECLARE t0 timestamptz; i integer;
 BEGIN
     FOR i IN 1..5 LOOP
         t0 := clock_timestamp();
-        INSERT INTO floor_rows SELECT * FROM companies ORDER BY id LIMIT 5000 OFFSET 5000 * i;
-        INSERT INTO floor_state SELECT * FROM d365.map_row ORDER BY row_key LIMIT 5000 OFFSET 5000 * i;
+        INSERT INTO floor_rows SELECT * FROM companies LIMIT 5000;
+        INSERT INTO floor_state SELECT * FROM d365.map_row LIMIT 5000;
         INSERT INTO floor_ms VALUES (1000 * extract(epoch FROM clock_timestamp() - t0));
         TRUNCATE floor_rows, floor_state;
     END LOOP;
