@@ -266,3 +266,19 @@ if [ "$out" = "person|3|0" ] && [ "$state" = "unknown|3|t" ]; then
 else
     notok "a refused count does not stop the load" "$out" "$state"
 fi
+
+# -- 9. a count no table reaches (a server's error, or a hostile one) is
+#       taken for none: progress is sized by it, nothing else
+setup
+contact c0000000-0000-4000-8000-000000000061 Big Count big@x.test
+simctl fault '{"method": "GET", "path_regex": "RetrieveTotalRecordCount", "status": 200, "times": null,
+               "json": {"EntityRecordCountCollection": {"Count": 1, "IsReadOnly": false, "Keys": ["contact"],
+                        "Values": [9223372036854775807]}}}' >/dev/null
+out=$(q "SELECT map, created, failed FROM d365_pull('person')")
+state=$(q "SELECT coalesce(total::text, 'unknown'), records FROM d365.load_state WHERE entity = 'map:person'")
+simctl clear-faults >/dev/null
+if [ "$out" = "person|1|0" ] && [ "$state" = "unknown|1" ]; then
+    ok "a count of 9223372036854775807 records is taken for none: the total is unknown and the load reads its record"
+else
+    notok "an impossible count is ignored" "$out" "$state"
+fi

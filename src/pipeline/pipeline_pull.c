@@ -215,9 +215,11 @@ load_count(D365Run *run, const D365PullEngine *engine)
 		return -1;
 	coll = json_object_get(op->json, "EntityRecordCountCollection");
 	values = coll ? json_object_get(coll, "Values") : NULL;
+	/* (a count no table reaches is taken for none: it only sizes progress) */
 	if (!json_is_array(values) || json_array_size(values) != 1 ||
 		!json_is_integer(json_array_get(values, 0)) ||
-		json_integer_value(json_array_get(values, 0)) < 0)
+		json_integer_value(json_array_get(values, 0)) < 0 ||
+		json_integer_value(json_array_get(values, 0)) > INT64CONST(1000000000000))
 		return -1;
 	return (int64) json_integer_value(json_array_get(values, 0));
 }
