@@ -3,7 +3,8 @@
 # and contacts read from the simulator into empty and half-filled tables,
 # lookups resolved whichever map is loaded first, matched rows linked, a
 # load cancelled halfway and taken up again, Dynamics edits made while it
-# runs, records Dynamics should never send, and a role without INSERT.
+# runs, records Dynamics should never send, a role without INSERT, and
+# numbers and text that arrive as Dynamics sent them.
 #
 # scripts/test.sh runs it with the cluster and simulator it started; run
 # alone it starts its own:
@@ -276,3 +277,35 @@ count_fault '{"method": "GET", "path_regex": "RetrieveTotalRecordCount", "status
               "json": {"EntityRecordCountCollection": {"Count": 1, "IsReadOnly": false, "Keys": ["contact"],
                        "Values": [9223372036854775807]}}}' \
     "a count of 9223372036854775807 records (taken for none)"
+
+# -- 9. numbers and text arrive as Dynamics sent them: a decimal is not
+#       rounded to the nearest double's 17 digits (1234.56, not
+#       1234.5599999999999), quotes, backslashes, control characters and
+#       characters beyond ASCII are kept, in a load and in a later pull, and
+#       what was recorded as synced is what the row holds (the next sync
+#       sends nothing)
+setup
+alter=$(q "DELETE FROM d365.column_map WHERE map = 'account' AND \"column\" = 'revenue'; ALTER TABLE companies ALTER revenue TYPE numeric; SELECT 1 FROM d365_map_column('account', 'revenue', 'revenue')")
+account() {     # account ID NAME REVENUE
+    simctl edit account "$(python3 -c 'import json, sys
+print(json.dumps({"op": "create", "id": sys.argv[1], "values": {"name": sys.argv[2], "revenue": float(sys.argv[3])}}))' "$@")" >/dev/null
+}
+account acc00000-0000-4000-8000-000000000091 "Quote \" back\\ tab	nl
+ctl$(printf '\001') Zoë 😀" 1234.56
+account acc00000-0000-4000-8000-000000000092 "Tenth" 0.1
+account acc00000-0000-4000-8000-000000000093 "Sixteen digits" 123456789012.3456
+account acc00000-0000-4000-8000-000000000094 "Tiny" 0.0005
+out=$(q "SELECT map, created, failed FROM d365_pull('account')")
+simctl edit account '{"op": "update", "id": "acc00000-0000-4000-8000-000000000092", "values": {"revenue": 0.3}}' >/dev/null
+pulled=$(q "SELECT map, updated, failed FROM d365_pull('account')")
+rows=$(q "SELECT string_agg(revenue::text, ',' ORDER BY dynamics365_related_id) FROM companies WHERE revenue IS NOT NULL")
+name=$(q "SELECT name = E'Quote \" back\\\\ tab\\tnl\\nctl\\u0001 Zo\\u00eb \\U0001F600' FROM companies WHERE dynamics365_related_id = 'acc00000-0000-4000-8000-000000000091'")
+synced=$(q "SELECT synced ->> 'revenue' FROM d365.map_row WHERE dynamics_id = 'acc00000-0000-4000-8000-000000000091'")
+sent=$(q "SELECT map, updated, failed FROM d365_sync('account')")
+if [ "$out" = "account|6|0" ] && [ "$pulled" = "account|1|0" ] &&
+   [ "$rows" = "1234.56,0.3,123456789012.3456,0.0005" ] &&
+   [ "$name" = t ] && [ "$synced" = "1234.56" ] && [ "$sent" = "account|0|0" ]; then
+    ok "1234.56, 0.1 (then 0.3, pulled), 123456789012.3456 and 0.0005 are stored as sent, not as a double's 17 digits; a name with a quote, a backslash, a tab, a newline, U+0001, ë and an emoji is kept; the next sync sends nothing back"
+else
+    notok "numbers and text arrive as sent" "$alter" "$out / $pulled" "$rows" "$name" "$synced" "$sent"
+fi

@@ -13,12 +13,18 @@
  * Allocation failures are reported to jansson as NULL (it handles them) so
  * that no ERROR is ever thrown from inside a jansson call.
  *
+ * JSON is written by d365_json_dump(), not by jansson: jansson writes a
+ * real number with 17 digits (1234.56 becomes 1234.5599999999999), which
+ * would record in the application's tables numbers Dynamics never sent.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 #include "d365_json.h"
 
+#include "common/shortest_dec.h"
 #include "lib/stringinfo.h"
+#include "miscadmin.h"
 #include "utils/memutils.h"
 
 static void *
@@ -69,20 +75,137 @@ d365_json_parse(const char *data, size_t len, const char *what)
 	return value;
 }
 
+/* The JSON of a string: escaped as RFC 8259 asks, UTF-8 left as it is. */
+static void
+dump_string(StringInfo out, const char *s, size_t len)
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t		start = 0;
+	size_t		i;
+
+	appendStringInfoChar(out, '"');
+	for (i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) s[i];
+
+		if (c >= 0x20 && c != '"' && c != '\\')
+			continue;
+		appendBinaryStringInfo(out, s + start, (int) (i - start));
+		start = i + 1;
+		switch (c)
+		{
+			case '"':
+				appendStringInfoString(out, "\\\"");
+				break;
+			case '\\':
+				appendStringInfoString(out, "\\\\");
+				break;
+			case '\b':
+				appendStringInfoString(out, "\\b");
+				break;
+			case '\f':
+				appendStringInfoString(out, "\\f");
+				break;
+			case '\n':
+				appendStringInfoString(out, "\\n");
+				break;
+			case '\r':
+				appendStringInfoString(out, "\\r");
+				break;
+			case '\t':
+				appendStringInfoString(out, "\\t");
+				break;
+			default:
+				appendStringInfoString(out, "\\u00");
+				appendStringInfoChar(out, hex[c >> 4]);
+				appendStringInfoChar(out, hex[c & 15]);
+				break;
+		}
+	}
+	appendBinaryStringInfo(out, s + start, (int) (len - start));
+	appendStringInfoChar(out, '"');
+}
+
+static void
+dump_value(StringInfo out, const json_t *value)
+{
+	char		buf[64];
+
+	check_stack_depth();
+	switch (json_typeof(value))
+	{
+		case JSON_OBJECT:
+			{
+				const char *key;
+				json_t	   *item;
+				bool		first = true;
+
+				appendStringInfoChar(out, '{');
+				json_object_foreach((json_t *) value, key, item)
+				{
+					if (!first)
+						appendStringInfoChar(out, ',');
+					first = false;
+					dump_string(out, key, strlen(key));
+					appendStringInfoChar(out, ':');
+					dump_value(out, item);
+				}
+				appendStringInfoChar(out, '}');
+				break;
+			}
+		case JSON_ARRAY:
+			{
+				size_t		i;
+
+				appendStringInfoChar(out, '[');
+				for (i = 0; i < json_array_size(value); i++)
+				{
+					if (i > 0)
+						appendStringInfoChar(out, ',');
+					dump_value(out, json_array_get(value, i));
+				}
+				appendStringInfoChar(out, ']');
+				break;
+			}
+		case JSON_STRING:
+			dump_string(out, json_string_value(value), json_string_length(value));
+			break;
+		case JSON_INTEGER:
+			snprintf(buf, sizeof(buf), "%lld", (long long) json_integer_value(value));
+			appendStringInfoString(out, buf);
+			break;
+		case JSON_REAL:
+			/* the shortest text that reads back as the same number */
+			double_to_shortest_decimal_buf(json_real_value(value), buf);
+			appendStringInfoString(out, buf);
+			break;
+		case JSON_TRUE:
+			appendStringInfoString(out, "true");
+			break;
+		case JSON_FALSE:
+			appendStringInfoString(out, "false");
+			break;
+		case JSON_NULL:
+			appendStringInfoString(out, "null");
+			break;
+	}
+}
+
 /*
  * d365_json_dump
- *		Compact serialisation, palloc'd in CurrentMemoryContext.
+ *		Compact serialisation, palloc'd in CurrentMemoryContext.  A real
+ *		number is written in its shortest form that reads back as the same
+ *		double (1234.56, not jansson's 1234.5599999999999): what Dynamics
+ *		sent as 1234.56 is recorded as 1234.56.
  */
 char *
 d365_json_dump(const json_t *value)
 {
-	char	   *text = json_dumps(value, JSON_COMPACT | JSON_ENCODE_ANY);
+	StringInfoData out;
 
-	if (text == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory while serialising JSON")));
-	return text;
+	initStringInfo(&out);
+	dump_value(&out, value);
+	return out.data;
 }
 
 /*
