@@ -30,6 +30,8 @@ extern bool d365_job_pull(D365Run *run);
 /* in table_maps.c: one map's sync or pull (the map's row lock, not a job's) */
 extern bool d365_job_map_sync(D365Run *run, const char *map);
 extern bool d365_job_map_pull(D365Run *run, const char *map);
+extern bool d365_map_second_pass(const char *map, bool completed,
+								 const bool *linked, int place, int nmaps);
 
 /*
  * The contact table's runs when a call names the map "contact"

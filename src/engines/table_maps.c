@@ -388,6 +388,32 @@ d365_job_map_pull(D365Run *run, const char *map)
 	return d365_run_execute(run, NULL, pull_body, (void *) &step);
 }
 
+/*
+ * d365_map_second_pass
+ *		Whether a map runs again at the end of a call that ran maps in their
+ *		order (d365_sync(), CALL d365_run_job('maps')): its rows went without
+ *		a lookup closing a cycle of the order (sql/install/17_map_cycles.sql),
+ *		and the parents of those lookups may have been linked since.  Only a
+ *		map whose run went through (completed), only when it or a map after
+ *		it in the call linked rows (linked[place .. nmaps - 1]: a parent of
+ *		such a lookup is one of them), and only when it owes lookups.  The
+ *		one rule both callers follow.  Requires an SPI connection.
+ */
+bool
+d365_map_second_pass(const char *map, bool completed, const bool *linked,
+					 int place, int nmaps)
+{
+	bool		later = false;
+	int			j;
+
+	for (j = place; j < nmaps; j++)
+		later = later || linked[j];
+	if (!completed || !later)
+		return false;
+	return d365_sql_bool("SELECT d365._map_owes_lookups($1)", 1, (Oid[]) {TEXTOID},
+						 (Datum[]) {CStringGetTextDatum(map)}, NULL);
+}
+
 /* d365_sync() and d365_pull(): one run per map, one row per run. */
 static Datum
 run_maps(FunctionCallInfo fcinfo, bool outgoing)
@@ -397,6 +423,7 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 	List	   *maps;
 	ListCell   *lc;
 	MapRow	   *rows;
+	bool	   *linked;
 	int			nrows = 0;
 	int			i;
 
@@ -424,29 +451,24 @@ run_maps(FunctionCallInfo fcinfo, bool outgoing)
 		run_contact(&rows[nrows++], outgoing, !PG_ARGISNULL(0));
 
 	/*
-	 * A second pass over the maps whose rows went without a lookup closing
-	 * a cycle of the order (17_map_cycles.sql), counted in the map's row:
-	 * the lookups owed whose parents this call linked go now.  Only a map
-	 * whose run went through, and only when it or a map after it linked
-	 * rows (a parent of such a lookup is one of them).
+	 * The maps' second pass (d365_map_second_pass), counted in the map's
+	 * row: the lookups owed whose parents this call linked go now.
 	 */
+	linked = palloc0(sizeof(bool) * (nrows + 1));
+	for (i = 0; i < nrows; i++)
+		linked[i] = rows[i].counts.created > 0 || rows[i].counts.updated > 0 ||
+			rows[i].counts.unchanged > 0;
 	for (i = 0; outgoing && i < nrows; i++)
 	{
 		D365Run		run;
-		bool		owes;
-		bool		linked = false;
-		int			j;
+		bool		again;
 
-		for (j = i; j < nrows; j++)
-			linked = linked || rows[j].counts.created > 0 || rows[j].counts.updated > 0
-				|| rows[j].counts.unchanged > 0;
-		if (strcmp(rows[i].map, "contact") == 0 || !rows[i].completed || !linked)
+		if (strcmp(rows[i].map, "contact") == 0)
 			continue;
 		SPI_connect();
-		owes = d365_sql_bool("SELECT d365._map_owes_lookups($1)", 1, (Oid[]) {TEXTOID},
-							 (Datum[]) {CStringGetTextDatum(rows[i].map)}, NULL);
+		again = d365_map_second_pass(rows[i].map, rows[i].completed, linked, i, nrows);
 		SPI_finish();
-		if (!owes)
+		if (!again)
 			continue;
 		d365_run_init(&run, "map");
 		(void) d365_job_map_sync(&run, rows[i].map);

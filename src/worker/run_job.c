@@ -18,6 +18,7 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+#include "d365_json.h"
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -28,6 +29,7 @@
 #include "utils/memutils.h"
 
 #include "job_role.h"
+#include "jobs.h"
 #include "spi_util.h"
 
 PG_FUNCTION_INFO_V1(d365_run_job);
@@ -160,27 +162,20 @@ run_job_body(PG_FUNCTION_ARGS)
 		}
 
 		/*
-		 * The maps' second pass, as d365_sync() runs it: a map whose run went
-		 * through and whose rows owe lookups closing a cycle of the order
-		 * (sql/install/17_map_cycles.sql) runs again when it or a map after
-		 * it linked or sent rows in this job, so that the lookups to maps
-		 * later in the order go in the same job run.
+		 * The maps' second pass, by the rule d365_sync() follows
+		 * (d365_map_second_pass), so that the lookups to maps later in the
+		 * order go in the same job run.
 		 */
 		k = 0;
 		foreach(lc, maps)
 		{
 			char	   *map = (char *) lfirst(lc);
-			bool		later = false;
-			int			j;
 
-			for (j = k; j < list_length(maps); j++)
-				later = later || linked[j];
 			k++;
-			if (strcmp(job, "map-pull") == 0 || !completed[k - 1] || !later)
+			if (strcmp(job, "map-pull") == 0)
 				continue;
 			pin_search_path();
-			if (d365_sql_bool("SELECT d365._map_owes_lookups($1)", 1, (Oid[]) {TEXTOID},
-							  (Datum[]) {CStringGetTextDatum(map)}, NULL))
+			if (d365_map_second_pass(map, completed[k - 1], linked, k - 1, list_length(maps)))
 				(void) run_map(cxt, job, map, &failure, &run_id, &has_id, &ignored);
 			else
 				d365_job_commit();
