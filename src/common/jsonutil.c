@@ -79,6 +79,9 @@ d365_json_parse(const char *data, size_t len, const char *what)
 static void
 dump_string(StringInfo out, const char *s, size_t len)
 {
+	/* the characters with a short escape, and the letter of each */
+	static const char shortc[] = "\"\\\b\f\n\r\t";
+	static const char letter[] = "\"\\bfnrt";
 	static const char hex[] = "0123456789abcdef";
 	size_t		start = 0;
 	size_t		i;
@@ -87,39 +90,21 @@ dump_string(StringInfo out, const char *s, size_t len)
 	for (i = 0; i < len; i++)
 	{
 		unsigned char c = (unsigned char) s[i];
+		const char *esc;
 
 		if (c >= 0x20 && c != '"' && c != '\\')
 			continue;
 		appendBinaryStringInfo(out, s + start, (int) (i - start));
 		start = i + 1;
-		switch (c)
+		appendStringInfoChar(out, '\\');
+		esc = memchr(shortc, c, sizeof(shortc) - 1);
+		if (esc != NULL)
+			appendStringInfoChar(out, letter[esc - shortc]);
+		else
 		{
-			case '"':
-				appendStringInfoString(out, "\\\"");
-				break;
-			case '\\':
-				appendStringInfoString(out, "\\\\");
-				break;
-			case '\b':
-				appendStringInfoString(out, "\\b");
-				break;
-			case '\f':
-				appendStringInfoString(out, "\\f");
-				break;
-			case '\n':
-				appendStringInfoString(out, "\\n");
-				break;
-			case '\r':
-				appendStringInfoString(out, "\\r");
-				break;
-			case '\t':
-				appendStringInfoString(out, "\\t");
-				break;
-			default:
-				appendStringInfoString(out, "\\u00");
-				appendStringInfoChar(out, hex[c >> 4]);
-				appendStringInfoChar(out, hex[c & 15]);
-				break;
+			appendStringInfoString(out, "u00");
+			appendStringInfoChar(out, hex[c >> 4]);
+			appendStringInfoChar(out, hex[c & 15]);
 		}
 	}
 	appendBinaryStringInfo(out, s + start, (int) (len - start));
