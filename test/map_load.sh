@@ -309,3 +309,30 @@ if [ "$out" = "account|6|0" ] && [ "$pulled" = "account|1|0" ] &&
 else
     notok "numbers and text arrive as sent" "$alter" "$out / $pulled" "$rows" "$name" "$synced" "$sent"
 fi
+
+# -- 10. a number beyond 64 bits or beyond a double (which no Dataverse type
+#        holds) is data, not a page that cannot be read: in a mapped field it
+#        fails its record (the value does not fit the column), in a field no
+#        column reads it fails nothing, and the other records of the page
+#        are loaded
+setup
+simctl fault "$(python3 -c '
+import json, os
+page = {"@odata.nextLink": os.environ["D365_SIM_URL"] + "/api/data/v9.2/accounts?$select=name,revenue,industrycode,accountid",
+        "value": [
+    {"accountid": "acc00000-0000-4000-8000-000000000081", "name": "Huge revenue", "revenue": 10**23},
+    {"accountid": "acc00000-0000-4000-8000-000000000082", "name": "Unread huge", "numberofemployees": -10**30,
+     "creditlimit": "@@beyond a double@@", "description": "a \"quoted\" 1e400 in a string"},
+    {"accountid": "acc00000-0000-4000-8000-000000000083", "name": "Plain", "revenue": 12.5}]}
+print(json.dumps({"method": "GET", "path_regex": "accounts\\?.*name", "times": 1, "status": 200,
+                  "body": json.dumps(page).replace("\"@@beyond a double@@\"", "-1.5e400"),
+                  "content_type": "application/json"}))')" >/dev/null
+out=$(q "SELECT map, created, failed FROM d365_pull('account')")
+rows=$(q "SELECT string_agg(name || ':' || coalesce(revenue::text, '-'), ',' ORDER BY name) FROM companies")
+if [ "$(tail -n 1 <<<"$out")" = "account|4|1" ] &&
+   [ "$rows" = "Contoso Ltd:-,Fabrikam Inc:-,Plain:12.50,Unread huge:-" ] &&
+   grep -q 'WARNING:  map "account": record acc00000-0000-4000-8000-000000000081 was not loaded: numeric field overflow' <<<"$out"; then
+    ok "a number beyond 64 bits fails the record whose column it does not fit, and one beyond 64 bits or a double's range nothing where no column reads it; the page's other records are loaded"
+else
+    notok "a number beyond 64 bits is data, not an unreadable page" "$out" "$rows"
+fi

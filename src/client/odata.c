@@ -308,8 +308,7 @@ judge_final(D365Op *op)
 	{
 		json_error_t jerr;
 
-		op->json = json_loadb(h->response, h->response_len,
-							  JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+		op->json = d365_json_loadb(h->response, h->response_len, &jerr);
 		if (op->json == NULL)
 		{
 			op->error_message = psprintf("the response is not valid JSON (%s at line %d, column %d)",

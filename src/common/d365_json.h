@@ -30,6 +30,7 @@
 #include <jansson.h>
 
 extern void d365_json_init(void);
+extern json_t *d365_json_loadb(const char *data, size_t len, json_error_t *jerr);
 extern json_t *d365_json_parse(const char *data, size_t len, const char *what);
 extern char *d365_json_dump(const json_t *value);
 extern const char *d365_json_str(const json_t *obj, const char *key);

@@ -17,9 +17,21 @@
  * real number with 17 digits (1234.56 becomes 1234.5599999999999), which
  * would record in the application's tables numbers Dynamics never sent.
  *
+ * JSON is read by d365_json_loadb(): jansson holds an integer in 64 bits
+ * and a real in a double, and refuses a whole document with a number
+ * beyond them, so one record's number would make a page unreadable, and a
+ * pull or a load that reads it would stop there on every run.  Such a
+ * document is read again with each of those numbers as a JSON string of
+ * its exact text: the number is then data like any other, which a numeric
+ * column takes as it is and a column it does not fit refuses (failing
+ * that record alone).  No Dataverse type holds such a number.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <math.h>
+
 #include "d365_json.h"
 
 #include "common/shortest_dec.h"
@@ -53,6 +65,110 @@ d365_json_init(void)
 }
 
 /*
+ * Whether the number token tok (NUL-terminated) is one jansson refuses: an
+ * integer beyond 64 bits, or a real beyond a double's range.
+ */
+static bool
+number_overflows(const char *tok)
+{
+	char	   *end;
+
+	errno = 0;
+	if (strpbrk(tok, ".eE") == NULL)
+		(void) strtoll(tok, &end, 10);
+	else
+	{
+		double		d = strtod(tok, &end);
+
+		if (errno == ERANGE && !isinf(d))
+			errno = 0;			/* jansson reads an underflow as it comes */
+	}
+	return errno == ERANGE;
+}
+
+/*
+ * The document with each number jansson refuses put in double quotes (its
+ * exact text as a JSON string), or NULL when it has none.  Strings are
+ * skipped as JSON writes them (a backslash escapes the next character).
+ */
+static char *
+quote_overflowing_numbers(const char *data, size_t len, size_t *outlen)
+{
+	StringInfoData out;
+	size_t		i = 0;
+	size_t		copied = 0;
+	bool		changed = false;
+
+	initStringInfo(&out);
+	while (i < len)
+	{
+		char		c = data[i];
+
+		if (c == '"')
+		{
+			for (i++; i < len && data[i] != '"'; i++)
+				if (data[i] == '\\')
+					i++;
+			i++;
+		}
+		else if (c == '-' || (c >= '0' && c <= '9'))
+		{
+			size_t		start = i;
+			char	   *tok;
+
+			while (i < len && data[i] != '\0' && strchr("0123456789+-.eE", data[i]) != NULL)
+				i++;
+			tok = pnstrdup(data + start, i - start);
+			if (number_overflows(tok))
+			{
+				appendBinaryStringInfo(&out, data + copied, start - copied);
+				appendStringInfoChar(&out, '"');
+				appendStringInfoString(&out, tok);
+				appendStringInfoChar(&out, '"');
+				copied = i;
+				changed = true;
+			}
+			pfree(tok);
+		}
+		else
+			i++;
+	}
+	if (!changed)
+	{
+		pfree(out.data);
+		return NULL;
+	}
+	appendBinaryStringInfo(&out, data + copied, len - copied);
+	*outlen = out.len;
+	return out.data;
+}
+
+/*
+ * d365_json_loadb
+ *		jansson's json_loadb() with d365sync's flags (any value at the top,
+ *		U+0000 allowed in strings); a document refused for a number beyond
+ *		what jansson holds is read again with those numbers as strings
+ *		(see the file's header).  NULL and *jerr as json_loadb() on any
+ *		other error.
+ */
+json_t *
+d365_json_loadb(const char *data, size_t len, json_error_t *jerr)
+{
+	json_t	   *value;
+	char	   *quoted;
+	size_t		qlen;
+
+	value = json_loadb(data, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, jerr);
+	if (value == NULL && json_error_code(jerr) == json_error_numeric_overflow &&
+		(quoted = quote_overflowing_numbers(data, len, &qlen)) != NULL)
+	{
+		value = json_loadb(quoted, qlen, JSON_DECODE_ANY | JSON_ALLOW_NUL, jerr);
+		pfree(quoted);
+	}
+	return value;
+}
+
+/*
  * d365_json_parse
  *		Parse len bytes of JSON.  Any JSON value is accepted at the top level.
  *		On a syntax error, raises ERRCODE_INVALID_TEXT_REPRESENTATION naming
@@ -65,7 +181,7 @@ d365_json_parse(const char *data, size_t len, const char *what)
 	json_error_t jerr;
 	json_t	   *value;
 
-	value = json_loadb(data, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+	value = d365_json_loadb(data, len, &jerr);
 	if (value == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
