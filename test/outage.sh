@@ -198,9 +198,12 @@ diag "recovery: first contact PATCH $first ms after the outage ended, everything
 # Before the worker knows Dynamics is down (its first failing run, with the
 # retries inside it) the queue grows with the statements; from then on it
 # holds about what changed since the last pass.  It must never come near
-# one row per statement.
+# one row per statement: at most 5,000 of the 100,000 (a pass every few
+# hundred ms keeps it near 1,000; a machine busy with other work stretches
+# the passes, so the bound leaves room for that and still fails a queue that
+# grows with the statements).
 if [ "$linked" = 1000 ] && [ "$upd_rc" = 0 ] && [ "$queue_max" -ge 0 ] && [ "$queue_max" -le 25000 ] &&
-   [ "$queue_late" -ge 0 ] && [ "$queue_late" -le 1000 ] &&
+   [ "$queue_late" -ge 0 ] && [ "$queue_late" -le 5000 ] &&
    [ "$queue_now" -le 1000 ] && [ "$pending" = 1000 ] && [ "$backed" = 0 ] && [ "$wstate" = "backing off" ]; then
     ok "100,000 updates of 1,000 rows during an outage: the queue stays at most $queue_late rows once the outage is known ($queue_max before), no contact backed off"
 else
