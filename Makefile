@@ -22,8 +22,8 @@ OBJS = d365sync.o \
 # script, and committed: 'make regen' rewrites them, test/generated.sh fails
 # when one is out of date.  docs/development.md: adding and changing
 # functions, tables and columns; cutting a release.
-DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
-DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.2.sql \
+DATA_built =
+DATA = sql/$(EXTENSION)--0.1.sql sql/$(EXTENSION)--0.2.sql sql/$(EXTENSION)--0.3.sql \
 	sql/$(EXTENSION)--0.1--0.2.sql sql/$(EXTENSION)--0.2--0.3.sql
 INSTALL_PARTS = $(sort $(wildcard $(srcdir)/sql/install/*.sql))
 
