@@ -64,15 +64,54 @@ d365_json_init(void)
 	json_set_alloc_funcs(d365_json_malloc, d365_json_free);
 }
 
+/* Whether tok (NUL-terminated) is a JSON number, exactly as RFC 8259 writes one. */
+static bool
+is_json_number(const char *tok)
+{
+	const char *p = tok;
+
+	if (*p == '-')
+		p++;
+	if (*p == '0')
+		p++;
+	else if (*p >= '1' && *p <= '9')
+		while (*p >= '0' && *p <= '9')
+			p++;
+	else
+		return false;
+	if (*p == '.')
+	{
+		if (!(*++p >= '0' && *p <= '9'))
+			return false;
+		while (*p >= '0' && *p <= '9')
+			p++;
+	}
+	if (*p == 'e' || *p == 'E')
+	{
+		p++;
+		if (*p == '+' || *p == '-')
+			p++;
+		if (!(*p >= '0' && *p <= '9'))
+			return false;
+		while (*p >= '0' && *p <= '9')
+			p++;
+	}
+	return *p == '\0';
+}
+
 /*
- * Whether the number token tok (NUL-terminated) is one jansson refuses: an
- * integer beyond 64 bits, or a real beyond a double's range.
+ * Whether the number token tok (NUL-terminated) is one jansson refuses: a
+ * well-formed JSON number that is an integer beyond 64 bits, or a real
+ * beyond a double's range.  (A malformed token is left as it is, for
+ * jansson to refuse.)
  */
 static bool
 number_overflows(const char *tok)
 {
 	char	   *end;
 
+	if (!is_json_number(tok))
+		return false;
 	errno = 0;
 	if (strpbrk(tok, ".eE") == NULL)
 		(void) strtoll(tok, &end, 10);
@@ -114,12 +153,17 @@ quote_overflowing_numbers(const char *data, size_t len, size_t *outlen)
 		else if (c == '-' || (c >= '0' && c <= '9'))
 		{
 			size_t		start = i;
+			size_t		j;
 			char	   *tok;
 
 			while (i < len && data[i] != '\0' && strchr("0123456789+-.eE", data[i]) != NULL)
 				i++;
 			tok = pnstrdup(data + start, i - start);
-			if (number_overflows(tok))
+			/* a value, not an object's key (which JSON writes as a string) */
+			for (j = i; j < len && (data[j] == ' ' || data[j] == '\t' ||
+									data[j] == '\n' || data[j] == '\r'); j++)
+				;
+			if ((j >= len || data[j] != ':') && number_overflows(tok))
 			{
 				appendBinaryStringInfo(&out, data + copied, start - copied);
 				appendStringInfoChar(&out, '"');
@@ -162,7 +206,10 @@ d365_json_loadb(const char *data, size_t len, json_error_t *jerr)
 	if (value == NULL && json_error_code(jerr) == json_error_numeric_overflow &&
 		(quoted = quote_overflowing_numbers(data, len, &qlen)) != NULL)
 	{
-		value = json_loadb(quoted, qlen, JSON_DECODE_ANY | JSON_ALLOW_NUL, jerr);
+		json_error_t again;
+
+		/* a document still refused reports its first error, where it is */
+		value = json_loadb(quoted, qlen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &again);
 		pfree(quoted);
 	}
 	return value;
